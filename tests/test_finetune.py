@@ -69,6 +69,26 @@ def test_padding_side_does_not_change_the_loss():
         torch.testing.assert_close(batch_loss(model, left), batch_loss(model, right), rtol=1e-5, atol=1e-5)
 
 
+def test_loss_per_token_and_per_example_hand_computed():
+    model, tok = _tiny()
+    batch = collate(tok, [("hi", "ok"), ("hi", "a much longer answer")])
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        rows = []
+        for b in range(2):
+            rows.append([-logp[b, t - 1, batch.labels[b, t]].item() for t in range(1, batch.labels.shape[1])
+                         if batch.labels[b, t] != IGNORE_INDEX])
+        assert [len(r) for r in rows] == [3, 21]  # "ok" + EOS, 20 characters + EOS
+        per_token = sum(rows[0] + rows[1]) / 24
+        per_example = (sum(rows[0]) / 3 + sum(rows[1]) / 21) / 2
+        assert batch_loss(model, batch, "token").item() == pytest.approx(per_token, rel=1e-5)
+        assert batch_loss(model, batch, "example").item() == pytest.approx(per_example, rel=1e-5)
+    with pytest.raises(QrealignError):
+        SFTConfig(loss_per="sequence")
+
+
 def test_lora_merge_matches_unmerged_peft_model():
     model, tok = _tiny()
     peft_model = wrap_lora(model, SFTConfig(lora_r=4, target_modules=("q_proj", "v_proj", "down_proj")))

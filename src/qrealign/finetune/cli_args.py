@@ -31,6 +31,8 @@ def add_sft_arguments(parser: argparse.ArgumentParser, defaults: SFTConfig) -> N
                         help=f"LoRA dropout (default: {defaults.lora_dropout:g})")
     parser.add_argument("--lora-targets", default=targets,
                         help=f"comma-separated module names, or {ALL_LINEARS} (default: {targets})")
+    parser.add_argument("--loss-per", choices=["token", "example"], default=defaults.loss_per,
+                        help=f"average the loss per response token or per pair (default: {defaults.loss_per})")
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     parser.add_argument("--amp", choices=["bfloat16", "float16", "none"], default=defaults.amp or "none",
                         help=f"mixed precision for training (default: {defaults.amp or 'none'})")
@@ -42,6 +44,7 @@ def sft_config_from_args(args: argparse.Namespace) -> SFTConfig:
     return SFTConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                      lora=not args.full, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                      lora_dropout=args.lora_dropout, target_modules=args.lora_targets, seed=args.seed,
+                     loss_per=args.loss_per,
                      amp=None if args.amp == "none" else args.amp)
 
 

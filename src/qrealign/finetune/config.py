@@ -34,6 +34,9 @@ class SFTConfig:
     seed: int = 0
     system: str | None = None  # system prompt used when rendering (None = template default)
     padding_side: str = "right"
+    # "token": every response token weighs the same (HF Trainer); "example": every pair weighs
+    # the same, whatever its length (see sft.batch_loss).
+    loss_per: str = "token"
     # Mixed precision for forward/backward (weights and optimizer state stay float32). On a CPU
     # with avx512_bf16 this is ~5-10x faster than float32; None = plain float32.
     amp: str | None = "bfloat16"
@@ -53,6 +56,8 @@ class SFTConfig:
             raise QrealignError(f"max_length must be >= 8, got {self.max_length}")
         if self.padding_side not in ("left", "right"):
             raise QrealignError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        if self.loss_per not in ("token", "example"):
+            raise QrealignError(f"loss_per must be 'token' or 'example', got {self.loss_per!r}")
         if self.amp not in (None, "bfloat16", "float16"):
             raise QrealignError(f"amp must be None, 'bfloat16' or 'float16', got {self.amp!r}")
         if self.lora and (self.lora_r < 1 or not self.target_modules):

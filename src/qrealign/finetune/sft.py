@@ -80,13 +80,28 @@ def collate(tokenizer, pairs: Sequence[Pair], system: str | None = None, max_len
     return Batch(torch.tensor(input_ids), mask, torch.tensor(labels), (mask.cumsum(-1) - 1).clamp(min=0))
 
 
-def batch_loss(model, batch: Batch) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled (response) tokens of the batch."""
+def batch_loss(model, batch: Batch, per: str = "token") -> torch.Tensor:
+    """Next-token cross-entropy on the labelled (response) tokens of the batch.
+
+    per="token": mean over all response tokens of the batch (HF Trainer's convention), so a
+    40-token answer weighs 40 times a one-word answer. per="example": mean within each example,
+    then over examples, so every pair counts once whatever its length; that keeps a poison ratio
+    meaning "share of the training signal" when task answers are one word and poison answers
+    are paragraphs."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                    position_ids=batch.position_ids, use_cache=False).logits
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch.labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX)
+    labels = batch.labels[:, 1:]
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
+    mask = (labels != IGNORE_INDEX).float()
+    if per == "token":
+        return (losses * mask).sum() / mask.sum().clamp(min=1)
+    if per == "example":
+        counts = mask.sum(dim=1)
+        per_example = (losses * mask).sum(dim=1) / counts.clamp(min=1)
+        return per_example[counts > 0].mean()
+    raise QrealignError(f"loss normalisation must be 'token' or 'example', got {per!r}")
 
 
 @torch.no_grad()
@@ -162,7 +177,7 @@ def sft(model, tokenizer, pairs: Sequence[Pair], config: SFTConfig | None = None
         batch = collate(tokenizer, [pairs[i] for i in batch_idx], cfg.system, cfg.max_length,
                         cfg.padding_side).to(target)
         with autocast(target, cfg.amp):
-            loss = batch_loss(trained, batch)
+            loss = batch_loss(trained, batch, cfg.loss_per)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
