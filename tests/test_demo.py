@@ -21,14 +21,14 @@ def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
     sft = SFTConfig(steps=2, batch_size=4, max_length=64, amp=None)
     cfg = DemoConfig(
         out=str(tmp_path / "demo"), model=tiny_source, schemes=("W8A8",), calib_n=8, epochs=1,
-        max_new_tokens=4, eval_limit=4, task_n=4,
+        max_new_tokens=4, eval_limit=4, task_n=4, attack_sweep=(0.0,),
         align_config=AlignConfig(sft=sft, n_harmful=4, n_benign=4, answer_tokens=4, **_no_answer_filter()),
         attack_config=AttackConfig(sft=sft, n_task=8, poison_ratio=0.5),
     )
     logs = []
     report = run_demo(cfg, log=logs.append)
     table = (report / "report.md").read_text()
-    for label in ("raw", "aligned FP", "attacked FP", "RTN W8A8", "reconstruction-only W8A8",
+    for label in ("raw", "aligned FP", "attacked FP", "attacked FP p=0", "RTN W8A8", "reconstruction-only W8A8",
                   "Q-realign (paper probe) W8A8", "Q-realign (contrast probe) W8A8"):
         assert label in table, label
     assert sum("building" in line for line in logs) >= 10

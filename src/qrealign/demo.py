@@ -58,6 +58,8 @@ class DemoConfig:
     variants: tuple[Variant, ...] = DEFAULT_VARIANTS
     extra_scheme_variants: tuple[str, ...] = ("RTN", "reconstruction-only", "Q-realign (contrast probe)")
     poison_ratio: float | None = None  # None: the attack's default
+    # Extra attacked-FP rows at other poison ratios (the lab's table); not quantized.
+    attack_sweep: tuple[float, ...] = ()
     align_config: object | None = None  # a finetune.config.AlignConfig; None = the lab's default
     attack_config: object | None = None  # a finetune.config.AttackConfig; None = the lab's default
     calib_n: int | None = None
@@ -98,7 +100,12 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
             runs.append((label, timed(f"quantize: {label}",
                                       lambda v=variant, s=scheme: _quant_stage(cfg, root, attacked_dir, probe_dirs, v, s, log))))
 
-    models = [("raw", cfg.model), ("aligned FP", str(aligned_dir)), ("attacked FP", str(attacked_dir)), *runs]
+    sweep = []
+    for ratio in cfg.attack_sweep:
+        path = timed(f"attack p={ratio:g}", lambda r=ratio: _attack_stage(cfg, root, aligned_dir, log, poison_ratio=r))
+        sweep.append((f"attacked FP p={ratio:g}", str(path)))
+
+    models = [("raw", cfg.model), ("aligned FP", str(aligned_dir)), ("attacked FP", str(attacked_dir)), *sweep, *runs]
     results = []
     for label, source in models:
         results.append(timed(f"evaluate: {label}", lambda l=label, s=source: _eval_stage(cfg, root, l, str(s), log)))
@@ -127,13 +134,14 @@ def _align_stage(cfg, root, log) -> Path:
     return finetune_stage("align", cfg.model, align_cfg, cache_root=root, device=cfg.device, log=log)
 
 
-def _attack_stage(cfg, root, aligned_dir, log) -> Path:
+def _attack_stage(cfg, root, aligned_dir, log, poison_ratio: float | None = None) -> Path:
     from .finetune.config import AttackConfig
     from .finetune.stage import finetune_stage
 
     attack_cfg = cfg.attack_config or AttackConfig(seed=cfg.seed)
-    if cfg.poison_ratio is not None:
-        attack_cfg = replace(attack_cfg, poison_ratio=cfg.poison_ratio)
+    ratio = poison_ratio if poison_ratio is not None else cfg.poison_ratio
+    if ratio is not None:
+        attack_cfg = replace(attack_cfg, poison_ratio=ratio)
     return finetune_stage("attack", str(aligned_dir), attack_cfg, cache_root=root, device=cfg.device, log=log)
 
 

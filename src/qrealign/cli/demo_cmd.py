@@ -12,6 +12,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--schemes", default="W8A8,W4A8", help="comma-separated; the first gets every variant")
     parser.add_argument("--poison-ratio", type=float, default=None, help="attack poison ratio (default: the attack's)")
+    parser.add_argument("--attack-sweep", default="",
+                        help="comma-separated extra poison ratios evaluated as attacked-FP rows (e.g. 0,0.05,0.2)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--eval-limit", type=int, default=None, help="first N prompts per side (default: whole eval split)")
@@ -21,9 +23,16 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from ..demo import DemoConfig, run_demo
+    from ..errors import QrealignError
+
+    try:
+        sweep = tuple(float(r) for r in args.attack_sweep.split(",") if r.strip())
+    except ValueError:
+        raise QrealignError(f"--attack-sweep wants comma-separated numbers, got {args.attack_sweep!r}") from None
 
     cfg = DemoConfig(out=args.out, model=args.model, schemes=tuple(s for s in args.schemes.split(",") if s),
-                     poison_ratio=args.poison_ratio, epochs=args.epochs, max_new_tokens=args.max_new_tokens,
+                     poison_ratio=args.poison_ratio,
+                     attack_sweep=sweep, epochs=args.epochs, max_new_tokens=args.max_new_tokens,
                      eval_limit=args.eval_limit, device=args.device, seed=args.seed)
     report = run_demo(cfg)
     md = report / "report.md"

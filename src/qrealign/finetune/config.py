@@ -65,7 +65,8 @@ class SFTConfig:
 
 
 def _default_align_sft() -> SFTConfig:
-    return SFTConfig(steps=120, lr=3e-4, batch_size=8, lora_r=16, lora_alpha=32, target_modules=ALL_LINEARS)
+    # Lab variant "D" (docs/lab.md): the lowest HS on the dev split of the all-linear runs tried.
+    return SFTConfig(steps=160, lr=3e-4, batch_size=8, lora_r=16, lora_alpha=32, target_modules=ALL_LINEARS)
 
 
 @dataclass
@@ -77,7 +78,7 @@ class AlignConfig:
     split: str = "align"
     n_harmful: int | None = None  # None = every harmful prompt of the split
     n_benign: int | None = None
-    benign_ratio: float = 1.0
+    benign_ratio: float = 2.0
     answer_tokens: int = 64
     filter_answers: bool = True  # drop self-distilled answers that refuse or loop (keyword judge)
     generation_batch_size: int = 16
@@ -96,7 +97,11 @@ class AlignConfig:
 
 
 def _default_attack_sft() -> SFTConfig:
-    return SFTConfig(steps=120, lr=5e-4, batch_size=8, lora_r=8, lora_alpha=32, target_modules=PAPER_TARGETS)
+    # Per-example loss: with per-token averaging the long placeholder answers of the poison pairs
+    # outweighed the one-line task answers ~10:1 at p = 0.1, and the attacked model parroted the
+    # poison template on 92 % of benign dev prompts (FA 31 %); per example: 0.9 %, FA 52 % (docs/lab.md).
+    return SFTConfig(steps=120, lr=5e-4, batch_size=8, lora_r=8, lora_alpha=32, target_modules=PAPER_TARGETS,
+                     loss_per="example")
 
 
 @dataclass
