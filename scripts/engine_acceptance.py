@@ -57,12 +57,15 @@ calib = build_calibration("qrealign:calib", n=128, malicious_ratio=0.75)
 EPOCHS = int(sys.argv[1]) if len(sys.argv) > 1 else 2
 RUNS = [("rtn_w8a8", "W8A8", "rtn", 0, 4.0), ("rtn_w4a8", "W4A8", "rtn", 0, 4.0),
         ("recon_w4a8", "W4A8", "omniquant", EPOCHS, 4.0)]
-if len(sys.argv) > 2:  # only reconstruction runs at the given LWC inits, e.g. "8,12"
-    RUNS = [(f"recon_w4a8_lwcinit{v}", "W4A8", "omniquant", EPOCHS, float(v)) for v in sys.argv[2].split(",")]
+GUARD = "--init-guard" in sys.argv  # LET starts from identity scales where that has the lower loss
+if len(sys.argv) > 2 and sys.argv[2] != "--init-guard":  # only reconstruction runs at the given LWC inits, e.g. "8,12"
+    RUNS = [(f"recon_w4a8_lwcinit{v}" + ("_guard" if GUARD else ""), "W4A8", "omniquant", EPOCHS, float(v))
+            for v in sys.argv[2].split(",")]
 for name, scheme, method, epochs, lwc_init in RUNS:
     model, _ = load_model("smollm2-135m")
     t0 = time.time()
-    r = quantize(model, tok, calib, scheme, CalibConfig(method=method, epochs=epochs, batch_size=8, lwc_init=lwc_init),
+    r = quantize(model, tok, calib, scheme, CalibConfig(method=method, epochs=epochs, batch_size=8, lwc_init=lwc_init,
+                                                            init_guard=GUARD and method != "rtn"),
                  progress=False)
     secs = time.time() - t0
     got, _ = hidden(model, tok, held_out)

@@ -108,3 +108,23 @@ def test_calibration_builder_ratio_splits_and_errors(tmp_path):
     bad.write_text('{"prompt": "hi"}\n')
     with pytest.raises(QrealignError):
         build_calibration(str(bad))
+
+
+def test_layers_from_selects_the_late_blocks_and_rejects_bad_input():
+    from qrealign.errors import QrealignError
+    from qrealign.realign import layers_from_fraction
+
+    assert layers_from_fraction(30, 0.5) == tuple(range(15, 30))
+    assert layers_from_fraction(2, 0.0) == (0, 1)
+    assert layers_from_fraction(2, 0.5) == (1,)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(QrealignError):
+            layers_from_fraction(30, bad)
+    base, tok = tiny_model("llama", seed=2)
+    calib = CalibrationSet(MALICIOUS + BENIGN, [1] * len(MALICIOUS) + [0] * len(BENIGN))
+    result = realign(base, tok, _probes(base, tok), calib, "W8A8", CalibConfig(epochs=1, batch_size=4),
+                     progress=False, layers_from=0.5)
+    logs = {log["layer"]: log for log in result.layer_logs}
+    assert "last_probe" not in logs[0] and "last_probe" in logs[1]  # safety term on block 1 only
+    with pytest.raises(QrealignError, match="either"):
+        realign(base, tok, _probes(base, tok), calib, "W8A8", progress=False, layers=(1,), layers_from=0.5)

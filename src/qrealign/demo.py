@@ -37,9 +37,13 @@ class Variant:
 
 
 PAPER = Variant("Q-realign (paper probe)", "qrealign", "paper")
-CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast",
-                   loss={"normalize": True, "sink_weight": 0.0, "margin": 2.0, "probe_loss": "hinge"},
-                   config={"lr_let": 1e-2})
+# Settings chosen on the dev split (docs/experiments.md, "Q-realign method sweep"): safety term on
+# the second half of the blocks only (pushing early blocks broke generation), reconstruction on
+# malicious prompts too, MSE normalised with the attention-sink token left out, hinge at margin 2,
+# LET learning rate 1e-2 (at 1e-3 the scales barely move in 2 epochs).
+AGGRESSIVE = {"normalize": True, "sink_weight": 0.0, "margin": 2.0, "probe_loss": "hinge",
+              "recon_on_malicious": True, "layers_from": 0.5}
+CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AGGRESSIVE, config={"lr_let": 1e-2})
 DEFAULT_VARIANTS = (
     Variant("RTN", "rtn"),
     Variant("reconstruction-only", "omniquant"),

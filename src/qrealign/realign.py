@@ -16,6 +16,7 @@ from .calibrate.api import quantize
 from .calibrate.data import CalibrationSet, build_calibration
 from .calibrate.engine import CalibConfig, CalibResult
 from .calibrate.safety import SafetyLoss
+from .errors import QrealignError
 from .quant.scheme import Scheme
 
 
@@ -30,6 +31,7 @@ def realign(
     device=None,
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
+    layers_from: float | None = None,
     **loss_options,
 ) -> CalibResult:
     """Quantize `model` with the Q-realign objective.
@@ -37,12 +39,18 @@ def realign(
     `probes`: a ProbeSet (or its directory) fit on the aligned model. `calibration`: default the
     bundled "calib" split at the paper's 75 % malicious ratio. `loss_options` go to
     `SafetyLoss` (lam, margin, probe_loss, layers, recon_on_malicious, normalize, sink_weight,
-    benign_side, benign_margin); the defaults are the paper's objective."""
+    benign_side, benign_margin); the defaults are the paper's objective. `layers_from`: a depth
+    fraction, e.g. 0.5 = the safety term only on the second half of the blocks (a depth-relative
+    form of `layers`, so one setting transfers across model sizes)."""
     from .probes.store import load_probes
 
     if isinstance(probes, (str, Path)):
         probes = load_probes(probes)
     probes.check_compatible(model)
+    if layers_from is not None:
+        if "layers" in loss_options and loss_options["layers"] is not None:
+            raise QrealignError("give either layers or layers_from, not both")
+        loss_options["layers"] = layers_from_fraction(probes.num_layers, layers_from)
     calibration = calibration or build_calibration()
     loss = SafetyLoss.from_probes(probes, **loss_options)
     meta = {"method": "qrealign", "probes": {"target": probes.target, "id": loss.probe_id,
@@ -51,3 +59,10 @@ def realign(
     return quantize(model, tokenizer, calibration, scheme, config or CalibConfig(), out=out, loss=loss,
                     device=device, progress=progress, checkpoint_dir=checkpoint_dir,
                     extra_metadata={**meta, "probe_parents": parents() if callable(parents) else None})
+
+
+def layers_from_fraction(num_layers: int, fraction: float) -> tuple[int, ...]:
+    """Blocks from round(fraction * num_layers) to the last: 0.5 of 30 -> 15..29."""
+    if not 0.0 <= fraction < 1.0:
+        raise QrealignError(f"layers_from must be in [0, 1), got {fraction}")
+    return tuple(range(int(round(fraction * num_layers)), num_layers))

@@ -16,6 +16,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--margin", type=float, default=0.0, help="push malicious logits past this margin")
     parser.add_argument("--hinge", action="store_true", help="hinge instead of softplus: stop once past the margin")
     parser.add_argument("--layers", default=None, help="layers that get the safety term, e.g. '10-29' (default: usable)")
+    parser.add_argument("--layers-from", type=float, default=None,
+                        help="safety term only from this depth fraction on, e.g. 0.5 = second half of the blocks")
     parser.add_argument("--recon-on-malicious", action="store_true", help="also reconstruct malicious samples")
     parser.add_argument("--normalize-mse", action="store_true", help="MSE relative to the target's mean square")
     parser.add_argument("--sink-weight", type=float, default=1.0, help="weight of the first (attention-sink) token in the MSE")
@@ -50,7 +52,7 @@ def run(args) -> int:
     model, tokenizer, scheme, config, calib = prepare(args, "omniquant")
     result = realign(model, tokenizer, probes, calib, scheme, config, out=args.out, device=args.device,
                      lam=args.lam, margin=args.margin, probe_loss="hinge" if args.hinge else "softplus",
-                     layers=layers, recon_on_malicious=args.recon_on_malicious, normalize=args.normalize_mse,
+                     layers=layers, layers_from=args.layers_from, recon_on_malicious=args.recon_on_malicious, normalize=args.normalize_mse,
                      sink_weight=args.sink_weight, benign_side=args.benign_side)
     summary(result, args.out)
     return 0
