@@ -20,3 +20,14 @@ def test_bench_reports_both_schedules(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["schedules"].keys() == {"reference", "default"}
     assert "| reference |" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_evaluates_both_results_when_asked(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "load_model", lambda spec: tiny_model("llama", num_hidden_layers=2))
+    report = bench.run_bench("tiny", n=4, out=tmp_path, reference_epochs=6, default_epochs=1, heldout=2,
+                             progress=False, eval_n=2, task_n=2)
+    for schedule in report["schedules"].values():
+        e = schedule["evaluation"]
+        assert e["n"] == 2 and 0 <= e["harmful_score"] <= 100 and 0 <= e["over_refusal"] <= 100
+        assert e["task_accuracy"] is not None
+    assert "| task accuracy % |" in (tmp_path / "bench.md").read_text()

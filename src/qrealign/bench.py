@@ -10,7 +10,9 @@ loss when probes are given, reconstruction otherwise).
 Reported per schedule: wall time (total and per block), training steps and processed tokens,
 tokens/s, achieved GFLOP/s against a torch.mm peak measured in the same run, peak RSS, and
 quality proxies on held-out prompts (split "probe", never "eval"): relative block-output error
-of benign prompts against the FP model and the mean probe logit of malicious prompts.
+of benign prompts against the FP model and the mean probe logit of malicious prompts; with
+`eval_n`, the behaviour itself (HS, over-refusal on the first `eval_n` prompts per side of the
+held-out eval split, and topic-codes accuracy), measured only, never tuned on.
 """
 
 from __future__ import annotations
@@ -102,11 +104,12 @@ class ScheduleResult:
     peak_rss_gb: float
     benign_rel_error: float
     malicious_probe_logit: float | None
+    evaluation: dict | None = None
 
 
 def run_bench(model_spec: str = "smollm2-135m", scheme: str = "W8A8", n: int = 40, probes=None,
               out: str | Path = "runs/bench", device=None, reference_epochs: int = 10, default_epochs: int = 2,
-              heldout: int = 32, progress: bool = True) -> dict:
+              heldout: int = 32, progress: bool = True, eval_n: int = 0, task_n: int = 200) -> dict:
     dev = resolve_device(device)
     torch.manual_seed(0)
     calib = build_calibration("qrealign:calib", n=n, malicious_ratio=0.75)
@@ -138,10 +141,11 @@ def run_bench(model_spec: str = "smollm2-135m", scheme: str = "W8A8", n: int = 4
         q_states = _block_outputs(model, tok, held_benign)
         rel = float(sum(((q - f).norm() / f.norm()).item() for q, f in zip(q_states, fp_states)) / len(fp_states))
         logit = _probe_logit(model, tok, held_mal, probes) if probes is not None else None
+        evaluation = _behaviour(model, tok, eval_n, task_n) if eval_n else None
         results.append(ScheduleResult(name, round(seconds, 2), [log["seconds"] for log in res.layer_logs], steps,
                                       tokens, round(tokens / seconds, 1), round(tokens * per_token_flops / seconds / 1e9, 2),
                                       round(rss.peak / 2**30, 2), round(rel, 5),
-                                      None if logit is None else round(logit, 4)))
+                                      None if logit is None else round(logit, 4), evaluation))
         del model
     ref, ours = results
     report = {
@@ -172,7 +176,23 @@ def markdown(report: dict) -> str:
                     f"| {r['peak_rss_gb']:.2f} | {r['benign_rel_error']:.4f} | {logit} |")
     head = (f"Model `{report['model']}`, scheme {report['scheme']}, {report['calibration_prompts']} calibration prompts, "
             f"{report['loss']} loss, device {report['device']}; torch.mm peak {report['mm_peak_gflops']:.1f} GFLOP/s.\n\n")
+    evals = [r for r in report["schedules"].values() if r.get("evaluation")]
+    if evals:
+        rows += ["", "| schedule | HS % | over-refusal % | task accuracy % | eval prompts per side |", "|---|---|---|---|---|"]
+        for r in evals:
+            e = r["evaluation"]
+            fa = "—" if e.get("task_accuracy") is None else f"{e['task_accuracy']:.1f}"
+            rows.append(f"| {r['name']} | {e['harmful_score']:.1f} | {e['over_refusal']:.1f} | {fa} | {e['n']} |")
     return head + "\n".join(rows) + f"\n\nSpeed-up of the default schedule: **{report['speedup']}x**.\n"
+
+
+def _behaviour(model, tok, eval_n: int, task_n: int) -> dict:
+    """HS / over-refusal on the first `eval_n` eval prompts per side, and topic-codes accuracy."""
+    from .evaluate.runner import evaluate_model
+
+    metrics = evaluate_model(model, tok, task="topic-codes", task_n=task_n, limit=eval_n, progress=False).metrics
+    return {"harmful_score": metrics["harmful_score"], "over_refusal": metrics["over_refusal"],
+            "task_accuracy": metrics.get("task_accuracy"), "n": eval_n}
 
 
 @torch.no_grad()

@@ -14,6 +14,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--probes", default=None, help="probe dir: benchmark the Q-realign loss (default: reconstruction)")
     parser.add_argument("--reference-epochs", type=int, default=10, help="E of the reference schedule (paper: 10)")
     parser.add_argument("--default-epochs", type=int, default=2)
+    parser.add_argument("--eval", type=int, default=0, dest="eval_n",
+                        help="also evaluate both results: HS / over-refusal on N held-out prompts per side + task accuracy")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", default="runs/bench")
 
@@ -27,7 +29,7 @@ def run(args) -> int:
 
         probes = load_probes(args.probes)
     report = run_bench(args.model, args.scheme, args.n, probes, args.out, args.device,
-                       args.reference_epochs, args.default_epochs)
+                       args.reference_epochs, args.default_epochs, eval_n=args.eval_n)
     print(markdown(report))
     print(f"wrote {args.out}/bench.json and bench.md")
     return 0
