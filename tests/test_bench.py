@@ -3,6 +3,8 @@ never by a timed test."""
 
 import json
 
+import pytest
+
 import qrealign.bench as bench
 from qrealign.models.tiny import tiny_model
 
@@ -31,3 +33,11 @@ def test_bench_evaluates_both_results_when_asked(tmp_path, monkeypatch):
         assert e["n"] == 2 and 0 <= e["harmful_score"] <= 100 and 0 <= e["over_refusal"] <= 100
         assert e["task_accuracy"] is not None
     assert "| task accuracy % |" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_rejects_bad_counts_before_any_work(tmp_path):
+    from qrealign.errors import QrealignError
+
+    with pytest.raises(QrealignError, match="eval_n"):
+        bench.run_bench("tiny", n=4, out=tmp_path / "b", eval_n=-3, progress=False)
+    assert not (tmp_path / "b").exists()

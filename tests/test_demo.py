@@ -29,13 +29,25 @@ def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
     report = run_demo(cfg, log=logs.append)
     table = (report / "report.md").read_text()
     for label in ("raw", "aligned FP", "attacked FP", "attacked FP p=0", "RTN W8A8", "reconstruction-only W8A8",
-                  "Q-realign (paper probe) W8A8", "Q-realign (contrast probe) W8A8"):
-        assert label in table, label
+                  "Q-realign (contrast probe) W8A8"):
+        assert f"| {label} |" in table, label
+    # A random tiny model's harmful-vs-benign probes are at chance on every layer: the paper
+    # variant has no block to push, and the demo says so instead of mislabelling a plain run.
+    assert "| Q-realign (paper probe) W8A8 |" not in table
+    assert any("Q-realign (paper probe) W8A8: skipped" in line for line in logs)
     assert sum("building" in line for line in logs) >= 10
     logs.clear()
     run_demo(cfg, log=logs.append)
     assert not [line for line in logs if "building" in line]
     assert (tmp_path / "demo" / "demo.json").is_file()
+
+
+def test_demo_config_rejects_a_bad_attack_sweep_up_front(tmp_path):
+    from qrealign.errors import QrealignError
+
+    with pytest.raises(QrealignError, match="attack_sweep"):
+        DemoConfig(out=str(tmp_path / "demo"), attack_sweep=(0.0, 1.5))
+    assert not (tmp_path / "demo").exists()
 
 
 def _no_answer_filter() -> dict:

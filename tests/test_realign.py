@@ -115,6 +115,8 @@ def test_layers_from_selects_the_late_blocks_and_rejects_bad_input():
     from qrealign.realign import layers_from_fraction
 
     assert layers_from_fraction(30, 0.5) == tuple(range(15, 30))
+    assert layers_from_fraction(5, 0.5) == (3, 4) and layers_from_fraction(3, 0.5) == (2,)  # ceil, never even-rounding
+    assert layers_from_fraction(30, 0.99) == (29,)  # never empty
     assert layers_from_fraction(2, 0.0) == (0, 1)
     assert layers_from_fraction(2, 0.5) == (1,)
     for bad in (-0.1, 1.0):
@@ -128,3 +130,5 @@ def test_layers_from_selects_the_late_blocks_and_rejects_bad_input():
     assert "last_probe" not in logs[0] and "last_probe" in logs[1]  # safety term on block 1 only
     with pytest.raises(QrealignError, match="either"):
         realign(base, tok, _probes(base, tok), calib, "W8A8", progress=False, layers=(1,), layers_from=0.5)
+    with pytest.raises(QrealignError, match="no block"):  # layer indices past the model: nothing to push
+        realign(base, tok, _probes(base, tok), calib, "W8A8", progress=False, layers=(7, 8))

@@ -31,6 +31,7 @@ from .calibrate.losses import ReconstructionLoss
 from .calibrate.safety import SafetyLoss
 from .models import get_blocks, load_model
 from .models.chat import encode_prompts
+from .errors import QrealignError
 from .utils import resolve_device, write_json
 
 REFERENCE = CalibConfig(batch_size=1, pad_to=128, padding_side="right", epochs=10, epoch_schedule="paper",
@@ -110,6 +111,8 @@ class ScheduleResult:
 def run_bench(model_spec: str = "smollm2-135m", scheme: str = "W8A8", n: int = 40, probes=None,
               out: str | Path = "runs/bench", device=None, reference_epochs: int = 10, default_epochs: int = 2,
               heldout: int = 32, progress: bool = True, eval_n: int = 0, task_n: int = 200) -> dict:
+    if eval_n < 0 or n < 1:
+        raise QrealignError(f"bench needs n >= 1 calibration prompts and eval_n >= 0, got n={n}, eval_n={eval_n}")
     dev = resolve_device(device)
     torch.manual_seed(0)
     calib = build_calibration("qrealign:calib", n=n, malicious_ratio=0.75)

@@ -21,6 +21,7 @@ from . import __version__
 from .calibrate.data import build_calibration
 from .calibrate.engine import CalibConfig
 from .data.prompts import load_prompts, prompt_set_fingerprint
+from .errors import NoSafetyLayers, QrealignError
 from .stages import cached_stage, stage_dir
 from .utils import read_json, write_json
 
@@ -76,6 +77,12 @@ class DemoConfig:
     device: str | None = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # Checked up front: the attack sweep runs late, after the hour of work before it.
+        bad = [r for r in self.attack_sweep if not 0.0 <= r <= 1.0]
+        if bad:
+            raise QrealignError(f"attack_sweep ratios must be in [0, 1], got {bad}")
+
 
 def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
     cfg = cfg or DemoConfig()
@@ -101,8 +108,14 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
             if scheme != cfg.schemes[0] and variant.name not in cfg.extra_scheme_variants:
                 continue
             label = f"{variant.name} {scheme}"
-            runs.append((label, timed(f"quantize: {label}",
-                                      lambda v=variant, s=scheme: _quant_stage(cfg, root, attacked_dir, probe_dirs, v, s, log))))
+            if variant.method == "qrealign":
+                try:  # e.g. no layer where the probe is accurate enough: say so, go on
+                    _check_safety_layers(probe_dirs[variant.probes], variant.loss)
+                except NoSafetyLayers as e:
+                    log(f"[demo] {label}: skipped ({e})")
+                    continue
+            runs.append((label, timed(f"quantize: {label}", lambda v=variant, s=scheme: _quant_stage(
+                cfg, root, attacked_dir, probe_dirs, v, s, log))))
 
     sweep = []
     for ratio in cfg.attack_sweep:
@@ -178,6 +191,13 @@ def _probe_stages(cfg, root, aligned_dir, attacked_dir, log) -> dict[str, Path]:
 
         dirs[target] = cached_stage(f"probes-{target}", inputs, root, build, log=log)
     return dirs
+
+
+def _check_safety_layers(probes_dir: Path, loss: dict) -> None:
+    from .probes.store import load_probes
+    from .realign import safety_layers
+
+    safety_layers(load_probes(probes_dir), loss.get("layers"), loss.get("layers_from"))
 
 
 def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: str, log) -> Path:

@@ -19,3 +19,7 @@ class ModelLoadError(QrealignError):
 
 class IncompatibleArtifact(QrealignError):
     pass
+
+
+class NoSafetyLayers(QrealignError):
+    """Q-realign asked for, but no block would get the safety term (no usable probe layer chosen)."""

@@ -17,6 +17,8 @@ and a benign-side term that keeps benign prompts on the benign side (against ove
 
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass, field
 
 import torch
@@ -50,7 +52,9 @@ class SafetyLoss:
     @classmethod
     def from_probes(cls, probes, **options) -> "SafetyLoss":
         """From a `qrealign.probes.ProbeSet`: unusable layers never get the safety term."""
-        probe_id = probes.model.get("fingerprint", "") + ":" + probes.target
+        # The weights' hash too: re-fitted probes must not resume blocks trained against old ones.
+        digest = hashlib.sha256(probes.w.detach().float().cpu().numpy().tobytes() + probes.b.detach().float().cpu().numpy().tobytes()).hexdigest()
+        probe_id = probes.model.get("fingerprint", "") + ":" + probes.target + ":" + digest[:12]
         return cls(probes.w.float(), probes.b.float(), usable=tuple(probes.usable), probe_id=probe_id, **options)
 
     def active(self, layer: int) -> bool:
