@@ -358,3 +358,23 @@ def test_real_model_capture_padding_invariant_and_pre_norm():
     with torch.no_grad():
         hs = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True).hidden_states
     torch.testing.assert_close(model.model.norm(left[29, 1][None])[0], hs[-1][0, -1], atol=1e-3, rtol=1e-4)
+
+
+def test_analyze_loads_a_quantization_run_with_its_fake_quantization(tmp_path):
+    from qrealign.calibrate.api import quantize
+    from qrealign.calibrate.data import CalibrationSet
+    from qrealign.calibrate.engine import CalibConfig
+    from qrealign.cli.analyze_cmd import _load
+    from qrealign.models import load_model
+    from qrealign.quant.qlinear import QuantLinear
+
+    model, tok = tiny_model("llama", seed=1)
+    model.save_pretrained(tmp_path / "fp")
+    tok.save_pretrained(tmp_path / "fp")
+    fp, tok = load_model(str(tmp_path / "fp"))
+    quantize(fp, tok, CalibrationSet(["a b c", "d e f"], [1, 0]), "W8A8", CalibConfig(method="rtn"),
+             out=tmp_path / "run", progress=False)
+    loaded, _ = _load(str(tmp_path / "run"), "float32", torch.device("cpu"))
+    assert any(isinstance(m, QuantLinear) for m in loaded.modules())
+    plain, _ = _load(str(tmp_path / "fp"), "float32", torch.device("cpu"))
+    assert not any(isinstance(m, QuantLinear) for m in plain.modules())

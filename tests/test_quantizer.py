@@ -94,3 +94,10 @@ def test_lwc_init_sets_the_initial_clipping():
     q = WeightQuantizer(QuantArgs(8), w.shape, lwc=True, init=8.0)
     scale, _ = q.params(w)
     assert scale.item() == pytest.approx(3 / (1 + math.exp(-8.0)) / 255, rel=1e-6)
+
+
+def test_group_size_that_does_not_divide_the_width_is_a_clear_error():
+    from qrealign.errors import QrealignError
+
+    with pytest.raises(QrealignError, match="W4A16-g64"):  # SmolLM2's 576 = 4.5 x 128
+        WeightQuantizer(QuantArgs(4, strategy="group", group_size=128), torch.Size([8, 576]), lwc=False)

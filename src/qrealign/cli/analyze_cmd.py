@@ -32,7 +32,6 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..errors import QrealignError
-    from ..models import load_model
     from ..probes import ProbeSet
     from ..probes.analyze import analyze
     from ..utils import resolve_device
@@ -48,8 +47,7 @@ def run(args) -> int:
     if not benign:
         raise QrealignError("the analysis needs benign prompts too")
     device = resolve_device(args.device)
-    models = {name: (lambda source=source: load_model(source, dtype=args.dtype, device=device))
-              for name, source in zip(names, args.models)}
+    models = {name: (lambda source=source: _load(source, args.dtype, device)) for name, source in zip(names, args.models)}
     system = args.system if args.system is not None else probes.settings.get("system")
     max_length = args.max_length if args.max_length is not None else probes.settings.get("max_length")
     report = analyze(models, probes, harmful, benign, args.out, split=split, layers=parse_layers(args.layers),
@@ -57,3 +55,12 @@ def run(args) -> int:
     print((Path(args.out) / "analysis.md").read_text())
     print(f"wrote {report['out_dir']}")
     return 0
+
+
+def _load(source: str, dtype, device):
+    """A model dir / name, or a quantization run directory (rebuilt with its fake quantization),
+    so a realigned model can be compared with its aligned and attacked parents."""
+    from ..evaluate.runner import load_for_eval
+
+    model, tokenizer, _, _ = load_for_eval(source, device=device, dtype=dtype or "float32")
+    return model, tokenizer

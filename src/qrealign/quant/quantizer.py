@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import QrealignError
 from .scheme import QuantArgs
 
 SCALE_MIN, SCALE_MAX = 1e-5, 1e4
@@ -53,7 +54,10 @@ class WeightQuantizer(nn.Module):
         self.args = args
         out_features, in_features = shape
         if args.strategy == "group" and in_features % args.group_size:
-            raise ValueError(f"in_features {in_features} not divisible by group_size {args.group_size}")
+            fits = [g for g in (256, 128, 64, 32) if in_features % g == 0]
+            raise QrealignError(f"weight group size {args.group_size} does not divide this model's input width "
+                                f"{in_features}; use a scheme whose group divides it"
+                                + (f", e.g. W{args.num_bits}A16-g{fits[0]}" if fits else ""))
         rows = out_features * (in_features // args.group_size if args.strategy == "group" else 1)
         self.lwc = lwc
         if lwc:
