@@ -41,10 +41,12 @@ PAPER = Variant("Q-realign (paper probe)", "qrealign", "paper")
 # Settings chosen on the dev split (docs/experiments.md, "Q-realign method sweep"): safety term on
 # the second half of the blocks only (pushing early blocks broke generation), reconstruction on
 # malicious prompts too, MSE normalised with the attention-sink token left out, hinge at margin 2,
-# LET learning rate 1e-2 (at 1e-3 the scales barely move in 2 epochs).
+# LET learning rate 1e-2 (at 1e-3 the scales barely move in 2 epochs), batch 4 (the sweep's; at
+# batch 8, i.e. half the steps, the demo's first run restored nothing: HS 87.9 % vs 55.3 % at 4).
 AGGRESSIVE = {"normalize": True, "sink_weight": 0.0, "margin": 2.0, "probe_loss": "hinge",
               "recon_on_malicious": True, "layers_from": 0.5}
-CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AGGRESSIVE, config={"lr_let": 1e-2})
+CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AGGRESSIVE,
+                   config={"lr_let": 1e-2, "batch_size": 4})
 DEFAULT_VARIANTS = (
     Variant("RTN", "rtn"),
     Variant("reconstruction-only", "omniquant"),
@@ -201,8 +203,9 @@ def _check_safety_layers(probes_dir: Path, loss: dict) -> None:
 
 
 def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: str, log) -> Path:
-    calib_cfg = CalibConfig(method="rtn" if variant.method == "rtn" else "omniquant", epochs=cfg.epochs,
-                            batch_size=cfg.batch_size, seed=cfg.seed, **variant.config)
+    # The variant's own settings win over the demo-wide ones (e.g. the contrast variant's batch size).
+    options = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed, **variant.config}
+    calib_cfg = CalibConfig(method="rtn" if variant.method == "rtn" else "omniquant", **options)
     probes_dir = probe_dirs.get(variant.probes) if variant.probes else None
     inputs = {"model": str(attacked_dir), "scheme": scheme, "variant": _jsonable(asdict(variant)),
               "config": calib_cfg.to_dict(), "probes": str(probes_dir) if probes_dir else None,
