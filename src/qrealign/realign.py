@@ -72,8 +72,8 @@ def safety_layers(probes, layers=None, layers_from: float | None = None) -> tupl
         if layers is not None:
             raise QrealignError("give either layers or layers_from, not both")
         layers = layers_from_fraction(probes.num_layers, layers_from)
-    chosen = range(probes.num_layers) if layers is None else layers
-    active = tuple(layer for layer in chosen if 0 <= layer < probes.num_layers and probes.usable[layer])
+    rule = SafetyLoss.from_probes(probes, layers=layers)  # the loss's own rule: usable and chosen
+    active = tuple(layer for layer in range(probes.num_layers) if rule.active(layer))
     if not active:
         raise NoSafetyLayers("the safety term is active on no block (the chosen layers are out of range or their "
                              f"probes are unusable; usable: {probes.usable_layers}): this would be plain "

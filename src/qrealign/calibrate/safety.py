@@ -18,12 +18,12 @@ and a benign-side term that keeps benign prompts on the benign side (against ove
 from __future__ import annotations
 
 import hashlib
-
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from ..utils import tensor_digest
 from .losses import LossInputs, per_sample_mse
 
 
@@ -53,8 +53,10 @@ class SafetyLoss:
     def from_probes(cls, probes, **options) -> "SafetyLoss":
         """From a `qrealign.probes.ProbeSet`: unusable layers never get the safety term."""
         # The weights' hash too: re-fitted probes must not resume blocks trained against old ones.
-        digest = hashlib.sha256(probes.w.detach().float().cpu().numpy().tobytes() + probes.b.detach().float().cpu().numpy().tobytes()).hexdigest()
-        probe_id = probes.model.get("fingerprint", "") + ":" + probes.target + ":" + digest[:12]
+        h = hashlib.sha256()
+        tensor_digest(probes.w, h)
+        tensor_digest(probes.b, h)
+        probe_id = probes.model.get("fingerprint", "") + ":" + probes.target + ":" + h.hexdigest()[:12]
         return cls(probes.w.float(), probes.b.float(), usable=tuple(probes.usable), probe_id=probe_id, **options)
 
     def active(self, layer: int) -> bool:
