@@ -179,14 +179,15 @@ def calibrate(
             _load_block(ckpt, i, block, let)
             log["resumed"] = True
         else:
-            log["loss_init"] = _evaluate_loss(block, let, q_in, fp_out, kw, batches, masks, loss, i, num_layers)
+            log["loss_init"] = _evaluate_loss(block, let, q_in, fp_out, kw, batches, masks, loss, i, num_layers,
+                                              all_kw=kwargs)
             epochs = cfg.epochs_for(i, num_layers)
             if cfg.init_guard and epochs and let is not None:
                 log.update(_guard_init(block, let, q_in, fp_out, kw, batches, masks, loss, i, num_layers,
-                                       log["loss_init"]))
+                                       log["loss_init"], all_kw=kwargs))
             if epochs and (let is not None or cfg.lwc):
                 log.update(_train_block(block, let, q_in, fp_out, kw, batches, masks, loss, cfg, epochs,
-                                        i, num_layers, amp, ckpt))
+                                        i, num_layers, amp, ckpt, all_kw=kwargs))
             if ckpt is not None:
                 _save_block(ckpt, i, block, let, fingerprint)
 
@@ -223,30 +224,33 @@ def _block_forward(block, let, x, kw, amp: bool):
         return block_output(functional_call(block, overrides, (x,), kw)).float()
 
 
-def _loss_inputs(fp_out, q_out, batch: CalibBatch, mask, layer, num_layers) -> LossInputs:
+def _loss_inputs(fp_out, q_out, batch: CalibBatch, mask, layer, num_layers, kwargs_by_type=None) -> LossInputs:
     dev = q_out.device
-    return LossInputs(fp_out, q_out, batch.labels.to(dev), mask, batch.enc.last_index.to(dev), layer, num_layers)
+    return LossInputs(fp_out, q_out, batch.labels.to(dev), mask, batch.enc.last_index.to(dev), layer, num_layers,
+                      index=batch.index, block_kwargs=kwargs_by_type)
 
 
 @torch.no_grad()
 def _evaluate_loss(block, let, q_in, fp_out, kw, batches, masks, loss: BlockLoss, layer, num_layers,
-                   amp: bool = False) -> float:
+                   amp: bool = False, all_kw=None) -> float:
     """Sample-weighted mean loss over the calibration set with the current parameters."""
     total = 0.0
     for b, batch in enumerate(batches):
         q_out = _block_forward(block, let, q_in[b], kw[b], amp)
-        value, _ = loss(_loss_inputs(fp_out[b], q_out, batch, masks[b], layer, num_layers))
+        value, _ = loss(_loss_inputs(fp_out[b], q_out, batch, masks[b], layer, num_layers,
+                                     all_kw[b] if all_kw else None))
         total += value.item() * len(batch.labels)
     return total / sum(len(b.labels) for b in batches)
 
 
 @torch.no_grad()
-def _guard_init(block, let, q_in, fp_out, kw, batches, masks, loss, layer, num_layers, loss_init) -> dict:
+def _guard_init(block, let, q_in, fp_out, kw, batches, masks, loss, layer, num_layers, loss_init,
+                all_kw=None) -> dict:
     """Switch the LET scales to identity when that starts with a lower loss."""
     saved = {k: p.clone() for k, p in let.scales.items()}
     for p in let.scales.values():
         p.fill_(1.0)
-    plain = _evaluate_loss(block, let, q_in, fp_out, kw, batches, masks, loss, layer, num_layers)
+    plain = _evaluate_loss(block, let, q_in, fp_out, kw, batches, masks, loss, layer, num_layers, all_kw=all_kw)
     if plain < loss_init:
         return {"init": "identity", "loss_init_smooth": loss_init, "loss_init": plain}
     for k, v in saved.items():
@@ -255,7 +259,7 @@ def _guard_init(block, let, q_in, fp_out, kw, batches, masks, loss, layer, num_l
 
 
 def _train_block(block, let, q_in, fp_out, kw, batches: list[CalibBatch], masks, loss: BlockLoss,
-                 cfg: CalibConfig, epochs: int, layer: int, num_layers: int, amp: bool, ckpt) -> dict:
+                 cfg: CalibConfig, epochs: int, layer: int, num_layers: int, amp: bool, ckpt, all_kw=None) -> dict:
     groups = []
     if let is not None:
         groups.append({"params": list(let.parameters()), "lr": cfg.lr_let})
@@ -276,7 +280,8 @@ def _train_block(block, let, q_in, fp_out, kw, batches: list[CalibBatch], masks,
         for b in torch.randperm(len(batches), generator=gen).tolist():
             batch = batches[b]
             q_out = _block_forward(block, let, q_in[b], kw[b], amp)
-            value, logs = loss(_loss_inputs(fp_out[b], q_out, batch, masks[b], layer, num_layers))
+            value, logs = loss(_loss_inputs(fp_out[b], q_out, batch, masks[b], layer, num_layers,
+                                            all_kw[b] if all_kw else None))
             if not torch.isfinite(value):
                 where = f"last good checkpoint: block {layer - 1} in {ckpt}" if ckpt else "no checkpoint directory"
                 raise NonFiniteLoss(f"non-finite loss at block {layer}, epoch {epoch}; {where}")

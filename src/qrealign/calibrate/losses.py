@@ -24,6 +24,10 @@ class LossInputs:
     last_index: torch.Tensor  # [B]
     layer: int
     num_layers: int
+    # For losses that look past the block (calibrate.behaviour): each row's position in the
+    # CalibrationSet, and the kwargs the decoder blocks take, by attention type.
+    index: torch.Tensor | None = None
+    block_kwargs: dict | None = None
 
 
 class BlockLoss(Protocol):

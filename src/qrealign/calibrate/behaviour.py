@@ -1,0 +1,157 @@
+"""A behavioural safety term: distil the first response token, not a probe's logit.
+
+The paper's term pushes a block's last-prompt-token state across a linear probe. On SmolLM2 that
+logit turned out to be a weak handle on refusal (docs/experiments.md §3): the optimiser can
+satisfy a sparse probe along directions that do not carry the behaviour. This term reads the
+behaviour itself. At block l the quantized block's output runs through the remaining blocks (FP,
+frozen), the final norm and the LM head, and at the last prompt token the per-sample KL
+
+    malicious: KL(aligned model's next-token distribution  ||  the quantized model's)
+    benign:    KL(fine-tuned model's next-token distribution ||  the quantized model's)
+
+is added to the reconstruction MSE. The first response token decides refusal ("I can't ...")
+versus compliance, and for a classification task it is the answer itself, so the benign half
+holds both over-refusal and task accuracy. Teachers' distributions are computed once, before
+calibration (`first_token_targets`); the fine-tuned teacher must run before the model is
+quantized in place.
+
+Cost: each safety step also runs the blocks after l (the whole tail for 135M parameters on CPU is
+cheap; for multi-GPU-sized models restrict `layers` to the last few blocks, whose tails are short).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import QrealignError
+from ..models.registry import get_arch, get_blocks, get_submodule
+from ..utils import tensor_digest
+from .capture import block_output
+from .data import CalibrationSet, make_batches
+from .losses import LossInputs, per_sample_mse
+
+
+class ModelTail:
+    """Blocks after `layer`, the final norm and the LM head of `model`, frozen: maps a block's
+    output to the next-token logits at each row's last prompt token."""
+
+    def __init__(self, model: nn.Module):
+        self.blocks = get_blocks(model)
+        self.norm = get_submodule(model, get_arch(model).final_norm)
+        self.head = model.get_output_embeddings()
+        # Gemma-2/3 squash the final logits (tanh soft-capping) inside the model's forward.
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        for module in (*self.blocks, self.norm, self.head):
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    def __call__(self, hidden: torch.Tensor, layer: int, kwargs_by_type: dict, last_index: torch.Tensor):
+        h = hidden
+        for block in self.blocks[layer + 1:]:
+            p = next(block.parameters())
+            h = block_output(block(h.to(p.device, p.dtype), **kwargs_by_type[getattr(block, "attention_type", None)]))
+        h = h[torch.arange(h.shape[0], device=h.device), last_index.to(h.device)]
+        p = next(self.head.parameters())
+        logits = self.head(self.norm(h.to(p.device, p.dtype))).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.to(hidden.device)
+
+
+@torch.no_grad()
+def next_token_logprobs(model: nn.Module, tokenizer, calib: CalibrationSet, config) -> torch.Tensor:
+    """[N, V] log-probabilities of the next token after each calibration prompt, rendered and
+    batched exactly as the calibration engine renders them (`config`: a CalibConfig). Runs where
+    the model's weights are (its embedding's device)."""
+    device = model.get_input_embeddings().weight.device
+    out = None
+    for batch in make_batches(tokenizer, calib, config.batch_size, config.max_length, config.padding_side,
+                              config.system, pad_to=config.pad_to):
+        enc = batch.enc.to(device)
+        logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                       position_ids=batch.position_ids.to(device), use_cache=False).logits
+        rows = logits[torch.arange(logits.shape[0], device=logits.device), enc.last_index].float()
+        if out is None:
+            out = torch.empty(len(calib.prompts), rows.shape[-1])
+        out[batch.index] = F.log_softmax(rows, dim=-1).cpu()
+    return out
+
+
+def first_token_targets(aligned: nn.Module, finetuned: nn.Module, tokenizer, calib: CalibrationSet,
+                        config) -> torch.Tensor:
+    """Per calibration sample, the teacher's next-token log-probs: the aligned model for
+    malicious prompts, the fine-tuned model (not yet quantized) for benign ones."""
+    if aligned.config.vocab_size != finetuned.config.vocab_size:
+        raise QrealignError("the aligned and the fine-tuned model have different vocabularies")
+    mal = torch.tensor(calib.labels, dtype=torch.bool)
+    targets = next_token_logprobs(finetuned, tokenizer, calib, config)
+    targets[mal] = next_token_logprobs(aligned, tokenizer, calib, config)[mal]
+    return targets
+
+
+@dataclass
+class FirstTokenLoss:
+    """Reconstruction MSE plus `lam` x the first-token KL on malicious prompts (and `benign_kl` x
+    the KL to the fine-tuned model on benign prompts), on the blocks in `layers`; other blocks
+    get reconstruction only. Needs `LossInputs.index` and `.block_kwargs` (the engine fills them)."""
+
+    tail: ModelTail
+    targets: torch.Tensor  # [N, V] teacher log-probs, indexed by calibration position
+    layers: tuple[int, ...] | None = None
+    lam: float = 1.0
+    benign_kl: float = 0.0
+    recon_on_malicious: bool = True
+    normalize: bool = True
+    sink_weight: float = 0.0
+    include_padding: bool = False
+    target_id: str = ""
+    _digest: str = field(default="", repr=False)
+
+    def __post_init__(self):
+        if self.lam < 0 or self.benign_kl < 0:
+            raise QrealignError("lam and benign_kl must be >= 0")
+        if not self._digest:
+            h = hashlib.sha256()
+            tensor_digest(self.targets, h)
+            self._digest = h.hexdigest()[:12]
+
+    def active(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+    def needs_fp(self, labels: torch.Tensor, layer: int) -> torch.Tensor:
+        if not self.active(layer) or self.recon_on_malicious:
+            return torch.ones_like(labels, dtype=torch.bool)
+        return labels == 0
+
+    def __call__(self, inp: LossInputs):
+        malicious = inp.labels.bool()
+        recon_rows = ~malicious | self.recon_on_malicious | (not self.active(inp.layer))
+        per_sample = torch.zeros(inp.q_out.shape[0], device=inp.q_out.device)
+        logs = {}
+        if recon_rows.any():
+            mse = per_sample_mse(inp.fp_out[recon_rows], inp.q_out[recon_rows], inp.attention_mask[recon_rows],
+                                 self.normalize, self.sink_weight, self.include_padding)
+            per_sample[recon_rows] = mse
+            logs["mse"] = (mse.mean().item(), int(recon_rows.sum()))
+        weight = torch.where(malicious, torch.tensor(self.lam), torch.tensor(self.benign_kl)).to(per_sample.device)
+        if self.active(inp.layer) and bool((weight > 0).any()):
+            if inp.index is None or inp.block_kwargs is None:
+                raise QrealignError("FirstTokenLoss needs the calibration index and block kwargs in LossInputs")
+            logits = self.tail(inp.q_out, inp.layer, inp.block_kwargs, inp.last_index)
+            teacher = self.targets[inp.index.cpu()].to(logits.device)
+            kl = (teacher.exp() * (teacher - F.log_softmax(logits, dim=-1))).sum(dim=-1)  # [B]
+            per_sample = per_sample + weight * kl
+            for name, rows in (("kl_mal", malicious), ("kl_ben", ~malicious)):
+                if rows.any():
+                    logs[name] = (kl[rows].mean().item(), int(rows.sum()))
+        return per_sample.mean(), logs
+
+    def __repr__(self) -> str:  # short and stable: it enters the run fingerprint
+        return (f"FirstTokenLoss(targets={self.target_id}:{self._digest}, layers={self.layers}, lam={self.lam}, "
+                f"benign_kl={self.benign_kl}, recon_on_malicious={self.recon_on_malicious}, "
+                f"normalize={self.normalize}, sink_weight={self.sink_weight}, include_padding={self.include_padding})")
