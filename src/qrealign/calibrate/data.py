@@ -83,13 +83,17 @@ def _cut(tokenizer, calib, order, batch_size, max_length, padding_side, system, 
 
 
 def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malicious_ratio: float | None = 0.75,
-                      seed: int = 0) -> CalibrationSet:
+                      seed: int = 0, task: str | None = None, task_n: int = 0) -> CalibrationSet:
     """A labelled calibration set with a given malicious ratio (paper: 200 prompts, 0.75).
 
     `spec` is "qrealign:<split>" (the project's bundled prompts; default the "calib" split, which
     is disjoint from the evaluation split by construction) or a user file (JSON/JSONL/CSV with
     `prompt` and `label`). `n=None` takes as many as the ratio allows; `malicious_ratio=None`
-    keeps the file's own mix."""
+    keeps the file's own mix.
+
+    `task`/`task_n`: append the first `task_n` prompts of that task's "train" split (the user's
+    own fine-tuning prompts) as benign samples, after the ratio is applied. The benign terms then
+    hold the fine-tuned behaviour on the task itself, not only on generic prompts."""
     import random
 
     from ..data.prompts import load_prompt_file, load_prompts
@@ -130,4 +134,20 @@ def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malici
     rng.shuffle(chosen)
     if not chosen:
         raise QrealignError(f"calibration set {spec!r} is empty")
-    return CalibrationSet([p.text for p in chosen], [p.label for p in chosen], [p.id for p in chosen], split)
+    calib = CalibrationSet([p.text for p in chosen], [p.label for p in chosen], [p.id for p in chosen], split)
+    return with_task_prompts(calib, task, task_n) if task and task_n else calib
+
+
+def with_task_prompts(calib: CalibrationSet, task: str, n: int) -> CalibrationSet:
+    """`calib` plus the first `n` "train" prompts of `task` as benign (label 0) samples."""
+    from ..evaluate.tasks import get_task
+
+    if n < 0:
+        raise QrealignError(f"task_n must be >= 0, got {n}")
+    task_obj = get_task(task)
+    try:
+        examples = task_obj.load("train", n)
+    except ValueError as exc:
+        raise QrealignError(f"calibration task {task!r}: {exc}") from None
+    return CalibrationSet(calib.prompts + [e.prompt for e in examples], calib.labels + [0] * len(examples),
+                          calib.ids + [e.id for e in examples], f"{calib.split}+{task_obj.name}:train[:{n}]")
