@@ -4,6 +4,9 @@
     probes = qrealign.probes.load_probes("runs/probes")         # fit on the ALIGNED model
     qrealign.realign(model, tok, probes, scheme="W8A8", out="runs/realigned")
 
+    # or the behavioural safety term (calibrate.behaviour): the aligned model as teacher
+    qrealign.realign(model, tok, teacher="runs/aligned", scheme="W8A8", layers_from=0.5, benign_kl=4.0)
+
 The model is quantized in place (fake quantization, activations per token) and the run
 directory rebuilds it with `qrealign.calibrate.load_quantized`.
 """
@@ -25,7 +28,7 @@ from .quant.scheme import Scheme
 def realign(
     model,
     tokenizer,
-    probes,
+    probes=None,
     calibration: CalibrationSet | None = None,
     scheme: str | Scheme = "W8A8",
     config: CalibConfig | None = None,
@@ -34,6 +37,7 @@ def realign(
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
     layers_from: float | None = None,
+    teacher=None,
     **loss_options,
 ) -> CalibResult:
     """Quantize `model` with the Q-realign objective.
@@ -43,9 +47,18 @@ def realign(
     `SafetyLoss` (lam, margin, probe_loss, layers, recon_on_malicious, normalize, sink_weight,
     benign_side, benign_margin); the defaults are the paper's objective. `layers_from`: a depth
     fraction, e.g. 0.5 = the safety term only on the second half of the blocks (a depth-relative
-    form of `layers`, so one setting transfers across model sizes)."""
+    form of `layers`, so one setting transfers across model sizes).
+
+    `teacher` (instead of `probes`): the aligned model (a model or anything `load_model` reads).
+    The safety term is then the first-token KL of `calibrate.behaviour.FirstTokenLoss`
+    (options: lam, benign_kl, layers, recon_on_malicious, normalize, sink_weight)."""
     from .probes.store import load_probes
 
+    if (probes is None) == (teacher is None):
+        raise QrealignError("give the aligned model's probes or the aligned model as teacher (exactly one)")
+    if teacher is not None:
+        return _realign_first_token(model, tokenizer, teacher, calibration, scheme, config, out, device, progress,
+                                    checkpoint_dir, layers_from, **loss_options)
     if isinstance(probes, (str, Path)):
         probes = load_probes(probes)
     probes.check_compatible(model)
@@ -86,3 +99,39 @@ def layers_from_fraction(num_layers: int, fraction: float) -> tuple[int, ...]:
     if not 0.0 <= fraction < 1.0:
         raise QrealignError(f"layers_from must be in [0, 1), got {fraction}")
     return tuple(range(min(math.ceil(fraction * num_layers - 1e-9), num_layers - 1), num_layers))
+
+
+def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config, out, device, progress,
+                         checkpoint_dir, layers_from, **loss_options) -> CalibResult:
+    from .calibrate.behaviour import FirstTokenLoss, ModelTail, first_token_targets
+    from .models import load_model
+    from .utils import model_fingerprint
+
+    num_layers = model.config.num_hidden_layers
+    if layers_from is not None:
+        if loss_options.get("layers") is not None:
+            raise QrealignError("give either layers or layers_from, not both")
+        loss_options["layers"] = layers_from_fraction(num_layers, layers_from)
+    layers = loss_options.get("layers")
+    if layers is not None:
+        layers = loss_options["layers"] = tuple(sorted(set(layers)))
+        if not layers or not all(0 <= layer < num_layers for layer in layers):
+            raise NoSafetyLayers(f"safety layers {layers} are not blocks of this {num_layers}-block model")
+    cfg = config or CalibConfig()
+    calibration = calibration or build_calibration()
+    source = str(teacher) if isinstance(teacher, (str, Path)) else getattr(teacher.config, "qrealign_source", None)
+    if isinstance(teacher, (str, Path)):
+        teacher, _ = load_model(str(teacher))
+    if teacher.config.model_type != model.config.model_type or teacher.config.num_hidden_layers != num_layers:
+        raise QrealignError("the teacher must be the aligned version of the same architecture "
+                            f"({teacher.config.model_type}, {teacher.config.num_hidden_layers} blocks vs "
+                            f"{model.config.model_type}, {num_layers})")
+    teacher_fp = model_fingerprint(teacher)
+    targets = first_token_targets(teacher, model, tokenizer, calibration, cfg)
+    del teacher
+    loss = FirstTokenLoss(ModelTail(model), targets, target_id=teacher_fp, **loss_options)
+    active = layers if layers is not None else tuple(range(num_layers))
+    meta = {"method": "qrealign", "objective": "first-token",
+            "teacher": {"source": source, "fingerprint": teacher_fp}, "safety_layers": list(active)}
+    return quantize(model, tokenizer, calibration, scheme, cfg, out=out, loss=loss, device=device, progress=progress,
+                    checkpoint_dir=checkpoint_dir, extra_metadata=meta)

@@ -1,26 +1,32 @@
-"""`qrealign realign`: Q-realign, safety-aware quantization with the aligned model's probes."""
+"""`qrealign realign`: Q-realign, safety-aware quantization with the aligned model's probes (or,
+with --teacher, the aligned model's first response token)."""
 
 from __future__ import annotations
 
 COMMAND = "realign"
 ORDER = 11
-HELP = "Q-realign: quantize a fine-tuned model with the probe safety loss"
+HELP = "Q-realign: quantize a fine-tuned model with a safety loss (probes or first-token teacher)"
 
 
 def add_arguments(parser) -> None:
     from ._calib_args import add_common
 
     add_common(parser)
-    parser.add_argument("--probes", required=True, help="probe directory (qrealign probe) fit on the aligned model")
+    parser.add_argument("--probes", help="probe directory (qrealign probe) fit on the aligned model")
+    parser.add_argument("--teacher", help="instead of --probes: the aligned model; the safety term is then the KL to "
+                                          "its first response token on malicious prompts (calibrate.behaviour)")
+    parser.add_argument("--benign-kl", type=float, default=0.0,
+                        help="with --teacher: weight of the KL to the fine-tuned model's first token on benign prompts")
     parser.add_argument("--lam", type=float, default=1.0, help="weight of the safety term (paper: 1)")
     parser.add_argument("--margin", type=float, default=0.0, help="push malicious logits past this margin")
     parser.add_argument("--hinge", action="store_true", help="hinge instead of softplus: stop once past the margin")
     parser.add_argument("--layers", default=None, help="layers that get the safety term, e.g. '10-29' (default: usable)")
     parser.add_argument("--layers-from", type=float, default=None,
                         help="safety term only from this depth fraction on, e.g. 0.5 = second half of the blocks")
-    parser.add_argument("--recon-on-malicious", action="store_true", help="also reconstruct malicious samples")
-    parser.add_argument("--normalize-mse", action="store_true", help="MSE relative to the target's mean square")
-    parser.add_argument("--sink-weight", type=float, default=1.0, help="weight of the first (attention-sink) token in the MSE")
+    parser.add_argument("--recon-on-malicious", action="store_true", help="also reconstruct malicious samples (always on with --teacher)")
+    parser.add_argument("--normalize-mse", action="store_true", help="MSE relative to the target's mean square (always on with --teacher)")
+    parser.add_argument("--sink-weight", type=float, default=None,
+                        help="weight of the first (attention-sink) token in the MSE (default 1; 0 with --teacher)")
     parser.add_argument("--benign-side", type=float, default=0.0, help="weight of keeping benign prompts on the benign side")
 
 
@@ -42,17 +48,37 @@ def parse_layers(spec: str | None) -> tuple[int, ...] | None:
     return tuple(layers)
 
 
+PROBE_ONLY = {"margin": 0.0, "hinge": False, "benign_side": 0.0}
+
+
 def run(args) -> int:
+    from ..errors import QrealignError
     from ..probes.store import load_probes
     from ..realign import realign
     from ._calib_args import prepare, summary
 
     layers = parse_layers(args.layers)
+    if (args.probes is None) == (args.teacher is None):
+        raise QrealignError("give --probes DIR (the paper's probe loss) or --teacher ALIGNED_MODEL, exactly one")
+    if args.teacher is not None:
+        wrong = [f"--{k.replace('_', '-')}" for k, default in PROBE_ONLY.items() if getattr(args, k) != default]
+        if wrong:
+            raise QrealignError(f"{', '.join(wrong)} only apply to the probe loss (--probes), not to --teacher")
+        model, tokenizer, scheme, config, calib = prepare(args, "omniquant")
+        # FirstTokenLoss defaults: normalised MSE without the sink token, malicious prompts reconstructed too.
+        options = {} if args.sink_weight is None else {"sink_weight": args.sink_weight}
+        result = realign(model, tokenizer, teacher=args.teacher, calibration=calib, scheme=scheme, config=config,
+                         out=args.out, device=args.device, layers=layers, layers_from=args.layers_from,
+                         lam=args.lam, benign_kl=args.benign_kl, **options)
+        summary(result, args.out)
+        return 0
+    if args.benign_kl:
+        raise QrealignError("--benign-kl applies to --teacher only")
     probes = load_probes(args.probes)
     model, tokenizer, scheme, config, calib = prepare(args, "omniquant")
     result = realign(model, tokenizer, probes, calib, scheme, config, out=args.out, device=args.device,
                      lam=args.lam, margin=args.margin, probe_loss="hinge" if args.hinge else "softplus",
                      layers=layers, layers_from=args.layers_from, recon_on_malicious=args.recon_on_malicious, normalize=args.normalize_mse,
-                     sink_weight=args.sink_weight, benign_side=args.benign_side)
+                     sink_weight=1.0 if args.sink_weight is None else args.sink_weight, benign_side=args.benign_side)
     summary(result, args.out)
     return 0

@@ -1,0 +1,208 @@
+"""The first-token (behavioural) safety term: the tail is exact, the KL is the hand-computed one,
+and the engine hands the loss what it needs."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from qrealign.calibrate.api import quantize
+from qrealign.calibrate.behaviour import FirstTokenLoss, ModelTail, first_token_targets, next_token_logprobs
+from qrealign.calibrate.capture import block_output, capture_block_inputs
+from qrealign.calibrate.data import CalibrationSet, make_batches
+from qrealign.calibrate.engine import CalibConfig
+from qrealign.calibrate.losses import LossInputs
+from qrealign.errors import QrealignError
+from qrealign.models.registry import get_blocks
+from qrealign.models.tiny import tiny_model
+
+PROMPTS = ["bake a loaf of rye bread", "describe how to pick a lock", "write a poem about rain", "say hello"]
+
+
+def _calib():
+    return CalibrationSet(PROMPTS, [0, 1, 0, 1])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_tail_reproduces_the_models_next_token_logits(model_type):
+    model, tok = tiny_model(model_type)
+    cfg = CalibConfig(batch_size=4)
+    batch = make_batches(tok, _calib(), 4, cfg.max_length, cfg.padding_side)[0]
+    inputs = capture_block_inputs(model, batch, torch.device("cpu"))
+    h = inputs.hidden
+    blocks = get_blocks(model)
+    with torch.no_grad():
+        for block in blocks[:2]:
+            h = block_output(block(h, **inputs.kwargs_by_type[getattr(block, "attention_type", None)]))
+        via_tail = ModelTail(model)(h, 1, inputs.kwargs_by_type, batch.enc.last_index)
+    reference = next_token_logprobs(model, tok, _calib(), cfg)
+    assert torch.allclose(torch.log_softmax(via_tail, -1), reference[batch.index], atol=1e-5)
+
+
+def test_targets_take_the_aligned_teacher_on_malicious_rows_only():
+    finetuned, tok = tiny_model("llama", seed=0)
+    aligned, _ = tiny_model("llama", seed=1)
+    cfg = CalibConfig(batch_size=3)
+    t = first_token_targets(aligned, finetuned, tok, _calib(), cfg)
+    a = next_token_logprobs(aligned, tok, _calib(), cfg)
+    f = next_token_logprobs(finetuned, tok, _calib(), cfg)
+    assert torch.equal(t[[1, 3]], a[[1, 3]]) and torch.equal(t[[0, 2]], f[[0, 2]])
+    assert not torch.allclose(a, f)
+    assert torch.allclose(t.exp().sum(-1), torch.ones(4), atol=1e-5)
+
+
+class _FixedTail:
+    """A stand-in tail: the 'logits' are the block output's last-token state itself."""
+
+    def __call__(self, hidden, layer, kwargs_by_type, last_index):
+        return hidden[torch.arange(hidden.shape[0]), last_index]
+
+
+def _inputs(q_last, labels, layer=1):
+    b = len(labels)
+    q = torch.zeros(b, 2, 2)
+    q[:, 1] = q_last
+    return LossInputs(torch.zeros(b, 2, 2), q, torch.tensor(labels), torch.ones(b, 2), torch.tensor([1] * b),
+                      layer, 2, index=torch.arange(b), block_kwargs={})
+
+
+def test_kl_on_hand_built_distributions():
+    teacher = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+    q_last = torch.tensor([[0.0, 0.0], [0.0, math.log(9.0)]])  # student: [0.5, 0.5] and [0.1, 0.9]
+    kl_mal = 0.9 * math.log(0.9 / 0.1) + 0.1 * math.log(0.1 / 0.9)
+    # recon off on malicious rows so the MSE of the (non-zero) last token does not enter row 1
+    loss = FirstTokenLoss(_FixedTail(), teacher, lam=2.0, benign_kl=3.0, recon_on_malicious=False, normalize=False,
+                          sink_weight=1.0)
+    value, logs = loss(_inputs(q_last, [0, 1]))
+    mse_benign = 0.0  # row 0's last token is [0, 0], like its target
+    assert logs["kl_mal"][0] == pytest.approx(kl_mal, rel=1e-5)
+    assert logs["kl_ben"][0] == pytest.approx(0.0, abs=1e-6)
+    assert value.item() == pytest.approx((mse_benign + 3.0 * 0.0 + 2.0 * kl_mal) / 2, rel=1e-5)
+
+
+def test_inactive_layer_is_plain_reconstruction_and_bad_options_raise():
+    teacher = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+    loss = FirstTokenLoss(_FixedTail(), teacher, layers=(0,), normalize=False, sink_weight=1.0)
+    value, logs = loss(_inputs(torch.tensor([[1.0, 1.0], [0.0, 0.0]]), [0, 1], layer=1))
+    assert "kl_mal" not in logs
+    assert value.item() == pytest.approx((1.0 / 2 + 0.0) / 2)  # row 0: error 1 on one of two tokens
+    assert loss.needs_fp(torch.tensor([0, 1]), 1).all()
+    with pytest.raises(QrealignError):
+        FirstTokenLoss(_FixedTail(), teacher, lam=-1.0)
+    with pytest.raises(QrealignError, match="index"):
+        loss2 = FirstTokenLoss(_FixedTail(), teacher)
+        inp = _inputs(torch.zeros(2, 2), [0, 1])
+        inp.index = None
+        loss2(inp)
+
+
+def test_calibration_with_the_first_token_term_moves_malicious_rows_towards_the_teacher():
+    finetuned, tok = tiny_model("llama", seed=0)
+    aligned = copy.deepcopy(finetuned)
+    with torch.no_grad():
+        aligned.lm_head.weight.add_(0.5 * torch.randn_like(aligned.lm_head.weight))
+    cfg = CalibConfig(batch_size=2, epochs=6, lr_let=5e-2, lr_lwc=5e-2)
+    targets = first_token_targets(aligned, finetuned, tok, _calib(), cfg)
+    loss = FirstTokenLoss(ModelTail(finetuned), targets, lam=10.0, benign_kl=1.0)
+    res = quantize(finetuned, tok, _calib(), "W8A8", cfg, loss=loss, progress=False)
+    after = next_token_logprobs(finetuned, tok, _calib(), cfg)
+    kl = (targets.exp() * (targets - after)).sum(-1)
+    first = res.layer_logs[0]
+    assert "last_kl_mal" in first and "last_kl_ben" in first
+    # the malicious rows' KL went down from where block 0 started; benign rows stay close
+    start = next(log["loss_init"] for log in res.layer_logs if "loss_init" in log)
+    assert kl[[1, 3]].mean().item() < start
+    assert "FirstTokenLoss(targets=" in repr(loss)
+
+
+def _save(model, tok, path):
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_realign_with_a_teacher_writes_a_first_token_run(tmp_path):
+    from qrealign.calibrate.artifact import load_quantized
+    from qrealign.realign import realign
+    from qrealign.utils import read_json
+
+    from qrealign.models import load_model
+
+    finetuned, tok = tiny_model("llama", seed=0)
+    aligned, _ = tiny_model("llama", seed=1)
+    teacher_dir = _save(aligned, tok, tmp_path / "aligned")
+    finetuned, tok = load_model(_save(finetuned, tok, tmp_path / "finetuned"))  # a source the run can name
+    calib = build_calibration_with_task()
+    out = tmp_path / "run"
+    res = realign(finetuned, tok, teacher=teacher_dir, calibration=calib, scheme="W8A8",
+                  config=CalibConfig(epochs=1, batch_size=4), out=out, progress=False, layers_from=0.5, benign_kl=1.0)
+    meta = read_json(out / "qrealign.json")
+    assert meta["objective"] == "first-token" and meta["safety_layers"] == [1]
+    assert meta["teacher"]["source"] == teacher_dir and meta["teacher"]["fingerprint"]
+    assert "topic-codes:train[:3]" in meta["calibration"]["split"]
+    logs = {log["layer"]: log for log in res.layer_logs}
+    assert "last_kl_mal" not in logs[0] and "last_kl_mal" in logs[1] and "last_kl_ben" in logs[1]
+    assert "FirstTokenLoss(" in meta["loss"]
+    reloaded, _, _ = load_quantized(out)
+    x = torch.tensor([[1, 2, 3, 4]])
+    assert torch.allclose(reloaded(input_ids=x).logits, finetuned(input_ids=x).logits, atol=1e-5)
+
+
+def build_calibration_with_task():
+    from qrealign.calibrate.data import with_task_prompts
+
+    return with_task_prompts(_calib(), "topic-codes", 3)
+
+
+def test_realign_teacher_and_probe_arguments_are_checked(tmp_path):
+    from qrealign.errors import NoSafetyLayers
+    from qrealign.realign import realign
+
+    model, tok = tiny_model("llama", seed=0)
+    other, _ = tiny_model("qwen2", seed=0)
+    with pytest.raises(QrealignError, match="exactly one"):
+        realign(model, tok, calibration=_calib(), progress=False)
+    with pytest.raises(QrealignError, match="exactly one"):
+        realign(model, tok, probes="x", teacher=model, calibration=_calib(), progress=False)
+    with pytest.raises(QrealignError, match="same architecture"):
+        realign(model, tok, teacher=other, calibration=_calib(), progress=False)
+    with pytest.raises(NoSafetyLayers):
+        realign(model, tok, teacher=model, calibration=_calib(), progress=False, layers=(5,))
+    with pytest.raises(QrealignError, match="either"):
+        realign(model, tok, teacher=model, calibration=_calib(), progress=False, layers=(1,), layers_from=0.5)
+
+
+def test_calibration_task_prompts_are_appended_as_benign():
+    from qrealign.calibrate.data import build_calibration
+
+    base = build_calibration(n=20)
+    calib = build_calibration(n=20, task="topic-codes", task_n=6)
+    assert calib.prompts[:20] == base.prompts and calib.labels[20:] == [0] * 6
+    assert calib.ids[20:] == [f"topic-train-{i:05d}" for i in range(6)]
+    with pytest.raises(QrealignError, match="unknown task"):
+        build_calibration(n=20, task="no-such-task", task_n=2)
+    with pytest.raises(QrealignError, match="only"):
+        build_calibration(n=20, task="topic-codes", task_n=10**6)
+
+
+def test_realign_cli_teacher_run_and_argument_errors(tmp_path, capsys):
+    from qrealign.cli import main
+
+    finetuned, tok = tiny_model("llama", seed=0)
+    aligned, _ = tiny_model("llama", seed=1)
+    model_dir = _save(finetuned, tok, tmp_path / "finetuned")
+    teacher_dir = _save(aligned, tok, tmp_path / "aligned")
+    common = [model_dir, "--n", "8", "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
+    rc = main(["realign", *common, "--teacher", teacher_dir, "--layers-from", "0.5", "--benign-kl", "2",
+               "--calib-task", "topic-codes", "--calib-task-n", "2", "--out", str(tmp_path / "run")])
+    assert rc == 0 and (tmp_path / "run" / "qrealign.json").is_file()
+    from qrealign.utils import read_json
+
+    meta = read_json(tmp_path / "run" / "qrealign.json")
+    assert meta["calibration"]["n"] == 10 and "benign_kl=2.0" in meta["loss"]
+    for bad in (["--teacher", teacher_dir, "--hinge"], ["--teacher", teacher_dir, "--probes", "p"], [],
+                ["--probes", str(tmp_path / "p"), "--benign-kl", "1"]):
+        out = tmp_path / "bad"
+        assert main(["realign", *common, *bad, "--out", str(out)]) == 2
+        assert not out.exists()
