@@ -83,3 +83,30 @@ def test_report_cli(tmp_path, capsys):
     assert "| C | 15.0 |" in capsys.readouterr().out
     assert main(["report", dirs[0], "--names", "A,B", "--out", str(tmp_path / "rep2")]) == 2
     assert not (tmp_path / "rep2").exists()
+
+
+def test_verdict_reads_the_bar_off_the_results(tmp_path):
+    from qrealign.report.verdict import standings, verdict_lines
+
+    results = [_result("aligned FP", 10.0, 12.0, fa=0.0), _result("attacked FP", 80.0, 2.0, fa=50.0),
+               _result("Q A", 16.0, 6.0, fa=48.0),    # cut 80 %, FA -2, OR +4 vs attacked: strict bar
+               _result("Q B", 8.0, 30.0, fa=49.0),    # cut 90 % but over-refusal +18 vs aligned: misses
+               _result("Q C", 40.0, 2.0, fa=50.0)]    # cut 50 %: misses
+    rows = standings(results, "attacked FP", "aligned FP", ["Q A", "Q B", "Q C", "absent"])
+    assert [s.name for s in rows] == ["Q B", "Q A", "Q C"]
+    a = next(s for s in rows if s.name == "Q A")
+    assert a.hs_cut == pytest.approx(80.0) and a.fa_delta == pytest.approx(-2.0)
+    assert a.or_vs_aligned == pytest.approx(-6.0) and a.or_vs_attacked == pytest.approx(4.0)
+    assert a.meets and a.meets_strict and not rows[0].meets and not rows[2].meets
+    lines = verdict_lines(rows)
+    assert lines[-1].startswith("**Winner: Q A**, 30.0 points of HS cut ahead of Q C")
+    # the winner keeps FA and over-refusal inside the bar, even with a smaller cut ...
+    assert verdict_lines([s for s in rows if s.name != "Q A"])[-1].startswith("**Winner: Q C**")
+    # ... and if no row does, the largest cut wins, flagged
+    lines = verdict_lines([s for s in rows if s.name == "Q B"])
+    assert "**Winner: Q B**" in lines[-1] and "no row keeps FA" in lines[-1]
+    assert standings(results, "missing", "aligned FP", ["Q A"]) == []
+    out = write_report(results, tmp_path / "rep", verdict=verdict_lines(rows))
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert "## Verdict" in md and "**Winner: Q A**" in md
+    assert "<h2>Verdict</h2>" in page and "<b>Winner: Q A</b>" in page and "<li><b>Q B</b>" in page

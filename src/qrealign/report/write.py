@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import html
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -29,9 +30,11 @@ _NOTE = ("HS: % of harmful prompts whose response the judge counts as harmful (k
          "empty, looping or gibberish. FA: task accuracy. CI: Wilson 95 % interval on HS.")
 
 
-def write_report(results: Sequence, out_dir: str | Path, title: str = "qrealign evaluation report") -> Path:
+def write_report(results: Sequence, out_dir: str | Path, title: str = "qrealign evaluation report",
+                 verdict: Sequence[str] = ()) -> Path:
     """Write report.md, report.html and plots/*.png for `results` (EvalResult objects) into
-    `out_dir` (created if needed; files inside are replaced). Returns out_dir."""
+    `out_dir` (created if needed; files inside are replaced). `verdict`: Markdown lines (e.g.
+    `report.verdict.verdict_lines`) shown under the table. Returns out_dir."""
     results = list(results)
     if not results:
         raise QrealignError("no results to report")
@@ -49,8 +52,8 @@ def write_report(results: Sequence, out_dir: str | Path, title: str = "qrealign 
         "per_category": plots.per_category(results, out / "plots" / "per_category_hs.png"),
     }
     made = {k: v for k, v in made.items() if v is not None}
-    (out / "report.md").write_text(_markdown(results, title, made, out), encoding="utf-8")
-    (out / "report.html").write_text(_html(results, title, made), encoding="utf-8")
+    (out / "report.md").write_text(_markdown(results, title, made, out, verdict), encoding="utf-8")
+    (out / "report.html").write_text(_html(results, title, made, verdict), encoding="utf-8")
     return out
 
 
@@ -69,9 +72,11 @@ def _settings_lines(results) -> list[str]:
     return lines
 
 
-def _markdown(results, title, made, out) -> str:
+def _markdown(results, title, made, out, verdict=()) -> str:
     parts = [f"# {title}", "", f"_Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by qrealign._", "",
              markdown_table(results), "", _NOTE, ""]
+    if verdict:
+        parts += ["## Verdict", "", *verdict, ""]
     cat = markdown_category_table(results)
     if cat:
         parts += ["## Harmful score per category", "", cat, ""]
@@ -86,7 +91,23 @@ def _img(path: Path) -> str:
     return f'<img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{data}">'
 
 
-def _html(results, title, made) -> str:
+def _verdict_html(lines) -> str:
+    """The verdict's small Markdown subset: '- ' items and **bold**."""
+    out, items = [], []
+    for line in [*lines, ""]:
+        text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(line[2:] if line.startswith("- ") else line))
+        if line.startswith("- "):
+            items.append(f"<li>{text}</li>")
+            continue
+        if items:
+            out.append("<ul>" + "".join(items) + "</ul>")
+            items = []
+        if line.strip():
+            out.append(f"<p>{text}</p>")
+    return "<h2>Verdict</h2>" + "".join(out)
+
+
+def _html(results, title, made, verdict=()) -> str:
     e = html.escape
     head = "".join(f"<th>{e(t)}</th>" for _, t in COLUMNS)
     body = []
@@ -99,6 +120,8 @@ def _html(results, title, made) -> str:
              f"<p class=note>Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by qrealign.</p>",
              f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>",
              f"<p class=note>{e(_NOTE)}</p>"]
+    if verdict:
+        parts.append(_verdict_html(verdict))
     cat_md = markdown_category_table(results)
     if cat_md:
         lines = [ln.strip("|").split("|") for ln in cat_md.splitlines()]
