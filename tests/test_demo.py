@@ -29,13 +29,19 @@ def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
     report = run_demo(cfg, log=logs.append)
     table = (report / "report.md").read_text()
     for label in ("raw", "aligned FP", "attacked FP", "attacked FP p=0", "RTN W8A8", "reconstruction-only W8A8",
-                  "Q-realign (contrast probe) W8A8"):
+                  "Q-realign (contrast probe) W8A8", "Q-realign (first-token) W8A8"):
         assert f"| {label} |" in table, label
     # A random tiny model's harmful-vs-benign probes are at chance on every layer: the paper
     # variant has no block to push, and the demo says so instead of mislabelling a plain run.
     assert "| Q-realign (paper probe) W8A8 |" not in table
     assert any("Q-realign (paper probe) W8A8: skipped" in line for line in logs)
     assert sum("building" in line for line in logs) >= 10
+    assert "## Verdict" in table and "**Winner: Q-realign (" in table
+    import json
+
+    run = json.loads(next((tmp_path / "demo" / "stages").glob("quant-q-realign-first-token-W8A8-*/qrealign.json"))
+                     .read_text())
+    assert run["objective"] == "first-token" and "topic-codes:train[:48]" in run["calibration"]["split"]
     logs.clear()
     run_demo(cfg, log=logs.append)
     assert not [line for line in logs if "building" in line]

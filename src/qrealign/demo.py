@@ -33,8 +33,10 @@ class Variant:
     name: str
     method: str  # "rtn" | "omniquant" | "qrealign"
     probes: str | None = None  # probe target for "qrealign"
-    loss: dict = field(default_factory=dict)  # SafetyLoss options
+    loss: dict = field(default_factory=dict)  # SafetyLoss (or FirstTokenLoss) options
     config: dict = field(default_factory=dict)  # CalibConfig overrides
+    teacher: bool = False  # "qrealign" with the aligned model's first token instead of probes
+    calib_task: int = 0  # attack-training task prompts added to the calibration set as benign
 
 
 PAPER = Variant("Q-realign (paper probe)", "qrealign", "paper")
@@ -47,11 +49,17 @@ AGGRESSIVE = {"normalize": True, "sink_weight": 0.0, "margin": 2.0, "probe_loss"
               "recon_on_malicious": True, "layers_from": 0.5}
 CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AGGRESSIVE,
                    config={"lr_let": 1e-2, "batch_size": 4})
+# The behavioural objective (calibrate.behaviour, docs/experiments.md §5): the aligned model's
+# first response token on malicious prompts, the fine-tuned model's on benign ones, with 48 of
+# the attack's own task prompts among the benign calibration prompts. Settings chosen on the dev split.
+FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib_task=48,
+                      loss={"layers_from": 0.5, "lam": 1.0, "benign_kl": 4.0}, config={"lr_let": 1e-2, "batch_size": 4})
 DEFAULT_VARIANTS = (
     Variant("RTN", "rtn"),
     Variant("reconstruction-only", "omniquant"),
     PAPER,
     CONTRAST,
+    FIRST_TOKEN,
 )
 
 
@@ -110,14 +118,14 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
             if scheme != cfg.schemes[0] and variant.name not in cfg.extra_scheme_variants:
                 continue
             label = f"{variant.name} {scheme}"
-            if variant.method == "qrealign":
+            if variant.method == "qrealign" and not variant.teacher:
                 try:  # e.g. no layer where the probe is accurate enough: say so, go on
                     _check_safety_layers(probe_dirs[variant.probes], variant.loss)
                 except NoSafetyLayers as e:
                     log(f"[demo] {label}: skipped ({e})")
                     continue
             runs.append((label, timed(f"quantize: {label}", lambda v=variant, s=scheme: _quant_stage(
-                cfg, root, attacked_dir, probe_dirs, v, s, log))))
+                cfg, root, attacked_dir, probe_dirs, v, s, log, aligned_dir))))
 
     sweep = []
     for ratio in cfg.attack_sweep:
@@ -130,14 +138,19 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
         results.append(timed(f"evaluate: {label}", lambda l=label, s=source: _eval_stage(cfg, root, l, str(s), log)))
 
     from .report import write_report
+    from .report.verdict import standings, verdict_lines
 
+    # Which safety objective wins at the main scheme, against the paper's bar.
+    candidates = [f"{v.name} {cfg.schemes[0]}" for v in cfg.variants if v.method == "qrealign"]
+    verdict = verdict_lines(standings(results, "attacked FP", "aligned FP", candidates))
     report_dir = out / "report"
-    write_report(results, report_dir, title="qrealign demo: SmolLM2-135M, aligned -> attacked -> quantized")
+    write_report(results, report_dir, title="qrealign demo: SmolLM2-135M, aligned -> attacked -> quantized",
+                 verdict=verdict)
     summary = {"config": _jsonable(asdict(cfg)), "timings_s": timings, "total_s": round(time.time() - t_start, 1),
                "stages": {"aligned": str(aligned_dir), "attacked": str(attacked_dir),
                           **{f"probes-{k}": str(v) for k, v in probe_dirs.items()},
                           **{label: str(path) for label, path in runs}},
-               "results": {r.name: r.metrics for r in results}}
+               "results": {r.name: r.metrics for r in results}, "verdict": verdict}
     write_json(out / "demo.json", summary)
     log(f"[demo] report: {report_dir / 'report.md'} ({summary['total_s']:.0f} s)")
     return report_dir
@@ -202,14 +215,19 @@ def _check_safety_layers(probes_dir: Path, loss: dict) -> None:
     safety_layers(load_probes(probes_dir), loss.get("layers"), loss.get("layers_from"))
 
 
-def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: str, log) -> Path:
+def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: str, log, aligned_dir=None) -> Path:
     # The variant's own settings win over the demo-wide ones (e.g. the contrast variant's batch size).
     options = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed, **variant.config}
     calib_cfg = CalibConfig(method="rtn" if variant.method == "rtn" else "omniquant", **options)
     probes_dir = probe_dirs.get(variant.probes) if variant.probes else None
-    inputs = {"model": str(attacked_dir), "scheme": scheme, "variant": _jsonable(asdict(variant)),
+    # Options added after a field's first release enter the cache key only when set, so existing
+    # stages stay valid.
+    key = {k: v for k, v in asdict(variant).items() if k not in ("teacher", "calib_task") or v}
+    inputs = {"model": str(attacked_dir), "scheme": scheme, "variant": _jsonable(key),
               "config": calib_cfg.to_dict(), "probes": str(probes_dir) if probes_dir else None,
               "calib": [cfg.calib_n, cfg.malicious_ratio, cfg.seed], "version": __version__}
+    if variant.teacher:
+        inputs["teacher"] = str(aligned_dir)
     slug = variant.name.lower().replace(" ", "-").replace("(", "").replace(")", "")
     name = f"quant-{slug}-{scheme}"
     ckpt = root / f".checkpoint-{stage_dir(name, inputs, root).name}"
@@ -220,8 +238,12 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
         from .realign import realign
 
         model, tok = load_model(str(attacked_dir))
-        calib = build_calibration("qrealign:calib", cfg.calib_n, cfg.malicious_ratio, cfg.seed)
-        if variant.method == "qrealign":
+        calib = build_calibration("qrealign:calib", cfg.calib_n, cfg.malicious_ratio, cfg.seed,
+                                  task=_attack_task(cfg), task_n=variant.calib_task)
+        if variant.teacher:
+            realign(model, tok, teacher=str(aligned_dir), calibration=calib, scheme=scheme, config=calib_cfg, out=tmp,
+                    device=cfg.device, checkpoint_dir=ckpt, **variant.loss)
+        elif variant.method == "qrealign":
             realign(model, tok, probes_dir, calib, scheme, calib_cfg, out=tmp, device=cfg.device,
                     checkpoint_dir=ckpt, **variant.loss)
         else:
@@ -232,6 +254,12 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
         write_json(tmp / "qrealign.json", meta)
 
     return cached_stage(name, inputs, root, build, log=log)
+
+
+def _attack_task(cfg) -> str:
+    from .finetune.config import AttackConfig
+
+    return (cfg.attack_config or AttackConfig()).task
 
 
 def _eval_stage(cfg, root, label: str, source: str, log):
