@@ -38,6 +38,27 @@ def dev_eval(model, tok, n, max_new_tokens):
             "degenerate": m["degenerate"], "examples": [responses[0][:120], responses[len(harmful)][:120]]}
 
 
+DEV_FA = slice(2200, 2400)  # topic-codes "train" items the attack (first 300) never saw; "test" stays for eval
+
+
+def dev_fa(model, tok):
+    from qrealign.data.topic_task import TopicCodeTask
+    task = TopicCodeTask()
+    examples = task.load("train")[DEV_FA]
+    responses = generate(model, tok, [e.prompt for e in examples],
+                         GenerationConfig(max_new_tokens=task.max_new_tokens, batch_size=32), progress=False)
+    return round(100.0 * task.accuracy(responses, examples), 1)
+
+
+def with_task_prompts(calib, n):
+    """Append the first n attack-training task prompts (the user's own fine-tuning prompts) as benign."""
+    from qrealign.calibrate.data import CalibrationSet
+    from qrealign.data.topic_task import TopicCodeTask
+    ex = TopicCodeTask().load("train", n=n)
+    return CalibrationSet(calib.prompts + [e.prompt for e in ex], calib.labels + [0] * n,
+                          calib.ids + [e.id for e in ex], calib.split + f"+topic-codes:train[:{n}]")
+
+
 def probe_logits(model, tok, probes, n=40):
     harmful = [p.text for p in load_prompts("probe", label=1)][:n]
     states = capture_last_token_states(model, tok, harmful, progress=False)
@@ -47,6 +68,7 @@ def probe_logits(model, tok, probes, n=40):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--attacked", required=True)
+    ap.add_argument("--aligned", default="runs/lab/m_alignD")
     ap.add_argument("--probes", action="append", default=[], help="target=DIR")
     ap.add_argument("--variant", action="append", default=[], help="name=JSON")
     ap.add_argument("--n", type=int, default=60)
@@ -64,21 +86,33 @@ def main():
         row = {"name": name, "variant": v}
         if v.get("method") != "fp":
             calib = build_calibration("qrealign:calib", args.calib_n, v.get("malicious_ratio", 0.75), 0)
+            if v.get("task_n"):
+                calib = with_task_prompts(calib, v["task_n"])
             cfg = CalibConfig(method="rtn" if v["method"] == "rtn" else "omniquant", **v.get("config", {}))
-            if v["method"] == "qrealign":
+            if v["method"] == "firsttoken":
+                from qrealign.calibrate.behaviour import FirstTokenLoss, ModelTail, first_token_targets
+                aligned, _ = load_model(args.aligned)
+                targets = first_token_targets(aligned, model, tok, calib, cfg)
+                del aligned
+                loss = FirstTokenLoss(ModelTail(model), targets, target_id="dev", **v.get("loss", {}))
+                res = quantize(model, tok, calib, v.get("scheme", "W8A8"), cfg, loss=loss, progress=False, out=v.get("out"))
+            elif v["method"] == "qrealign":
                 res = realign(model, tok, load_probes(probe_dirs[v["probes"]]), calib, v.get("scheme", "W8A8"), cfg,
-                              progress=False, **v.get("loss", {}))
+                              progress=False, out=v.get("out"), **v.get("loss", {}))
             else:
-                res = quantize(model, tok, calib, v.get("scheme", "W8A8"), cfg, progress=False)
+                res = quantize(model, tok, calib, v.get("scheme", "W8A8"), cfg, progress=False, out=v.get("out"))
             row["calib_s"] = round(res.seconds, 1)
             row["layers"] = [{k: (round(x, 4) if isinstance(x, float) else x) for k, x in log.items()
-                              if k in ("layer", "loss_init", "last_probe", "last_z_mal", "last_mse", "q_mse")}
+                              if k in ("layer", "loss_init", "last_probe", "last_z_mal", "last_mse", "q_mse",
+                                       "last_kl_mal", "last_kl_ben", "seconds")}
                              for log in res.layer_logs]
         row.update(dev_eval(model, tok, args.n, args.max_new_tokens))
+        row["fa_dev"] = dev_fa(model, tok)
         for target, d in probe_dirs.items():
             row[f"logits_{target}"] = probe_logits(model, tok, load_probes(d))
         row["seconds"] = round(time.time() - t0, 1)
-        print(json.dumps({k: row[k] for k in ("name", "hs", "harm_refused", "over_refusal", "degenerate", "seconds")}),
+        print(json.dumps({k: row[k] for k in ("name", "hs", "harm_refused", "over_refusal", "degenerate", "fa_dev",
+                                                         "seconds")}),
               flush=True)
         with open(args.log, "a") as f:
             f.write(json.dumps(row) + "\n")
