@@ -88,6 +88,11 @@ def main():
             calib = build_calibration("qrealign:calib", args.calib_n, v.get("malicious_ratio", 0.75), 0)
             if v.get("task_n"):
                 calib = with_task_prompts(calib, v["task_n"])
+            if v.get("extra_benign"):  # e.g. "align": that split's benign prompts (never dev or eval)
+                from qrealign.calibrate.data import CalibrationSet
+                extra = load_prompts(v["extra_benign"], label=0)
+                calib = CalibrationSet(calib.prompts + [p.text for p in extra], calib.labels + [0] * len(extra),
+                                       calib.ids + [p.id for p in extra], calib.split + "+" + v["extra_benign"] + ":benign")
             cfg = CalibConfig(method="rtn" if v["method"] == "rtn" else "omniquant", **v.get("config", {}))
             if v["method"] == "firsttoken":
                 from qrealign.calibrate.behaviour import FirstTokenLoss, ModelTail, first_token_targets

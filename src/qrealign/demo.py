@@ -51,7 +51,8 @@ CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AG
                    config={"lr_let": 1e-2, "batch_size": 4})
 # The behavioural objective (calibrate.behaviour, docs/experiments.md §5): the aligned model's
 # first response token on malicious prompts, the fine-tuned model's on benign ones, with 48 of
-# the attack's own task prompts among the benign calibration prompts. Settings chosen on the dev split.
+# the attack's own task prompts among the benign calibration prompts. Settings chosen on the dev
+# split: of the runs whose FA and over-refusal stayed inside the bar, the largest HS cut (95 -> 30 %).
 FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib_task=48,
                       loss={"layers_from": 0.5, "lam": 1.0, "benign_kl": 4.0}, config={"lr_let": 1e-2, "batch_size": 4})
 DEFAULT_VARIANTS = (
@@ -71,7 +72,7 @@ class DemoConfig:
     # Variants quantized at every scheme; at the extra schemes only RTN, reconstruction and the
     # Q-realign variants named in `extra_scheme_variants` (time budget).
     variants: tuple[Variant, ...] = DEFAULT_VARIANTS
-    extra_scheme_variants: tuple[str, ...] = ("RTN", "reconstruction-only", "Q-realign (contrast probe)")
+    extra_scheme_variants: tuple[str, ...] = ("RTN", "reconstruction-only", "Q-realign (first-token)")
     poison_ratio: float | None = None  # None: the attack's default
     # Extra attacked-FP rows at other poison ratios (the lab's table); not quantized.
     attack_sweep: tuple[float, ...] = ()
