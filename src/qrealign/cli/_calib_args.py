@@ -19,7 +19,9 @@ def add_common(parser) -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--epoch-schedule", choices=["constant", "paper"], default="constant",
                         help="paper: first half of the layers epochs-5, the rest epochs+5")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="calibration batch size (default 4, as CalibConfig; the safety objectives' effect "
+                             "depends on the number of optimiser steps, docs/experiments.md §4)")
     parser.add_argument("--lr-let", type=float, default=1e-3)
     parser.add_argument("--lr-lwc", type=float, default=1e-2)
     parser.add_argument("--no-let", action="store_true", help="disable learnable equivalent transformation")
