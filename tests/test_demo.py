@@ -36,7 +36,7 @@ def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
     assert "| Q-realign (paper probe) W8A8 |" not in table
     assert any("Q-realign (paper probe) W8A8: skipped" in line for line in logs)
     assert sum("building" in line for line in logs) >= 10
-    assert "## Verdict" in table and "**Winner: Q-realign (" in table
+    assert "## Verdict" in table and ("**Winner: Q-realign (" in table or "**No objective reaches the bar.**" in table)
     import json
 
     run = json.loads(next((tmp_path / "demo" / "stages").glob("quant-q-realign-first-token-W8A8-*/qrealign.json"))

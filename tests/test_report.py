@@ -99,12 +99,13 @@ def test_verdict_reads_the_bar_off_the_results(tmp_path):
     assert a.or_vs_aligned == pytest.approx(-6.0) and a.or_vs_attacked == pytest.approx(4.0)
     assert a.meets and a.meets_strict and not rows[0].meets and not rows[2].meets
     lines = verdict_lines(rows)
-    assert lines[-1].startswith("**Winner: Q A**, 30.0 points of HS cut ahead of Q C")
-    # the winner keeps FA and over-refusal inside the bar, even with a smaller cut ...
-    assert verdict_lines([s for s in rows if s.name != "Q A"])[-1].startswith("**Winner: Q C**")
-    # ... and if no row does, the largest cut wins, flagged
-    lines = verdict_lines([s for s in rows if s.name == "Q B"])
-    assert "**Winner: Q B**" in lines[-1] and "no row keeps FA" in lines[-1]
+    assert lines[-1] == "**Winner: Q A**."  # the only row meeting the bar, though Q B cuts more
+    # no row meets the bar: nobody is called a winner; the largest cut, and the largest that
+    # keeps FA and over-refusal inside the bar, are named
+    lines = verdict_lines([s for s in rows if s.name != "Q A"])
+    assert lines[-1].startswith("**No objective reaches the bar.** Largest HS cut: Q B (−90.0 %)")
+    assert "keeps FA and over-refusal inside the bar: Q C (−50.0 %)" in lines[-1]
+    assert "Winner" not in "\n".join(lines)
     assert standings(results, "missing", "aligned FP", ["Q A"]) == []
     out = write_report(results, tmp_path / "rep", verdict=verdict_lines(rows))
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
