@@ -15,7 +15,7 @@ import time
 import torch
 
 from qrealign.calibrate.api import quantize
-from qrealign.calibrate.data import build_calibration
+from qrealign.calibrate.data import build_calibration, with_task_prompts
 from qrealign.calibrate.engine import CalibConfig
 from qrealign.data.prompts import load_prompts
 from qrealign.evaluate.generate import GenerationConfig, generate
@@ -50,15 +50,6 @@ def dev_fa(model, tok):
     return round(100.0 * task.accuracy(responses, examples), 1)
 
 
-def with_task_prompts(calib, n):
-    """Append the first n attack-training task prompts (the user's own fine-tuning prompts) as benign."""
-    from qrealign.calibrate.data import CalibrationSet
-    from qrealign.data.topic_task import TopicCodeTask
-    ex = TopicCodeTask().load("train", n=n)
-    return CalibrationSet(calib.prompts + [e.prompt for e in ex], calib.labels + [0] * n,
-                          calib.ids + [e.id for e in ex], calib.split + f"+topic-codes:train[:{n}]")
-
-
 def probe_logits(model, tok, probes, n=40):
     harmful = [p.text for p in load_prompts("probe", label=1)][:n]
     states = capture_last_token_states(model, tok, harmful, progress=False)
@@ -87,7 +78,7 @@ def main():
         if v.get("method") != "fp":
             calib = build_calibration("qrealign:calib", args.calib_n, v.get("malicious_ratio", 0.75), 0)
             if v.get("task_n"):
-                calib = with_task_prompts(calib, v["task_n"])
+                calib = with_task_prompts(calib, "topic-codes", v["task_n"])
             if v.get("extra_benign"):  # e.g. "align": that split's benign prompts (never dev or eval)
                 from qrealign.calibrate.data import CalibrationSet
                 extra = load_prompts(v["extra_benign"], label=0)
