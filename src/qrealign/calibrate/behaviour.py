@@ -138,7 +138,7 @@ class FirstTokenLoss:
                                  self.normalize, self.sink_weight, self.include_padding)
             per_sample[recon_rows] = mse
             logs["mse"] = (mse.mean().item(), int(recon_rows.sum()))
-        weight = torch.where(malicious, torch.tensor(self.lam), torch.tensor(self.benign_kl)).to(per_sample.device)
+        weight = malicious.float() * self.lam + (~malicious).float() * self.benign_kl  # on the batch's device
         if self.active(inp.layer) and bool((weight > 0).any()):
             if inp.index is None or inp.block_kwargs is None:
                 raise QrealignError("FirstTokenLoss needs the calibration index and block kwargs in LossInputs")
