@@ -81,10 +81,7 @@ def realign(
 def safety_layers(probes, layers=None, layers_from: float | None = None) -> tuple[int, ...]:
     """The blocks that will get the safety term: the chosen ones (`layers`, or from the depth
     fraction `layers_from`, default all) whose probe is usable. Raises NoSafetyLayers if none."""
-    if layers_from is not None:
-        if layers is not None:
-            raise QrealignError("give either layers or layers_from, not both")
-        layers = layers_from_fraction(probes.num_layers, layers_from)
+    layers = chosen_layers(probes.num_layers, layers, layers_from)
     rule = SafetyLoss.from_probes(probes, layers=layers)  # the loss's own rule: usable and chosen
     active = tuple(layer for layer in range(probes.num_layers) if rule.active(layer))
     if not active:
@@ -92,6 +89,15 @@ def safety_layers(probes, layers=None, layers_from: float | None = None) -> tupl
                              f"probes are unusable; usable: {probes.usable_layers}): this would be plain "
                              "reconstruction, run `qrealign quantize --method omniquant` for that")
     return active
+
+
+def chosen_layers(num_layers: int, layers=None, layers_from: float | None = None):
+    """`layers` as given, or the blocks from the depth fraction `layers_from` (not both)."""
+    if layers_from is None:
+        return layers
+    if layers is not None:
+        raise QrealignError("give either layers or layers_from, not both")
+    return layers_from_fraction(num_layers, layers_from)
 
 
 def layers_from_fraction(num_layers: int, fraction: float) -> tuple[int, ...]:
@@ -108,11 +114,7 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
     from .utils import model_fingerprint
 
     num_layers = model.config.num_hidden_layers
-    if layers_from is not None:
-        if loss_options.get("layers") is not None:
-            raise QrealignError("give either layers or layers_from, not both")
-        loss_options["layers"] = layers_from_fraction(num_layers, layers_from)
-    layers = loss_options.get("layers")
+    layers = chosen_layers(num_layers, loss_options.get("layers"), layers_from)
     if layers is not None:
         layers = loss_options["layers"] = tuple(sorted(set(layers)))
         if not layers or not all(0 <= layer < num_layers for layer in layers):
