@@ -195,12 +195,14 @@ def test_realign_cli_teacher_run_and_argument_errors(tmp_path, capsys):
     teacher_dir = _save(aligned, tok, tmp_path / "aligned")
     common = [model_dir, "--n", "8", "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
     rc = main(["realign", *common, "--teacher", teacher_dir, "--layers-from", "0.5", "--benign-kl", "2",
-               "--calib-task", "topic-codes", "--calib-task-n", "2", "--out", str(tmp_path / "run")])
+               "--calib-task", "topic-codes", "--calib-task-n", "2", "--learn-rounding", "--lr-round", "0.05",
+               "--out", str(tmp_path / "run")])
     assert rc == 0 and (tmp_path / "run" / "qrealign.json").is_file()
     from qrealign.utils import read_json
 
     meta = read_json(tmp_path / "run" / "qrealign.json")
     assert meta["calibration"]["n"] == 10 and "benign_kl=2.0" in meta["loss"]
+    assert meta["config"]["learn_rounding"] is True and meta["config"]["lr_round"] == 0.05
     for bad in (["--teacher", teacher_dir, "--hinge"], ["--teacher", teacher_dir, "--probes", "p"], [],
                 ["--probes", str(tmp_path / "p"), "--benign-kl", "1"]):
         out = tmp_path / "bad"

@@ -29,8 +29,10 @@ def test_training_lowers_block_loss_and_learned_clipping_beats_rtn(calib_set):
     assert lwc.layer_logs[-1]["q_mse"] < rtn.layer_logs[-1]["q_mse"]
 
 
-def test_interrupted_run_resumes_bit_identical(calib_set, tmp_path):
-    cfg = CalibConfig(epochs=2, batch_size=3)
+@pytest.mark.parametrize("cfg", [CalibConfig(epochs=2, batch_size=3),
+                                 CalibConfig(epochs=2, batch_size=3, learn_rounding=True, lr_round=0.1)],
+                         ids=["let-lwc", "learned-rounding"])
+def test_interrupted_run_resumes_bit_identical(calib_set, tmp_path, cfg):
     _, _, full = _run(calib_set, cfg)
 
     def stop_after_first(i):
@@ -146,3 +148,30 @@ def test_init_guard_starts_from_the_better_of_smoothquant_and_identity(calib_set
     else:
         assert first["loss_init"] <= first["loss_init_identity"]
     assert "init" not in plain.layer_logs[0]
+
+
+def test_learned_rounding_trains_snaps_to_steps_and_round_trips(calib_set, tmp_path):
+    cfg = CalibConfig(epochs=3, batch_size=2, learn_rounding=True, lr_round=0.1)
+    model, tok = tiny_model("llama", seed=1, num_hidden_layers=2)
+    result = quantize(model, tok, calib_set, "W4A8", cfg, out=tmp_path / "run", progress=False)
+    rounding = {k: v for k, v in result.params.items() if ".round." in k}
+    assert len(rounding) == 2 * 7 and all(v.dtype == torch.int8 for v in rounding.values())
+    steps = torch.cat([v.flatten() for v in rounding.values()])
+    assert set(steps.unique().tolist()) <= {-1, 0, 1} and (steps != 0).any()
+    assert all(0 < log["rounding_moved"] < 1 for log in result.layer_logs)
+
+    from safetensors.torch import load_file
+
+    fresh, _ = tiny_model("llama", seed=1, num_hidden_layers=2)
+    apply_quant_params(fresh, "W4A8", load_file(str(tmp_path / "run" / "quant_params.safetensors")))
+    ids = tok(["hello world"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(model(**ids).logits, fresh(**ids).logits, atol=1e-5)
+
+
+def test_learned_rounding_alone_beats_round_to_nearest(calib_set):
+    _, _, rtn = _run(calib_set, CalibConfig(method="rtn"))
+    cfg = CalibConfig(epochs=10, batch_size=2, let=False, lwc=False, learn_rounding=True, lr_round=0.02)
+    _, _, rounded = _run(calib_set, cfg)
+    assert rounded.layer_logs[-1]["q_mse"] < rtn.layer_logs[-1]["q_mse"]
+

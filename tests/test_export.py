@@ -53,14 +53,14 @@ def runs(tmp_path_factory):
     tok.save_pretrained(fp)
     cache = {}
 
-    def make(scheme: str, method: str = "omniquant"):
-        if (scheme, method) not in cache:
+    def make(scheme: str, method: str = "omniquant", rounding: bool = False):
+        if (scheme, method, rounding) not in cache:
             m, t = load_model(fp)
-            out = root / f"{scheme}-{method}"
-            quantize(m, t, CalibrationSet(PROMPTS, [0, 1, 0, 1]), scheme, CalibConfig(method=method, epochs=1),
-                     out=out, progress=False)
-            cache[scheme, method] = out
-        return cache[scheme, method]
+            out = root / f"{scheme}-{method}{'-round' if rounding else ''}"
+            cfg = CalibConfig(method=method, epochs=1, learn_rounding=rounding, lr_round=0.2)
+            quantize(m, t, CalibrationSet(PROMPTS, [0, 1, 0, 1]), scheme, cfg, out=out, progress=False)
+            cache[scheme, method, rounding] = out
+        return cache[scheme, method, rounding]
 
     return make
 
@@ -97,11 +97,12 @@ def _symmetric_act_scale_like_compressed_tensors(monkeypatch):
     monkeypatch.setattr(quantizer, "qparams", qparams)
 
 
-@pytest.mark.parametrize("scheme", ["W8A8", "W8A8-sym", "W4A16", "W4A16-sym"])
-def test_float32_export_reloads_to_the_calibrated_model(runs, scheme, tmp_path):
+@pytest.mark.parametrize("scheme,rounding", [("W8A8", False), ("W8A8-sym", False), ("W4A16", False),
+                                             ("W4A16-sym", False), ("W8A8", True), ("W4A16-g128", True)])
+def test_float32_export_reloads_to_the_calibrated_model(runs, scheme, rounding, tmp_path):
     from qrealign.models import load_model
 
-    run = runs(scheme)
+    run = runs(scheme, rounding=rounding)
     out = tmp_path / "export"
     result = export_compressed_tensors(run, out, dtype="float32", progress=False)
     assert result.plan.matches_calibration and result.plan.deviations == ()

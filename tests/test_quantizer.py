@@ -101,3 +101,31 @@ def test_group_size_that_does_not_divide_the_width_is_a_clear_error():
 
     with pytest.raises(QrealignError, match="W4A16-g64"):  # SmolLM2's 576 = 4.5 x 128
         WeightQuantizer(QuantArgs(4, strategy="group", group_size=128), torch.Size([8, 576]), lwc=False)
+
+
+def test_rounding_offset_picks_floor_or_ceil_and_snaps_to_the_same_codes():
+    w = torch.tensor([[-1.0, 0.33, 1.13, 2.0]])  # scale 0.2, zero 5: w / s = -5, 1.65, 5.65, 10
+    q = WeightQuantizer(QuantArgs(4, symmetric=False, strategy="channel"), w.shape, lwc=False, rounding=True)
+    assert torch.equal(q(w), WeightQuantizer(q.args, w.shape, lwc=False)(w))  # offset 0 = round to nearest
+    with torch.no_grad():
+        q.rounding.copy_(torch.tensor([[0.0, -0.4, -0.1, 0.3]]))
+    # 1.65 - 0.4 = 1.25 -> 1 (floor instead of ceil); 5.65 - 0.1 -> 6 (unchanged); 10.3 -> 10
+    expected = torch.tensor([[-1.0, 0.2, 1.2, 2.0]])
+    assert torch.allclose(q(w), expected, atol=1e-6)
+    q.snap_rounding_(w)
+    assert torch.equal(q.rounding, torch.tensor([[0.0, -1.0, 0.0, 0.0]]))
+    assert torch.allclose(q(w), expected, atol=1e-6)
+    codes, scale, zero = q.codes(w)
+    assert torch.allclose((codes - zero) * scale, expected, atol=1e-6)
+
+
+def test_rounding_offsets_get_gradients_and_stay_within_half_a_step():
+    w = torch.randn(4, 32)
+    q = WeightQuantizer(QuantArgs(8, symmetric=True, strategy="group", group_size=16), w.shape, rounding=True)
+    assert q.rounding.shape == (8, 16)
+    (q(w) * torch.randn(4, 32)).sum().backward()
+    assert q.rounding.grad is not None and q.rounding.grad.abs().sum() > 0
+    with torch.no_grad():
+        q.rounding.add_(3.0)
+    q.clamp_rounding_()
+    assert q.rounding.max() == 0.5

@@ -1,5 +1,5 @@
 """A quantization run on disk: `quant_params.safetensors` (learned LET scales and LWC factors,
-a few MB even for 70B) + `qrealign.json` (source model, scheme, config, calibration provenance).
+a few MB even for 70B; learned rounding adds one int8 per weight) + `qrealign.json` (source model, scheme, config, calibration provenance).
 The quantized model is rebuilt on top of the FP model: fold the scales, load the clipping,
 freeze the fake-quantized weights, keep activation quantization on.
 """
@@ -67,7 +67,8 @@ def apply_quant_params(model, scheme: str | Scheme | dict, params: dict[str, tor
         prefix = f"layers.{i}."
         pairs = tuple(k[len(prefix) + 4:] for k in params if k.startswith(prefix + "let."))
         has_lwc = any(k.startswith(prefix + "lwc.") for k in params)
-        wrap_linears(block, spec.linears, scheme, lwc=has_lwc)
+        has_rounding = any(k.startswith(prefix + "round.") for k in params)
+        wrap_linears(block, spec.linears, scheme, lwc=has_lwc, rounding=has_rounding)
         let = LETParams(spec, block, layout, pairs, _rope_invariant(params, prefix, layout)) if pairs else None
         try:
             apply_block_params(i, block, let, params)

@@ -36,6 +36,7 @@ from .data import CalibBatch, CalibrationSet, make_batches
 from .losses import BlockLoss, LossInputs, ReconstructionLoss
 
 METHODS = ("rtn", "omniquant")
+ROUNDING = "weight_quantizer.rounding"
 
 
 @dataclass
@@ -59,6 +60,11 @@ class CalibConfig:
     batch_size: int = 4
     lr_let: float = 1e-3
     lr_lwc: float = 1e-2
+    # Learnable rounding (AutoRound-style): each weight may round up or down instead of to the
+    # nearest grid point. A fine-tune moves most weights by far less than one 8-bit step
+    # (docs/experiments.md §6), so these choices reach where clipping and smoothing cannot.
+    learn_rounding: bool = False
+    lr_round: float = 5e-3
     weight_decay: float = 0.0
     max_length: int | None = 256
     padding_side: str = "left"
@@ -168,7 +174,9 @@ def calibrate(
                         block(x, **k)
 
         # 2. Quantized block.
-        wrap_linears(block, spec.linears, scheme, lwc=cfg.lwc and cfg.method != "rtn", lwc_init=cfg.lwc_init)
+        learned = cfg.method != "rtn"
+        wrap_linears(block, spec.linears, scheme, lwc=cfg.lwc and learned, lwc_init=cfg.lwc_init,
+                     rounding=cfg.learn_rounding and learned)
         let = LETParams(spec, block, layout, pairs, cfg.rope_invariant_qk) if pairs else None
         if let is not None:
             let.init_smoothquant(block, absmax, cfg.alpha)
@@ -185,9 +193,10 @@ def calibrate(
             if cfg.init_guard and epochs and let is not None:
                 log.update(_guard_init(block, let, q_in, fp_out, kw, batches, masks, loss, i, num_layers,
                                        log["loss_init"], all_kw=kwargs))
-            if epochs and (let is not None or cfg.lwc):
+            if epochs and (let is not None or cfg.lwc or cfg.learn_rounding):
                 log.update(_train_block(block, let, q_in, fp_out, kw, batches, masks, loss, cfg, epochs,
                                         i, num_layers, amp, ckpt, all_kw=kwargs))
+            log.update(_snap_rounding(block, let))
             if ckpt is not None:
                 _save_block(ckpt, i, block, let, fingerprint)
 
@@ -266,6 +275,9 @@ def _train_block(block, let, q_in, fp_out, kw, batches: list[CalibBatch], masks,
     lwc_params = [p for n, p in block.named_parameters() if "bound_factor" in n]
     if lwc_params:
         groups.append({"params": lwc_params, "lr": cfg.lr_lwc})
+    round_params = [p for n, p in block.named_parameters() if n.endswith(ROUNDING)]
+    if round_params:
+        groups.append({"params": round_params, "lr": cfg.lr_round})
     if not groups:
         return {}
     for g in groups:
@@ -290,6 +302,9 @@ def _train_block(block, let, q_in, fp_out, kw, batches: list[CalibBatch], masks,
             opt.step()
             if let is not None:
                 let.clamp_()
+            for m in block.modules():
+                if isinstance(m, QuantLinear) and m.weight_quantizer is not None:
+                    m.weight_quantizer.clamp_rounding_()
             n = len(batch.labels)
             steps += 1
             tokens += batch.enc.attention_mask.numel()
@@ -312,6 +327,22 @@ def _train_block(block, let, q_in, fp_out, kw, batches: list[CalibBatch], masks,
             p.requires_grad_(False)
     return {"epochs": epochs, "steps": steps, "train_tokens": tokens, "loss_first_epoch": first, "loss_last_epoch": last,
             **{f"last_{k}": v / max(1, c) for k, (v, c) in parts.items()}}
+
+
+@torch.no_grad()
+def _snap_rounding(block: nn.Module, let: LETParams | None) -> dict:
+    """Turn learned rounding offsets into the integer steps they amount to, on the weights the
+    block trained with (LET applied), and report how many weights left round-to-nearest."""
+    overrides = let.transformed_params(block) if let is not None else {}
+    moved = total = 0
+    for name, m in block.named_modules():
+        q = getattr(m, "weight_quantizer", None) if isinstance(m, QuantLinear) else None
+        if q is None or q.rounding is None:
+            continue
+        q.snap_rounding_(overrides.get(f"{name}.weight", m.weight).float())
+        moved += int((q.rounding != 0).sum())
+        total += q.rounding.numel()
+    return {"rounding_moved": moved / total} if total else {}
 
 
 @contextlib.contextmanager
@@ -339,6 +370,8 @@ def _block_params(layer: int, block: nn.Module, let: LETParams | None) -> dict[s
     for name, p in block.named_parameters():
         if "bound_factor" in name:
             out[f"layers.{layer}.lwc.{name}"] = p.detach().cpu().clone()
+        elif name.endswith(ROUNDING):  # snapped to -1 / 0 / +1 steps
+            out[f"layers.{layer}.round.{name}"] = p.detach().cpu().to(torch.int8)
     return out
 
 
@@ -351,6 +384,8 @@ def apply_block_params(layer: int, block: nn.Module, let: LETParams | None, para
         for name, p in block.named_parameters():
             if "bound_factor" in name:
                 p.copy_(params[f"{prefix}lwc.{name}"])
+            elif name.endswith(ROUNDING):
+                p.copy_(params[f"{prefix}round.{name}"].float())
 
 
 def _save_block(ckpt: Path, layer: int, block, let, fingerprint: str) -> None:

@@ -28,6 +28,10 @@ def add_common(parser) -> None:
     parser.add_argument("--no-lwc", action="store_true", help="disable learnable weight clipping")
     parser.add_argument("--lwc-init", type=float, default=4.0,
                         help="initial clipping logit: sigmoid(4) = 0.982 of the range (OmniQuant); larger = closer to RTN")
+    parser.add_argument("--learn-rounding", action="store_true",
+                        help="also learn each weight's rounding direction (AutoRound-style; one int8 per weight "
+                             "in the run): the largest lever of the safety objectives, docs/experiments.md §6")
+    parser.add_argument("--lr-round", type=float, default=5e-3, help="learning rate of the rounding offsets")
     parser.add_argument("--rope-invariant-qk", action="store_true", help="tie the q<->k scale so RoPE keeps it exact")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
@@ -40,7 +44,7 @@ def engine_config(args, method: str):
     return CalibConfig(method=method, lwc=not args.no_lwc, let=not args.no_let, epochs=args.epochs,
                        epoch_schedule=args.epoch_schedule, batch_size=args.batch_size, lr_let=args.lr_let,
                        lr_lwc=args.lr_lwc, lwc_init=args.lwc_init, rope_invariant_qk=args.rope_invariant_qk,
-                       max_length=args.max_length, seed=args.seed)
+                       learn_rounding=args.learn_rounding, lr_round=args.lr_round, max_length=args.max_length, seed=args.seed)
 
 
 def prepare(args, method: str):

@@ -1,7 +1,7 @@
 """Integer codes, scales and zero points of one QuantLinear, on the grid it was calibrated on.
 
 Input is the folded FP weight (LET already in it) and the weight quantizer with its learned
-clipping (LWC): `params(w)` gives the calibrated scale and zero point, `quantize_int` the codes,
+clipping (LWC) and any learned rounding: `codes(w)` gives the integer codes, scale and zero point,
 exactly as the fake-quant forward computes them. compressed-tensors stores integers in the
 signed range [-2^(b-1), 2^(b-1)-1]; qrealign's asymmetric grid is unsigned [0, 2^b-1], so codes
 and zero points shift by 2^(b-1), which leaves (q - z) * scale, the dequantized weight, unchanged.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..quant.qlinear import QuantLinear
-from ..quant.quantizer import WeightQuantizer, quantize_int
+from ..quant.quantizer import WeightQuantizer
 from ..quant.scheme import QuantArgs
 from .plan import ExportError
 
@@ -34,13 +34,13 @@ def linear_codes(name: str, module: QuantLinear, args: QuantArgs) -> LinearCodes
         raise ExportError(f"{name} has no weight quantizer")
     w = module.weight.detach().float()
     if args != quantizer.args:  # same learned clipping, other grid (symmetric re-quantization)
+        # Learned rounding offsets belong to the calibrated grid; on another grid they mean
+        # nothing, so the re-quantization rounds to nearest (it is inexact anyway).
         other = WeightQuantizer(args, w.shape, lwc=quantizer.lwc, device=w.device)
-        other.load_state_dict(quantizer.state_dict())
+        other.load_state_dict({k: v for k, v in quantizer.state_dict().items() if k != "rounding"})
         quantizer = other
     out_features, in_features = w.shape
-    grouped = w.reshape(-1, args.group_size) if args.strategy == "group" else w
-    scale, zero = quantizer.params(w)
-    q = quantize_int(grouped, scale, zero, args)
+    q, scale, zero = quantizer.codes(w)
     dequantized = ((q - zero) * scale).reshape(out_features, in_features)
     scale = scale.reshape(out_features, -1)
     if args.symmetric:

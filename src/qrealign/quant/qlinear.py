@@ -17,7 +17,8 @@ class QuantLinear(nn.Module):
     After calibration `freeze()` stores the fake-quantized weight once, so inference does not
     re-quantize every call."""
 
-    def __init__(self, linear: nn.Linear, scheme: Scheme, lwc: bool = True, lwc_init: float = LWC_INIT):
+    def __init__(self, linear: nn.Linear, scheme: Scheme, lwc: bool = True, lwc_init: float = LWC_INIT,
+                 rounding: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
@@ -25,7 +26,7 @@ class QuantLinear(nn.Module):
                      if linear.bias is not None else None)
         device = linear.weight.device
         self.weight_quantizer = (WeightQuantizer(scheme.weights, self.weight.shape, lwc=lwc, device=device,
-                                                 init=lwc_init)
+                                                 init=lwc_init, rounding=rounding)
                                  if scheme.weights else None)
         self.act_quantizer = ActQuantizer(scheme.activations) if scheme.activations else None
         self.quant_weight = True
@@ -54,7 +55,7 @@ class QuantLinear(nn.Module):
 
 
 def wrap_linears(block: nn.Module, names: tuple[str, ...], scheme: Scheme, lwc: bool,
-                 lwc_init: float = LWC_INIT) -> dict[str, QuantLinear]:
+                 lwc_init: float = LWC_INIT, rounding: bool = False) -> dict[str, QuantLinear]:
     """Swap the named nn.Linear modules of a block for QuantLinear, in place."""
     wrapped = {}
     for name in names:
@@ -62,7 +63,7 @@ def wrap_linears(block: nn.Module, names: tuple[str, ...], scheme: Scheme, lwc: 
         if isinstance(linear, QuantLinear):
             wrapped[name] = linear
             continue
-        qlinear = QuantLinear(linear, scheme, lwc=lwc, lwc_init=lwc_init)
+        qlinear = QuantLinear(linear, scheme, lwc=lwc, lwc_init=lwc_init, rounding=rounding)
         block.set_submodule(name, qlinear)
         wrapped[name] = qlinear
     return wrapped

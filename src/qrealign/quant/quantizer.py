@@ -4,6 +4,11 @@ Weights: per output channel or per group, with Learnable Weight Clipping (LWC): 
 [min, max] of each row/group is shrunk by sigmoid(gamma), sigmoid(beta), initialised at
 sigmoid(4) ~ 0.982. Activations: per-token dynamic min-max (the paper's setting), or a static
 per-tensor range observed on calibration data.
+
+Learnable rounding (optional, AutoRound-style): a per-weight offset V in [-0.5, 0.5] added before
+rounding, round(w / s + V), lets calibration choose floor or ceil for every weight instead of the
+nearest grid point. Once trained it is snapped to the integer it amounts to,
+round(w / s + V) - round(w / s) in {-1, 0, 1}, and stored as int8.
 """
 
 from __future__ import annotations
@@ -36,20 +41,25 @@ def qparams(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs) -> tuple[to
     return scale, zero
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    q = torch.clamp(round_ste(x / scale) + zero, args.qmin, args.qmax)
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs,
+               offset: torch.Tensor | None = None) -> torch.Tensor:
+    y = x / scale if offset is None else x / scale + offset
+    q = torch.clamp(round_ste(y) + zero, args.qmin, args.qmax)
     return (q - zero) * scale
 
 
-def quantize_int(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """The integer codes (for export): same grid as `fake_quant`."""
-    return torch.clamp(torch.round(x / scale) + zero, args.qmin, args.qmax)
+def quantize_int(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs,
+                 offset: torch.Tensor | None = None) -> torch.Tensor:
+    """The integer codes (for export): same grid and rounding as `fake_quant`."""
+    y = x / scale if offset is None else x / scale + offset
+    return torch.clamp(torch.round(y) + zero, args.qmin, args.qmax)
 
 
 class WeightQuantizer(nn.Module):
     """Fake-quantizes a [out, in] weight per row or per group of `group_size` input columns."""
 
-    def __init__(self, args: QuantArgs, shape: torch.Size, lwc: bool = True, device=None, init: float = LWC_INIT):
+    def __init__(self, args: QuantArgs, shape: torch.Size, lwc: bool = True, device=None, init: float = LWC_INIT,
+                 rounding: bool = False):
         super().__init__()
         self.args = args
         out_features, in_features = shape
@@ -64,6 +74,9 @@ class WeightQuantizer(nn.Module):
         if lwc:
             self.upbound_factor = nn.Parameter(torch.full((rows, 1), float(init), device=device))
             self.lowbound_factor = nn.Parameter(torch.full((rows, 1), float(init), device=device))
+        # Per-weight rounding offset, laid out like the grouped weight; 0 = round to nearest.
+        self.rounding = (nn.Parameter(torch.zeros(rows, out_features * in_features // rows, device=device))
+                         if rounding else None)
 
     def _grouped(self, w: torch.Tensor) -> torch.Tensor:
         if self.args.strategy == "group":
@@ -81,7 +94,27 @@ class WeightQuantizer(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         scale, zero = self.params(w)
-        return fake_quant(self._grouped(w), scale, zero, self.args).reshape(w.shape)
+        return fake_quant(self._grouped(w), scale, zero, self.args, self.rounding).reshape(w.shape)
+
+    def codes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(integer codes of the grouped weight, scale, zero): what `forward` dequantizes."""
+        scale, zero = self.params(w)
+        return quantize_int(self._grouped(w), scale, zero, self.args, self.rounding), scale, zero
+
+    @torch.no_grad()
+    def clamp_rounding_(self) -> None:
+        if self.rounding is not None:
+            self.rounding.clamp_(-0.5, 0.5)
+
+    @torch.no_grad()
+    def snap_rounding_(self, w: torch.Tensor) -> None:
+        """Replace the learned offsets by the integer step each one amounts to for weight `w`
+        (-1, 0 or +1 from round-to-nearest): the same codes, storable as int8."""
+        if self.rounding is None:
+            return
+        scale, _ = self.params(w)
+        y = self._grouped(w) / scale
+        self.rounding.copy_(torch.round(y + self.rounding) - torch.round(y))
 
 
 class ActQuantizer(nn.Module):
