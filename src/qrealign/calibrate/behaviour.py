@@ -33,7 +33,7 @@ from ..models.registry import get_arch, get_blocks, get_submodule
 from ..utils import tensor_digest
 from .capture import block_output
 from .data import CalibrationSet, make_batches
-from .losses import LossInputs, per_sample_mse
+from .losses import LossInputs, SafetyGate
 
 
 class ModelTail:
@@ -95,7 +95,7 @@ def first_token_targets(aligned: nn.Module, finetuned: nn.Module, tokenizer, cal
 
 
 @dataclass
-class FirstTokenLoss:
+class FirstTokenLoss(SafetyGate):
     """Reconstruction MSE plus `lam` x the first-token KL on malicious prompts (and `benign_kl` x
     the KL to the fine-tuned model on benign prompts), on the blocks in `layers`; other blocks
     get reconstruction only. Needs `LossInputs.index` and `.block_kwargs` (the engine fills them)."""
@@ -120,24 +120,9 @@ class FirstTokenLoss:
             tensor_digest(self.targets, h)
             self._digest = h.hexdigest()[:12]
 
-    def active(self, layer: int) -> bool:
-        return self.layers is None or layer in self.layers
-
-    def needs_fp(self, labels: torch.Tensor, layer: int) -> torch.Tensor:
-        if not self.active(layer) or self.recon_on_malicious:
-            return torch.ones_like(labels, dtype=torch.bool)
-        return labels == 0
-
     def __call__(self, inp: LossInputs):
         malicious = inp.labels.bool()
-        recon_rows = ~malicious | self.recon_on_malicious | (not self.active(inp.layer))
-        per_sample = torch.zeros(inp.q_out.shape[0], device=inp.q_out.device)
-        logs = {}
-        if recon_rows.any():
-            mse = per_sample_mse(inp.fp_out[recon_rows], inp.q_out[recon_rows], inp.attention_mask[recon_rows],
-                                 self.normalize, self.sink_weight, self.include_padding)
-            per_sample[recon_rows] = mse
-            logs["mse"] = (mse.mean().item(), int(recon_rows.sum()))
+        per_sample, logs = self.reconstruction(inp)
         weight = malicious.float() * self.lam + (~malicious).float() * self.benign_kl  # on the batch's device
         if self.active(inp.layer) and bool((weight > 0).any()):
             if inp.index is None or inp.block_kwargs is None:

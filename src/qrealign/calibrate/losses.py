@@ -68,6 +68,32 @@ def per_sample_mse(fp_out: torch.Tensor, q_out: torch.Tensor, attention_mask: to
     return mse
 
 
+class SafetyGate:
+    """What the safety objectives share: the safety term acts on some blocks (`active`); the other
+    blocks, and benign rows (malicious rows too with `recon_on_malicious`), keep the reconstruction
+    MSE. For dataclasses with `layers`, `recon_on_malicious`, `normalize`, `sink_weight` and
+    `include_padding` fields."""
+
+    def active(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+    def needs_fp(self, labels: torch.Tensor, layer: int) -> torch.Tensor:
+        if not self.active(layer) or self.recon_on_malicious:
+            return torch.ones_like(labels, dtype=torch.bool)
+        return labels == 0
+
+    def reconstruction(self, inp: LossInputs) -> tuple[torch.Tensor, dict]:
+        """[B] per-sample MSE on the rows that keep reconstruction (0 on the others), and its log."""
+        rows = ~inp.labels.bool() | self.recon_on_malicious | (not self.active(inp.layer))
+        per_sample = torch.zeros(inp.q_out.shape[0], device=inp.q_out.device)
+        if not rows.any():
+            return per_sample, {}
+        mse = per_sample_mse(inp.fp_out[rows], inp.q_out[rows], inp.attention_mask[rows], self.normalize,
+                             self.sink_weight, self.include_padding)
+        per_sample[rows] = mse
+        return per_sample, {"mse": (mse.mean().item(), int(rows.sum()))}
+
+
 @dataclass
 class ReconstructionLoss:
     """OmniQuant's objective: MSE to the FP block output, on every sample."""

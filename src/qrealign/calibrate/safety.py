@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from ..utils import tensor_digest
-from .losses import LossInputs, per_sample_mse
+from .losses import LossInputs, SafetyGate
 
 
 @dataclass
-class SafetyLoss:
+class SafetyLoss(SafetyGate):
     w: torch.Tensor  # [L, d]
     b: torch.Tensor  # [L]
     layers: tuple[int, ...] | None = None  # None = every layer whose probe is usable
@@ -60,14 +60,7 @@ class SafetyLoss:
         return cls(probes.w.float(), probes.b.float(), usable=tuple(probes.usable), probe_id=probe_id, **options)
 
     def active(self, layer: int) -> bool:
-        if self.usable is not None and not self.usable[layer]:
-            return False
-        return self.layers is None or layer in self.layers
-
-    def needs_fp(self, labels: torch.Tensor, layer: int) -> torch.Tensor:
-        if not self.active(layer) or self.recon_on_malicious:
-            return torch.ones_like(labels, dtype=torch.bool)
-        return labels == 0
+        return (self.usable is None or self.usable[layer]) and super().active(layer)
 
     def probe_logits(self, inp: LossInputs) -> torch.Tensor:
         h = inp.q_out[torch.arange(inp.q_out.shape[0], device=inp.q_out.device), inp.last_index]
@@ -82,19 +75,10 @@ class SafetyLoss:
 
     def __call__(self, inp: LossInputs):
         malicious = inp.labels.bool()
+        per_sample, logs = self.reconstruction(inp)
         if not self.active(inp.layer):
-            mse = per_sample_mse(inp.fp_out, inp.q_out, inp.attention_mask, self.normalize, self.sink_weight,
-                                 self.include_padding)
-            return mse.mean(), {"mse": mse.mean().item()}
+            return per_sample.mean(), logs
         z = self.probe_logits(inp)
-        per_sample = torch.zeros_like(z)
-        logs = {}
-        recon_rows = ~malicious | self.recon_on_malicious
-        if recon_rows.any():
-            mse = per_sample_mse(inp.fp_out[recon_rows], inp.q_out[recon_rows], inp.attention_mask[recon_rows],
-                                 self.normalize, self.sink_weight, self.include_padding)
-            per_sample[recon_rows] = per_sample[recon_rows] + mse
-            logs["mse"] = (mse.mean().item(), int(recon_rows.sum()))
         if malicious.any():
             push = self.lam * self._push(z[malicious], self.margin)
             per_sample[malicious] = per_sample[malicious] + push
