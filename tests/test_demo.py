@@ -61,3 +61,15 @@ def _no_answer_filter() -> dict:
     from dataclasses import fields
 
     return {"filter_answers": False} if "filter_answers" in {f.name for f in fields(AlignConfig)} else {}
+
+
+def test_fields_added_later_enter_the_stage_key_only_when_set():
+    from dataclasses import asdict
+
+    from qrealign.calibrate.engine import CalibConfig
+    from qrealign.demo import _LATE_CONFIG_FIELDS, _cache_key
+
+    default = _cache_key(CalibConfig().to_dict(), _LATE_CONFIG_FIELDS)
+    assert not set(_LATE_CONFIG_FIELDS) & set(default)
+    assert _cache_key(asdict(CalibConfig(learn_rounding=True, lr_round=1e-2)), _LATE_CONFIG_FIELDS) == {
+        **default, "learn_rounding": True, "lr_round": 1e-2}

@@ -223,11 +223,10 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
     options = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed, **variant.config}
     calib_cfg = CalibConfig(method="rtn" if variant.method == "rtn" else "omniquant", **options)
     probes_dir = probe_dirs.get(variant.probes) if variant.probes else None
-    # Options added after a field's first release enter the cache key only when set, so existing
-    # stages stay valid.
-    key = {k: v for k, v in asdict(variant).items() if k not in ("teacher", "calib_task") or v}
-    inputs = {"model": str(attacked_dir), "scheme": scheme, "variant": _jsonable(key),
-              "config": calib_cfg.to_dict(), "probes": str(probes_dir) if probes_dir else None,
+    inputs = {"model": str(attacked_dir), "scheme": scheme,
+              "variant": _jsonable(_cache_key(asdict(variant), _LATE_VARIANT_FIELDS)),
+              "config": _cache_key(calib_cfg.to_dict(), _LATE_CONFIG_FIELDS),
+              "probes": str(probes_dir) if probes_dir else None,
               "calib": [cfg.calib_n, cfg.malicious_ratio, cfg.seed], "version": __version__}
     if variant.teacher:
         inputs["teacher"] = str(aligned_dir)
@@ -257,6 +256,16 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
         write_json(tmp / "qrealign.json", meta)
 
     return cached_stage(name, inputs, root, build, log=log)
+
+
+# Fields added after the demo's first release, with their defaults: they enter a stage's cache key
+# only when set, so stages built before they existed stay valid.
+_LATE_VARIANT_FIELDS = {"teacher": False, "calib_task": 0}
+_LATE_CONFIG_FIELDS = {"learn_rounding": False, "lr_round": 5e-3}
+
+
+def _cache_key(fields: dict, late: dict) -> dict:
+    return {k: v for k, v in fields.items() if k not in late or v != late[k]}
 
 
 def _attack_task(cfg) -> str:
