@@ -186,8 +186,29 @@ def test_calibration_task_prompts_are_appended_as_benign():
         build_calibration(n=20, task="topic-codes", task_n=10**6)
 
 
+def test_extra_benign_prompts_come_last_and_never_from_the_eval_split(tmp_path):
+    from qrealign.calibrate.data import build_calibration
+    from qrealign.data.prompts import load_prompts
+
+    with_task = build_calibration(n=20, task="topic-codes", task_n=6)
+    calib = build_calibration(n=20, task="topic-codes", task_n=6, extra_benign="qrealign:align")
+    align_benign = load_prompts("align", label=0)
+    assert calib.prompts[:26] == with_task.prompts
+    assert calib.ids[26:] == [p.id for p in align_benign] and set(calib.labels[26:]) == {0}
+    assert calib.split.endswith("+align:benign")
+    with pytest.raises(QrealignError, match="held out"):
+        build_calibration(n=20, extra_benign="qrealign:eval")
+    with pytest.raises(QrealignError, match="held out"):
+        build_calibration("qrealign:eval", n=20)
+    harmful_only = tmp_path / "harmful.jsonl"
+    harmful_only.write_text('{"prompt": "a harmful request of mine", "label": 1}\n')
+    with pytest.raises(QrealignError, match="adds no benign"):
+        build_calibration(n=20, extra_benign=str(harmful_only))
+
+
 def test_realign_cli_teacher_run_and_argument_errors(tmp_path, capsys):
     from qrealign.cli import main
+    from qrealign.data.prompts import load_prompts
 
     finetuned, tok = tiny_model("llama", seed=0)
     aligned, _ = tiny_model("llama", seed=1)
@@ -196,12 +217,14 @@ def test_realign_cli_teacher_run_and_argument_errors(tmp_path, capsys):
     common = [model_dir, "--n", "8", "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
     rc = main(["realign", *common, "--teacher", teacher_dir, "--layers-from", "0.5", "--benign-kl", "2",
                "--calib-task", "topic-codes", "--calib-task-n", "2", "--learn-rounding", "--lr-round", "0.05",
+               "--calib-benign", "qrealign:align",
                "--out", str(tmp_path / "run")])
     assert rc == 0 and (tmp_path / "run" / "qrealign.json").is_file()
     from qrealign.utils import read_json
 
     meta = read_json(tmp_path / "run" / "qrealign.json")
-    assert meta["calibration"]["n"] == 10 and "benign_kl=2.0" in meta["loss"]
+    n_align = len(load_prompts("align", label=0))
+    assert meta["calibration"]["n"] == 10 + n_align and "benign_kl=2.0" in meta["loss"]
     assert meta["config"]["learn_rounding"] is True and meta["config"]["lr_round"] == 0.05
     for bad in (["--teacher", teacher_dir, "--hinge"], ["--teacher", teacher_dir, "--probes", "p"], [],
                 ["--probes", str(tmp_path / "p"), "--benign-kl", "1"]):

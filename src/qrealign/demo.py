@@ -39,6 +39,7 @@ class Variant:
     config: dict = field(default_factory=dict)  # CalibConfig overrides
     teacher: bool = False  # "qrealign" with the aligned model's first token instead of probes
     calib_task: int = 0  # attack-training task prompts added to the calibration set as benign
+    calib_benign: str | None = None  # a prompt source whose benign prompts are all added too
 
 
 PAPER = Variant("Q-realign (paper probe)", "qrealign", "paper")
@@ -241,7 +242,8 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
 
         model, tok = load_model(str(attacked_dir))
         calib = build_calibration("qrealign:calib", cfg.calib_n, cfg.malicious_ratio, cfg.seed,
-                                  task=_attack_task(cfg), task_n=variant.calib_task)
+                                  task=_attack_task(cfg), task_n=variant.calib_task,
+                                  extra_benign=variant.calib_benign)
         if variant.teacher:
             realign(model, tok, teacher=str(aligned_dir), calibration=calib, scheme=scheme, config=calib_cfg, out=tmp,
                     device=cfg.device, checkpoint_dir=ckpt, **variant.loss)
@@ -260,7 +262,7 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
 
 # Fields added after the demo's first release, with their defaults: they enter a stage's cache key
 # only when set, so stages built before they existed stay valid.
-_LATE_VARIANT_FIELDS = {"teacher": False, "calib_task": 0}
+_LATE_VARIANT_FIELDS = {"teacher": False, "calib_task": 0, "calib_benign": None}
 _LATE_CONFIG_FIELDS = {"learn_rounding": False, "lr_round": 5e-3}
 
 

@@ -83,7 +83,8 @@ def _cut(tokenizer, calib, order, batch_size, max_length, padding_side, system, 
 
 
 def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malicious_ratio: float | None = 0.75,
-                      seed: int = 0, task: str | None = None, task_n: int = 0) -> CalibrationSet:
+                      seed: int = 0, task: str | None = None, task_n: int = 0,
+                      extra_benign: str | None = None) -> CalibrationSet:
     """A labelled calibration set with a given malicious ratio (paper: 200 prompts, 0.75).
 
     `spec` is "qrealign:<split>" (the project's bundled prompts; default the "calib" split, which
@@ -93,20 +94,13 @@ def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malici
 
     `task`/`task_n`: append the first `task_n` prompts of that task's "train" split (the user's
     own fine-tuning prompts) as benign samples, after the ratio is applied. The benign terms then
-    hold the fine-tuned behaviour on the task itself, not only on generic prompts."""
+    hold the fine-tuned behaviour on the task itself, not only on generic prompts.
+
+    `extra_benign`: a second source (same forms as `spec`) whose benign prompts are all appended
+    too, last: more benign variety is what holds over-refusal down (docs/experiments.md §6)."""
     import random
 
-    from ..data.prompts import load_prompt_file, load_prompts
-
-    try:
-        if spec.startswith("qrealign:"):
-            split = spec.split(":", 1)[1]
-            prompts = load_prompts(split=split)
-        else:
-            split = f"file:{spec}"
-            prompts = load_prompt_file(spec)
-    except (ValueError, OSError) as exc:
-        raise QrealignError(f"calibration set {spec!r}: {exc}") from None
+    prompts, split = _load_spec(spec)
     harmful = [p for p in prompts if p.label == 1]
     benign = [p for p in prompts if p.label == 0]
     rng = random.Random(seed)
@@ -135,7 +129,35 @@ def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malici
     if not chosen:
         raise QrealignError(f"calibration set {spec!r} is empty")
     calib = CalibrationSet([p.text for p in chosen], [p.label for p in chosen], [p.id for p in chosen], split)
-    return with_task_prompts(calib, task, task_n) if task and task_n else calib
+    if task and task_n:
+        calib = with_task_prompts(calib, task, task_n)
+    return with_benign_prompts(calib, extra_benign) if extra_benign else calib
+
+
+def _load_spec(spec: str) -> tuple[list, str]:
+    """(prompts, split name) of "qrealign:<split>" or a prompt file."""
+    from ..data.prompts import load_prompt_file, load_prompts
+
+    try:
+        if spec.startswith("qrealign:"):
+            split = spec.split(":", 1)[1]
+            if split == "eval":
+                raise ValueError("the eval split is held out: it never enters calibration")
+            return load_prompts(split=split), split
+        return load_prompt_file(spec), f"file:{spec}"
+    except (ValueError, OSError) as exc:
+        raise QrealignError(f"calibration set {spec!r}: {exc}") from None
+
+
+def with_benign_prompts(calib: CalibrationSet, spec: str) -> CalibrationSet:
+    """`calib` plus every benign prompt of `spec` not already in it."""
+    prompts, split = _load_spec(spec)
+    seen = set(calib.ids)
+    extra = [p for p in prompts if p.label == 0 and p.id not in seen]
+    if not extra:
+        raise QrealignError(f"calibration set {spec!r} adds no benign prompts")
+    return CalibrationSet(calib.prompts + [p.text for p in extra], calib.labels + [0] * len(extra),
+                          calib.ids + [p.id for p in extra], f"{calib.split}+{split}:benign")
 
 
 def with_task_prompts(calib: CalibrationSet, task: str, n: int) -> CalibrationSet:

@@ -16,6 +16,9 @@ def add_common(parser) -> None:
                         help="also calibrate on this task's train prompts as benign samples (e.g. topic-codes): "
                              "your own fine-tuning prompts keep the task answer intact")
     parser.add_argument("--calib-task-n", type=int, default=48, help="how many task prompts --calib-task adds")
+    parser.add_argument("--calib-benign", default=None,
+                        help="also calibrate on every benign prompt of this source (qrealign:<split> or a file): "
+                             "more benign variety holds over-refusal down")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--epoch-schedule", choices=["constant", "paper"], default="constant",
                         help="paper: first half of the layers epochs-5, the rest epochs+5")
@@ -59,7 +62,8 @@ def prepare(args, method: str):
     scheme = get_scheme(args.scheme)
     config = engine_config(args, method)
     calib = build_calibration(args.calib, args.n, args.malicious_ratio, args.seed,
-                              task=args.calib_task, task_n=args.calib_task_n if args.calib_task else 0)
+                              task=args.calib_task, task_n=args.calib_task_n if args.calib_task else 0,
+                              extra_benign=args.calib_benign)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise QrealignError(f"--out {args.out} exists and is not a directory")
     model, tokenizer = load_model(args.model, adapter=args.adapter)
