@@ -52,12 +52,15 @@ AGGRESSIVE = {"normalize": True, "sink_weight": 0.0, "margin": 2.0, "probe_loss"
               "recon_on_malicious": True, "layers_from": 0.5}
 CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AGGRESSIVE,
                    config={"lr_let": 1e-2, "batch_size": 4})
-# The behavioural objective (calibrate.behaviour, docs/experiments.md §5): the aligned model's
+# The behavioural objective (calibrate.behaviour, docs/experiments.md §5-6): the aligned model's
 # first response token on malicious prompts, the fine-tuned model's on benign ones, with 48 of
-# the attack's own task prompts among the benign calibration prompts. Settings chosen on the dev
-# split: of the runs whose FA and over-refusal stayed inside the bar, the largest HS cut (95 -> 30 %).
+# the attack's own task prompts among the benign calibration prompts, and learned rounding (the
+# degree of freedom the fine-tune lives in). Settings chosen on the dev split by the rule fixed
+# in §6 (largest smallest slack against the bar's three limits): HS 95 -> 11.7 %, FA +2.0,
+# over-refusal +5.0 vs the aligned model.
 FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib_task=48,
-                      loss={"layers_from": 0.5, "lam": 1.0, "benign_kl": 4.0}, config={"lr_let": 1e-2, "batch_size": 4})
+                      loss={"layers_from": 0.5, "lam": 1.0, "benign_kl": 8.0},
+                      config={"lr_let": 1e-2, "batch_size": 4, "learn_rounding": True, "lr_round": 1e-2})
 DEFAULT_VARIANTS = (
     Variant("RTN", "rtn"),
     Variant("reconstruction-only", "omniquant"),
