@@ -275,9 +275,9 @@ def _train_block(block, let, q_in, fp_out, kw, batches: list[CalibBatch], masks,
     lwc_params = [p for n, p in block.named_parameters() if "bound_factor" in n]
     if lwc_params:
         groups.append({"params": lwc_params, "lr": cfg.lr_lwc})
-    round_params = [p for n, p in block.named_parameters() if n.endswith(ROUNDING)]
-    if round_params:
-        groups.append({"params": round_params, "lr": cfg.lr_round})
+    rounders = [m.weight_quantizer for _, m in _rounding_linears(block)]
+    if rounders:
+        groups.append({"params": [q.rounding for q in rounders], "lr": cfg.lr_round})
     if not groups:
         return {}
     for g in groups:
@@ -302,9 +302,8 @@ def _train_block(block, let, q_in, fp_out, kw, batches: list[CalibBatch], masks,
             opt.step()
             if let is not None:
                 let.clamp_()
-            for m in block.modules():
-                if isinstance(m, QuantLinear) and m.weight_quantizer is not None:
-                    m.weight_quantizer.clamp_rounding_()
+            for q in rounders:
+                q.clamp_rounding_()
             n = len(batch.labels)
             steps += 1
             tokens += batch.enc.attention_mask.numel()
@@ -329,16 +328,20 @@ def _train_block(block, let, q_in, fp_out, kw, batches: list[CalibBatch], masks,
             **{f"last_{k}": v / max(1, c) for k, (v, c) in parts.items()}}
 
 
+def _rounding_linears(block: nn.Module) -> list[tuple[str, QuantLinear]]:
+    """The block's QuantLinears whose weight quantizer learns its rounding."""
+    return [(name, m) for name, m in block.named_modules()
+            if isinstance(m, QuantLinear) and getattr(m.weight_quantizer, "rounding", None) is not None]
+
+
 @torch.no_grad()
 def _snap_rounding(block: nn.Module, let: LETParams | None) -> dict:
     """Turn learned rounding offsets into the integer steps they amount to, on the weights the
     block trained with (LET applied), and report how many weights left round-to-nearest."""
     overrides = let.transformed_params(block) if let is not None else {}
     moved = total = 0
-    for name, m in block.named_modules():
-        q = getattr(m, "weight_quantizer", None) if isinstance(m, QuantLinear) else None
-        if q is None or q.rounding is None:
-            continue
+    for name, m in _rounding_linears(block):
+        q = m.weight_quantizer
         q.snap_rounding_(overrides.get(f"{name}.weight", m.weight).float())
         moved += int((q.rounding != 0).sum())
         total += q.rounding.numel()
