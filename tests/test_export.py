@@ -103,6 +103,11 @@ def test_float32_export_reloads_to_the_calibrated_model(runs, scheme, rounding, 
     from qrealign.models import load_model
 
     run = runs(scheme, rounding=rounding)
+    if rounding:  # the export must carry learned steps, not only round-to-nearest
+        from safetensors.torch import load_file
+
+        steps = [v for k, v in load_file(str(run / "quant_params.safetensors")).items() if ".round." in k]
+        assert steps and any(bool((v != 0).any()) for v in steps)
     out = tmp_path / "export"
     result = export_compressed_tensors(run, out, dtype="float32", progress=False)
     assert result.plan.matches_calibration and result.plan.deviations == ()
