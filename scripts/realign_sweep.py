@@ -62,7 +62,7 @@ def main():
     ap.add_argument("--aligned", default="runs/lab/m_alignD")
     ap.add_argument("--probes", action="append", default=[], help="target=DIR")
     ap.add_argument("--variant", action="append", default=[], help="name=JSON")
-    ap.add_argument("--n", type=int, default=60)
+    ap.add_argument("--n", type=int, default=60, help="first N dev prompts per side (113: the whole probe split)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--calib-n", type=int, default=None)
     ap.add_argument("--log", default="runs/sweep.jsonl")
@@ -73,9 +73,13 @@ def main():
         name, raw = spec.split("=", 1)
         v = json.loads(raw)
         t0 = time.time()
-        model, tok = load_model(args.attacked)
         row = {"name": name, "variant": v}
-        if v.get("method") != "fp":
+        if v.get("method") == "load":  # an already-built model or quantization run directory
+            from qrealign.evaluate.runner import load_for_eval
+            model, tok, _, _ = load_for_eval(v["path"])
+        else:
+            model, tok = load_model(v.get("path", args.attacked))
+        if v.get("method") not in ("fp", "load"):
             calib = build_calibration("qrealign:calib", args.calib_n, v.get("malicious_ratio", 0.75), 0)
             if v.get("task_n"):
                 calib = with_task_prompts(calib, "topic-codes", v["task_n"])
