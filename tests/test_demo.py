@@ -3,7 +3,9 @@ reuses every stage."""
 
 import pytest
 
-from qrealign.demo import DemoConfig, run_demo
+from dataclasses import replace
+
+from qrealign.demo import EXTENDED_VARIANTS, FIRST_TOKEN, DemoConfig, run_demo
 from qrealign.finetune.config import AlignConfig, AttackConfig, SFTConfig
 from qrealign.models.tiny import tiny_model
 
@@ -19,8 +21,12 @@ def tiny_source(tmp_path):
 
 def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
     sft = SFTConfig(steps=2, batch_size=4, max_length=64, amp=None)
+    # The extended table (every row), with a per-scheme override on the first-token variant.
+    variants = tuple(replace(v, scheme_config={"W8A8": {"lr_round": 3e-3}}) if v is FIRST_TOKEN else v
+                     for v in EXTENDED_VARIANTS)
     cfg = DemoConfig(
-        out=str(tmp_path / "demo"), model=tiny_source, schemes=("W8A8",), calib_n=8, epochs=1,
+        out=str(tmp_path / "demo"), model=tiny_source, schemes=("W8A8",), calib_n=8, epochs=1, variants=variants,
+        raw_row=True,
         max_new_tokens=4, eval_limit=4, task_n=4, attack_sweep=(0.0,),
         align_config=AlignConfig(sft=sft, n_harmful=4, n_benign=4, answer_tokens=4, **_no_answer_filter()),
         attack_config=AttackConfig(sft=sft, n_task=8, poison_ratio=0.5),
@@ -42,6 +48,7 @@ def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
     run = json.loads(next((tmp_path / "demo" / "stages").glob("quant-q-realign-first-token-W8A8-*/qrealign.json"))
                      .read_text())
     assert run["objective"] == "first-token" and "topic-codes:train[:48]" in run["calibration"]["split"]
+    assert run["config"]["learn_rounding"] and run["config"]["lr_round"] == 3e-3  # the W8A8 override
     logs.clear()
     run_demo(cfg, log=logs.append)
     assert not [line for line in logs if "building" in line]
@@ -73,3 +80,27 @@ def test_fields_added_later_enter_the_stage_key_only_when_set():
     assert not set(_LATE_CONFIG_FIELDS) & set(default)
     assert _cache_key(asdict(CalibConfig(learn_rounding=True, lr_round=1e-2)), _LATE_CONFIG_FIELDS) == {
         **default, "learn_rounding": True, "lr_round": 1e-2}
+
+
+def test_a_per_scheme_override_changes_only_that_schemes_settings_and_key():
+    from dataclasses import asdict
+
+    from qrealign.demo import _LATE_VARIANT_FIELDS, _cache_key
+
+    base = replace(FIRST_TOKEN, scheme_config={})
+    tuned = replace(FIRST_TOKEN, scheme_config={"W4A8": {"lr_round": 2e-3}})
+    assert tuned.config_for("W8A8") == base.config_for("W8A8") == FIRST_TOKEN.config
+    assert tuned.config_for("W4A8") == {**FIRST_TOKEN.config, "lr_round": 2e-3}
+    # The override reaches a stage's key through the resolved config only, so the W8A8 stage of a
+    # variant tuned for W4A8 keeps its cache.
+    key = lambda v: _cache_key(asdict(v), _LATE_VARIANT_FIELDS, drop=("scheme_config",))  # noqa: E731
+    assert key(base) == key(tuned)
+
+
+def test_the_default_table_is_the_issues_and_extended_adds_the_contrast_row():
+    from qrealign.demo import DEFAULT_VARIANTS
+
+    names = [v.name for v in DEFAULT_VARIANTS]
+    assert names == ["RTN", "reconstruction-only", "Q-realign (paper probe)", "Q-realign (first-token)"]
+    assert [v.name for v in EXTENDED_VARIANTS] == names[:3] + ["Q-realign (contrast probe)", names[3]]
+    assert not DemoConfig().raw_row

@@ -40,6 +40,12 @@ class Variant:
     teacher: bool = False  # "qrealign" with the aligned model's first token instead of probes
     calib_task: int = 0  # attack-training task prompts added to the calibration set as benign
     calib_benign: str | None = None  # a prompt source whose benign prompts are all added too
+    # CalibConfig overrides for one scheme only, e.g. {"W4A8": {"lr_round": 2e-3}}: a 4-bit step is
+    # 16x an 8-bit one, so a setting chosen at W8A8 need not carry over.
+    scheme_config: dict = field(default_factory=dict)
+
+    def config_for(self, scheme: str) -> dict:
+        return {**self.config, **self.scheme_config.get(scheme, {})}
 
 
 PAPER = Variant("Q-realign (paper probe)", "qrealign", "paper")
@@ -58,16 +64,22 @@ CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AG
 # degree of freedom the fine-tune lives in). Settings chosen on the dev split by the rule fixed
 # in §6 (largest smallest slack against the bar's three limits): HS 95 -> 11.7 %, FA +2.0,
 # over-refusal +5.0 vs the aligned model.
+# At W4A8 the rounding rate is 2e-3: at 1e-2 the demo's W4A8 row lost the task (FA 0 %); on dev,
+# 2e-3 kept it (dev FA 26.5 %, HS 45.0 %; §6's W4A8 follow-up).
 FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib_task=48,
                       loss={"layers_from": 0.5, "lam": 1.0, "benign_kl": 8.0},
-                      config={"lr_let": 1e-2, "batch_size": 4, "learn_rounding": True, "lr_round": 1e-2})
+                      config={"lr_let": 1e-2, "batch_size": 4, "learn_rounding": True, "lr_round": 1e-2},
+                      scheme_config={"W4A8": {"lr_round": 2e-3}})
+# The issue's table: the plain-PTQ controls, the paper's objective and the one that works here.
 DEFAULT_VARIANTS = (
     Variant("RTN", "rtn"),
     Variant("reconstruction-only", "omniquant"),
     PAPER,
-    CONTRAST,
     FIRST_TOKEN,
 )
+# `qrealign demo --extended`: adds the contrast-probe objective (docs/experiments.md §3-4); about
+# five more minutes on 2 cores.
+EXTENDED_VARIANTS = (*DEFAULT_VARIANTS[:3], CONTRAST, FIRST_TOKEN)
 
 
 @dataclass
@@ -82,6 +94,7 @@ class DemoConfig:
     poison_ratio: float | None = None  # None: the attack's default
     # Extra attacked-FP rows at other poison ratios (the lab's table); not quantized.
     attack_sweep: tuple[float, ...] = ()
+    raw_row: bool = False  # also evaluate the raw (never aligned) model
     align_config: object | None = None  # a finetune.config.AlignConfig; None = the lab's default
     attack_config: object | None = None  # a finetune.config.AttackConfig; None = the lab's default
     calib_n: int | None = None
@@ -139,7 +152,8 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
         path = timed(f"attack p={ratio:g}", lambda r=ratio: _attack_stage(cfg, root, aligned_dir, log, poison_ratio=r))
         sweep.append((f"attacked FP p={ratio:g}", str(path)))
 
-    models = [("raw", cfg.model), ("aligned FP", str(aligned_dir)), ("attacked FP", str(attacked_dir)), *sweep, *runs]
+    raw = [("raw", cfg.model)] if cfg.raw_row else []
+    models = [*raw, ("aligned FP", str(aligned_dir)), ("attacked FP", str(attacked_dir)), *sweep, *runs]
     results = []
     for label, source in models:
         results.append(timed(f"evaluate: {label}", lambda l=label, s=source: _eval_stage(cfg, root, l, str(s), log)))
@@ -224,11 +238,12 @@ def _check_safety_layers(probes_dir: Path, loss: dict) -> None:
 
 def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: str, log, aligned_dir=None) -> Path:
     # The variant's own settings win over the demo-wide ones (e.g. the contrast variant's batch size).
-    options = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed, **variant.config}
+    options = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed, **variant.config_for(scheme)}
     calib_cfg = CalibConfig(method="rtn" if variant.method == "rtn" else "omniquant", **options)
     probes_dir = probe_dirs.get(variant.probes) if variant.probes else None
     inputs = {"model": str(attacked_dir), "scheme": scheme,
-              "variant": _jsonable(_cache_key(asdict(variant), _LATE_VARIANT_FIELDS)),
+              # scheme_config is left out: its effect on this scheme is in "config" below.
+              "variant": _jsonable(_cache_key(asdict(variant), _LATE_VARIANT_FIELDS, drop=("scheme_config",))),
               "config": _cache_key(calib_cfg.to_dict(), _LATE_CONFIG_FIELDS),
               "probes": str(probes_dir) if probes_dir else None,
               "calib": [cfg.calib_n, cfg.malicious_ratio, cfg.seed], "version": __version__}
@@ -269,8 +284,8 @@ _LATE_VARIANT_FIELDS = {"teacher": False, "calib_task": 0, "calib_benign": None}
 _LATE_CONFIG_FIELDS = {"learn_rounding": False, "lr_round": 5e-3}
 
 
-def _cache_key(fields: dict, late: dict) -> dict:
-    return {k: v for k, v in fields.items() if k not in late or v != late[k]}
+def _cache_key(fields: dict, late: dict, drop: tuple[str, ...] = ()) -> dict:
+    return {k: v for k, v in fields.items() if k not in drop and (k not in late or v != late[k])}
 
 
 def _attack_task(cfg) -> str:

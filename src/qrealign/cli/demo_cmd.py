@@ -14,6 +14,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--poison-ratio", type=float, default=None, help="attack poison ratio (default: the attack's)")
     parser.add_argument("--attack-sweep", default="",
                         help="comma-separated extra poison ratios evaluated as attacked-FP rows (e.g. 0,0.05,0.2)")
+    parser.add_argument("--extended", action="store_true",
+                        help="also the contrast-probe Q-realign row and the raw (never aligned) model's row")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--eval-limit", type=int, default=None, help="first N prompts per side (default: whole eval split)")
@@ -22,7 +24,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..demo import DemoConfig, run_demo
+    from ..demo import DEFAULT_VARIANTS, EXTENDED_VARIANTS, DemoConfig, run_demo
     from ..errors import QrealignError
 
     try:
@@ -31,7 +33,8 @@ def run(args) -> int:
         raise QrealignError(f"--attack-sweep wants comma-separated numbers, got {args.attack_sweep!r}") from None
 
     cfg = DemoConfig(out=args.out, model=args.model, schemes=tuple(s for s in args.schemes.split(",") if s),
-                     poison_ratio=args.poison_ratio,
+                     poison_ratio=args.poison_ratio, raw_row=args.extended,
+                     variants=EXTENDED_VARIANTS if args.extended else DEFAULT_VARIANTS,
                      attack_sweep=sweep, epochs=args.epochs, max_new_tokens=args.max_new_tokens,
                      eval_limit=args.eval_limit, device=args.device, seed=args.seed)
     report = run_demo(cfg)
