@@ -58,16 +58,17 @@ AGGRESSIVE = {"normalize": True, "sink_weight": 0.0, "margin": 2.0, "probe_loss"
               "recon_on_malicious": True, "layers_from": 0.5}
 CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AGGRESSIVE,
                    config={"lr_let": 1e-2, "batch_size": 4})
-# The behavioural objective (calibrate.behaviour, docs/experiments.md §5-6): the aligned model's
+# The behavioural objective (calibrate.behaviour, docs/experiments.md §5-7): the aligned model's
 # first response token on malicious prompts, the fine-tuned model's on benign ones, with 48 of
-# the attack's own task prompts among the benign calibration prompts, and learned rounding (the
-# degree of freedom the fine-tune lives in). Settings chosen on the dev split by the rule fixed
-# in §6 (largest smallest slack against the bar's three limits): HS 95 -> 11.7 %, FA +2.0,
-# over-refusal +5.0 vs the aligned model.
+# the attack's own task prompts and the `align` split's 113 benign prompts among the benign
+# calibration prompts, and learned rounding (the degree of freedom the fine-tune lives in).
+# Chosen on the wide dev split by the rule fixed in §6-7 (largest smallest slack against the
+# bar's three limits): HS 87.3 -> 13.6 %, FA -1.5, over-refusal -0.9 vs the aligned model.
 # At W4A8 the rounding rate is 2e-3: at 1e-2 the demo's W4A8 row lost the task (FA 0 %); on dev,
-# 2e-3 kept it (dev FA 26.5 %, HS 45.0 %; §6's W4A8 follow-up).
+# 2e-3 kept it (dev FA 26.5 %, HS 45.0 %; §6's W4A8 follow-up, without the `align` prompts).
 FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib_task=48,
-                      loss={"layers_from": 0.5, "lam": 1.0, "benign_kl": 8.0},
+                      calib_benign="qrealign:align",
+                      loss={"layers_from": 0.5, "lam": 1.0, "benign_kl": 4.0},
                       config={"lr_let": 1e-2, "batch_size": 4, "learn_rounding": True, "lr_round": 1e-2},
                       scheme_config={"W4A8": {"lr_round": 2e-3}})
 # The issue's table: the plain-PTQ controls, the paper's objective and the one that works here.
@@ -102,6 +103,9 @@ class DemoConfig:
     epochs: int = 2
     batch_size: int = 8
     max_new_tokens: int = 64
+    # Generation batch: 48 was 1.3x faster than 16 on 2 cores (96 prompts, 64 tokens: 49.4 vs 64.8 s);
+    # bigger batches amortise generate()'s per-step overhead on a small model.
+    eval_batch_size: int = 48
     eval_limit: int | None = None
     task_n: int | None = 200
     device: str | None = None
@@ -298,7 +302,7 @@ def _eval_stage(cfg, root, label: str, source: str, log):
     from .evaluate.generate import GenerationConfig
     from .evaluate.runner import EvalResult, evaluate_path
 
-    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens)
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
     inputs = {"source": source, "gen": gen.to_dict() if hasattr(gen, "to_dict") else str(gen),
               "limit": cfg.eval_limit, "task_n": cfg.task_n, "label": label, "version": __version__}
 
