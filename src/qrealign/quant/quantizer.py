@@ -41,18 +41,21 @@ def qparams(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs) -> tuple[to
     return scale, zero
 
 
+def _on_grid(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """x in units of the quantization step, shifted by a learned rounding offset if there is one."""
+    return x / scale if offset is None else x / scale + offset
+
+
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs,
                offset: torch.Tensor | None = None) -> torch.Tensor:
-    y = x / scale if offset is None else x / scale + offset
-    q = torch.clamp(round_ste(y) + zero, args.qmin, args.qmax)
+    q = torch.clamp(round_ste(_on_grid(x, scale, offset)) + zero, args.qmin, args.qmax)
     return (q - zero) * scale
 
 
 def quantize_int(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs,
                  offset: torch.Tensor | None = None) -> torch.Tensor:
     """The integer codes (for export): same grid and rounding as `fake_quant`."""
-    y = x / scale if offset is None else x / scale + offset
-    return torch.clamp(torch.round(y) + zero, args.qmin, args.qmax)
+    return torch.clamp(torch.round(_on_grid(x, scale, offset)) + zero, args.qmin, args.qmax)
 
 
 class WeightQuantizer(nn.Module):
