@@ -41,10 +41,10 @@ def dev_eval(model, tok, n, max_new_tokens):
 DEV_FA = slice(2200, 2400)  # topic-codes "train" items the attack (first 300) never saw; "test" stays for eval
 
 
-def dev_fa(model, tok):
+def dev_fa(model, tok, items=DEV_FA):
     from qrealign.data.topic_task import TopicCodeTask
     task = TopicCodeTask()
-    examples = task.load("train")[DEV_FA]
+    examples = task.load("train")[items]
     responses = generate(model, tok, [e.prompt for e in examples],
                          GenerationConfig(max_new_tokens=task.max_new_tokens, batch_size=32), progress=False)
     return round(100.0 * task.accuracy(responses, examples), 1)
@@ -66,6 +66,9 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--calib-n", type=int, default=None)
     ap.add_argument("--log", default="runs/sweep.jsonl")
+    ap.add_argument("--fa-items", default=None, help="START:STOP of topic-codes train for dev FA (default 2200:2400; "
+                    "the attack trained on the first 300)")
+    ap.add_argument("--fa-only", action="store_true", help="skip the safety generations")
     args = ap.parse_args()
     torch.set_num_threads(2)
     probe_dirs = dict(p.split("=", 1) for p in args.probes)
@@ -106,13 +109,21 @@ def main():
                               if k in ("layer", "loss_init", "last_probe", "last_z_mal", "last_mse", "q_mse",
                                        "last_kl_mal", "last_kl_ben", "seconds")}
                              for log in res.layer_logs]
-        row.update(dev_eval(model, tok, args.n, args.max_new_tokens))
-        row["fa_dev"] = dev_fa(model, tok)
+        if not args.fa_only:
+            row.update(dev_eval(model, tok, args.n, args.max_new_tokens))
+        fa_items = DEV_FA
+        if args.fa_items:
+            start, stop = (int(x) for x in args.fa_items.split(":"))
+            if start < 300:
+                raise SystemExit("--fa-items must start at 300 or later: the attack trained on train[:300]")
+            fa_items = slice(start, stop)
+            row["fa_items"] = args.fa_items
+        row["fa_dev"] = dev_fa(model, tok, fa_items)
         for target, d in probe_dirs.items():
             row[f"logits_{target}"] = probe_logits(model, tok, load_probes(d))
         row["seconds"] = round(time.time() - t0, 1)
-        print(json.dumps({k: row[k] for k in ("name", "hs", "harm_refused", "over_refusal", "degenerate", "fa_dev",
-                                                         "seconds")}),
+        print(json.dumps({k: row.get(k) for k in ("name", "hs", "harm_refused", "over_refusal", "degenerate", "fa_dev",
+                                                             "seconds")}),
               flush=True)
         with open(args.log, "a") as f:
             f.write(json.dumps(row) + "\n")
