@@ -2,8 +2,9 @@
 
     raw SmolLM2 --align--> aligned --attack (task data + poison p)--> attacked
     probes on the aligned model (paper target) and aligned-vs-attacked (contrast target)
-    attacked --{RTN, reconstruction-only, Q-realign(paper probe), Q-realign(contrast probe),
-                Q-realign(first-token: the aligned model as teacher)}--> quantized
+    attacked --{RTN, reconstruction-only, Q-realign(paper probe),
+                Q-realign(first-token: the aligned model as teacher),
+                [--extended: Q-realign(contrast probe)]}--> quantized
     every model --evaluate on the held-out split--> report.md / report.html / plots, with a verdict
     that reads each Q-realign row against the paper's bar
 
