@@ -15,7 +15,7 @@ import time
 import torch
 
 from qrealign.calibrate.api import quantize
-from qrealign.calibrate.data import build_calibration, with_task_prompts
+from qrealign.calibrate.data import build_calibration, with_benign_prompts, with_task_prompts
 from qrealign.calibrate.engine import CalibConfig
 from qrealign.data.prompts import load_prompts
 from qrealign.evaluate.generate import GenerationConfig, generate
@@ -70,6 +70,12 @@ def main():
                     "the attack trained on the first 300)")
     ap.add_argument("--fa-only", action="store_true", help="skip the safety generations")
     args = ap.parse_args()
+    fa_items = DEV_FA
+    if args.fa_items:  # checked before any calibration runs
+        start, stop = (int(x) for x in args.fa_items.split(":"))
+        if start < 300:
+            raise SystemExit("--fa-items must start at 300 or later: the attack trained on train[:300]")
+        fa_items = slice(start, stop)
     torch.set_num_threads(2)
     probe_dirs = dict(p.split("=", 1) for p in args.probes)
     for spec in args.variant:
@@ -87,10 +93,7 @@ def main():
             if v.get("task_n"):
                 calib = with_task_prompts(calib, "topic-codes", v["task_n"])
             if v.get("extra_benign"):  # e.g. "align": that split's benign prompts (never dev or eval)
-                from qrealign.calibrate.data import CalibrationSet
-                extra = load_prompts(v["extra_benign"], label=0)
-                calib = CalibrationSet(calib.prompts + [p.text for p in extra], calib.labels + [0] * len(extra),
-                                       calib.ids + [p.id for p in extra], calib.split + "+" + v["extra_benign"] + ":benign")
+                calib = with_benign_prompts(calib, "qrealign:" + v["extra_benign"])
             cfg = CalibConfig(method="rtn" if v["method"] == "rtn" else "omniquant", **v.get("config", {}))
             if v["method"] == "firsttoken":
                 from qrealign.calibrate.behaviour import FirstTokenLoss, ModelTail, first_token_targets
@@ -111,12 +114,7 @@ def main():
                              for log in res.layer_logs]
         if not args.fa_only:
             row.update(dev_eval(model, tok, args.n, args.max_new_tokens))
-        fa_items = DEV_FA
         if args.fa_items:
-            start, stop = (int(x) for x in args.fa_items.split(":"))
-            if start < 300:
-                raise SystemExit("--fa-items must start at 300 or later: the attack trained on train[:300]")
-            fa_items = slice(start, stop)
             row["fa_items"] = args.fa_items
         row["fa_dev"] = dev_fa(model, tok, fa_items)
         for target, d in probe_dirs.items():
