@@ -70,31 +70,17 @@ def _no_answer_filter() -> dict:
     return {"filter_answers": False} if "filter_answers" in {f.name for f in fields(AlignConfig)} else {}
 
 
-def test_fields_added_later_enter_the_stage_key_only_when_set():
-    from dataclasses import asdict
-
-    from qrealign.calibrate.engine import CalibConfig
-    from qrealign.demo import _LATE_CONFIG_FIELDS, _cache_key
-
-    default = _cache_key(CalibConfig().to_dict(), _LATE_CONFIG_FIELDS)
-    assert not set(_LATE_CONFIG_FIELDS) & set(default)
-    assert _cache_key(asdict(CalibConfig(learn_rounding=True, lr_round=1e-2)), _LATE_CONFIG_FIELDS) == {
-        **default, "learn_rounding": True, "lr_round": 1e-2}
-
-
 def test_a_per_scheme_override_changes_only_that_schemes_settings_and_key():
-    from dataclasses import asdict
-
-    from qrealign.demo import _LATE_VARIANT_FIELDS, _cache_key
-
     base = replace(FIRST_TOKEN, scheme_config={})
     tuned = replace(FIRST_TOKEN, scheme_config={"W4A8": {"lr_round": 2e-3}})
     assert tuned.config_for("W8A8") == base.config_for("W8A8") == FIRST_TOKEN.config
     assert tuned.config_for("W4A8") == {**FIRST_TOKEN.config, "lr_round": 2e-3}
-    # The override reaches a stage's key through the resolved config only, so the W8A8 stage of a
-    # variant tuned for W4A8 keeps its cache.
-    key = lambda v: _cache_key(asdict(v), _LATE_VARIANT_FIELDS, drop=("scheme_config",))  # noqa: E731
-    assert key(base) == key(tuned)
+    # A stage is keyed by the variant as it runs at its scheme: the W8A8 stage of a variant tuned
+    # for W4A8 keeps its cache, the W4A8 stage does not.
+    assert tuned.resolved("W8A8") == base.resolved("W8A8")
+    assert tuned.resolved("W4A8") != base.resolved("W4A8")
+    assert tuned.resolved("W4A8")["config"]["lr_round"] == 2e-3
+    assert "scheme_config" not in tuned.resolved("W4A8")
 
 
 def test_the_default_table_is_the_issues_and_extended_adds_the_contrast_row():

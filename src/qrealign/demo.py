@@ -48,6 +48,13 @@ class Variant:
     def config_for(self, scheme: str) -> dict:
         return {**self.config, **self.scheme_config.get(scheme, {})}
 
+    def resolved(self, scheme: str) -> dict:
+        """The variant as it runs at `scheme`: its settings with that scheme's overrides applied
+        and no per-scheme table, so a stage's key changes only when this scheme's run does."""
+        fields = asdict(self)
+        del fields["scheme_config"]
+        return {**fields, "config": self.config_for(scheme)}
+
 
 PAPER = Variant("Q-realign (paper probe)", "qrealign", "paper")
 # Settings chosen on the dev split (docs/experiments.md, "Q-realign method sweep"): safety term on
@@ -246,10 +253,8 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
     options = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed, **variant.config_for(scheme)}
     calib_cfg = CalibConfig(method="rtn" if variant.method == "rtn" else "omniquant", **options)
     probes_dir = probe_dirs.get(variant.probes) if variant.probes else None
-    inputs = {"model": str(attacked_dir), "scheme": scheme,
-              # scheme_config is left out: its effect on this scheme is in "config" below.
-              "variant": _jsonable(_cache_key(asdict(variant), _LATE_VARIANT_FIELDS, drop=("scheme_config",))),
-              "config": _cache_key(calib_cfg.to_dict(), _LATE_CONFIG_FIELDS),
+    inputs = {"model": str(attacked_dir), "scheme": scheme, "variant": _jsonable(variant.resolved(scheme)),
+              "config": calib_cfg.to_dict(),
               "probes": str(probes_dir) if probes_dir else None,
               "calib": [cfg.calib_n, cfg.malicious_ratio, cfg.seed], "version": __version__}
     if variant.teacher:
@@ -281,16 +286,6 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
         write_json(tmp / "qrealign.json", meta)
 
     return cached_stage(name, inputs, root, build, log=log)
-
-
-# Fields added after the demo's first release, with their defaults: they enter a stage's cache key
-# only when set, so stages built before they existed stay valid.
-_LATE_VARIANT_FIELDS = {"teacher": False, "calib_task": 0, "calib_benign": None}
-_LATE_CONFIG_FIELDS = {"learn_rounding": False, "lr_round": 5e-3}
-
-
-def _cache_key(fields: dict, late: dict, drop: tuple[str, ...] = ()) -> dict:
-    return {k: v for k, v in fields.items() if k not in drop and (k not in late or v != late[k])}
 
 
 def _attack_task(cfg) -> str:
