@@ -66,17 +66,18 @@ AGGRESSIVE = {"normalize": True, "sink_weight": 0.0, "margin": 2.0, "probe_loss"
               "recon_on_malicious": True, "layers_from": 0.5}
 CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AGGRESSIVE,
                    config={"lr_let": 1e-2, "batch_size": 4})
-# The behavioural objective (calibrate.behaviour, docs/experiments.md §5-7): the aligned model's
+# The behavioural objective (calibrate.behaviour, docs/experiments.md §5-8): the aligned model's
 # first response token on malicious prompts, the fine-tuned model's on benign ones, with 48 of
 # the attack's own task prompts and the `align` split's 113 benign prompts among the benign
 # calibration prompts, and learned rounding (the degree of freedom the fine-tune lives in).
-# Chosen on the wide dev split by the rule fixed in §6-7 (largest smallest slack against the
-# bar's three limits): HS 87.3 -> 13.6 %, FA -1.5, over-refusal -0.9 vs the aligned model.
+# The safety term acts on blocks from 60 % of the depth (18-29 of SmolLM2's 30), chosen on the
+# wide dev split by §8's rule (largest smallest slack, each slack divided by its standard error):
+# HS 87.3 -> 15.5 %, FA on 800 items -1.5 vs the attacked model, over-refusal -0.9 vs the aligned.
 # At W4A8 the rounding rate is 2e-3: at 1e-2 the demo's W4A8 row lost the task (FA 0 %); on dev,
 # 2e-3 kept it (dev FA 26.5 %, HS 45.0 %; §6's W4A8 follow-up, without the `align` prompts).
 FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib_task=48,
                       calib_benign="qrealign:align",
-                      loss={"layers_from": 0.5, "lam": 1.0, "benign_kl": 4.0},
+                      loss={"layers_from": 0.6, "lam": 1.0, "benign_kl": 4.0},
                       config={"lr_let": 1e-2, "batch_size": 4, "learn_rounding": True, "lr_round": 1e-2},
                       scheme_config={"W4A8": {"lr_round": 2e-3}})
 # The issue's table: the plain-PTQ controls, the paper's objective and the one that works here.
