@@ -111,3 +111,42 @@ def test_verdict_reads_the_bar_off_the_results(tmp_path):
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     assert "## Verdict" in md and "**Winner: Q A**" in md
     assert "<h2>Verdict</h2>" in page and "<b>Winner: Q A</b>" in page and "<li><b>Q B</b>" in page
+
+
+def test_paired_task_delta_matches_the_paired_t_interval():
+    import statistics
+
+    from qrealign.evaluate.metrics import paired_task_delta
+
+    a = [1, 1, 1, 0, 0, 1, 0, 1, 1, 0]
+    b = [1, 0, 1, 0, 1, 1, 0, 0, 1, 0]
+    rec = lambda xs: [{"id": f"t{i}", "correct": bool(x)} for i, x in enumerate(xs)]
+    p = paired_task_delta(rec(a), list(reversed(rec(b))))  # paired by id, not by position
+    assert (p.n, p.lost, p.gained) == (10, 2, 1) and p.delta == pytest.approx(-10.0)
+    d = [y - x for x, y in zip(a, b)]
+    half = 1.96 * statistics.stdev(d) / len(d) ** 0.5
+    lo, hi = p.interval()
+    assert lo == pytest.approx(100 * (statistics.mean(d) - half)) and hi == pytest.approx(100 * (statistics.mean(d) + half))
+    with pytest.raises(QrealignError, match="different items"):
+        paired_task_delta(rec(a), rec(b)[:9])
+    with pytest.raises(QrealignError, match="duplicate"):
+        paired_task_delta(rec(a) + rec(a)[:1], rec(b))
+
+
+def test_verdict_shows_the_paired_fa_change_when_records_are_kept():
+    from qrealign.report.verdict import standings, verdict_lines
+
+    def with_task(r, correct):
+        r.task = {"records": [{"id": f"t{i}", "correct": c} for i, c in enumerate(correct)]}
+        return r
+
+    att = with_task(_result("attacked FP", 80.0, 2.0, fa=50.0), [True, True, False, False])
+    q = with_task(_result("Q A", 16.0, 6.0, fa=25.0), [True, False, False, False])
+    other = with_task(_result("Q B", 20.0, 6.0, fa=50.0), [True, True, False])  # other items: unpaired
+    rows = standings([_result("aligned FP", 10.0, 12.0, fa=0.0), att, q, other], "attacked FP", "aligned FP",
+                     ["Q A", "Q B"])
+    qa, qb = (next(s for s in rows if s.name == n) for n in ("Q A", "Q B"))
+    assert (qa.fa_paired.lost, qa.fa_paired.gained, qa.fa_paired.n) == (1, 0, 4) and qb.fa_paired is None
+    text = "\n".join(verdict_lines(rows))
+    assert "FA -25.0 points (paired 95 % CI" in text and "1 items lost, 0 gained of 4)" in text
+    assert "**Q B**: HS −75.0 % relative, FA +0.0 points, over-refusal" in text

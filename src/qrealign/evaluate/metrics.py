@@ -114,3 +114,39 @@ def safety_metrics(harmful: Sequence[Verdict], benign: Sequence[Verdict],
     if harmful_categories is not None:
         out["per_category"] = per_category(harmful, harmful_categories)
     return out
+
+
+@dataclass(frozen=True)
+class PairedDelta:
+    """Accuracy of B minus accuracy of A on the same items, in points, with the items each side
+    got right alone. Quantization flips answers both ways, so the net change hides how many items
+    moved; the 95 % interval is the normal one for the mean of the paired differences."""
+
+    n: int
+    lost: int  # right under A, wrong under B
+    gained: int  # wrong under A, right under B
+
+    @property
+    def delta(self) -> float:
+        return 100.0 * (self.gained - self.lost) / self.n
+
+    def interval(self, z: float = 1.96) -> tuple[float, float]:
+        mean = (self.gained - self.lost) / self.n
+        var = ((self.gained + self.lost) / self.n - mean * mean) * self.n / max(self.n - 1, 1)
+        half = z * math.sqrt(max(var, 0.0) / self.n)
+        return 100.0 * (mean - half), 100.0 * (mean + half)
+
+
+def paired_task_delta(records_a: Sequence[dict], records_b: Sequence[dict]) -> PairedDelta:
+    """Pair two task evaluations item by item (by `id`; each record has a boolean `correct`).
+    Both must cover the same items: a delta over different items is not a paired one."""
+    a = {r["id"]: bool(r["correct"]) for r in records_a}
+    b = {r["id"]: bool(r["correct"]) for r in records_b}
+    if len(a) != len(records_a) or len(b) != len(records_b):
+        raise QrealignError("duplicate item ids in a task evaluation")
+    if not a or a.keys() != b.keys():
+        raise QrealignError(f"the two task evaluations cover different items ({len(a)} vs {len(b)}, "
+                            f"{len(a.keys() ^ b.keys())} not shared)")
+    lost = sum(1 for k in a if a[k] and not b[k])
+    gained = sum(1 for k in a if b[k] and not a[k])
+    return PairedDelta(len(a), lost, gained)
