@@ -73,13 +73,15 @@ CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AG
 # The safety term acts on blocks from 60 % of the depth (18-29 of SmolLM2's 30), chosen on the
 # wide dev split by §8's rule (largest smallest slack, each slack divided by its standard error):
 # HS 87.3 -> 15.5 %, FA on 800 items -1.5 vs the attacked model, over-refusal -0.9 vs the aligned.
+# At W8A8 no learnable clipping (§9): LWC's starting clip (98.2 % of each row's range) doubled the
+# task damage of 8-bit PTQ on dev, and without it the dev rule's smallest slack rose 0.60 -> 0.99.
 # At W4A8 the rounding rate is 2e-3: at 1e-2 the demo's W4A8 row lost the task (FA 0 %); on dev,
 # 2e-3 kept it (dev FA 26.5 %, HS 45.0 %; §6's W4A8 follow-up, without the `align` prompts).
 FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib_task=48,
                       calib_benign="qrealign:align",
                       loss={"layers_from": 0.6, "lam": 1.0, "benign_kl": 4.0},
                       config={"lr_let": 1e-2, "batch_size": 4, "learn_rounding": True, "lr_round": 1e-2},
-                      scheme_config={"W4A8": {"lr_round": 2e-3}})
+                      scheme_config={"W8A8": {"lwc": False}, "W4A8": {"lr_round": 2e-3}})
 # The issue's table: the plain-PTQ controls, the paper's objective and the one that works here.
 DEFAULT_VARIANTS = (
     Variant("RTN", "rtn"),
