@@ -53,6 +53,12 @@ def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
     run_demo(cfg, log=logs.append)
     assert not [line for line in logs if "building" in line]
     assert (tmp_path / "demo" / "demo.json").is_file()
+    # Stage keys name upstream stages by their content-addressed directory, not their path: a
+    # moved output folder keeps its cache.
+    (tmp_path / "demo").rename(tmp_path / "moved")
+    logs.clear()
+    run_demo(replace(cfg, out=str(tmp_path / "moved")), log=logs.append)
+    assert not [line for line in logs if "building" in line] and any("cached" in line for line in logs)
 
 
 def test_demo_config_rejects_a_bad_attack_sweep_up_front(tmp_path):

@@ -222,7 +222,8 @@ def _probe_stages(cfg, root, aligned_dir, attacked_dir, log) -> dict[str, Path]:
     targets = sorted({v.probes for v in cfg.variants if v.probes})
     dirs = {}
     for target in targets:
-        inputs = {"aligned": str(aligned_dir), "attacked": str(attacked_dir) if target != "paper" else None,
+        inputs = {"aligned": _stage_ref(aligned_dir, root),
+                  "attacked": _stage_ref(attacked_dir, root) if target != "paper" else None,
                   "target": target, "data": prompt_set_fingerprint(harmful + benign), "version": __version__}
 
         def build(tmp: Path, target=target):
@@ -256,12 +257,13 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
     options = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed, **variant.config_for(scheme)}
     calib_cfg = CalibConfig(method="rtn" if variant.method == "rtn" else "omniquant", **options)
     probes_dir = probe_dirs.get(variant.probes) if variant.probes else None
-    inputs = {"model": str(attacked_dir), "scheme": scheme, "variant": _jsonable(variant.resolved(scheme)),
+    inputs = {"model": _stage_ref(attacked_dir, root), "scheme": scheme,
+              "variant": _jsonable(variant.resolved(scheme)),
               "config": calib_cfg.to_dict(),
-              "probes": str(probes_dir) if probes_dir else None,
+              "probes": _stage_ref(probes_dir, root) if probes_dir else None,
               "calib": [cfg.calib_n, cfg.malicious_ratio, cfg.seed], "version": __version__}
     if variant.teacher:
-        inputs["teacher"] = str(aligned_dir)
+        inputs["teacher"] = _stage_ref(aligned_dir, root)
     slug = variant.name.lower().replace(" ", "-").replace("(", "").replace(")", "")
     name = f"quant-{slug}-{scheme}"
     ckpt = root / f".checkpoint-{stage_dir(name, inputs, root).name}"
@@ -302,7 +304,7 @@ def _eval_stage(cfg, root, label: str, source: str, log):
     from .evaluate.runner import EvalResult, evaluate_path
 
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
-    inputs = {"source": source, "gen": gen.to_dict() if hasattr(gen, "to_dict") else str(gen),
+    inputs = {"source": _stage_ref(source, root), "gen": gen.to_dict() if hasattr(gen, "to_dict") else str(gen),
               "limit": cfg.eval_limit, "task_n": cfg.task_n, "label": label, "version": __version__}
 
     def build(tmp: Path):
@@ -313,6 +315,19 @@ def _eval_stage(cfg, root, label: str, source: str, log):
     path = cached_stage(f"eval-{label.lower().replace(' ', '-').replace('(', '').replace(')', '')}", inputs, root,
                         build, log=log)
     return EvalResult.load(path)
+
+
+def _stage_ref(path, root) -> str:
+    """How a stage's key names an upstream stage: by its directory name, which is already the
+    hash of everything that built it, so an output folder can move (or be reached by another
+    relative path) without losing its cache. Anything outside the stages folder (the model the
+    demo starts from) keeps its path or hub id."""
+    p = Path(path)
+    try:
+        p.resolve().relative_to(Path(root).resolve())
+    except ValueError:
+        return str(path)
+    return p.name
 
 
 def _jsonable(obj):
