@@ -1,6 +1,7 @@
 """Reports: table numbers come from the results, files are written, plots are real PNGs, the
 report CLI reads eval outputs."""
 
+from dataclasses import replace
 
 import pytest
 
@@ -106,6 +107,12 @@ def test_verdict_reads_the_bar_off_the_results(tmp_path):
     assert lines[-1].startswith("**No objective reaches the bar.** Largest HS cut: Q B (−90.0 %)")
     assert "keeps FA and over-refusal inside the bar: Q C (−50.0 %)" in lines[-1]
     assert "Winner" not in "\n".join(lines)
+    # a row that leaves HS where it was (or raises it) is not called a cut, and reads with its sign
+    flat = replace(rows[2], hs_cut=0.0)
+    worse = replace(rows[2], name="Q D", hs_cut=-12.5)
+    lines = verdict_lines([rows[0], flat, worse])
+    assert lines[-1].endswith("no row lowers HS while keeping FA and over-refusal inside the bar.")
+    assert "HS ±0.0 % relative" in lines[3] and "HS +12.5 % relative" in lines[4]
     assert standings(results, "missing", "aligned FP", ["Q A"]) == []
     out = write_report(results, tmp_path / "rep", verdict=verdict_lines(rows))
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
