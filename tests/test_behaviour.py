@@ -102,7 +102,7 @@ def test_calibration_with_the_first_token_term_moves_malicious_rows_towards_the_
     aligned = copy.deepcopy(finetuned)
     with torch.no_grad():
         aligned.lm_head.weight.add_(0.5 * torch.randn_like(aligned.lm_head.weight))
-    cfg = CalibConfig(batch_size=2, epochs=6, lr_let=5e-2, lr_lwc=5e-2)
+    cfg = CalibConfig(batch_size=2, epochs=6, lr_let=5e-2, lr_lwc=5e-2, measure_init_loss=True)
     targets = first_token_targets(aligned, finetuned, tok, _calib(), cfg)
     loss = FirstTokenLoss(ModelTail(finetuned), targets, lam=10.0, benign_kl=1.0)
     res = quantize(finetuned, tok, _calib(), "W8A8", cfg, loss=loss, progress=False)

@@ -1,5 +1,7 @@
 """Block-wise calibration engine: resume, batch/padding invariance, artefact round trip."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -22,7 +24,7 @@ def test_training_lowers_block_loss_and_learned_clipping_beats_rtn(calib_set):
     # behind RTN here; the real-model comparison lives in the benchmark. What must hold anywhere:
     # training lowers each block's loss, and learned clipping beats plain min-max rounding.
     _, _, rtn = _run(calib_set, CalibConfig(method="rtn"))
-    _, _, omni = _run(calib_set, CalibConfig(epochs=20, batch_size=2))
+    _, _, omni = _run(calib_set, CalibConfig(epochs=20, batch_size=2, measure_init_loss=True))
     for log in omni.layer_logs:
         assert log["loss_last_epoch"] < log["loss_init"]
     _, _, lwc = _run(calib_set, CalibConfig(epochs=20, batch_size=2, let=False))
@@ -48,6 +50,28 @@ def test_interrupted_run_resumes_bit_identical(calib_set, tmp_path, cfg):
         assert torch.equal(full.params[k], resumed.params[k]), k
 
 
+def test_measuring_the_initial_loss_logs_it_without_changing_what_is_learned(calib_set, tmp_path):
+    cfg = CalibConfig(epochs=2, batch_size=3, learn_rounding=True, lr_round=0.1)
+    _, _, quiet = _run(calib_set, cfg)
+    assert all("loss_init" not in log for log in quiet.layer_logs)  # the extra pass is off by default
+    measured_cfg = replace(cfg, measure_init_loss=True)
+    _, _, measured = _run(calib_set, measured_cfg)
+    assert all(log["loss_init"] > 0 for log in measured.layer_logs)
+    assert measured.fingerprint == quiet.fingerprint
+    for k in quiet.params:
+        assert torch.equal(quiet.params[k], measured.params[k]), k
+
+    # a run interrupted with the flag off resumes with it on: it is not part of the fingerprint
+    def stop_after_first(i):
+        if i == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(calib_set, cfg, checkpoint_dir=tmp_path, on_block_end=stop_after_first)
+    _, _, resumed = _run(calib_set, measured_cfg, checkpoint_dir=tmp_path)
+    assert resumed.resumed_blocks == 1
+
+
 def test_changed_config_does_not_resume(calib_set, tmp_path):
     _run(calib_set, CalibConfig(epochs=1), checkpoint_dir=tmp_path)
     _, _, other = _run(calib_set, CalibConfig(epochs=1, lr_let=5e-3), checkpoint_dir=tmp_path)
@@ -56,9 +80,9 @@ def test_changed_config_does_not_resume(calib_set, tmp_path):
 
 @pytest.mark.parametrize("batch_size,padding_side", [(1, "left"), (8, "left"), (8, "right"), (3, "right")])
 def test_losses_do_not_depend_on_batch_size_or_padding(calib_set, batch_size, padding_side):
-    ref_cfg = CalibConfig(method="rtn", batch_size=1, padding_side="left")
+    ref_cfg = CalibConfig(method="rtn", batch_size=1, padding_side="left", measure_init_loss=True)
     _, _, ref = _run(calib_set, ref_cfg)
-    cfg = CalibConfig(method="rtn", batch_size=batch_size, padding_side=padding_side)
+    cfg = CalibConfig(method="rtn", batch_size=batch_size, padding_side=padding_side, measure_init_loss=True)
     _, _, got = _run(calib_set, cfg)
     for a, b in zip(ref.layer_logs, got.layer_logs):
         assert b["loss_init"] == pytest.approx(a["loss_init"], rel=1e-4)
@@ -140,7 +164,7 @@ def test_label_grouped_batches_and_fp_stream_skipped_for_probe_only_samples(cali
 
 def test_init_guard_starts_from_the_better_of_smoothquant_and_identity(calib_set):
     _, _, guarded = _run(calib_set, CalibConfig(epochs=1, init_guard=True))
-    _, _, plain = _run(calib_set, CalibConfig(epochs=1, init_guard=False))
+    _, _, plain = _run(calib_set, CalibConfig(epochs=1, init_guard=False, measure_init_loss=True))
     first = guarded.layer_logs[0]
     assert first["init"] in ("identity", "smoothquant")
     if first["init"] == "identity":

@@ -39,7 +39,7 @@ def test_realign_pushes_malicious_states_across_the_probe_and_recon_does_not():
     # equivalence except the q<->k scale; clipping and rounding are small at 8 bits), so the
     # effect is small in absolute terms but ~100x what reconstruction-only calibration does.
     calib = CalibrationSet(MALICIOUS + BENIGN, [1] * len(MALICIOUS) + [0] * len(BENIGN))
-    cfg = CalibConfig(epochs=10, batch_size=4, lr_let=0.2, lr_lwc=0.2)
+    cfg = CalibConfig(epochs=10, batch_size=4, lr_let=0.2, lr_lwc=0.2, measure_init_loss=True)
     base, tok = tiny_model("llama", seed=2)
     probes = _probes(base, tok)
 
