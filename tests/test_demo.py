@@ -30,6 +30,7 @@ def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
         max_new_tokens=4, eval_limit=4, task_n=4, attack_sweep=(0.0,),
         align_config=AlignConfig(sft=sft, n_harmful=4, n_benign=4, answer_tokens=4, **_no_answer_filter()),
         attack_config=AttackConfig(sft=sft, n_task=8, poison_ratio=0.5),
+        lanes=2,  # the stages after the probes in two worker processes, as on the project's machine
     )
     logs = []
     report = run_demo(cfg, log=logs.append)
@@ -49,6 +50,9 @@ def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
                      .read_text())
     assert run["objective"] == "first-token" and "topic-codes:train[:48]" in run["calibration"]["split"]
     assert run["config"]["learn_rounding"] and run["config"]["lr_round"] == 3e-3  # the W8A8 override
+    # each lane's own output (progress bars included) is kept per stage
+    assert (tmp_path / "demo" / "logs" / "quantize-q-realign-first-token-w8a8.log").is_file()
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text())["lanes"] == 2
     logs.clear()
     run_demo(cfg, log=logs.append)
     assert not [line for line in logs if "building" in line]

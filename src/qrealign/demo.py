@@ -25,6 +25,7 @@ from .calibrate.data import build_calibration
 from .calibrate.engine import CalibConfig
 from .data.prompts import load_prompts, prompt_set_fingerprint
 from .errors import NoSafetyLayers, QrealignError
+from .lanes import Job, Ref, run_jobs
 from .stages import cached_stage, stage_dir
 from .utils import read_json, write_json
 
@@ -120,6 +121,10 @@ class DemoConfig:
     eval_limit: int | None = None
     task_n: int | None = 200
     device: str | None = None
+    # Stages after the probes run in this many worker processes side by side (`lanes.py`);
+    # None: 2 on a CPU with at least 2 cores (1.2-1.3x the throughput of one 2-thread process
+    # on the project's machine), 1 on a GPU.
+    lanes: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -147,7 +152,10 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
     attacked_dir = timed("attack", lambda: _attack_stage(cfg, root, aligned_dir, log))
     probe_dirs = timed("probes", lambda: _probe_stages(cfg, root, aligned_dir, attacked_dir, log))
 
-    runs: list[tuple[str, Path]] = []
+    # Everything after the probes is a set of independent jobs: one per quantized model, one per
+    # extra attack, one evaluation per model (after the stage that builds it).
+    jobs: list[Job] = []
+    quantized: list[str] = []
     for scheme in cfg.schemes:
         for variant in cfg.variants:
             if scheme != cfg.schemes[0] and variant.name not in cfg.extra_scheme_variants:
@@ -159,19 +167,26 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
                 except NoSafetyLayers as e:
                     log(f"[demo] {label}: skipped ({e})")
                     continue
-            runs.append((label, timed(f"quantize: {label}", lambda v=variant, s=scheme: _quant_stage(
-                cfg, root, attacked_dir, probe_dirs, v, s, log, aligned_dir))))
-
+            jobs.append(Job(f"quantize: {label}", _quant_stage,
+                            (cfg, root, attacked_dir, probe_dirs, variant, scheme),
+                            {"aligned_dir": aligned_dir}, cost=_quant_cost(variant, cfg)))
+            quantized.append(label)
     sweep = []
     for ratio in cfg.attack_sweep:
-        path = timed(f"attack p={ratio:g}", lambda r=ratio: _attack_stage(cfg, root, aligned_dir, log, poison_ratio=r))
-        sweep.append((f"attacked FP p={ratio:g}", str(path)))
+        key = f"attack p={ratio:g}"
+        jobs.append(Job(key, _attack_stage, (cfg, root, aligned_dir), {"poison_ratio": ratio}, cost=3.0))
+        sweep.append((f"attacked FP p={ratio:g}", Ref(key)))
 
     raw = [("raw", cfg.model)] if cfg.raw_row else []
-    models = [*raw, ("aligned FP", str(aligned_dir)), ("attacked FP", str(attacked_dir)), *sweep, *runs]
-    results = []
+    models = [*raw, ("aligned FP", str(aligned_dir)), ("attacked FP", str(attacked_dir)), *sweep,
+              *((label, Ref(f"quantize: {label}")) for label in quantized)]
     for label, source in models:
-        results.append(timed(f"evaluate: {label}", lambda l=label, s=source: _eval_stage(cfg, root, l, str(s), log)))
+        jobs.append(Job(f"evaluate: {label}", _eval_stage, (cfg, root, label, source),
+                        after=(source.key,) if isinstance(source, Ref) else (), cost=1.0))
+    lanes = cfg.lanes if cfg.lanes is not None else default_lanes(cfg.device)
+    done = run_jobs(jobs, workers=lanes, log_dir=out / "logs", log=log, desc="demo", seconds=timings)
+    runs = [(label, done[f"quantize: {label}"]) for label in quantized]
+    results = [done[f"evaluate: {label}"] for label, _ in models]
 
     from .report import write_report
     from .report.verdict import standings, verdict_lines
@@ -182,7 +197,7 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
     report_dir = out / "report"
     write_report(results, report_dir, title="qrealign demo: SmolLM2-135M, aligned -> attacked -> quantized",
                  verdict=verdict)
-    summary = {"config": _jsonable(asdict(cfg)), "timings_s": timings, "total_s": round(time.time() - t_start, 1),
+    summary = {"config": _jsonable(asdict(cfg)), "lanes": lanes, "timings_s": timings, "total_s": round(time.time() - t_start, 1),
                "stages": {"aligned": str(aligned_dir), "attacked": str(attacked_dir),
                           **{f"probes-{k}": str(v) for k, v in probe_dirs.items()},
                           **{label: str(path) for label, path in runs}},
@@ -202,7 +217,7 @@ def _align_stage(cfg, root, log) -> Path:
     return finetune_stage("align", cfg.model, align_cfg, cache_root=root, device=cfg.device, log=log)
 
 
-def _attack_stage(cfg, root, aligned_dir, log, poison_ratio: float | None = None) -> Path:
+def _attack_stage(cfg, root, aligned_dir, log=print, poison_ratio: float | None = None) -> Path:
     from .finetune.config import AttackConfig
     from .finetune.stage import finetune_stage
 
@@ -252,7 +267,25 @@ def _check_safety_layers(probes_dir: Path, loss: dict) -> None:
     safety_layers(load_probes(probes_dir), loss.get("layers"), loss.get("layers_from"))
 
 
-def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: str, log, aligned_dir=None) -> Path:
+def default_lanes(device: str | None) -> int:
+    """Two lanes on a CPU with two or more cores, one otherwise (a GPU is not shared well)."""
+    import os
+
+    from .utils import resolve_device
+
+    return 2 if resolve_device(device).type == "cpu" and (os.cpu_count() or 1) >= 2 else 1
+
+
+def _quant_cost(variant: Variant, cfg: DemoConfig) -> float:
+    """Relative cost, for ordering the lanes only (measured on SmolLM2: RTN ~30 s, a reconstruction
+    ~110 s, the first-token objective ~700 s, an evaluation ~100 s)."""
+    if variant.method == "rtn":
+        return 0.3
+    return 7.0 if variant.teacher else 1.1 * cfg.epochs / 2
+
+
+def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: str, log=print,
+                 aligned_dir=None) -> Path:
     # The variant's own settings win over the demo-wide ones (e.g. the contrast variant's batch size).
     options = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed, **variant.config_for(scheme)}
     calib_cfg = CalibConfig(method="rtn" if variant.method == "rtn" else "omniquant", **options)
@@ -299,10 +332,11 @@ def _attack_task(cfg) -> str:
     return (cfg.attack_config or AttackConfig()).task
 
 
-def _eval_stage(cfg, root, label: str, source: str, log):
+def _eval_stage(cfg, root, label: str, source: str, log=print):
     from .evaluate.generate import GenerationConfig
     from .evaluate.runner import EvalResult, evaluate_path
 
+    source = str(source)
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
     inputs = {"source": _stage_ref(source, root), "gen": gen.to_dict() if hasattr(gen, "to_dict") else str(gen),
               "limit": cfg.eval_limit, "task_n": cfg.task_n, "label": label, "version": __version__}

@@ -73,9 +73,12 @@ def next_token_logprobs(model: nn.Module, tokenizer, calib: CalibrationSet, conf
     for batch in make_batches(tokenizer, calib, config.batch_size, config.max_length, config.padding_side,
                               config.system, pad_to=config.pad_to):
         enc = batch.enc.to(device)
+        # The LM head only at the positions some row ends on (one position with left padding), not
+        # at every position: on SmolLM2 (vocabulary 49k, width 576) 46 s instead of 56 s here.
+        keep, slot = torch.unique(enc.last_index, return_inverse=True)
         logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                       position_ids=batch.position_ids.to(device), use_cache=False).logits
-        rows = logits[torch.arange(logits.shape[0], device=logits.device), enc.last_index].float()
+                       position_ids=batch.position_ids.to(device), use_cache=False, logits_to_keep=keep).logits
+        rows = logits[torch.arange(logits.shape[0], device=logits.device), slot].float()
         if out is None:
             out = torch.empty(len(calib.prompts), rows.shape[-1])
         out[batch.index] = F.log_softmax(rows, dim=-1).cpu()

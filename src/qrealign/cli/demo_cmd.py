@@ -20,6 +20,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--eval-limit", type=int, default=None, help="first N prompts per side (default: whole eval split)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--lanes", type=int, default=None,
+                        help="worker processes for the stages after the probes (default: 2 on a CPU with 2+ cores, "
+                             "1 on a GPU); each lane's output goes to OUT/logs/")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -36,7 +39,8 @@ def run(args) -> int:
                      poison_ratio=args.poison_ratio, raw_row=args.extended,
                      variants=EXTENDED_VARIANTS if args.extended else DEFAULT_VARIANTS,
                      attack_sweep=sweep, epochs=args.epochs, max_new_tokens=args.max_new_tokens,
-                     eval_limit=args.eval_limit, device=args.device, seed=args.seed)
+                     eval_limit=args.eval_limit, device=args.device, seed=args.seed,
+                     lanes=args.lanes)
     report = run_demo(cfg)
     md = report / "report.md"
     if md.is_file():

@@ -1,0 +1,70 @@
+"""The stage runner: dependencies, results passed on, the same answers in one lane or two, and a
+failing job that names itself."""
+
+import os
+
+import pytest
+
+from qrealign.lanes import Job, JobFailed, Ref, run_jobs
+
+
+def add(a, b, log=print):
+    log(f"[add] {a} + {b}")
+    return a + b
+
+
+def whoami(tag, log=print):
+    import torch
+
+    return tag, os.getpid(), torch.get_num_threads()
+
+
+def boom(log=print):
+    raise ValueError("no such prompt split")
+
+
+def _jobs():
+    return [
+        Job("sum", add, (Ref("one"), Ref("two"))[::-1], after=("one", "two")),
+        Job("one", add, (0, 1)),
+        Job("two", add, (1, 1), cost=5.0),
+        Job("nested", add, ([Ref("sum")], [Ref("one")]), after=("sum", "one")),
+    ]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_jobs_run_after_what_they_need_and_get_its_result(workers, tmp_path):
+    lines, seconds = [], {}
+    results = run_jobs(_jobs(), workers=workers, threads=1, log_dir=tmp_path, log=lines.append, seconds=seconds)
+    assert results == {"one": 1, "two": 2, "sum": 3, "nested": [3, 1]}
+    assert set(seconds) == set(results) and all(s >= 0 for s in seconds.values())
+    # the lines a job logs come back to the caller, whichever process ran it
+    assert "[add] 2 + 1" in lines and "[add] 0 + 1" in lines
+    if workers == 2:
+        assert (tmp_path / "sum.log").read_text().strip() == "[add] 2 + 1"
+
+
+def test_lanes_are_worker_processes_with_their_thread_count(tmp_path):
+    jobs = [Job(f"w{i}", whoami, (i,)) for i in range(4)]
+    results = run_jobs(jobs, workers=2, threads=1, log_dir=tmp_path, log=lambda line: None)
+    pids = {pid for _, pid, _ in results.values()}
+    assert 1 <= len(pids) <= 2 and os.getpid() not in pids  # the pool may start its second worker late
+    assert all(threads == 1 for _, _, threads in results.values())
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failing_job_stops_the_run_and_says_which(workers, tmp_path):
+    jobs = [Job("ok", add, (1, 2)), Job("bad", boom, after=("ok",)), Job("later", add, (Ref("bad"), 1), after=("bad",))]
+    with pytest.raises((JobFailed, ValueError), match="no such prompt split") as err:
+        run_jobs(jobs, workers=workers, threads=1, log_dir=tmp_path, log=lambda line: None)
+    if workers == 2:
+        assert "bad failed" in str(err.value) and "bad.log" in str(err.value)
+
+
+def test_bad_job_graphs_are_refused_before_anything_runs(tmp_path):
+    with pytest.raises(JobFailed, match="duplicate job keys"):
+        run_jobs([Job("a", add, (1, 1)), Job("a", add, (1, 2))])
+    with pytest.raises(JobFailed, match="do not exist.*'ghost'"):
+        run_jobs([Job("a", add, (1, 1), after=("ghost",))])
+    with pytest.raises(JobFailed, match="wait on each other"):
+        run_jobs([Job("a", add, (1, 1), after=("b",)), Job("b", add, (1, 1), after=("a",))])
