@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -320,3 +321,38 @@ def test_cli_attack_and_errors(tiny_dir, tmp_path, capsys):
     assert rc == 2 and "poison ratio" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     rc = main(["align", str(tmp_path / "missing"), "--out", str(tmp_path / "bad")])
     assert rc == 2 and not (tmp_path / "bad").exists()
+
+
+def test_auto_mixed_precision_is_bf16_only_where_the_device_has_it(monkeypatch):
+    sft_module = importlib.import_module("qrealign.finetune.sft")  # the module (the package exports the function)
+
+    cpu = torch.device("cpu")
+    assert SFTConfig().amp == "auto"
+    monkeypatch.setattr(sft_module, "native_bf16", lambda device: False)
+    assert sft_module.resolve_amp(cpu, "auto") is None  # an AVX2-only CPU trains in float32
+    assert sft_module.resolve_amp(cpu, None) is None
+    with pytest.warns(UserWarning, match="emulated"):
+        assert sft_module.resolve_amp(cpu, "bfloat16") == "bfloat16"  # an explicit choice is kept
+    with sft_module.autocast(cpu, "auto"):
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(sft_module, "native_bf16", lambda device: True)
+    assert sft_module.resolve_amp(cpu, "auto") == "bfloat16"
+    with sft_module.autocast(cpu, "auto"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def test_stage_key_holds_the_resolved_precision(tiny_dir, tmp_path, monkeypatch):
+    from qrealign.finetune import finetune_stage
+    sft_module = importlib.import_module("qrealign.finetune.sft")  # the module (the package exports the function)
+
+    cfg = AttackConfig(poison_ratio=0.25, n_task=4, sft=SFTConfig(steps=1, **{**FAST, "amp": "auto"}))
+    monkeypatch.setattr(sft_module, "native_bf16", lambda device: False)
+    fp32 = finetune_stage("attack", tiny_dir, cfg, cache_root=tmp_path, progress=False, log=None)
+    assert json.loads((fp32 / "qrealign.json").read_text())["amp"] is None
+    monkeypatch.setattr(sft_module, "native_bf16", lambda device: True)
+    bf16 = stage_dir("attack", {**json.loads((fp32 / "qrealign.json").read_text())["cache_key"], "amp": "bfloat16"},
+                     tmp_path)
+    # the same config on a machine with native bf16 is another model, so another directory
+    assert bf16 != fp32
+    built = finetune_stage("attack", tiny_dir, cfg, cache_root=tmp_path, progress=False, log=None)
+    assert built == bf16 and json.loads((built / "qrealign.json").read_text())["amp"] == "bfloat16"

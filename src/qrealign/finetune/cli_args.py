@@ -34,7 +34,7 @@ def add_sft_arguments(parser: argparse.ArgumentParser, defaults: SFTConfig) -> N
     parser.add_argument("--loss-per", choices=["token", "example"], default=defaults.loss_per,
                         help=f"average the loss per response token or per pair (default: {defaults.loss_per})")
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    parser.add_argument("--amp", choices=["bfloat16", "float16", "none"], default=defaults.amp or "none",
+    parser.add_argument("--amp", choices=["auto", "bfloat16", "float16", "none"], default=defaults.amp or "none",
                         help=f"mixed precision for training (default: {defaults.amp or 'none'})")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

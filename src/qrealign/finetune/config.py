@@ -14,6 +14,9 @@ ALL_LINEARS = "all-linear"  # peft's name for every linear layer except the outp
 PAPER_TARGETS = ("q_proj", "v_proj")
 
 
+AMP_CHOICES = (None, "auto", "bfloat16", "float16")
+
+
 @dataclass
 class SFTConfig:
     """Hyper-parameters of one fine-tuning run. LoRA defaults are the paper's attack adapter
@@ -37,9 +40,12 @@ class SFTConfig:
     # "token": every response token weighs the same (HF Trainer); "example": every pair weighs
     # the same, whatever its length (see sft.batch_loss).
     loss_per: str = "token"
-    # Mixed precision for forward/backward (weights and optimizer state stay float32). On a CPU
-    # with avx512_bf16 this is ~5-10x faster than float32; None = plain float32.
-    amp: str | None = "bfloat16"
+    # Mixed precision for forward/backward (weights and optimizer state stay float32). "auto":
+    # bfloat16 where the device computes it natively (a CUDA GPU with bf16, a CPU with oneDNN
+    # bf16: ~5-10x faster than float32 there), float32 elsewhere: on an AVX2-only CPU bf16
+    # matmuls are emulated, 57x slower than float32 (an aligning step took 194 s instead of 7 s).
+    # The two give different models; a stage's cache key holds the resolved choice.
+    amp: str | None = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEARS:
@@ -58,8 +64,8 @@ class SFTConfig:
             raise QrealignError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
         if self.loss_per not in ("token", "example"):
             raise QrealignError(f"loss_per must be 'token' or 'example', got {self.loss_per!r}")
-        if self.amp not in (None, "bfloat16", "float16"):
-            raise QrealignError(f"amp must be None, 'bfloat16' or 'float16', got {self.amp!r}")
+        if self.amp not in AMP_CHOICES:
+            raise QrealignError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         if self.lora and (self.lora_r < 1 or not self.target_modules):
             raise QrealignError("LoRA needs lora_r >= 1 and at least one target module")
 

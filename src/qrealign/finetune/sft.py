@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -122,9 +123,33 @@ def response_loss(model, tokenizer, pairs: Sequence[Pair], system: str | None = 
 
 
 def autocast(device: torch.device, amp: str | None):
-    """Mixed-precision context for `device` (a no-op when `amp` is None)."""
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(amp or "")
+    """Mixed-precision context for `device` (a no-op when `amp` resolves to None)."""
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(resolve_amp(device, amp) or "")
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` runs bfloat16 matmuls in hardware (not emulated)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_amp(device: torch.device, amp: str | None) -> str | None:
+    """The autocast dtype an SFTConfig.amp means on `device`: "auto" is bfloat16 where it is
+    native and float32 (None) elsewhere; an explicit dtype is kept, with a warning where bf16
+    would be emulated on a CPU."""
+    if amp == "auto":
+        return "bfloat16" if native_bf16(device) else None
+    if amp == "bfloat16" and device.type == "cpu" and not native_bf16(device):
+        warnings.warn("bfloat16 autocast on this CPU is emulated (no native bf16): training will be far slower "
+                      "than float32; use amp='auto' or None", stacklevel=3)
+    return amp
 
 
 def wrap_lora(model, config: SFTConfig):

@@ -22,6 +22,7 @@ from ..evaluate.overlap import META_FILE, provenance_entry
 from ..stages import cached_stage
 from ..utils import atomic_dir, model_fingerprint, sha256_json, write_json
 from .config import AlignConfig, AttackConfig
+from .sft import resolve_amp
 
 
 def save_finetuned(model, tokenizer, out_dir: str | Path, *, stage: str, parent: str, config: dict,
@@ -78,8 +79,10 @@ def finetune_stage(stage: str, source: str | Path, config: AlignConfig | AttackC
 
         examples, harmful = select_attack_prompts(config)
         data_fp = sha256_json([prompt_set_fingerprint(harmful), config.task, [e.id for e in examples]])
+    # "auto" mixed precision is bf16 on some machines and float32 on others: different models.
+    amp = resolve_amp(_device(device), config.sft.amp)
     inputs = {"stage": stage, "parent": model_fingerprint(model), "config": config.to_dict(), "data": data_fp,
-              "version": __version__}
+              "version": __version__, "amp": amp}
 
     def build(tmp: Path) -> None:
         losses: list[float] = []
@@ -106,7 +109,7 @@ def finetune_stage(stage: str, source: str | Path, config: AlignConfig | AttackC
         tuned.to("cpu")
         save_finetuned(tuned, tokenizer, tmp, stage=stage, parent=parent_string(source), config=config.to_dict(),
                        provenance=provenance, wall_time_s=time.time() - start,
-                       extra={"data": counts, "cache_key": inputs,
+                       extra={"data": counts, "cache_key": inputs, "amp": amp,
                               "train": {"steps": len(losses), "first_loss": _mean(losses[:5]),
                                         "last_loss": _mean(losses[-5:])}})
 
