@@ -41,3 +41,24 @@ def test_bench_rejects_bad_counts_before_any_work(tmp_path):
     with pytest.raises(QrealignError, match="eval_n"):
         bench.run_bench("tiny", n=4, out=tmp_path / "b", eval_n=-3, progress=False)
     assert not (tmp_path / "b").exists()
+
+
+def test_lanes_bench_times_both_ways_and_says_whether_the_numbers_moved(tmp_path):
+    from qrealign.bench_lanes import run_lanes_bench
+
+    model, tok = tiny_model("llama", num_hidden_layers=2)
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    report = run_lanes_bench(str(tmp_path / "tiny"), n_calib=4, n_gen=4, max_new_tokens=2, out=tmp_path / "out",
+                             log=lambda line: None)
+    one, two = report["one_lane"]["jobs"], report["two_lanes"]["jobs"]
+    assert set(one) == set(two) == {"calibrate 0", "calibrate 1", "generate 0", "generate 1"}
+    assert all(job["threads"] == 1 for job in two.values())
+    # the same job twice in one lane gives the same digest: the digests are of the results, not of timing
+    assert one["calibrate 0"]["digest"] == one["calibrate 1"]["digest"]
+    assert one["generate 0"]["digest"] == one["generate 1"]["digest"]
+    assert report["init_loss"]["identical"]  # the extra pass changes nothing learned
+    assert report["speedup"] > 0
+    md = (tmp_path / "out" / "bench-lanes.md").read_text()
+    assert "| calibrate 0 |" in md and "Speed-up of two lanes" in md
+    assert json.loads((tmp_path / "out" / "bench-lanes.json").read_text())["identical"].keys() == set(one)

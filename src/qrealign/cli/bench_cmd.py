@@ -4,7 +4,7 @@ from __future__ import annotations
 
 COMMAND = "bench"
 ORDER = 40
-HELP = "benchmark the calibration engine: authors' schedule vs ours (JSON + Markdown)"
+HELP = "benchmark the calibration engine: authors' schedule vs ours, or one lane vs two (JSON + Markdown)"
 
 
 def add_arguments(parser) -> None:
@@ -18,10 +18,21 @@ def add_arguments(parser) -> None:
                         help="also evaluate both results: HS / over-refusal on N held-out prompts per side + task accuracy")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--lanes", action="store_true",
+                        help="instead: time two calibrations (N prompts) and two generations in one lane vs two "
+                             "(the demo's worker processes), and a calibration with / without the initial-loss pass")
 
 
 def run(args) -> int:
     from ..bench import markdown, run_bench
+
+    if args.lanes:
+        from ..bench_lanes import markdown as lanes_markdown, run_lanes_bench
+
+        report = run_lanes_bench(args.model, n_calib=args.n, scheme=args.scheme, out=args.out)
+        print(lanes_markdown(report))
+        print(f"wrote {args.out}/bench-lanes.json and bench-lanes.md")
+        return 0
 
     probes = None
     if args.probes:
