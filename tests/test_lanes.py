@@ -68,3 +68,20 @@ def test_bad_job_graphs_are_refused_before_anything_runs(tmp_path):
         run_jobs([Job("a", add, (1, 1), after=("ghost",))])
     with pytest.raises(JobFailed, match="wait on each other"):
         run_jobs([Job("a", add, (1, 1), after=("b",)), Job("b", add, (1, 1), after=("a",))])
+
+
+def slow(seconds, log=print):
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+def test_a_failure_stops_the_other_lane_without_waiting_for_its_job(tmp_path):
+    import time
+
+    t0 = time.time()
+    with pytest.raises(JobFailed, match="bad failed"):
+        run_jobs([Job("slow", slow, (60,), cost=2.0), Job("bad", boom)], workers=2, threads=1, log_dir=tmp_path,
+                 log=lambda line: None)
+    assert time.time() - t0 < 45  # the 60 s job was stopped, not awaited

@@ -101,9 +101,12 @@ def run_jobs(jobs: list[Job], workers: int = 1, threads: int | None = None, log_
                     bar.update(min(job.cost, bar.total - bar.n))  # float sums may overshoot by an ulp
                     bar.set_postfix_str(f"{len(results)}/{len(jobs)}")
         except BaseException:
-            for fut in running:
-                fut.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
+            # Stop the other lane now rather than after its job: every stage writes its output
+            # atomically and calibrations resume from their block checkpoints.
+            processes = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.terminate()
             raise
         finally:
             bar.close()
