@@ -85,3 +85,54 @@ def test_a_failure_stops_the_other_lane_without_waiting_for_its_job(tmp_path):
         run_jobs([Job("slow", slow, (60,), cost=2.0), Job("bad", boom)], workers=2, threads=1, log_dir=tmp_path,
                  log=lambda line: None)
     assert time.time() - t0 < 45  # the 60 s job was stopped, not awaited
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the process table from /proc")
+def test_a_lane_exits_when_the_run_that_started_it_is_killed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # a parent process that starts one lane running a long job, then is killed with SIGKILL
+    script = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from qrealign.lanes import Job, run_jobs\n"
+        "from test_lanes import slow\n"
+        "run_jobs([Job('slow', slow, (120,))], workers=2, threads=1, log_dir=%r, log=print)\n"
+    ) % (os.path.dirname(__file__), str(tmp_path))
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert "[lanes] start: slow" in parent.stdout.readline()
+    time.sleep(3)  # let the worker start its job
+    workers = _children(parent.pid)
+    assert workers
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(pid) for pid in workers):
+        time.sleep(0.5)
+    assert not any(_alive(pid) for pid in workers)
+
+
+def _children(pid):
+    from pathlib import Path
+
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid):
+    from pathlib import Path
+
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

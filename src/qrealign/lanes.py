@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -71,7 +72,8 @@ def run_jobs(jobs: list[Job], workers: int = 1, threads: int | None = None, log_
                bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
     bar.set_postfix_str(f"0/{len(jobs)}")
     ctx = get_context("spawn")  # a fresh interpreter per lane: no forked torch thread pools
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(threads, os.getpid())) as pool:
         try:
             while pending or running:
                 ready = sorted((j for j in pending.values() if all(k in results for k in j.after)),
@@ -153,11 +155,21 @@ def _slug(key: str) -> str:
     return re.sub(r"[^a-z0-9._]+", "-", key.lower()).strip("-")
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent: int) -> None:
+    # A lane must not outlive the run that started it: a killed parent (not Ctrl-C, which reaches
+    # the whole process group) would leave it calibrating on its own for the rest of its job. The
+    # parent's pid comes from the parent: the parent may be gone before this runs.
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     import torch
 
     torch.set_num_threads(threads)
     os.environ.setdefault("TQDM_MININTERVAL", "10")  # bars go to a file: a line every 10 s, not every step
+
+
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
 
 
 def _call(fn, args, kwargs, log_file: str | None):
