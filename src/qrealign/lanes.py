@@ -1,11 +1,11 @@
 """Run independent pipeline stages side by side, one worker process per lane.
 
-Why: on a CPU a small model's work does not fill two cores from one process (SmolLM2 on the
-project's 2-core machine: a calibration step runs 1.6x faster with a second thread, generation
-1.3-1.6x), while two single-thread processes each run at full single-thread speed. So the demo's
-independent stages (the quantizations, the evaluations) finish sooner in two lanes of one thread
-than one after another on two threads. On a GPU, or with `workers=1`, jobs run in this process,
-in order.
+Why: on a CPU a small model's work does not fill two cores from one process (SmolLM2 on a
+2-core machine: a second thread speeds a calibration or a generation up 1.5-1.8x, not 2x), while
+two single-thread processes each keep about their single-thread speed. So the demo's independent
+stages (the quantizations, the evaluations) finish sooner in two lanes of one thread than one
+after another on two threads (`qrealign bench --lanes` measures it: 1.14x on a 2-core AVX2 CPU).
+On a GPU, or with `workers=1`, jobs run in this process, in order.
 
 A job names the jobs it needs (`after`); its arguments may hold `Ref(key)`, replaced by that
 job's result when it starts. When a lane frees up, the ready job with the largest `cost` starts

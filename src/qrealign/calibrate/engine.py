@@ -77,8 +77,8 @@ class CalibConfig:
     # Stop a block's training once the epoch loss improves by less than this fraction (0 = off).
     early_stop_rel: float = 0.0
     # Log each block's loss before training ("loss_init"): one extra pass over the calibration set
-    # per block, 15-20 % of a calibration's time (with the first-token term it runs the rest of the
-    # network too). The first epoch's mean loss ("loss_first_epoch") is logged for free; the
+    # per block, 10 % of a reconstruction calibration's time on SmolLM2 (`qrealign bench --lanes`),
+    # more with the first-token term, whose pass runs the rest of the network too. The first epoch's mean loss ("loss_first_epoch") is logged for free; the
     # learned parameters are the same either way. `init_guard` measures it regardless.
     measure_init_loss: bool = False
     system: str | None = None
