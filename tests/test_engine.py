@@ -36,13 +36,7 @@ def test_training_lowers_block_loss_and_learned_clipping_beats_rtn(calib_set):
                          ids=["let-lwc", "learned-rounding"])
 def test_interrupted_run_resumes_bit_identical(calib_set, tmp_path, cfg):
     _, _, full = _run(calib_set, cfg)
-
-    def stop_after_first(i):
-        if i == 0:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        _run(calib_set, cfg, checkpoint_dir=tmp_path, on_block_end=stop_after_first)
+    _interrupt_after_first_block(calib_set, cfg, tmp_path)
     _, _, resumed = _run(calib_set, cfg, checkpoint_dir=tmp_path)
     assert resumed.resumed_blocks == 1
     assert full.params.keys() == resumed.params.keys()
@@ -62,14 +56,18 @@ def test_measuring_the_initial_loss_logs_it_without_changing_what_is_learned(cal
         assert torch.equal(quiet.params[k], measured.params[k]), k
 
     # a run interrupted with the flag off resumes with it on: it is not part of the fingerprint
+    _interrupt_after_first_block(calib_set, cfg, tmp_path)
+    _, _, resumed = _run(calib_set, measured_cfg, checkpoint_dir=tmp_path)
+    assert resumed.resumed_blocks == 1
+
+
+def _interrupt_after_first_block(calib_set, cfg, checkpoint_dir):
     def stop_after_first(i):
         if i == 0:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _run(calib_set, cfg, checkpoint_dir=tmp_path, on_block_end=stop_after_first)
-    _, _, resumed = _run(calib_set, measured_cfg, checkpoint_dir=tmp_path)
-    assert resumed.resumed_blocks == 1
+        _run(calib_set, cfg, checkpoint_dir=checkpoint_dir, on_block_end=stop_after_first)
 
 
 def test_changed_config_does_not_resume(calib_set, tmp_path):
