@@ -348,11 +348,11 @@ def test_stage_key_holds_the_resolved_precision(tiny_dir, tmp_path, monkeypatch)
     cfg = AttackConfig(poison_ratio=0.25, n_task=4, sft=SFTConfig(steps=1, **{**FAST, "amp": "auto"}))
     monkeypatch.setattr(sft_module, "native_bf16", lambda device: False)
     fp32 = finetune_stage("attack", tiny_dir, cfg, cache_root=tmp_path, progress=False, log=None)
-    assert json.loads((fp32 / "qrealign.json").read_text())["amp"] is None
+    assert json.loads((fp32 / "qrealign.json").read_text())["cache_key"]["amp"] is None
     monkeypatch.setattr(sft_module, "native_bf16", lambda device: True)
     bf16 = stage_dir("attack", {**json.loads((fp32 / "qrealign.json").read_text())["cache_key"], "amp": "bfloat16"},
                      tmp_path)
     # the same config on a machine with native bf16 is another model, so another directory
     assert bf16 != fp32
     built = finetune_stage("attack", tiny_dir, cfg, cache_root=tmp_path, progress=False, log=None)
-    assert built == bf16 and json.loads((built / "qrealign.json").read_text())["amp"] == "bfloat16"
+    assert built == bf16 and json.loads((built / "qrealign.json").read_text())["cache_key"]["amp"] == "bfloat16"

@@ -60,8 +60,7 @@ def run_lanes_bench(model_spec: str = "smollm2-135m", n_calib: int = 32, n_gen: 
     rows = {}
     for workers in (1, 2):
         t0 = time.time()
-        results = run_jobs(jobs, workers=workers, threads=1 if workers > 1 else None, log=log,
-                           desc="bench")
+        results = run_jobs(jobs, workers=workers, threads=1, log=log, desc="bench")  # threads: per lane
         rows[workers] = {"wall_s": round(time.time() - t0, 1), "jobs": results}
     one, two = rows[1], rows[2]
     init = {flag: calibrate_job(model_spec, n_calib, scheme, measure_init_loss=flag) for flag in (False, True)}

@@ -109,7 +109,7 @@ def finetune_stage(stage: str, source: str | Path, config: AlignConfig | AttackC
         tuned.to("cpu")
         save_finetuned(tuned, tokenizer, tmp, stage=stage, parent=parent_string(source), config=config.to_dict(),
                        provenance=provenance, wall_time_s=time.time() - start,
-                       extra={"data": counts, "cache_key": inputs, "amp": amp,
+                       extra={"data": counts, "cache_key": inputs,
                               "train": {"steps": len(losses), "first_loss": _mean(losses[:5]),
                                         "last_loss": _mean(losses[-5:])}})
 
