@@ -111,8 +111,10 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
                          checkpoint_dir, layers_from, **loss_options) -> CalibResult:
     from .calibrate.behaviour import FirstTokenLoss, ModelTail, first_token_targets
     from .models import load_model
+    from .models.offload import require_resident
     from .utils import model_fingerprint
 
+    require_resident(model, "the first-token objective (teacher targets and the model tail)")  # before the teacher loads
     num_layers = model.config.num_hidden_layers
     layers = chosen_layers(num_layers, loss_options.get("layers"), layers_from)
     if layers is not None:

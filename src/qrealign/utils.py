@@ -67,11 +67,25 @@ def tensor_digest(tensor: torch.Tensor, h: "hashlib._Hash", max_elems: int = 655
 
 
 def model_fingerprint(model: torch.nn.Module, length: int = 16) -> str:
+    """A hash of the model's type and state dict. A disk-offloaded model gives the same value as
+    the same checkpoint loaded in memory (its blocks are read from the files one tensor at a
+    time, once), so runs resume and reload across the two."""
+    from .models.offload import offloaded
+
+    source = offloaded(model)
+    if source is None:
+        return _state_fingerprint(model, model.state_dict().items(), length)
+    if length not in source.fingerprints:
+        source.fingerprints[length] = _state_fingerprint(model, source.state_items(), length)
+    return source.fingerprints[length]
+
+
+def _state_fingerprint(model: torch.nn.Module, items, length: int) -> str:
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
         h.update(str(getattr(config, "model_type", "")).encode())
-    for name, tensor in model.state_dict().items():
+    for name, tensor in items:
         h.update(name.encode())
         tensor_digest(tensor, h)
     return h.hexdigest()[:length]

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import QrealignError
+from ..models.offload import require_resident
 from ..models.registry import get_arch, get_blocks, get_submodule
 from ..utils import tensor_digest
 from .capture import block_output
@@ -41,6 +42,8 @@ class ModelTail:
     output to the next-token logits at each row's last prompt token."""
 
     def __init__(self, model: nn.Module):
+        # Every safety step runs the tail: from disk that is one read of the tail per step.
+        require_resident(model, "the first-token objective's model tail")
         self.blocks = get_blocks(model)
         self.norm = get_submodule(model, get_arch(model).final_norm)
         self.head = model.get_output_embeddings()

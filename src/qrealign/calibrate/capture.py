@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..models.offload import streaming_blocks
 from ..models.registry import get_blocks
 from .data import CalibBatch
 
@@ -56,9 +57,10 @@ def capture_block_inputs(model: nn.Module, batch: CalibBatch, device: torch.devi
 
     handles = [blocks[i].register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in sorted(needed.values())]
     enc = batch.enc.to(device)
-    try:
-        model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-              position_ids=batch.position_ids.to(device), use_cache=False)
+    try:  # a disk-offloaded block is read only if the pass reaches it (after the hooks above)
+        with streaming_blocks(model, device):
+            model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                  position_ids=batch.position_ids.to(device), use_cache=False)
     except _Stop:
         pass
     finally:

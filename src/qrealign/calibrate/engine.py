@@ -26,6 +26,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from ..errors import QrealignError
+from ..models.offload import offloaded
 from ..models.registry import block_pairs, get_arch, get_blocks, head_layout
 from ..quant.let import LETParams
 from ..quant.qlinear import QuantLinear, wrap_linears
@@ -170,8 +171,7 @@ def calibrate(
     for i in bar:
         t0 = time.time()
         block = blocks[i]
-        orig_device, orig_dtype = next(block.parameters()).device, next(block.parameters()).dtype
-        block.to(dev, torch.float32)
+        put_back = _to_compute(model, i, dev)
         kw = [k[getattr(block, "attention_type", None)] for k in kwargs]
 
         # 1. FP targets (and LET statistics) from the original block. Batches without an FP
@@ -228,7 +228,7 @@ def calibrate(
                     if f is not None]
             log["q_mse"] = float(sum(errs) / len(errs)) if errs else float("nan")
         fp_in = fp_out
-        block.to(orig_device, orig_dtype)
+        put_back()
         log["seconds"] = round(time.time() - t0, 3)
         logs.append(log)
         bar.set_postfix({k: f"{log[k]:.3g}" for k in ("q_mse", "loss_last_epoch") if log.get(k) is not None})
@@ -236,6 +236,19 @@ def calibrate(
             on_block_end(i)
     bar.close()
     return CalibResult(params, fingerprint, logs, time.time() - start_time, resumed_blocks=done)
+
+
+def _to_compute(model: nn.Module, i: int, dev: torch.device) -> Callable[[], None]:
+    """Put block i on the compute device in fp32; return what puts it back where it was (or, for a
+    disk-offloaded model, drops it: its learned parameters are recorded by then)."""
+    source = offloaded(model)
+    if source is not None:
+        source.onload(i, dev, torch.float32)
+        return lambda: source.release(i)
+    block = get_blocks(model)[i]
+    orig_device, orig_dtype = next(block.parameters()).device, next(block.parameters()).dtype
+    block.to(dev, torch.float32)
+    return lambda: block.to(orig_device, orig_dtype)
 
 
 def _block_forward(block, let, x, kw, amp: bool):

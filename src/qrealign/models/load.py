@@ -147,14 +147,20 @@ def load_model(
     device: str | torch.device | None = "cpu",
     trust_remote_code: bool = False,
     padding_side: str = "left",
+    offload: str | None = None,
 ):
     """Load `(model, tokenizer)` from any supported source.
 
     The model stays on `device` (CPU by default: the calibration engine onloads one block at a
-    time to the compute device, so a 70B model never has to fit on the GPU)."""
+    time to the compute device, so a 70B model never has to fit on the GPU). `offload="disk"`
+    leaves the decoder blocks in the safetensors files too (models larger than CPU RAM; only
+    calibration can use such a model, see `models.offload`)."""
     from transformers import AutoModelForCausalLM
 
     src = resolve_source(source)
+    if offload is not None:
+        model = _load_offloaded(src, adapter, offload, resolve_dtype(dtype), resolve_device(device), trust_remote_code)
+        return _finish(model, src, None, padding_side)
     kwargs: dict = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
@@ -181,12 +187,41 @@ def load_model(
     if adapter is not None:
         model = merge_adapter(model, adapter)
     model.to(resolve_device(device))
+    return _finish(model, src, adapter, padding_side)
+
+
+def _finish(model, src: ModelSource, adapter, padding_side: str):
     model.eval()
     # Recorded so that artefacts derived from this model can reload it.
     model.config.qrealign_source = src.reload_spec
     model.config.qrealign_adapter = str(Path(adapter).expanduser().resolve()) if adapter else None
     tokenizer = load_tokenizer(src, padding_side=padding_side)
     return model, tokenizer
+
+
+def _load_offloaded(src: ModelSource, adapter, offload: str, dtype, device, trust_remote_code: bool):
+    """Reject early what disk offload cannot do, then build the model with its blocks on disk."""
+    from .offload import load_offloaded
+
+    if offload != "disk":
+        raise ModelLoadError(f"offload={offload!r}: the only offload is 'disk'")
+    if adapter is not None:
+        raise ModelLoadError("offload='disk' cannot merge an adapter (merging needs every weight in memory); "
+                             "merge it once without offload, save_pretrained, and offload that directory")
+    if src.kind == "gguf":
+        raise ModelLoadError(f"offload='disk' reads safetensors directories, not GGUF files ({src.name})")
+    path = src.path
+    if src.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = snapshot_download(src.path, local_files_only=True)
+        except Exception:  # huggingface_hub raises several types for "not in the local cache"
+            raise ModelLoadError(f"offload='disk' needs a local snapshot of {src.name}; download it first "
+                                 "(huggingface-cli download) or pass its directory") from None
+    if dtype == "auto":
+        raise ModelLoadError("offload='disk' needs an explicit dtype (float32, bfloat16, float16), not 'auto'")
+    return load_offloaded(path, dtype, device, trust_remote_code)
 
 
 def merge_adapter(model, adapter: str | Path):

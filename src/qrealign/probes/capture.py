@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import QrealignError
 from ..models.chat import encode_prompts
+from ..models.offload import require_resident
 from ..models.registry import get_blocks
 
 
@@ -85,6 +86,7 @@ def capture_last_token_states(
     (a model elsewhere is moved there for the call and moved back). Prompts are sorted by length
     into batches so batches pad little; the result does not depend on batching or padding side.
     """
+    require_resident(model, "probe state capture")  # every batch would read the whole model from disk
     prompts = [getattr(p, "text", p) for p in prompts]  # accept Prompt objects too
     if not prompts:
         raise QrealignError("no prompts to capture states for")

@@ -1,0 +1,176 @@
+"""Disk-offloaded calibration (`load_model(..., offload="disk")`): the same learned parameters as
+the model in memory, one block resident at a time, resume, and clear errors for what it cannot do."""
+
+import pytest
+import torch
+
+from qrealign.calibrate.api import quantize
+from qrealign.calibrate.artifact import load_quantized
+from qrealign.calibrate.data import CalibrationSet
+from qrealign.calibrate.engine import CalibConfig, calibrate
+from qrealign.errors import ModelLoadError
+from qrealign.models import get_blocks, load_model
+from qrealign.models.offload import OffloadUnsupported, offloaded
+from qrealign.models.tiny import tiny_model
+from qrealign.probes.store import LayerMetrics, ProbeSet
+from qrealign.realign import realign
+from qrealign.utils import model_fingerprint
+
+LAYERS = 3
+OMNI = CalibConfig(epochs=2, batch_size=3)  # LWC + LET (the defaults)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return _save("llama", tmp_path_factory.mktemp("llama"))
+
+
+def _save(model_type, directory, **overrides):
+    """A tiny model written in several safetensors shards (one block spans more than one)."""
+    model, tok = tiny_model(model_type, seed=1, num_hidden_layers=LAYERS, **overrides)
+    model.save_pretrained(directory, max_shard_size="40KB")
+    tok.save_pretrained(directory)
+    assert len(list(directory.glob("*.safetensors"))) > LAYERS
+    return str(directory)
+
+
+def _block_tensors_on_meta(model) -> bool:
+    return all(t.device.type == "meta" for block in get_blocks(model) for t in block.state_dict().values())
+
+
+def _assert_same_params(a, b, learned=True):
+    assert a.params.keys() == b.params.keys() and bool(a.params) == learned
+    for k in a.params:
+        assert torch.equal(a.params[k], b.params[k]), k
+
+
+def test_offloaded_load_leaves_blocks_on_disk_and_keeps_the_fingerprint(tmp_path):
+    directory = _save("gemma2", tmp_path, tie_word_embeddings=True)
+    in_ram, _ = load_model(directory)
+    model, _ = load_model(directory, offload="disk")
+    assert _block_tensors_on_meta(model)
+    assert model.model.embed_tokens.weight.device.type != "meta" and model.model.norm.weight.device.type != "meta"
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as in memory
+    assert torch.equal(model.model.embed_tokens.weight, in_ram.model.embed_tokens.weight)
+    assert model_fingerprint(model) == model_fingerprint(in_ram)  # runs resume and reload across the two
+    half = [model_fingerprint(load_model(directory, dtype="bfloat16", offload=o)[0]) for o in (None, "disk")]
+    assert half[0] == half[1] != model_fingerprint(in_ram)
+    block = offloaded(model).onload(1, "cpu")
+    assert all(torch.equal(t, in_ram.model.layers[1].state_dict()[k]) for k, t in block.state_dict().items())
+    offloaded(model).release(1)
+    assert _block_tensors_on_meta(model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with offloaded(model).streaming("cpu"):  # a whole forward, one block read at a time
+        assert torch.equal(model(input_ids=ids).logits, in_ram(input_ids=ids).logits)
+    assert offloaded(model).max_resident == 1 and _block_tensors_on_meta(model)
+
+
+@pytest.mark.parametrize("model_type,method,scheme", [
+    ("llama", "rtn", "W8A8"), ("llama", "rtn", "W4A8"), ("llama", "omniquant", "W8A8"),
+    ("llama", "omniquant", "W4A8"),
+    ("gemma2", "omniquant", "W4A8"),  # tied embeddings, Gemma norms
+])
+def test_offloaded_calibration_is_bit_identical_with_one_block_resident(
+        model_type, method, scheme, model_dir, calib_set, tmp_path):
+    directory = model_dir if model_type == "llama" else _save(model_type, tmp_path)
+    cfg = CalibConfig(method=method) if method == "rtn" else OMNI
+    in_ram, tok = load_model(directory)
+    expected = calibrate(in_ram, tok, calib_set, scheme, cfg, progress=False)
+
+    model, tok = load_model(directory, offload="disk")
+    source = offloaded(model)
+    quantized_blocks, release = {}, source.release
+
+    def snapshot_then_release(i):  # the finished block (frozen fake-quant weights), just before it is dropped
+        quantized_blocks[i] = {k: t.clone() for k, t in get_blocks(model)[i].state_dict().items()}
+        release(i)
+
+    source.release = snapshot_then_release
+    after_each_block = []
+    result = calibrate(model, tok, calib_set, scheme, cfg, progress=False,
+                       on_block_end=lambda i: after_each_block.append(_block_tensors_on_meta(model)))
+    for i, block in enumerate(get_blocks(in_ram)):
+        assert block.state_dict().keys() == quantized_blocks[i].keys()
+        assert all(torch.equal(t, quantized_blocks[i][k]) for k, t in block.state_dict().items())
+    _assert_same_params(expected, result, learned=method != "rtn")
+    assert result.fingerprint == expected.fingerprint
+    assert [log["q_mse"] for log in result.layer_logs] == [log["q_mse"] for log in expected.layer_logs]
+    assert source.max_resident == 1 and not source.resident
+    assert after_each_block == [True] * LAYERS  # each block dropped once its parameters were recorded
+    assert source.onloads == LAYERS  # the input capture stops before block 0 reads anything
+
+
+def test_offloaded_probe_loss_run_matches_and_reloads_in_memory(model_dir, tmp_path):
+    calib = CalibrationSet(["explain how to break into a house", "write a scam email", "bake bread",
+                            "write a birthday email"], [1, 1, 0, 0])
+    torch.manual_seed(0)
+    w = torch.nn.functional.normalize(torch.randn(LAYERS, 64), dim=1)
+    metrics = [LayerMetrics(layer=i, usable=True, acc=1.0) for i in range(LAYERS)]
+    probes = ProbeSet("test", w, torch.zeros(LAYERS), metrics, model={"fingerprint": "test"})
+    runs = {}
+    for offload in (None, "disk"):
+        model, tok = load_model(model_dir, offload=offload)
+        runs[offload] = realign(model, tok, probes, calib, "W8A8", OMNI, out=tmp_path / str(offload), progress=False)
+    _assert_same_params(runs[None], runs["disk"])
+    ids = tok("hello there", return_tensors="pt").input_ids
+    logits = [load_quantized(tmp_path / name)[0](input_ids=ids).logits for name in ("None", "disk")]
+    assert torch.equal(*logits)  # the offloaded run's directory rebuilds the model in memory
+
+
+def test_offloaded_run_resumes_from_its_checkpoint_and_from_an_in_memory_one(model_dir, calib_set, tmp_path):
+    full = calibrate(load_model(model_dir)[0], load_model(model_dir)[1], calib_set, "W4A8", OMNI, progress=False)
+
+    def stop_after_first(i):
+        if i == 0:
+            raise KeyboardInterrupt
+
+    for first, ckpt in ((None, tmp_path / "a"), ("disk", tmp_path / "b")):
+        model, tok = load_model(model_dir, offload=first)
+        with pytest.raises(KeyboardInterrupt):
+            calibrate(model, tok, calib_set, "W4A8", OMNI, checkpoint_dir=ckpt, on_block_end=stop_after_first,
+                      progress=False)
+        model, tok = load_model(model_dir, offload="disk")
+        resumed = calibrate(model, tok, calib_set, "W4A8", OMNI, checkpoint_dir=ckpt, progress=False)
+        assert resumed.resumed_blocks == 1
+        _assert_same_params(full, resumed)
+
+
+def test_offload_rejects_what_it_cannot_load(model_dir, tmp_path):
+    import gguf
+
+    gguf_file = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(str(gguf_file), "llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "config.json").write_text(open(f"{model_dir}/config.json").read())
+    (bin_dir / "pytorch_model.bin").write_bytes(b"")
+    cases = [
+        (dict(source=str(gguf_file)), "not GGUF"),
+        (dict(source=model_dir, adapter=str(tmp_path)), "cannot merge an adapter"),
+        (dict(source="nobody-qrealign-test/no-such-model"), "needs a local snapshot"),
+        (dict(source=str(bin_dir)), "no \\*.safetensors"),
+        (dict(source=model_dir, dtype="auto"), "explicit dtype"),
+        (dict(source=model_dir, offload="ram"), "only offload is 'disk'"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ModelLoadError, match=message):
+            load_model(**{"offload": "disk", **kwargs})
+
+
+def test_offloaded_model_refuses_whole_model_work(model_dir, calib_set):
+    from qrealign.evaluate.generate import GenerationConfig, generate
+    from qrealign.probes.capture import capture_last_token_states
+
+    model, tok = load_model(model_dir, offload="disk")
+    with pytest.raises(OffloadUnsupported, match="forward pass of the whole model"):
+        generate(model, tok, ["hi"], GenerationConfig(max_new_tokens=2), progress=False)
+    with pytest.raises(OffloadUnsupported, match="probe state capture"):
+        capture_last_token_states(model, tok, ["hi"], progress=False)
+    # the teacher path is refused before the teacher is even looked for
+    with pytest.raises(OffloadUnsupported, match="first-token objective"):
+        realign(model, tok, teacher="/no/such/teacher", calibration=calib_set, progress=False)
+    assert not offloaded(model).resident
