@@ -135,6 +135,18 @@ def test_offloaded_run_resumes_from_its_checkpoint_and_from_an_in_memory_one(mod
         _assert_same_params(full, resumed)
 
 
+def test_quantize_cli_offload(model_dir, tmp_path):
+    from qrealign.cli import main
+    from qrealign.utils import read_json
+
+    out = tmp_path / "run"
+    assert main(["quantize", model_dir, "--offload", "disk", "--method", "rtn", "--n", "8", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    assert read_json(out / "qrealign.json")["model_fingerprint"] == model_fingerprint(load_model(model_dir)[0])
+    teacher = ["realign", model_dir, "--offload", "disk", "--teacher", model_dir, "--n", "8", "--out", str(tmp_path / "t")]
+    assert main(teacher) == 2 and not (tmp_path / "t").exists()  # a one-line error, before any work
+
+
 def test_offload_rejects_what_it_cannot_load(model_dir, tmp_path):
     import gguf
 

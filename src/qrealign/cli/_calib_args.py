@@ -6,6 +6,9 @@ from __future__ import annotations
 def add_common(parser) -> None:
     parser.add_argument("model", help="model to quantize (embedded name, dir, .gguf, hub id)")
     parser.add_argument("--adapter", help="PEFT adapter directory to merge on load")
+    parser.add_argument("--offload", choices=["disk"], default=None,
+                        help="disk: keep the decoder blocks in the model directory's safetensors files and read one "
+                             "at a time (models larger than CPU RAM; not with --adapter, GGUF or --teacher)")
     parser.add_argument("--out", required=True, help="output run directory (written atomically)")
     parser.add_argument("--scheme", default="W8A8", help="W8A8 (default), W4A8, W4A4, W8A16, W4A16, W8A8-sym, or W<b>A<b>[-g<N>][-sym]")
     parser.add_argument("--calib", default="qrealign:calib",
@@ -66,7 +69,7 @@ def prepare(args, method: str):
                               extra_benign=args.calib_benign)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise QrealignError(f"--out {args.out} exists and is not a directory")
-    model, tokenizer = load_model(args.model, adapter=args.adapter)
+    model, tokenizer = load_model(args.model, adapter=args.adapter, offload=args.offload)
     return model, tokenizer, scheme, config, calib
 
 
