@@ -1,6 +1,8 @@
 """Disk-offloaded calibration (`load_model(..., offload="disk")`): the same learned parameters as
 the model in memory, one block resident at a time, resume, and clear errors for what it cannot do."""
 
+import json
+
 import pytest
 import torch
 
@@ -160,11 +162,16 @@ def test_offload_rejects_what_it_cannot_load(model_dir, tmp_path):
     bin_dir.mkdir()
     (bin_dir / "config.json").write_text(open(f"{model_dir}/config.json").read())
     (bin_dir / "pytorch_model.bin").write_bytes(b"")
+    quantized_dir = tmp_path / "quantized"
+    quantized_dir.mkdir()
+    config = json.loads(open(f"{model_dir}/config.json").read())
+    (quantized_dir / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "x"}}))
     cases = [
         (dict(source=str(gguf_file)), "not GGUF"),
         (dict(source=model_dir, adapter=str(tmp_path)), "cannot merge an adapter"),
         (dict(source="nobody-qrealign-test/no-such-model"), "needs a local snapshot"),
         (dict(source=str(bin_dir)), "no \\*.safetensors"),
+        (dict(source=str(quantized_dir)), "quantized checkpoint"),
         (dict(source=model_dir, dtype="auto"), "explicit dtype"),
         (dict(source=model_dir, offload="ram"), "only offload is 'disk'"),
     ]
@@ -175,11 +182,14 @@ def test_offload_rejects_what_it_cannot_load(model_dir, tmp_path):
 
 def test_offloaded_model_refuses_whole_model_work(model_dir, calib_set):
     from qrealign.evaluate.generate import GenerationConfig, generate
+    from qrealign.evaluate.runner import evaluate_model
     from qrealign.probes.capture import capture_last_token_states
 
     model, tok = load_model(model_dir, offload="disk")
     with pytest.raises(OffloadUnsupported, match="forward pass of the whole model"):
         generate(model, tok, ["hi"], GenerationConfig(max_new_tokens=2), progress=False)
+    with pytest.raises(OffloadUnsupported, match="evaluation"):
+        evaluate_model(model, tok, limit=1, progress=False)
     with pytest.raises(OffloadUnsupported, match="probe state capture"):
         capture_last_token_states(model, tok, ["hi"], progress=False)
     # the teacher path is refused before the teacher is even looked for

@@ -222,9 +222,11 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
     about the model for result.json (kind, adapter, ...). lm_eval_tasks: lm-evaluation-harness
     tasks (e.g. ["mmlu"]); their leaf-task mean accuracy is the FA when no `task` is given."""
     from ..data.prompts import prompt_set_fingerprint
+    from ..models.offload import require_resident
     from .overlap import check_overlap
     from .tasks import get_task, task_accuracy
 
+    require_resident(model, "evaluation")  # before the fingerprint reads the whole checkpoint
     t0 = time.time()
     gen = (gen or GenerationConfig()).validate()
     harmful_prompts, harmful_spec = _prompts(harmful, 1, limit)
