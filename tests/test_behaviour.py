@@ -14,7 +14,7 @@ from qrealign.calibrate.data import CalibrationSet, make_batches
 from qrealign.calibrate.engine import CalibConfig
 from qrealign.calibrate.losses import LossInputs
 from qrealign.errors import QrealignError
-from qrealign.models.registry import get_blocks
+from qrealign.models.registry import block_types, get_blocks
 from qrealign.models.tiny import tiny_model
 
 PROMPTS = ["bake a loaf of rye bread", "describe how to pick a lock", "write a poem about rain", "say hello"]
@@ -33,8 +33,8 @@ def test_tail_reproduces_the_models_next_token_logits(model_type):
     h = inputs.hidden
     blocks = get_blocks(model)
     with torch.no_grad():
-        for block in blocks[:2]:
-            h = block_output(block(h, **inputs.kwargs_by_type[getattr(block, "attention_type", None)]))
+        for block, kind in zip(blocks[:2], block_types(model)):
+            h = block_output(block(h, **inputs.kwargs_by_type[kind]))
         via_tail = ModelTail(model)(h, 1, inputs.kwargs_by_type, batch.enc.last_index)
     reference = next_token_logprobs(model, tok, _calib(), cfg)
     assert torch.allclose(torch.log_softmax(via_tail, -1), reference[batch.index], atol=1e-5)

@@ -7,7 +7,7 @@ from torch.func import functional_call
 
 from qrealign.calibrate.capture import block_output, capture_block_inputs
 from qrealign.calibrate.data import CalibrationSet, make_batches
-from qrealign.models.registry import block_pairs, get_arch, get_blocks, head_layout
+from qrealign.models.registry import block_pairs, block_types, get_arch, get_blocks, head_layout
 from qrealign.models.tiny import TINY_MODEL_TYPES, tiny_model
 from qrealign.quant.let import LETParams
 from qrealign.quant.qlinear import set_quant_state, wrap_linears
@@ -19,7 +19,7 @@ def _block_and_inputs(model_type):
     batch = make_batches(tok, CalibrationSet(["hello there", "a longer prompt about bread"], [0, 1]), 2)[0]
     inputs = capture_block_inputs(model, batch, torch.device("cpu"))
     block = get_blocks(model)[0]
-    kw = inputs.kwargs_by_type[getattr(block, "attention_type", None)]
+    kw = inputs.kwargs_by_type[block_types(model)[0]]
     return model, block, inputs.hidden, kw
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import QrealignError
 from ..models.offload import require_resident
-from ..models.registry import get_arch, get_blocks, get_submodule
+from ..models.registry import block_types, get_arch, get_blocks, get_submodule
 from ..utils import tensor_digest
 from .capture import block_output
 from .data import CalibrationSet, make_batches
@@ -45,6 +45,7 @@ class ModelTail:
         # Every safety step runs the tail: from disk that is one read of the tail per step.
         require_resident(model, "the first-token objective's model tail")
         self.blocks = get_blocks(model)
+        self.types = block_types(model)
         self.norm = get_submodule(model, get_arch(model).final_norm)
         self.head = model.get_output_embeddings()
         # Gemma-2/3 squash the final logits (tanh soft-capping) inside the model's forward.
@@ -55,9 +56,9 @@ class ModelTail:
 
     def __call__(self, hidden: torch.Tensor, layer: int, kwargs_by_type: dict, last_index: torch.Tensor):
         h = hidden
-        for block in self.blocks[layer + 1:]:
+        for block, kind in zip(self.blocks[layer + 1:], self.types[layer + 1:]):
             p = next(block.parameters())
-            h = block_output(block(h.to(p.device, p.dtype), **kwargs_by_type[getattr(block, "attention_type", None)]))
+            h = block_output(block(h.to(p.device, p.dtype), **kwargs_by_type[kind]))
         h = h[torch.arange(h.shape[0], device=h.device), last_index.to(h.device)]
         p = next(self.head.parameters())
         logits = self.head(self.norm(h.to(p.device, p.dtype))).float()

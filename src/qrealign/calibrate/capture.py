@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..models.offload import streaming_blocks
-from ..models.registry import get_blocks
+from ..models.registry import block_types, get_blocks
 from .data import CalibBatch
 
 
@@ -29,17 +29,13 @@ class BlockInputs:
     kwargs_by_type: dict  # attention_type -> kwargs for blocks of that type
 
 
-def block_kwargs(inputs: BlockInputs, block: nn.Module) -> dict:
-    return inputs.kwargs_by_type[getattr(block, "attention_type", None)]
-
-
 _DROP = ("past_key_values", "past_key_value", "cache", "use_cache", "output_attentions")
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, batch: CalibBatch, device: torch.device) -> BlockInputs:
     blocks = get_blocks(model)
-    types = [getattr(b, "attention_type", None) for b in blocks]
+    types = block_types(model)
     needed = {t: types.index(t) for t in dict.fromkeys(types)}  # first block of each type
     last_needed = max(needed.values())
     record: dict = {}

@@ -27,12 +27,12 @@ from tqdm.auto import tqdm
 
 from ..errors import QrealignError
 from ..models.offload import offloaded
-from ..models.registry import block_pairs, get_arch, get_blocks, head_layout
+from ..models.registry import block_pairs, block_types, get_arch, get_blocks, head_layout
 from ..quant.let import LETParams
 from ..quant.qlinear import QuantLinear, wrap_linears
 from ..quant.scheme import Scheme, get_scheme
 from ..utils import model_fingerprint, read_json, resolve_device, sha256_json, write_json
-from .capture import block_kwargs, block_output, capture_block_inputs, move_kwargs
+from .capture import block_output, capture_block_inputs, move_kwargs
 from .data import CalibBatch, CalibrationSet, make_batches
 from .losses import BlockLoss, LossInputs, ReconstructionLoss
 
@@ -139,6 +139,7 @@ def calibrate(
     dev = resolve_device(device)
     spec = get_arch(model)
     blocks = get_blocks(model)
+    types = block_types(model)
     layout = head_layout(model.config)
     pairs = tuple(p for p in block_pairs(model) if p in cfg.let_pairs) if (cfg.let and cfg.method != "rtn") else ()
     num_layers = len(blocks)
@@ -172,7 +173,7 @@ def calibrate(
         t0 = time.time()
         block = blocks[i]
         put_back = _to_compute(model, i, dev)
-        kw = [k[getattr(block, "attention_type", None)] for k in kwargs]
+        kw = [k[types[i]] for k in kwargs]
 
         # 1. FP targets (and LET statistics) from the original block. Batches without an FP
         #    stream contribute statistics through their quantized-stream inputs.

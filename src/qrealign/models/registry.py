@@ -104,6 +104,20 @@ def get_blocks(model: nn.Module) -> nn.ModuleList:
     return get_submodule(model, get_arch(model).layers)
 
 
+def block_types(model: nn.Module) -> list:
+    """Each decoder block's attention type, as the model's own forward indexes its per-type inputs.
+
+    Models that mix sliding-window and full attention (Gemma-2/3, Qwen2 with sliding layers) give
+    each type its own mask, and Gemma-3 its own rotary table; transformers 5 keys them by
+    `config.layer_types[i]` (the blocks carry no `attention_type` any more). A block replayed with
+    another type's inputs computes something the model never does."""
+    blocks = get_blocks(model)
+    types = getattr(model.config, "layer_types", None)
+    if types is None:  # older transformers kept the type on the block itself
+        return [getattr(b, "attention_type", None) for b in blocks]
+    return list(types)[:len(blocks)]
+
+
 @dataclass(frozen=True)
 class HeadLayout:
     num_heads: int
