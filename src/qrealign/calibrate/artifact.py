@@ -56,30 +56,42 @@ def apply_quant_params(model, scheme: str | Scheme | dict, params: dict[str, tor
     With `freeze=False` the QuantLinears keep their folded FP weights (LET applied, LWC loaded)
     instead of the fake-quantized ones: exporters compute integer codes from those."""
     scheme = get_scheme(scheme)
-    spec = get_arch(model)
-    layout = head_layout(model.config)
-    blocks = get_blocks(model)
+    check_param_layers(model, params)
+    for i in range(len(get_blocks(model))):
+        apply_block_quant_params(model, i, scheme, params, freeze)
+
+
+def check_param_layers(model, params: dict[str, torch.Tensor]) -> None:
+    """Refuse parameters learned for more layers than the model has (another model's run)."""
+    n_blocks = len(get_blocks(model))
     layers_in_params = {int(m[1]) for k in params if (m := re.match(r"layers\.(\d+)\.", k))}
-    if layers_in_params and max(layers_in_params) >= len(blocks):
+    if layers_in_params and max(layers_in_params) >= n_blocks:
         raise IncompatibleArtifact(
-            f"parameters cover {max(layers_in_params) + 1} layers but the model has {len(blocks)}")
-    for i, block in enumerate(blocks):
-        prefix = f"layers.{i}."
-        pairs = tuple(k[len(prefix) + 4:] for k in params if k.startswith(prefix + "let."))
-        has_lwc = any(k.startswith(prefix + "lwc.") for k in params)
-        has_rounding = any(k.startswith(prefix + "round.") for k in params)
-        wrap_linears(block, spec.linears, scheme, lwc=has_lwc, rounding=has_rounding)
-        let = LETParams(spec, block, layout, pairs, _rope_invariant(params, prefix, layout)) if pairs else None
-        try:
-            apply_block_params(i, block, let, params)
-        except (KeyError, RuntimeError) as exc:
-            raise IncompatibleArtifact(f"quantization parameters do not fit layer {i}: {exc}") from None
-        if let is not None:
-            let.fold_(block)
-        if freeze:
-            for m in block.modules():
-                if isinstance(m, QuantLinear):
-                    m.freeze()
+            f"parameters cover {max(layers_in_params) + 1} layers but the model has {n_blocks}")
+
+
+def apply_block_quant_params(model, i: int, scheme: Scheme, params: dict[str, torch.Tensor],
+                             freeze: bool = True) -> None:
+    """`apply_quant_params` for block i alone: a streaming exporter has only that block in memory."""
+    spec = get_arch(model)
+    block = get_blocks(model)[i]
+    prefix = f"layers.{i}."
+    pairs = tuple(k[len(prefix) + 4:] for k in params if k.startswith(prefix + "let."))
+    has_lwc = any(k.startswith(prefix + "lwc.") for k in params)
+    has_rounding = any(k.startswith(prefix + "round.") for k in params)
+    wrap_linears(block, spec.linears, scheme, lwc=has_lwc, rounding=has_rounding)
+    layout = head_layout(model.config)
+    let = LETParams(spec, block, layout, pairs, _rope_invariant(params, prefix, layout)) if pairs else None
+    try:
+        apply_block_params(i, block, let, params)
+    except (KeyError, RuntimeError) as exc:
+        raise IncompatibleArtifact(f"quantization parameters do not fit layer {i}: {exc}") from None
+    if let is not None:
+        let.fold_(block)
+    if freeze:
+        for m in block.modules():
+            if isinstance(m, QuantLinear):
+                m.freeze()
 
 
 def _rope_invariant(params, prefix, layout) -> bool:
