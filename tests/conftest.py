@@ -14,6 +14,17 @@ CALIB_PROMPTS = [
 CALIB_LABELS = [0, 1, 0, 1, 0, 1, 1, 0]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the modules that ask for it (`pytestmark`). Tiny tensors gain nothing
+    from intra-op threads, and on a shared 2-core box every op of a 2-thread pool waits for a
+    descheduled thread (a tiny calibration took 6 s instead of 0.5 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def calib_set():
     from qrealign.calibrate.data import CalibrationSet

@@ -28,14 +28,7 @@ EVAL_PROMPTS = ["hello world how are you", "what", "tell me a story about a drag
 EXACT = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core box every op of a
-    2-thread pool waits for a descheduled thread (a tiny calibration took 6 s instead of 0.5 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
