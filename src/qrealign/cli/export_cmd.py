@@ -20,6 +20,9 @@ def add_arguments(parser) -> None:
                         help="re-quantize asymmetric weights symmetrically (vLLM's int8 W8A8 needs it; inexact, recorded)")
     parser.add_argument("--symmetric-activations", action="store_true",
                         help="declare per-token activations symmetric (inexact for asymmetric runs, recorded)")
+    parser.add_argument("--offload", choices=["disk"], default=None,
+                        help="disk: read the source model one decoder block at a time and write one shard per block "
+                             "(models larger than CPU RAM; same checkpoint; not for runs on GGUF or with an adapter)")
     parser.add_argument("--card-table", help="Markdown file (e.g. a before/after evaluation table) for the model card")
     parser.add_argument("--json", action="store_true", help="print the export summary as JSON")
 
@@ -39,7 +42,8 @@ def run(args) -> int:
             raise QrealignError(f"cannot read --card-table {args.card_table}: {exc.strerror}") from None
     result = export_compressed_tensors(args.run_dir, args.out, dtype=args.dtype,
                                        symmetric_weights=args.symmetric_weights,
-                                       symmetric_activations=args.symmetric_activations, card_table=table)
+                                       symmetric_activations=args.symmetric_activations, card_table=table,
+                                       offload=args.offload)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0

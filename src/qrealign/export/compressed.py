@@ -53,6 +53,7 @@ def export_compressed_tensors(
     symmetric_activations: bool = False,
     card_table: str | None = None,
     progress: bool = True,
+    offload: str | None = None,
 ) -> ExportResult:
     """Write the quantized model of `run_dir` to `out_dir` as a compressed-tensors checkpoint.
 
@@ -60,31 +61,40 @@ def export_compressed_tensors(
     biases, scales); engines compute in bf16/fp16, float32 keeps the export bit-faithful to the
     float32 calibrated model. symmetric_weights / symmetric_activations: re-express an asymmetric
     run symmetrically for engines that need it (inexact, recorded). card_table: Markdown
-    (e.g. a before/after evaluation table) for the model card. Nothing is written unless the
-    whole export succeeds."""
+    (e.g. a before/after evaluation table) for the model card. offload="disk": stream the export
+    one decoder block at a time (models larger than CPU RAM; see stream.py), same tensors and
+    config. Nothing is written unless the whole export succeeds."""
     from ..models.load import load_model
     from .card import render_card
+    from .stream import check_streamable, write_streamed
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if dtype not in _DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32")
     meta = read_quantized_metadata(run_dir)
     plan = plan_export(get_scheme(meta["scheme"]), _DTYPES[dtype], symmetric_weights, symmetric_activations)
+    if offload is not None:
+        check_streamable(run_dir, meta, offload)
     _check_out_dir(out_dir)
     params = _load_params(run_dir)
 
-    model, tokenizer = load_model(meta["source"], adapter=meta.get("adapter"), dtype="float32", device="cpu")
+    model, tokenizer = load_model(meta["source"], adapter=meta.get("adapter"), dtype="float32", device="cpu",
+                                  offload=offload)
     expected = meta.get("model_fingerprint")
     if expected and model_fingerprint(model) != expected:
         raise IncompatibleArtifact(
             f"{meta['source']} is not the model this run was calibrated on (fingerprint mismatch)")
     n_params = sum(p.numel() for p in model.parameters())
     _check_shapes(model, plan)
-    apply_quant_params(model, plan.scheme, params, freeze=False)
-    codes = _replace_quant_linears(model, plan, progress)
+    if offload is None:
+        apply_quant_params(model, plan.scheme, params, freeze=False)
+        codes = _replace_quant_linears(model, plan, progress)
 
     with atomic_dir(out_dir) as tmp:
-        _write_checkpoint(model, tokenizer, plan, codes, tmp)
+        if offload is None:
+            _write_checkpoint(model, tokenizer, plan, codes, tmp)
+        else:
+            write_streamed(model, tokenizer, plan, params, tmp, progress)
         sizes = _sizes(tmp, meta["source"], n_params)
         block = {**plan.to_dict(), "source": meta["source"], "run_fingerprint": meta.get("run_fingerprint")}
         config = read_json(tmp / "config.json")
@@ -144,36 +154,29 @@ def _check_shapes(model, plan: ExportPlan) -> None:
                                   f"(layer {i}); calibrate with a group size that does (e.g. -g64)")
 
 
-def _replace_quant_linears(model, plan: ExportPlan, progress: bool) -> dict[str, LinearCodes]:
-    """Swap every QuantLinear for a plain nn.Linear holding its dequantized weight; keep the codes."""
-    names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+def _replace_quant_linears(root, plan: ExportPlan, progress: bool, prefix: str = "") -> dict[str, LinearCodes]:
+    """Swap every QuantLinear under `root` for a plain nn.Linear holding its dequantized weight;
+    keep the codes (keyed by name under `root`; `prefix` names `root` in error messages)."""
+    names = [n for n, m in root.named_modules() if isinstance(m, QuantLinear)]
     codes: dict[str, LinearCodes] = {}
     for name in tqdm(names, desc="export: integer codes", disable=not progress):
-        qlinear = model.get_submodule(name)
-        c = linear_codes(name, qlinear, plan.weights)
+        qlinear = root.get_submodule(name)
+        c = linear_codes(prefix + name, qlinear, plan.weights)
         # no random init, and the weight *is* the dequantized tensor: one copy in memory, not two
         linear = torch.nn.utils.skip_init(nn.Linear, qlinear.in_features, qlinear.out_features,
                                           bias=qlinear.bias is not None)
         linear.weight = nn.Parameter(c.dequantized, requires_grad=False)
         if qlinear.bias is not None:
             linear.bias = nn.Parameter(qlinear.bias.detach().float().clone(), requires_grad=False)
-        model.set_submodule(name, linear)
+        root.set_submodule(name, linear)
         codes[name] = c
     return codes
 
 
 def _write_checkpoint(model, tokenizer, plan: ExportPlan, codes: dict[str, LinearCodes], out: Path) -> None:
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
 
-    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in codes]
-    apply_quantization_config(model, plan.ct_config(ignore), show_progress=False)
-    for name, c in codes.items():
-        module = model.get_submodule(name)
-        _copy_param(module, "weight_scale", c.scale, name)
-        if c.zero_point is not None:
-            _copy_param(module, "weight_zero_point", c.zero_point, name)
-        module.quantization_status = QuantizationStatus.FROZEN
+    _attach_codes(model, plan, codes)
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format=plan.ct_format)
     compressor.compress_model(model)
     compressor.remove_decompression_hook(model)
@@ -181,13 +184,33 @@ def _write_checkpoint(model, tokenizer, plan: ExportPlan, codes: dict[str, Linea
 
     torch_dtype = resolve_dtype(plan.dtype)
     model.to(torch_dtype)  # floating tensors only: integer codes and zero points keep their dtype
+    _plain_config(model, torch_dtype)
+    model.save_pretrained(out)
+    compressor.update_config(str(out))
+    tokenizer.save_pretrained(out)
+
+
+def _attach_codes(root, plan: ExportPlan, codes: dict[str, LinearCodes]) -> None:
+    """Give every coded linear under `root` its compressed-tensors scheme, scale and zero point
+    (status FROZEN: ready to compress); any other nn.Linear is left unquantized."""
+    from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
+
+    ignore = [n for n, m in root.named_modules() if isinstance(m, nn.Linear) and n not in codes]
+    apply_quantization_config(root, plan.ct_config(ignore), show_progress=False)
+    for name, c in codes.items():
+        module = root.get_submodule(name)
+        _copy_param(module, "weight_scale", c.scale, name)
+        if c.zero_point is not None:
+            _copy_param(module, "weight_zero_point", c.zero_point, name)
+        module.quantization_status = QuantizationStatus.FROZEN
+
+
+def _plain_config(model, torch_dtype: torch.dtype) -> None:
+    """The exported config.json is the plain architecture's: no qrealign load-time keys."""
     config = model.config
     for key in [k for k in vars(config) if k.startswith("qrealign_")]:
         delattr(config, key)
     config.dtype = torch_dtype
-    model.save_pretrained(out)
-    compressor.update_config(str(out))
-    tokenizer.save_pretrained(out)
 
 
 def _copy_param(module, attr: str, value: torch.Tensor, name: str) -> None:
@@ -199,15 +222,15 @@ def _copy_param(module, attr: str, value: torch.Tensor, name: str) -> None:
         param.copy_(value.to(param.dtype))
 
 
-def _verify_roundtrip(model, codes: dict[str, LinearCodes], plan: ExportPlan) -> None:
-    """Decode each compressed module with the library's own decompressor: it must give back the
-    calibrated fake-quant weight exactly, or the checkpoint would be silently wrong."""
+def _verify_roundtrip(root, codes: dict[str, LinearCodes], plan: ExportPlan) -> None:
+    """Decode each compressed module under `root` with the library's own decompressor: it must give
+    back the calibrated fake-quant weight exactly, or the checkpoint would be silently wrong."""
     from compressed_tensors.compressors.base import BaseCompressor
     from compressed_tensors.utils import get_direct_state_dict
 
     decoder = BaseCompressor.get_value_from_registry(plan.ct_format)
     for name, c in codes.items():
-        module = model.get_submodule(name)
+        module = root.get_submodule(name)
         decoded = decoder.decompress(get_direct_state_dict(module), module.quantization_scheme)["weight"]
         if decoded.shape != c.dequantized.shape or not torch.equal(decoded.float(), c.dequantized):
             diff = (decoded.float() - c.dequantized).abs().max().item() if decoded.shape == c.dequantized.shape else None

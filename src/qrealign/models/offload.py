@@ -145,9 +145,19 @@ def load_offloaded(path: str, dtype: torch.dtype, device: torch.device, trust_re
     if missing:
         raise ModelLoadError(f"{directory}: the safetensors files lack {sorted(missing)[:3]} "
                              f"({len(missing)} tensors); offload='disk' needs the model's own tensor names")
+    _load_generation_config(model, directory)
     setattr(model, ATTR, source)
     model.register_forward_pre_hook(source._guard)
     return model
+
+
+def _load_generation_config(model: nn.Module, directory: Path) -> None:
+    """The directory's generation_config.json, as `from_pretrained` reads it (`from_config` only
+    derives one from config.json): a re-saved or exported model keeps its sampling defaults."""
+    from transformers import GenerationConfig
+
+    if model.can_generate() and (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
 
 
 def _put(root: nn.Module, name: str, make) -> None:
