@@ -60,6 +60,7 @@ def write_streamed(model, tokenizer, plan: ExportPlan, params: dict[str, torch.T
             shards.write(_compressed_block(model, i, plan, params, torch_dtype))
         finally:
             source.release(i)  # the block keeps its compressed-tensors schemes, on the meta device
+            _return_freed_memory()
     shards.write_index(model.num_parameters())
 
     # The released blocks still carry their schemes: the library derives the same config from them.
@@ -69,6 +70,19 @@ def write_streamed(model, tokenizer, plan: ExportPlan, params: dict[str, torch.T
     _save_configs(model, out)
     compressor.update_config(str(out))
     tokenizer.save_pretrained(out)
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed block back to the OS: glibc keeps freed heap pages, and the process grew by
+    about one block per block without this (streamed export of a 142M-parameter random llama,
+    one thread: peak RSS 1.26 GB without, 0.79 GB with; the imports alone take 0.44 GB).
+    Without glibc it does nothing."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _compressed_block(model, i: int, plan: ExportPlan, params: dict[str, torch.Tensor],
