@@ -51,8 +51,10 @@ class DiskBlocks:
         self.model = model
         self.key_files = key_files
         prefix = get_arch(model).layers + "."
-        self.names = [[n for n in model.state_dict() if n.startswith(f"{prefix}{i}.")]
-                      for i in range(len(get_blocks(model)))]
+        self.names: list[list[str]] = [[] for _ in get_blocks(model)]
+        for name in model.state_dict():  # one pass: a 70B state dict has thousands of entries
+            if name.startswith(prefix):
+                self.names[int(name[len(prefix):].split(".", 1)[0])].append(name)
         self.prefix = prefix
         self.resident: set[int] = set()
         self.max_resident = 0
