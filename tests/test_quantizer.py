@@ -129,3 +129,34 @@ def test_rounding_offsets_get_gradients_and_stay_within_half_a_step():
         q.rounding.add_(3.0)
     q.clamp_rounding_()
     assert q.rounding.max() == 0.5
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_inference_path_is_bit_identical_to_the_training_path(symmetric, bits):
+    """Without gradients the per-token quantizer takes a fused in-place path; it must give exactly
+    the training (straight-through) path's values, including clamped outliers and constant rows."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 64) * torch.logspace(-3, 2, 64)
+    x[0, 0] = 0.25  # a constant token (zero range -> minimum scale)
+    args = QuantArgs(bits, symmetric=symmetric, strategy="token")
+    q = ActQuantizer(args)
+    reference = q(x.clone().requires_grad_()).detach()
+    with torch.no_grad():
+        fast = q(x)
+    assert torch.equal(fast, reference)
+
+
+def test_inference_path_quantizes_a_shared_input_once_and_notices_changes():
+    """q/k/v read the same tensor: the second quantizer reuses the first's result, but not after
+    the input was modified in place or for other quantization args."""
+    q8, q4 = ActQuantizer(QuantArgs(8, strategy="token")), ActQuantizer(QuantArgs(4, strategy="token"))
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        first = q8(x)
+        assert q8(x) is first
+        assert not torch.equal(q4(x), first)
+        x.mul_(3)
+        again = q8(x)
+    assert again is not first
+    assert torch.equal(again, q8(x.clone().requires_grad_()).detach())

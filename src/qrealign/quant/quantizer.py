@@ -13,6 +13,8 @@ round(w / s + V) - round(w / s) in {-1, 0, 1}, and stored as int8.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -135,6 +137,8 @@ class ActQuantizer(nn.Module):
         self.observing = on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.args.dynamic and not (torch.is_grad_enabled() and x.requires_grad):
+            return _per_token_no_grad(x, self.args)
         if self.args.dynamic:
             xmin = x.amin(dim=-1, keepdim=True)
             xmax = x.amax(dim=-1, keepdim=True)
@@ -149,3 +153,24 @@ class ActQuantizer(nn.Module):
             xmin, xmax = self.static_min, self.static_max
         scale, zero = qparams(xmin, xmax, self.args)
         return fake_quant(x, scale, zero, self.args)
+
+
+# Inference path of the per-token quantizer. Generation calls it for every linear at every decoding
+# step on a handful of tokens, so its cost is the number of small kernel launches, not arithmetic:
+# one fused min/max, in-place arithmetic, and q/k/v (gate/up) that read the same input tensor
+# quantize it once. Same `qparams` and the same order of operations as `fake_quant`, so the result
+# is bit-identical to the training path (tests/test_quantizer.py checks it).
+_last: tuple = (None, -1, None, None, -1)  # weakref to the input, its version, args, output, its version
+
+
+def _per_token_no_grad(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    global _last
+    ref, version, last_args, out, out_version = _last
+    if (ref is not None and ref() is x and version == x._version and last_args == args
+            and out._version == out_version):
+        return out
+    with torch.no_grad():
+        scale, zero = qparams(*torch.aminmax(x, dim=-1, keepdim=True), args)
+        q = x.div(scale).round_().add_(zero).clamp_(args.qmin, args.qmax).sub_(zero).mul_(scale)
+    _last = (weakref.ref(x), x._version, args, q, q._version)
+    return q
