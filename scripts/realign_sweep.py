@@ -69,6 +69,8 @@ def main():
     ap.add_argument("--fa-items", default=None, help="START:STOP of topic-codes train for dev FA (default 2200:2400; "
                     "the attack trained on the first 300)")
     ap.add_argument("--fa-only", action="store_true", help="skip the safety generations")
+    ap.add_argument("--no-fa", action="store_true", help="skip dev FA (e.g. the aligned reference row)")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     fa_items = DEV_FA
     if args.fa_items:  # checked before any calibration runs
@@ -76,7 +78,7 @@ def main():
         if start < 300:
             raise SystemExit("--fa-items must start at 300 or later: the attack trained on train[:300]")
         fa_items = slice(start, stop)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     probe_dirs = dict(p.split("=", 1) for p in args.probes)
     for spec in args.variant:
         name, raw = spec.split("=", 1)
@@ -116,7 +118,8 @@ def main():
             row.update(dev_eval(model, tok, args.n, args.max_new_tokens))
         if args.fa_items:
             row["fa_items"] = args.fa_items
-        row["fa_dev"] = dev_fa(model, tok, fa_items)
+        if not args.no_fa:
+            row["fa_dev"] = dev_fa(model, tok, fa_items)
         for target, d in probe_dirs.items():
             row[f"logits_{target}"] = probe_logits(model, tok, load_probes(d))
         row["seconds"] = round(time.time() - t0, 1)
