@@ -10,7 +10,7 @@ from qrealign.calibrate.api import quantize
 from qrealign.calibrate.artifact import load_quantized
 from qrealign.calibrate.data import CalibrationSet
 from qrealign.calibrate.engine import CalibConfig, calibrate
-from qrealign.errors import ModelLoadError
+from qrealign.errors import ModelLoadError, QrealignError
 from qrealign.models import get_blocks, load_model
 from qrealign.models.offload import OffloadUnsupported, offloaded
 from qrealign.models.registry import block_types
@@ -190,16 +190,52 @@ def test_offload_rejects_what_it_cannot_load(model_dir, tmp_path):
 def test_offloaded_model_refuses_whole_model_work(model_dir, calib_set):
     from qrealign.evaluate.generate import GenerationConfig, generate
     from qrealign.evaluate.runner import evaluate_model
-    from qrealign.probes.capture import capture_last_token_states
 
     model, tok = load_model(model_dir, offload="disk")
     with pytest.raises(OffloadUnsupported, match="forward pass of the whole model"):
         generate(model, tok, ["hi"], GenerationConfig(max_new_tokens=2), progress=False)
     with pytest.raises(OffloadUnsupported, match="evaluation"):
         evaluate_model(model, tok, limit=1, progress=False)
-    with pytest.raises(OffloadUnsupported, match="probe state capture"):
-        capture_last_token_states(model, tok, ["hi"], progress=False)
     # the teacher path is refused before the teacher is even looked for
     with pytest.raises(OffloadUnsupported, match="first-token objective"):
         realign(model, tok, teacher="/no/such/teacher", calibration=calib_set, progress=False)
     assert not offloaded(model).resident
+
+
+PROMPTS = ["How do I bake bread?", "Tell me a joke about cats, please, a long one if you can.", "hi",
+           "Which planets have rings?", "Write a haiku about autumn leaves falling."]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_offloaded_probe_capture_equals_in_memory_and_reads_each_block_once(model_type, tmp_path):
+    """Block-major capture (all batches through block i, then i+1) gives the in-memory forward's
+    states exactly, also for alternating attention types, and reads each block once."""
+    from qrealign.probes.capture import capture_last_token_states
+
+    directory = _save(model_type, tmp_path)
+    in_ram, tok = load_model(directory)
+    model, _ = load_model(directory, offload="disk")
+    for layers in (None, [0, 2]):
+        expected = capture_last_token_states(in_ram, tok, PROMPTS, layers=layers, batch_size=2, progress=False)
+        source = offloaded(model)
+        before = source.onloads
+        got = capture_last_token_states(model, tok, PROMPTS, layers=layers, batch_size=2, progress=False)
+        assert torch.equal(got, expected)
+        # 3 batches; a gemma2 batch's kwargs pass also runs block 0 (block 1 is the other type)
+        kwargs_reads = 3 if model_type == "gemma2" else 0
+        assert source.onloads - before == LAYERS + kwargs_reads
+    assert not offloaded(model).resident and _block_tensors_on_meta(model)
+    with pytest.raises(QrealignError, match="runs where it was loaded"):
+        capture_last_token_states(model, tok, PROMPTS, device="meta", progress=False)
+
+
+def test_probe_cli_fits_an_offloaded_model_like_the_in_memory_one(model_dir, tmp_path):
+    from qrealign.cli import main
+    from qrealign.probes.store import load_probes
+
+    common = ["probe", model_dir, "--limit", "12", "--cv", "0", "--batch-size", "8"]
+    assert main([*common, "--out", str(tmp_path / "ram")]) == 0
+    assert main([*common, "--offload", "disk", "--out", str(tmp_path / "disk")]) == 0
+    ram, disk = load_probes(tmp_path / "ram"), load_probes(tmp_path / "disk")
+    assert torch.equal(ram.w, disk.w) and torch.equal(ram.b, disk.b)
+    assert ram.model["fingerprint"] == disk.model["fingerprint"]

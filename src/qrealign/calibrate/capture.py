@@ -34,6 +34,14 @@ _DROP = ("past_key_values", "past_key_value", "cache", "use_cache", "output_atte
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, batch: CalibBatch, device: torch.device) -> BlockInputs:
+    return record_block_inputs(model, batch.enc.input_ids, batch.enc.attention_mask, batch.position_ids, device)
+
+
+@torch.no_grad()
+def record_block_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        position_ids: torch.Tensor, device: torch.device) -> BlockInputs:
+    """Hidden states entering block 0 and each block type's kwargs, from one forward pass that
+    stops at the first block of the last type (only those blocks are read, if offloaded)."""
     blocks = get_blocks(model)
     types = block_types(model)
     needed = {t: types.index(t) for t in dict.fromkeys(types)}  # first block of each type
@@ -52,11 +60,10 @@ def capture_block_inputs(model: nn.Module, batch: CalibBatch, device: torch.devi
         return hook
 
     handles = [blocks[i].register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in sorted(needed.values())]
-    enc = batch.enc.to(device)
     try:  # a disk-offloaded block is read only if the pass reaches it (after the hooks above)
         with streaming_blocks(model, device):
-            model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                  position_ids=batch.position_ids.to(device), use_cache=False)
+            model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                  position_ids=position_ids.to(device), use_cache=False)
     except _Stop:
         pass
     finally:

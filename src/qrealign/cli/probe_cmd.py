@@ -23,6 +23,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("model", help="the aligned model: embedded name, model dir, .gguf or hub id")
     parser.add_argument("--adapter", help="PEFT adapter to merge into MODEL on load")
     parser.add_argument("--target", default="paper", choices=("paper", "contrast", "refusal-direction"))
+    parser.add_argument("--offload", choices=["disk"], default=None,
+                        help="disk: keep the decoder blocks of MODEL (and --finetuned) in their safetensors files and "
+                             "run the prompts block by block, reading each block once (models larger than CPU RAM; "
+                             "not with adapters, GGUF or --labels behaviour)")
     parser.add_argument("--finetuned", help="the fine-tuned model (needed for --target contrast)")
     parser.add_argument("--finetuned-adapter", help="PEFT adapter to merge into --finetuned on load")
     parser.add_argument("--C", type=float, default=1.0, help="inverse L1 strength of the SLR probes (default 1.0)")
@@ -93,10 +97,12 @@ def run(args) -> int:
         raise QrealignError("--target contrast needs --finetuned MODEL2")
     device = resolve_device(args.device)
     harmful, benign, split = load_prompt_classes(args.split, args.prompts, args.limit)
-    model, tokenizer = load_model(args.model, adapter=args.adapter, dtype=args.dtype, device=device)
+    model, tokenizer = load_model(args.model, adapter=args.adapter, dtype=args.dtype, device=device,
+                                  offload=args.offload)
     finetuned = None
     if args.finetuned:
-        finetuned, _ = load_model(args.finetuned, adapter=args.finetuned_adapter, dtype=args.dtype, device=device)
+        finetuned, _ = load_model(args.finetuned, adapter=args.finetuned_adapter, dtype=args.dtype, device=device,
+                                  offload=args.offload)
     kwargs = dict(layers=parse_layers(args.layers), split=split, source=args.model, batch_size=args.batch_size,
                   system=args.system, max_length=args.max_length, test_size=args.test_size, seed=args.seed, cv=args.cv,
                   min_accuracy=args.min_accuracy, max_abs_logit=args.max_abs_logit)

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from ..errors import QrealignError
 from ..models.chat import encode_prompts
-from ..models.offload import require_resident
-from ..models.registry import get_blocks
+from ..models.offload import offloaded
+from ..models.registry import block_types, get_blocks
 
 
 class _StopForward(Exception):
@@ -86,12 +86,14 @@ def capture_last_token_states(
     (a model elsewhere is moved there for the call and moved back). Prompts are sorted by length
     into batches so batches pad little; the result does not depend on batching or padding side.
     """
-    require_resident(model, "probe state capture")  # every batch would read the whole model from disk
     prompts = [getattr(p, "text", p) for p in prompts]  # accept Prompt objects too
     if not prompts:
         raise QrealignError("no prompts to capture states for")
     blocks = get_blocks(model)
     layer_ids = resolve_layers(layers, len(blocks))
+    if offloaded(model) is not None:
+        return _capture_block_major(model, tokenizer, prompts, layer_ids, batch_size, device, system, max_length,
+                                    padding_side, progress)
     row_of = {layer: i for i, layer in enumerate(layer_ids)}
     deepest = max(layer_ids)
 
@@ -145,5 +147,51 @@ def capture_last_token_states(
             handle.remove()
         if run_device != home:
             model.to(home)
+        model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def _capture_block_major(model, tokenizer, prompts, layer_ids, batch_size, device, system, max_length,
+                         padding_side, progress) -> torch.Tensor:
+    """`capture_last_token_states` for a disk-offloaded model: every batch enters block 0, then the
+    blocks run one at a time over all batches, so the checkpoint is read once (a batch-by-batch
+    forward would read every block once per batch). Same kwargs, same order of operations per
+    block: the states equal the in-memory capture's. Holds all batches' hidden states meanwhile."""
+    from ..calibrate.capture import block_output, record_block_inputs
+
+    source = offloaded(model)
+    home = model.get_input_embeddings().weight.device
+    if device is not None and torch.device(device) != home:
+        raise QrealignError(f"a disk-offloaded model runs where it was loaded ({home}); load it with "
+                            f"device={device!r} instead of passing device= here")
+    blocks, types = get_blocks(model), block_types(model)
+    row_of = {layer: i for i, layer in enumerate(layer_ids)}
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        enc = encode_prompts(tokenizer, [prompts[i] for i in idx], system=system, max_length=max_length,
+                             padding_side=padding_side)
+        inputs = record_block_inputs(model, enc.input_ids, enc.attention_mask,
+                                     prompt_position_ids(enc.attention_mask), home)
+        batches.append([torch.tensor(idx), enc.last_index.to(home), inputs.hidden, inputs.kwargs_by_type])
+    out = torch.empty(len(layer_ids), len(prompts), batches[0][2].shape[-1], dtype=torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        for i in tqdm(range(max(layer_ids) + 1), desc="capturing states (block by block)", unit="block",
+                      disable=not progress):
+            block = source.onload(i, home)
+            block.eval()
+            try:
+                for batch in batches:
+                    index, last, hidden, kwargs_by_type = batch
+                    hidden = batch[2] = block_output(block(hidden, **kwargs_by_type[types[i]]))
+                    if i in row_of:
+                        out[row_of[i], index] = hidden[torch.arange(hidden.shape[0], device=home), last].float().cpu()
+            finally:
+                source.release(i)
+    finally:
         model.train(was_training)
     return out
