@@ -126,6 +126,44 @@ def test_offloaded_probe_loss_run_matches_and_reloads_in_memory(model_dir, tmp_p
     assert torch.equal(*logits)  # the offloaded run's directory rebuilds the model in memory
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_offloaded_first_token_run_matches_the_in_memory_one(model_type, tmp_path):
+    """The first-token objective on disk-offloaded models (the fine-tuned one and the teacher):
+    teacher targets computed block by block, the tail from its own block copies, released as
+    calibration passes them. Same learned parameters and per-block losses as in memory."""
+    from qrealign.calibrate import behaviour
+
+    student = _save(model_type, tmp_path / "student")
+    model, tok = tiny_model(model_type, seed=7, num_hidden_layers=LAYERS)  # a different "aligned" model
+    model.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    calib = CalibrationSet(["explain how to break into a house", "write a scam email", "bake bread",
+                            "write a birthday email, a long and warm one"], [1, 1, 0, 0])
+    cfg = CalibConfig(epochs=2, batch_size=3)
+    tails = []
+    original = behaviour.ModelTail.__call__
+
+    def spy(self, hidden, layer, *args):
+        out = original(self, hidden, layer, *args)
+        tails.append((layer, self.owns_copies, [b is not None for b in self.blocks]))
+        return out
+
+    runs = {}
+    for offload in (None, "disk"):
+        model, tok = load_model(student, offload=offload)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(behaviour.ModelTail, "__call__", spy)
+            runs[offload] = realign(model, tok, teacher=str(tmp_path / "teacher"), calibration=calib, scheme="W8A8",
+                                    config=cfg, layers=(1, 2), benign_kl=1.0, progress=False)
+    _assert_same_params(runs[None], runs["disk"])
+    assert [log.get("kl_mal") for log in runs[None].layer_logs] == [log.get("kl_mal") for log in runs["disk"].layer_logs]
+    assert runs[None].fingerprint == runs["disk"].fingerprint
+    disk = [t for t in tails if t[1]]
+    assert {layer for layer, _, _ in disk} == {1, 2}
+    # copies of the blocks after the first safety block only, dropped once passed
+    assert all(held == [False] * (layer + 1) + [True] * (LAYERS - layer - 1) for layer, _, held in disk)
+
+
 def test_offloaded_run_resumes_from_its_checkpoint_and_from_an_in_memory_one(model_dir, calib_set, tmp_path):
     full = calibrate(load_model(model_dir)[0], load_model(model_dir)[1], calib_set, "W4A8", OMNI, progress=False)
 
@@ -152,8 +190,13 @@ def test_quantize_cli_offload(model_dir, tmp_path):
     assert main(["quantize", model_dir, "--offload", "disk", "--method", "rtn", "--n", "8", "--device", "cpu",
                  "--out", str(out)]) == 0
     assert read_json(out / "qrealign.json")["model_fingerprint"] == model_fingerprint(load_model(model_dir)[0])
-    teacher = ["realign", model_dir, "--offload", "disk", "--teacher", model_dir, "--n", "8", "--out", str(tmp_path / "t")]
-    assert main(teacher) == 2 and not (tmp_path / "t").exists()  # a one-line error, before any work
+    teacher = ["realign", model_dir, "--offload", "disk", "--teacher", model_dir, "--n", "8", "--epochs", "1",
+               "--out", str(tmp_path / "t")]
+    assert main(teacher) == 0
+    meta = read_json(tmp_path / "t" / "qrealign.json")
+    assert meta["objective"] == "first-token" and meta["model_fingerprint"] == read_json(out / "qrealign.json")["model_fingerprint"]
+    bad = ["realign", model_dir, "--offload", "disk", "--teacher", "smollm2-135m", "--n", "8", "--out", str(tmp_path / "b")]
+    assert main(bad) == 2 and not (tmp_path / "b").exists()  # an embedded GGUF teacher cannot be offloaded
 
 
 def test_offload_rejects_what_it_cannot_load(model_dir, tmp_path):
@@ -196,9 +239,6 @@ def test_offloaded_model_refuses_whole_model_work(model_dir, calib_set):
         generate(model, tok, ["hi"], GenerationConfig(max_new_tokens=2), progress=False)
     with pytest.raises(OffloadUnsupported, match="evaluation"):
         evaluate_model(model, tok, limit=1, progress=False)
-    # the teacher path is refused before the teacher is even looked for
-    with pytest.raises(OffloadUnsupported, match="first-token objective"):
-        realign(model, tok, teacher="/no/such/teacher", calibration=calib_set, progress=False)
     assert not offloaded(model).resident
 
 

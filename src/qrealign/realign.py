@@ -111,10 +111,9 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
                          checkpoint_dir, layers_from, **loss_options) -> CalibResult:
     from .calibrate.behaviour import FirstTokenLoss, ModelTail, first_token_targets
     from .models import load_model
-    from .models.offload import require_resident
+    from .models.offload import offloaded
     from .utils import model_fingerprint
 
-    require_resident(model, "the first-token objective (teacher targets and the model tail)")  # before the teacher loads
     num_layers = model.config.num_hidden_layers
     layers = chosen_layers(num_layers, loss_options.get("layers"), layers_from)
     if layers is not None:
@@ -124,8 +123,8 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
     cfg = config or CalibConfig()
     calibration = calibration or build_calibration()
     source = str(teacher) if isinstance(teacher, (str, Path)) else getattr(teacher.config, "qrealign_source", None)
-    if isinstance(teacher, (str, Path)):
-        teacher, _ = load_model(str(teacher))
+    if isinstance(teacher, (str, Path)):  # offloaded like the model: it is as large
+        teacher, _ = load_model(str(teacher), offload="disk" if offloaded(model) is not None else None)
     if teacher.config.model_type != model.config.model_type or teacher.config.num_hidden_layers != num_layers:
         raise QrealignError("the teacher must be the aligned version of the same architecture "
                             f"({teacher.config.model_type}, {teacher.config.num_hidden_layers} blocks vs "
@@ -133,8 +132,8 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
     teacher_fp = model_fingerprint(teacher)
     targets = first_token_targets(teacher, model, tokenizer, calibration, cfg)
     del teacher
-    loss = FirstTokenLoss(ModelTail(model), targets, target_id=teacher_fp, **loss_options)
     active = layers if layers is not None else tuple(range(num_layers))
+    loss = FirstTokenLoss(ModelTail(model, from_layer=min(active)), targets, target_id=teacher_fp, **loss_options)
     meta = {"method": "qrealign", "objective": "first-token",
             "teacher": {"source": source, "fingerprint": teacher_fp}, "safety_layers": list(active)}
     return quantize(model, tokenizer, calibration, scheme, cfg, out=out, loss=loss, device=device, progress=progress,

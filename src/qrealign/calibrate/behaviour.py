@@ -17,6 +17,9 @@ quantized in place.
 
 Cost: each safety step also runs the blocks after l (the whole tail for 135M parameters on CPU is
 cheap; for multi-GPU-sized models restrict `layers` to the last few blocks, whose tails are short).
+A disk-offloaded model (larger than RAM) gets its teacher targets block by block and keeps FP
+copies of the blocks after the first safety block in memory: with the safety term on the last
+few blocks that is a few blocks' worth, not the model.
 """
 
 from __future__ import annotations
@@ -29,64 +32,119 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import QrealignError
-from ..models.offload import require_resident
+from ..models.offload import offloaded
 from ..models.registry import block_types, get_arch, get_blocks, get_submodule
 from ..utils import tensor_digest
-from .capture import block_output
+from .capture import block_output, record_block_inputs
 from .data import CalibrationSet, make_batches
 from .losses import LossInputs, SafetyGate
 
 
-class ModelTail:
-    """Blocks after `layer`, the final norm and the LM head of `model`, frozen: maps a block's
-    output to the next-token logits at each row's last prompt token."""
+class LogitHead:
+    """The final norm, the LM head and (Gemma-2/3) the logit soft-cap: final-block states to the
+    next-token logits at each row's last prompt token."""
 
     def __init__(self, model: nn.Module):
-        # Every safety step runs the tail: from disk that is one read of the tail per step.
-        require_resident(model, "the first-token objective's model tail")
-        self.blocks = get_blocks(model)
-        self.types = block_types(model)
         self.norm = get_submodule(model, get_arch(model).final_norm)
         self.head = model.get_output_embeddings()
         # Gemma-2/3 squash the final logits (tanh soft-capping) inside the model's forward.
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        for module in (*self.blocks, self.norm, self.head):
-            for p in module.parameters():
-                p.requires_grad_(False)
 
-    def __call__(self, hidden: torch.Tensor, layer: int, kwargs_by_type: dict, last_index: torch.Tensor):
-        h = hidden
-        for block, kind in zip(self.blocks[layer + 1:], self.types[layer + 1:]):
-            p = next(block.parameters())
-            h = block_output(block(h.to(p.device, p.dtype), **kwargs_by_type[kind]))
+    def __call__(self, h: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
         h = h[torch.arange(h.shape[0], device=h.device), last_index.to(h.device)]
         p = next(self.head.parameters())
         logits = self.head(self.norm(h.to(p.device, p.dtype))).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.to(hidden.device)
+        return logits
+
+
+class ModelTail:
+    """Blocks after `layer`, the final norm and the LM head of `model`, frozen: maps a block's
+    output to the next-token logits at each row's last prompt token.
+
+    For a disk-offloaded model the tail holds its own FP copies of the blocks after `from_layer`
+    (the first block with the safety term), read from disk once, and drops each copy once
+    calibration has passed it: memory for the blocks after the first safety block, not the model."""
+
+    def __init__(self, model: nn.Module, from_layer: int = 0):
+        self.types = block_types(model)
+        self.head = LogitHead(model)
+        source = offloaded(model)
+        self.owns_copies = source is not None
+        if source is None:
+            self.blocks: list = list(get_blocks(model))
+        else:
+            home = model.get_input_embeddings().weight.device
+            self.blocks = [None] * (from_layer + 1) + [source.copy_of(i, home)
+                                                       for i in range(from_layer + 1, len(self.types))]
+        for module in (*(b for b in self.blocks if b is not None), self.head.norm, self.head.head):
+            if self.owns_copies:
+                module.eval()  # fresh copies of an offloaded model's blocks: dropout off, as in the model
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    def __call__(self, hidden: torch.Tensor, layer: int, kwargs_by_type: dict, last_index: torch.Tensor):
+        h = hidden
+        for j in range(layer + 1, len(self.blocks)):
+            block = self.blocks[j]
+            if block is None:
+                raise QrealignError(f"this model tail no longer holds block {j} (the tail of block {layer}): "
+                                    "it was built from a later safety layer, or calibration has passed it")
+            p = next(block.parameters())
+            h = block_output(block(h.to(p.device, p.dtype), **kwargs_by_type[self.types[j]]))
+        if self.owns_copies:
+            for j in range(layer + 1):  # calibration moves forward: these copies are not needed again
+                self.blocks[j] = None
+        return self.head(h, last_index).to(hidden.device)
 
 
 @torch.no_grad()
 def next_token_logprobs(model: nn.Module, tokenizer, calib: CalibrationSet, config) -> torch.Tensor:
     """[N, V] log-probabilities of the next token after each calibration prompt, rendered and
     batched exactly as the calibration engine renders them (`config`: a CalibConfig). Runs where
-    the model's weights are (its embedding's device)."""
+    the model's weights are (its embedding's device); block by block for a disk-offloaded model."""
     device = model.get_input_embeddings().weight.device
+    batches = make_batches(tokenizer, calib, config.batch_size, config.max_length, config.padding_side,
+                           config.system, pad_to=config.pad_to)
+    if offloaded(model) is not None:
+        rows_of = _offloaded_last_logits(model, batches, device)
+    else:
+        rows_of = (_last_logits(model, batch, device) for batch in batches)
     out = None
-    for batch in make_batches(tokenizer, calib, config.batch_size, config.max_length, config.padding_side,
-                              config.system, pad_to=config.pad_to):
-        enc = batch.enc.to(device)
-        # The LM head only at the positions some row ends on (one position with left padding), not
-        # at every position: on SmolLM2 (vocabulary 49k, width 576) 46 s instead of 56 s here.
-        keep, slot = torch.unique(enc.last_index, return_inverse=True)
-        logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                       position_ids=batch.position_ids.to(device), use_cache=False, logits_to_keep=keep).logits
-        rows = logits[torch.arange(logits.shape[0], device=logits.device), slot].float()
+    for batch, rows in zip(batches, rows_of):
         if out is None:
             out = torch.empty(len(calib.prompts), rows.shape[-1])
         out[batch.index] = F.log_softmax(rows, dim=-1).cpu()
     return out
+
+
+def _last_logits(model, batch, device) -> torch.Tensor:
+    enc = batch.enc.to(device)
+    # The LM head only at the positions some row ends on (one position with left padding), not
+    # at every position: on SmolLM2 (vocabulary 49k, width 576) 46 s instead of 56 s here.
+    keep, slot = torch.unique(enc.last_index, return_inverse=True)
+    logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                   position_ids=batch.position_ids.to(device), use_cache=False, logits_to_keep=keep).logits
+    return logits[torch.arange(logits.shape[0], device=logits.device), slot].float()
+
+
+def _offloaded_last_logits(model, batches, device) -> list[torch.Tensor]:
+    """`_last_logits` of every batch for a disk-offloaded model: all batches through block i
+    before block i+1 is read, so the checkpoint is read once."""
+    source, types = offloaded(model), block_types(model)
+    states = [record_block_inputs(model, b.enc.input_ids, b.enc.attention_mask, b.position_ids, device)
+              for b in batches]
+    hidden = [s.hidden for s in states]
+    for i in range(len(types)):
+        block = source.onload(i, device)
+        block.eval()
+        try:
+            hidden = [block_output(block(h, **s.kwargs_by_type[types[i]])) for h, s in zip(hidden, states)]
+        finally:
+            source.release(i)
+    head = LogitHead(model)
+    return [head(h, b.enc.last_index) for h, b in zip(hidden, batches)]
 
 
 def first_token_targets(aligned: nn.Module, finetuned: nn.Module, tokenizer, calib: CalibrationSet,

@@ -82,6 +82,18 @@ class DiskBlocks:
         self.max_resident = max(self.max_resident, len(self.resident))
         return get_blocks(self.model)[i]
 
+    def copy_of(self, i: int, device: torch.device | str) -> nn.Module:
+        """A separate module holding block i's checkpoint weights (in the load dtype) on `device`:
+        for work that needs FP blocks while the engine turns the model's own ones into quantized
+        blocks and drops them (the first-token objective's tail)."""
+        import copy
+
+        block = copy.deepcopy(get_blocks(self.model)[i])  # on meta: copies structure, no data
+        prefix = f"{self.prefix}{i}."
+        for name in self.names[i]:
+            _put(block, name[len(prefix):], lambda old, name=name: self.read(name, old.dtype).to(device))
+        return block
+
     def release(self, i: int) -> None:
         """Drop block i's tensors (whatever the engine turned it into) back to the meta device."""
         get_blocks(self.model)[i].to("meta")
