@@ -164,6 +164,24 @@ def test_offloaded_first_token_run_matches_the_in_memory_one(model_type, tmp_pat
     assert all(held == [False] * (layer + 1) + [True] * (LAYERS - layer - 1) for layer, _, held in disk)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_offloaded_first_token_targets_equal_the_model_forward(model_type, dtype, tmp_path):
+    """Block-by-block teacher targets equal the whole model's forward, also for Gemma-2's logit
+    soft-cap in bf16 (applied in the model's dtype, as HF does; a low cap makes it bite)."""
+    from qrealign.calibrate.behaviour import next_token_logprobs
+
+    directory = _save(model_type, tmp_path, **({"final_logit_softcapping": 2.0} if model_type == "gemma2" else {}))
+    calib = CalibrationSet(["explain how to break into a house", "bake bread", "write a birthday email, a long one"],
+                           [1, 0, 0])
+    cfg = CalibConfig(batch_size=2)
+    in_ram, tok = load_model(directory, dtype=dtype)
+    model, _ = load_model(directory, dtype=dtype, offload="disk")
+    expected = next_token_logprobs(in_ram, tok, calib, cfg)
+    assert torch.equal(next_token_logprobs(model, tok, calib, cfg), expected)
+    assert not offloaded(model).resident
+
+
 def test_offloaded_run_resumes_from_its_checkpoint_and_from_an_in_memory_one(model_dir, calib_set, tmp_path):
     full = calibrate(load_model(model_dir)[0], load_model(model_dir)[1], calib_set, "W4A8", OMNI, progress=False)
 
@@ -192,7 +210,8 @@ def test_quantize_cli_offload(model_dir, tmp_path):
     assert read_json(out / "qrealign.json")["model_fingerprint"] == model_fingerprint(load_model(model_dir)[0])
     teacher = ["realign", model_dir, "--offload", "disk", "--teacher", model_dir, "--n", "8", "--epochs", "1",
                "--out", str(tmp_path / "t")]
-    assert main(teacher) == 0
+    assert main(teacher) == 2 and not (tmp_path / "t").exists()  # every block's copy by default: asks for layers
+    assert main([*teacher, "--layers-from", "0.5"]) == 0
     meta = read_json(tmp_path / "t" / "qrealign.json")
     assert meta["objective"] == "first-token" and meta["model_fingerprint"] == read_json(out / "qrealign.json")["model_fingerprint"]
     bad = ["realign", model_dir, "--offload", "disk", "--teacher", "smollm2-135m", "--n", "8", "--out", str(tmp_path / "b")]

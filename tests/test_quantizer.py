@@ -160,3 +160,21 @@ def test_inference_path_quantizes_a_shared_input_once_and_notices_changes():
         again = q8(x)
     assert again is not first
     assert torch.equal(again, q8(x.clone().requires_grad_()).detach())
+
+
+def test_inference_path_under_inference_mode_and_memo_released_with_its_input():
+    import gc
+
+    from qrealign.quant import quantizer
+
+    q = ActQuantizer(QuantArgs(8, strategy="token"))
+    x = torch.randn(2, 16)
+    reference = q(x.clone().requires_grad_()).detach()
+    with torch.inference_mode():  # no version counters there: computed, not memoised
+        assert torch.equal(q(x.clone()), reference) and torch.equal(q(x), reference)
+    with torch.no_grad():
+        q(x)
+    assert quantizer._last[3] is not None
+    del x
+    gc.collect()
+    assert quantizer._last[3] is None  # the quantized copy does not outlive its input

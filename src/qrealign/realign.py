@@ -120,6 +120,10 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
         layers = loss_options["layers"] = tuple(sorted(set(layers)))
         if not layers or not all(0 <= layer < num_layers for layer in layers):
             raise NoSafetyLayers(f"safety layers {layers} are not blocks of this {num_layers}-block model")
+    if layers is None and offloaded(model) is not None:  # before the teacher is read
+        raise QrealignError("with offload='disk' choose the safety blocks (layers= or layers_from=, e.g. "
+                            "layers_from=0.85; CLI --layers-from): the first-token objective holds FP copies of "
+                            "every block after the first safety block in memory, all blocks by default")
     cfg = config or CalibConfig()
     calibration = calibration or build_calibration()
     source = str(teacher) if isinstance(teacher, (str, Path)) else getattr(teacher.config, "qrealign_source", None)
@@ -133,7 +137,7 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
     targets = first_token_targets(teacher, model, tokenizer, calibration, cfg)
     del teacher
     active = layers if layers is not None else tuple(range(num_layers))
-    loss = FirstTokenLoss(ModelTail(model, from_layer=min(active)), targets, target_id=teacher_fp, **loss_options)
+    loss = FirstTokenLoss(ModelTail(model), targets, target_id=teacher_fp, **loss_options)
     meta = {"method": "qrealign", "objective": "first-token",
             "teacher": {"source": source, "fingerprint": teacher_fp}, "safety_layers": list(active)}
     return quantize(model, tokenizer, calibration, scheme, cfg, out=out, loss=loss, device=device, progress=progress,

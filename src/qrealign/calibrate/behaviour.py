@@ -35,68 +35,78 @@ from ..errors import QrealignError
 from ..models.offload import offloaded
 from ..models.registry import block_types, get_arch, get_blocks, get_submodule
 from ..utils import tensor_digest
-from .capture import block_output, record_block_inputs
+from .capture import block_output, move_kwargs, record_block_inputs
 from .data import CalibrationSet, make_batches
 from .losses import LossInputs, SafetyGate
 
 
 class LogitHead:
     """The final norm, the LM head and (Gemma-2/3) the logit soft-cap: final-block states to the
-    next-token logits at each row's last prompt token."""
+    next-token logits at each row's last prompt token, in float32."""
 
     def __init__(self, model: nn.Module):
         self.norm = get_submodule(model, get_arch(model).final_norm)
         self.head = model.get_output_embeddings()
-        # Gemma-2/3 squash the final logits (tanh soft-capping) inside the model's forward.
+        # Gemma-2/3 squash the final logits (tanh soft-capping) inside the model's forward, in the
+        # model's dtype; so does this head, then casts.
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
 
     def __call__(self, h: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
         h = h[torch.arange(h.shape[0], device=h.device), last_index.to(h.device)]
         p = next(self.head.parameters())
-        logits = self.head(self.norm(h.to(p.device, p.dtype))).float()
+        logits = self.head(self.norm(h.to(p.device, p.dtype)))
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return logits.float()
 
 
 class ModelTail:
     """Blocks after `layer`, the final norm and the LM head of `model`, frozen: maps a block's
     output to the next-token logits at each row's last prompt token.
 
-    For a disk-offloaded model the tail holds its own FP copies of the blocks after `from_layer`
-    (the first block with the safety term), read from disk once, and drops each copy once
-    calibration has passed it: memory for the blocks after the first safety block, not the model."""
+    For a disk-offloaded model the tail reads its own FP copies of the blocks after the first
+    layer it is called for (the engine meanwhile turns the model's blocks into quantized ones and
+    drops them), and drops each copy once calibration has passed it: memory for the blocks after
+    the first safety block, not the model."""
 
-    def __init__(self, model: nn.Module, from_layer: int = 0):
+    def __init__(self, model: nn.Module):
         self.types = block_types(model)
         self.head = LogitHead(model)
-        source = offloaded(model)
-        self.owns_copies = source is not None
-        if source is None:
+        self.source = offloaded(model)
+        if self.source is None:
             self.blocks: list = list(get_blocks(model))
         else:
-            home = model.get_input_embeddings().weight.device
-            self.blocks = [None] * (from_layer + 1) + [source.copy_of(i, home)
-                                                       for i in range(from_layer + 1, len(self.types))]
+            self.home = model.get_input_embeddings().weight.device
+            self.blocks = [None] * len(self.types)
         for module in (*(b for b in self.blocks if b is not None), self.head.norm, self.head.head):
-            if self.owns_copies:
-                module.eval()  # fresh copies of an offloaded model's blocks: dropout off, as in the model
             for p in module.parameters():
                 p.requires_grad_(False)
 
+    @property
+    def owns_copies(self) -> bool:
+        return self.source is not None
+
     def __call__(self, hidden: torch.Tensor, layer: int, kwargs_by_type: dict, last_index: torch.Tensor):
+        if self.owns_copies:
+            self._hold_after(layer)
         h = hidden
         for j in range(layer + 1, len(self.blocks)):
             block = self.blocks[j]
-            if block is None:
-                raise QrealignError(f"this model tail no longer holds block {j} (the tail of block {layer}): "
-                                    "it was built from a later safety layer, or calibration has passed it")
             p = next(block.parameters())
-            h = block_output(block(h.to(p.device, p.dtype), **kwargs_by_type[self.types[j]]))
-        if self.owns_copies:
-            for j in range(layer + 1):  # calibration moves forward: these copies are not needed again
-                self.blocks[j] = None
+            kwargs = move_kwargs(kwargs_by_type[self.types[j]], p.device)  # the engine's are on its device
+            h = block_output(block(h.to(p.device, p.dtype), **kwargs))
         return self.head(h, last_index).to(hidden.device)
+
+    def _hold_after(self, layer: int) -> None:
+        """Copies of exactly the blocks after `layer`: calibration moves forward, so the others
+        are dropped (or, resumed past the first safety block, never read)."""
+        for j in range(len(self.blocks)):
+            if j <= layer:
+                self.blocks[j] = None
+            elif self.blocks[j] is None:
+                block = self.blocks[j] = self.source.copy_of(j, self.home)
+                block.eval()  # a fresh module starts in training mode: dropout off, as in the model
+                block.requires_grad_(False)
 
 
 @torch.no_grad()
@@ -137,9 +147,9 @@ def _offloaded_last_logits(model, batches, device) -> list[torch.Tensor]:
               for b in batches]
     hidden = [s.hidden for s in states]
     for i in range(len(types)):
-        block = source.onload(i, device)
-        block.eval()
         try:
+            block = source.onload(i, device)
+            block.eval()
             hidden = [block_output(block(h, **s.kwargs_by_type[types[i]])) for h, s in zip(hidden, states)]
         finally:
             source.release(i)

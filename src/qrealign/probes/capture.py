@@ -162,12 +162,14 @@ def _capture_block_major(model, tokenizer, prompts, layer_ids, batch_size, devic
 
     source = offloaded(model)
     home = model.get_input_embeddings().weight.device
-    if device is not None and torch.device(device) != home:
+    if device is not None and not _same_device(torch.device(device), home):
         raise QrealignError(f"a disk-offloaded model runs where it was loaded ({home}); load it with "
                             f"device={device!r} instead of passing device= here")
     blocks, types = get_blocks(model), block_types(model)
     row_of = {layer: i for i, layer in enumerate(layer_ids)}
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    was_training = model.training
+    model.eval()
     batches = []
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -177,14 +179,12 @@ def _capture_block_major(model, tokenizer, prompts, layer_ids, batch_size, devic
                                      prompt_position_ids(enc.attention_mask), home)
         batches.append([torch.tensor(idx), enc.last_index.to(home), inputs.hidden, inputs.kwargs_by_type])
     out = torch.empty(len(layer_ids), len(prompts), batches[0][2].shape[-1], dtype=torch.float32)
-    was_training = model.training
-    model.eval()
     try:
         for i in tqdm(range(max(layer_ids) + 1), desc="capturing states (block by block)", unit="block",
                       disable=not progress):
-            block = source.onload(i, home)
-            block.eval()
             try:
+                block = source.onload(i, home)
+                block.eval()
                 for batch in batches:
                     index, last, hidden, kwargs_by_type = batch
                     hidden = batch[2] = block_output(block(hidden, **kwargs_by_type[types[i]]))
@@ -195,3 +195,13 @@ def _capture_block_major(model, tokenizer, prompts, layer_ids, batch_size, devic
     finally:
         model.train(was_training)
     return out
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """"cuda" and "cuda:0" name the same device when 0 is the current one."""
+    if a.type != b.type:
+        return False
+    if a.type == "cuda" and (a.index is None or b.index is None):
+        current = torch.cuda.current_device()
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return a.index == b.index or a.index is None or b.index is None

@@ -160,17 +160,28 @@ class ActQuantizer(nn.Module):
 # one fused min/max, in-place arithmetic, and q/k/v (gate/up) that read the same input tensor
 # quantize it once. Same `qparams` and the same order of operations as `fake_quant`, so the result
 # is bit-identical to the training path (tests/test_quantizer.py checks it).
-_last: tuple = (None, -1, None, None, -1)  # weakref to the input, its version, args, output, its version
+_NO_MEMO: tuple = (None, -1, None, None, -1)
+_last: tuple = _NO_MEMO  # weakref to the input, its version, args, output, its version
+
+
+def _forget(ref) -> None:
+    """The memoised input died: drop its quantized copy too (it would otherwise outlive the run)."""
+    global _last
+    if _last[0] is ref:
+        _last = _NO_MEMO
 
 
 def _per_token_no_grad(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     global _last
+    # Inference-mode tensors (inputs, or outputs made under inference mode) have no version counter.
+    memo = not (torch.is_inference_mode_enabled() or x.is_inference())
     ref, version, last_args, out, out_version = _last
-    if (ref is not None and ref() is x and version == x._version and last_args == args
+    if (memo and ref is not None and ref() is x and version == x._version and last_args == args
             and out._version == out_version):
         return out
     with torch.no_grad():
         scale, zero = qparams(*torch.aminmax(x, dim=-1, keepdim=True), args)
         q = x.div(scale).round_().add_(zero).clamp_(args.qmin, args.qmax).sub_(zero).mul_(scale)
-    _last = (weakref.ref(x), x._version, args, q, q._version)
+    if memo:
+        _last = (weakref.ref(x, _forget), x._version, args, q, q._version)
     return q
