@@ -98,6 +98,7 @@ class DiskBlocks:
         """Drop block i's tensors (whatever the engine turned it into) back to the meta device."""
         get_blocks(self.model)[i].to("meta")
         self.resident.discard(i)
+        return_freed_memory()
 
     def state_items(self):
         """(name, tensor) in `model.state_dict()` order, block tensors read from disk one by one."""
@@ -128,6 +129,20 @@ class DiskBlocks:
     def _guard(self, module, args):
         if not self._streaming:
             require_resident(self.model, "a forward pass of the whole model (generation, evaluation)")
+
+
+def return_freed_memory() -> None:
+    """Hand the freed block back to the OS: glibc keeps freed heap pages, and the process grew by
+    about one block per block without this. One thread, random Llamas: streamed export (142M
+    parameters) peak RSS 1.20 -> 0.75 GiB; offloaded calibration (16 blocks of width 1024, 0.8 GB
+    of fp32 weights, 8 prompts) RTN 1.15 -> 0.93 GiB, OmniQuant 1.73 -> 1.14 GiB. Without glibc
+    it does nothing."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def streaming_blocks(model: nn.Module, device: torch.device | str):
