@@ -179,6 +179,7 @@ def test_offloaded_first_token_targets_equal_the_model_forward(model_type, dtype
     model, _ = load_model(directory, dtype=dtype, offload="disk")
     expected = next_token_logprobs(in_ram, tok, calib, cfg)
     assert torch.equal(next_token_logprobs(model, tok, calib, cfg), expected)
+    assert torch.equal(next_token_logprobs(model, tok, calib, cfg, device="cpu"), expected)  # blocks read there
     assert not offloaded(model).resident
 
 

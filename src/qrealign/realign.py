@@ -112,7 +112,7 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
     from .calibrate.behaviour import FirstTokenLoss, ModelTail, first_token_targets
     from .models import load_model
     from .models.offload import offloaded
-    from .utils import model_fingerprint
+    from .utils import model_fingerprint, resolve_device
 
     num_layers = model.config.num_hidden_layers
     layers = chosen_layers(num_layers, loss_options.get("layers"), layers_from)
@@ -134,7 +134,8 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
                             f"({teacher.config.model_type}, {teacher.config.num_hidden_layers} blocks vs "
                             f"{model.config.model_type}, {num_layers})")
     teacher_fp = model_fingerprint(teacher)
-    targets = first_token_targets(teacher, model, tokenizer, calibration, cfg)
+    targets = first_token_targets(teacher, model, tokenizer, calibration, cfg,
+                                  device=resolve_device(device) if offloaded(model) is not None else None)
     del teacher
     active = layers if layers is not None else tuple(range(num_layers))
     loss = FirstTokenLoss(ModelTail(model), targets, target_id=teacher_fp, **loss_options)

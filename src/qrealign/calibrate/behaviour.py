@@ -65,9 +65,9 @@ class ModelTail:
     output to the next-token logits at each row's last prompt token.
 
     For a disk-offloaded model the tail reads its own FP copies of the blocks after the first
-    layer it is called for (the engine meanwhile turns the model's blocks into quantized ones and
-    drops them), and drops each copy once calibration has passed it: memory for the blocks after
-    the first safety block, not the model."""
+    layer it is called for onto the compute device (the engine meanwhile turns the model's blocks
+    into quantized ones and drops them), and drops each copy once calibration has passed it:
+    memory for the blocks after the first safety block, not the model."""
 
     def __init__(self, model: nn.Module):
         self.types = block_types(model)
@@ -76,7 +76,6 @@ class ModelTail:
         if self.source is None:
             self.blocks: list = list(get_blocks(model))
         else:
-            self.home = model.get_input_embeddings().weight.device
             self.blocks = [None] * len(self.types)
         for module in (*(b for b in self.blocks if b is not None), self.head.norm, self.head.head):
             for p in module.parameters():
@@ -88,7 +87,7 @@ class ModelTail:
 
     def __call__(self, hidden: torch.Tensor, layer: int, kwargs_by_type: dict, last_index: torch.Tensor):
         if self.owns_copies:
-            self._hold_after(layer)
+            self._hold_after(layer, hidden.device)
         h = hidden
         for j in range(layer + 1, len(self.blocks)):
             block = self.blocks[j]
@@ -97,30 +96,32 @@ class ModelTail:
             h = block_output(block(h.to(p.device, p.dtype), **kwargs))
         return self.head(h, last_index).to(hidden.device)
 
-    def _hold_after(self, layer: int) -> None:
-        """Copies of exactly the blocks after `layer`: calibration moves forward, so the others
-        are dropped (or, resumed past the first safety block, never read)."""
+    def _hold_after(self, layer: int, device: torch.device) -> None:
+        """Copies of exactly the blocks after `layer`, on the device the quantized block computes
+        on: calibration moves forward, so the others are dropped (or, resumed past the first
+        safety block, never read)."""
         for j in range(len(self.blocks)):
             if j <= layer:
                 self.blocks[j] = None
             elif self.blocks[j] is None:
-                block = self.blocks[j] = self.source.copy_of(j, self.home)
+                block = self.blocks[j] = self.source.copy_of(j, device)
                 block.eval()  # a fresh module starts in training mode: dropout off, as in the model
                 block.requires_grad_(False)
 
 
 @torch.no_grad()
-def next_token_logprobs(model: nn.Module, tokenizer, calib: CalibrationSet, config) -> torch.Tensor:
+def next_token_logprobs(model: nn.Module, tokenizer, calib: CalibrationSet, config, device=None) -> torch.Tensor:
     """[N, V] log-probabilities of the next token after each calibration prompt, rendered and
     batched exactly as the calibration engine renders them (`config`: a CalibConfig). Runs where
-    the model's weights are (its embedding's device); block by block for a disk-offloaded model."""
-    device = model.get_input_embeddings().weight.device
+    the model's weights are (its embedding's device); a disk-offloaded model runs block by block,
+    each block read onto `device` (default: the embedding's device)."""
+    home = model.get_input_embeddings().weight.device
     batches = make_batches(tokenizer, calib, config.batch_size, config.max_length, config.padding_side,
                            config.system, pad_to=config.pad_to)
     if offloaded(model) is not None:
-        rows_of = _offloaded_last_logits(model, batches, device)
+        rows_of = _offloaded_last_logits(model, batches, home, torch.device(device) if device is not None else home)
     else:
-        rows_of = (_last_logits(model, batch, device) for batch in batches)
+        rows_of = (_last_logits(model, batch, home) for batch in batches)
     out = None
     for batch, rows in zip(batches, rows_of):
         if out is None:
@@ -139,18 +140,19 @@ def _last_logits(model, batch, device) -> torch.Tensor:
     return logits[torch.arange(logits.shape[0], device=logits.device), slot].float()
 
 
-def _offloaded_last_logits(model, batches, device) -> list[torch.Tensor]:
+def _offloaded_last_logits(model, batches, home, device) -> list[torch.Tensor]:
     """`_last_logits` of every batch for a disk-offloaded model: all batches through block i
-    before block i+1 is read, so the checkpoint is read once."""
+    before block i+1 is read (onto `device`), so the checkpoint is read once."""
     source, types = offloaded(model), block_types(model)
-    states = [record_block_inputs(model, b.enc.input_ids, b.enc.attention_mask, b.position_ids, device)
+    states = [record_block_inputs(model, b.enc.input_ids, b.enc.attention_mask, b.position_ids, home)
               for b in batches]
-    hidden = [s.hidden for s in states]
+    hidden = [s.hidden.to(device) for s in states]
+    kwargs = [{t: move_kwargs(kw, device) for t, kw in s.kwargs_by_type.items()} for s in states]
     for i in range(len(types)):
         try:
             block = source.onload(i, device)
             block.eval()
-            hidden = [block_output(block(h, **s.kwargs_by_type[types[i]])) for h, s in zip(hidden, states)]
+            hidden = [block_output(block(h, **kw[types[i]])) for h, kw in zip(hidden, kwargs)]
         finally:
             source.release(i)
     head = LogitHead(model)
@@ -158,14 +160,15 @@ def _offloaded_last_logits(model, batches, device) -> list[torch.Tensor]:
 
 
 def first_token_targets(aligned: nn.Module, finetuned: nn.Module, tokenizer, calib: CalibrationSet,
-                        config) -> torch.Tensor:
+                        config, device=None) -> torch.Tensor:
     """Per calibration sample, the teacher's next-token log-probs: the aligned model for
-    malicious prompts, the fine-tuned model (not yet quantized) for benign ones."""
+    malicious prompts, the fine-tuned model (not yet quantized) for benign ones. `device`: where a
+    disk-offloaded model's blocks run (default: where its embeddings are)."""
     if aligned.config.vocab_size != finetuned.config.vocab_size:
         raise QrealignError("the aligned and the fine-tuned model have different vocabularies")
     mal = torch.tensor(calib.labels, dtype=torch.bool)
-    targets = next_token_logprobs(finetuned, tokenizer, calib, config)
-    targets[mal] = next_token_logprobs(aligned, tokenizer, calib, config)[mal]
+    targets = next_token_logprobs(finetuned, tokenizer, calib, config, device)
+    targets[mal] = next_token_logprobs(aligned, tokenizer, calib, config, device)[mal]
     return targets
 
 
