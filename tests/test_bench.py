@@ -62,3 +62,23 @@ def test_lanes_bench_times_both_ways_and_says_whether_the_numbers_moved(tmp_path
     md = (tmp_path / "out" / "bench-lanes.md").read_text()
     assert "| calibrate 0 |" in md and "Speed-up of two lanes" in md
     assert json.loads((tmp_path / "out" / "bench-lanes.json").read_text())["identical"].keys() == set(one)
+
+
+def test_offload_bench_measures_both_ways_in_fresh_processes(tmp_path):
+    from qrealign.bench_offload import run_offload_bench
+    from qrealign.errors import QrealignError
+    from qrealign.models.tiny import tiny_model
+
+    model, tok = tiny_model("llama", seed=0, num_hidden_layers=2)
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    report = run_offload_bench(str(tmp_path / "tiny"), n=4, kinds=("calibrate-rtn",), out=tmp_path / "out",
+                               log=lambda *a: None)
+    row = report["jobs"]["calibrate-rtn"]
+    assert "error" not in row["memory"] and "error" not in row["disk"]
+    assert row["identical"] and row["memory"]["peak_rss_gib"] > 0 and row["disk"]["seconds"] >= 0
+    assert "| calibrate-rtn |" in (tmp_path / "out" / "bench-offload.md").read_text()
+    with pytest.raises(QrealignError, match="unknown offload bench"):
+        run_offload_bench(str(tmp_path / "tiny"), kinds=("train",), out=tmp_path / "x")
+    with pytest.raises(QrealignError, match="not a local model directory"):
+        run_offload_bench(str(tmp_path / "nowhere"), out=tmp_path / "x")

@@ -21,11 +21,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lanes", action="store_true",
                         help="instead: time two calibrations (N prompts) and two generations in one lane vs two "
                              "(the demo's worker processes), and a calibration with / without the initial-loss pass")
+    parser.add_argument("--offload", metavar="MODEL_DIR", default=None,
+                        help="instead: peak memory and time of calibrations (RTN, OmniQuant; N prompts) and probe "
+                             "capture of a local checkpoint, in memory vs --offload disk, each in a fresh process")
 
 
 def run(args) -> int:
     from ..bench import markdown, run_bench
 
+    if args.offload:
+        from ..bench_offload import markdown as offload_markdown, run_offload_bench
+
+        out = args.out if args.out != "runs/bench" else "runs/bench-offload"
+        report = run_offload_bench(args.offload, n=args.n, scheme=args.scheme, out=out)
+        print(offload_markdown(report))
+        print(f"wrote {out}/bench-offload.json and bench-offload.md")
+        return 0
     if args.lanes:
         from ..bench_lanes import markdown as lanes_markdown, run_lanes_bench
 
