@@ -32,7 +32,7 @@ from .calibrate.safety import SafetyLoss
 from .models import get_blocks, load_model
 from .models.chat import encode_prompts
 from .errors import QrealignError
-from .utils import resolve_device, write_json
+from .utils import resolve_device, write_report
 
 REFERENCE = CalibConfig(batch_size=1, pad_to=128, padding_side="right", epochs=10, epoch_schedule="paper",
                         group_by_label=False)
@@ -159,10 +159,7 @@ def run_bench(model_spec: str = "smollm2-135m", scheme: str = "W8A8", n: int = 4
         "schedules": {r.name: r.__dict__ for r in results},
         "speedup": round(ref.seconds / ours.seconds, 2),
     }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "bench.json", report)
-    (out / "bench.md").write_text(markdown(report))
+    write_report(out, "bench", report, markdown(report))
     return report
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .lanes import Job, run_jobs
-from .utils import write_json
+from .utils import write_report
 
 
 def calibrate_job(model_spec: str, n: int, scheme: str, measure_init_loss: bool = False, log=print) -> dict:
@@ -75,9 +75,7 @@ def run_lanes_bench(model_spec: str = "smollm2-135m", n_calib: int = 32, n_gen: 
         "init_loss": {"off_s": init[False]["seconds"], "on_s": init[True]["seconds"],
                       "identical": init[False]["digest"] == init[True]["digest"]},
     }
-    out = Path(out)
-    write_json(out / "bench-lanes.json", report)
-    (out / "bench-lanes.md").write_text(markdown(report))
+    write_report(out, "bench-lanes", report, markdown(report))
     return report
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .utils import write_json
+from .utils import write_report
 
 KINDS = ("calibrate-rtn", "calibrate-omniquant", "probe-capture")
 
@@ -95,10 +95,7 @@ def run_offload_bench(model_dir: str, n: int = 8, scheme: str = "W8A8", kinds: t
     report = {"model": str(model_dir), "checkpoint_gib": round(size / 2**30, 3), "n": n, "scheme": scheme,
               "threads": 1, "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "jobs": rows}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "bench-offload.json", report)
-    (out / "bench-offload.md").write_text(markdown(report))
+    write_report(out, "bench-offload", report, markdown(report))
     return report
 
 

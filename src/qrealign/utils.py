@@ -138,3 +138,11 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def write_report(out: str | Path, stem: str, report: dict, markdown: str) -> None:
+    """A benchmark's two files: `<stem>.json` (the numbers) and `<stem>.md` (the table)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{stem}.json", report)
+    (out / f"{stem}.md").write_text(markdown)
