@@ -55,18 +55,35 @@ def sha256_json(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
-def tensor_digest(tensor: torch.Tensor, h: "hashlib._Hash", max_elems: int = 65536) -> None:
-    """Feed a tensor's shape, dtype and a strided sample of its values into a hash: cheap on 70B
-    checkpoints, and any real weight change (fine-tune, quantization) still shows."""
+FINGERPRINT_VERSION = 2  # 1: float64 sum, which moved with the thread count (and the device)
+
+
+def tensor_digest(tensor: torch.Tensor, h: "hashlib._Hash", max_elems: int = 65536, version: int = FINGERPRINT_VERSION
+                  ) -> None:
+    """Feed a tensor's shape, dtype, a strided sample of its values and a checksum of all of them
+    into a hash: cheap on 70B checkpoints, and any real weight change (fine-tune, quantization)
+    still shows. The checksum adds the raw bits as integers (mod 2**64), so, unlike a float sum,
+    it is the same for any thread count and on any device."""
     flat = tensor.detach().reshape(-1)
     step = max(1, flat.numel() // max_elems)
     sample = flat[::step].to("cpu", torch.float32).contiguous()
     h.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
     h.update(sample.numpy().tobytes())
-    h.update(np.float64(flat.to(torch.float64).sum().item()).tobytes())
+    if version == 1:
+        h.update(np.float64(flat.to(torch.float64).sum().item()).tobytes())
+    else:
+        h.update(_bit_checksum(flat).to_bytes(8, "little"))
 
 
-def model_fingerprint(model: torch.nn.Module, length: int = 16) -> str:
+def _bit_checksum(flat: torch.Tensor, chunk: int = 1 << 24) -> int:
+    """Sum of the elements' bit patterns as integers, mod 2**64 (integer addition does not
+    depend on the order of a parallel reduction). Chunked: no 8-byte copy of a whole tensor."""
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
+    bits = flat.contiguous().view(as_int)
+    return sum(int(part.to(torch.int64).sum().item()) for part in bits.split(chunk)) % (1 << 64)
+
+
+def model_fingerprint(model: torch.nn.Module, length: int = 16, version: int = FINGERPRINT_VERSION) -> str:
     """A hash of the model's type and state dict. A disk-offloaded model gives the same value as
     the same checkpoint loaded in memory (its blocks are read from the files one tensor at a
     time, once), so runs resume and reload across the two."""
@@ -74,20 +91,39 @@ def model_fingerprint(model: torch.nn.Module, length: int = 16) -> str:
 
     source = offloaded(model)
     if source is None:
-        return _state_fingerprint(model, model.state_dict().items(), length)
-    if length not in source.fingerprints:
-        source.fingerprints[length] = _state_fingerprint(model, source.state_items(), length)
-    return source.fingerprints[length]
+        return _state_fingerprint(model, model.state_dict().items(), length, version)
+    if (length, version) not in source.fingerprints:
+        source.fingerprints[length, version] = _state_fingerprint(model, source.state_items(), length, version)
+    return source.fingerprints[length, version]
 
 
-def _state_fingerprint(model: torch.nn.Module, items, length: int) -> str:
+def fingerprint_matches(model: torch.nn.Module, expected: str, meta: dict) -> bool:
+    """Whether `model` is the one a run recorded as `expected`. Runs written before
+    FINGERPRINT_VERSION 2 hold a value that depended on the thread count: accept it as computed
+    with this process's thread count or with one thread (the demo's worker lanes)."""
+    if model_fingerprint(model, len(expected)) == expected:
+        return True
+    if meta.get("fingerprint_version", 1) != 1:
+        return False
+    threads = torch.get_num_threads()
+    try:
+        for n in dict.fromkeys((threads, 1)):
+            torch.set_num_threads(n)
+            if model_fingerprint(model, len(expected), version=1) == expected:
+                return True
+    finally:
+        torch.set_num_threads(threads)
+    return False
+
+
+def _state_fingerprint(model: torch.nn.Module, items, length: int, version: int = FINGERPRINT_VERSION) -> str:
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
         h.update(str(getattr(config, "model_type", "")).encode())
     for name, tensor in items:
         h.update(name.encode())
-        tensor_digest(tensor, h)
+        tensor_digest(tensor, h, version=version)
     return h.hexdigest()[:length]
 
 

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from ..quant.scheme import Scheme, get_scheme
-from ..utils import model_fingerprint
+from ..utils import FINGERPRINT_VERSION, model_fingerprint
 from .artifact import save_quantized
 from .data import CalibrationSet
 from .engine import CalibConfig, CalibResult, calibrate
@@ -48,6 +48,7 @@ def quantize(
             "adapter": adapter,
             "parent": source,
             "model_fingerprint": fingerprint,
+            "fingerprint_version": FINGERPRINT_VERSION,
             "model_type": model.config.model_type,
             "method": cfg.method,
             "scheme": scheme.to_dict(),

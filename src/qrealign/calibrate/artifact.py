@@ -17,7 +17,7 @@ from ..models.registry import get_arch, get_blocks, head_layout
 from ..quant.let import LETParams
 from ..quant.qlinear import QuantLinear, wrap_linears
 from ..quant.scheme import Scheme, get_scheme
-from ..utils import atomic_dir, model_fingerprint, read_json, write_json
+from ..utils import atomic_dir, fingerprint_matches, model_fingerprint, read_json, write_json
 from .engine import apply_block_params
 
 FORMAT_VERSION = 1
@@ -112,7 +112,7 @@ def load_quantized(path: str | Path, device: str | torch.device | None = "cpu", 
     params.pop("_empty", None)
     model, tokenizer = load_model(meta["source"], adapter=meta.get("adapter"), dtype=dtype, device=device)
     expected = meta.get("model_fingerprint")
-    if expected and model_fingerprint(model) != expected:
+    if expected and not fingerprint_matches(model, expected, meta):
         raise IncompatibleArtifact(
             f"{meta['source']} is not the model this run was calibrated on (fingerprint mismatch)")
     apply_quant_params(model, meta["scheme"], params)

@@ -25,7 +25,7 @@ from ..calibrate.artifact import PARAMS_FILE, apply_quant_params, read_quantized
 from ..errors import IncompatibleArtifact
 from ..quant.qlinear import QuantLinear
 from ..quant.scheme import get_scheme
-from ..utils import atomic_dir, model_fingerprint, read_json, resolve_dtype, write_json
+from ..utils import atomic_dir, fingerprint_matches, model_fingerprint, read_json, resolve_dtype, write_json
 from .codes import LinearCodes, linear_codes
 from .plan import ExportError, ExportPlan, plan_export
 
@@ -81,7 +81,7 @@ def export_compressed_tensors(
     model, tokenizer = load_model(meta["source"], adapter=meta.get("adapter"), dtype="float32", device="cpu",
                                   offload=offload)
     expected = meta.get("model_fingerprint")
-    if expected and model_fingerprint(model) != expected:
+    if expected and not fingerprint_matches(model, expected, meta):
         raise IncompatibleArtifact(
             f"{meta['source']} is not the model this run was calibrated on (fingerprint mismatch)")
     n_params = sum(p.numel() for p in model.parameters())

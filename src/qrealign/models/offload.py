@@ -60,7 +60,7 @@ class DiskBlocks:
         self.resident: set[int] = set()
         self.max_resident = 0
         self.onloads = 0
-        self.fingerprints: dict[int, str] = {}  # model_fingerprint reads the checkpoint once
+        self.fingerprints: dict[tuple, str] = {}  # model_fingerprint reads the checkpoint once
         self._streaming = False
 
     def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
