@@ -35,7 +35,7 @@ from ..errors import QrealignError
 from ..models.offload import offloaded
 from ..models.registry import block_types, get_arch, get_blocks, get_submodule
 from ..utils import tensor_digest
-from .capture import block_output, move_kwargs, record_block_inputs
+from .capture import block_output, move_kwargs, record_block_inputs, run_offloaded_blocks
 from .data import CalibrationSet, make_batches
 from .losses import LossInputs, SafetyGate
 
@@ -141,22 +141,11 @@ def _last_logits(model, batch, device) -> torch.Tensor:
 
 
 def _offloaded_last_logits(model, batches, home, device) -> list[torch.Tensor]:
-    """`_last_logits` of every batch for a disk-offloaded model: all batches through block i
-    before block i+1 is read (onto `device`), so the checkpoint is read once."""
-    source, types = offloaded(model), block_types(model)
-    states = [record_block_inputs(model, b.enc.input_ids, b.enc.attention_mask, b.position_ids, home)
+    """`_last_logits` of every batch for a disk-offloaded model, block-major (one read of it)."""
+    inputs = [record_block_inputs(model, b.enc.input_ids, b.enc.attention_mask, b.position_ids, home)
               for b in batches]
-    hidden = [s.hidden.to(device) for s in states]
-    kwargs = [{t: move_kwargs(kw, device) for t, kw in s.kwargs_by_type.items()} for s in states]
-    for i in range(len(types)):
-        try:
-            block = source.onload(i, device)
-            block.eval()
-            hidden = [block_output(block(h, **kw[types[i]])) for h, kw in zip(hidden, kwargs)]
-        finally:
-            source.release(i)
     head = LogitHead(model)
-    return [head(h, b.enc.last_index) for h, b in zip(hidden, batches)]
+    return [head(h, b.enc.last_index) for h, b in zip(run_offloaded_blocks(model, inputs, device), batches)]
 
 
 def first_token_targets(aligned: nn.Module, finetuned: nn.Module, tokenizer, calib: CalibrationSet,

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from ..models.offload import streaming_blocks
+from ..models.offload import offloaded, streaming_blocks
 from ..models.registry import block_types, get_blocks
 from .data import CalibBatch
 
@@ -70,6 +71,31 @@ def record_block_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mas
         for h in handles:
             h.remove()
     return BlockInputs(record["hidden"], record["kw"])
+
+
+@torch.no_grad()
+def run_offloaded_blocks(model: nn.Module, inputs: list[BlockInputs], device: torch.device, upto: int | None = None,
+                         visit=None, desc: str | None = None) -> list[torch.Tensor]:
+    """Every batch's recorded block-0 input through a disk-offloaded model's blocks, block-major:
+    block i is read once onto `device`, runs all batches and is released before block i+1 (a
+    batch-by-batch forward would read each block once per batch). Same kwargs and order of
+    operations per block as the model's forward. `visit(i, b, hidden)` sees batch b's output of
+    block i; returns the outputs of block `upto` (default: the last). Holds all batches' states."""
+    source, types = offloaded(model), block_types(model)
+    hidden = [x.hidden.to(device) for x in inputs]
+    kwargs = [{t: move_kwargs(kw, device) for t, kw in x.kwargs_by_type.items()} for x in inputs]
+    last = len(types) - 1 if upto is None else upto
+    for i in tqdm(range(last + 1), desc=desc, unit="block", disable=desc is None):
+        try:
+            block = source.onload(i, device)
+            block.eval()
+            for b, kw in enumerate(kwargs):
+                hidden[b] = block_output(block(hidden[b], **kw[types[i]]))
+                if visit is not None:
+                    visit(i, b, hidden[b])
+        finally:
+            source.release(i)
+    return hidden
 
 
 def block_output(out):

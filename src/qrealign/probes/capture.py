@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..errors import QrealignError
 from ..models.chat import encode_prompts
 from ..models.offload import offloaded
-from ..models.registry import block_types, get_blocks
+from ..models.registry import get_blocks
 
 
 class _StopForward(Exception):
@@ -155,53 +155,35 @@ def capture_last_token_states(
 def _capture_block_major(model, tokenizer, prompts, layer_ids, batch_size, device, system, max_length,
                          padding_side, progress) -> torch.Tensor:
     """`capture_last_token_states` for a disk-offloaded model: every batch enters block 0, then the
-    blocks run one at a time over all batches, so the checkpoint is read once (a batch-by-batch
-    forward would read every block once per batch). Same kwargs, same order of operations per
-    block: the states equal the in-memory capture's. Holds all batches' hidden states meanwhile."""
-    from ..calibrate.capture import block_output, record_block_inputs
+    blocks run one at a time over all batches (on `device`, default where the model was loaded),
+    so the checkpoint is read once. The states equal the in-memory capture's."""
+    from ..calibrate.capture import record_block_inputs, run_offloaded_blocks
 
-    source = offloaded(model)
     home = model.get_input_embeddings().weight.device
-    if device is not None and not _same_device(torch.device(device), home):
-        raise QrealignError(f"a disk-offloaded model runs where it was loaded ({home}); load it with "
-                            f"device={device!r} instead of passing device= here")
-    blocks, types = get_blocks(model), block_types(model)
     row_of = {layer: i for i, layer in enumerate(layer_ids)}
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     was_training = model.training
     model.eval()
-    batches = []
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        enc = encode_prompts(tokenizer, [prompts[i] for i in idx], system=system, max_length=max_length,
-                             padding_side=padding_side)
-        inputs = record_block_inputs(model, enc.input_ids, enc.attention_mask,
-                                     prompt_position_ids(enc.attention_mask), home)
-        batches.append([torch.tensor(idx), enc.last_index.to(home), inputs.hidden, inputs.kwargs_by_type])
-    out = torch.empty(len(layer_ids), len(prompts), batches[0][2].shape[-1], dtype=torch.float32)
     try:
-        for i in tqdm(range(max(layer_ids) + 1), desc="capturing states (block by block)", unit="block",
-                      disable=not progress):
-            try:
-                block = source.onload(i, home)
-                block.eval()
-                for batch in batches:
-                    index, last, hidden, kwargs_by_type = batch
-                    hidden = batch[2] = block_output(block(hidden, **kwargs_by_type[types[i]]))
-                    if i in row_of:
-                        out[row_of[i], index] = hidden[torch.arange(hidden.shape[0], device=home), last].float().cpu()
-            finally:
-                source.release(i)
+        index, last, inputs = [], [], []
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = encode_prompts(tokenizer, [prompts[i] for i in idx], system=system, max_length=max_length,
+                                 padding_side=padding_side)
+            index.append(torch.tensor(idx))
+            last.append(enc.last_index)
+            inputs.append(record_block_inputs(model, enc.input_ids, enc.attention_mask,
+                                              prompt_position_ids(enc.attention_mask), home))
+        out = torch.empty(len(layer_ids), len(prompts), inputs[0].hidden.shape[-1], dtype=torch.float32)
+
+        def record(i, b, hidden):
+            if i in row_of:
+                rows = torch.arange(hidden.shape[0], device=hidden.device)
+                out[row_of[i], index[b]] = hidden[rows, last[b].to(hidden.device)].float().cpu()
+
+        run_offloaded_blocks(model, inputs, torch.device(device) if device is not None else home,
+                             upto=max(layer_ids), visit=record,
+                             desc="capturing states (block by block)" if progress else None)
     finally:
         model.train(was_training)
     return out
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """"cuda" and "cuda:0" name the same device when 0 is the current one."""
-    if a.type != b.type:
-        return False
-    if a.type == "cuda" and (a.index is None or b.index is None):
-        current = torch.cuda.current_device()
-        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
-    return a.index == b.index or a.index is None or b.index is None
