@@ -114,13 +114,14 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
     from .models.offload import offloaded
     from .utils import model_fingerprint, resolve_device
 
+    on_disk = offloaded(model) is not None
     num_layers = model.config.num_hidden_layers
     layers = chosen_layers(num_layers, loss_options.get("layers"), layers_from)
     if layers is not None:
         layers = loss_options["layers"] = tuple(sorted(set(layers)))
         if not layers or not all(0 <= layer < num_layers for layer in layers):
             raise NoSafetyLayers(f"safety layers {layers} are not blocks of this {num_layers}-block model")
-    if layers is None and offloaded(model) is not None:  # before the teacher is read
+    if layers is None and on_disk:  # before the teacher is read
         raise QrealignError("with offload='disk' choose the safety blocks (layers= or layers_from=, e.g. "
                             "layers_from=0.85; CLI --layers-from): the first-token objective holds FP copies of "
                             "every block after the first safety block in memory, all blocks by default")
@@ -128,14 +129,14 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
     calibration = calibration or build_calibration()
     source = str(teacher) if isinstance(teacher, (str, Path)) else getattr(teacher.config, "qrealign_source", None)
     if isinstance(teacher, (str, Path)):  # offloaded like the model: it is as large
-        teacher, _ = load_model(str(teacher), offload="disk" if offloaded(model) is not None else None)
+        teacher, _ = load_model(str(teacher), offload="disk" if on_disk else None)
     if teacher.config.model_type != model.config.model_type or teacher.config.num_hidden_layers != num_layers:
         raise QrealignError("the teacher must be the aligned version of the same architecture "
                             f"({teacher.config.model_type}, {teacher.config.num_hidden_layers} blocks vs "
                             f"{model.config.model_type}, {num_layers})")
     teacher_fp = model_fingerprint(teacher)
     targets = first_token_targets(teacher, model, tokenizer, calibration, cfg,
-                                  device=resolve_device(device) if offloaded(model) is not None else None)
+                                  device=resolve_device(device) if on_disk else None)
     del teacher
     active = layers if layers is not None else tuple(range(num_layers))
     loss = FirstTokenLoss(ModelTail(model), targets, target_id=teacher_fp, **loss_options)

@@ -6,10 +6,11 @@ attaches a `DiskBlocks` to the model. The calibration engine already works on on
 time, so it asks the `DiskBlocks` to read block i's tensors from the safetensors files
 (`onload`) and to drop them again (`release`) once the block's learned parameters are recorded.
 
-Probe capture runs block-major the same way (`probes/capture.py`). Anything that needs all
-blocks at every step (generation, evaluation, the first-token objective's tail) cannot run on
-such a model; its forward pass raises `OffloadUnsupported`, except inside `streaming_blocks`,
-which loads each block for the duration of its own forward call.
+Probe capture and the first-token teacher targets run block-major the same way
+(`calibrate/capture.run_offloaded_blocks`); the first-token tail keeps its own copies of the
+blocks it needs (`DiskBlocks.copy_of`). Anything that needs all blocks at every step (generation,
+evaluation) cannot run on such a model; its forward pass raises `OffloadUnsupported`, except
+inside `streaming_blocks`, which loads each block for the duration of its own forward call.
 """
 
 from __future__ import annotations
