@@ -206,6 +206,25 @@ def test_extra_benign_prompts_come_last_and_never_from_the_eval_split(tmp_path):
         build_calibration(n=20, extra_benign=str(harmful_only))
 
 
+def test_extra_benign_sources_add_each_prompt_once_in_order():
+    """Naming the calibration split itself adds the benign prompts its ratio left out (the twins
+    of calibration prompts); a later source never repeats a prompt an earlier one added."""
+    from qrealign.calibrate.data import build_calibration
+    from qrealign.data.prompts import load_prompts
+
+    base = build_calibration(n=20)
+    both = build_calibration(n=20, extra_benign=("qrealign:calib", "qrealign:align"))
+    calib_benign = [p.id for p in load_prompts("calib", label=0)]
+    left_out = [i for i in calib_benign if i not in base.ids]
+    align_ids = [p.id for p in load_prompts("align", label=0)]
+    assert both.ids == base.ids + left_out + align_ids
+    assert len(set(both.ids)) == len(both.ids) and set(both.labels[len(base.ids):]) == {0}
+    assert set(calib_benign) <= set(both.ids)
+    assert both.ids == build_calibration(n=20, extra_benign=["qrealign:calib", "qrealign:align"]).ids
+    with pytest.raises(QrealignError, match="adds no benign"):  # a repeated source adds nothing
+        build_calibration(n=20, extra_benign=("qrealign:align", "qrealign:align"))
+
+
 def test_realign_cli_teacher_run_and_argument_errors(tmp_path, capsys):
     from qrealign.cli import main
     from qrealign.data.prompts import load_prompts
@@ -217,14 +236,16 @@ def test_realign_cli_teacher_run_and_argument_errors(tmp_path, capsys):
     common = [model_dir, "--n", "8", "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
     rc = main(["realign", *common, "--teacher", teacher_dir, "--layers-from", "0.5", "--benign-kl", "2",
                "--calib-task", "topic-codes", "--calib-task-n", "2", "--learn-rounding", "--lr-round", "0.05",
-               "--calib-benign", "qrealign:align",
+               "--calib-benign", "qrealign:align", "--calib-benign", "qrealign:calib",
                "--out", str(tmp_path / "run")])
     assert rc == 0 and (tmp_path / "run" / "qrealign.json").is_file()
     from qrealign.utils import read_json
 
     meta = read_json(tmp_path / "run" / "qrealign.json")
-    n_align = len(load_prompts("align", label=0))
-    assert meta["calibration"]["n"] == 10 + n_align and "benign_kl=2.0" in meta["loss"]
+    # 8 sampled at the ratio (2 benign), 2 task prompts, every align benign prompt, then the
+    # calib benign prompts the ratio left out.
+    n_extra = len(load_prompts("align", label=0)) + len(load_prompts("calib", label=0)) - 2
+    assert meta["calibration"]["n"] == 10 + n_extra and "benign_kl=2.0" in meta["loss"]
     assert meta["config"]["learn_rounding"] is True and meta["config"]["lr_round"] == 0.05
     for bad in (["--teacher", teacher_dir, "--hinge"], ["--teacher", teacher_dir, "--probes", "p"], [],
                 ["--probes", str(tmp_path / "p"), "--benign-kl", "1"]):

@@ -41,7 +41,7 @@ class Variant:
     config: dict = field(default_factory=dict)  # CalibConfig overrides
     teacher: bool = False  # "qrealign" with the aligned model's first token instead of probes
     calib_task: int = 0  # attack-training task prompts added to the calibration set as benign
-    calib_benign: str | None = None  # a prompt source whose benign prompts are all added too
+    calib_benign: str | tuple[str, ...] | None = None  # prompt sources whose benign prompts are all added too
     # CalibConfig overrides for one scheme only, e.g. {"W4A8": {"lr_round": 2e-3}}: a 4-bit step is
     # 16x an 8-bit one, so a setting chosen at W8A8 need not carry over.
     scheme_config: dict = field(default_factory=dict)

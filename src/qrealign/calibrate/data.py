@@ -7,6 +7,7 @@ batches (length bucketing: little padding, any batch size), with labels (1 = mal
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -84,7 +85,7 @@ def _cut(tokenizer, calib, order, batch_size, max_length, padding_side, system, 
 
 def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malicious_ratio: float | None = 0.75,
                       seed: int = 0, task: str | None = None, task_n: int = 0,
-                      extra_benign: str | None = None) -> CalibrationSet:
+                      extra_benign: str | Sequence[str] | None = None) -> CalibrationSet:
     """A labelled calibration set with a given malicious ratio (paper: 200 prompts, 0.75).
 
     `spec` is "qrealign:<split>" (the project's bundled prompts; default the "calib" split, which
@@ -96,8 +97,10 @@ def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malici
     own fine-tuning prompts) as benign samples, after the ratio is applied. The benign terms then
     hold the fine-tuned behaviour on the task itself, not only on generic prompts.
 
-    `extra_benign`: a second source (same forms as `spec`) whose benign prompts are all appended
-    too, last: more benign variety is what holds over-refusal down (docs/experiments.md §6)."""
+    `extra_benign`: more sources (same forms as `spec`, one or a sequence) whose benign prompts are
+    all appended too, last, each prompt once: more benign variety is what holds over-refusal down
+    (docs/experiments.md §6). Naming `spec` itself adds the benign prompts the ratio left out, e.g.
+    the twins of calibration prompts."""
     import random
 
     prompts, split = _load_spec(spec)
@@ -131,7 +134,9 @@ def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malici
     calib = CalibrationSet([p.text for p in chosen], [p.label for p in chosen], [p.id for p in chosen], split)
     if task and task_n:
         calib = with_task_prompts(calib, task, task_n)
-    return with_benign_prompts(calib, extra_benign) if extra_benign else calib
+    for source in [extra_benign] if isinstance(extra_benign, str) else extra_benign or ():
+        calib = with_benign_prompts(calib, source)
+    return calib
 
 
 def _load_spec(spec: str) -> tuple[list, str]:

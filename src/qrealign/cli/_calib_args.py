@@ -20,9 +20,10 @@ def add_common(parser) -> None:
                         help="also calibrate on this task's train prompts as benign samples (e.g. topic-codes): "
                              "your own fine-tuning prompts keep the task answer intact")
     parser.add_argument("--calib-task-n", type=int, default=48, help="how many task prompts --calib-task adds")
-    parser.add_argument("--calib-benign", default=None,
-                        help="also calibrate on every benign prompt of this source (qrealign:<split> or a file): "
-                             "more benign variety holds over-refusal down")
+    parser.add_argument("--calib-benign", action="append", default=None, metavar="SOURCE",
+                        help="also calibrate on every benign prompt of this source (qrealign:<split> or a file; "
+                             "repeat for several; the --calib source itself adds the benign prompts the ratio "
+                             "left out): more benign variety holds over-refusal down")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--epoch-schedule", choices=["constant", "paper"], default="constant",
                         help="paper: first half of the layers epochs-5, the rest epochs+5")
