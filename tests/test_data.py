@@ -160,6 +160,30 @@ def test_jsonl_files_well_formed():
             assert row["label"] == label
 
 
+def test_twins_supplement_pairs_train_side_harmful_prompts_only(everything):
+    """The calibration-only twins (§14) answer harmful prompts of the calib and attack splits that
+    had no twin, are new texts (nothing shared with any split, probe and eval included) and load
+    as a calibration source."""
+    from qrealign.calibrate.data import build_calibration
+    from qrealign.data.prompts import SUPPLEMENTS, load_supplement
+
+    twins = load_supplement("twins")
+    by_id = {p.id: p for p in everything}
+    assert len(twins) == 110 and len({p.id for p in twins}) == 110
+    assert all(p.label == 0 and p.split == "twins" and p.category == "benign" for p in twins)
+    harmful = [by_id[p.twin] for p in twins]
+    assert all(h.label == 1 and h.split in ("calib", "attack") and h.twin is None for h in harmful)
+    assert len({h.id for h in harmful}) == 110
+    bundled_texts = {normalize_prompt(p.text) for p in everything}
+    assert not bundled_texts & {normalize_prompt(p.text) for p in twins}
+    assert not set(by_id) & {p.id for p in twins}
+    calib = build_calibration(n=20, extra_benign="qrealign:twins")
+    assert calib.ids[20:] == [p.id for p in twins] and calib.split.endswith("+twins:benign")
+    with pytest.raises(ValueError, match="unknown prompt supplement"):
+        load_supplement("eval")
+    assert set(SUPPLEMENTS) == {"twins"} and "twins" not in SPLITS
+
+
 def test_build_script_matches_committed_files():
     script = REPO / "scripts/build_prompts.py"
     if not script.exists():

@@ -141,13 +141,15 @@ def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malici
 
 def _load_spec(spec: str) -> tuple[list, str]:
     """(prompts, split name) of "qrealign:<split>" or a prompt file."""
-    from ..data.prompts import load_prompt_file, load_prompts
+    from ..data.prompts import SUPPLEMENTS, load_prompt_file, load_prompts, load_supplement
 
     try:
         if spec.startswith("qrealign:"):
             split = spec.split(":", 1)[1]
             if split == "eval":
                 raise ValueError("the eval split is held out: it never enters calibration")
+            if split in SUPPLEMENTS:
+                return load_supplement(split), split
             return load_prompts(split=split), split
         return load_prompt_file(spec), f"file:{spec}"
     except (ValueError, OSError) as exc:

@@ -13,7 +13,8 @@ def add_common(parser) -> None:
     parser.add_argument("--out", required=True, help="output run directory (written atomically)")
     parser.add_argument("--scheme", default="W8A8", help="W8A8 (default), W4A8, W4A4, W8A16, W4A16, W8A8-sym, or W<b>A<b>[-g<N>][-sym]")
     parser.add_argument("--calib", default="qrealign:calib",
-                        help="calibration prompts: qrealign:<split> (default qrealign:calib) or a JSON/JSONL/CSV file with prompt,label")
+                        help="calibration prompts: qrealign:<split> (default qrealign:calib) or a JSON/JSONL/CSV file with "
+                             "prompt,label; --calib-benign also takes qrealign:twins (more harmful/benign twins)")
     parser.add_argument("--n", type=int, default=None, help="number of calibration prompts (default: as many as the ratio allows)")
     parser.add_argument("--malicious-ratio", type=float, default=0.75, help="share of malicious prompts (paper 0.75)")
     parser.add_argument("--calib-task", default=None,

@@ -24,7 +24,9 @@ __all__ = [
     "SPLITS",
     "HARM_CATEGORIES",
     "BENIGN_CATEGORIES",
+    "SUPPLEMENTS",
     "load_prompts",
+    "load_supplement",
     "load_twin_pairs",
     "load_prompt_file",
     "prompt_set_fingerprint",
@@ -35,6 +37,11 @@ __all__ = [
 #: align: refusal SFT of the reference model; attack: harmful fine-tuning poison (harmful only);
 #: probe: probe fitting; calib: quantization calibration; eval: held-out evaluation only.
 SPLITS: tuple[str, ...] = ("align", "attack", "probe", "calib", "eval")
+
+#: Calibration-only prompt sets outside the splits: "twins" holds a benign twin for each `calib`
+#: and `attack` harmful prompt that had none (docs/experiments.md §14). They are train-side data
+#: (no twin of a probe or eval prompt) and enter nothing unless named, e.g. "qrealign:twins".
+SUPPLEMENTS: dict[str, str] = {"twins": "twins_extra.jsonl"}
 
 HARM_CATEGORIES: tuple[str, ...] = (
     "weapons",
@@ -64,21 +71,31 @@ CUSTOM_SPLIT = "custom"
 # --------------------------------------------------------------------------- bundled set
 
 
+@lru_cache(maxsize=None)
+def _read_bundled(name: str) -> tuple[Prompt, ...]:
+    text = resources.files("qrealign.data").joinpath("prompts", name).read_text(encoding="utf-8")
+    out: list[Prompt] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:  # pragma: no cover - guards against a broken install
+            raise ValueError(f"bundled {name}: invalid JSON on line {lineno}: {exc.msg}") from exc
+        out.append(Prompt(**{k: row.get(k) for k in _FIELDS}))
+    return tuple(out)
+
+
 @lru_cache(maxsize=1)
 def _bundled() -> tuple[Prompt, ...]:
-    root = resources.files("qrealign.data").joinpath("prompts")
-    out: list[Prompt] = []
-    for name in _FILES:
-        text = root.joinpath(name).read_text(encoding="utf-8")
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:  # pragma: no cover - guards against a broken install
-                raise ValueError(f"bundled {name}: invalid JSON on line {lineno}: {exc.msg}") from exc
-            out.append(Prompt(**{k: row.get(k) for k in _FIELDS}))
-    return tuple(out)
+    return tuple(p for name in _FILES for p in _read_bundled(name))
+
+
+def load_supplement(name: str) -> list[Prompt]:
+    """A bundled calibration-only prompt set (see :data:`SUPPLEMENTS`), in file order."""
+    if name not in SUPPLEMENTS:
+        raise ValueError(f"unknown prompt supplement {name!r}; expected one of {', '.join(SUPPLEMENTS)}")
+    return list(_read_bundled(SUPPLEMENTS[name]))
 
 
 def load_prompts(
