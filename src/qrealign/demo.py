@@ -78,8 +78,12 @@ CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AG
 # task damage of 8-bit PTQ on dev, and without it the dev rule's smallest slack rose 0.60 -> 0.99.
 # At W4A8 the rounding rate is 2e-3: at 1e-2 the demo's W4A8 row lost the task (FA 0 %); on dev,
 # 2e-3 kept it (dev FA 26.5 %, HS 45.0 %; §6's W4A8 follow-up, without the `align` prompts).
-FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib_task=48,
-                      calib_benign="qrealign:align",
+# Calibration data (§14, chosen again on the float32 lab's dev): every harmful calibration prompt
+# with its benign twin (the `calib` split's left-out twins and the bundled `twins` supplement),
+# and 96 task prompts so the task keeps its quarter of the benign set. Against the 48-prompt,
+# fewer-twins set: dev over-refusal 15.9 -> 13.3 %, FA-800 42.2 -> 43.6 %, HS 14.5 -> 17.3 %.
+FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib_task=96,
+                      calib_benign=("qrealign:calib", "qrealign:align", "qrealign:twins"),
                       loss={"layers_from": 0.6, "lam": 1.0, "benign_kl": 4.0},
                       config={"lr_let": 1e-2, "batch_size": 4, "learn_rounding": True, "lr_round": 1e-2},
                       scheme_config={"W8A8": {"lwc": False}, "W4A8": {"lr_round": 2e-3}})
