@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .lanes import Job, run_jobs
-from .utils import write_report
+from .utils import params_digest, write_report
 
 
 def calibrate_job(model_spec: str, n: int, scheme: str, measure_init_loss: bool = False, log=print) -> dict:
@@ -31,11 +31,8 @@ def calibrate_job(model_spec: str, n: int, scheme: str, measure_init_loss: bool 
     calib = build_calibration("qrealign:calib", n=n, malicious_ratio=0.75)
     t0 = time.time()
     result = calibrate(model, tok, calib, scheme, CalibConfig(measure_init_loss=measure_init_loss), progress=False)
-    h = hashlib.sha256()
-    for k in sorted(result.params):
-        h.update(k.encode())
-        h.update(result.params[k].float().numpy().tobytes())
-    return {"seconds": round(time.time() - t0, 1), "digest": h.hexdigest()[:16], "threads": torch.get_num_threads()}
+    return {"seconds": round(time.time() - t0, 1), "digest": params_digest(result.params),
+            "threads": torch.get_num_threads()}
 
 
 def generate_job(model_spec: str, n: int, max_new_tokens: int, log=print) -> dict:

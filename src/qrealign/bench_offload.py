@@ -10,7 +10,6 @@ the numbers (it should not: the two paths are bit-identical by design and by tes
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 import platform
 import time
@@ -18,17 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .utils import write_report
+from .utils import params_digest, write_report
 
 KINDS = ("calibrate-rtn", "calibrate-omniquant", "probe-capture")
-
-
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        h.update(k.encode())
-        h.update(tensors[k].detach().float().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _job(kind: str, model_dir: str, offload: str | None, n: int, scheme: str, queue) -> None:
@@ -45,7 +36,7 @@ def _job(kind: str, model_dir: str, offload: str | None, n: int, scheme: str, qu
             from .probes.capture import capture_last_token_states
 
             prompts = [p.text for label in (1, 0) for p in load_prompts("probe", label=label)[:n]]
-            digest = _digest({"states": capture_last_token_states(model, tok, prompts, progress=False)})
+            digest = params_digest({"states": capture_last_token_states(model, tok, prompts, progress=False)})
         else:
             from .calibrate.data import build_calibration
             from .calibrate.engine import CalibConfig, calibrate
@@ -54,7 +45,7 @@ def _job(kind: str, model_dir: str, offload: str | None, n: int, scheme: str, qu
             method = kind.split("-", 1)[1]
             result = calibrate(model, tok, calib, scheme, CalibConfig(method=method, epochs=1, batch_size=4),
                                progress=False)
-            digest = _digest(result.params)
+            digest = params_digest(result.params)
         seconds = time.time() - t0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
         queue.put({"seconds": round(seconds, 1), "peak_rss_gib": round(peak / 2**30, 3), "digest": digest})

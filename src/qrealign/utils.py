@@ -75,6 +75,16 @@ def tensor_digest(tensor: torch.Tensor, h: "hashlib._Hash", max_elems: int = 655
         h.update(_bit_checksum(flat).to_bytes(8, "little"))
 
 
+def params_digest(tensors: dict[str, torch.Tensor], length: int = 16) -> str:
+    """A hash of every byte of named tensors (e.g. a calibration's learned parameters), as float32:
+    whether two runs produced exactly the same numbers. Unlike `tensor_digest`, not sampled."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:length]
+
+
 def _bit_checksum(flat: torch.Tensor, chunk: int = 1 << 24) -> int:
     """Sum of the elements' bit patterns as integers, mod 2**64 (integer addition does not
     depend on the order of a parallel reduction). Chunked: no 8-byte copy of a whole tensor."""
