@@ -154,12 +154,45 @@ def read_json(path: str | Path) -> Any:
         return json.load(f)
 
 
+def check_out_dir(out_dir: str | Path, marker: str, kind: str | None = None,
+                  what: str = "an earlier output of this command", error: type = QrealignError) -> None:
+    """Refuse an `--out` whose contents a write would destroy.
+
+    Outputs replace their directory wholesale, so an existing directory is accepted only when it
+    is empty or is an earlier output of the same command: it holds `marker` (and, with `kind`,
+    `marker` is a JSON file whose "kind" is `kind`). `--out` pointing at a model, a run or a
+    home folder must fail before any work, not delete it after."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise error(f"--out {out_dir} exists and is not a directory")
+    if not any(out_dir.iterdir()):
+        return
+    found = out_dir / marker
+    if found.is_file():
+        if kind is None:
+            return
+        try:
+            if read_json(found).get("kind") == kind:
+                return
+        except (OSError, ValueError, AttributeError):
+            pass
+    missing = f"{marker} of kind {kind!r}" if kind else marker
+    raise error(f"--out {out_dir} exists and is not {what} (no {missing}); choose a new directory: "
+                "its contents would be replaced")
+
+
 @contextlib.contextmanager
-def atomic_dir(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
+def atomic_dir(final: str | Path, overwrite: bool = True, marker: str | None = None,
+               kind: str | None = None) -> Iterator[Path]:
     """Yield a temporary sibling directory; move it into place only if the block succeeds.
 
-    An error (or Ctrl-C) leaves no partial output: either the old directory or the new one."""
+    An error (or Ctrl-C) leaves no partial output: either the old directory or the new one.
+    With `marker`, an existing directory is replaced only if `check_out_dir` accepts it."""
     final = Path(final)
+    if marker is not None:
+        check_out_dir(final, marker, kind)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; the final directory is a normal one

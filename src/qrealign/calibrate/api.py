@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 from ..quant.scheme import Scheme, get_scheme
-from ..utils import FINGERPRINT_VERSION, model_fingerprint
-from .artifact import save_quantized
+from ..utils import FINGERPRINT_VERSION, check_out_dir, model_fingerprint
+from .artifact import META_FILE, save_quantized
 from .data import CalibrationSet
 from .engine import CalibConfig, CalibResult, calibrate
 from .losses import BlockLoss
@@ -28,7 +28,7 @@ def quantize(
 ) -> CalibResult:
     """Quantize `model` in place (RTN or OmniQuant-style block-wise calibration).
 
-    With `out`, learned parameters are checkpointed after every block under `out/checkpoint`
+    With `out`, learned parameters are checkpointed after every block in the sibling `.<out>.checkpoint`
     (an interrupted run resumes there) and the finished run is written atomically to `out`."""
     cfg = config or CalibConfig()
     scheme = get_scheme(scheme)
@@ -36,6 +36,8 @@ def quantize(
     adapter = getattr(model.config, "qrealign_adapter", None)
     fingerprint = model_fingerprint(model)
     out = Path(out) if out else None
+    if out is not None:
+        check_out_dir(out, META_FILE, kind="quantized")  # before the calibration, not after
     ckpt = Path(checkpoint_dir) if checkpoint_dir else (out.with_name(f".{out.name}.checkpoint") if out else None)
     t0 = time.time()
     result = calibrate(model, tokenizer, calibration, scheme, cfg, loss=loss, checkpoint_dir=ckpt,

@@ -28,7 +28,7 @@ META_FILE = "qrealign.json"
 def save_quantized(out_dir: str | Path, params: dict[str, torch.Tensor], metadata: dict,
                    extra_files: dict[str, bytes] | None = None) -> Path:
     meta = {"kind": "quantized", "format_version": FORMAT_VERSION, **metadata}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, marker=META_FILE, kind="quantized") as tmp:
         save_file({k: v.contiguous() for k, v in params.items()} or {"_empty": torch.zeros(1)},
                   str(tmp / PARAMS_FILE))
         write_json(tmp / META_FILE, meta)

@@ -1,6 +1,6 @@
 """`qrealign probe MODEL --out DIR`: fit per-layer safety probes on a model.
 
-Writes `probes.safetensors` + `qrealign.json` (what `qrealign quantize` reads), plus
+Writes `probes.safetensors` + `qrealign.json` (what `qrealign realign` reads), plus
 `probes.md` (per-layer metrics table) and `probe_metrics.png`.
 """
 
@@ -91,10 +91,11 @@ def run(args) -> int:
     from ..models import load_model
     from ..probes import fit_target
     from ..probes.plots import plot_probe_metrics
-    from ..utils import atomic_dir, resolve_device
+    from ..utils import atomic_dir, check_out_dir, resolve_device
 
     if args.target == "contrast" and not args.finetuned:
         raise QrealignError("--target contrast needs --finetuned MODEL2")
+    check_out_dir(args.out, "qrealign.json", kind="probes")
     device = resolve_device(args.device)
     harmful, benign, split = load_prompt_classes(args.split, args.prompts, args.limit)
     model, tokenizer = load_model(args.model, adapter=args.adapter, dtype=args.dtype, device=device,
@@ -118,7 +119,7 @@ def run(args) -> int:
     probes = fit_target(args.target, model, tokenizer, harmful, benign, finetuned_model=finetuned, **kwargs)
     if args.adapter:
         probes.model["adapter"] = args.adapter
-    with atomic_dir(args.out) as tmp:
+    with atomic_dir(args.out, marker="qrealign.json", kind="probes") as tmp:
         probes.write_files(tmp)
         (tmp / "probes.md").write_text(probes.to_markdown())
         plot_probe_metrics(probes, tmp / "probe_metrics.png")

@@ -27,7 +27,7 @@ def run(args) -> int:
             raise QrealignError(f"--names has {len(names)} names for {len(results)} results")
         for r, n in zip(results, names):
             r.name = n
-    with atomic_dir(args.out) as tmp:
+    with atomic_dir(args.out, marker="report.md") as tmp:
         write_report(results, tmp, title=args.title)
     print(markdown_table(results))
     print(f"wrote {args.out}/report.md, report.html, plots/")

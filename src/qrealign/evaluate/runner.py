@@ -223,10 +223,13 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
     tasks (e.g. ["mmlu"]); their leaf-task mean accuracy is the FA when no `task` is given."""
     from ..data.prompts import prompt_set_fingerprint
     from ..models.offload import require_resident
+    from ..utils import check_out_dir
     from .overlap import check_overlap
     from .tasks import get_task, task_accuracy
 
     require_resident(model, "evaluation")  # before the fingerprint reads the whole checkpoint
+    if out_dir is not None:
+        check_out_dir(out_dir, RESULT_FILE)  # before the generation, not after
     t0 = time.time()
     gen = (gen or GenerationConfig()).validate()
     harmful_prompts, harmful_spec = _prompts(harmful, 1, limit)
@@ -305,7 +308,7 @@ def write_result(result: EvalResult, out_dir: str | Path, report: bool = False) 
     """result.json (+ report.md / report.html / plots when `report`), atomically."""
     from ..utils import atomic_dir
 
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, marker=RESULT_FILE) as tmp:
         result.save(tmp)
         if report:
             from ..report import write_report
@@ -330,7 +333,7 @@ def load_for_eval(source: str, adapter: str | None = None, device=None, dtype: s
     if meta is not None and meta.get("kind") == "quantized":
         if adapter:
             raise QrealignError("--adapter does not apply to a quantization run (it names its own model)")
-        from ..calibrate.artifact import load_quantized  # being written in parallel; lazily imported
+        from ..calibrate.artifact import load_quantized
 
         model, tokenizer, meta = load_quantized(path, device=device, dtype=dtype)
         provenance.update(collect_provenance(path))

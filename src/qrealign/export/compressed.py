@@ -25,7 +25,7 @@ from ..calibrate.artifact import PARAMS_FILE, apply_quant_params, read_quantized
 from ..errors import IncompatibleArtifact
 from ..quant.qlinear import QuantLinear
 from ..quant.scheme import get_scheme
-from ..utils import atomic_dir, fingerprint_matches, model_fingerprint, read_json, resolve_dtype, write_json
+from ..utils import atomic_dir, check_out_dir, fingerprint_matches, model_fingerprint, read_json, resolve_dtype, write_json
 from .codes import LinearCodes, linear_codes
 from .plan import ExportError, ExportPlan, plan_export
 
@@ -112,20 +112,7 @@ def _check_out_dir(out_dir: Path) -> None:
     """The output replaces `out_dir` wholesale, so only an empty directory or an earlier export may
     be overwritten: `--out` pointing at the run, the source model or a parent folder must not
     delete it."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise ExportError(f"--out {out_dir} exists and is not a directory")
-    if not any(out_dir.iterdir()):
-        return
-    meta_file = out_dir / "qrealign.json"
-    try:
-        previous = read_json(meta_file).get("kind") if meta_file.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        previous = None
-    if previous != "export":
-        raise ExportError(f"--out {out_dir} exists and is not a qrealign export; choose a new directory "
-                          "(an earlier export there would be replaced)")
+    check_out_dir(out_dir, "qrealign.json", kind="export", what="a qrealign export", error=ExportError)
 
 
 def _load_params(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from typing import Callable
 from ..errors import QrealignError
 from ..evaluate.overlap import META_FILE, provenance_entry
 from ..stages import cached_stage
-from ..utils import atomic_dir, model_fingerprint, sha256_json, write_json
+from ..utils import atomic_dir, check_out_dir, model_fingerprint, sha256_json, write_json
 from .config import AlignConfig, AttackConfig
 from .sft import resolve_amp
 
@@ -68,6 +68,8 @@ def finetune_stage(stage: str, source: str | Path, config: AlignConfig | AttackC
     if not isinstance(config, expected):
         raise QrealignError(f"stage {stage!r} needs an {expected.__name__}, got {type(config).__name__}")
 
+    if out is not None:
+        check_out_dir(out, "qrealign.json", kind="finetuned")  # before the training, not after
     model, tokenizer = load_model(source)
     if stage == "align":
         from .align import select_align_prompts
@@ -115,7 +117,7 @@ def finetune_stage(stage: str, source: str | Path, config: AlignConfig | AttackC
 
     if cache_root is not None:
         return cached_stage(stage, inputs, cache_root, build, log=log)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, marker="qrealign.json", kind="finetuned") as tmp:
         build(tmp)
     return Path(out)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import QrealignError
-from ..utils import atomic_dir, write_json
+from ..utils import atomic_dir, check_out_dir, write_json
 from .capture import capture_last_token_states
 from .fit import fisher_ratio
 from .store import ProbeSet
@@ -163,6 +163,7 @@ def analyze(models: dict[str, ModelSpec], probes: ProbeSet, harmful: Sequence, b
 
     if not models:
         raise QrealignError("no models to analyse")
+    check_out_dir(out_dir, "analysis.json", kind="probe-analysis")  # before the captures
     analyses: list[ModelAnalysis] = []
     basis = None
     for name, spec in models.items():
@@ -184,7 +185,7 @@ def analyze(models: dict[str, ModelSpec], probes: ProbeSet, harmful: Sequence, b
         "models": [a.to_json() for a in analyses],
     }
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, marker="analysis.json", kind="probe-analysis") as tmp:
         write_json(tmp / "analysis.json", report)
         (tmp / "analysis.md").write_text(markdown_table(analyses, probes))
         plots.plot_logit_curves(analyses, tmp / "logits.png", usable=probes.usable,

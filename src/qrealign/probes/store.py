@@ -198,7 +198,7 @@ class ProbeSet:
     def save(self, out_dir: str | Path) -> Path:
         """Write `probes.safetensors` + `qrealign.json` to `out_dir`, atomically."""
         out_dir = Path(out_dir)
-        with atomic_dir(out_dir) as tmp:
+        with atomic_dir(out_dir, marker=META_FILE, kind="probes") as tmp:
             self.write_files(tmp)
         return out_dir
 

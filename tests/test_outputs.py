@@ -1,0 +1,94 @@
+"""Output directories: a command replaces its `--out` wholesale, so it must refuse a directory
+that is not an earlier output of the same command — before doing the work, leaving it intact."""
+import json
+
+import pytest
+import torch
+
+from qrealign.calibrate.artifact import save_quantized
+from qrealign.data.types import Prompt
+from qrealign.errors import QrealignError
+from qrealign.evaluate.generate import GenerationConfig
+from qrealign.evaluate.runner import evaluate_model
+from qrealign.models.tiny import tiny_model
+from qrealign.utils import atomic_dir, check_out_dir
+
+
+def _foreign(tmp_path):
+    d = tmp_path / "precious"
+    d.mkdir()
+    (d / "notes.txt").write_text("not qrealign's")
+    return d
+
+
+def test_check_out_dir_accepts_new_empty_and_own_outputs(tmp_path):
+    check_out_dir(tmp_path / "missing", "result.json")
+    (tmp_path / "empty").mkdir()
+    check_out_dir(tmp_path / "empty", "result.json")
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "result.json").write_text("{}")
+    check_out_dir(own, "result.json")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "qrealign.json").write_text(json.dumps({"kind": "quantized"}))
+    check_out_dir(run, "qrealign.json", kind="quantized")
+
+
+def test_check_out_dir_refuses_foreign_file_and_other_kind(tmp_path):
+    with pytest.raises(QrealignError, match="not an earlier output"):
+        check_out_dir(_foreign(tmp_path), "result.json")
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(QrealignError, match="not a directory"):
+        check_out_dir(f, "result.json")
+    model_dir = tmp_path / "aligned"
+    model_dir.mkdir()
+    (model_dir / "qrealign.json").write_text(json.dumps({"kind": "finetuned"}))
+    with pytest.raises(QrealignError, match="kind 'quantized'"):
+        check_out_dir(model_dir, "qrealign.json", kind="quantized")
+    (model_dir / "qrealign.json").write_text("not json")
+    with pytest.raises(QrealignError, match="not an earlier output"):
+        check_out_dir(model_dir, "qrealign.json", kind="quantized")
+
+
+def test_atomic_dir_with_marker_leaves_foreign_dir_and_no_temp(tmp_path):
+    d = _foreign(tmp_path)
+    with pytest.raises(QrealignError):
+        with atomic_dir(d, marker="result.json"):
+            raise AssertionError("the block must not run")
+    assert (d / "notes.txt").read_text() == "not qrealign's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
+    own = tmp_path / "own"
+    with atomic_dir(own, marker="result.json") as tmp:
+        (tmp / "result.json").write_text("1")
+    with atomic_dir(own, marker="result.json") as tmp:  # an earlier output is replaced
+        (tmp / "result.json").write_text("2")
+    assert (own / "result.json").read_text() == "2"
+
+
+def test_save_quantized_refuses_a_model_directory(tmp_path):
+    model_dir = tmp_path / "aligned"
+    model_dir.mkdir()
+    (model_dir / "qrealign.json").write_text(json.dumps({"kind": "finetuned"}))
+    (model_dir / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(QrealignError, match="kind 'quantized'"):
+        save_quantized(model_dir, {"w": torch.zeros(2)}, {"source": "x"})
+    assert (model_dir / "model.safetensors").read_bytes() == b"weights"
+    run = save_quantized(tmp_path / "run", {"w": torch.zeros(2)}, {"source": "x"})
+    save_quantized(run, {"w": torch.ones(2)}, {"source": "x"})  # its own earlier output: replaced
+
+
+def test_evaluate_refuses_foreign_out_before_generating(tmp_path, monkeypatch):
+    model, tok = tiny_model("llama")
+    d = _foreign(tmp_path)
+
+    def no_generation(*a, **k):
+        raise AssertionError("generation ran before the --out check")
+
+    monkeypatch.setattr("qrealign.evaluate.runner.generate", no_generation, raising=False)
+    harmful = [Prompt(id="h0", text="a harmful request", label=1, category="test", split="custom")]
+    with pytest.raises(QrealignError, match="not an earlier output"):
+        evaluate_model(model, tok, harmful=harmful, benign=None, gen=GenerationConfig(max_new_tokens=2),
+                       out_dir=d, progress=False)
+    assert [p.name for p in d.iterdir()] == ["notes.txt"]
