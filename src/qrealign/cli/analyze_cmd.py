@@ -19,7 +19,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split", default="eval", help="bundled prompt split (default: eval, held out)")
     parser.add_argument("--prompts", help="a prompt file (text + label) instead of --split")
     parser.add_argument("--limit", type=int, help="use at most this many prompts per class")
-    parser.add_argument("--layers", help="comma-separated block indices (default: every fitted layer)")
+    parser.add_argument("--layers", help="block indices and ranges, e.g. '3,5' or '10-29' (default: every fitted layer)")
     parser.add_argument("--system", help="system prompt (default: the one the probes were fit with)")
     parser.add_argument("--max-length", type=int, help="truncate prompts to this many tokens")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -35,7 +35,8 @@ def run(args) -> int:
     from ..probes import ProbeSet
     from ..probes.analyze import analyze
     from ..utils import resolve_device
-    from .probe_cmd import load_prompt_classes, parse_layers
+    from ._layers import parse_layers
+    from .probe_cmd import load_prompt_classes
 
     probes = ProbeSet.load(args.probes)
     names = [n.strip() for n in args.names.split(",")] if args.names else [Path(m).name or m for m in args.models]

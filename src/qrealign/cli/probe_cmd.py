@@ -43,7 +43,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split", default="probe", help="bundled prompt split to fit on (default: probe)")
     parser.add_argument("--prompts", help="a prompt file (jsonl/json/csv with text + label) instead of --split")
     parser.add_argument("--limit", type=int, help="use at most this many prompts per class (quick runs)")
-    parser.add_argument("--layers", help="comma-separated block indices (default: all)")
+    parser.add_argument("--layers", help="block indices and ranges, e.g. '3,5' or '10-29' (default: all)")
     parser.add_argument("--test-size", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cv", type=int, default=5,
@@ -75,23 +75,13 @@ def load_prompt_classes(split: str | None, path: str | None, limit: int | None):
     return harmful, benign, ("custom" if path else split)
 
 
-def parse_layers(text: str | None) -> list[int] | None:
-    from ..errors import QrealignError
-
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise QrealignError(f"--layers must be comma-separated integers, got {text!r}") from None
-
-
 def run(args) -> int:
     from ..errors import QrealignError
     from ..models import load_model
     from ..probes import fit_target
     from ..probes.plots import plot_probe_metrics
     from ..utils import atomic_dir, check_out_dir, resolve_device
+    from ._layers import parse_layers
 
     if args.target == "contrast" and not args.finetuned:
         raise QrealignError("--target contrast needs --finetuned MODEL2")

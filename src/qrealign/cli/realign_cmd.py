@@ -30,24 +30,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--benign-side", type=float, default=0.0, help="weight of keeping benign prompts on the benign side")
 
 
-def parse_layers(spec: str | None) -> tuple[int, ...] | None:
-    from ..errors import QrealignError
-
-    if not spec:
-        return None
-    layers: list[int] = []
-    try:
-        for part in spec.split(","):
-            if "-" in part:
-                lo, hi = part.split("-")
-                layers.extend(range(int(lo), int(hi) + 1))
-            else:
-                layers.append(int(part))
-    except ValueError:
-        raise QrealignError(f"--layers {spec!r}: use e.g. '10-29' or '3,5,7'") from None
-    return tuple(layers)
-
-
 PROBE_ONLY = {"margin": 0.0, "hinge": False, "benign_side": 0.0}
 
 
@@ -56,6 +38,7 @@ def run(args) -> int:
     from ..probes.store import load_probes
     from ..realign import realign
     from ._calib_args import prepare, summary
+    from ._layers import parse_layers
 
     layers = parse_layers(args.layers)
     if (args.probes is None) == (args.teacher is None):

@@ -1,0 +1,18 @@
+"""`--layers` reads the same way in probe, analyze and realign."""
+import pytest
+
+from qrealign.cli._layers import parse_layers
+from qrealign.errors import QrealignError
+
+
+def test_indices_and_ranges():
+    assert parse_layers(None) is None and parse_layers(" ") is None
+    assert parse_layers("3,5,7") == [3, 5, 7]
+    assert parse_layers("10-12, 20") == [10, 11, 12, 20]
+    assert parse_layers("4,") == [4]
+
+
+@pytest.mark.parametrize("bad", ["a", "3-", "5-2", "1-2-3"])
+def test_bad_specs_raise(bad):
+    with pytest.raises(QrealignError, match="--layers"):
+        parse_layers(bad)
