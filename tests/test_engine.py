@@ -76,6 +76,24 @@ def test_changed_config_does_not_resume(calib_set, tmp_path):
     assert other.resumed_blocks == 0
 
 
+def test_autocast_setting_resolves_per_device_and_keys_the_run(calib_set):
+    from qrealign.quant.scheme import get_scheme
+
+    w4, w8 = get_scheme("W4A8"), get_scheme("W8A8")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert CalibConfig().resolve_autocast(w4, cuda) == "cuda"  # OmniQuant's mixed precision
+    assert CalibConfig().resolve_autocast(w8, cuda) is None
+    assert CalibConfig().resolve_autocast(w4, cpu) is None
+    assert CalibConfig(autocast="off").resolve_autocast(w4, cuda) is None
+    assert CalibConfig(autocast="bf16").resolve_autocast(w8, cpu) == "cpu"
+    with pytest.raises(QrealignError, match="autocast"):
+        CalibConfig(autocast="fp16")
+    # the resolved choice is what keys a run: "auto" and "off" are the same run on a CPU
+    prints = {a: _run(calib_set, CalibConfig(method="rtn", autocast=a), device="cpu")[2].fingerprint
+              for a in ("auto", "off", "bf16")}
+    assert prints["auto"] == prints["off"] != prints["bf16"]
+
+
 @pytest.mark.parametrize("batch_size,padding_side", [(1, "left"), (8, "left"), (8, "right"), (3, "right")])
 def test_losses_do_not_depend_on_batch_size_or_padding(calib_set, batch_size, padding_side):
     ref_cfg = CalibConfig(method="rtn", batch_size=1, padding_side="left", measure_init_loss=True)

@@ -82,6 +82,10 @@ class CalibConfig:
     # more with the first-token term, whose pass runs the rest of the network too. The first epoch's mean loss ("loss_first_epoch") is logged for free; the
     # learned parameters are the same either way. `init_guard` measures it regardless.
     measure_init_loss: bool = False
+    # Mixed precision of the block forward while training: "auto" = bf16 autocast on CUDA for
+    # schemes below 8 bits (OmniQuant's choice), full precision otherwise; "off"; "bf16" anywhere.
+    # The resolved choice is part of the run fingerprint: a run never resumes across it.
+    autocast: str = "auto"
     system: str | None = None
     seed: int = 0
 
@@ -90,6 +94,8 @@ class CalibConfig:
             raise QrealignError(f"unknown method {self.method!r}; choose from {METHODS}")
         if self.epoch_schedule not in ("constant", "paper"):
             raise QrealignError("epoch_schedule must be 'constant' or 'paper'")
+        if self.autocast not in ("auto", "off", "bf16"):
+            raise QrealignError(f"autocast must be 'auto', 'off' or 'bf16', got {self.autocast!r}")
         self.let_pairs = tuple(self.let_pairs)
 
     def epochs_for(self, layer: int, num_layers: int) -> int:
@@ -101,6 +107,12 @@ class CalibConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def resolve_autocast(self, scheme: Scheme, device: torch.device) -> str | None:
+        """The device type to autocast to bf16 on, or None for full precision."""
+        if self.autocast == "bf16" or (self.autocast == "auto" and scheme.min_bits < 8 and device.type == "cuda"):
+            return device.type
+        return None
 
     def fingerprint_dict(self) -> dict:
         """The settings that decide the learned parameters (a run resumes across the others)."""
@@ -145,8 +157,10 @@ def calibrate(
     num_layers = len(blocks)
     start_time = time.time()
 
+    amp = cfg.resolve_autocast(scheme, dev)
     fingerprint = sha256_json({
-        "model": model_fingerprint(model), "scheme": scheme.to_dict(), "config": cfg.fingerprint_dict(),
+        "model": model_fingerprint(model), "scheme": scheme.to_dict(),
+        "config": {**cfg.fingerprint_dict(), "autocast": "bf16" if amp else "off"},
         "calib": [calib.ids, calib.prompts, calib.labels], "loss": repr(loss),
     })
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
@@ -165,7 +179,6 @@ def calibrate(
         kwargs.append({t: move_kwargs(kw, dev) for t, kw in inputs.kwargs_by_type.items()})
     masks = [b.enc.attention_mask.to(dev) for b in batches]
 
-    amp = scheme.min_bits < 8 and dev.type == "cuda"
     params: dict[str, torch.Tensor] = {}
     logs: list[dict] = []
     bar = tqdm(range(num_layers), desc=f"{cfg.method} {scheme.name}", disable=not progress, unit="block")
@@ -252,9 +265,9 @@ def _to_compute(model: nn.Module, i: int, dev: torch.device) -> Callable[[], Non
     return lambda: block.to(orig_device, orig_dtype)
 
 
-def _block_forward(block, let, x, kw, amp: bool):
+def _block_forward(block, let, x, kw, amp: str | None):
     overrides = let.transformed_params(block) if let is not None else {}
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    ctx = torch.autocast(amp, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     with ctx:
         return block_output(functional_call(block, overrides, (x,), kw)).float()
 
@@ -267,7 +280,7 @@ def _loss_inputs(fp_out, q_out, batch: CalibBatch, mask, layer, num_layers, kwar
 
 @torch.no_grad()
 def _evaluate_loss(block, let, q_in, fp_out, kw, batches, masks, loss: BlockLoss, layer, num_layers,
-                   amp: bool = False, all_kw=None) -> float:
+                   amp: str | None = None, all_kw=None) -> float:
     """Sample-weighted mean loss over the calibration set with the current parameters."""
     total = 0.0
     for b, batch in enumerate(batches):
@@ -294,7 +307,7 @@ def _guard_init(block, let, q_in, fp_out, kw, batches, masks, loss, layer, num_l
 
 
 def _train_block(block, let, q_in, fp_out, kw, batches: list[CalibBatch], masks, loss: BlockLoss,
-                 cfg: CalibConfig, epochs: int, layer: int, num_layers: int, amp: bool, ckpt, all_kw=None) -> dict:
+                 cfg: CalibConfig, epochs: int, layer: int, num_layers: int, amp: str | None, ckpt, all_kw=None) -> dict:
     groups = []
     if let is not None:
         groups.append({"params": list(let.parameters()), "lr": cfg.lr_let})

@@ -42,6 +42,9 @@ def add_common(parser) -> None:
                              "in the run): the largest lever of the safety objectives, docs/experiments.md §6")
     parser.add_argument("--lr-round", type=float, default=5e-3, help="learning rate of the rounding offsets")
     parser.add_argument("--rope-invariant-qk", action="store_true", help="tie the q<->k scale so RoPE keeps it exact")
+    parser.add_argument("--autocast", choices=["auto", "off", "bf16"], default="auto",
+                        help="bf16 autocast of the block forward while training: auto = on CUDA below 8 bits "
+                             "(OmniQuant), off = full precision; recorded in the run's fingerprint")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="compute device (default: best available)")
@@ -53,25 +56,23 @@ def engine_config(args, method: str):
     return CalibConfig(method=method, lwc=not args.no_lwc, let=not args.no_let, epochs=args.epochs,
                        epoch_schedule=args.epoch_schedule, batch_size=args.batch_size, lr_let=args.lr_let,
                        lr_lwc=args.lr_lwc, lwc_init=args.lwc_init, rope_invariant_qk=args.rope_invariant_qk,
-                       learn_rounding=args.learn_rounding, lr_round=args.lr_round, max_length=args.max_length, seed=args.seed)
+                       learn_rounding=args.learn_rounding, lr_round=args.lr_round, max_length=args.max_length,
+                       autocast=args.autocast, seed=args.seed)
 
 
 def prepare(args, method: str):
     """Validate everything cheap before loading the model, then load it."""
-    from pathlib import Path
-
     from ..calibrate.data import build_calibration
-    from ..errors import QrealignError
     from ..models import load_model
     from ..quant.scheme import get_scheme
+    from ..utils import check_out_dir
 
     scheme = get_scheme(args.scheme)
     config = engine_config(args, method)
     calib = build_calibration(args.calib, args.n, args.malicious_ratio, args.seed,
                               task=args.calib_task, task_n=args.calib_task_n if args.calib_task else 0,
                               extra_benign=args.calib_benign)
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise QrealignError(f"--out {args.out} exists and is not a directory")
+    check_out_dir(args.out, "qrealign.json", kind="quantized")  # before the model loads
     model, tokenizer = load_model(args.model, adapter=args.adapter, offload=args.offload)
     return model, tokenizer, scheme, config, calib
 
