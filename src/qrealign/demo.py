@@ -18,7 +18,6 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
 
 from . import __version__
 from .calibrate.data import build_calibration
@@ -27,7 +26,7 @@ from .data.prompts import load_prompts, prompt_set_fingerprint
 from .errors import NoSafetyLayers, QrealignError
 from .lanes import Job, Ref, run_jobs
 from .stages import cached_stage, stage_dir
-from .utils import read_json, write_json
+from .utils import atomic_dir, read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -140,7 +139,6 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
     cfg = cfg or DemoConfig()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(cfg.out)
     root = out / "stages"
     t_start = time.time()
@@ -199,8 +197,9 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
     candidates = [f"{v.name} {cfg.schemes[0]}" for v in cfg.variants if v.method == "qrealign"]
     verdict = verdict_lines(standings(results, "attacked FP", "aligned FP", candidates))
     report_dir = out / "report"
-    write_report(results, report_dir, title="qrealign demo: SmolLM2-135M, aligned -> attacked -> quantized",
-                 verdict=verdict)
+    with atomic_dir(report_dir, marker="report.md") as tmp:
+        write_report(results, tmp, title="qrealign demo: SmolLM2-135M, aligned -> attacked -> quantized",
+                     verdict=verdict)
     summary = {"config": _jsonable(asdict(cfg)), "lanes": lanes, "timings_s": timings, "total_s": round(time.time() - t_start, 1),
                "stages": {"aligned": str(aligned_dir), "attacked": str(attacked_dir),
                           **{f"probes-{k}": str(v) for k, v in probe_dirs.items()},
@@ -257,7 +256,8 @@ def _probe_stages(cfg, root, aligned_dir, attacked_dir, log) -> dict[str, Path]:
             else:
                 from .probes.targets import fit_target
 
-                probes = fit_target(target, aligned, tok, harmful, benign, split="probe", source=str(aligned_dir))
+                probes = fit_target(target, aligned, tok, harmful, benign, split="probe", source=str(aligned_dir),
+                                    device=cfg.device)
             probes.write_files(tmp)
 
         dirs[target] = cached_stage(f"probes-{target}", inputs, root, build, log=log)
@@ -294,11 +294,16 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
     options = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed, **variant.config_for(scheme)}
     calib_cfg = CalibConfig(method="rtn" if variant.method == "rtn" else "omniquant", **options)
     probes_dir = probe_dirs.get(variant.probes) if variant.probes else None
+    # Built before the key (prompts only, no model): editing a bundled prompt must rebuild.
+    calib = build_calibration("qrealign:calib", cfg.calib_n, cfg.malicious_ratio, cfg.seed,
+                              task=_attack_task(cfg), task_n=variant.calib_task,
+                              extra_benign=variant.calib_benign)
     inputs = {"model": _stage_ref(attacked_dir, root), "scheme": scheme,
               "variant": _jsonable(variant.resolved(scheme)),
               "config": calib_cfg.to_dict(),
               "probes": _stage_ref(probes_dir, root) if probes_dir else None,
-              "calib": [cfg.calib_n, cfg.malicious_ratio, cfg.seed], "version": __version__}
+              "calib": [cfg.calib_n, cfg.malicious_ratio, cfg.seed], "calib_data": calib.fingerprint(),
+              "version": __version__}
     if variant.teacher:
         inputs["teacher"] = _stage_ref(aligned_dir, root)
     slug = variant.name.lower().replace(" ", "-").replace("(", "").replace(")", "")
@@ -311,9 +316,6 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
         from .realign import realign
 
         model, tok = load_model(str(attacked_dir))
-        calib = build_calibration("qrealign:calib", cfg.calib_n, cfg.malicious_ratio, cfg.seed,
-                                  task=_attack_task(cfg), task_n=variant.calib_task,
-                                  extra_benign=variant.calib_benign)
         if variant.teacher:
             realign(model, tok, teacher=str(aligned_dir), calibration=calib, scheme=scheme, config=calib_cfg, out=tmp,
                     device=cfg.device, checkpoint_dir=ckpt, **variant.loss)
@@ -342,8 +344,8 @@ def _eval_stage(cfg, root, label: str, source: str, log=print):
 
     source = str(source)
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
-    inputs = {"source": _stage_ref(source, root), "gen": gen.to_dict() if hasattr(gen, "to_dict") else str(gen),
-              "limit": cfg.eval_limit, "task_n": cfg.task_n, "label": label, "version": __version__}
+    inputs = {"source": _stage_ref(source, root), "gen": gen.to_dict(), "limit": cfg.eval_limit,
+              "task_n": cfg.task_n, "label": label, "data": _eval_data_fingerprint(cfg), "version": __version__}
 
     def build(tmp: Path):
         result = evaluate_path(source, device=cfg.device, gen=gen, task="topic-codes", task_n=cfg.task_n,
@@ -353,6 +355,16 @@ def _eval_stage(cfg, root, label: str, source: str, log=print):
     path = cached_stage(f"eval-{label.lower().replace(' ', '-').replace('(', '').replace(')', '')}", inputs, root,
                         build, log=log)
     return EvalResult.load(path)
+
+
+def _eval_data_fingerprint(cfg) -> str:
+    """The eval prompts and task items an evaluation stage reads: editing them must rebuild it."""
+    from .evaluate.tasks import get_task
+    from .utils import sha256_json
+
+    items = get_task("topic-codes").load("test", cfg.task_n)
+    return sha256_json([prompt_set_fingerprint(load_prompts("eval")),
+                        [[e.id, e.prompt, e.answer] for e in items]])
 
 
 def _stage_ref(path, root) -> str:

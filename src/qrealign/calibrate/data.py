@@ -40,6 +40,12 @@ class CalibrationSet:
     def malicious_ratio(self) -> float:
         return sum(self.labels) / len(self.labels)
 
+    def fingerprint(self) -> str:
+        """Short sha256 over (id, text, label) in order: what a cached calibration depends on."""
+        from ..utils import sha256_json
+
+        return sha256_json([list(r) for r in zip(self.ids, self.prompts, self.labels)])
+
 
 @dataclass
 class CalibBatch:
