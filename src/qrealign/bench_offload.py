@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import platform
+import queue as queue_mod
 import time
 from pathlib import Path
 
@@ -53,12 +54,24 @@ def _job(kind: str, model_dir: str, offload: str | None, n: int, scheme: str, qu
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def _run_in_fresh_process(*args) -> dict:
+def _run_in_fresh_process(*args, target=None) -> dict:
+    """`target(*args, queue)` (default `_job`) in a spawned process; its one result, or an error row."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_job, args=(*args, queue))
+    proc = ctx.Process(target=target or _job, args=(*args, queue))
     proc.start()
-    result = queue.get()
+    # A child killed from outside (the kernel's OOM killer, which this benchmark walks towards)
+    # never puts a result: poll instead of blocking on the queue forever.
+    while True:
+        alive = proc.is_alive()  # read before the wait: a result put just before exit is still read
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_mod.Empty:
+            if not alive:
+                result = {"error": f"the job's process died without a result (exit code {proc.exitcode}; "
+                                   "killed for memory?)"}
+                break
     proc.join()
     return result
 
