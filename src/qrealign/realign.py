@@ -1,7 +1,8 @@
 """`realign`: Q-realign in one call: safety-aware quantization of a fine-tuned model.
 
     model, tok = qrealign.load_model("runs/attacked")
-    probes = qrealign.probes.load_probes("runs/probes")         # fit on the ALIGNED model
+    from qrealign.probes import load_probes
+    probes = load_probes("runs/probes")                         # fit on the ALIGNED model
     qrealign.realign(model, tok, probes, scheme="W8A8", out="runs/realigned")
 
     # or the behavioural safety term (calibrate.behaviour): the aligned model as teacher
