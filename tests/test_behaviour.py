@@ -40,6 +40,36 @@ def test_tail_reproduces_the_models_next_token_logits(model_type):
     assert torch.allclose(torch.log_softmax(via_tail, -1), reference[batch.index], atol=1e-5)
 
 
+def test_tail_copies_and_blockwise_targets_match_the_models_own_forward():
+    """The paths a model in CPU memory takes when calibrated on a GPU (tail copies on the compute
+    device, teacher targets block by block), forced here on one device: same numbers."""
+    from qrealign.calibrate import behaviour
+
+    model, tok = tiny_model("llama")
+    cfg = CalibConfig(batch_size=4)
+    batches = make_batches(tok, _calib(), 4, cfg.max_length, cfg.padding_side)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        blockwise = behaviour._blockwise_last_logits(model, batches, cpu, cpu)
+        direct = [behaviour._last_logits(model, b, cpu) for b in batches]
+    for a, b in zip(blockwise, direct):
+        assert torch.allclose(a, b, atol=1e-6)
+
+    batch = batches[0]
+    inputs = capture_block_inputs(model, batch, cpu)
+    h = inputs.hidden
+    with torch.no_grad():
+        h = block_output(get_blocks(model)[0](h, **inputs.kwargs_by_type[block_types(model)[0]]))
+        tail = ModelTail(model)
+        own = tail(h, 0, inputs.kwargs_by_type, batch.enc.last_index)
+        tail._blocks_for = lambda layer, device: (tail._hold_after(layer, device), tail.copies)[1]
+        via_copies = tail(h, 0, inputs.kwargs_by_type, batch.enc.last_index)
+    assert torch.equal(own, via_copies)
+    assert tail.copies[0] is None and all(c is not None for c in tail.copies[1:])
+    assert not any(c is m for c, m in zip(tail.copies[1:], get_blocks(model)[1:]))
+    assert not any(p.requires_grad for c in tail.copies[1:] for p in c.parameters())
+
+
 def test_targets_take_the_aligned_teacher_on_malicious_rows_only():
     finetuned, tok = tiny_model("llama", seed=0)
     aligned, _ = tiny_model("llama", seed=1)

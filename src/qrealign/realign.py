@@ -136,8 +136,7 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
                             f"({teacher.config.model_type}, {teacher.config.num_hidden_layers} blocks vs "
                             f"{model.config.model_type}, {num_layers})")
     teacher_fp = model_fingerprint(teacher)
-    targets = first_token_targets(teacher, model, tokenizer, calibration, cfg,
-                                  device=resolve_device(device) if on_disk else None)
+    targets = first_token_targets(teacher, model, tokenizer, calibration, cfg, device=resolve_device(device))
     del teacher
     active = layers if layers is not None else tuple(range(num_layers))
     loss = FirstTokenLoss(ModelTail(model), targets, target_id=teacher_fp, **loss_options)

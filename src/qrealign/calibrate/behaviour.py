@@ -24,6 +24,7 @@ few blocks that is a few blocks' worth, not the model.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass, field
 
@@ -35,7 +36,7 @@ from ..errors import QrealignError
 from ..models.offload import offloaded
 from ..models.registry import block_types, get_arch, get_blocks, get_submodule
 from ..utils import tensor_digest
-from .capture import block_output, move_kwargs, record_block_inputs, run_offloaded_blocks
+from .capture import block_output, move_kwargs, record_block_inputs, run_blocks
 from .data import CalibrationSet, make_batches
 from .losses import LossInputs, SafetyGate
 
@@ -64,62 +65,69 @@ class ModelTail:
     """Blocks after `layer`, the final norm and the LM head of `model`, frozen: maps a block's
     output to the next-token logits at each row's last prompt token.
 
-    For a disk-offloaded model the tail reads its own FP copies of the blocks after the first
-    layer it is called for onto the compute device (the engine meanwhile turns the model's blocks
-    into quantized ones and drops them), and drops each copy once calibration has passed it:
-    memory for the blocks after the first safety block, not the model."""
+    The tail runs where the quantized block computes. A model in memory on that device lends its
+    own blocks. Otherwise (a disk-offloaded model, or a model in CPU memory calibrated on a GPU)
+    the tail holds FP copies of the blocks after the first layer it is called for on the compute
+    device (the engine meanwhile turns the model's blocks into quantized ones), and drops each
+    copy once calibration has passed it: memory for the blocks after the first safety block, not
+    the model."""
 
     def __init__(self, model: nn.Module):
         self.types = block_types(model)
         self.head = LogitHead(model)
         self.source = offloaded(model)
-        if self.source is None:
-            self.blocks: list = list(get_blocks(model))
-        else:
-            self.blocks = [None] * len(self.types)
-        for module in (*(b for b in self.blocks if b is not None), self.head.norm, self.head.head):
+        self.model_blocks = None if self.source is not None else list(get_blocks(model))
+        self.copies: list = [None] * len(self.types)
+        for module in (*(self.model_blocks or ()), self.head.norm, self.head.head):
             for p in module.parameters():
                 p.requires_grad_(False)
 
-    @property
-    def owns_copies(self) -> bool:
-        return self.source is not None
-
     def __call__(self, hidden: torch.Tensor, layer: int, kwargs_by_type: dict, last_index: torch.Tensor):
-        if self.owns_copies:
-            self._hold_after(layer, hidden.device)
+        blocks = self._blocks_for(layer, hidden.device)
         h = hidden
-        for j in range(layer + 1, len(self.blocks)):
-            block = self.blocks[j]
+        for j in range(layer + 1, len(blocks)):
+            block = blocks[j]
             p = next(block.parameters())
             kwargs = move_kwargs(kwargs_by_type[self.types[j]], p.device)  # the engine's are on its device
             h = block_output(block(h.to(p.device, p.dtype), **kwargs))
         return self.head(h, last_index).to(hidden.device)
 
+    def _blocks_for(self, layer: int, device: torch.device) -> list:
+        if self.model_blocks is not None and all(
+                next(b.parameters()).device == device for b in self.model_blocks[layer + 1:]):
+            return self.model_blocks
+        self._hold_after(layer, device)
+        return self.copies
+
     def _hold_after(self, layer: int, device: torch.device) -> None:
         """Copies of exactly the blocks after `layer`, on the device the quantized block computes
         on: calibration moves forward, so the others are dropped (or, resumed past the first
         safety block, never read)."""
-        for j in range(len(self.blocks)):
+        for j in range(len(self.copies)):
             if j <= layer:
-                self.blocks[j] = None
-            elif self.blocks[j] is None:
-                block = self.blocks[j] = self.source.copy_of(j, device)
+                self.copies[j] = None
+            elif self.copies[j] is None:
+                if self.source is not None:
+                    block = self.source.copy_of(j, device)
+                else:  # still FP: the engine has not reached block j yet
+                    block = copy.deepcopy(self.model_blocks[j]).to(device)
                 block.eval()  # a fresh module starts in training mode: dropout off, as in the model
                 block.requires_grad_(False)
+                self.copies[j] = block
 
 
 @torch.no_grad()
 def next_token_logprobs(model: nn.Module, tokenizer, calib: CalibrationSet, config, device=None) -> torch.Tensor:
     """[N, V] log-probabilities of the next token after each calibration prompt, rendered and
     batched exactly as the calibration engine renders them (`config`: a CalibConfig). Runs where
-    the model's weights are (its embedding's device); a disk-offloaded model runs block by block,
-    each block read onto `device` (default: the embedding's device)."""
+    `device` (default: where the model's embeddings are); a disk-offloaded model, or one held on
+    another device, runs block by block, each block put on `device` once."""
     home = model.get_input_embeddings().weight.device
+    device = torch.device(device) if device is not None else home
     batches = make_batches(tokenizer, calib, config.batch_size, config.max_length, config.padding_side,
                            config.system, pad_to=config.pad_to)
-    if offloaded(model) is not None:
-        rows_of = _offloaded_last_logits(model, batches, home, torch.device(device) if device is not None else home)
+    if offloaded(model) is not None or device != home:
+        rows_of = _blockwise_last_logits(model, batches, home, device)
     else:
         rows_of = (_last_logits(model, batch, home) for batch in batches)
     out = None
@@ -140,19 +148,20 @@ def _last_logits(model, batch, device) -> torch.Tensor:
     return logits[torch.arange(logits.shape[0], device=logits.device), slot].float()
 
 
-def _offloaded_last_logits(model, batches, home, device) -> list[torch.Tensor]:
-    """`_last_logits` of every batch for a disk-offloaded model, block-major (one read of it)."""
+def _blockwise_last_logits(model, batches, home, device) -> list[torch.Tensor]:
+    """`_last_logits` of every batch, block-major on `device` (one read of an offloaded model, one
+    move of each block of a model held elsewhere); the embeddings and the head run at `home`."""
     inputs = [record_block_inputs(model, b.enc.input_ids, b.enc.attention_mask, b.position_ids, home)
               for b in batches]
     head = LogitHead(model)
-    return [head(h, b.enc.last_index) for h, b in zip(run_offloaded_blocks(model, inputs, device), batches)]
+    return [head(h, b.enc.last_index) for h, b in zip(run_blocks(model, inputs, device), batches)]
 
 
 def first_token_targets(aligned: nn.Module, finetuned: nn.Module, tokenizer, calib: CalibrationSet,
                         config, device=None) -> torch.Tensor:
     """Per calibration sample, the teacher's next-token log-probs: the aligned model for
-    malicious prompts, the fine-tuned model (not yet quantized) for benign ones. `device`: where a
-    disk-offloaded model's blocks run (default: where its embeddings are)."""
+    malicious prompts, the fine-tuned model (not yet quantized) for benign ones. `device`: where the
+    blocks run (default: where each model's embeddings are)."""
     if aligned.config.vocab_size != finetuned.config.vocab_size:
         raise QrealignError("the aligned and the fine-tuned model have different vocabularies")
     mal = torch.tensor(calib.labels, dtype=torch.bool)

@@ -74,27 +74,37 @@ def record_block_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mas
 
 
 @torch.no_grad()
-def run_offloaded_blocks(model: nn.Module, inputs: list[BlockInputs], device: torch.device, upto: int | None = None,
-                         visit=None, desc: str | None = None) -> list[torch.Tensor]:
-    """Every batch's recorded block-0 input through a disk-offloaded model's blocks, block-major:
-    block i is read once onto `device`, runs all batches and is released before block i+1 (a
-    batch-by-batch forward would read each block once per batch). Same kwargs and order of
-    operations per block as the model's forward. `visit(i, b, hidden)` sees batch b's output of
-    block i; returns the outputs of block `upto` (default: the last). Holds all batches' states."""
-    source, types = offloaded(model), block_types(model)
+def run_blocks(model: nn.Module, inputs: list[BlockInputs], device: torch.device, upto: int | None = None,
+               visit=None, desc: str | None = None) -> list[torch.Tensor]:
+    """Every batch's recorded block-0 input through the model's blocks, block-major: block i is
+    put on `device` once (read from disk for an offloaded model, moved there and back for one in
+    memory), runs all batches and is released before block i+1 (a batch-by-batch forward would
+    move each block once per batch). Same kwargs and order of operations per block as the model's
+    forward. `visit(i, b, hidden)` sees batch b's output of block i; returns the outputs of block
+    `upto` (default: the last). Holds all batches' states."""
+    source, types, blocks = offloaded(model), block_types(model), get_blocks(model)
     hidden = [x.hidden.to(device) for x in inputs]
     kwargs = [{t: move_kwargs(kw, device) for t, kw in x.kwargs_by_type.items()} for x in inputs]
     last = len(types) - 1 if upto is None else upto
     for i in tqdm(range(last + 1), desc=desc, unit="block", disable=desc is None):
+        home = None
         try:
-            block = source.onload(i, device)
-            block.eval()
+            if source is not None:
+                block = source.onload(i, device)
+                block.eval()
+            else:
+                block = blocks[i]
+                home = next(block.parameters()).device
+                block.to(device)
             for b, kw in enumerate(kwargs):
                 hidden[b] = block_output(block(hidden[b], **kw[types[i]]))
                 if visit is not None:
                     visit(i, b, hidden[b])
         finally:
-            source.release(i)
+            if source is not None:
+                source.release(i)
+            elif home is not None:
+                blocks[i].to(home)
     return hidden
 
 

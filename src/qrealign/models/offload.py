@@ -7,7 +7,7 @@ time, so it asks the `DiskBlocks` to read block i's tensors from the safetensors
 (`onload`) and to drop them again (`release`) once the block's learned parameters are recorded.
 
 Probe capture and the first-token teacher targets run block-major the same way
-(`calibrate/capture.run_offloaded_blocks`); the first-token tail keeps its own copies of the
+(`calibrate/capture.run_blocks`); the first-token tail keeps its own copies of the
 blocks it needs (`DiskBlocks.copy_of`). Anything that needs all blocks at every step (generation,
 evaluation) cannot run on such a model; its forward pass raises `OffloadUnsupported`, except
 inside `streaming_blocks`, which loads each block for the duration of its own forward call.

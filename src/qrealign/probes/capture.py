@@ -157,7 +157,7 @@ def _capture_block_major(model, tokenizer, prompts, layer_ids, batch_size, devic
     """`capture_last_token_states` for a disk-offloaded model: every batch enters block 0, then the
     blocks run one at a time over all batches (on `device`, default where the model was loaded),
     so the checkpoint is read once. The states equal the in-memory capture's."""
-    from ..calibrate.capture import record_block_inputs, run_offloaded_blocks
+    from ..calibrate.capture import record_block_inputs, run_blocks
 
     home = model.get_input_embeddings().weight.device
     row_of = {layer: i for i, layer in enumerate(layer_ids)}
@@ -181,7 +181,7 @@ def _capture_block_major(model, tokenizer, prompts, layer_ids, batch_size, devic
                 rows = torch.arange(hidden.shape[0], device=hidden.device)
                 out[row_of[i], index[b]] = hidden[rows, last[b].to(hidden.device)].float().cpu()
 
-        run_offloaded_blocks(model, inputs, torch.device(device) if device is not None else home,
+        run_blocks(model, inputs, torch.device(device) if device is not None else home,
                              upto=max(layer_ids), visit=record,
                              desc="capturing states (block by block)" if progress else None)
     finally:
