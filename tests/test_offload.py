@@ -145,7 +145,7 @@ def test_offloaded_first_token_run_matches_the_in_memory_one(model_type, tmp_pat
 
     def spy(self, hidden, layer, *args):
         out = original(self, hidden, layer, *args)
-        tails.append((layer, self.owns_copies, [b is not None for b in self.blocks]))
+        tails.append((layer, self.source is not None, [b is not None for b in self.copies]))
         return out
 
     runs = {}
@@ -159,6 +159,7 @@ def test_offloaded_first_token_run_matches_the_in_memory_one(model_type, tmp_pat
     assert [log.get("kl_mal") for log in runs[None].layer_logs] == [log.get("kl_mal") for log in runs["disk"].layer_logs]
     assert runs[None].fingerprint == runs["disk"].fingerprint
     disk = [t for t in tails if t[1]]
+    assert not any(any(held) for _, on_disk, held in tails if not on_disk)  # in memory: the model's own blocks
     assert {layer for layer, _, _ in disk} == {1, 2}
     # copies of the blocks after the first safety block only, dropped once passed
     assert all(held == [False] * (layer + 1) + [True] * (LAYERS - layer - 1) for layer, _, held in disk)
