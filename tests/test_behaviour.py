@@ -282,3 +282,12 @@ def test_realign_cli_teacher_run_and_argument_errors(tmp_path, capsys):
         out = tmp_path / "bad"
         assert main(["realign", *common, *bad, "--out", str(out)]) == 2
         assert not out.exists()
+
+
+def test_same_device_treats_an_open_index_as_a_match():
+    from qrealign.utils import same_device
+
+    assert same_device(torch.device("cuda"), torch.device("cuda:0"))
+    assert same_device(torch.device("cpu"), torch.device("cpu"))
+    assert not same_device(torch.device("cuda:1"), torch.device("cuda:0"))
+    assert not same_device(torch.device("cuda"), torch.device("cpu"))

@@ -18,7 +18,6 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-
 from . import __version__
 from .calibrate.data import build_calibration
 from .calibrate.engine import CalibConfig

@@ -35,6 +35,11 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """`cuda` and `cuda:0` are one device when either leaves the index open (as resolve_device does)."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype or torch.float32

@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import QrealignError
 from ..models.offload import offloaded
 from ..models.registry import block_types, get_arch, get_blocks, get_submodule
-from ..utils import tensor_digest
+from ..utils import same_device, tensor_digest
 from .capture import block_output, move_kwargs, record_block_inputs, run_blocks
 from .data import CalibrationSet, make_batches
 from .losses import LossInputs, SafetyGate
@@ -94,7 +94,7 @@ class ModelTail:
 
     def _blocks_for(self, layer: int, device: torch.device) -> list:
         if self.model_blocks is not None and all(
-                next(b.parameters()).device == device for b in self.model_blocks[layer + 1:]):
+                same_device(next(b.parameters()).device, device) for b in self.model_blocks[layer + 1:]):
             return self.model_blocks
         self._hold_after(layer, device)
         return self.copies
@@ -126,7 +126,7 @@ def next_token_logprobs(model: nn.Module, tokenizer, calib: CalibrationSet, conf
     device = torch.device(device) if device is not None else home
     batches = make_batches(tokenizer, calib, config.batch_size, config.max_length, config.padding_side,
                            config.system, pad_to=config.pad_to)
-    if offloaded(model) is not None or device != home:
+    if offloaded(model) is not None or not same_device(device, home):
         rows_of = _blockwise_last_logits(model, batches, home, device)
     else:
         rows_of = (_last_logits(model, batch, home) for batch in batches)
