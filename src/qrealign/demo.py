@@ -28,6 +28,9 @@ from .stages import cached_stage, stage_dir
 from .utils import atomic_dir, read_json, write_json
 
 
+EVAL_TASK = "topic-codes"  # the task every evaluation stage scores (FA)
+
+
 @dataclass(frozen=True)
 class Variant:
     """One quantized row of the table: a method, a probe target and its options, as data."""
@@ -347,7 +350,7 @@ def _eval_stage(cfg, root, label: str, source: str, log=print):
               "task_n": cfg.task_n, "label": label, "data": _eval_data_fingerprint(cfg), "version": __version__}
 
     def build(tmp: Path):
-        result = evaluate_path(source, device=cfg.device, gen=gen, task="topic-codes", task_n=cfg.task_n,
+        result = evaluate_path(source, device=cfg.device, gen=gen, task=EVAL_TASK, task_n=cfg.task_n,
                                limit=cfg.eval_limit, name=label)
         result.save(tmp)
 
@@ -361,7 +364,7 @@ def _eval_data_fingerprint(cfg) -> str:
     from .evaluate.tasks import get_task
     from .utils import sha256_json
 
-    items = get_task("topic-codes").load("test", cfg.task_n)
+    items = get_task(EVAL_TASK).load("test", cfg.task_n)
     return sha256_json([prompt_set_fingerprint(load_prompts("eval")),
                         [[e.id, e.prompt, e.answer] for e in items]])
 

@@ -62,6 +62,7 @@ def engine_config(args, method: str):
 
 def prepare(args, method: str):
     """Validate everything cheap before loading the model, then load it."""
+    from ..calibrate.artifact import META_FILE
     from ..calibrate.data import build_calibration
     from ..models import load_model
     from ..quant.scheme import get_scheme
@@ -72,7 +73,7 @@ def prepare(args, method: str):
     calib = build_calibration(args.calib, args.n, args.malicious_ratio, args.seed,
                               task=args.calib_task, task_n=args.calib_task_n if args.calib_task else 0,
                               extra_benign=args.calib_benign)
-    check_out_dir(args.out, "qrealign.json", kind="quantized")  # before the model loads
+    check_out_dir(args.out, META_FILE, kind="quantized")  # before the model loads
     model, tokenizer = load_model(args.model, adapter=args.adapter, offload=args.offload)
     return model, tokenizer, scheme, config, calib
 

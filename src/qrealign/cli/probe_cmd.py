@@ -80,12 +80,13 @@ def run(args) -> int:
     from ..models import load_model
     from ..probes import fit_target
     from ..probes.plots import plot_probe_metrics
+    from ..probes.store import META_FILE
     from ..utils import atomic_dir, check_out_dir, resolve_device
     from ._layers import parse_layers
 
     if args.target == "contrast" and not args.finetuned:
         raise QrealignError("--target contrast needs --finetuned MODEL2")
-    check_out_dir(args.out, "qrealign.json", kind="probes")
+    check_out_dir(args.out, META_FILE, kind="probes")
     device = resolve_device(args.device)
     harmful, benign, split = load_prompt_classes(args.split, args.prompts, args.limit)
     model, tokenizer = load_model(args.model, adapter=args.adapter, dtype=args.dtype, device=device,
@@ -109,7 +110,7 @@ def run(args) -> int:
     probes = fit_target(args.target, model, tokenizer, harmful, benign, finetuned_model=finetuned, **kwargs)
     if args.adapter:
         probes.model["adapter"] = args.adapter
-    with atomic_dir(args.out, marker="qrealign.json", kind="probes") as tmp:
+    with atomic_dir(args.out, marker=META_FILE, kind="probes") as tmp:
         probes.write_files(tmp)
         (tmp / "probes.md").write_text(probes.to_markdown())
         plot_probe_metrics(probes, tmp / "probe_metrics.png")

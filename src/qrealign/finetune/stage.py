@@ -69,7 +69,7 @@ def finetune_stage(stage: str, source: str | Path, config: AlignConfig | AttackC
         raise QrealignError(f"stage {stage!r} needs an {expected.__name__}, got {type(config).__name__}")
 
     if out is not None:
-        check_out_dir(out, "qrealign.json", kind="finetuned")  # before the training, not after
+        check_out_dir(out, META_FILE, kind="finetuned")  # before the training, not after
     model, tokenizer = load_model(source)
     if stage == "align":
         from .align import select_align_prompts
@@ -117,7 +117,7 @@ def finetune_stage(stage: str, source: str | Path, config: AlignConfig | AttackC
 
     if cache_root is not None:
         return cached_stage(stage, inputs, cache_root, build, log=log)
-    with atomic_dir(out, marker="qrealign.json", kind="finetuned") as tmp:
+    with atomic_dir(out, marker=META_FILE, kind="finetuned") as tmp:
         build(tmp)
     return Path(out)
 

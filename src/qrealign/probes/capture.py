@@ -182,8 +182,8 @@ def _capture_block_major(model, tokenizer, prompts, layer_ids, batch_size, devic
                 out[row_of[i], index[b]] = hidden[rows, last[b].to(hidden.device)].float().cpu()
 
         run_blocks(model, inputs, torch.device(device) if device is not None else home,
-                             upto=max(layer_ids), visit=record,
-                             desc="capturing states (block by block)" if progress else None)
+                   upto=max(layer_ids), visit=record,
+                   desc="capturing states (block by block)" if progress else None)
     finally:
         model.train(was_training)
     return out
