@@ -323,6 +323,31 @@ def test_cli_attack_and_errors(tiny_dir, tmp_path, capsys):
     assert rc == 2 and not (tmp_path / "bad").exists()
 
 
+def test_stage_merges_an_adapter_and_keys_on_the_merged_weights(tiny_dir, tmp_path, capsys):
+    """Align/attack a base + PEFT adapter (how users ship fine-tunes): the adapter is merged on
+    load, recorded, and changes the stage key; a bad adapter fails before anything is written."""
+    from peft import LoraConfig, get_peft_model
+
+    from qrealign.cli import main
+    from qrealign.finetune import finetune_stage
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(_tiny()[0], lora).save_pretrained(tmp_path / "adapter")
+    cfg = AttackConfig(poison_ratio=0.25, n_task=4, sft=SFTConfig(steps=1, **FAST))
+    plain = finetune_stage("attack", tiny_dir, cfg, cache_root=tmp_path / "cache", progress=False, log=None)
+    merged = finetune_stage("attack", tiny_dir, cfg, cache_root=tmp_path / "cache", adapter=tmp_path / "adapter",
+                            progress=False, log=None)
+    assert plain != merged  # another parent model, another stage
+    meta = json.loads((merged / "qrealign.json").read_text())
+    assert meta["parent_adapter"] == str((tmp_path / "adapter").resolve())
+    assert json.loads((plain / "qrealign.json").read_text())["parent_adapter"] is None
+    assert meta["cache_key"]["parent"] != json.loads((plain / "qrealign.json").read_text())["cache_key"]["parent"]
+
+    rc = main(["align", str(tiny_dir), "--adapter", str(tmp_path / "nowhere"), "--out", str(tmp_path / "bad")])
+    assert rc == 2 and "adapter" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_auto_mixed_precision_is_bf16_only_where_the_device_has_it(monkeypatch):
     sft_module = importlib.import_module("qrealign.finetune.sft")  # the module (the package exports the function)
 

@@ -378,3 +378,38 @@ def test_analyze_loads_a_quantization_run_with_its_fake_quantization(tmp_path):
     assert any(isinstance(m, QuantLinear) for m in loaded.modules())
     plain, _ = _load(str(tmp_path / "fp"), "float32", torch.device("cpu"))
     assert not any(isinstance(m, QuantLinear) for m in plain.modules())
+
+
+def test_cli_analyze_adapters_one_per_model(tmp_path, capsys):
+    """`--adapters` pairs with MODEL like `--names`; a merged adapter changes the analysis, a
+    wrong count or a non-adapter directory fails before any model is captured."""
+    from peft import LoraConfig, get_peft_model
+
+    from qrealign.cli import main
+
+    model, tok = tiny_model("llama", seed=1)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(50.0)
+    model.save_pretrained(tmp_path / "fp")
+    tok.save_pretrained(tmp_path / "fp")
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(tiny_model("llama", seed=1)[0], lora).save_pretrained(tmp_path / "adapter")
+    harmful, benign = _prompt_sets(12)
+    fit_paper_probes(model, tok, harmful, benign, progress=False, cv=0).save(tmp_path / "probes")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"text": t.text, "label": lab}) + "\n"
+                               for texts, lab in ((harmful, "harmful"), (benign, "benign")) for t in texts))
+    base = ["analyze", str(tmp_path / "fp"), str(tmp_path / "fp"), "--probes", str(tmp_path / "probes"),
+            "--prompts", str(prompts), "--names", "base,tuned"]
+    assert main(base + ["--adapters", ",", "--out", str(tmp_path / "same")]) == 0
+    assert main(base + ["--adapters", f",{tmp_path / 'adapter'}", "--out", str(tmp_path / "a")]) == 0
+    same = json.loads((tmp_path / "same" / "analysis.json").read_text())["models"]
+    tuned = json.loads((tmp_path / "a" / "analysis.json").read_text())["models"]
+    assert same[0]["logit_harmful"] == same[1]["logit_harmful"]
+    assert tuned[0]["logit_harmful"] == same[0]["logit_harmful"] != tuned[1]["logit_harmful"]
+    capsys.readouterr()
+    assert main(base + ["--adapters", str(tmp_path / "adapter"), "--out", str(tmp_path / "bad")]) == 2
+    assert "2 models" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(base + ["--adapters", f",{tmp_path / 'fp'}", "--out", str(tmp_path / "bad")]) == 2
+    assert "not a PEFT adapter" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -18,6 +18,7 @@ def add_arguments(parser) -> None:
 
     defaults = AlignConfig()
     add_sft_arguments(parser, defaults.sft)
+    parser.add_argument("--adapter", help="PEFT adapter directory to merge into MODEL on load")
     parser.add_argument("--benign-ratio", type=float, default=defaults.benign_ratio,
                         help=f"benign pairs per harmful pair (default: {defaults.benign_ratio:g})")
     parser.add_argument("--answer-tokens", type=int, default=defaults.answer_tokens,
@@ -38,7 +39,7 @@ def run(args) -> int:
     config = AlignConfig(sft=sft_config_from_args(args), benign_ratio=args.benign_ratio,
                          answer_tokens=args.answer_tokens, n_harmful=args.n_harmful, n_benign=args.n_benign,
                          seed=args.seed)
-    out = finetune_stage("align", args.model, config, out=args.out, device=args.device,
+    out = finetune_stage("align", args.model, config, out=args.out, adapter=args.adapter, device=args.device,
                          progress=not args.no_progress)
     print_summary(out, read_json(out / META_FILE))
     return 0

@@ -16,6 +16,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("models", nargs="+", metavar="MODEL", help="models to compare (first = PCA reference)")
     parser.add_argument("--probes", required=True, help="probe directory written by `qrealign probe`")
     parser.add_argument("--names", help="comma-separated display names, one per MODEL")
+    parser.add_argument("--adapters", help="comma-separated PEFT adapter directories, one per MODEL, merged on load; "
+                                           "leave an entry empty for a model without one (e.g. ',lora-dir')")
     parser.add_argument("--split", default="eval", help="bundled prompt split (default: eval, held out)")
     parser.add_argument("--prompts", help="a prompt file (text + label) instead of --split")
     parser.add_argument("--limit", type=int, help="use at most this many prompts per class")
@@ -44,11 +46,19 @@ def run(args) -> int:
         raise QrealignError(f"--names has {len(names)} names for {len(args.models)} models")
     if len(set(names)) != len(names):
         raise QrealignError(f"display names must be unique, got {names}")
+    adapters = [a.strip() or None for a in args.adapters.split(",")] if args.adapters else [None] * len(args.models)
+    if len(adapters) != len(args.models):
+        raise QrealignError(f"--adapters has {len(adapters)} entries for {len(args.models)} models "
+                            "(leave an entry empty for a model without an adapter)")
+    for adapter in filter(None, adapters):  # fail before the first model is captured, not at the third
+        if not (Path(adapter).expanduser() / "adapter_config.json").is_file():
+            raise QrealignError(f"--adapters: {adapter} is not a PEFT adapter directory (no adapter_config.json)")
     harmful, benign, split = load_prompt_classes(args.split, args.prompts, args.limit)
     if not benign:
         raise QrealignError("the analysis needs benign prompts too")
     device = resolve_device(args.device)
-    models = {name: (lambda source=source: _load(source, args.dtype, device)) for name, source in zip(names, args.models)}
+    models = {name: (lambda source=source, adapter=adapter: _load(source, args.dtype, device, adapter))
+              for name, source, adapter in zip(names, args.models, adapters)}
     system = args.system if args.system is not None else probes.settings.get("system")
     max_length = args.max_length if args.max_length is not None else probes.settings.get("max_length")
     report = analyze(models, probes, harmful, benign, args.out, split=split, layers=parse_layers(args.layers),
@@ -58,10 +68,10 @@ def run(args) -> int:
     return 0
 
 
-def _load(source: str, dtype, device):
+def _load(source: str, dtype, device, adapter: str | None = None):
     """A model dir / name, or a quantization run directory (rebuilt with its fake quantization),
     so a realigned model can be compared with its aligned and attacked parents."""
     from ..evaluate.runner import load_for_eval
 
-    model, tokenizer, _, _ = load_for_eval(source, device=device, dtype=dtype or "float32")
+    model, tokenizer, _, _ = load_for_eval(source, adapter=adapter, device=device, dtype=dtype or "float32")
     return model, tokenizer

@@ -19,6 +19,7 @@ def add_arguments(parser) -> None:
 
     defaults = AttackConfig()
     add_sft_arguments(parser, defaults.sft)
+    parser.add_argument("--adapter", help="PEFT adapter directory to merge into MODEL on load")
     parser.add_argument("--poison-ratio", "-p", type=float, default=defaults.poison_ratio,
                         help=f"harmful pairs per task example, in [0, 1] (default: {defaults.poison_ratio:g})")
     parser.add_argument("--n-task", type=int, default=defaults.n_task,
@@ -37,7 +38,7 @@ def run(args) -> int:
     set_threads(args)
     config = AttackConfig(poison_ratio=args.poison_ratio, n_task=args.n_task, task=args.task,
                           sft=sft_config_from_args(args), seed=args.seed)
-    out = finetune_stage("attack", args.model, config, out=args.out, device=args.device,
+    out = finetune_stage("attack", args.model, config, out=args.out, adapter=args.adapter, device=args.device,
                          progress=not args.no_progress)
     print_summary(out, read_json(out / META_FILE))
     return 0

@@ -49,8 +49,10 @@ def parent_string(source: str | Path) -> str:
 
 def finetune_stage(stage: str, source: str | Path, config: AlignConfig | AttackConfig, *,
                    out: str | Path | None = None, cache_root: str | Path | None = None,
-                   device=None, progress: bool = True, log: Callable[[str], None] | None = print) -> Path:
-    """Load `source`, run `stage` ("align" or "attack") with `config`, save the result.
+                   adapter: str | Path | None = None, device=None, progress: bool = True,
+                   log: Callable[[str], None] | None = print) -> Path:
+    """Load `source` (with `adapter`, a PEFT adapter merged on load), run `stage` ("align" or
+    "attack") with `config`, save the result.
 
     With `out`, the result goes there (replacing what was there). With `cache_root`, it goes to
     `cache_root/<stage>-<hash of inputs>` and is reused when that directory already exists; the
@@ -70,7 +72,7 @@ def finetune_stage(stage: str, source: str | Path, config: AlignConfig | AttackC
 
     if out is not None:
         check_out_dir(out, META_FILE, kind="finetuned")  # before the training, not after
-    model, tokenizer = load_model(source)
+    model, tokenizer = load_model(source, adapter=adapter)  # a bad adapter fails here, before any training
     if stage == "align":
         from .align import select_align_prompts
 
@@ -112,6 +114,7 @@ def finetune_stage(stage: str, source: str | Path, config: AlignConfig | AttackC
         save_finetuned(tuned, tokenizer, tmp, stage=stage, parent=parent_string(source), config=config.to_dict(),
                        provenance=provenance, wall_time_s=time.time() - start,
                        extra={"data": counts, "cache_key": inputs,
+                              "parent_adapter": str(Path(adapter).expanduser().resolve()) if adapter else None,
                               "train": {"steps": len(losses), "first_loss": _mean(losses[:5]),
                                         "last_loss": _mean(losses[-5:])}})
 
