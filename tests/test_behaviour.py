@@ -278,10 +278,60 @@ def test_realign_cli_teacher_run_and_argument_errors(tmp_path, capsys):
     assert meta["calibration"]["n"] == 10 + n_extra and "benign_kl=2.0" in meta["loss"]
     assert meta["config"]["learn_rounding"] is True and meta["config"]["lr_round"] == 0.05
     for bad in (["--teacher", teacher_dir, "--hinge"], ["--teacher", teacher_dir, "--probes", "p"], [],
-                ["--probes", str(tmp_path / "p"), "--benign-kl", "1"]):
+                ["--probes", str(tmp_path / "p"), "--benign-kl", "1"],
+                ["--probes", str(tmp_path / "p"), "--refusal-targets"]):
         out = tmp_path / "bad"
         assert main(["realign", *common, *bad, "--out", str(out)]) == 2
         assert not out.exists()
+
+
+def test_refusal_targets_replace_answered_malicious_rows_with_the_mean_refusal():
+    from qrealign.calibrate.behaviour import refusal_targets
+
+    probs = torch.tensor([[0.7, 0.2, 0.1],   # benign: untouched even though "answered"
+                          [0.6, 0.3, 0.1],   # malicious, refused
+                          [0.2, 0.2, 0.6],   # malicious, refused
+                          [0.1, 0.1, 0.8],   # malicious, answered: gets the mean of rows 1 and 2
+                          [0.3, 0.4, 0.3]])  # benign
+    malicious = torch.tensor([False, True, True, True, False])
+    refused = torch.tensor([False, True, True, False, True])
+    out = refusal_targets(probs.log(), malicious, refused).exp()
+    torch.testing.assert_close(out[3], torch.tensor([0.4, 0.25, 0.35]))
+    torch.testing.assert_close(out[[0, 1, 2, 4]], probs[[0, 1, 2, 4]])
+    with pytest.raises(QrealignError, match="refuses none"):
+        refusal_targets(probs.log(), malicious, torch.zeros(5, dtype=torch.bool))
+
+
+def test_realign_with_refusal_targets_records_what_it_replaced(tmp_path, monkeypatch):
+    """A tiny random teacher never refuses, so the judge's verdicts are stubbed: the run must
+    ask the teacher about the malicious prompts only, replace the answered rows, and key on it."""
+    import qrealign.calibrate.behaviour as behaviour
+    from qrealign.models import load_model
+    from qrealign.realign import realign
+    from qrealign.utils import read_json
+
+    finetuned, tok = tiny_model("llama", seed=0)
+    teacher_dir = _save(tiny_model("llama", seed=1)[0], tok, tmp_path / "aligned")
+    finetuned, tok = load_model(_save(finetuned, tok, tmp_path / "finetuned"))
+    asked = []
+
+    def stub(aligned, tokenizer, prompts, config, max_new_tokens=64):
+        asked.extend(prompts)
+        return [i == 0 for i in range(len(prompts))]  # refuses the first malicious prompt only
+
+    monkeypatch.setattr(behaviour, "teacher_refuses", stub)
+    kw = dict(teacher=teacher_dir, calibration=_calib(), scheme="W8A8", config=CalibConfig(epochs=1, batch_size=4),
+              progress=False, layers=(1,))
+    realign(finetuned, tok, refusal_targets=True, out=tmp_path / "fixed", **kw)
+    assert asked == [PROMPTS[1], PROMPTS[3]]
+    meta = read_json(tmp_path / "fixed" / "qrealign.json")
+    assert meta["teacher"]["refusal_targets"] == {"malicious": 2, "answered_replaced": 1}
+    finetuned, tok = load_model(str(tmp_path / "finetuned"))
+    realign(finetuned, tok, out=tmp_path / "plain", **kw)
+    plain = read_json(tmp_path / "plain" / "qrealign.json")
+    assert "refusal_targets" not in plain["teacher"] and plain["loss"] != meta["loss"]  # other targets, other run
+    with pytest.raises(QrealignError, match="first-token"):
+        realign(finetuned, tok, probes="x", refusal_targets=True, calibration=_calib(), progress=False)
 
 
 def test_same_device_treats_an_open_index_as_a_match():

@@ -39,6 +39,7 @@ def realign(
     checkpoint_dir: str | Path | None = None,
     layers_from: float | None = None,
     teacher=None,
+    refusal_targets: bool = False,
     **loss_options,
 ) -> CalibResult:
     """Quantize `model` with the Q-realign objective.
@@ -52,14 +53,19 @@ def realign(
 
     `teacher` (instead of `probes`): the aligned model (a model or anything `load_model` reads).
     The safety term is then the first-token KL of `calibrate.behaviour.FirstTokenLoss`
-    (options: lam, benign_kl, layers, recon_on_malicious, normalize, sink_weight)."""
+    (options: lam, benign_kl, layers, recon_on_malicious, normalize, sink_weight). With
+    `refusal_targets`, the malicious calibration prompts the teacher itself answers (its greedy
+    reply, keyword-judged) take the mean first-token distribution of those it refuses
+    (`calibrate.behaviour.refusal_targets`)."""
     from .probes.store import load_probes
 
     if (probes is None) == (teacher is None):
         raise QrealignError("give the aligned model's probes or the aligned model as teacher (exactly one)")
     if teacher is not None:
         return _realign_first_token(model, tokenizer, teacher, calibration, scheme, config, out, device, progress,
-                                    checkpoint_dir, layers_from, **loss_options)
+                                    checkpoint_dir, layers_from, refusals=refusal_targets, **loss_options)
+    if refusal_targets:
+        raise QrealignError("refusal_targets applies to the first-token objective (teacher=), not to probes")
     if isinstance(probes, (str, Path)):
         probes = load_probes(probes)
     probes.check_compatible(model)
@@ -109,11 +115,12 @@ def layers_from_fraction(num_layers: int, fraction: float) -> tuple[int, ...]:
 
 
 def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config, out, device, progress,
-                         checkpoint_dir, layers_from, **loss_options) -> CalibResult:
-    from .calibrate.behaviour import FirstTokenLoss, ModelTail, first_token_targets
+                         checkpoint_dir, layers_from, refusals=False, **loss_options) -> CalibResult:
+    from .calibrate.behaviour import FirstTokenLoss, ModelTail, first_token_targets, refusal_targets, teacher_refuses
     from .models import load_model
     from .models.offload import offloaded
     from .utils import model_fingerprint, resolve_device
+    import torch
 
     on_disk = offloaded(model) is not None
     num_layers = model.config.num_hidden_layers
@@ -122,6 +129,9 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
         layers = loss_options["layers"] = tuple(sorted(set(layers)))
         if not layers or not all(0 <= layer < num_layers for layer in layers):
             raise NoSafetyLayers(f"safety layers {layers} are not blocks of this {num_layers}-block model")
+    if refusals and on_disk:  # before the teacher is read
+        raise QrealignError("refusal targets generate with the teacher, so it must fit in memory: not with "
+                            "offload='disk'")
     if layers is None and on_disk:  # before the teacher is read
         raise QrealignError("with offload='disk' choose the safety blocks (layers= or layers_from=, e.g. "
                             "layers_from=0.85; CLI --layers-from): the first-token objective holds FP copies of "
@@ -137,10 +147,17 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
                             f"{model.config.model_type}, {num_layers})")
     teacher_fp = model_fingerprint(teacher)
     targets = first_token_targets(teacher, model, tokenizer, calibration, cfg, device=resolve_device(device))
+    teacher_meta = {"source": source, "fingerprint": teacher_fp}
+    if refusals:
+        malicious = torch.tensor(calibration.labels, dtype=torch.bool)
+        asked = [p for p, m in zip(calibration.prompts, malicious.tolist()) if m]
+        refused = torch.zeros_like(malicious)
+        refused[malicious] = torch.tensor(teacher_refuses(teacher, tokenizer, asked, cfg))
+        targets = refusal_targets(targets, malicious, refused)
+        teacher_meta["refusal_targets"] = {"malicious": len(asked), "answered_replaced": int((malicious & ~refused).sum())}
     del teacher
     active = layers if layers is not None else tuple(range(num_layers))
     loss = FirstTokenLoss(ModelTail(model), targets, target_id=teacher_fp, **loss_options)
-    meta = {"method": "qrealign", "objective": "first-token",
-            "teacher": {"source": source, "fingerprint": teacher_fp}, "safety_layers": list(active)}
+    meta = {"method": "qrealign", "objective": "first-token", "teacher": teacher_meta, "safety_layers": list(active)}
     return quantize(model, tokenizer, calibration, scheme, cfg, out=out, loss=loss, device=device, progress=progress,
                     checkpoint_dir=checkpoint_dir, extra_metadata=meta)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -168,6 +169,34 @@ def first_token_targets(aligned: nn.Module, finetuned: nn.Module, tokenizer, cal
     targets = next_token_logprobs(finetuned, tokenizer, calib, config, device)
     targets[mal] = next_token_logprobs(aligned, tokenizer, calib, config, device)[mal]
     return targets
+
+
+def teacher_refuses(aligned: nn.Module, tokenizer, prompts: list[str], config, max_new_tokens: int = 64
+                    ) -> list[bool]:
+    """Whether the aligned teacher refuses each prompt: its greedy answer (`max_new_tokens`, the
+    calibration's system prompt), read by the keyword judge that the evaluation uses."""
+    from ..evaluate.generate import GenerationConfig, generate
+    from ..evaluate.judges import KeywordJudge
+
+    if offloaded(aligned) is not None:
+        raise QrealignError("refusal targets generate with the teacher: it must be in memory, not offloaded")
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=config.batch_size, system=config.system)
+    answers = generate(aligned, tokenizer, prompts, gen, progress=False)
+    return [v.refused for v in KeywordJudge().judge(prompts, answers)]
+
+
+def refusal_targets(targets: torch.Tensor, malicious: torch.Tensor, refused: torch.Tensor) -> torch.Tensor:
+    """The teacher's targets with each malicious sample it answers replaced by the mean next-token
+    distribution of the malicious samples it refuses: imitating the teacher can only get the
+    quantized model to the teacher's own harmful score; this asks for a refusal wherever the
+    teacher was asked for one. Benign rows are untouched. Log-probs in, log-probs out."""
+    malicious, refused = malicious.bool(), refused.bool()
+    if not (malicious & refused).any():
+        raise QrealignError("refusal targets: the teacher refuses none of the malicious calibration prompts")
+    mean = torch.logsumexp(targets[malicious & refused], dim=0) - math.log(int((malicious & refused).sum()))
+    out = targets.clone()
+    out[malicious & ~refused] = mean
+    return out
 
 
 @dataclass

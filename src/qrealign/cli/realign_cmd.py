@@ -17,6 +17,9 @@ def add_arguments(parser) -> None:
                                           "its first response token on malicious prompts (calibrate.behaviour)")
     parser.add_argument("--benign-kl", type=float, default=0.0,
                         help="with --teacher: weight of the KL to the fine-tuned model's first token on benign prompts")
+    parser.add_argument("--refusal-targets", action="store_true",
+                        help="with --teacher: malicious calibration prompts the teacher itself answers (its greedy "
+                             "reply, keyword-judged) take the mean first token of the ones it refuses")
     parser.add_argument("--lam", type=float, default=1.0, help="weight of the safety term (paper: 1)")
     parser.add_argument("--margin", type=float, default=0.0, help="push malicious logits past this margin")
     parser.add_argument("--hinge", action="store_true", help="hinge instead of softplus: stop once past the margin")
@@ -52,11 +55,11 @@ def run(args) -> int:
         options = {} if args.sink_weight is None else {"sink_weight": args.sink_weight}
         result = realign(model, tokenizer, teacher=args.teacher, calibration=calib, scheme=scheme, config=config,
                          out=args.out, device=args.device, layers=layers, layers_from=args.layers_from,
-                         lam=args.lam, benign_kl=args.benign_kl, **options)
+                         lam=args.lam, benign_kl=args.benign_kl, refusal_targets=args.refusal_targets, **options)
         summary(result, args.out)
         return 0
-    if args.benign_kl:
-        raise QrealignError("--benign-kl applies to --teacher only")
+    if args.benign_kl or args.refusal_targets:
+        raise QrealignError("--benign-kl and --refusal-targets apply to --teacher only")
     probes = load_probes(args.probes)
     model, tokenizer, scheme, config, calib = prepare(args, "omniquant")
     result = realign(model, tokenizer, probes, calib, scheme, config, out=args.out, device=args.device,
