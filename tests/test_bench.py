@@ -100,3 +100,27 @@ def test_offload_bench_child_that_dies_is_an_error_row_not_a_hang():
     row = _run_in_fresh_process(137, target=_die_without_result)
     assert "exit code 137" in row["error"]
     assert _run_in_fresh_process(7, target=_put_then_exit) == {"value": 7}
+
+
+def test_sft_precision_bench_times_float32_and_native_bf16_only(tmp_path, monkeypatch):
+    """Float32 is always timed; bf16 only where the device has it natively (emulated bf16 is known
+    to be far slower); the report says what amp='auto' picks and which was fastest."""
+    import importlib
+
+    import qrealign.bench_sft as bench_sft
+
+    sft_module = importlib.import_module("qrealign.finetune.sft")  # the module (the package exports the function)
+
+    model, tok = tiny_model("llama", num_hidden_layers=2)
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    for native in (False, True):
+        monkeypatch.setattr(sft_module, "native_bf16", lambda device, native=native: native)
+        out = tmp_path / f"out-{native}"
+        report = bench_sft.run_sft_bench(str(tmp_path / "tiny"), steps=2, device="cpu", out=out)
+        amps = [row["amp"] for row in report["rows"]]
+        assert amps == (["float32", "bfloat16"] if native else ["float32"])
+        assert report["auto_picks"] == ("bfloat16" if native else "float32") and report["fastest"] in amps
+        assert all(row["steps"] == 2 and row["median_s"] > 0 for row in report["rows"])
+        assert json.loads((out / "bench-sft.json").read_text())["rows"] == report["rows"]
+        assert "amp=\"auto\"` picks" in (out / "bench-sft.md").read_text()

@@ -24,6 +24,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--offload", metavar="MODEL_DIR", default=None,
                         help="instead: peak memory and time of calibrations (RTN, OmniQuant; N prompts) and probe "
                              "capture of a local checkpoint, in memory vs --offload disk, each in a fresh process")
+    parser.add_argument("--sft-precision", action="store_true",
+                        help="instead: seconds per step of the lab's align SFT in float32 and (where native) under "
+                             "bf16 autocast, and what amp='auto' picks here")
+    parser.add_argument("--steps", type=int, default=4, help="with --sft-precision: timed steps per precision")
 
 
 def run(args) -> int:
@@ -36,6 +40,14 @@ def run(args) -> int:
         report = run_offload_bench(args.offload, n=args.n, scheme=args.scheme, out=out)
         print(offload_markdown(report))
         print(f"wrote {out}/bench-offload.json and bench-offload.md")
+        return 0
+    if args.sft_precision:
+        from ..bench_sft import markdown as sft_markdown, run_sft_bench
+
+        out = args.out if args.out != "runs/bench" else "runs/bench-sft"
+        report = run_sft_bench(args.model, steps=args.steps, device=args.device, out=out)
+        print(sft_markdown(report))
+        print(f"wrote {out}/bench-sft.json and bench-sft.md")
         return 0
     if args.lanes:
         from ..bench_lanes import markdown as lanes_markdown, run_lanes_bench
