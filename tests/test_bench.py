@@ -124,3 +124,15 @@ def test_sft_precision_bench_times_float32_and_native_bf16_only(tmp_path, monkey
         assert all(row["steps"] == 2 and row["median_s"] > 0 for row in report["rows"])
         assert json.loads((out / "bench-sft.json").read_text())["rows"] == report["rows"]
         assert "amp=\"auto\"` picks" in (out / "bench-sft.md").read_text()
+
+
+def test_bench_cli_dispatches_to_the_chosen_benchmark(tmp_path, capsys):
+    from qrealign.cli import main
+
+    model, tok = tiny_model("llama", num_hidden_layers=2)
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    rc = main(["bench", "--sft-precision", "--model", str(tmp_path / "tiny"), "--steps", "1", "--device", "cpu",
+               "--out", str(tmp_path / "sft")])
+    assert rc == 0 and (tmp_path / "sft" / "bench-sft.json").is_file()
+    assert "bench-sft.json" in capsys.readouterr().out

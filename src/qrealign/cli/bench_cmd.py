@@ -31,39 +31,29 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..bench import markdown, run_bench
+    import importlib
 
+    # One benchmark per run: (module, its runner's arguments, its report's file stem).
     if args.offload:
-        from ..bench_offload import markdown as offload_markdown, run_offload_bench
+        module, kwargs, stem = "bench_offload", dict(model_dir=args.offload, n=args.n, scheme=args.scheme), "bench-offload"
+    elif args.sft_precision:
+        module, kwargs, stem = "bench_sft", dict(model_spec=args.model, steps=args.steps, device=args.device), "bench-sft"
+    elif args.lanes:
+        module, kwargs, stem = "bench_lanes", dict(model_spec=args.model, n_calib=args.n, scheme=args.scheme), "bench-lanes"
+    else:
+        probes = None
+        if args.probes:
+            from ..probes.store import load_probes
 
-        out = args.out if args.out != "runs/bench" else "runs/bench-offload"
-        report = run_offload_bench(args.offload, n=args.n, scheme=args.scheme, out=out)
-        print(offload_markdown(report))
-        print(f"wrote {out}/bench-offload.json and bench-offload.md")
-        return 0
-    if args.sft_precision:
-        from ..bench_sft import markdown as sft_markdown, run_sft_bench
-
-        out = args.out if args.out != "runs/bench" else "runs/bench-sft"
-        report = run_sft_bench(args.model, steps=args.steps, device=args.device, out=out)
-        print(sft_markdown(report))
-        print(f"wrote {out}/bench-sft.json and bench-sft.md")
-        return 0
-    if args.lanes:
-        from ..bench_lanes import markdown as lanes_markdown, run_lanes_bench
-
-        report = run_lanes_bench(args.model, n_calib=args.n, scheme=args.scheme, out=args.out)
-        print(lanes_markdown(report))
-        print(f"wrote {args.out}/bench-lanes.json and bench-lanes.md")
-        return 0
-
-    probes = None
-    if args.probes:
-        from ..probes.store import load_probes
-
-        probes = load_probes(args.probes)
-    report = run_bench(args.model, args.scheme, args.n, probes, args.out, args.device,
-                       args.reference_epochs, args.default_epochs, eval_n=args.eval_n)
-    print(markdown(report))
-    print(f"wrote {args.out}/bench.json and bench.md")
+            probes = load_probes(args.probes)
+        module, stem = "bench", "bench"
+        kwargs = dict(model_spec=args.model, scheme=args.scheme, n=args.n, probes=probes, device=args.device,
+                      reference_epochs=args.reference_epochs, default_epochs=args.default_epochs, eval_n=args.eval_n)
+    out = args.out if args.out != "runs/bench" else f"runs/{stem}"  # each benchmark its own default folder
+    bench = importlib.import_module(f"..{module}", __package__)
+    runner = {"bench": "run_bench", "bench_offload": "run_offload_bench", "bench_sft": "run_sft_bench",
+              "bench_lanes": "run_lanes_bench"}[module]
+    report = getattr(bench, runner)(out=out, **kwargs)
+    print(bench.markdown(report))
+    print(f"wrote {out}/{stem}.json and {stem}.md")
     return 0
