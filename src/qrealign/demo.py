@@ -83,9 +83,13 @@ CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AG
 # with its benign twin (the `calib` split's left-out twins and the bundled `twins` supplement),
 # and 96 task prompts so the task keeps its quarter of the benign set. Against the 48-prompt,
 # fewer-twins set: dev over-refusal 15.9 -> 13.3 %, FA-800 42.2 -> 43.6 %, HS 14.5 -> 17.3 %.
+# Refusal targets (§16, chosen on the bf16 lab's dev): the 13 of 110 malicious calibration prompts
+# the aligned teacher itself answers take its mean refusal first token instead of its answer;
+# smallest z-slack 0.12 -> 0.36 (dev HS 20.0 -> 19.1 %, over-refusal 13.3 -> 15.0 %, FA-800
+# 52.9 -> 51.6 %: one prompt and a point or two, inside dev's noise).
 FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib_task=96,
                       calib_benign=("qrealign:calib", "qrealign:align", "qrealign:twins"),
-                      loss={"layers_from": 0.6, "lam": 1.0, "benign_kl": 4.0},
+                      loss={"layers_from": 0.6, "lam": 1.0, "benign_kl": 4.0, "refusal_targets": True},
                       config={"lr_let": 1e-2, "batch_size": 4, "learn_rounding": True, "lr_round": 1e-2},
                       scheme_config={"W8A8": {"lwc": False}, "W4A8": {"lr_round": 2e-3}})
 # The table: the plain-PTQ controls, the paper's objective and the one that works here.
