@@ -191,9 +191,10 @@ def refusal_targets(targets: torch.Tensor, malicious: torch.Tensor, refused: tor
     quantized model to the teacher's own harmful score; this asks for a refusal wherever the
     teacher was asked for one. Benign rows are untouched. Log-probs in, log-probs out."""
     malicious, refused = malicious.bool(), refused.bool()
-    if not (malicious & refused).any():
+    refusals = malicious & refused
+    if not refusals.any():
         raise QrealignError("refusal targets: the teacher refuses none of the malicious calibration prompts")
-    mean = torch.logsumexp(targets[malicious & refused], dim=0) - math.log(int((malicious & refused).sum()))
+    mean = torch.logsumexp(targets[refusals], dim=0) - math.log(int(refusals.sum()))
     out = targets.clone()
     out[malicious & ~refused] = mean
     return out

@@ -34,6 +34,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..errors import QrealignError
+    from ..models.load import check_adapter_dir
     from ..probes import ProbeSet
     from ..probes.analyze import analyze
     from ..utils import resolve_device
@@ -51,8 +52,7 @@ def run(args) -> int:
         raise QrealignError(f"--adapters has {len(adapters)} entries for {len(args.models)} models "
                             "(leave an entry empty for a model without an adapter)")
     for adapter in filter(None, adapters):  # fail before the first model is captured, not at the third
-        if not (Path(adapter).expanduser() / "adapter_config.json").is_file():
-            raise QrealignError(f"--adapters: {adapter} is not a PEFT adapter directory (no adapter_config.json)")
+        check_adapter_dir(adapter)
     harmful, benign, split = load_prompt_classes(args.split, args.prompts, args.limit)
     if not benign:
         raise QrealignError("the analysis needs benign prompts too")

@@ -33,26 +33,27 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import importlib
 
-    # One benchmark per run: (module, its runner's arguments, its report's file stem).
+    # One benchmark per run: its module, runner, report file stem and the runner's arguments.
     if args.offload:
-        module, kwargs, stem = "bench_offload", dict(model_dir=args.offload, n=args.n, scheme=args.scheme), "bench-offload"
+        module, runner, stem = "bench_offload", "run_offload_bench", "bench-offload"
+        kwargs = dict(model_dir=args.offload, n=args.n, scheme=args.scheme)
     elif args.sft_precision:
-        module, kwargs, stem = "bench_sft", dict(model_spec=args.model, steps=args.steps, device=args.device), "bench-sft"
+        module, runner, stem = "bench_sft", "run_sft_bench", "bench-sft"
+        kwargs = dict(model_spec=args.model, steps=args.steps, device=args.device)
     elif args.lanes:
-        module, kwargs, stem = "bench_lanes", dict(model_spec=args.model, n_calib=args.n, scheme=args.scheme), "bench-lanes"
+        module, runner, stem = "bench_lanes", "run_lanes_bench", "bench-lanes"
+        kwargs = dict(model_spec=args.model, n_calib=args.n, scheme=args.scheme)
     else:
         probes = None
         if args.probes:
             from ..probes.store import load_probes
 
             probes = load_probes(args.probes)
-        module, stem = "bench", "bench"
+        module, runner, stem = "bench", "run_bench", "bench"
         kwargs = dict(model_spec=args.model, scheme=args.scheme, n=args.n, probes=probes, device=args.device,
                       reference_epochs=args.reference_epochs, default_epochs=args.default_epochs, eval_n=args.eval_n)
     out = args.out if args.out != "runs/bench" else f"runs/{stem}"  # each benchmark its own default folder
     bench = importlib.import_module(f"..{module}", __package__)
-    runner = {"bench": "run_bench", "bench_offload": "run_offload_bench", "bench_sft": "run_sft_bench",
-              "bench_lanes": "run_lanes_bench"}[module]
     report = getattr(bench, runner)(out=out, **kwargs)
     print(bench.markdown(report))
     print(f"wrote {out}/{stem}.json and {stem}.md")

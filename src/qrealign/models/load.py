@@ -224,13 +224,20 @@ def _load_offloaded(src: ModelSource, adapter, offload: str, dtype, device, trus
     return load_offloaded(path, dtype, device, trust_remote_code)
 
 
+def check_adapter_dir(adapter: str | Path) -> Path:
+    """The adapter directory, or a one-line error if it holds no PEFT adapter (cheap: callers
+    with several models check every adapter before loading the first)."""
+    adapter = Path(adapter).expanduser()
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
+    return adapter
+
+
 def merge_adapter(model, adapter: str | Path):
     """Apply a PEFT adapter and merge it into the weights (the deployer ships merged weights)."""
     from peft import PeftModel
 
-    adapter = Path(adapter).expanduser()
-    if not (adapter / "adapter_config.json").is_file():
-        raise ModelLoadError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
+    adapter = check_adapter_dir(adapter)
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter))
     except (RuntimeError, ValueError, KeyError) as exc:
