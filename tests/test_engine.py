@@ -215,3 +215,20 @@ def test_learned_rounding_alone_beats_round_to_nearest(calib_set):
     _, _, rounded = _run(calib_set, cfg)
     assert rounded.layer_logs[-1]["q_mse"] < rtn.layer_logs[-1]["q_mse"]
 
+
+
+def test_compile_quantizer_keys_the_run_only_when_on_and_learns_the_same_up_to_rounding(calib_set):
+    base = CalibConfig(epochs=2, batch_size=3, learn_rounding=True, lr_round=0.1)
+    on = replace(base, compile_quantizer=True)
+    assert "compile_quantizer" not in base.to_dict()  # existing run keys stay what they were
+    assert on.to_dict()["compile_quantizer"] is True
+    _, _, eager = _run(calib_set, base)
+    model, _, fused = _run(calib_set, on)
+    assert eager.fingerprint != fused.fingerprint
+    assert eager.params.keys() == fused.params.keys()
+    for k, v in eager.params.items():
+        if "rounding" in k:  # snapped steps in {-1, 0, 1}: a last-bit difference may flip a few
+            assert (v != fused.params[k]).float().mean() < 0.02, k
+        else:
+            torch.testing.assert_close(v, fused.params[k], rtol=1e-3, atol=1e-5)
+    assert not any(m.weight_quantizer.compiled for m in model.modules() if isinstance(m, QuantLinear))

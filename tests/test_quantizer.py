@@ -178,3 +178,28 @@ def test_inference_path_under_inference_mode_and_memo_released_with_its_input():
     del x
     gc.collect()
     assert quantizer._last[3] is None  # the quantized copy does not outlive its input
+
+
+def test_compiled_weight_quantizer_matches_eager():
+    # torch.compile fuses the fake-quantizer; the quantized weight and the rounding offsets'
+    # gradient stay bit-identical, the weight's and LWC's gradients agree to float rounding.
+    torch.manual_seed(0)
+    args = get_scheme("W4A8").weights
+    w0 = torch.randn(24, 32)
+    offsets = torch.empty(24, 32).uniform_(-0.4, 0.4)
+    results = []
+    for compiled in (False, True):
+        q = WeightQuantizer(args, w0.shape, lwc=True, rounding=True)
+        with torch.no_grad():
+            q.rounding.copy_(offsets)
+        q.compiled = compiled
+        w = w0.clone().requires_grad_(True)
+        out = q(w)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append((out.detach(), w.grad, q.rounding.grad, q.upbound_factor.grad, q.lowbound_factor.grad))
+    (eager, compiled) = results
+    assert torch.equal(eager[0], compiled[0])
+    assert torch.equal(eager[2], compiled[2])
+    for a, b in zip(eager[1:], compiled[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert "compiled" not in dict(q.state_dict())

@@ -39,6 +39,7 @@ from .losses import BlockLoss, LossInputs, ReconstructionLoss
 METHODS = ("rtn", "omniquant")
 ROUNDING = "weight_quantizer.rounding"
 LOG_ONLY = ("measure_init_loss",)  # CalibConfig fields that change what is logged, not what is learned
+ADDED_OFF = ("compile_quantizer",)  # later CalibConfig switches, left out of to_dict() while off
 
 
 @dataclass
@@ -88,6 +89,11 @@ class CalibConfig:
     autocast: str = "auto"
     system: str | None = None
     seed: int = 0
+    # Run the weight fake-quantizer through torch.compile while training (needs a C++ compiler on
+    # CPU, Triton on CUDA). Its elementwise work over every weight dominates a step on small
+    # batches; fused, the weights' gradient moves in the last bits, so the learned parameters can
+    # differ from an eager run's: part of the fingerprint, off by default.
+    compile_quantizer: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -106,7 +112,11 @@ class CalibConfig:
         return self.epochs
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for k in ADDED_OFF:  # off: the dict (and so every existing run key) is what it was before
+            if not d[k]:
+                del d[k]
+        return d
 
     def resolve_autocast(self, scheme: Scheme, device: torch.device) -> str | None:
         """The device type to autocast to bf16 on, or None for full precision."""
@@ -322,6 +332,7 @@ def _train_block(block, let, q_in, fp_out, kw, batches: list[CalibBatch], masks,
     for g in groups:
         for p in g["params"]:
             p.requires_grad_(True)
+    _compile_quantizers(block, cfg.compile_quantizer)
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed * 100003 + layer)
     first = last = None
@@ -363,8 +374,15 @@ def _train_block(block, let, q_in, fp_out, kw, batches: list[CalibBatch], masks,
     for g in groups:
         for p in g["params"]:
             p.requires_grad_(False)
+    _compile_quantizers(block, False)
     return {"epochs": epochs, "steps": steps, "train_tokens": tokens, "loss_first_epoch": first, "loss_last_epoch": last,
             **{f"last_{k}": v / max(1, c) for k, (v, c) in parts.items()}}
+
+
+def _compile_quantizers(block: nn.Module, on: bool) -> None:
+    for m in block.modules():
+        if isinstance(m, QuantLinear) and m.weight_quantizer is not None:
+            m.weight_quantizer.compiled = on
 
 
 def _rounding_linears(block: nn.Module) -> list[tuple[str, QuantLinear]]:

@@ -45,6 +45,9 @@ def add_common(parser) -> None:
     parser.add_argument("--autocast", choices=["auto", "off", "bf16"], default="auto",
                         help="bf16 autocast of the block forward while training: auto = on CUDA below 8 bits "
                              "(OmniQuant), off = full precision; recorded in the run's fingerprint")
+    parser.add_argument("--compile-quantizer", action="store_true",
+                        help="fuse the weight fake-quantizer with torch.compile while training (needs a C++ "
+                             "compiler on CPU); faster steps, last-bit differences; recorded in the fingerprint")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="compute device (default: best available)")
@@ -57,7 +60,7 @@ def engine_config(args, method: str):
                        epoch_schedule=args.epoch_schedule, batch_size=args.batch_size, lr_let=args.lr_let,
                        lr_lwc=args.lr_lwc, lwc_init=args.lwc_init, rope_invariant_qk=args.rope_invariant_qk,
                        learn_rounding=args.learn_rounding, lr_round=args.lr_round, max_length=args.max_length,
-                       autocast=args.autocast, seed=args.seed)
+                       autocast=args.autocast, compile_quantizer=args.compile_quantizer, seed=args.seed)
 
 
 def prepare(args, method: str):
