@@ -231,4 +231,5 @@ def test_compile_quantizer_keys_the_run_only_when_on_and_learns_the_same_up_to_r
             assert (v != fused.params[k]).float().mean() < 0.02, k
         else:
             torch.testing.assert_close(v, fused.params[k], rtol=1e-3, atol=1e-5)
-    assert not any(m.weight_quantizer.compiled for m in model.modules() if isinstance(m, QuantLinear))
+    assert not any(m.weight_quantizer.compiled or m.act_quantizer.compiled
+                   for m in model.modules() if isinstance(m, QuantLinear))

@@ -203,3 +203,18 @@ def test_compiled_weight_quantizer_matches_eager():
     for a, b in zip(eager[1:], compiled[1:]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert "compiled" not in dict(q.state_dict())
+
+
+def test_compiled_activation_quantizer_matches_eager():
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 5, 16) * 4
+    results = []
+    for compiled in (False, True):
+        q = ActQuantizer(get_scheme("W8A8").activations)
+        q.compiled = compiled
+        x = x0.clone().requires_grad_(True)
+        out = q(x)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append((out.detach(), x.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)

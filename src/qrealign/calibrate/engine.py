@@ -381,8 +381,10 @@ def _train_block(block, let, q_in, fp_out, kw, batches: list[CalibBatch], masks,
 
 def _compile_quantizers(block: nn.Module, on: bool) -> None:
     for m in block.modules():
-        if isinstance(m, QuantLinear) and m.weight_quantizer is not None:
-            m.weight_quantizer.compiled = on
+        if isinstance(m, QuantLinear):
+            for q in (m.weight_quantizer, m.act_quantizer):
+                if q is not None:
+                    q.compiled = on
 
 
 def _rounding_linears(block: nn.Module) -> list[tuple[str, QuantLinear]]:

@@ -79,18 +79,24 @@ def _weight_fake_quant(g: torch.Tensor, up: torch.Tensor | None, low: torch.Tens
     return fake_quant(g, scale, zero, args, rounding)
 
 
+def _per_token_fake_quant(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Per-token dynamic fake quantization, training path (gradients through the range)."""
+    scale, zero = qparams(x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True), args)
+    return fake_quant(x, scale, zero, args)
+
+
 _COMPILED: dict = {}
 
 
-def _compiled_weight_fake_quant():
-    """`_weight_fake_quant` under torch.compile, built once per process. Calibration spends most
-    of a step in this elementwise work over every weight of the block, not in the matmuls
-    (docs/performance.md: 2.79x on its forward + backward on one CPU thread); fused, the quantized
-    weights and the rounding offsets' gradients are bit-identical to eager, the weights'
-    gradient (LET's path) differs in the last bits, so the option is part of the run fingerprint."""
-    if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(_weight_fake_quant, dynamic=True)
-    return _COMPILED["fn"]
+def _compiled(name: str, fn):
+    """`fn` under torch.compile, built once per process. Calibration spends most of a step in the
+    fake-quantizers' elementwise work, not in the matmuls (docs/performance.md: 2.79x on the
+    weight quantizer's forward + backward, 2.54x on the activations', one CPU thread); fused, the
+    quantized values are bit-identical to eager, some gradients differ in the last bits, so the
+    option is part of the run fingerprint."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=True)
+    return _COMPILED[name]
 
 
 class WeightQuantizer(nn.Module):
@@ -131,7 +137,7 @@ class WeightQuantizer(nn.Module):
         return _weight_qparams(self._grouped(w), *self._bounds(), self.args)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        fn = _compiled_weight_fake_quant() if self.compiled else _weight_fake_quant
+        fn = _compiled("weight", _weight_fake_quant) if self.compiled else _weight_fake_quant
         return fn(self._grouped(w), *self._bounds(), self.rounding, self.args).reshape(w.shape)
 
     def codes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -162,6 +168,7 @@ class ActQuantizer(nn.Module):
         super().__init__()
         self.args = args
         self.observing = False
+        self.compiled = False  # as WeightQuantizer.compiled: the training path under torch.compile
         self.register_buffer("static_min", None)
         self.register_buffer("static_max", None)
 
@@ -173,8 +180,8 @@ class ActQuantizer(nn.Module):
         if self.args.dynamic and not (torch.is_grad_enabled() and x.requires_grad):
             return _per_token_no_grad(x, self.args)
         if self.args.dynamic:
-            xmin = x.amin(dim=-1, keepdim=True)
-            xmax = x.amax(dim=-1, keepdim=True)
+            fn = _compiled("act", _per_token_fake_quant) if self.compiled else _per_token_fake_quant
+            return fn(x, self.args)
         else:
             if self.observing:
                 lo, hi = x.detach().amin(), x.detach().amax()
