@@ -96,6 +96,18 @@ def test_a_per_scheme_override_changes_only_that_schemes_settings_and_key():
     assert "scheme_config" not in tuned.resolved("W4A8")
 
 
+def test_compile_quantizer_reaches_the_calibrations_that_train_and_leaves_default_keys_alone():
+    from qrealign.demo import DEFAULT_VARIANTS, DemoConfig, _calib_config
+
+    rtn, recon = DEFAULT_VARIANTS[0], DEFAULT_VARIANTS[1]
+    off, on = DemoConfig(), DemoConfig(compile_quantizer=True)
+    assert "compile_quantizer" not in _calib_config(off, FIRST_TOKEN, "W8A8").to_dict()
+    assert _calib_config(on, FIRST_TOKEN, "W8A8").compile_quantizer
+    assert _calib_config(on, recon, "W4A8").compile_quantizer
+    assert not _calib_config(on, rtn, "W8A8").compile_quantizer
+    assert _calib_config(off, FIRST_TOKEN, "W4A8").lr_round == 2e-3  # per-scheme overrides still apply
+
+
 def test_the_default_table_is_the_issues_and_extended_adds_the_contrast_row():
     from qrealign.demo import DEFAULT_VARIANTS
 

@@ -23,6 +23,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lanes", type=int, default=None,
                         help="worker processes for the stages after the probes (default: 2 on a CPU with 2+ cores, "
                              "1 on a GPU); each lane's output goes to OUT/logs/")
+    parser.add_argument("--compile-quantizer", action="store_true",
+                        help="calibrate with the fake-quantizers under torch.compile (~1.5x per block on SmolLM2; "
+                             "other float rounding, so its own cached stages and numbers)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -40,7 +43,7 @@ def run(args) -> int:
                      variants=EXTENDED_VARIANTS if args.extended else DEFAULT_VARIANTS,
                      attack_sweep=sweep, epochs=args.epochs, max_new_tokens=args.max_new_tokens,
                      eval_limit=args.eval_limit, device=args.device, seed=args.seed,
-                     lanes=args.lanes)
+                     lanes=args.lanes, compile_quantizer=args.compile_quantizer)
     report = run_demo(cfg)
     md = report / "report.md"
     if md.is_file():
