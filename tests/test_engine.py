@@ -216,7 +216,6 @@ def test_learned_rounding_alone_beats_round_to_nearest(calib_set):
     assert rounded.layer_logs[-1]["q_mse"] < rtn.layer_logs[-1]["q_mse"]
 
 
-
 def test_compile_quantizer_keys_the_run_only_when_on_and_learns_the_same_up_to_rounding(calib_set):
     base = CalibConfig(epochs=2, batch_size=3, learn_rounding=True, lr_round=0.1)
     on = replace(base, compile_quantizer=True)

@@ -29,7 +29,7 @@ from ..errors import QrealignError
 from ..models.offload import offloaded
 from ..models.registry import block_pairs, block_types, get_arch, get_blocks, head_layout
 from ..quant.let import LETParams
-from ..quant.qlinear import QuantLinear, wrap_linears
+from ..quant.qlinear import QuantLinear, set_quant_state, wrap_linears
 from ..quant.scheme import Scheme, get_scheme
 from ..utils import model_fingerprint, read_json, resolve_device, sha256_json, write_json
 from .capture import block_output, capture_block_inputs, move_kwargs
@@ -89,10 +89,10 @@ class CalibConfig:
     autocast: str = "auto"
     system: str | None = None
     seed: int = 0
-    # Run the weight fake-quantizer through torch.compile while training (needs a C++ compiler on
-    # CPU, Triton on CUDA). Its elementwise work over every weight dominates a step on small
-    # batches; fused, the weights' gradient moves in the last bits, so the learned parameters can
-    # differ from an eager run's: part of the fingerprint, off by default.
+    # Run the weight and activation fake-quantizers through torch.compile while training (needs a
+    # C++ compiler on CPU, Triton on CUDA). Their elementwise work dominates a step on small
+    # batches; fused, some gradients move in the last bits, so the learned parameters can differ
+    # from an eager run's: part of the fingerprint, off by default.
     compile_quantizer: bool = False
 
     def __post_init__(self):
@@ -332,7 +332,7 @@ def _train_block(block, let, q_in, fp_out, kw, batches: list[CalibBatch], masks,
     for g in groups:
         for p in g["params"]:
             p.requires_grad_(True)
-    _compile_quantizers(block, cfg.compile_quantizer)
+    set_quant_state(block, compiled=cfg.compile_quantizer)
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed * 100003 + layer)
     first = last = None
@@ -374,17 +374,9 @@ def _train_block(block, let, q_in, fp_out, kw, batches: list[CalibBatch], masks,
     for g in groups:
         for p in g["params"]:
             p.requires_grad_(False)
-    _compile_quantizers(block, False)
+    set_quant_state(block, compiled=False)
     return {"epochs": epochs, "steps": steps, "train_tokens": tokens, "loss_first_epoch": first, "loss_last_epoch": last,
             **{f"last_{k}": v / max(1, c) for k, (v, c) in parts.items()}}
-
-
-def _compile_quantizers(block: nn.Module, on: bool) -> None:
-    for m in block.modules():
-        if isinstance(m, QuantLinear):
-            for q in (m.weight_quantizer, m.act_quantizer):
-                if q is not None:
-                    q.compiled = on
 
 
 def _rounding_linears(block: nn.Module) -> list[tuple[str, QuantLinear]]:

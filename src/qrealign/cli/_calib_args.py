@@ -46,7 +46,7 @@ def add_common(parser) -> None:
                         help="bf16 autocast of the block forward while training: auto = on CUDA below 8 bits "
                              "(OmniQuant), off = full precision; recorded in the run's fingerprint")
     parser.add_argument("--compile-quantizer", action="store_true",
-                        help="fuse the weight fake-quantizer with torch.compile while training (needs a C++ "
+                        help="fuse the weight and activation fake-quantizers with torch.compile while training (needs a C++ "
                              "compiler on CPU); faster steps, last-bit differences; recorded in the fingerprint")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)

@@ -69,10 +69,17 @@ def wrap_linears(block: nn.Module, names: tuple[str, ...], scheme: Scheme, lwc: 
     return wrapped
 
 
-def set_quant_state(module: nn.Module, weight: bool | None = None, act: bool | None = None) -> None:
+def set_quant_state(module: nn.Module, weight: bool | None = None, act: bool | None = None,
+                    compiled: bool | None = None) -> None:
+    """Switch weight / activation fake-quantization, or their torch.compile'd training path, on
+    every QuantLinear under `module` (None leaves that setting as it is)."""
     for m in module.modules():
         if isinstance(m, QuantLinear):
             if weight is not None:
                 m.quant_weight = weight
             if act is not None:
                 m.quant_act = act
+            if compiled is not None:
+                for q in (m.weight_quantizer, m.act_quantizer):
+                    if q is not None:
+                        q.compiled = compiled
