@@ -341,3 +341,88 @@ def test_same_device_treats_an_open_index_as_a_match():
     assert same_device(torch.device("cpu"), torch.device("cpu"))
     assert not same_device(torch.device("cuda:1"), torch.device("cuda:0"))
     assert not same_device(torch.device("cuda"), torch.device("cpu"))
+
+
+def test_teacher_targets_computed_once_give_the_same_run_as_computing_them_in_place(tmp_path, monkeypatch):
+    """The teacher pass does not depend on the scheme: targets saved once and reused must give the
+    run that `realign(teacher=DIR)` gives, to the bit and to the run fingerprint."""
+    import qrealign.calibrate.behaviour as behaviour
+    from safetensors.torch import load_file
+
+    from qrealign.calibrate.targets import TeacherTargets, compute_teacher_targets
+    from qrealign.models import load_model
+    from qrealign.realign import realign
+    from qrealign.utils import read_json
+
+    monkeypatch.setattr(behaviour, "teacher_refuses",  # a random tiny teacher refuses nothing
+                        lambda aligned, tok, prompts, config, max_new_tokens=64: [True] + [False] * (len(prompts) - 1))
+    finetuned, tok = tiny_model("llama", seed=0)
+    teacher_dir = _save(tiny_model("llama", seed=1)[0], tok, tmp_path / "aligned")
+    finetuned_dir = _save(finetuned, tok, tmp_path / "finetuned")
+    cfg = CalibConfig(epochs=1, batch_size=4)
+    kw = dict(calibration=_calib(), scheme="W8A8", config=cfg, progress=False, layers=(1,), refusal_targets=True)
+
+    model, tok = load_model(finetuned_dir)
+    realign(model, tok, teacher=teacher_dir, out=tmp_path / "in-place", **kw)
+    model, tok = load_model(finetuned_dir)
+    targets = compute_teacher_targets(model, tok, teacher_dir, _calib(), cfg, refusals=True)
+    targets.save(tmp_path / "targets")
+    reloaded = TeacherTargets.load(tmp_path / "targets")
+    assert torch.equal(reloaded.logprobs, targets.logprobs) and reloaded.teacher == targets.teacher
+    realign(model, tok, teacher=reloaded, out=tmp_path / "reused", **kw)
+
+    a, b = read_json(tmp_path / "in-place" / "qrealign.json"), read_json(tmp_path / "reused" / "qrealign.json")
+    assert a["run_fingerprint"] == b["run_fingerprint"] and a["teacher"] == b["teacher"]
+    assert a["teacher"]["refusal_targets"] == {"malicious": 2, "answered_replaced": 1}
+    pa, pb = (load_file(str(tmp_path / d / "quant_params.safetensors")) for d in ("in-place", "reused"))
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_teacher_targets_refuse_another_model_calibration_or_rendering(tmp_path):
+    from qrealign.calibrate.targets import TeacherTargets, compute_teacher_targets
+    from qrealign.errors import IncompatibleArtifact
+    from qrealign.realign import realign
+    from qrealign.utils import model_fingerprint
+
+    finetuned, tok = tiny_model("llama", seed=0)
+    teacher, _ = tiny_model("llama", seed=1)
+    cfg = CalibConfig(epochs=1, batch_size=4)
+    targets = compute_teacher_targets(finetuned, tok, teacher, _calib(), cfg)
+    assert targets.logprobs.shape == (4, finetuned.config.vocab_size) and "refusal_targets" not in targets.teacher
+    fp = model_fingerprint(finetuned)
+    targets.check(fp, _calib(), cfg)  # the setting they were computed in passes
+    with pytest.raises(QrealignError, match="another fine-tuned model"):
+        targets.check(model_fingerprint(teacher), _calib(), cfg)
+    with pytest.raises(QrealignError, match="another calibration set"):
+        targets.check(fp, CalibrationSet(PROMPTS, [1, 1, 0, 1]), cfg)
+    with pytest.raises(QrealignError, match="batch_size"):
+        targets.check(fp, _calib(), CalibConfig(epochs=1, batch_size=2))
+    with pytest.raises(QrealignError, match="computed without them"):
+        realign(finetuned, tok, teacher=targets, calibration=_calib(), config=cfg, progress=False, layers=(1,),
+                refusal_targets=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IncompatibleArtifact, match="not a teacher-targets directory"):
+        TeacherTargets.load(tmp_path / "empty")
+
+
+def test_realign_cli_saves_teacher_targets_and_reuses_them_at_another_scheme(tmp_path):
+    from qrealign.cli import main
+    from qrealign.utils import read_json
+
+    finetuned, tok = tiny_model("llama", seed=0)
+    model_dir = _save(finetuned, tok, tmp_path / "finetuned")
+    teacher_dir = _save(tiny_model("llama", seed=1)[0], tok, tmp_path / "aligned")
+    common = [model_dir, "--n", "8", "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--layers-from", "0.5"]
+    assert main(["realign", *common, "--teacher", teacher_dir, "--save-targets", str(tmp_path / "targets"),
+                 "--scheme", "W8A8", "--out", str(tmp_path / "w8")]) == 0
+    assert main(["realign", *common, "--teacher", str(tmp_path / "targets"), "--scheme", "W4A8",
+                 "--out", str(tmp_path / "w4")]) == 0
+    w8, w4 = read_json(tmp_path / "w8" / "qrealign.json"), read_json(tmp_path / "w4" / "qrealign.json")
+    assert w8["teacher"] == w4["teacher"] and w8["teacher"]["source"] == teacher_dir
+    assert w8["scheme"] != w4["scheme"]
+    for bad in (["--teacher", str(tmp_path / "targets"), "--batch-size", "2"],  # rendered otherwise
+                ["--teacher", str(tmp_path / "targets"), "--save-targets", str(tmp_path / "again")],
+                ["--probes", str(tmp_path / "p"), "--save-targets", str(tmp_path / "again")]):
+        out = tmp_path / "bad"
+        assert main(["realign", *common, *bad, "--out", str(out)]) == 2
+        assert not out.exists() and not (tmp_path / "again").exists()

@@ -53,6 +53,10 @@ def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
     assert run["objective"] == "first-token"
     assert run["calibration"]["split"].endswith("topic-codes:train[:96]+calib:benign+align:benign+twins:benign")
     assert run["config"]["learn_rounding"] and run["config"]["lr_round"] == 3e-3  # the W8A8 override
+    # the teacher pass is its own cached stage, which the first-token calibration read
+    targets = list((tmp_path / "demo" / "stages").glob("targets-q-realign-first-token-*"))
+    assert len(targets) == 1 and (targets[0] / "targets.safetensors").is_file()
+    assert run["teacher"] == json.loads((targets[0] / "qrealign.json").read_text())["teacher"]
     # each lane's own output (progress bars included) is kept per stage
     assert (tmp_path / "demo" / "logs" / "quantize-q-realign-first-token-w8a8.log").is_file()
     assert json.loads((tmp_path / "demo" / "demo.json").read_text())["lanes"] == 2
@@ -94,6 +98,15 @@ def test_a_per_scheme_override_changes_only_that_schemes_settings_and_key():
     assert tuned.resolved("W4A8") != base.resolved("W4A8")
     assert tuned.resolved("W4A8")["config"]["lr_round"] == 2e-3
     assert "scheme_config" not in tuned.resolved("W4A8")
+
+
+def test_schemes_that_render_alike_share_one_teacher_pass():
+    from qrealign.demo import _targets_job_key
+
+    cfg = DemoConfig()
+    assert _targets_job_key(cfg, FIRST_TOKEN, "W8A8") == _targets_job_key(cfg, FIRST_TOKEN, "W4A8")
+    other_batch = replace(FIRST_TOKEN, scheme_config={"W4A8": {"batch_size": 8}})
+    assert _targets_job_key(cfg, other_batch, "W8A8") != _targets_job_key(cfg, other_batch, "W4A8")
 
 
 def test_compile_quantizer_reaches_the_calibrations_that_train_and_leaves_default_keys_alone():

@@ -179,9 +179,16 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
                 except NoSafetyLayers as e:
                     log(f"[demo] {label}: skipped ({e})")
                     continue
+            extra, after = {"aligned_dir": aligned_dir}, ()
+            if variant.teacher:  # the teacher pass runs once for every scheme that renders alike
+                key = _targets_job_key(cfg, variant, scheme)
+                if key not in (j.key for j in jobs):
+                    jobs.append(Job(key, _targets_stage, (cfg, root, attacked_dir, aligned_dir, variant, scheme),
+                                    cost=_quant_cost(variant, cfg) + 1.0))  # first: calibrations wait on it
+                extra, after = {"aligned_dir": aligned_dir, "targets_dir": Ref(key)}, (key,)
             jobs.append(Job(f"quantize: {label}", _quant_stage,
                             (cfg, root, attacked_dir, probe_dirs, variant, scheme),
-                            {"aligned_dir": aligned_dir}, cost=_quant_cost(variant, cfg)))
+                            extra, after=after, cost=_quant_cost(variant, cfg)))
             quantized.append(label)
     sweep = []
     for ratio in cfg.attack_sweep:
@@ -298,14 +305,49 @@ def _quant_cost(variant: Variant, cfg: DemoConfig) -> float:
     return 7.0 if variant.teacher else 1.1 * cfg.epochs / 2
 
 
+def _calibration(cfg, variant: Variant):
+    """The variant's calibration set (prompts only, no model: cheap, and built before any stage
+    key, so editing a bundled prompt rebuilds)."""
+    return build_calibration("qrealign:calib", cfg.calib_n, cfg.malicious_ratio, cfg.seed, task=_attack_task(cfg),
+                             task_n=variant.calib_task, extra_benign=variant.calib_benign)
+
+
+def _targets_job_key(cfg, variant: Variant, scheme: str) -> str:
+    from .calibrate.targets import render_options
+    from .utils import sha256_json
+
+    render = render_options(_calib_config(cfg, variant, scheme))
+    return f"teacher targets: {variant.name} {sha256_json(_jsonable(render))[:8]}"
+
+
+def _targets_stage(cfg, root, attacked_dir, aligned_dir, variant: Variant, scheme: str, log=print) -> Path:
+    """The first-token objective's teacher targets (`calibrate.targets`): the teacher pass does
+    not depend on the scheme, so the W8A8 and W4A8 calibrations share one."""
+    from .calibrate.targets import compute_teacher_targets, render_options
+
+    calib_cfg = _calib_config(cfg, variant, scheme)
+    calib = _calibration(cfg, variant)
+    refusals = bool(variant.loss.get("refusal_targets"))
+    inputs = {"model": _stage_ref(attacked_dir, root), "teacher": _stage_ref(aligned_dir, root),
+              "calib": [cfg.calib_n, cfg.malicious_ratio, cfg.seed], "calib_data": calib.fingerprint(),
+              "render": _jsonable(render_options(calib_cfg)), "refusals": refusals, "version": __version__}
+
+    def build(tmp: Path):
+        from .models import load_model
+
+        model, tok = load_model(str(attacked_dir))
+        compute_teacher_targets(model, tok, str(aligned_dir), calib, calib_cfg, refusals=refusals,
+                                device=cfg.device).write_files(tmp)
+
+    slug = variant.name.lower().replace(" ", "-").replace("(", "").replace(")", "")
+    return cached_stage(f"targets-{slug}", inputs, root, build, log=log)
+
+
 def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: str, log=print,
-                 aligned_dir=None) -> Path:
+                 aligned_dir=None, targets_dir=None) -> Path:
     calib_cfg = _calib_config(cfg, variant, scheme)
     probes_dir = probe_dirs.get(variant.probes) if variant.probes else None
-    # Built before the key (prompts only, no model): editing a bundled prompt must rebuild.
-    calib = build_calibration("qrealign:calib", cfg.calib_n, cfg.malicious_ratio, cfg.seed,
-                              task=_attack_task(cfg), task_n=variant.calib_task,
-                              extra_benign=variant.calib_benign)
+    calib = _calibration(cfg, variant)
     inputs = {"model": _stage_ref(attacked_dir, root), "scheme": scheme,
               "variant": _jsonable(variant.resolved(scheme)),
               "config": calib_cfg.to_dict(),
@@ -314,6 +356,8 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
               "version": __version__}
     if variant.teacher:
         inputs["teacher"] = _stage_ref(aligned_dir, root)
+        if targets_dir is not None:
+            inputs["teacher_targets"] = _stage_ref(targets_dir, root)
     slug = variant.name.lower().replace(" ", "-").replace("(", "").replace(")", "")
     name = f"quant-{slug}-{scheme}"
     ckpt = root / f".checkpoint-{stage_dir(name, inputs, root).name}"
@@ -325,7 +369,10 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
 
         model, tok = load_model(str(attacked_dir))
         if variant.teacher:
-            realign(model, tok, teacher=str(aligned_dir), calibration=calib, scheme=scheme, config=calib_cfg, out=tmp,
+            from .calibrate.targets import TeacherTargets
+
+            teacher = TeacherTargets.load(targets_dir) if targets_dir is not None else str(aligned_dir)
+            realign(model, tok, teacher=teacher, calibration=calib, scheme=scheme, config=calib_cfg, out=tmp,
                     device=cfg.device, checkpoint_dir=ckpt, **variant.loss)
         elif variant.method == "qrealign":
             realign(model, tok, probes_dir, calib, scheme, calib_cfg, out=tmp, device=cfg.device,

@@ -22,6 +22,7 @@ from .calibrate.api import quantize
 from .calibrate.data import CalibrationSet, build_calibration
 from .calibrate.engine import CalibConfig, CalibResult
 from .calibrate.safety import SafetyLoss
+from .calibrate.targets import TeacherTargets, compute_teacher_targets
 from .errors import NoSafetyLayers, QrealignError
 from .quant.scheme import Scheme
 
@@ -51,7 +52,9 @@ def realign(
     fraction, e.g. 0.5 = the safety term only on the second half of the blocks (a depth-relative
     form of `layers`, so one setting transfers across model sizes).
 
-    `teacher` (instead of `probes`): the aligned model (a model or anything `load_model` reads).
+    `teacher` (instead of `probes`): the aligned model (a model or anything `load_model` reads),
+    or its `calibrate.targets.TeacherTargets` computed earlier for this model and calibration set
+    (e.g. for another scheme: the teacher pass does not depend on the scheme).
     The safety term is then the first-token KL of `calibrate.behaviour.FirstTokenLoss`
     (options: lam, benign_kl, layers, recon_on_malicious, normalize, sink_weight). With
     `refusal_targets`, the malicious calibration prompts the teacher itself answers (its greedy
@@ -116,11 +119,9 @@ def layers_from_fraction(num_layers: int, fraction: float) -> tuple[int, ...]:
 
 def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config, out, device, progress,
                          checkpoint_dir, layers_from, refusals=False, **loss_options) -> CalibResult:
-    from .calibrate.behaviour import FirstTokenLoss, ModelTail, first_token_targets, refusal_targets, teacher_refuses
-    from .models import load_model
+    from .calibrate.behaviour import FirstTokenLoss, ModelTail
     from .models.offload import offloaded
-    from .utils import model_fingerprint, resolve_device
-    import torch
+    from .utils import model_fingerprint
 
     on_disk = offloaded(model) is not None
     num_layers = model.config.num_hidden_layers
@@ -129,35 +130,23 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
         layers = loss_options["layers"] = tuple(sorted(set(layers)))
         if not layers or not all(0 <= layer < num_layers for layer in layers):
             raise NoSafetyLayers(f"safety layers {layers} are not blocks of this {num_layers}-block model")
-    if refusals and on_disk:  # before the teacher is read
-        raise QrealignError("refusal targets generate with the teacher, so it must fit in memory: not with "
-                            "offload='disk'")
     if layers is None and on_disk:  # before the teacher is read
         raise QrealignError("with offload='disk' choose the safety blocks (layers= or layers_from=, e.g. "
                             "layers_from=0.85; CLI --layers-from): the first-token objective holds FP copies of "
                             "every block after the first safety block in memory, all blocks by default")
     cfg = config or CalibConfig()
     calibration = calibration or build_calibration()
-    source = str(teacher) if isinstance(teacher, (str, Path)) else getattr(teacher.config, "qrealign_source", None)
-    if isinstance(teacher, (str, Path)):  # offloaded like the model: it is as large
-        teacher, _ = load_model(str(teacher), offload="disk" if on_disk else None)
-    if teacher.config.model_type != model.config.model_type or teacher.config.num_hidden_layers != num_layers:
-        raise QrealignError("the teacher must be the aligned version of the same architecture "
-                            f"({teacher.config.model_type}, {teacher.config.num_hidden_layers} blocks vs "
-                            f"{model.config.model_type}, {num_layers})")
-    teacher_fp = model_fingerprint(teacher)
-    targets = first_token_targets(teacher, model, tokenizer, calibration, cfg, device=resolve_device(device))
-    teacher_meta = {"source": source, "fingerprint": teacher_fp}
-    if refusals:
-        malicious = torch.tensor(calibration.labels, dtype=torch.bool)
-        asked = [p for p, m in zip(calibration.prompts, malicious.tolist()) if m]
-        refused = torch.zeros_like(malicious)
-        refused[malicious] = torch.tensor(teacher_refuses(teacher, tokenizer, asked, cfg))
-        targets = refusal_targets(targets, malicious, refused)
-        teacher_meta["refusal_targets"] = {"malicious": len(asked), "answered_replaced": int((malicious & ~refused).sum())}
-    del teacher
+    if isinstance(teacher, TeacherTargets):  # computed earlier (e.g. for another scheme)
+        if refusals != ("refusal_targets" in teacher.teacher):
+            raise QrealignError(f"refusal_targets={refusals}, but these teacher targets were computed "
+                                f"{'without' if refusals else 'with'} them")
+        teacher.check(model_fingerprint(model), calibration, cfg)
+        targets = teacher
+    else:
+        targets = compute_teacher_targets(model, tokenizer, teacher, calibration, cfg, refusals=refusals,
+                                          device=device)
     active = layers if layers is not None else tuple(range(num_layers))
-    loss = FirstTokenLoss(ModelTail(model), targets, target_id=teacher_fp, **loss_options)
-    meta = {"method": "qrealign", "objective": "first-token", "teacher": teacher_meta, "safety_layers": list(active)}
+    loss = FirstTokenLoss(ModelTail(model), targets.logprobs, target_id=targets.teacher["fingerprint"], **loss_options)
+    meta = {"method": "qrealign", "objective": "first-token", "teacher": targets.teacher, "safety_layers": list(active)}
     return quantize(model, tokenizer, calibration, scheme, cfg, out=out, loss=loss, device=device, progress=progress,
                     checkpoint_dir=checkpoint_dir, extra_metadata=meta)

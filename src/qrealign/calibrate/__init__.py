@@ -4,6 +4,7 @@ from .artifact import apply_quant_params, load_quantized, save_quantized
 from .data import CalibrationSet
 from .engine import CalibConfig, CalibResult, calibrate
 from .losses import LossInputs, ReconstructionLoss
+from .targets import TeacherTargets, compute_teacher_targets
 
-__all__ = ["CalibConfig", "CalibResult", "CalibrationSet", "LossInputs", "ReconstructionLoss",
-           "apply_quant_params", "calibrate", "load_quantized", "save_quantized"]
+__all__ = ["CalibConfig", "CalibResult", "CalibrationSet", "LossInputs", "ReconstructionLoss", "TeacherTargets",
+           "apply_quant_params", "calibrate", "compute_teacher_targets", "load_quantized", "save_quantized"]

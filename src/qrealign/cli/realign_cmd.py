@@ -14,7 +14,11 @@ def add_arguments(parser) -> None:
     add_common(parser)
     parser.add_argument("--probes", help="probe directory (qrealign probe) fit on the aligned model")
     parser.add_argument("--teacher", help="instead of --probes: the aligned model; the safety term is then the KL to "
-                                          "its first response token on malicious prompts (calibrate.behaviour)")
+                                          "its first response token on malicious prompts (calibrate.behaviour). "
+                                          "Also takes a --save-targets directory of an earlier run on the same model "
+                                          "and calibration set (e.g. at another scheme): no teacher pass then")
+    parser.add_argument("--save-targets", metavar="DIR",
+                        help="with --teacher: also write the teacher's targets to DIR, for reuse at another scheme")
     parser.add_argument("--benign-kl", type=float, default=0.0,
                         help="with --teacher: weight of the KL to the fine-tuned model's first token on benign prompts")
     parser.add_argument("--refusal-targets", action="store_true",
@@ -53,13 +57,14 @@ def run(args) -> int:
         model, tokenizer, scheme, config, calib = prepare(args, "omniquant")
         # FirstTokenLoss defaults: normalised MSE without the sink token, malicious prompts reconstructed too.
         options = {} if args.sink_weight is None else {"sink_weight": args.sink_weight}
-        result = realign(model, tokenizer, teacher=args.teacher, calibration=calib, scheme=scheme, config=config,
+        teacher = _teacher(args, model, tokenizer, config, calib)
+        result = realign(model, tokenizer, teacher=teacher, calibration=calib, scheme=scheme, config=config,
                          out=args.out, device=args.device, layers=layers, layers_from=args.layers_from,
                          lam=args.lam, benign_kl=args.benign_kl, refusal_targets=args.refusal_targets, **options)
         summary(result, args.out)
         return 0
-    if args.benign_kl or args.refusal_targets:
-        raise QrealignError("--benign-kl and --refusal-targets apply to --teacher only")
+    if args.benign_kl or args.refusal_targets or args.save_targets:
+        raise QrealignError("--benign-kl, --refusal-targets and --save-targets apply to --teacher only")
     probes = load_probes(args.probes)
     model, tokenizer, scheme, config, calib = prepare(args, "omniquant")
     result = realign(model, tokenizer, probes, calib, scheme, config, out=args.out, device=args.device,
@@ -68,3 +73,25 @@ def run(args) -> int:
                      sink_weight=1.0 if args.sink_weight is None else args.sink_weight, benign_side=args.benign_side)
     summary(result, args.out)
     return 0
+
+
+def _teacher(args, model, tokenizer, config, calib):
+    """--teacher as given: an aligned model (computed in place, or first saved with
+    --save-targets) or a saved teacher-targets directory (checked by `realign`)."""
+    from pathlib import Path
+
+    from ..calibrate.targets import KIND, META_FILE, TeacherTargets, compute_teacher_targets
+    from ..errors import QrealignError
+    from ..utils import read_json
+
+    meta = Path(args.teacher) / META_FILE
+    if meta.is_file() and read_json(meta).get("kind") == KIND:
+        if args.save_targets:
+            raise QrealignError("--teacher is already a teacher-targets directory: drop --save-targets")
+        return TeacherTargets.load(args.teacher)
+    if not args.save_targets:
+        return args.teacher
+    targets = compute_teacher_targets(model, tokenizer, args.teacher, calib, config, refusals=args.refusal_targets,
+                                      device=args.device)
+    targets.save(args.save_targets)
+    return targets

@@ -1,0 +1,126 @@
+"""The first-token objective's teacher targets as an artefact: computed once, reused per scheme.
+
+Why: the targets (the aligned teacher's next-token log-probs on the malicious calibration prompts,
+the fine-tuned model's on the benign ones, and with refusal targets the teacher's greedy answers
+to every malicious prompt) depend on the two models, the calibration set and how its prompts are
+rendered, not on the scheme. A user who quantizes one fine-tuned model at W8A8 and W4A8, or the
+demo's two lanes, would otherwise run the teacher pass once per scheme: two full forwards over the
+calibration set plus a generation, minutes for a 7B model. `TeacherTargets` holds what
+`realign(teacher=...)` computes, saves to a directory (`targets.safetensors` + `qrealign.json`)
+and is checked against the model, calibration set and rendering it is reused with, so a reuse
+gives the same run as computing them in place (the same tensors, so the same run fingerprint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import IncompatibleArtifact, QrealignError
+from ..utils import atomic_dir, read_json, write_json
+from .data import CalibrationSet
+
+TENSOR_FILE = "targets.safetensors"
+META_FILE = "qrealign.json"
+KIND = "teacher-targets"
+FORMAT_VERSION = 1
+# The CalibConfig fields that decide how the calibration prompts are rendered and batched, i.e.
+# which token each row's last prompt position is and what the teacher's answers look like.
+RENDER_FIELDS = ("batch_size", "max_length", "padding_side", "system", "pad_to")
+
+
+def render_options(config) -> dict:
+    return {name: getattr(config, name) for name in RENDER_FIELDS}
+
+
+@dataclass
+class TeacherTargets:
+    logprobs: torch.Tensor  # [N, V] per calibration position
+    teacher: dict  # what the run records: source, fingerprint, refusal_targets (if any)
+    model_fingerprint: str  # the fine-tuned model whose benign rows these are
+    calibration: str  # CalibrationSet.fingerprint()
+    render: dict  # render_options() of the config they were computed with
+
+    def check(self, model_fp: str, calibration: CalibrationSet, config) -> None:
+        """Refuse a reuse that would not reproduce computing the targets in place."""
+        if model_fp != self.model_fingerprint:
+            raise QrealignError(f"these teacher targets were computed for another fine-tuned model "
+                                f"(fingerprint {self.model_fingerprint}, this model {model_fp})")
+        if calibration.fingerprint() != self.calibration or len(calibration.prompts) != self.logprobs.shape[0]:
+            raise QrealignError("these teacher targets were computed on another calibration set "
+                                f"({self.logprobs.shape[0]} prompts, fingerprint {self.calibration})")
+        wanted = render_options(config)
+        if wanted != self.render:
+            diff = {k: (self.render.get(k), v) for k, v in wanted.items() if self.render.get(k) != v}
+            raise QrealignError(f"these teacher targets were rendered with other settings (targets, config): {diff}")
+
+    def save(self, out_dir: str | Path) -> Path:
+        out_dir = Path(out_dir)
+        with atomic_dir(out_dir, marker=META_FILE, kind=KIND) as tmp:
+            self.write_files(tmp)
+        return out_dir
+
+    def write_files(self, directory: str | Path) -> None:
+        """Write the two files into an existing directory (e.g. a cached stage's)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        save_file({"logprobs": self.logprobs.contiguous()}, str(directory / TENSOR_FILE))
+        write_json(directory / META_FILE, {"kind": KIND, "format_version": FORMAT_VERSION, "teacher": self.teacher,
+                                           "model_fingerprint": self.model_fingerprint,
+                                           "calibration": self.calibration, "render": self.render})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TeacherTargets":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta_path, tensor_path = path / META_FILE, path / TENSOR_FILE
+        if not meta_path.is_file() or not tensor_path.is_file():
+            raise IncompatibleArtifact(f"{path} is not a teacher-targets directory (needs {META_FILE} and "
+                                       f"{TENSOR_FILE})")
+        meta = read_json(meta_path)
+        if meta.get("kind") != KIND:
+            raise IncompatibleArtifact(f"{path} holds a {meta.get('kind')!r} artefact, not teacher targets")
+        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise IncompatibleArtifact(f"{path}: teacher-targets format {meta.get('format_version')} is newer than "
+                                       f"this qrealign understands ({FORMAT_VERSION}); upgrade qrealign")
+        return cls(load_file(str(tensor_path))["logprobs"], meta["teacher"], meta["model_fingerprint"],
+                   meta["calibration"], meta["render"])
+
+
+def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationSet, config, refusals: bool = False,
+                            device=None) -> TeacherTargets:
+    """The first-token objective's targets for `model` (the fine-tuned model, before it is
+    quantized) with `teacher` (the aligned model: a model or anything `load_model` reads; an
+    offloaded `model` gets an offloaded teacher). `refusals`: the malicious prompts the teacher
+    answers take the mean refusal distribution (`behaviour.refusal_targets`)."""
+    from ..models import load_model
+    from ..models.offload import offloaded
+    from ..utils import model_fingerprint, resolve_device
+    from .behaviour import first_token_targets, refusal_targets, teacher_refuses
+
+    on_disk = offloaded(model) is not None
+    if refusals and on_disk:  # before the teacher is read
+        raise QrealignError("refusal targets generate with the teacher, so it must fit in memory: not with "
+                            "offload='disk'")
+    source = str(teacher) if isinstance(teacher, (str, Path)) else getattr(teacher.config, "qrealign_source", None)
+    if isinstance(teacher, (str, Path)):  # offloaded like the model: it is as large
+        teacher, _ = load_model(str(teacher), offload="disk" if on_disk else None)
+    num_layers = model.config.num_hidden_layers
+    if teacher.config.model_type != model.config.model_type or teacher.config.num_hidden_layers != num_layers:
+        raise QrealignError("the teacher must be the aligned version of the same architecture "
+                            f"({teacher.config.model_type}, {teacher.config.num_hidden_layers} blocks vs "
+                            f"{model.config.model_type}, {num_layers})")
+    meta = {"source": source, "fingerprint": model_fingerprint(teacher)}
+    targets = first_token_targets(teacher, model, tokenizer, calibration, config, device=resolve_device(device))
+    if refusals:
+        malicious = torch.tensor(calibration.labels, dtype=torch.bool)
+        asked = [p for p, m in zip(calibration.prompts, malicious.tolist()) if m]
+        refused = torch.zeros_like(malicious)
+        refused[malicious] = torch.tensor(teacher_refuses(teacher, tokenizer, asked, config))
+        targets = refusal_targets(targets, malicious, refused)
+        meta["refusal_targets"] = {"malicious": len(asked), "answered_replaced": int((malicious & ~refused).sum())}
+    return TeacherTargets(targets, meta, model_fingerprint(model), calibration.fingerprint(), render_options(config))
