@@ -232,3 +232,28 @@ def test_compile_quantizer_keys_the_run_only_when_on_and_learns_the_same_up_to_r
             torch.testing.assert_close(v, fused.params[k], rtol=1e-3, atol=1e-5)
     assert not any(m.weight_quantizer.compiled or m.act_quantizer.compiled
                    for m in model.modules() if isinstance(m, QuantLinear))
+
+
+def test_plain_epochs_apply_where_the_loss_has_no_safety_term(calib_set):
+    from dataclasses import dataclass
+
+    from qrealign.calibrate.losses import ReconstructionLoss
+
+    @dataclass
+    class LastBlockGate(ReconstructionLoss):  # the engine only asks where a safety term acts
+        def active(self, layer: int) -> bool:
+            return layer == 2
+
+    cfg = CalibConfig(epochs=2, batch_size=3, plain_epochs=1)
+    assert "plain_epochs" not in replace(cfg, plain_epochs=None).to_dict()  # existing run keys unchanged
+    assert cfg.to_dict()["plain_epochs"] == 1 and replace(cfg, plain_epochs=0).to_dict()["plain_epochs"] == 0
+    _, _, gated = _run(calib_set, cfg, loss=LastBlockGate())
+    assert [log["epochs"] for log in gated.layer_logs] == [1, 1, 2]
+    steps = [log["steps"] for log in gated.layer_logs]
+    assert steps[0] == steps[1] == steps[2] // 2 > 0
+    _, _, plain = _run(calib_set, cfg)  # reconstruction only: a safety term nowhere
+    assert [log["epochs"] for log in plain.layer_logs] == [1, 1, 1]
+    _, _, default = _run(calib_set, replace(cfg, plain_epochs=None), loss=LastBlockGate())
+    assert [log["epochs"] for log in default.layer_logs] == [2, 2, 2]
+    with pytest.raises(QrealignError, match="plain_epochs"):
+        CalibConfig(plain_epochs=-1)

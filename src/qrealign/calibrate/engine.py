@@ -39,7 +39,7 @@ from .losses import BlockLoss, LossInputs, ReconstructionLoss
 METHODS = ("rtn", "omniquant")
 ROUNDING = "weight_quantizer.rounding"
 LOG_ONLY = ("measure_init_loss",)  # CalibConfig fields that change what is logged, not what is learned
-ADDED_OFF = ("compile_quantizer",)  # later CalibConfig switches, left out of to_dict() while off
+ADDED_OFF = ("compile_quantizer", "plain_epochs")  # later CalibConfig fields, left out of to_dict() while off
 
 
 @dataclass
@@ -60,6 +60,10 @@ class CalibConfig:
     alpha: float = 0.5  # SmoothQuant init exponent
     epochs: int = 2
     epoch_schedule: str = "constant"  # "paper": layers <= L//2 get epochs-5, the rest epochs+5
+    # Epochs for the blocks where the loss has no safety term (plain reconstruction), e.g. 1 with
+    # the safety term on the last blocks: those blocks converge sooner, the safety ones need the
+    # steps (docs/experiments.md §18-19). None: `epochs` everywhere (left out of to_dict() then).
+    plain_epochs: int | None = None
     batch_size: int = 4
     lr_let: float = 1e-3
     lr_lwc: float = 1e-2
@@ -98,15 +102,20 @@ class CalibConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise QrealignError(f"unknown method {self.method!r}; choose from {METHODS}")
+        if self.plain_epochs is not None and self.plain_epochs < 0:
+            raise QrealignError(f"plain_epochs must be >= 0 (or None: `epochs`), got {self.plain_epochs}")
         if self.epoch_schedule not in ("constant", "paper"):
             raise QrealignError("epoch_schedule must be 'constant' or 'paper'")
         if self.autocast not in ("auto", "off", "bf16"):
             raise QrealignError(f"autocast must be 'auto', 'off' or 'bf16', got {self.autocast!r}")
         self.let_pairs = tuple(self.let_pairs)
 
-    def epochs_for(self, layer: int, num_layers: int) -> int:
+    def epochs_for(self, layer: int, num_layers: int, safety: bool = True) -> int:
+        """Epochs for block `layer`; `safety`: whether the loss has a safety term there."""
         if self.method == "rtn":
             return 0
+        if not safety and self.plain_epochs is not None:
+            return self.plain_epochs
         if self.epoch_schedule == "paper":
             return max(0, self.epochs - 5) if layer <= num_layers // 2 else self.epochs + 5
         return self.epochs
@@ -114,7 +123,7 @@ class CalibConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         for k in ADDED_OFF:  # off: the dict (and so every existing run key) is what it was before
-            if not d[k]:
+            if d[k] is None or d[k] is False:
                 del d[k]
         return d
 
@@ -221,7 +230,7 @@ def calibrate(
             _load_block(ckpt, i, block, let)
             log["resumed"] = True
         else:
-            epochs = cfg.epochs_for(i, num_layers)
+            epochs = cfg.epochs_for(i, num_layers, safety=_has_safety_term(loss, i))
             guard = cfg.init_guard and epochs and let is not None
             if cfg.measure_init_loss or guard:
                 log["loss_init"] = _evaluate_loss(block, let, q_in, fp_out, kw, batches, masks, loss, i, num_layers,
@@ -273,6 +282,13 @@ def _to_compute(model: nn.Module, i: int, dev: torch.device) -> Callable[[], Non
     orig_device, orig_dtype = next(block.parameters()).device, next(block.parameters()).dtype
     block.to(dev, torch.float32)
     return lambda: block.to(orig_device, orig_dtype)
+
+
+def _has_safety_term(loss, layer: int) -> bool:
+    """Whether `loss` adds a safety term at block `layer` (a SafetyGate's `active`); plain
+    reconstruction has none anywhere."""
+    active = getattr(loss, "active", None)
+    return bool(active(layer)) if callable(active) else False
 
 
 def _block_forward(block, let, x, kw, amp: str | None):

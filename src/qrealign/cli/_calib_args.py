@@ -28,6 +28,8 @@ def add_common(parser) -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--epoch-schedule", choices=["constant", "paper"], default="constant",
                         help="paper: first half of the layers epochs-5, the rest epochs+5")
+    parser.add_argument("--plain-epochs", type=int, default=None,
+                        help="epochs for the blocks without the safety term (reconstruction only; default --epochs)")
     parser.add_argument("--batch-size", type=int, default=4,
                         help="calibration batch size (default 4, as CalibConfig; the safety objectives' effect "
                              "depends on the number of optimiser steps, docs/experiments.md §4)")
@@ -60,7 +62,8 @@ def engine_config(args, method: str):
                        epoch_schedule=args.epoch_schedule, batch_size=args.batch_size, lr_let=args.lr_let,
                        lr_lwc=args.lr_lwc, lwc_init=args.lwc_init, rope_invariant_qk=args.rope_invariant_qk,
                        learn_rounding=args.learn_rounding, lr_round=args.lr_round, max_length=args.max_length,
-                       autocast=args.autocast, compile_quantizer=args.compile_quantizer, seed=args.seed)
+                       autocast=args.autocast, compile_quantizer=args.compile_quantizer,
+                       plain_epochs=args.plain_epochs, seed=args.seed)
 
 
 def prepare(args, method: str):
