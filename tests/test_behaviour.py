@@ -368,7 +368,7 @@ def test_teacher_targets_computed_once_give_the_same_run_as_computing_them_in_pl
     targets = compute_teacher_targets(model, tok, teacher_dir, _calib(), cfg, refusals=True)
     targets.save(tmp_path / "targets")
     reloaded = TeacherTargets.load(tmp_path / "targets")
-    assert torch.equal(reloaded.logprobs, targets.logprobs) and reloaded.teacher == targets.teacher
+    assert torch.equal(reloaded.logprobs, targets.logprobs) and reloaded.teacher_meta == targets.teacher_meta
     realign(model, tok, teacher=reloaded, out=tmp_path / "reused", **kw)
 
     a, b = read_json(tmp_path / "in-place" / "qrealign.json"), read_json(tmp_path / "reused" / "qrealign.json")
@@ -382,13 +382,14 @@ def test_teacher_targets_refuse_another_model_calibration_or_rendering(tmp_path)
     from qrealign.calibrate.targets import TeacherTargets, compute_teacher_targets
     from qrealign.errors import IncompatibleArtifact
     from qrealign.realign import realign
-    from qrealign.utils import model_fingerprint
+    from qrealign.utils import model_fingerprint, read_json, write_json
 
     finetuned, tok = tiny_model("llama", seed=0)
     teacher, _ = tiny_model("llama", seed=1)
     cfg = CalibConfig(epochs=1, batch_size=4)
     targets = compute_teacher_targets(finetuned, tok, teacher, _calib(), cfg)
-    assert targets.logprobs.shape == (4, finetuned.config.vocab_size) and "refusal_targets" not in targets.teacher
+    assert targets.logprobs.shape == (4, finetuned.config.vocab_size) and not targets.refusals
+    assert targets.computed_on == {"device": "cpu", "offloaded": False}
     fp = model_fingerprint(finetuned)
     targets.check(fp, _calib(), cfg)  # the setting they were computed in passes
     with pytest.raises(QrealignError, match="another fine-tuned model"):
@@ -400,12 +401,29 @@ def test_teacher_targets_refuse_another_model_calibration_or_rendering(tmp_path)
     with pytest.raises(QrealignError, match="computed without them"):
         realign(finetuned, tok, teacher=targets, calibration=_calib(), config=cfg, progress=False, layers=(1,),
                 refusal_targets=True)
+    with_refusals = TeacherTargets(targets.logprobs, {**targets.teacher_meta, "refusal_targets": {}}, fp,
+                                   targets.calibration, targets.render)
+    with pytest.raises(QrealignError, match="computed with them"):
+        with_refusals.check(fp, _calib(), cfg, refusals=False)
+    with pytest.warns(UserWarning, match="float rounding"):  # another float path: allowed, said
+        targets.check(fp, _calib(), cfg, computed_on={"device": "cuda", "offloaded": False})
+    with pytest.raises(QrealignError, match="drop save_targets"):
+        realign(finetuned, tok, teacher=targets, save_targets=tmp_path / "again", calibration=_calib(), config=cfg,
+                progress=False, layers=(1,))
     (tmp_path / "empty").mkdir()
     with pytest.raises(IncompatibleArtifact, match="not a teacher-targets directory"):
         TeacherTargets.load(tmp_path / "empty")
+    targets.save(tmp_path / "saved")
+    meta = read_json(tmp_path / "saved" / "qrealign.json")
+    write_json(tmp_path / "saved" / "qrealign.json", {**meta, "format_version": 99})
+    with pytest.raises(IncompatibleArtifact, match="newer"):
+        TeacherTargets.load(tmp_path / "saved")
+    write_json(tmp_path / "saved" / "qrealign.json", {**meta, "kind": "probes"})
+    with pytest.raises(IncompatibleArtifact, match="not teacher targets"):
+        TeacherTargets.load(tmp_path / "saved")
 
 
-def test_realign_cli_saves_teacher_targets_and_reuses_them_at_another_scheme(tmp_path):
+def test_realign_cli_saves_teacher_targets_and_reuses_them_at_another_scheme(tmp_path, monkeypatch):
     from qrealign.cli import main
     from qrealign.utils import read_json
 
@@ -426,3 +444,20 @@ def test_realign_cli_saves_teacher_targets_and_reuses_them_at_another_scheme(tmp
         out = tmp_path / "bad"
         assert main(["realign", *common, *bad, "--out", str(out)]) == 2
         assert not out.exists() and not (tmp_path / "again").exists()
+    # bad input with --save-targets fails before the teacher pass, and writes nothing
+    import qrealign.calibrate.targets as targets_module
+
+    def no_pass(*a, **k):
+        raise AssertionError("the teacher pass ran before the input was checked")
+
+    monkeypatch.setattr(targets_module, "compute_teacher_targets", no_pass)
+    import sys
+
+    monkeypatch.setattr(sys.modules["qrealign.realign"], "compute_teacher_targets", no_pass)  # the package's
+    # `realign` attribute is the function, so the module is looked up by name
+    for bad, out in ((["--layers", "99"], tmp_path / "bad"),  # not a block of this model
+                     ([], tmp_path / "again")):  # --save-targets is --out
+        args = ["realign", model_dir, "--n", "8", "--epochs", "1", "--batch-size", "4", "--device", "cpu",
+                "--teacher", teacher_dir, "--save-targets", str(tmp_path / "again"), "--out", str(out), *bad]
+        assert main(args) == 2
+        assert not (tmp_path / "bad").exists() and not (tmp_path / "again").exists()

@@ -184,7 +184,7 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
                 key = _targets_job_key(cfg, variant, scheme)
                 if key not in (j.key for j in jobs):
                     jobs.append(Job(key, _targets_stage, (cfg, root, attacked_dir, aligned_dir, variant, scheme),
-                                    cost=_quant_cost(variant, cfg) + 1.0))  # first: calibrations wait on it
+                                    cost=3.5))  # ~270 s on SmolLM2; above the other ready jobs: two wait on it
                 extra, after = {"aligned_dir": aligned_dir, "targets_dir": Ref(key)}, (key,)
             jobs.append(Job(f"quantize: {label}", _quant_stage,
                             (cfg, root, attacked_dir, probe_dirs, variant, scheme),
@@ -355,9 +355,9 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
               "calib": [cfg.calib_n, cfg.malicious_ratio, cfg.seed], "calib_data": calib.fingerprint(),
               "version": __version__}
     if variant.teacher:
+        # The targets stage (targets_dir) is keyed on a subset of these inputs and gives the same
+        # tensors as computing them in place, so it is not named here: cached runs stay cached.
         inputs["teacher"] = _stage_ref(aligned_dir, root)
-        if targets_dir is not None:
-            inputs["teacher_targets"] = _stage_ref(targets_dir, root)
     slug = variant.name.lower().replace(" ", "-").replace("(", "").replace(")", "")
     name = f"quant-{slug}-{scheme}"
     ckpt = root / f".checkpoint-{stage_dir(name, inputs, root).name}"

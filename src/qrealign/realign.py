@@ -22,7 +22,9 @@ from .calibrate.api import quantize
 from .calibrate.data import CalibrationSet, build_calibration
 from .calibrate.engine import CalibConfig, CalibResult
 from .calibrate.safety import SafetyLoss
-from .calibrate.targets import TeacherTargets, compute_teacher_targets
+from .calibrate.targets import KIND as TARGETS_KIND
+from .calibrate.targets import META_FILE as TARGETS_META
+from .calibrate.targets import TeacherTargets, compute_teacher_targets, is_targets_dir, where_computed
 from .errors import NoSafetyLayers, QrealignError
 from .quant.scheme import Scheme
 
@@ -41,6 +43,7 @@ def realign(
     layers_from: float | None = None,
     teacher=None,
     refusal_targets: bool = False,
+    save_targets: str | Path | None = None,
     **loss_options,
 ) -> CalibResult:
     """Quantize `model` with the Q-realign objective.
@@ -53,8 +56,9 @@ def realign(
     form of `layers`, so one setting transfers across model sizes).
 
     `teacher` (instead of `probes`): the aligned model (a model or anything `load_model` reads),
-    or its `calibrate.targets.TeacherTargets` computed earlier for this model and calibration set
-    (e.g. for another scheme: the teacher pass does not depend on the scheme).
+    or its `calibrate.targets.TeacherTargets` (or their directory) computed earlier for this model
+    and calibration set, e.g. for another scheme: the teacher pass does not depend on the scheme.
+    `save_targets`: also write the targets computed here to that directory.
     The safety term is then the first-token KL of `calibrate.behaviour.FirstTokenLoss`
     (options: lam, benign_kl, layers, recon_on_malicious, normalize, sink_weight). With
     `refusal_targets`, the malicious calibration prompts the teacher itself answers (its greedy
@@ -66,9 +70,11 @@ def realign(
         raise QrealignError("give the aligned model's probes or the aligned model as teacher (exactly one)")
     if teacher is not None:
         return _realign_first_token(model, tokenizer, teacher, calibration, scheme, config, out, device, progress,
-                                    checkpoint_dir, layers_from, refusals=refusal_targets, **loss_options)
-    if refusal_targets:
-        raise QrealignError("refusal_targets applies to the first-token objective (teacher=), not to probes")
+                                    checkpoint_dir, layers_from, refusals=refusal_targets, save_targets=save_targets,
+                                    **loss_options)
+    if refusal_targets or save_targets:
+        raise QrealignError("refusal_targets and save_targets apply to the first-token objective (teacher=), "
+                            "not to probes")
     if isinstance(probes, (str, Path)):
         probes = load_probes(probes)
     probes.check_compatible(model)
@@ -118,10 +124,10 @@ def layers_from_fraction(num_layers: int, fraction: float) -> tuple[int, ...]:
 
 
 def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config, out, device, progress,
-                         checkpoint_dir, layers_from, refusals=False, **loss_options) -> CalibResult:
+                         checkpoint_dir, layers_from, refusals=False, save_targets=None, **loss_options) -> CalibResult:
     from .calibrate.behaviour import FirstTokenLoss, ModelTail
     from .models.offload import offloaded
-    from .utils import model_fingerprint
+    from .utils import check_out_dir, model_fingerprint
 
     on_disk = offloaded(model) is not None
     num_layers = model.config.num_hidden_layers
@@ -136,17 +142,27 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
                             "every block after the first safety block in memory, all blocks by default")
     cfg = config or CalibConfig()
     calibration = calibration or build_calibration()
+    if isinstance(teacher, (str, Path)) and is_targets_dir(teacher):
+        teacher = TeacherTargets.load(teacher)
     if isinstance(teacher, TeacherTargets):  # computed earlier (e.g. for another scheme)
-        if refusals != ("refusal_targets" in teacher.teacher):
-            raise QrealignError(f"refusal_targets={refusals}, but these teacher targets were computed "
-                                f"{'without' if refusals else 'with'} them")
-        teacher.check(model_fingerprint(model), calibration, cfg)
+        if save_targets:
+            raise QrealignError("the teacher is already saved targets: drop save_targets")
+        teacher.check(model_fingerprint(model), calibration, cfg, refusals=refusals,
+                      computed_on=where_computed(model, device))
         targets = teacher
     else:
+        if save_targets:  # before the teacher pass: a bad directory must not waste it
+            check_out_dir(save_targets, TARGETS_META, kind=TARGETS_KIND)
+            if out is not None and Path(save_targets).resolve() == Path(out).resolve():
+                raise QrealignError("save_targets must be another directory than the run's out")
         targets = compute_teacher_targets(model, tokenizer, teacher, calibration, cfg, refusals=refusals,
                                           device=device)
+        if save_targets:
+            targets.save(save_targets)
     active = layers if layers is not None else tuple(range(num_layers))
-    loss = FirstTokenLoss(ModelTail(model), targets.logprobs, target_id=targets.teacher["fingerprint"], **loss_options)
-    meta = {"method": "qrealign", "objective": "first-token", "teacher": targets.teacher, "safety_layers": list(active)}
+    loss = FirstTokenLoss(ModelTail(model), targets.logprobs, target_id=targets.teacher_meta["fingerprint"],
+                          **loss_options)
+    meta = {"method": "qrealign", "objective": "first-token", "teacher": targets.teacher_meta,
+            "safety_layers": list(active)}
     return quantize(model, tokenizer, calibration, scheme, cfg, out=out, loss=loss, device=device, progress=progress,
                     checkpoint_dir=checkpoint_dir, extra_metadata=meta)

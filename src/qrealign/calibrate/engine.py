@@ -60,9 +60,10 @@ class CalibConfig:
     alpha: float = 0.5  # SmoothQuant init exponent
     epochs: int = 2
     epoch_schedule: str = "constant"  # "paper": layers <= L//2 get epochs-5, the rest epochs+5
-    # Epochs for the blocks where the loss has no safety term (plain reconstruction), e.g. 1 with
-    # the safety term on the last blocks: those blocks converge sooner, the safety ones need the
-    # steps (docs/experiments.md §18-19). None: `epochs` everywhere (left out of to_dict() then).
+    # Epochs for the blocks where the loss has no safety term (plain reconstruction; with a plain
+    # reconstruction loss, every block), e.g. 1 with the safety term on the last blocks: the
+    # safety blocks need the steps (docs/experiments.md §18-19). Overrides `epoch_schedule` on
+    # those blocks. None: unset (and left out of to_dict(), so existing run keys stay).
     plain_epochs: int | None = None
     batch_size: int = 4
     lr_let: float = 1e-3

@@ -8,12 +8,15 @@ demo's two lanes, would otherwise run the teacher pass once per scheme: two full
 calibration set plus a generation, minutes for a 7B model. `TeacherTargets` holds what
 `realign(teacher=...)` computes, saves to a directory (`targets.safetensors` + `qrealign.json`)
 and is checked against the model, calibration set and rendering it is reused with, so a reuse
-gives the same run as computing them in place (the same tensors, so the same run fingerprint).
+on the same kind of device gives the same run as computing them in place (the same tensors, so
+the same run fingerprint); on another device type, or offloaded vs in memory, they differ from an
+in-place pass by float rounding only, and a reuse warns.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,19 +35,27 @@ RENDER_FIELDS = ("batch_size", "max_length", "padding_side", "system", "pad_to")
 
 
 def render_options(config) -> dict:
+    """The rendering/batching part of a CalibConfig, which the targets depend on."""
     return {name: getattr(config, name) for name in RENDER_FIELDS}
 
 
 @dataclass
 class TeacherTargets:
     logprobs: torch.Tensor  # [N, V] per calibration position
-    teacher: dict  # what the run records: source, fingerprint, refusal_targets (if any)
+    teacher_meta: dict  # what the run records as "teacher": source, fingerprint, refusal_targets (if any)
     model_fingerprint: str  # the fine-tuned model whose benign rows these are
     calibration: str  # CalibrationSet.fingerprint()
     render: dict  # render_options() of the config they were computed with
+    computed_on: dict = field(default_factory=dict)  # {"device": type, "offloaded": bool}: float paths
 
-    def check(self, model_fp: str, calibration: CalibrationSet, config) -> None:
-        """Refuse a reuse that would not reproduce computing the targets in place."""
+    @property
+    def refusals(self) -> bool:
+        return "refusal_targets" in self.teacher_meta
+
+    def check(self, model_fp: str, calibration: CalibrationSet, config, refusals: bool | None = None,
+              computed_on: dict | None = None) -> None:
+        """Refuse a reuse that would not reproduce computing the targets in place; warn when only
+        the float path differs (`computed_on`: where an in-place pass would run)."""
         if model_fp != self.model_fingerprint:
             raise QrealignError(f"these teacher targets were computed for another fine-tuned model "
                                 f"(fingerprint {self.model_fingerprint}, this model {model_fp})")
@@ -55,6 +66,13 @@ class TeacherTargets:
         if wanted != self.render:
             diff = {k: (self.render.get(k), v) for k, v in wanted.items() if self.render.get(k) != v}
             raise QrealignError(f"these teacher targets were rendered with other settings (targets, config): {diff}")
+        if refusals is not None and refusals != self.refusals:
+            raise QrealignError(f"refusal targets were {'not ' if refusals else ''}asked for (--refusal-targets), "
+                                f"but these teacher targets were computed {'with' if self.refusals else 'without'} "
+                                "them")
+        if computed_on and self.computed_on and computed_on != self.computed_on:
+            warnings.warn(f"teacher targets computed on {self.computed_on}, reused on {computed_on}: they differ "
+                          "from an in-place pass by float rounding", stacklevel=3)
 
     def save(self, out_dir: str | Path) -> Path:
         out_dir = Path(out_dir)
@@ -68,9 +86,10 @@ class TeacherTargets:
 
         directory = Path(directory)
         save_file({"logprobs": self.logprobs.contiguous()}, str(directory / TENSOR_FILE))
-        write_json(directory / META_FILE, {"kind": KIND, "format_version": FORMAT_VERSION, "teacher": self.teacher,
+        write_json(directory / META_FILE, {"kind": KIND, "format_version": FORMAT_VERSION, "teacher": self.teacher_meta,
                                            "model_fingerprint": self.model_fingerprint,
-                                           "calibration": self.calibration, "render": self.render})
+                                           "calibration": self.calibration, "render": self.render,
+                                           "computed_on": self.computed_on})
 
     @classmethod
     def load(cls, path: str | Path) -> "TeacherTargets":
@@ -88,7 +107,25 @@ class TeacherTargets:
             raise IncompatibleArtifact(f"{path}: teacher-targets format {meta.get('format_version')} is newer than "
                                        f"this qrealign understands ({FORMAT_VERSION}); upgrade qrealign")
         return cls(load_file(str(tensor_path))["logprobs"], meta["teacher"], meta["model_fingerprint"],
-                   meta["calibration"], meta["render"])
+                   meta["calibration"], meta["render"], meta.get("computed_on", {}))
+
+
+def is_targets_dir(path) -> bool:
+    """Whether `path` is a saved TeacherTargets directory (and not, say, a model directory)."""
+    meta = Path(path) / META_FILE
+    try:
+        return meta.is_file() and read_json(meta).get("kind") == KIND
+    except (OSError, ValueError, AttributeError):  # unreadable or not a JSON object: not ours
+        return False
+
+
+def where_computed(model, device=None) -> dict:
+    """The float path a teacher pass over `model` takes: the compute device's type, and whether
+    the model streams from disk."""
+    from ..models.offload import offloaded
+    from ..utils import resolve_device
+
+    return {"device": resolve_device(device).type, "offloaded": offloaded(model) is not None}
 
 
 def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationSet, config, refusals: bool = False,
@@ -123,4 +160,5 @@ def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationS
         refused[malicious] = torch.tensor(teacher_refuses(teacher, tokenizer, asked, config))
         targets = refusal_targets(targets, malicious, refused)
         meta["refusal_targets"] = {"malicious": len(asked), "answered_replaced": int((malicious & ~refused).sum())}
-    return TeacherTargets(targets, meta, model_fingerprint(model), calibration.fingerprint(), render_options(config))
+    return TeacherTargets(targets, meta, model_fingerprint(model), calibration.fingerprint(), render_options(config),
+                          where_computed(model, device))

@@ -29,7 +29,8 @@ def add_common(parser) -> None:
     parser.add_argument("--epoch-schedule", choices=["constant", "paper"], default="constant",
                         help="paper: first half of the layers epochs-5, the rest epochs+5")
     parser.add_argument("--plain-epochs", type=int, default=None,
-                        help="epochs for the blocks without the safety term (reconstruction only; default --epochs)")
+                        help="epochs for the blocks without a safety term (realign: outside --layers/--layers-from; "
+                             "quantize: every block); default: --epochs / --epoch-schedule")
     parser.add_argument("--batch-size", type=int, default=4,
                         help="calibration batch size (default 4, as CalibConfig; the safety objectives' effect "
                              "depends on the number of optimiser steps, docs/experiments.md §4)")

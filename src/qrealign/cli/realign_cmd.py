@@ -54,12 +54,12 @@ def run(args) -> int:
         wrong = [f"--{k.replace('_', '-')}" for k, default in PROBE_ONLY.items() if getattr(args, k) != default]
         if wrong:
             raise QrealignError(f"{', '.join(wrong)} only apply to the probe loss (--probes), not to --teacher")
+        _check_save_targets(args)
         model, tokenizer, scheme, config, calib = prepare(args, "omniquant")
         # FirstTokenLoss defaults: normalised MSE without the sink token, malicious prompts reconstructed too.
         options = {} if args.sink_weight is None else {"sink_weight": args.sink_weight}
-        teacher = _teacher(args, model, tokenizer, config, calib)
-        result = realign(model, tokenizer, teacher=teacher, calibration=calib, scheme=scheme, config=config,
-                         out=args.out, device=args.device, layers=layers, layers_from=args.layers_from,
+        result = realign(model, tokenizer, teacher=args.teacher, save_targets=args.save_targets, calibration=calib,
+                         scheme=scheme, config=config, out=args.out, device=args.device, layers=layers, layers_from=args.layers_from,
                          lam=args.lam, benign_kl=args.benign_kl, refusal_targets=args.refusal_targets, **options)
         summary(result, args.out)
         return 0
@@ -75,23 +75,19 @@ def run(args) -> int:
     return 0
 
 
-def _teacher(args, model, tokenizer, config, calib):
-    """--teacher as given: an aligned model (computed in place, or first saved with
-    --save-targets) or a saved teacher-targets directory (checked by `realign`)."""
+
+def _check_save_targets(args) -> None:
+    """Before the model loads: --save-targets must be writable, not --out, and not a reuse."""
     from pathlib import Path
 
-    from ..calibrate.targets import KIND, META_FILE, TeacherTargets, compute_teacher_targets
+    from ..calibrate.targets import KIND, META_FILE, is_targets_dir
     from ..errors import QrealignError
-    from ..utils import read_json
+    from ..utils import check_out_dir
 
-    meta = Path(args.teacher) / META_FILE
-    if meta.is_file() and read_json(meta).get("kind") == KIND:
-        if args.save_targets:
-            raise QrealignError("--teacher is already a teacher-targets directory: drop --save-targets")
-        return TeacherTargets.load(args.teacher)
     if not args.save_targets:
-        return args.teacher
-    targets = compute_teacher_targets(model, tokenizer, args.teacher, calib, config, refusals=args.refusal_targets,
-                                      device=args.device)
-    targets.save(args.save_targets)
-    return targets
+        return
+    if is_targets_dir(args.teacher):
+        raise QrealignError("--teacher is already a teacher-targets directory: drop --save-targets")
+    if args.out and Path(args.save_targets).resolve() == Path(args.out).resolve():
+        raise QrealignError("--save-targets must be another directory than --out")
+    check_out_dir(args.save_targets, META_FILE, kind=KIND)
