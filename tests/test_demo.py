@@ -114,8 +114,12 @@ def test_compile_quantizer_reaches_the_calibrations_that_train_and_leaves_defaul
 
     rtn, recon = DEFAULT_VARIANTS[0], DEFAULT_VARIANTS[1]
     off, on = DemoConfig(), DemoConfig(compile_quantizer=True)
-    assert "compile_quantizer" not in _calib_config(off, FIRST_TOKEN, "W8A8").to_dict()
+    assert "compile_quantizer" not in _calib_config(off, recon, "W8A8").to_dict()
+    assert not _calib_config(off, recon, "W8A8").compile_quantizer
+    # the first-token variant compiles by its own settings (§19), with the switch or without
+    assert _calib_config(off, FIRST_TOKEN, "W8A8").compile_quantizer
     assert _calib_config(on, FIRST_TOKEN, "W8A8").compile_quantizer
+    assert _calib_config(off, FIRST_TOKEN, "W4A8").plain_epochs == 1
     assert _calib_config(on, recon, "W4A8").compile_quantizer
     assert not _calib_config(on, rtn, "W8A8").compile_quantizer
     assert _calib_config(off, FIRST_TOKEN, "W4A8").lr_round == 2e-3  # per-scheme overrides still apply

@@ -87,10 +87,15 @@ CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AG
 # the aligned teacher itself answers take its mean refusal first token instead of its answer;
 # smallest z-slack 0.12 -> 0.36 (dev HS 20.0 -> 19.1 %, over-refusal 13.3 -> 15.0 %, FA-800
 # 52.9 -> 51.6 %: one prompt and a point or two, inside dev's noise).
+# Speed (§19, chosen on the AMX lab's dev by a rule written before the run): one epoch on the
+# blocks without the safety term (0-17) and the compiled fake-quantizers; the safety blocks keep
+# two epochs (at one epoch everywhere, §18, dev HS missed its limit). Dev: smallest z-slack
+# 0.88 -> 0.92 (HS 16.4 -> 17.3 %, FA-800 53.8 -> 53.9 %, over-refusal 13.3 -> 16.8 %).
 FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib_task=96,
                       calib_benign=("qrealign:calib", "qrealign:align", "qrealign:twins"),
                       loss={"layers_from": 0.6, "lam": 1.0, "benign_kl": 4.0, "refusal_targets": True},
-                      config={"lr_let": 1e-2, "batch_size": 4, "learn_rounding": True, "lr_round": 1e-2},
+                      config={"lr_let": 1e-2, "batch_size": 4, "learn_rounding": True, "lr_round": 1e-2,
+                              "plain_epochs": 1, "compile_quantizer": True},
                       scheme_config={"W8A8": {"lwc": False}, "W4A8": {"lr_round": 2e-3}})
 # The table: the plain-PTQ controls, the paper's objective and the one that works here.
 DEFAULT_VARIANTS = (
@@ -134,7 +139,8 @@ class DemoConfig:
     # None: 2 on a CPU with at least 2 cores, 1 on a GPU. On a 2-core AVX2 CPU two one-thread
     # lanes did the same work 1.14x faster than one two-thread process (`qrealign bench --lanes`).
     lanes: int | None = None
-    # Calibrate with the fake-quantizers under torch.compile (`CalibConfig.compile_quantizer`):
+    # Calibrate every trained row with the fake-quantizers under torch.compile
+    # (`CalibConfig.compile_quantizer`; the first-token variant has it in its own settings):
     # about 1.5x per reconstruction block on SmolLM2, other float rounding, so other stages (and
     # other numbers) than the default's.
     compile_quantizer: bool = False

@@ -24,8 +24,9 @@ def add_arguments(parser) -> None:
                         help="worker processes for the stages after the probes (default: 2 on a CPU with 2+ cores, "
                              "1 on a GPU); each lane's output goes to OUT/logs/")
     parser.add_argument("--compile-quantizer", action="store_true",
-                        help="calibrate with the fake-quantizers under torch.compile (~1.5x per block on SmolLM2; "
-                             "other float rounding, so its own cached stages and numbers)")
+                        help="also calibrate the reconstruction-only and paper-probe rows with the fake-quantizers "
+                             "under torch.compile, as the first-token rows always are (~1.5x per block on SmolLM2; "
+                             "other float rounding, so their own cached stages and numbers)")
     parser.add_argument("--seed", type=int, default=0)
 
 
