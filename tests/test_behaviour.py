@@ -369,7 +369,13 @@ def test_teacher_targets_computed_once_give_the_same_run_as_computing_them_in_pl
     targets.save(tmp_path / "targets")
     reloaded = TeacherTargets.load(tmp_path / "targets")
     assert torch.equal(reloaded.logprobs, targets.logprobs) and reloaded.teacher_meta == targets.teacher_meta
+    import qrealign.utils as utils
+
+    hashed = []
+    state_fingerprint = utils._state_fingerprint
+    monkeypatch.setattr(utils, "_state_fingerprint", lambda *a: hashed.append(1) or state_fingerprint(*a))
     realign(model, tok, teacher=reloaded, out=tmp_path / "reused", **kw)
+    assert len(hashed) == 1  # the targets' check hashes the weights; quantize and the engine reuse it
 
     a, b = read_json(tmp_path / "in-place" / "qrealign.json"), read_json(tmp_path / "reused" / "qrealign.json")
     assert a["run_fingerprint"] == b["run_fingerprint"] and a["teacher"] == b["teacher"]

@@ -164,5 +164,6 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
                           **loss_options)
     meta = {"method": "qrealign", "objective": "first-token", "teacher": targets.teacher_meta,
             "safety_layers": list(active)}
+    # The targets hold this model's fingerprint (checked above or computed on it): no second hash.
     return quantize(model, tokenizer, calibration, scheme, cfg, out=out, loss=loss, device=device, progress=progress,
-                    checkpoint_dir=checkpoint_dir, extra_metadata=meta)
+                    checkpoint_dir=checkpoint_dir, extra_metadata=meta, model_fp=targets.model_fingerprint)

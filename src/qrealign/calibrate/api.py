@@ -25,23 +25,26 @@ def quantize(
     progress: bool = True,
     extra_metadata: dict | None = None,
     checkpoint_dir: str | Path | None = None,
+    model_fp: str | None = None,
 ) -> CalibResult:
     """Quantize `model` in place (RTN or OmniQuant-style block-wise calibration).
 
     With `out`, learned parameters are checkpointed after every block in the sibling `.<out>.checkpoint`
-    (an interrupted run resumes there) and the finished run is written atomically to `out`."""
+    (an interrupted run resumes there) and the finished run is written atomically to `out`.
+    `model_fp`: the model's `model_fingerprint`, when the caller has just computed it (hashing a
+    7B model's weights in memory takes seconds; a run hashes them once)."""
     cfg = config or CalibConfig()
     scheme = get_scheme(scheme)
     source = getattr(model.config, "qrealign_source", None)
     adapter = getattr(model.config, "qrealign_adapter", None)
-    fingerprint = model_fingerprint(model)
+    fingerprint = model_fp or model_fingerprint(model)
     out = Path(out) if out else None
     if out is not None:
         check_out_dir(out, META_FILE, kind="quantized")  # before the calibration, not after
     ckpt = Path(checkpoint_dir) if checkpoint_dir else (out.with_name(f".{out.name}.checkpoint") if out else None)
     t0 = time.time()
     result = calibrate(model, tokenizer, calibration, scheme, cfg, loss=loss, checkpoint_dir=ckpt,
-                       device=device, progress=progress)
+                       device=device, progress=progress, model_fp=fingerprint)
     if out is not None:
         from ..evaluate.overlap import provenance_entry
 

@@ -163,8 +163,10 @@ def calibrate(
     device: str | torch.device | None = None,
     progress: bool = True,
     on_block_end: Callable[[int], None] | None = None,
+    model_fp: str | None = None,
 ) -> CalibResult:
-    """Quantize `model` in place, block by block. Returns the learned parameters."""
+    """Quantize `model` in place, block by block. Returns the learned parameters.
+    `model_fp`: the model's `model_fingerprint` if the caller already has it (see `quantize`)."""
     cfg = config or CalibConfig()
     scheme = get_scheme(scheme)
     loss = loss or ReconstructionLoss()
@@ -179,7 +181,7 @@ def calibrate(
 
     amp = cfg.resolve_autocast(scheme, dev)
     fingerprint = sha256_json({
-        "model": model_fingerprint(model), "scheme": scheme.to_dict(),
+        "model": model_fp or model_fingerprint(model), "scheme": scheme.to_dict(),
         "config": {**cfg.fingerprint_dict(), "autocast": "bf16" if amp else "off"},
         "calib": [calib.ids, calib.prompts, calib.labels], "loss": repr(loss),
     })
