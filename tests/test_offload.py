@@ -2,6 +2,7 @@
 the model in memory, one block resident at a time, resume, and clear errors for what it cannot do."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -300,3 +301,17 @@ def test_probe_cli_fits_an_offloaded_model_like_the_in_memory_one(model_dir, tmp
     ram, disk = load_probes(tmp_path / "ram"), load_probes(tmp_path / "disk")
     assert torch.equal(ram.w, disk.w) and torch.equal(ram.b, disk.b)
     assert ram.model["fingerprint"] == disk.model["fingerprint"]
+
+
+def test_cli_asks_torch_for_huge_pages_unless_the_user_opted_out(monkeypatch, capsys):
+    """Block-by-block runs allocate weight-sized temporaries by the hundred; the CLI asks torch's
+    CPU allocator for transparent huge pages (docs/performance.md) and keeps a user's own choice."""
+    from qrealign.cli import main
+
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "unset-by-test")  # so teardown restores the original
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
+    assert main([]) == 0
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    assert main([]) == 0
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"

@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _allocator_hints()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -62,6 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qrealign: interrupted", file=sys.stderr)
         return 130
+
+
+def _allocator_hints() -> None:
+    """Ask torch's CPU allocator for transparent huge pages on tensors of 2 MB and more
+    (`THP_MEM_ALLOC_ENABLE`, read at torch's first large allocation; set it to 0 to opt out).
+
+    Why: glibc hands every large tensor fresh 4 KB pages from the kernel, and a block-by-block
+    run allocates weight-sized temporaries by the hundred per block. Offloaded RTN of a 30 GB
+    Llama spent more time in page faults than in arithmetic (sys 47 s, user 58 s on 4 blocks);
+    with huge pages the same run took 42 s instead of 84, with the same result
+    (docs/performance.md). Numerics do not change: only where the pages come from."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def _quiet_libraries() -> None:
