@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _allocator_hints() -> None:
     """Ask torch's CPU allocator for transparent huge pages on tensors of 2 MB and more
-    (`THP_MEM_ALLOC_ENABLE`, read at torch's first large allocation; set it to 0 to opt out).
+    (`THP_MEM_ALLOC_ENABLE`; set it to 0 to opt out). torch reads it once, at its first CPU
+    allocation of any size: importing qrealign allocates none, so setting it here takes effect
+    (tests/test_offload.py checks that it does).
 
     Why: glibc hands every large tensor fresh 4 KB pages from the kernel, and a block-by-block
     run allocates weight-sized temporaries by the hundred per block. Offloaded RTN of a 30 GB
