@@ -76,6 +76,16 @@ def test_changed_config_does_not_resume(calib_set, tmp_path):
     assert other.resumed_blocks == 0
 
 
+@pytest.mark.parametrize("bad", [{"epochs": -1}, {"batch_size": 0}, {"max_length": 0}, {"pad_to": 0},
+                                 {"lr_let": -1e-3}, {"lr_round": float("nan")}, {"padding_side": "middle"}])
+def test_calib_config_rejects_values_that_would_train_nothing_or_fail_late(bad):
+    # epochs=-1 used to pass and calibrate nothing under the name "omniquant"; the others failed
+    # only after the model had loaded (or deep in the tokenizer)
+    with pytest.raises(QrealignError, match=next(iter(bad))):
+        CalibConfig(**bad)
+    assert CalibConfig(epochs=0, max_length=None).epochs == 0  # 0 epochs and no length limit are valid
+
+
 def test_autocast_setting_resolves_per_device_and_keys_the_run(calib_set):
     from qrealign.quant.scheme import get_scheme
 

@@ -109,6 +109,8 @@ def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malici
     the twins of calibration prompts."""
     import random
 
+    if n is not None and n < 1:
+        raise QrealignError(f"calibration size n must be >= 1 (or None: the whole set), got {n}")
     prompts, split = _load_spec(spec)
     harmful = [p for p in prompts if p.label == 1]
     benign = [p for p in prompts if p.label == 0]

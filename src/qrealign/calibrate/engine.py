@@ -103,6 +103,19 @@ class CalibConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise QrealignError(f"unknown method {self.method!r}; choose from {METHODS}")
+        if self.epochs < 0:
+            raise QrealignError(f"epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise QrealignError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_length is not None and self.max_length < 1:
+            raise QrealignError(f"max_length must be >= 1 (or None: no limit), got {self.max_length}")
+        if self.pad_to is not None and self.pad_to < 1:
+            raise QrealignError(f"pad_to must be >= 1 (or None), got {self.pad_to}")
+        for name in ("lr_let", "lr_lwc", "lr_round", "weight_decay", "early_stop_rel"):
+            if not getattr(self, name) >= 0:  # also catches NaN
+                raise QrealignError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.padding_side not in ("left", "right"):
+            raise QrealignError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
         if self.plain_epochs is not None and self.plain_epochs < 0:
             raise QrealignError(f"plain_epochs must be >= 0 (or None: `epochs`), got {self.plain_epochs}")
         if self.epoch_schedule not in ("constant", "paper"):
