@@ -128,22 +128,35 @@ def test_inactive_layer_is_plain_reconstruction_and_bad_options_raise():
 
 
 def test_calibration_with_the_first_token_term_moves_malicious_rows_towards_the_teacher():
+    """Against a control without the safety term (lam 0), same everything else: only the term
+    moves the malicious rows' first-token distribution towards the aligned teacher, and the
+    benign rows (whose target is the fine-tuned model itself) stay put."""
     finetuned, tok = tiny_model("llama", seed=0)
     aligned = copy.deepcopy(finetuned)
     with torch.no_grad():
         aligned.lm_head.weight.add_(0.5 * torch.randn_like(aligned.lm_head.weight))
-    cfg = CalibConfig(batch_size=2, epochs=6, lr_let=5e-2, lr_lwc=5e-2, measure_init_loss=True)
+    # W4A8 with learned rounding: enough freedom for the term to act on a 2-block toy model
+    cfg = CalibConfig(batch_size=2, epochs=6, lr_let=5e-2, lr_lwc=5e-2, learn_rounding=True, lr_round=1e-1)
     targets = first_token_targets(aligned, finetuned, tok, _calib(), cfg)
-    loss = FirstTokenLoss(ModelTail(finetuned), targets, lam=10.0, benign_kl=1.0)
-    res = quantize(finetuned, tok, _calib(), "W8A8", cfg, loss=loss, progress=False)
-    after = next_token_logprobs(finetuned, tok, _calib(), cfg)
-    kl = (targets.exp() * (targets - after)).sum(-1)
-    first = res.layer_logs[0]
-    assert "last_kl_mal" in first and "last_kl_ben" in first
-    # the malicious rows' KL went down from where block 0 started; benign rows stay close
-    start = next(log["loss_init"] for log in res.layer_logs if "loss_init" in log)
-    assert kl[[1, 3]].mean().item() < start
-    assert "FirstTokenLoss(targets=" in repr(loss)
+
+    def kl_after(lam):
+        model = copy.deepcopy(finetuned)
+        loss = FirstTokenLoss(ModelTail(model), targets, lam=lam, benign_kl=1.0)
+        assert "FirstTokenLoss(targets=" in repr(loss)
+        res = quantize(model, tok, _calib(), "W4A8", cfg, loss=loss, progress=False)
+        assert lam == 0 or ("last_kl_mal" in res.layer_logs[0] and "last_kl_ben" in res.layer_logs[0])
+        after = next_token_logprobs(model, tok, _calib(), cfg)
+        return (targets.exp() * (targets - after)).sum(-1)
+
+    before = (targets.exp() * (targets - next_token_logprobs(finetuned, tok, _calib(), cfg))).sum(-1)
+    malicious, benign = [1, 3], [0, 2]
+    assert before[benign].abs().max() < 1e-5  # benign targets are the fine-tuned model's own
+    control, term = kl_after(0.0), kl_after(10.0)
+    # measured: before 4.10 / 3.78, control 4.09 / 3.78, with the term 3.51 / 3.23
+    assert (control[malicious] > 0.97 * before[malicious]).all()
+    assert (term[malicious] < 0.92 * before[malicious]).all()
+    assert (term[malicious] < control[malicious] - 0.2).all()
+    assert term[benign].max() < 0.1
 
 
 def _save(model, tok, path):
@@ -255,7 +268,7 @@ def test_extra_benign_sources_add_each_prompt_once_in_order():
         build_calibration(n=20, extra_benign=("qrealign:align", "qrealign:align"))
 
 
-def test_realign_cli_teacher_run_and_argument_errors(tmp_path, capsys):
+def test_realign_cli_teacher_run_and_argument_errors(tmp_path, capsys, monkeypatch):
     from qrealign.cli import main
     from qrealign.data.prompts import load_prompts
 
@@ -283,6 +296,15 @@ def test_realign_cli_teacher_run_and_argument_errors(tmp_path, capsys):
         out = tmp_path / "bad"
         assert main(["realign", *common, *bad, "--out", str(out)]) == 2
         assert not out.exists()
+    # a typo in --teacher fails before the fine-tuned model is loaded
+    import qrealign.models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model loaded before --teacher was checked")
+
+    monkeypatch.setattr(qrealign.models, "load_model", no_load)
+    assert main(["realign", *common, "--teacher", str(tmp_path / "aligend"), "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
 
 
 def test_refusal_targets_replace_answered_malicious_rows_with_the_mean_refusal():
@@ -315,7 +337,7 @@ def test_realign_with_refusal_targets_records_what_it_replaced(tmp_path, monkeyp
     finetuned, tok = load_model(_save(finetuned, tok, tmp_path / "finetuned"))
     asked = []
 
-    def stub(aligned, tokenizer, prompts, config, max_new_tokens=64):
+    def stub(aligned, tokenizer, prompts, config, max_new_tokens=64, device=None):
         asked.extend(prompts)
         return [i == 0 for i in range(len(prompts))]  # refuses the first malicious prompt only
 
@@ -332,6 +354,31 @@ def test_realign_with_refusal_targets_records_what_it_replaced(tmp_path, monkeyp
     assert "refusal_targets" not in plain["teacher"] and plain["loss"] != meta["loss"]  # other targets, other run
     with pytest.raises(QrealignError, match="first-token"):
         realign(finetuned, tok, probes="x", refusal_targets=True, calibration=_calib(), progress=False)
+
+
+def test_resolve_device_rejects_unknown_and_absent_devices(monkeypatch):
+    from qrealign.utils import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(QrealignError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(QrealignError, match="no usable CUDA device"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(QrealignError, match="only 1 CUDA device"):
+        resolve_device("cuda:3")
+
+
+def test_the_cli_rejects_a_bad_device_before_loading_anything(tmp_path, capsys):
+    from qrealign.cli import main
+
+    missing = tmp_path / "no-such-model"  # a model load would fail differently: the device is checked first
+    assert main(["eval", str(missing), "--device", "gpu", "--out", str(tmp_path / "ev")]) == 2
+    assert "unknown device 'gpu'" in capsys.readouterr().err
+    assert not (tmp_path / "ev").exists()
 
 
 def test_same_device_treats_an_open_index_as_a_match():
@@ -355,7 +402,7 @@ def test_teacher_targets_computed_once_give_the_same_run_as_computing_them_in_pl
     from qrealign.utils import read_json
 
     monkeypatch.setattr(behaviour, "teacher_refuses",  # a random tiny teacher refuses nothing
-                        lambda aligned, tok, prompts, config, max_new_tokens=64: [True] + [False] * (len(prompts) - 1))
+                        lambda aligned, tok, prompts, config, max_new_tokens=64, device=None: [True] + [False] * (len(prompts) - 1))
     finetuned, tok = tiny_model("llama", seed=0)
     teacher_dir = _save(tiny_model("llama", seed=1)[0], tok, tmp_path / "aligned")
     finetuned_dir = _save(finetuned, tok, tmp_path / "finetuned")

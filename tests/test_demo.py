@@ -5,7 +5,7 @@ import pytest
 
 from dataclasses import replace
 
-from qrealign.demo import EXTENDED_VARIANTS, FIRST_TOKEN, DemoConfig, run_demo
+from qrealign.demo import EXTENDED_VARIANTS, FIRST_TOKEN, DemoConfig, _calib_config, run_demo
 from qrealign.finetune.config import AlignConfig, AttackConfig, SFTConfig
 from qrealign.models.tiny import tiny_model
 
@@ -77,7 +77,18 @@ def test_demo_config_rejects_a_bad_attack_sweep_up_front(tmp_path):
 
     with pytest.raises(QrealignError, match="attack_sweep"):
         DemoConfig(out=str(tmp_path / "demo"), attack_sweep=(0.0, 1.5))
+    # schemes too: they are used after align, attack and probes
+    with pytest.raises(QrealignError, match="unknown scheme"):
+        DemoConfig(out=str(tmp_path / "demo"), schemes=("W8A8", "W9Q9"))
+    with pytest.raises(QrealignError, match="at least one scheme"):
+        DemoConfig(out=str(tmp_path / "demo"), schemes=())
+    with pytest.raises(QrealignError, match="twice"):
+        DemoConfig(out=str(tmp_path / "demo"), schemes=("W8A8", "w8a8"))
     assert not (tmp_path / "demo").exists()
+    # a lower-case name is the preset, so the variants' per-scheme settings apply to it
+    cfg = DemoConfig(out=str(tmp_path / "demo"), schemes=("w8a8", "w4a8"))
+    assert cfg.schemes == ("W8A8", "W4A8")
+    assert _calib_config(cfg, FIRST_TOKEN, cfg.schemes[0]).lwc is False
 
 
 def _no_answer_filter() -> dict:

@@ -85,6 +85,15 @@ def test_schemes_are_data_and_round_trip():
     assert custom.weights.group_size == 64 and custom.weights.symmetric and custom.activations.num_bits == 8
     with pytest.raises(QrealignError, match="unknown scheme"):
         get_scheme("W9X9")
+    # one name per scheme, whatever the case: per-scheme settings are looked up by name
+    assert get_scheme("w8a8") is PRESETS["W8A8"] and get_scheme("w8a8-SYM") is PRESETS["W8A8-sym"]
+    assert get_scheme("w4a8-G64").name == "W4A8-g64"
+    mixed = get_scheme("W8A8-sym-asym-act")  # symmetric weights, asymmetric activations
+    assert mixed.weights.symmetric and not mixed.activations.symmetric
+    wsym = get_scheme("W8A8-wsym")
+    assert wsym.weights.symmetric and not wsym.activations.symmetric
+    with pytest.raises(QrealignError, match="group size"):
+        get_scheme("W8A8-g0")
     with pytest.raises(QrealignError):
         QuantArgs(1)
 

@@ -104,6 +104,9 @@ def test_calibration_builder_ratio_splits_and_errors(tmp_path):
         build_calibration("qrealign:calib", n=10_000)
     with pytest.raises(QrealignError):
         build_calibration("qrealign:calib", malicious_ratio=1.5)
+    for n in (0, -5):  # a negative n used to slice "all but the last few" and break the ratio
+        with pytest.raises(QrealignError, match="n must be >= 1"):
+            build_calibration("qrealign:calib", n=n)
     bad = tmp_path / "c.jsonl"
     bad.write_text('{"prompt": "hi"}\n')
     with pytest.raises(QrealignError):
@@ -130,5 +133,6 @@ def test_layers_from_selects_the_late_blocks_and_rejects_bad_input():
     assert "last_probe" not in logs[0] and "last_probe" in logs[1]  # safety term on block 1 only
     with pytest.raises(QrealignError, match="either"):
         realign(base, tok, _probes(base, tok), calib, "W8A8", progress=False, layers=(1,), layers_from=0.5)
-    with pytest.raises(QrealignError, match="no block"):  # layer indices past the model: nothing to push
-        realign(base, tok, _probes(base, tok), calib, "W8A8", progress=False, layers=(7, 8))
+    for layers in ((7, 8), (1, 7)):  # layer indices past the model: a typo is not silently dropped
+        with pytest.raises(QrealignError, match=r"\[7(, 8)?\] are not blocks of this 2-block model"):
+            realign(base, tok, _probes(base, tok), calib, "W8A8", progress=False, layers=layers)

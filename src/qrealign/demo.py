@@ -147,7 +147,16 @@ class DemoConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        # Checked up front: the attack sweep runs late, after the hour of work before it.
+        # Checked up front: the quantization stages and the attack sweep run late, after the
+        # align, attack and probe stages. Scheme names are made canonical ("w8a8" -> "W8A8") so a
+        # variant's per-scheme settings find them.
+        from .quant.scheme import get_scheme
+
+        if not self.schemes:
+            raise QrealignError("the demo needs at least one scheme, e.g. W8A8")
+        self.schemes = tuple(get_scheme(s).name for s in self.schemes)
+        if len(set(self.schemes)) != len(self.schemes):
+            raise QrealignError(f"schemes are listed twice: {', '.join(self.schemes)}")
         bad = [r for r in self.attack_sweep if not 0.0 <= r <= 1.0]
         if bad:
             raise QrealignError(f"attack_sweep ratios must be in [0, 1], got {bad}")

@@ -98,6 +98,10 @@ def safety_layers(probes, layers=None, layers_from: float | None = None) -> tupl
     """The blocks that will get the safety term: the chosen ones (`layers`, or from the depth
     fraction `layers_from`, default all) whose probe is usable. Raises NoSafetyLayers if none."""
     layers = chosen_layers(probes.num_layers, layers, layers_from)
+    if layers is not None:
+        outside = sorted(layer for layer in set(layers) if not 0 <= layer < probes.num_layers)
+        if outside:  # as the first-token path: a typo in --layers is not silently dropped
+            raise NoSafetyLayers(f"safety layers {outside} are not blocks of this {probes.num_layers}-block model")
     rule = SafetyLoss.from_probes(probes, layers=layers)  # the loss's own rule: usable and chosen
     active = tuple(layer for layer in range(probes.num_layers) if rule.active(layer))
     if not active:

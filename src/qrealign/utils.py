@@ -25,14 +25,31 @@ _DTYPES = {
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """`None`/"auto" picks the best accelerator present; anything else is taken as given."""
+    """`None`/"auto" picks the best accelerator present; anything else must name a device this
+    machine has (checked here, so a typo or a missing GPU fails before a model is loaded)."""
     if device is None or device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise QrealignError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from exc
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise QrealignError(f"device {device!r}: this torch build or machine has no usable CUDA device "
+                                "(use --device cpu, or install a CUDA build of torch)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise QrealignError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif resolved.type == "mps" and not _mps_available():
+        raise QrealignError(f"device {device!r}: MPS is not available on this machine")
+    return resolved
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:

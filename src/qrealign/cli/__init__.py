@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:
         _quiet_libraries()
     try:
+        if getattr(args, "device", None) is not None:  # a typo or a missing GPU fails before any model loads
+            from ..utils import resolve_device
+
+            resolve_device(args.device)
         return int(args._run(args) or 0)
     except QrealignError as exc:
         if debug:

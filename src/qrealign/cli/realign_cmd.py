@@ -55,6 +55,7 @@ def run(args) -> int:
         if wrong:
             raise QrealignError(f"{', '.join(wrong)} only apply to the probe loss (--probes), not to --teacher")
         _check_save_targets(args)
+        _check_teacher(args.teacher)
         model, tokenizer, scheme, config, calib = prepare(args, "omniquant")
         # FirstTokenLoss defaults: normalised MSE without the sink token, malicious prompts reconstructed too.
         options = {} if args.sink_weight is None else {"sink_weight": args.sink_weight}
@@ -74,6 +75,15 @@ def run(args) -> int:
     summary(result, args.out)
     return 0
 
+
+
+def _check_teacher(teacher: str) -> None:
+    """Before the fine-tuned model loads: a typo in --teacher fails now, not minutes later."""
+    from ..calibrate.targets import is_targets_dir
+    from ..models.load import resolve_source
+
+    if not is_targets_dir(teacher):
+        resolve_source(teacher)
 
 
 def _check_save_targets(args) -> None:

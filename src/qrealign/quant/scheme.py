@@ -94,19 +94,26 @@ def get_scheme(spec: str | dict | Scheme) -> Scheme:
         return spec
     if isinstance(spec, dict):
         return Scheme.from_dict(spec)
-    if spec in PRESETS:
-        return PRESETS[spec]
+    if not isinstance(spec, str):
+        raise QrealignError(f"a scheme is a name, a dict or a Scheme, got {type(spec).__name__}")
+    spec = spec.strip()
+    preset = {name.lower(): scheme for name, scheme in PRESETS.items()}.get(spec.lower())
+    if preset is not None:  # "w8a8" is W8A8: one name per scheme, so per-scheme settings find it
+        return preset
     match = _PATTERN.match(spec)
     if not match:
         raise QrealignError(
-            f"unknown scheme {spec!r}; presets: {', '.join(PRESETS)}; custom: W<bits>A<bits>[-g<group>][-sym]"
+            f"unknown scheme {spec!r}; presets: {', '.join(PRESETS)}; "
+            "custom: W<bits>A<bits>[-g<group>][-sym|-wsym][-asym-act]"
         )
     wbits, abits, suffix = int(match[1]), int(match[2]), match[3].lower()
     group = re.search(r"g(\d+)", suffix)
-    sym = "-sym" in suffix
+    if group and int(group[1]) < 1:
+        raise QrealignError(f"scheme {spec!r}: the group size must be >= 1 (leave -g out for per-channel)")
+    sym = "-sym" in suffix.replace("-asym-act", "")
     weights = _w(wbits, int(group[1]) if group else None, sym=sym or "-wsym" in suffix) if wbits < 16 else None
-    acts = _a(abits, sym=sym) if abits < 16 else None
-    return Scheme(spec, weights, acts)
+    acts = _a(abits, sym=sym and "-asym-act" not in suffix) if abits < 16 else None
+    return Scheme(f"W{wbits}A{abits}{suffix}", weights, acts)
 
 
 def with_name(scheme: Scheme, name: str) -> Scheme:
