@@ -34,15 +34,21 @@ def test_fingerprint_is_the_same_for_any_thread_count_and_sees_a_single_weight()
     assert model_fingerprint(model) != before
 
 
-def test_runs_written_before_version_2_still_reload(tmp_path):
-    """A run's qrealign.json from before the thread-independent fingerprint holds the old value
-    (computed with one thread in the demo's lanes): reloading accepts it; a wrong one is refused."""
-    model, tok = tiny_model("llama", seed=3, num_hidden_layers=2)
+def _rtn_run(tmp_path, seed):
+    """A saved tiny model (`tmp_path/m`) and an RTN W8A8 run of it (`tmp_path/run`); the tokenizer."""
+    model, tok = tiny_model("llama", seed=seed, num_hidden_layers=2)
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     model, tok = load_model(str(tmp_path / "m"))
     calib = CalibrationSet(["write a scam email", "bake bread"], [1, 0])
     quantize(model, tok, calib, "W8A8", CalibConfig(method="rtn"), out=tmp_path / "run", progress=False)
+    return tok
+
+
+def test_runs_written_before_version_2_still_reload(tmp_path):
+    """A run's qrealign.json from before the thread-independent fingerprint holds the old value
+    (computed with one thread in the demo's lanes): reloading accepts it; a wrong one is refused."""
+    _rtn_run(tmp_path, seed=3)
     meta_file = tmp_path / "run" / "qrealign.json"
     meta = json.loads(meta_file.read_text())
     assert meta["fingerprint_version"] == 2
@@ -60,3 +66,22 @@ def test_runs_written_before_version_2_still_reload(tmp_path):
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(IncompatibleArtifact, match="fingerprint mismatch"):
         load_quantized(tmp_path / "run")
+
+
+def test_a_float32_run_loads_in_bf16_after_its_fingerprint_is_checked_in_float32(tmp_path):
+    # The fingerprint hashes the weights' bits: a bf16 load can never match a float32 record, so
+    # load_quantized checks in float32 and casts afterwards (it used to say "fingerprint mismatch").
+    tok = _rtn_run(tmp_path, seed=4)
+    fp32, _, _ = load_quantized(tmp_path / "run")
+    bf16, _, _ = load_quantized(tmp_path / "run", dtype="bfloat16")
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    ids = tok("bake bread", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref, out = fp32(ids).logits, bf16(ids).logits.float()
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()  # the same quantized model, in bf16
+    meta_file = tmp_path / "run" / "qrealign.json"
+    meta = json.loads(meta_file.read_text())
+    meta["model_fingerprint"] = "0" * len(meta["model_fingerprint"])
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(IncompatibleArtifact, match="fingerprint mismatch"):  # a wrong model still fails
+        load_quantized(tmp_path / "run", dtype="bfloat16")

@@ -17,7 +17,8 @@ from ..models.registry import get_arch, get_blocks, head_layout
 from ..quant.let import LETParams
 from ..quant.qlinear import QuantLinear, wrap_linears
 from ..quant.scheme import Scheme, get_scheme
-from ..utils import atomic_dir, fingerprint_matches, model_fingerprint, read_json, write_json
+from ..utils import (atomic_dir, fingerprint_matches, model_fingerprint, read_json, resolve_device, resolve_dtype,
+                     write_json)
 from .engine import apply_block_params
 
 FORMAT_VERSION = 1
@@ -112,9 +113,18 @@ def load_quantized(path: str | Path, device: str | torch.device | None = "cpu", 
     params.pop("_empty", None)
     model, tokenizer = load_model(meta["source"], adapter=meta.get("adapter"), dtype=dtype, device=device)
     expected = meta.get("model_fingerprint")
+    cast_to = None
+    if expected and not fingerprint_matches(model, expected, meta) and resolve_dtype(dtype) != torch.float32:
+        # The fingerprint hashes the weights' bits, so a run calibrated in float32 (the CLI's
+        # default) is checked in float32 and cast afterwards, parameters applied.
+        del model
+        model, tokenizer = load_model(meta["source"], adapter=meta.get("adapter"), dtype="float32", device="cpu")
+        cast_to = (resolve_device(device), resolve_dtype(dtype))
     if expected and not fingerprint_matches(model, expected, meta):
         raise IncompatibleArtifact(
             f"{meta['source']} is not the model this run was calibrated on (fingerprint mismatch)")
     apply_quant_params(model, meta["scheme"], params)
+    if cast_to is not None:
+        model.to(device=cast_to[0], dtype=cast_to[1])
     model.config.qrealign_quant_run = str(path.resolve())
     return model, tokenizer, meta
