@@ -35,6 +35,7 @@ from torch import nn
 
 from ..errors import QrealignError
 from ..models.offload import offloaded
+from ..utils import resolve_device
 from ..models.registry import block_types, get_arch, get_blocks, get_submodule
 from ..utils import same_device, tensor_digest
 from .capture import block_output, move_kwargs, record_block_inputs, run_blocks
@@ -171,17 +172,24 @@ def first_token_targets(aligned: nn.Module, finetuned: nn.Module, tokenizer, cal
     return targets
 
 
-def teacher_refuses(aligned: nn.Module, tokenizer, prompts: list[str], config, max_new_tokens: int = 64
-                    ) -> list[bool]:
+def teacher_refuses(aligned: nn.Module, tokenizer, prompts: list[str], config, max_new_tokens: int = 64,
+                    device=None) -> list[bool]:
     """Whether the aligned teacher refuses each prompt: its greedy answer (`max_new_tokens`, the
-    calibration's system prompt), read by the keyword judge that the evaluation uses."""
+    calibration's system prompt), read by the keyword judge that the evaluation uses. The teacher
+    generates on `device` (default: where it is) and goes back afterwards: greedy answers of a 7B
+    teacher on the CPU of a GPU machine would take hours."""
     from ..evaluate.generate import GenerationConfig, generate
     from ..evaluate.judges import KeywordJudge
 
     if offloaded(aligned) is not None:
         raise QrealignError("refusal targets generate with the teacher: it must be in memory, not offloaded")
     gen = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=config.batch_size, system=config.system)
-    answers = generate(aligned, tokenizer, prompts, gen, progress=False)
+    home = next(aligned.parameters()).device
+    aligned.to(home if device is None else resolve_device(device))
+    try:
+        answers = generate(aligned, tokenizer, prompts, gen, progress=False)
+    finally:
+        aligned.to(home)
     return [v.refused for v in KeywordJudge().judge(prompts, answers)]
 
 
