@@ -32,6 +32,10 @@ def test_sink_weight_and_normalisation():
     inp = _inputs()
     mse = per_sample_mse(inp.fp_out, inp.q_out, inp.attention_mask, sink_weight=0.0)
     assert mse[0].item() == pytest.approx(2.0)  # first real token (1) excluded
+    # the authors' padded average keeps the pad position but still drops the *real* first token:
+    # sample 0 -> (pad 0 + token 2's 2) / 2 tokens weighted; sample 1 -> token 2's 0.25 / 2
+    padded = per_sample_mse(inp.fp_out, inp.q_out, inp.attention_mask, sink_weight=0.0, include_padding=True)
+    assert padded.tolist() == pytest.approx([2.0 / 2, 0.25 / 2])
     fp = torch.full((1, 2, 2), 2.0)
     q = torch.full((1, 2, 2), 3.0)
     rel = per_sample_mse(fp, q, torch.ones(1, 2), normalize=True)

@@ -41,10 +41,12 @@ class BlockLoss(Protocol):
         ...
 
 
-def token_weights(attention_mask: torch.Tensor, sink_weight: float = 1.0) -> torch.Tensor:
-    """[B, T] weights over real tokens; the first real token of each row (the attention sink,
-    whose massive activations dominate the MSE in later layers) gets `sink_weight`."""
-    w = attention_mask.float()
+def token_weights(attention_mask: torch.Tensor, sink_weight: float = 1.0, include_padding: bool = False
+                  ) -> torch.Tensor:
+    """[B, T] weights over real tokens (every position with `include_padding`); the first real
+    token of each row (the attention sink, whose massive activations dominate the MSE in later
+    layers) gets `sink_weight`, wherever padding puts it."""
+    w = torch.ones_like(attention_mask, dtype=torch.float) if include_padding else attention_mask.float()
     if sink_weight != 1.0:
         first = attention_mask.long().argmax(dim=1)
         w = w.clone()
@@ -58,7 +60,7 @@ def per_sample_mse(fp_out: torch.Tensor, q_out: torch.Tensor, attention_mask: to
     `normalize`, divided by the target's mean square over the same tokens, so the value is a
     relative error comparable across layers (a meaningful lambda). `include_padding` reproduces
     the authors' loss, which averages over pad positions too."""
-    w = token_weights(torch.ones_like(attention_mask) if include_padding else attention_mask, sink_weight)
+    w = token_weights(attention_mask, sink_weight, include_padding)
     err = (q_out.float() - fp_out.float()).pow(2).mean(dim=-1)  # [B, T]
     denom = w.sum(dim=1).clamp(min=1e-6)
     mse = (err * w).sum(dim=1) / denom
