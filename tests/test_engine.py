@@ -102,6 +102,10 @@ def test_autocast_setting_resolves_per_device_and_keys_the_run(calib_set):
     prints = {a: _run(calib_set, CalibConfig(method="rtn", autocast=a), device="cpu")[2].fingerprint
               for a in ("auto", "off", "bf16")}
     assert prints["auto"] == prints["off"] != prints["bf16"]
+    # the initial loss (and the init guard's comparison) is measured in the training's precision
+    init = {a: _run(calib_set, CalibConfig(method="omniquant", epochs=0, autocast=a, measure_init_loss=True),
+                    device="cpu")[2].layer_logs[0]["loss_init"] for a in ("off", "bf16")}
+    assert init["off"] != init["bf16"] and init["bf16"] == pytest.approx(init["off"], rel=0.2)
 
 
 @pytest.mark.parametrize("batch_size,padding_side", [(1, "left"), (8, "left"), (8, "right"), (3, "right")])

@@ -248,12 +248,13 @@ def calibrate(
         else:
             epochs = cfg.epochs_for(i, num_layers, safety=_has_safety_term(loss, i))
             guard = cfg.init_guard and epochs and let is not None
+            # measured under the training's own precision: the guard compares like with like
             if cfg.measure_init_loss or guard:
                 log["loss_init"] = _evaluate_loss(block, let, q_in, fp_out, kw, batches, masks, loss, i, num_layers,
-                                                  all_kw=kwargs)
+                                                  amp, all_kw=kwargs)
             if guard:
                 log.update(_guard_init(block, let, q_in, fp_out, kw, batches, masks, loss, i, num_layers,
-                                       log["loss_init"], all_kw=kwargs))
+                                       log["loss_init"], amp, all_kw=kwargs))
             if epochs and (let is not None or cfg.lwc or cfg.learn_rounding):
                 log.update(_train_block(block, let, q_in, fp_out, kw, batches, masks, loss, cfg, epochs,
                                         i, num_layers, amp, ckpt, all_kw=kwargs))
@@ -335,12 +336,12 @@ def _evaluate_loss(block, let, q_in, fp_out, kw, batches, masks, loss: BlockLoss
 
 @torch.no_grad()
 def _guard_init(block, let, q_in, fp_out, kw, batches, masks, loss, layer, num_layers, loss_init,
-                all_kw=None) -> dict:
+                amp: str | None = None, all_kw=None) -> dict:
     """Switch the LET scales to identity when that starts with a lower loss."""
     saved = {k: p.clone() for k, p in let.scales.items()}
     for p in let.scales.values():
         p.fill_(1.0)
-    plain = _evaluate_loss(block, let, q_in, fp_out, kw, batches, masks, loss, layer, num_layers, all_kw=all_kw)
+    plain = _evaluate_loss(block, let, q_in, fp_out, kw, batches, masks, loss, layer, num_layers, amp, all_kw=all_kw)
     if plain < loss_init:
         return {"init": "identity", "loss_init_smooth": loss_init, "loss_init": plain}
     for k, v in saved.items():
