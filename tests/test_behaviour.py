@@ -68,6 +68,17 @@ def test_tail_copies_and_blockwise_targets_match_the_models_own_forward():
     assert tail.copies[0] is None and all(c is not None for c in tail.copies[1:])
     assert not any(c is m for c, m in zip(tail.copies[1:], get_blocks(model)[1:]))
     assert not any(p.requires_grad for c in tail.copies[1:] for p in c.parameters())
+    # the head: the model's own on its device, one kept copy on another (meta stands in for a GPU)
+    assert tail.head_for(cpu) is tail.head and tail.head_copy is None
+    meta = tail.head_for(torch.device("meta"))
+    assert meta.device.type == "meta" and tail.head_for(torch.device("meta")) is meta
+    assert tail.head.device == cpu and not any(p.requires_grad for p in meta.head.parameters())
+    copy_on_cpu = tail.head.copy_to(cpu)
+    assert copy_on_cpu.head.weight is not tail.head.head.weight
+    with torch.no_grad():
+        tail.head_for = lambda device: copy_on_cpu
+        via_head_copy = tail(h, 0, inputs.kwargs_by_type, batch.enc.last_index)
+    assert torch.equal(own, via_head_copy)
 
 
 def test_targets_take_the_aligned_teacher_on_malicious_rows_only():

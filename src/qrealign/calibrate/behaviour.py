@@ -62,6 +62,17 @@ class LogitHead:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.float()
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.head.parameters()).device
+
+    def copy_to(self, device: torch.device) -> "LogitHead":
+        """A frozen copy of the norm and the head on `device` (the model's stay where they are)."""
+        other = copy.copy(self)
+        other.norm = copy.deepcopy(self.norm).to(device).requires_grad_(False)
+        other.head = copy.deepcopy(self.head).to(device).requires_grad_(False)
+        return other
+
 
 class ModelTail:
     """Blocks after `layer`, the final norm and the LM head of `model`, frozen: maps a block's
@@ -80,6 +91,7 @@ class ModelTail:
         self.source = offloaded(model)
         self.model_blocks = None if self.source is not None else list(get_blocks(model))
         self.copies: list = [None] * len(self.types)
+        self.head_copy: LogitHead | None = None
         for module in (*(self.model_blocks or ()), self.head.norm, self.head.head):
             for p in module.parameters():
                 p.requires_grad_(False)
@@ -92,7 +104,17 @@ class ModelTail:
             p = next(block.parameters())
             kwargs = move_kwargs(kwargs_by_type[self.types[j]], p.device)  # the engine's are on its device
             h = block_output(block(h.to(p.device, p.dtype), **kwargs))
-        return self.head(h, last_index).to(hidden.device)
+        return self.head_for(h.device)(h, last_index).to(hidden.device)
+
+    def head_for(self, device: torch.device) -> LogitHead:
+        """The model's head where it already is on `device`; otherwise one copy there, kept: with
+        the model on the CPU and blocks trained on a GPU, every step would otherwise run the
+        head's matmul (hidden x vocabulary, forward and backward) on the CPU."""
+        if same_device(self.head.device, device):
+            return self.head
+        if self.head_copy is None or not same_device(self.head_copy.device, device):
+            self.head_copy = self.head.copy_to(device)
+        return self.head_copy
 
     def _blocks_for(self, layer: int, device: torch.device) -> list:
         if self.model_blocks is not None and all(
