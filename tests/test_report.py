@@ -84,6 +84,13 @@ def test_report_cli(tmp_path, capsys):
     assert "| C | 15.0 |" in capsys.readouterr().out
     assert main(["report", dirs[0], "--names", "A,B", "--out", str(tmp_path / "rep2")]) == 2
     assert not (tmp_path / "rep2").exists()
+    assert main(["report", *dirs, "--out", str(tmp_path / "rep")]) == 0  # an earlier report is replaced
+    # an eval directory holds a report.md too: it is not a report's to replace
+    (tmp_path / "ev0" / "report.md").write_text("eval's own report")
+    before = sorted(p.name for p in (tmp_path / "ev0").iterdir())
+    assert main(["report", *dirs, "--out", dirs[0]]) == 2
+    assert "holds an evaluation" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "ev0").iterdir()) == before
 
 
 def test_verdict_reads_the_bar_off_the_results(tmp_path):

@@ -164,8 +164,11 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
     cfg = cfg or DemoConfig()
+    from .report import check_report_out
+
     out = Path(cfg.out)
     root = out / "stages"
+    check_report_out(out / "report")  # now, not after the hours of work before the report
     t_start = time.time()
     timings: dict[str, float] = {}
 
@@ -229,7 +232,7 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
     candidates = [f"{v.name} {cfg.schemes[0]}" for v in cfg.variants if v.method == "qrealign"]
     verdict = verdict_lines(standings(results, "attacked FP", "aligned FP", candidates))
     report_dir = out / "report"
-    with atomic_dir(report_dir, marker="report.md") as tmp:
+    with atomic_dir(report_dir) as tmp:  # checked at the start
         write_report(results, tmp, title="qrealign demo: SmolLM2-135M, aligned -> attacked -> quantized",
                      verdict=verdict)
     summary = {"config": _jsonable(asdict(cfg)), "lanes": lanes, "timings_s": timings, "total_s": round(time.time() - t_start, 1),

@@ -17,9 +17,10 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from ..errors import QrealignError
     from ..evaluate.runner import EvalResult
-    from ..report import markdown_table, write_report
+    from ..report import check_report_out, markdown_table, write_report
     from ..utils import atomic_dir
 
+    check_report_out(args.out)  # before reading anything: an eval's directory is not a report's
     results = [EvalResult.load(p) for p in args.results]
     if args.names:
         names = [n.strip() for n in args.names.split(",")]
@@ -27,7 +28,7 @@ def run(args) -> int:
             raise QrealignError(f"--names has {len(names)} names for {len(results)} results")
         for r, n in zip(results, names):
             r.name = n
-    with atomic_dir(args.out, marker="report.md") as tmp:
+    with atomic_dir(args.out) as tmp:
         write_report(results, tmp, title=args.title)
     print(markdown_table(results))
     print(f"wrote {args.out}/report.md, report.html, plots/")

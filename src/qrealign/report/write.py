@@ -30,6 +30,18 @@ _NOTE = ("HS: % of harmful prompts whose response the judge counts as harmful (k
          "empty, looping or gibberish. FA: task accuracy. CI: Wilson 95 % interval on HS.")
 
 
+def check_report_out(out_dir: str | Path) -> None:
+    """A report replaces its directory, and every `qrealign eval` output holds a report.md too:
+    refuse a directory that holds an evaluation (its result.json), not only foreign ones."""
+    from ..utils import check_out_dir
+
+    out = Path(out_dir)
+    if (out / "result.json").exists():
+        raise QrealignError(f"--out {out} holds an evaluation (result.json) that a report would replace; "
+                            "choose a new directory")
+    check_out_dir(out, "report.md", what="an earlier report")
+
+
 def write_report(results: Sequence, out_dir: str | Path, title: str = "qrealign evaluation report",
                  verdict: Sequence[str] = ()) -> Path:
     """Write report.md, report.html and plots/*.png for `results` (EvalResult objects) into
