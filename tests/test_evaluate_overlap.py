@@ -62,6 +62,16 @@ def test_collect_follows_parent_chain(tmp_path):
     assert len(prov2) == 2 and "finetune" in prov2
 
 
+def test_collect_follows_the_models_a_realign_run_learned_from(tmp_path):
+    # the probes' models and the first-token teacher trained on prompts of their own
+    aligned = _write(tmp_path / "aligned", {"provenance": provenance_entry("align", [P(0, TEXTS[0])], "align")})
+    other = _write(tmp_path / "other", {"provenance": provenance_entry("attack", [P(1, TEXTS[1])], "attack")})
+    prov = collect_provenance({"probe_parents": [str(aligned), str(other)], "provenance": {}})
+    assert set(prov) == {"align", "attack"}
+    prov = collect_provenance({"teacher": {"source": str(aligned), "fingerprint": "x"}, "provenance": {}})
+    assert set(prov) == {"align"}
+
+
 def test_collect_handles_cycles_and_missing_parents(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     _write(a, {"parent": str(b), "provenance": provenance_entry("x", [TEXTS[0]], "s")})

@@ -93,6 +93,17 @@ def test_planted_direction_recovered():
         assert 0 < m.nnz < 48  # L1 drops most of the 43 pure-noise dimensions
 
 
+@pytest.mark.parametrize("version", ["1.5.2", "1.7.0", "1.8.0", "2.0.1"])
+def test_the_probe_is_sparse_under_each_sklearn_spelling_of_l1(monkeypatch, version):
+    # before 1.8 `l1_ratio` alone is ignored (a dense L2 fit); from 1.8 `penalty=` is deprecated
+    import sklearn
+
+    monkeypatch.setattr(sklearn, "__version__", version)
+    pos, neg, u = planted(np.random.default_rng(0), n=200, shift=2.5)
+    probes = fit_probes(pos, neg, C=0.1, progress=False)
+    assert all(0 < probes.metrics[layer].nnz < 48 for layer in range(2))
+
+
 def test_standardization_folding_gives_identical_logits():
     """sklearn's decision function on standardised inputs == the folded raw-space probe."""
     from sklearn.linear_model import LogisticRegression

@@ -136,3 +136,22 @@ def test_layers_from_selects_the_late_blocks_and_rejects_bad_input():
     for layers in ((7, 8), (1, 7)):  # layer indices past the model: a typo is not silently dropped
         with pytest.raises(QrealignError, match=r"\[7(, 8)?\] are not blocks of this 2-block model"):
             realign(base, tok, _probes(base, tok), calib, "W8A8", progress=False, layers=layers)
+
+
+def test_the_overlap_check_sees_the_prompts_that_trained_the_probes(tmp_path):
+    """Probes fit on evaluation prompts shape the realigned model: `qrealign eval` must see them
+    (the run used to record only the calibration's prompts)."""
+    from qrealign.data.prompts import load_prompts
+    from qrealign.evaluate.overlap import check_overlap, collect_provenance, provenance_entry
+
+    eval_prompts = load_prompts("eval")[:3]
+    base, tok = tiny_model("llama", seed=2)
+    probes = _probes(base, tok)
+    probes.data["provenance"] = provenance_entry("probes", eval_prompts, "eval")
+    calib = CalibrationSet(MALICIOUS + BENIGN, [1] * len(MALICIOUS) + [0] * len(BENIGN))
+    realign(base, tok, probes, calib, "W8A8", CalibConfig(epochs=0), out=tmp_path / "run", progress=False)
+    prov = collect_provenance(tmp_path / "run")
+    assert {"calibration", "probes"} <= set(prov)
+    with pytest.warns(UserWarning, match="stage 'probes'"):
+        report = check_overlap(eval_prompts, prov, force=True)
+    assert not report.clean and report.total == 3 and set(report.by_stage) == {"probes"}

@@ -91,7 +91,9 @@ def realign(
     parents = getattr(probes, "parents", None)
     return quantize(model, tokenizer, calibration, scheme, config or CalibConfig(), out=out, loss=loss,
                     device=device, progress=progress, checkpoint_dir=checkpoint_dir,
-                    extra_metadata={**meta, "probe_parents": parents() if callable(parents) else None})
+                    extra_metadata={**meta, "probe_parents": parents() if callable(parents) else None,
+                                    # the probes' own prompts count for the overlap check too
+                                    "provenance": (getattr(probes, "data", None) or {}).get("provenance") or {}})
 
 
 def safety_layers(probes, layers=None, layers_from: float | None = None) -> tuple[int, ...]:

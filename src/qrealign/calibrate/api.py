@@ -48,6 +48,9 @@ def quantize(
     if out is not None:
         from ..evaluate.overlap import provenance_entry
 
+        extra = dict(extra_metadata or {})
+        # other prompts that shaped the run (e.g. the probes' training prompts) join the calibration's
+        more_provenance = extra.pop("provenance", None) or {}
         metadata = {
             "source": source,
             "adapter": adapter,
@@ -62,10 +65,11 @@ def quantize(
             "run_fingerprint": result.fingerprint,
             "calibration": {"split": calibration.split, "n": len(calibration.prompts),
                             "malicious_ratio": calibration.malicious_ratio},
-            "provenance": provenance_entry("calibration", calibration.records(), calibration.split),
+            "provenance": {**provenance_entry("calibration", calibration.records(), calibration.split),
+                           **more_provenance},
             "layers": result.layer_logs,
             "seconds": round(time.time() - t0, 2),
-            **(extra_metadata or {}),
+            **extra,
         }
         save_quantized(out, result.params, metadata)
         if ckpt is not None and ckpt.exists():

@@ -65,7 +65,10 @@ def load_prompt_classes(split: str | None, path: str | None, limit: int | None):
     from ..data.prompts import load_prompt_file, load_prompts
     from ..errors import QrealignError
 
-    prompts = load_prompt_file(path) if path else load_prompts(split=split)
+    try:
+        prompts = load_prompt_file(path) if path else load_prompts(split=split)
+    except (OSError, ValueError) as exc:  # a missing file, bad JSON, an unknown split: say so, no traceback
+        raise QrealignError(str(exc)) from None
     harmful = [p for p in prompts if p.label == 1]
     benign = [p for p in prompts if p.label == 0]
     if limit:

@@ -82,11 +82,16 @@ def _stages(meta: Mapping) -> dict[str, dict]:
 
 def _parents(meta: Mapping) -> list[str]:
     """"parent" (str or list), plus "source" / "adapter" when they are strings: a quantization
-    run names the model it was built on there, and that model's own provenance counts too."""
+    run names the model it was built on there, and that model's own provenance counts too. So do
+    the models a Q-realign run learned from: the probes' models ("probe_parents") and the
+    first-token teacher ("teacher": {"source": ...})."""
     out: list[str] = []
-    for key in ("parent", "source", "adapter"):
-        value = meta.get(key)
-        values = value if isinstance(value, (list, tuple)) and key == "parent" else [value]
+    teacher = meta.get("teacher")
+    sources = {"parent": meta.get("parent"), "source": meta.get("source"), "adapter": meta.get("adapter"),
+               "probe_parents": meta.get("probe_parents"),
+               "teacher": teacher.get("source") if isinstance(teacher, Mapping) else None}
+    for key, value in sources.items():
+        values = value if isinstance(value, (list, tuple)) and key in ("parent", "probe_parents") else [value]
         out.extend(str(v) for v in values if isinstance(v, str) and v)
     return out
 

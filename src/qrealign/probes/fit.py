@@ -195,15 +195,24 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, C: float = 1.0, standardize: bool
     kwargs = dict(C=C, solver=solver, max_iter=max_iter, class_weight=class_weight, random_state=seed)
     if solver == "liblinear":
         kwargs["intercept_scaling"] = 10.0
-    try:  # sklearn >= 1.8 spells the pure-L1 penalty l1_ratio=1 (penalty= is deprecated)
+    # sklearn >= 1.8 spells the pure-L1 penalty l1_ratio=1 (penalty= is deprecated there); before
+    # 1.8 l1_ratio is read only with penalty="elasticnet", so passing it alone fits a dense L2 model.
+    if _sklearn_version() >= (1, 8):
         clf = LogisticRegression(l1_ratio=1.0, **kwargs)
-    except TypeError:  # pragma: no cover - old sklearn
+    else:
         clf = LogisticRegression(penalty="l1", **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", FutureWarning)
         clf.fit(xs, y)
     return fold_standardization(clf.coef_[0].astype(np.float64), float(clf.intercept_[0]), mu, sd)
+
+
+def _sklearn_version() -> tuple[int, int]:
+    import sklearn
+
+    major, minor = (sklearn.__version__.split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
 def fit_direction(pos: np.ndarray, neg: np.ndarray, threshold: str = "midpoint") -> tuple[np.ndarray, float]:
