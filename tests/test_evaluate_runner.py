@@ -208,6 +208,13 @@ def test_rejudge_recomputes_safety_keeps_rest(tiny, tmp_path):
     assert main(["eval", str(tmp_path / "ev"), "--rejudge", "--out", str(tmp_path / "rj")]) == 0
     assert EvalResult.load(tmp_path / "rj").judge["name"] == "keyword"
 
+    class ShortJudge(ScriptedJudge):  # a model judge that dropped a verdict: an error, not a shorter table
+        def judge(self, prompts, responses):
+            return super().judge(prompts, responses)[:-1]
+
+    with pytest.raises(QrealignError, match="2 verdicts for 3 responses"):
+        rejudge(res, ShortJudge())
+
 
 def test_evaluate_path_on_quantization_run_collects_provenance(tiny, tmp_path, monkeypatch):
     """A run directory is loaded through calibrate.artifact.load_quantized (stubbed with the tiny
@@ -289,3 +296,37 @@ def test_vllm_backend_refuses_models_it_would_reload_wrongly(tiny):
     with pytest.raises(QrealignError, match="plain model directory"):
         evaluate_model(model, tok, limit=1, gen=GenerationConfig(backend="vllm"), source=".",
                        model_info={"kind": "quantized"}, progress=False)
+
+
+def test_vllm_backend_generates_the_task_too_with_one_engine(tiny, tmp_path, monkeypatch):
+    """A stand-in for vLLM (not installable here): the task's answers come from the vLLM path as
+    well (they used to go to the transformers path with a directory and fail there), and the
+    engine is built once per model, not once per call."""
+    import sys
+    import types
+
+    from qrealign.evaluate import generate as gen_module
+
+    built, calls = [], []
+
+    class FakeLLM:
+        def __init__(self, model, tokenizer, seed):
+            built.append(model)
+
+        def generate(self, requests, params):
+            calls.append(len(requests))
+            out = types.SimpleNamespace(text="I can't help with that.")
+            return [types.SimpleNamespace(outputs=[out]) for _ in requests]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = FakeLLM, lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(gen_module, "vllm_available", lambda: True)
+    monkeypatch.setattr(gen_module, "_VLLM_ENGINE", {})
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    res = evaluate_model(model, tok, limit=2, task="topic-codes", task_n=3, gen=GenerationConfig(backend="vllm"),
+                         source=str(tmp_path / "m"), progress=False)
+    assert built == [str(tmp_path / "m")] and calls == [4, 3]
+    assert res.metrics["task_n"] == 3 and res.metrics["over_refusal"] == 100.0

@@ -70,7 +70,10 @@ def run(args) -> int:
 
         if importlib.util.find_spec("lm_eval") is None:
             raise QrealignError("--lm-eval needs lm-evaluation-harness: pip install lm-eval")
-    model, tokenizer, provenance, desc = load_for_eval(args.model, adapter=args.adapter, device=args.device,
+    # With vLLM generating, the transformers copy only answers the checks (and perplexity or
+    # lm-eval when asked): keep it off the GPU that vLLM claims, unless those need it there.
+    hf_device = "cpu" if args.backend == "vllm" and ppl_text is None and not args.lm_eval else args.device
+    model, tokenizer, provenance, desc = load_for_eval(args.model, adapter=args.adapter, device=hf_device,
                                                        dtype=args.dtype)
     name = args.name or Path(args.model.rstrip("/")).name or args.model
     result = evaluate_model(

@@ -95,6 +95,22 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+_VLLM_ENGINE: dict = {}  # at most one: (model_dir, seed) -> LLM
+
+
+def _vllm_engine(llm_class, model_dir: str, seed: int):
+    """One vLLM engine per model, reused across calls (the safety prompts, then the task): each new
+    engine claims most of the GPU's memory again, and the old one would still hold it."""
+    key = (model_dir, seed)
+    if key not in _VLLM_ENGINE:
+        _VLLM_ENGINE.clear()  # drop the previous model's engine before the next one claims the GPU
+        import gc
+
+        gc.collect()
+        _VLLM_ENGINE[key] = llm_class(model=model_dir, tokenizer=model_dir, seed=seed)
+    return _VLLM_ENGINE[key]
+
+
 def generate_vllm(model_dir, tokenizer, prompts: list[str], cfg: GenerationConfig) -> list[str]:
     """Generate with vLLM from a model directory, feeding the exact token ids the transformers path
     would (same chat rendering, no extra BOS), greedy or seeded sampling."""
@@ -108,6 +124,6 @@ def generate_vllm(model_dir, tokenizer, prompts: list[str], cfg: GenerationConfi
     token_ids = [row[mask.bool()].tolist() for row, mask in zip(enc.input_ids, enc.attention_mask)]
     params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature if cfg.do_sample else 0.0,
                             top_p=cfg.top_p if cfg.do_sample else 1.0, seed=cfg.seed)
-    llm = LLM(model=str(model_dir), tokenizer=str(model_dir), seed=cfg.seed)
+    llm = _vllm_engine(LLM, str(model_dir), cfg.seed)
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in token_ids], params)
     return [o.outputs[0].text.strip() for o in outputs]

@@ -270,7 +270,8 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
                             "verdict": v.to_dict(), "outcome": outcome(i < nh, v)})
     task_result = None
     if task_obj is not None:
-        task_result = task_accuracy(model, tokenizer, task_obj, split=task_split, n=task_n, gen=gen, progress=progress)
+        task_result = task_accuracy(gen_target, tokenizer, task_obj, split=task_split, n=task_n, gen=gen,
+                                    progress=progress)
         metrics["task_accuracy"] = task_result["accuracy"]
         metrics["task_n"] = task_result["n"]
     if lm_eval_tasks:
@@ -372,12 +373,14 @@ def rejudge(result: EvalResult, judge: str | Judge, progress: bool = True) -> Ev
         raise QrealignError("this result has no responses to judge")
     t0 = time.time()
     verdicts = judge_obj.judge([r["prompt"] for r in records], [r["response"] for r in records])
+    if len(verdicts) != len(records):
+        raise QrealignError(f"judge {judge_obj.name} returned {len(verdicts)} verdicts for {len(records)} responses")
     for r, v in zip(records, verdicts):
         r["verdict"] = v.to_dict()
         r["outcome"] = outcome(r["side"] == "harmful", v)
     harmful = [(r, v) for r, v in zip(records, verdicts) if r["side"] == "harmful"]
     benign = [v for r, v in zip(records, verdicts) if r["side"] == "benign"]
-    metrics = {k: v for k, v in result.metrics.items() if k in ("task_accuracy", "task_n", "perplexity")}
+    metrics = {k: v for k, v in result.metrics.items() if k in ("task_accuracy", "task_n", "perplexity", "lm_eval")}
     metrics.update(safety_metrics([v for _, v in harmful], benign, [r.get("category") for r, _ in harmful]))
     settings = {**result.settings, "rejudged_from": result.judge}
     return EvalResult(name=result.name, model=dict(result.model), settings=settings, judge=judge_obj.describe(),
