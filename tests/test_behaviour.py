@@ -367,6 +367,26 @@ def test_realign_with_refusal_targets_records_what_it_replaced(tmp_path, monkeyp
         realign(finetuned, tok, probes="x", refusal_targets=True, calibration=_calib(), progress=False)
 
 
+def test_the_teacher_answers_where_it_is_when_the_device_has_no_room(monkeypatch):
+    from qrealign.calibrate import behaviour
+
+    aligned, tok = tiny_model("llama", seed=1)
+    moves = []
+    real_to = aligned.to
+
+    def to(device, *a, **k):
+        moves.append(str(device))
+        if len(moves) == 1:
+            raise torch.OutOfMemoryError("no room")  # the first move, to the compute device
+        return real_to(device, *a, **k)
+
+    monkeypatch.setattr(aligned, "to", to)
+    monkeypatch.setattr("qrealign.evaluate.generate.generate", lambda model, tok, prompts, gen, progress: ["ok"] * len(prompts))
+    with pytest.warns(UserWarning, match="does not fit"):
+        refused = behaviour.teacher_refuses(aligned, tok, PROMPTS[:2], CalibConfig(), device="cpu")
+    assert refused == [False, False] and moves == ["cpu", "cpu", "cpu"]  # tried, fell back, went home
+
+
 def test_resolve_device_rejects_unknown_and_absent_devices(monkeypatch):
     from qrealign.utils import resolve_device
 

@@ -207,7 +207,14 @@ def teacher_refuses(aligned: nn.Module, tokenizer, prompts: list[str], config, m
         raise QrealignError("refusal targets generate with the teacher: it must be in memory, not offloaded")
     gen = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=config.batch_size, system=config.system)
     home = next(aligned.parameters()).device
-    aligned.to(home if device is None else resolve_device(device))
+    try:
+        aligned.to(home if device is None else resolve_device(device))
+    except torch.OutOfMemoryError:  # e.g. a float32 7B teacher on a 24 GB GPU: slower, not fatal
+        import warnings
+
+        aligned.to(home)
+        warnings.warn(f"the teacher does not fit on {device}: its greedy answers are generated on {home}",
+                      stacklevel=2)
     try:
         answers = generate(aligned, tokenizer, prompts, gen, progress=False)
     finally:
