@@ -92,6 +92,11 @@ def run(args) -> int:
     check_out_dir(args.out, META_FILE, kind="probes")
     device = resolve_device(args.device)
     harmful, benign, split = load_prompt_classes(args.split, args.prompts, args.limit)
+    if split == "eval":
+        import warnings
+
+        warnings.warn("fitting probes on the held-out 'eval' split: a model realigned with them will be refused "
+                      "by `qrealign eval` on that split (its overlap check sees the probes' prompts)", stacklevel=1)
     model, tokenizer = load_model(args.model, adapter=args.adapter, dtype=args.dtype, device=device,
                                   offload=args.offload)
     finetuned = None
