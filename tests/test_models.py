@@ -123,3 +123,26 @@ def test_inspect_embedded_model(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["layers"] == 30 and info["hidden_size"] == 576 and info["kv_heads"] == 3
     assert set(info["smoothing_pairs"]) == {"qkv", "fc1", "out", "qk"}
+
+
+# Templates written for the test, in the style of two families' (not copied from either).
+_THINKING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+_NO_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def test_chat_rendering_turns_thinking_off_and_folds_an_unsupported_system_turn():
+    from qrealign.models.chat import render_chat
+
+    _, tok = tiny_model("llama")
+    tok.chat_template = _THINKING_TEMPLATE  # a reasoning model answers directly, not mid-thought
+    assert render_chat(tok, "hi").endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    tok.chat_template = _NO_SYSTEM_TEMPLATE
+    assert render_chat(tok, "hi", system="Be brief.") == "<start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n" \
+                                                         "<start_of_turn>model\n"
+    assert render_chat(tok, "hi") == "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"

@@ -20,12 +20,30 @@ def render_chat(tokenizer, prompt: str, system: str | None = None, response: str
         messages.append({"role": "system", "content": system})
     messages.append({"role": "user", "content": prompt})
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = _apply_template(tokenizer, messages, system, prompt)
     else:  # base models without a template
         text = (f"### System:\n{system}\n\n" if system else "") + f"### User:\n{prompt}\n\n### Assistant:\n"
     if response is not None:
         text += response + (tokenizer.eos_token or "")
     return text
+
+
+def _apply_template(tokenizer, messages: list[dict], system: str | None, prompt: str) -> str:
+    """The template's text with the generation prompt. `enable_thinking=False`: Qwen3-style
+    templates otherwise open a reasoning block, and every stage would probe, calibrate and judge
+    the model mid-thought (templates without the switch ignore it). Templates without a system
+    role (Gemma) get the system text at the head of the user turn instead of an error."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=False)
+    except TemplateError:
+        if not system:
+            raise
+        merged = [{"role": "user", "content": f"{system}\n\n{prompt}"}]
+        return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=False)
 
 
 @dataclass
