@@ -58,7 +58,9 @@ def test_a_failing_job_stops_the_run_and_says_which(workers, tmp_path):
     with pytest.raises((JobFailed, ValueError), match="no such prompt split") as err:
         run_jobs(jobs, workers=workers, threads=1, log_dir=tmp_path, log=lambda line: None)
     if workers == 2:
-        assert "bad failed" in str(err.value) and "bad.log" in str(err.value)
+        assert "bad failed: ValueError: no such prompt split" in str(err.value) and "bad.log" in str(err.value)
+        log_text = (tmp_path / "bad.log").read_text()  # the worker's traceback, where the message points
+        assert "Traceback" in log_text and "in boom" in log_text
 
 
 def test_bad_job_graphs_are_refused_before_anything_runs(tmp_path):

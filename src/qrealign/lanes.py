@@ -94,7 +94,7 @@ def run_jobs(jobs: list[Job], workers: int = 1, threads: int | None = None, log_
                         result, lines = fut.result()
                     except Exception as exc:
                         where = f" (its output: {log_dir / (_slug(job.key) + '.log')})" if log_dir else ""
-                        raise JobFailed(f"{job.key} failed: {exc}{where}") from exc
+                        raise JobFailed(f"{job.key} failed: {type(exc).__name__}: {exc}{where}") from exc
                     for line in lines:
                         log(line)
                     seconds[job.key] = round(time.time() - t0, 1)
@@ -188,5 +188,10 @@ def _call(fn, args, kwargs, log_file: str | None):
         sys.stdout = sys.stderr = out
         try:
             return fn(*args, **kwargs, log=log), lines
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()  # into the job's log: the parent only gets the exception's message
+            raise
         finally:
             sys.stdout, sys.stderr = saved
