@@ -146,3 +146,20 @@ def test_chat_rendering_turns_thinking_off_and_folds_an_unsupported_system_turn(
     assert render_chat(tok, "hi", system="Be brief.") == "<start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n" \
                                                          "<start_of_turn>model\n"
     assert render_chat(tok, "hi") == "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_a_hub_model_of_an_unsupported_architecture_fails_before_its_weights_download(monkeypatch):
+    import transformers
+
+    from qrealign.errors import QrealignError
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were requested before the checks")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained",
+                        lambda *a, **k: transformers.GPT2Config())  # stands in for the hub's config.json
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    with pytest.raises(UnsupportedArchitecture, match="some-org/some-model: unsupported architecture 'gpt2'"):
+        load_model("some-org/some-model")
+    with pytest.raises(QrealignError, match="unknown device"):  # the device is checked first, too
+        load_model("some-org/some-model", device="gpu")

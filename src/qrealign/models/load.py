@@ -90,6 +90,20 @@ def _check_config(config_path: Path) -> None:
         raise UnsupportedArchitecture(f"{config_path.parent}: {exc}") from None
 
 
+def _check_hub_config(src: ModelSource, trust_remote_code: bool) -> None:
+    """A hub model's architecture, from its config alone, before any weight is downloaded."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model {src.name}: {str(exc).splitlines()[0]}") from None
+    try:
+        get_arch(config)
+    except UnsupportedArchitecture as exc:
+        raise UnsupportedArchitecture(f"{src.name}: {exc}") from None
+
+
 def _check_safetensors(directory: Path) -> None:
     from safetensors import safe_open
 
@@ -158,9 +172,12 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     src = resolve_source(source)
-    if offload is not None:
-        model = _load_offloaded(src, adapter, offload, resolve_dtype(dtype), resolve_device(device), trust_remote_code)
+    target = resolve_device(device)  # a missing GPU fails before gigabytes are read
+    if offload is not None:  # (reads a local snapshot's config itself)
+        model = _load_offloaded(src, adapter, offload, resolve_dtype(dtype), target, trust_remote_code)
         return _finish(model, src, None, padding_side)
+    if src.kind == "hub":
+        _check_hub_config(src, trust_remote_code)  # the small config.json first, not every weight
     kwargs: dict = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
@@ -186,7 +203,7 @@ def load_model(
             del model.config.quantization_config
     if adapter is not None:
         model = merge_adapter(model, adapter)
-    model.to(resolve_device(device))
+    model.to(target)
     return _finish(model, src, adapter, padding_side)
 
 
