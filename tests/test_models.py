@@ -163,3 +163,20 @@ def test_a_hub_model_of_an_unsupported_architecture_fails_before_its_weights_dow
         load_model("some-org/some-model")
     with pytest.raises(QrealignError, match="unknown device"):  # the device is checked first, too
         load_model("some-org/some-model", device="gpu")
+
+
+def test_inspect_reads_the_config_not_the_weights(tmp_path, capsys, monkeypatch):
+    import transformers
+
+    model, tok = tiny_model("qwen2")
+    model.save_pretrained(tmp_path / "m")
+    full = {"parameters": sum(p.numel() for p in model.parameters()), "layers": model.config.num_hidden_layers}
+
+    def no_weights(*a, **k):
+        raise AssertionError("inspect loaded the weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    assert main(["inspect", str(tmp_path / "m"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == full["parameters"] and info["layers"] == full["layers"]
+    assert set(info["smoothing_pairs"]) >= {"qkv", "fc1", "out"}

@@ -207,6 +207,22 @@ def load_model(
     return _finish(model, src, adapter, padding_side)
 
 
+def load_skeleton(source: str | Path, trust_remote_code: bool = False):
+    """The model's modules with no weights (on the meta device), from its config alone: enough
+    for what the registry sees (blocks, pairs, shapes, parameter counts) at any size."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = resolve_source(source)
+    kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the config of {src.name}: {str(exc).splitlines()[0]}") from None
+    get_arch(config)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def _finish(model, src: ModelSource, adapter, padding_side: str):
     model.eval()
     # Recorded so that artefacts derived from this model can reload it.
