@@ -180,3 +180,18 @@ def test_inspect_reads_the_config_not_the_weights(tmp_path, capsys, monkeypatch)
     info = json.loads(capsys.readouterr().out)
     assert info["parameters"] == full["parameters"] and info["layers"] == full["layers"]
     assert set(info["smoothing_pairs"]) >= {"qkv", "fc1", "out"}
+
+
+def test_the_embedded_cache_is_converted_again_for_another_gguf(tmp_path, monkeypatch):
+    from qrealign.models import embedded
+
+    monkeypatch.setenv("QREALIGN_CACHE", str(tmp_path))
+    converted = []
+    monkeypatch.setattr(embedded, "_convert", lambda name, target: converted.append(name))
+    target = tmp_path / "models" / "smollm2-135m"
+    target.mkdir(parents=True)
+    (target / embedded._COMPLETE_MARKER).write_text("an-older-release.gguf\n")
+    assert embedded.embedded_dir("smollm2-135m") == target and converted == ["smollm2-135m"]
+    (target / embedded._COMPLETE_MARKER).write_text(f"{embedded.EMBEDDED['smollm2-135m'].filename}\n")
+    embedded.embedded_dir("smollm2-135m")
+    assert converted == ["smollm2-135m"]  # the matching conversion is reused

@@ -70,7 +70,10 @@ def embedded_dir(name: str) -> Path:
     if name not in EMBEDDED:
         raise ModelLoadError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED)}")
     target = cache_root() / "models" / name
-    if (target / _COMPLETE_MARKER).is_file():
+    marker = target / _COMPLETE_MARKER
+    # The marker names the GGUF the conversion came from: a package that ships another file
+    # (a new release of the model) is converted again instead of reusing the old weights.
+    if marker.is_file() and marker.read_text().split("\n", 1)[0] == EMBEDDED[name].filename:
         return target
     _convert(name, target)
     return target
