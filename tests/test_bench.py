@@ -136,3 +136,12 @@ def test_bench_cli_dispatches_to_the_chosen_benchmark(tmp_path, capsys):
                "--out", str(tmp_path / "sft")])
     assert rc == 0 and (tmp_path / "sft" / "bench-sft.json").is_file()
     assert "bench-sft.json" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [["--sft-precision", "--steps", "0"], ["--lanes", "--n", "0"], ["--eval", "-1"],
+                                 ["--reference-epochs", "0"]])
+def test_bench_rejects_counts_that_would_fail_after_the_work(bad, tmp_path, capsys):
+    from qrealign.cli import main
+
+    assert main(["bench", *bad, "--out", str(tmp_path / "b")]) == 2
+    assert "must be >=" in capsys.readouterr().err and not (tmp_path / "b").exists()

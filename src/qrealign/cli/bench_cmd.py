@@ -33,6 +33,14 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import importlib
 
+    from ..errors import QrealignError
+
+    for name in ("n", "steps", "reference_epochs", "default_epochs"):  # before any model loads
+        if getattr(args, name) < 1:
+            raise QrealignError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.eval_n < 0:
+        raise QrealignError(f"--eval must be >= 0, got {args.eval_n}")
+
     # One benchmark per run: its module, runner, report file stem and the runner's arguments.
     if args.offload:
         module, runner, stem = "bench_offload", "run_offload_bench", "bench-offload"
