@@ -138,3 +138,14 @@ def _alive(pid):
     except OSError:
         return False
     return state != "Z"
+
+
+def test_a_stage_revision_moves_only_its_own_kind(tmp_path, monkeypatch):
+    from qrealign import stages
+
+    inputs = {"parent": "abc", "config": {"steps": 3}}
+    before = {kind: stages.stage_dir(kind, inputs, tmp_path) for kind in ("align", "quant-rtn-W8A8")}
+    monkeypatch.setattr(stages, "STAGE_REVISIONS", {"quant": 1})
+    after = {kind: stages.stage_dir(kind, inputs, tmp_path) for kind in before}
+    assert after["align"] == before["align"]  # revision 0 stays out of the key: cached stages stay valid
+    assert after["quant-rtn-W8A8"] != before["quant-rtn-W8A8"]
