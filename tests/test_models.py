@@ -59,6 +59,19 @@ def test_adapter_is_merged_on_load(tmp_path):
         assert not torch.allclose(base(**ids).logits, merged(**ids).logits, atol=1e-3)
 
 
+def test_an_adapter_s_own_tokenizer_is_used(tmp_path):
+    base, tok = tiny_model("llama")
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    _save_adapter(tiny_model("llama")[0], tmp_path / "adapter")
+    _, plain = load_model(str(tmp_path / "base"), adapter=str(tmp_path / "adapter"))  # no tokenizer saved: the base's
+    assert plain.chat_template == tok.chat_template
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
+    tok.save_pretrained(tmp_path / "adapter")  # the fine-tune's own chat format, next to its adapter
+    _, own = load_model(str(tmp_path / "base"), adapter=str(tmp_path / "adapter"))
+    assert own.chat_template == tok.chat_template and own.padding_side == "left"
+
+
 def test_adapter_for_another_base_is_rejected(tmp_path):
     base, tok = tiny_model("llama")
     base.save_pretrained(tmp_path / "base")

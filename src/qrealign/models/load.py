@@ -201,10 +201,25 @@ def load_model(
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+    tokenizer = None
     if adapter is not None:
+        tokenizer = adapter_tokenizer(adapter, padding_side)
+        rows = model.get_input_embeddings().weight.shape[0]
+        if tokenizer is not None and len(tokenizer) > rows:  # the fine-tune added tokens
+            model.resize_token_embeddings(len(tokenizer))
         model = merge_adapter(model, adapter)
     model.to(target)
-    return _finish(model, src, adapter, padding_side)
+    return _finish(model, src, adapter, padding_side, tokenizer)
+
+
+def adapter_tokenizer(adapter: str | Path, padding_side: str = "left"):
+    """The tokenizer saved next to a PEFT adapter, or None: a fine-tune that changed the chat
+    template or added tokens ships them there, and the base model's would render its prompts
+    otherwise."""
+    path = Path(adapter).expanduser()
+    if not (path / "tokenizer_config.json").is_file():
+        return None
+    return load_tokenizer(ModelSource("dir", str(path), name=str(adapter)), padding_side=padding_side)
 
 
 def load_skeleton(source: str | Path, trust_remote_code: bool = False):
@@ -223,12 +238,13 @@ def load_skeleton(source: str | Path, trust_remote_code: bool = False):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def _finish(model, src: ModelSource, adapter, padding_side: str):
+def _finish(model, src: ModelSource, adapter, padding_side: str, tokenizer=None):
     model.eval()
     # Recorded so that artefacts derived from this model can reload it.
     model.config.qrealign_source = src.reload_spec
     model.config.qrealign_adapter = str(Path(adapter).expanduser().resolve()) if adapter else None
-    tokenizer = load_tokenizer(src, padding_side=padding_side)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(src, padding_side=padding_side)
     return model, tokenizer
 
 
