@@ -159,6 +159,10 @@ def test_chat_rendering_turns_thinking_off_and_folds_an_unsupported_system_turn(
     assert render_chat(tok, "hi", system="Be brief.") == "<start_of_turn>user\nBe brief.\n\nhi<end_of_turn>\n" \
                                                          "<start_of_turn>model\n"
     assert render_chat(tok, "hi") == "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+    # a training pair ends the way the chat format ends a turn, not with the eos token
+    assert render_chat(tok, "hi", response="Hello.").endswith("<start_of_turn>model\nHello.<end_of_turn>")
+    tok.chat_template = None  # no template: the eos token closes the answer
+    assert render_chat(tok, "hi", response="Hello.").endswith("Hello." + tok.eos_token)
 
 
 def test_a_hub_model_of_an_unsupported_architecture_fails_before_its_weights_download(monkeypatch):

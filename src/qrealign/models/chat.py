@@ -24,8 +24,29 @@ def render_chat(tokenizer, prompt: str, system: str | None = None, response: str
     else:  # base models without a template
         text = (f"### System:\n{system}\n\n" if system else "") + f"### User:\n{prompt}\n\n### Assistant:\n"
     if response is not None:
-        text += response + (tokenizer.eos_token or "")
+        text += response + turn_end(tokenizer)
     return text
+
+
+_MARK = "\x00qrealign-response\x00"
+
+
+def turn_end(tokenizer) -> str:
+    """What closes an assistant turn: the template's own marker when it has one (Gemma's
+    <end_of_turn>, which is not its eos token), else the eos token. A fine-tune taught to end with
+    another token than the chat format uses stops where the deployed model does not."""
+    eos = tokenizer.eos_token or ""
+    if not getattr(tokenizer, "chat_template", None):
+        return eos
+    from jinja2.exceptions import TemplateError
+
+    try:
+        full = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": _MARK}],
+                                             tokenize=False, enable_thinking=False)
+    except TemplateError:
+        return eos
+    end = full.split(_MARK, 1)[1].strip() if _MARK in full else ""
+    return end or eos
 
 
 def _apply_template(tokenizer, messages: list[dict], system: str | None, prompt: str) -> str:
