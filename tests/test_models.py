@@ -212,3 +212,15 @@ def test_the_embedded_cache_is_converted_again_for_another_gguf(tmp_path, monkey
     (target / embedded._COMPLETE_MARKER).write_text(f"{embedded.EMBEDDED['smollm2-135m'].filename}\n")
     embedded.embedded_dir("smollm2-135m")
     assert converted == ["smollm2-135m"]  # the matching conversion is reused
+
+
+def test_the_cli_silences_library_warnings_but_not_qrealign_s_own():
+    import warnings
+
+    from qrealign import cli
+
+    with warnings.catch_warnings(record=True) as caught:
+        cli._quiet_libraries()
+        warnings.warn_explicit("ours", UserWarning, "targets.py", 1, module="qrealign.calibrate.targets")
+        warnings.warn_explicit("theirs", UserWarning, "modeling.py", 1, module="transformers.modeling_utils")
+    assert [str(w.message) for w in caught] == ["ours"]
