@@ -111,25 +111,29 @@ def load_quantized(path: str | Path, device: str | torch.device | None = "cpu", 
     except Exception as exc:
         raise IncompatibleArtifact(f"{path / PARAMS_FILE} is corrupt ({exc})") from None
     params.pop("_empty", None)
-    model, tokenizer = load_model(meta["source"], adapter=meta.get("adapter"), dtype=dtype, device=device)
+    want = resolve_dtype(dtype)
+    # The fingerprint hashes the weights' bits. Runs are calibrated in float32 (the CLI's
+    # default), so another dtype is checked in float32 on the CPU first and cast afterwards; only
+    # a run calibrated in that dtype itself (API use) needs the second load.
+    cast = isinstance(want, torch.dtype) and want != torch.float32
+    model, tokenizer = load_model(meta["source"], adapter=meta.get("adapter"), dtype="float32" if cast else dtype,
+                                  device="cpu" if cast else device)
     expected = meta.get("model_fingerprint")
-    cast_to = None
-    if expected and not fingerprint_matches(model, expected, meta) and resolve_dtype(dtype) != torch.float32:
-        # The fingerprint hashes the weights' bits, so a run calibrated in float32 (the CLI's
-        # default) is checked in float32 and cast afterwards, parameters applied.
+    matches = not expected or fingerprint_matches(model, expected, meta)
+    if not matches and cast:
         del model
-        model, tokenizer = load_model(meta["source"], adapter=meta.get("adapter"), dtype="float32", device="cpu")
-        cast_to = (resolve_device(device), resolve_dtype(dtype))
-    if expected and not fingerprint_matches(model, expected, meta):
+        model, tokenizer = load_model(meta["source"], adapter=meta.get("adapter"), dtype=dtype, device=device)
+        cast, matches = False, fingerprint_matches(model, expected, meta)
+    if not matches:
         raise IncompatibleArtifact(
             f"{meta['source']} is not the model this run was calibrated on (fingerprint mismatch)")
     apply_quant_params(model, meta["scheme"], params)
-    if cast_to is not None:
+    if cast:
         import warnings
 
         # Measured on the demo's first-token W8A8 run: 5 of 8 harmful prompts kept their outcome.
         warnings.warn(f"this run was calibrated in float32 and now runs in {dtype}: the fake-quantized arithmetic "
                       "changes with it, and so do its answers (use float32 for numbers to compare)", stacklevel=2)
-        model.to(device=cast_to[0], dtype=cast_to[1])
+        model.to(device=resolve_device(device), dtype=want)
     model.config.qrealign_quant_run = str(path.resolve())
     return model, tokenizer, meta
