@@ -35,9 +35,8 @@ from torch import nn
 
 from ..errors import QrealignError
 from ..models.offload import offloaded
-from ..utils import resolve_device
 from ..models.registry import block_types, get_arch, get_blocks, get_submodule
-from ..utils import same_device, tensor_digest
+from ..utils import resolve_device, same_device, tensor_digest
 from .capture import block_output, move_kwargs, record_block_inputs, run_blocks
 from .data import CalibrationSet, make_batches
 from .losses import LossInputs, SafetyGate

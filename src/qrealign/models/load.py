@@ -90,18 +90,20 @@ def _check_config(config_path: Path) -> None:
         raise UnsupportedArchitecture(f"{config_path.parent}: {exc}") from None
 
 
-def _check_hub_config(src: ModelSource, trust_remote_code: bool) -> None:
-    """A hub model's architecture, from its config alone, before any weight is downloaded."""
+def _read_config(src: ModelSource, trust_remote_code: bool):
+    """The model's config alone (no weight read or downloaded), its architecture checked."""
     from transformers import AutoConfig
 
+    kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     try:
-        config = AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {src.name}: {str(exc).splitlines()[0]}") from None
     try:
         get_arch(config)
     except UnsupportedArchitecture as exc:
         raise UnsupportedArchitecture(f"{src.name}: {exc}") from None
+    return config
 
 
 def _check_safetensors(directory: Path) -> None:
@@ -177,7 +179,7 @@ def load_model(
         model = _load_offloaded(src, adapter, offload, resolve_dtype(dtype), target, trust_remote_code)
         return _finish(model, src, None, padding_side)
     if src.kind == "hub":
-        _check_hub_config(src, trust_remote_code)  # the small config.json first, not every weight
+        _read_config(src, trust_remote_code)  # the small config.json first, not every weight
     kwargs: dict = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
@@ -225,15 +227,9 @@ def adapter_tokenizer(adapter: str | Path, padding_side: str = "left"):
 def load_skeleton(source: str | Path, trust_remote_code: bool = False):
     """The model's modules with no weights (on the meta device), from its config alone: enough
     for what the registry sees (blocks, pairs, shapes, parameter counts) at any size."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    src = resolve_source(source)
-    kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-    try:
-        config = AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read the config of {src.name}: {str(exc).splitlines()[0]}") from None
-    get_arch(config)
+    config = _read_config(resolve_source(source), trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
