@@ -101,9 +101,7 @@ def safety_layers(probes, layers=None, layers_from: float | None = None) -> tupl
     fraction `layers_from`, default all) whose probe is usable. Raises NoSafetyLayers if none."""
     layers = chosen_layers(probes.num_layers, layers, layers_from)
     if layers is not None:
-        outside = sorted(layer for layer in set(layers) if not 0 <= layer < probes.num_layers)
-        if outside:  # as the first-token path: a typo in --layers is not silently dropped
-            raise NoSafetyLayers(f"safety layers {outside} are not blocks of this {probes.num_layers}-block model")
+        check_blocks(layers, probes.num_layers)
     rule = SafetyLoss.from_probes(probes, layers=layers)  # the loss's own rule: usable and chosen
     active = tuple(layer for layer in range(probes.num_layers) if rule.active(layer))
     if not active:
@@ -111,6 +109,14 @@ def safety_layers(probes, layers=None, layers_from: float | None = None) -> tupl
                              f"probes are unusable; usable: {probes.usable_layers}): this would be plain "
                              "reconstruction, run `qrealign quantize --method omniquant` for that")
     return active
+
+
+def check_blocks(layers, num_layers: int) -> None:
+    """Safety layers named by the user must be blocks of the model: a typo in --layers is an
+    error, not silently dropped."""
+    outside = sorted(layer for layer in set(layers) if not 0 <= layer < num_layers)
+    if not layers or outside:
+        raise NoSafetyLayers(f"safety layers {outside or tuple(layers)} are not blocks of this {num_layers}-block model")
 
 
 def chosen_layers(num_layers: int, layers=None, layers_from: float | None = None):
@@ -140,8 +146,7 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
     layers = chosen_layers(num_layers, loss_options.get("layers"), layers_from)
     if layers is not None:
         layers = loss_options["layers"] = tuple(sorted(set(layers)))
-        if not layers or not all(0 <= layer < num_layers for layer in layers):
-            raise NoSafetyLayers(f"safety layers {layers} are not blocks of this {num_layers}-block model")
+        check_blocks(layers, num_layers)
     if layers is None and on_disk:  # before the teacher is read
         raise QrealignError("with offload='disk' choose the safety blocks (layers= or layers_from=, e.g. "
                             "layers_from=0.85; CLI --layers-from): the first-token objective holds FP copies of "
