@@ -3,6 +3,7 @@ trip, overlap refusal, perplexity against a direct computation, the eval CLI end
 
 import json
 import math
+import types
 from pathlib import Path
 
 import pytest
@@ -330,3 +331,35 @@ def test_vllm_backend_generates_the_task_too_with_one_engine(tiny, tmp_path, mon
                          source=str(tmp_path / "m"), progress=False)
     assert built == [str(tmp_path / "m")] and calls == [4, 3]
     assert res.metrics["task_n"] == 3 and res.metrics["over_refusal"] == 100.0
+
+
+def test_vllm_engine_is_shut_down_before_the_next_model_claims_the_gpu(monkeypatch):
+    """Replacing the cached engine shuts the old one down (its memory lives in the engine core, not
+    in the Python object) before the next is built; the same model reuses its engine."""
+    from qrealign.evaluate import generate as gen_module
+
+    events = []
+
+    class FakeLLM:
+        def __init__(self, model, tokenizer, seed):
+            events.append(("build", model))
+            self.model = model
+
+        def shutdown(self):
+            events.append(("shutdown", self.model))
+
+    class OldStyleLLM(FakeLLM):  # a release without LLM.shutdown: the engine core is stopped instead
+        shutdown = None
+
+        def __init__(self, model, tokenizer, seed):
+            super().__init__(model, tokenizer, seed)
+            core = types.SimpleNamespace(shutdown=lambda: events.append(("core-shutdown", model)))
+            self.llm_engine = types.SimpleNamespace(engine_core=core)
+
+    monkeypatch.setattr(gen_module, "_VLLM_ENGINE", {})
+    a = gen_module._vllm_engine(FakeLLM, "a", 0)
+    assert gen_module._vllm_engine(FakeLLM, "a", 0) is a
+    gen_module._vllm_engine(OldStyleLLM, "b", 0)
+    gen_module.release_vllm()
+    assert events == [("build", "a"), ("shutdown", "a"), ("build", "b"), ("core-shutdown", "b")]
+    assert gen_module._VLLM_ENGINE == {}

@@ -9,6 +9,7 @@ evaluations; the transformers path stays the default and the reference.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -103,12 +104,40 @@ def _vllm_engine(llm_class, model_dir: str, seed: int):
     engine claims most of the GPU's memory again, and the old one would still hold it."""
     key = (model_dir, seed)
     if key not in _VLLM_ENGINE:
-        _VLLM_ENGINE.clear()  # drop the previous model's engine before the next one claims the GPU
-        import gc
-
-        gc.collect()
+        release_vllm()  # the previous model's engine goes before the next one claims the GPU
         _VLLM_ENGINE[key] = llm_class(model=model_dir, tokenizer=model_dir, seed=seed)
     return _VLLM_ENGINE[key]
+
+
+def release_vllm() -> None:
+    """Shut the cached vLLM engine down and hand its GPU memory back.
+
+    Dropping the last reference is not enough: the engine core runs in its own process (vLLM V1)
+    or keeps model-parallel state alive (older releases), so the memory stays claimed and the next
+    model's engine fails with out-of-memory. Each step is best effort because the teardown API has
+    moved between vLLM releases (`LLM.shutdown()` is recent)."""
+    import contextlib
+    import gc
+
+    engines = list(_VLLM_ENGINE.values())
+    _VLLM_ENGINE.clear()
+    for llm in engines:
+        engine = getattr(llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        stop = getattr(llm, "shutdown", None) or getattr(core, "shutdown", None)
+        if callable(stop):
+            with contextlib.suppress(Exception):
+                stop()
+    del engines
+    if "vllm" in sys.modules:
+        with contextlib.suppress(Exception):
+            from vllm.distributed import destroy_distributed_environment, destroy_model_parallel
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def generate_vllm(model_dir, tokenizer, prompts: list[str], cfg: GenerationConfig) -> list[str]:
