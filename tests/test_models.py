@@ -72,6 +72,36 @@ def test_an_adapter_s_own_tokenizer_is_used(tmp_path):
     assert own.chat_template == tok.chat_template and own.padding_side == "left"
 
 
+def test_an_adapter_that_added_tokens_grows_the_base_embeddings_first(tmp_path):
+    """A fine-tune that added tokens ships a larger embedding (modules_to_save) and its tokenizer
+    next to the adapter: the base is grown to the tokenizer's size before the merge, and the merged
+    model answers like the adapter model on ids that use a new token."""
+    from peft import LoraConfig, get_peft_model
+
+    base, tok = tiny_model("llama")
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    rows = base.get_input_embeddings().weight.shape[0]
+    model, tok = tiny_model("llama")
+    tok.add_tokens(["<tool_call>", "</tool_call>"])
+    model.resize_token_embeddings(len(tok))
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                     modules_to_save=["embed_tokens", "lm_head"])
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():  # the fine-tune trained the new rows
+        peft_model.get_input_embeddings().weight[-2:].normal_()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    tok.save_pretrained(tmp_path / "adapter")
+    merged, merged_tok = load_model(str(tmp_path / "base"), adapter=str(tmp_path / "adapter"))
+    assert len(merged_tok) == len(tok) > rows
+    assert merged.get_input_embeddings().weight.shape[0] == len(tok)
+    ids = tok(["call <tool_call> now"], return_tensors="pt")
+    assert ids.input_ids.max() >= rows  # the prompt really uses a new token
+    with torch.no_grad():
+        assert torch.allclose(peft_model(**ids).logits, merged(**ids).logits, atol=1e-5)
+
+
 def test_adapter_for_another_base_is_rejected(tmp_path):
     base, tok = tiny_model("llama")
     base.save_pretrained(tmp_path / "base")
