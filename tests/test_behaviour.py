@@ -279,6 +279,31 @@ def test_extra_benign_sources_add_each_prompt_once_in_order():
         build_calibration(n=20, extra_benign=("qrealign:align", "qrealign:align"))
 
 
+def test_extra_malicious_prompts_complete_the_twin_pairs_after_the_benign_ones(tmp_path):
+    """`extra_malicious` appends a source's harmful prompts (label 1) after every benign addition,
+    each once, never from the eval split; the demo's F10 set pairs every added twin with its
+    harmful half."""
+    from qrealign.calibrate.data import build_calibration
+    from qrealign.data.prompts import load_prompts
+
+    benign_only = build_calibration(n=20, extra_benign="qrealign:align")
+    calib = build_calibration(n=20, extra_benign="qrealign:align", extra_malicious=("qrealign:align", "qrealign:attack"))
+    added = [p.id for p in load_prompts("align", label=1)] + [p.id for p in load_prompts("attack", label=1)]
+    n = len(benign_only.ids)
+    assert calib.ids[:n] == benign_only.ids and calib.ids[n:] == added
+    assert set(calib.labels[n:]) == {1} and calib.split.endswith("+align:malicious+attack:malicious")
+    twins = {p.twin for p in load_prompts("align", label=1) if p.twin}
+    assert twins <= set(benign_only.ids)  # the benign halves were already there
+    with pytest.raises(QrealignError, match="held out"):
+        build_calibration(n=20, extra_malicious="qrealign:eval")
+    with pytest.raises(QrealignError, match="adds no malicious"):  # the ratio already took every calib harmful prompt
+        build_calibration(extra_malicious="qrealign:calib")
+    benign_file = tmp_path / "benign.jsonl"
+    benign_file.write_text('{"prompt": "a kind request of mine", "label": 0}\n')
+    with pytest.raises(QrealignError, match="adds no malicious"):
+        build_calibration(n=20, extra_malicious=str(benign_file))
+
+
 def test_realign_cli_teacher_run_and_argument_errors(tmp_path, capsys, monkeypatch):
     from qrealign.cli import main
     from qrealign.data.prompts import load_prompts
@@ -291,15 +316,17 @@ def test_realign_cli_teacher_run_and_argument_errors(tmp_path, capsys, monkeypat
     rc = main(["realign", *common, "--teacher", teacher_dir, "--layers-from", "0.5", "--benign-kl", "2",
                "--calib-task", "topic-codes", "--calib-task-n", "2", "--learn-rounding", "--lr-round", "0.05",
                "--calib-benign", "qrealign:align", "--calib-benign", "qrealign:calib",
-               "--out", str(tmp_path / "run")])
+               "--calib-malicious", "qrealign:attack", "--out", str(tmp_path / "run")])
     assert rc == 0 and (tmp_path / "run" / "qrealign.json").is_file()
     from qrealign.utils import read_json
 
     meta = read_json(tmp_path / "run" / "qrealign.json")
     # 8 sampled at the ratio (2 benign), 2 task prompts, every align benign prompt, then the
-    # calib benign prompts the ratio left out.
+    # calib benign prompts the ratio left out, then the attack split's harmful prompts.
     n_extra = len(load_prompts("align", label=0)) + len(load_prompts("calib", label=0)) - 2
-    assert meta["calibration"]["n"] == 10 + n_extra and "benign_kl=2.0" in meta["loss"]
+    n_mal = len(load_prompts("attack", label=1))
+    assert meta["calibration"]["n"] == 10 + n_extra + n_mal and "benign_kl=2.0" in meta["loss"]
+    assert meta["calibration"]["split"].endswith("+attack:malicious")
     assert meta["config"]["learn_rounding"] is True and meta["config"]["lr_round"] == 0.05
     for bad in (["--teacher", teacher_dir, "--hinge"], ["--teacher", teacher_dir, "--probes", "p"], [],
                 ["--probes", str(tmp_path / "p"), "--benign-kl", "1"],

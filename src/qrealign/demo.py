@@ -43,6 +43,7 @@ class Variant:
     teacher: bool = False  # "qrealign" with the aligned model's first token instead of probes
     calib_task: int = 0  # attack-training task prompts added to the calibration set as benign
     calib_benign: str | tuple[str, ...] | None = None  # prompt sources whose benign prompts are all added too
+    calib_malicious: str | tuple[str, ...] | None = None  # ... and whose harmful prompts are all added too
     # CalibConfig overrides for one scheme only, e.g. {"W4A8": {"lr_round": 2e-3}}: a 4-bit step is
     # 16x an 8-bit one, so a setting chosen at W8A8 need not carry over.
     scheme_config: dict = field(default_factory=dict)
@@ -327,7 +328,8 @@ def _calibration(cfg, variant: Variant):
     """The variant's calibration set (prompts only, no model: cheap, and built before any stage
     key, so editing a bundled prompt rebuilds)."""
     return build_calibration("qrealign:calib", cfg.calib_n, cfg.malicious_ratio, cfg.seed, task=_attack_task(cfg),
-                             task_n=variant.calib_task, extra_benign=variant.calib_benign)
+                             task_n=variant.calib_task, extra_benign=variant.calib_benign,
+                             extra_malicious=variant.calib_malicious)
 
 
 def _targets_job_key(cfg, variant: Variant, scheme: str) -> str:

@@ -91,7 +91,8 @@ def _cut(tokenizer, calib, order, batch_size, max_length, padding_side, system, 
 
 def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malicious_ratio: float | None = 0.75,
                       seed: int = 0, task: str | None = None, task_n: int = 0,
-                      extra_benign: str | Sequence[str] | None = None) -> CalibrationSet:
+                      extra_benign: str | Sequence[str] | None = None,
+                      extra_malicious: str | Sequence[str] | None = None) -> CalibrationSet:
     """A labelled calibration set with a given malicious ratio (paper: 200 prompts, 0.75).
 
     `spec` is "qrealign:<split>" (the project's bundled prompts; default the "calib" split, which
@@ -106,7 +107,10 @@ def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malici
     `extra_benign`: more sources (same forms as `spec`, one or a sequence) whose benign prompts are
     all appended too, last, each prompt once: more benign variety is what holds over-refusal down
     (docs/experiments.md §6). Naming `spec` itself adds the benign prompts the ratio left out, e.g.
-    the twins of calibration prompts."""
+    the twins of calibration prompts.
+
+    `extra_malicious`: the same for harmful prompts (label 1), e.g. the harmful halves of benign
+    twins added above, so that each topic shows both sides of the line (docs/experiments.md §22)."""
     import random
 
     if n is not None and n < 1:
@@ -143,7 +147,9 @@ def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malici
     if task and task_n:
         calib = with_task_prompts(calib, task, task_n)
     for source in [extra_benign] if isinstance(extra_benign, str) else extra_benign or ():
-        calib = with_benign_prompts(calib, source)
+        calib = with_prompts(calib, source, label=0)
+    for source in [extra_malicious] if isinstance(extra_malicious, str) else extra_malicious or ():
+        calib = with_prompts(calib, source, label=1)
     return calib
 
 
@@ -164,15 +170,21 @@ def _load_spec(spec: str) -> tuple[list, str]:
         raise QrealignError(f"calibration set {spec!r}: {exc}") from None
 
 
-def with_benign_prompts(calib: CalibrationSet, spec: str) -> CalibrationSet:
-    """`calib` plus every benign prompt of `spec` not already in it."""
+def with_prompts(calib: CalibrationSet, spec: str, label: int) -> CalibrationSet:
+    """`calib` plus every prompt of `spec` with this label (0 benign, 1 malicious) not already in it."""
     prompts, split = _load_spec(spec)
     seen = set(calib.ids)
-    extra = [p for p in prompts if p.label == 0 and p.id not in seen]
+    extra = [p for p in prompts if p.label == label and p.id not in seen]
+    kind = "malicious" if label == 1 else "benign"
     if not extra:
-        raise QrealignError(f"calibration set {spec!r} adds no benign prompts")
-    return CalibrationSet(calib.prompts + [p.text for p in extra], calib.labels + [0] * len(extra),
-                          calib.ids + [p.id for p in extra], f"{calib.split}+{split}:benign")
+        raise QrealignError(f"calibration set {spec!r} adds no {kind} prompts")
+    return CalibrationSet(calib.prompts + [p.text for p in extra], calib.labels + [label] * len(extra),
+                          calib.ids + [p.id for p in extra], f"{calib.split}+{split}:{kind}")
+
+
+def with_benign_prompts(calib: CalibrationSet, spec: str) -> CalibrationSet:
+    """`calib` plus every benign prompt of `spec` not already in it."""
+    return with_prompts(calib, spec, label=0)
 
 
 def with_task_prompts(calib: CalibrationSet, task: str, n: int) -> CalibrationSet:

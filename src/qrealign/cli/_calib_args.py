@@ -25,6 +25,9 @@ def add_common(parser) -> None:
                         help="also calibrate on every benign prompt of this source (qrealign:<split> or a file; "
                              "repeat for several; the --calib source itself adds the benign prompts the ratio "
                              "left out): more benign variety holds over-refusal down")
+    parser.add_argument("--calib-malicious", action="append", default=None, metavar="SOURCE",
+                        help="also calibrate on every harmful prompt of this source (same forms; repeat for "
+                             "several), e.g. the harmful halves of the twins --calib-benign added")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--epoch-schedule", choices=["constant", "paper"], default="constant",
                         help="paper: first half of the layers epochs-5, the rest epochs+5")
@@ -79,7 +82,8 @@ def prepare(args, method: str):
     config = engine_config(args, method)
     calib = build_calibration(args.calib, args.n, args.malicious_ratio, args.seed,
                               task=args.calib_task, task_n=args.calib_task_n if args.calib_task else 0,
-                              extra_benign=args.calib_benign)
+                              extra_benign=args.calib_benign,
+                              extra_malicious=args.calib_malicious)
     check_out_dir(args.out, META_FILE, kind="quantized")  # before the model loads
     model, tokenizer = load_model(args.model, adapter=args.adapter, offload=args.offload)
     return model, tokenizer, scheme, config, calib
