@@ -109,6 +109,10 @@ def test_a_per_scheme_override_changes_only_that_schemes_settings_and_key():
     assert tuned.resolved("W4A8") != base.resolved("W4A8")
     assert tuned.resolved("W4A8")["config"]["lr_round"] == 2e-3
     assert "scheme_config" not in tuned.resolved("W4A8")
+    # a field added later (extra malicious sources) keys a stage only when it is set
+    assert "calib_malicious" not in FIRST_TOKEN.resolved("W8A8")
+    paired = replace(FIRST_TOKEN, calib_malicious=("qrealign:align",))
+    assert paired.resolved("W8A8")["calib_malicious"] == ("qrealign:align",)
 
 
 def test_schemes_that_render_alike_share_one_teacher_pass():

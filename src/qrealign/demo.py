@@ -56,6 +56,8 @@ class Variant:
         and no per-scheme table, so a stage's key changes only when this scheme's run does."""
         fields = asdict(self)
         del fields["scheme_config"]
+        if fields["calib_malicious"] is None:  # added later: unset, it leaves the stage keys as they were
+            del fields["calib_malicious"]
         return {**fields, "config": self.config_for(scheme)}
 
 
