@@ -363,3 +363,33 @@ def test_vllm_engine_is_shut_down_before_the_next_model_claims_the_gpu(monkeypat
     gen_module.release_vllm()
     assert events == [("build", "a"), ("shutdown", "a"), ("build", "b"), ("core-shutdown", "b")]
     assert gen_module._VLLM_ENGINE == {}
+
+
+def test_generation_stops_at_the_templates_turn_end_not_only_at_eos(monkeypatch):
+    """Gemma's turn ends with <end_of_turn>, not its <eos>, and the project's SFT teaches that
+    marker: generation must stop there (it ran on and the judge read the run-on text). Stand-in:
+    a tiny model whose eos is another token than the template's turn end, forced to emit the turn
+    end and then keep talking."""
+    from qrealign.evaluate.generate import stop_token_ids
+    from qrealign.models.chat import turn_end
+    from qrealign.models.tiny import tiny_model
+
+    model, tok = tiny_model("llama")
+    tok.eos_token = "<|endoftext|>"
+    end_id = tok.convert_tokens_to_ids(turn_end(tok))
+    assert end_id != tok.eos_token_id
+    model.generation_config.eos_token_id = None
+    assert stop_token_ids(tok, model.generation_config) == [tok.eos_token_id, end_id]
+    babble = tok.convert_tokens_to_ids("X")
+    forward = model.forward
+
+    def scripted(*args, **kwargs):  # the turn end first, then "X" for ever
+        out = forward(*args, **kwargs)
+        ended = kwargs["input_ids"][:, -1] == end_id
+        out.logits[:, -1, :] = -1e4
+        out.logits[:, -1, end_id] = torch.where(ended, -1e4, 1e4)
+        out.logits[:, -1, babble] = torch.where(ended, 1e4, -1e4)
+        return out
+
+    monkeypatch.setattr(model, "forward", scripted)
+    assert generate(model, tok, ["hi", "a longer prompt"], GenerationConfig(max_new_tokens=6), progress=False) == ["", ""]

@@ -63,6 +63,26 @@ def generate(model, tokenizer, prompts: list[str], config: GenerationConfig | No
     return _generate_hf(model, tokenizer, prompts, cfg, progress, desc)
 
 
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every token that ends an answer: the tokenizer's eos, the model's own stop list (its
+    generation config) and the chat template's turn end. Gemma ends a turn with <end_of_turn>,
+    not <eos>, and the project's SFT teaches that marker (`chat.turn_end`): stopping at eos alone,
+    a fine-tuned Gemma writes past its answer and the judge reads the run-on text."""
+    from ..models.chat import turn_end
+
+    ids: list[int] = []
+    config_eos = getattr(generation_config, "eos_token_id", None)
+    marker = turn_end(tokenizer)
+    marker_id = tokenizer.convert_tokens_to_ids(marker) if marker else None
+    if marker_id == tokenizer.unk_token_id and marker != tokenizer.unk_token:  # not one token: no stop id
+        marker_id = None
+    for tid in [tokenizer.eos_token_id, *(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]),
+                marker_id]:
+        if isinstance(tid, int) and tid not in ids:
+            ids.append(tid)
+    return ids
+
+
 @torch.no_grad()
 def _generate_hf(model, tokenizer, prompts, cfg: GenerationConfig, progress: bool, desc: str) -> list[str]:
     device = next(model.parameters()).device
@@ -70,7 +90,7 @@ def _generate_hf(model, tokenizer, prompts, cfg: GenerationConfig, progress: boo
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str | None] = [None] * len(prompts)
     kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer, getattr(model, "generation_config", None)))
     if cfg.do_sample:
         kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=None)
         torch.manual_seed(cfg.seed)
@@ -107,6 +127,16 @@ def _vllm_engine(llm_class, model_dir: str, seed: int):
         release_vllm()  # the previous model's engine goes before the next one claims the GPU
         _VLLM_ENGINE[key] = llm_class(model=model_dir, tokenizer=model_dir, seed=seed)
     return _VLLM_ENGINE[key]
+
+
+def _saved_generation_config(model_dir):
+    """The generation config saved with a model directory, or None."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    try:
+        return HFGenerationConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError):
+        return None
 
 
 def release_vllm() -> None:
@@ -152,7 +182,8 @@ def generate_vllm(model_dir, tokenizer, prompts: list[str], cfg: GenerationConfi
     enc = encode_prompts(tokenizer, prompts, system=cfg.system, max_length=cfg.max_prompt_tokens)
     token_ids = [row[mask.bool()].tolist() for row, mask in zip(enc.input_ids, enc.attention_mask)]
     params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature if cfg.do_sample else 0.0,
-                            top_p=cfg.top_p if cfg.do_sample else 1.0, seed=cfg.seed)
+                            top_p=cfg.top_p if cfg.do_sample else 1.0, seed=cfg.seed,
+                            stop_token_ids=stop_token_ids(tokenizer, _saved_generation_config(model_dir)))
     llm = _vllm_engine(LLM, str(model_dir), cfg.seed)
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in token_ids], params)
     return [o.outputs[0].text.strip() for o in outputs]
