@@ -227,3 +227,23 @@ def test_compiled_activation_quantizer_matches_eager():
         results.append((out.detach(), x.grad))
     assert torch.equal(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_activations_are_quantized_in_float32_like_serving_engines(symmetric, dtype):
+    """vLLM's int8 kernels read bf16 activations and compute the per-token scale and codes in
+    float32: both quantizer paths do the same (in bf16 a few per cent of the codes, a third when
+    asymmetric, landed one to three steps off) and hand back the input's dtype."""
+    torch.manual_seed(0)
+    args = QuantArgs(8, symmetric, "token")
+    x = (torch.randn(16, 64) * 3 + 0.5).to(dtype)
+    want = ActQuantizer(args)(x.float()).to(dtype)  # the float32 arithmetic on the same half values
+    q = ActQuantizer(args)
+    got = q(x)
+    assert got.dtype == dtype and torch.equal(got, want)
+    train = x.clone().requires_grad_(True)
+    out = q(train)
+    assert out.dtype == dtype and torch.equal(out.detach(), want)
+    out.float().sum().backward()
+    assert train.grad is not None and train.grad.dtype == dtype

@@ -80,9 +80,13 @@ def _weight_fake_quant(g: torch.Tensor, up: torch.Tensor | None, low: torch.Tens
 
 
 def _per_token_fake_quant(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """Per-token dynamic fake quantization, training path (gradients through the range)."""
-    scale, zero = qparams(x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True), args)
-    return fake_quant(x, scale, zero, args)
+    """Per-token dynamic fake quantization, training path (gradients through the range). The
+    scale and the codes are computed in float32 whatever the input's dtype: serving engines
+    (vLLM's int8 kernels) read bf16 activations and do this arithmetic in float32, and in bf16 a
+    few per cent of the codes (a third, asymmetric) would land one to three steps off."""
+    xf = x.float()
+    scale, zero = qparams(xf.amin(dim=-1, keepdim=True), xf.amax(dim=-1, keepdim=True), args)
+    return fake_quant(xf, scale, zero, args).to(x.dtype)
 
 
 _COMPILED: dict = {}
@@ -220,8 +224,9 @@ def _per_token_no_grad(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
             and out._version == out_version):
         return out
     with torch.no_grad():
-        scale, zero = qparams(*torch.aminmax(x, dim=-1, keepdim=True), args)
-        q = x.div(scale).round_().add_(zero).clamp_(args.qmin, args.qmax).sub_(zero).mul_(scale)
+        xf = x.float()  # a no-op in float32; bf16/fp16 inputs are quantized in float32, as engines do
+        scale, zero = qparams(*torch.aminmax(xf, dim=-1, keepdim=True), args)
+        q = xf.div(scale).round_().add_(zero).clamp_(args.qmin, args.qmax).sub_(zero).mul_(scale).to(x.dtype)
     if memo:
         _last = (weakref.ref(x, _forget), x._version, args, q, q._version)
     return q
