@@ -147,6 +147,38 @@ def test_quantize_writes_run_that_rebuilds_same_model(calib_set, tmp_path):
     assert text.shape[1] == ids["input_ids"].shape[1] + 3
 
 
+def test_a_run_calibrated_on_a_bf16_model_reloads_with_the_weights_it_learned_and_exports(calib_set, tmp_path):
+    """Calibration folds and freezes each block in float32 and casts back; the reload must do the
+    same (it folded straight into bf16 weights, and a quarter of the codes came out different),
+    and the reload and the export check the fingerprint in the dtype the run was calibrated in
+    (the export loaded float32 and refused the run as another model's)."""
+    from qrealign.export import export_compressed_tensors
+    from qrealign.models import load_model
+
+    model, tok = tiny_model("llama", seed=4, num_hidden_layers=2)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    model, tok = load_model(str(tmp_path / "m"), dtype="bfloat16")
+    quantize(model, tok, calib_set, "W8A8", CalibConfig(epochs=1, batch_size=4), out=tmp_path / "run", progress=False)
+    assert read_quantized_metadata(tmp_path / "run")["model_dtype"] == "bfloat16"
+    fresh, _, _ = load_quantized(tmp_path / "run", dtype="bfloat16")
+    learned = {n: m.weight for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    rebuilt = {n: m.weight for n, m in fresh.named_modules() if isinstance(m, QuantLinear)}
+    assert learned.keys() == rebuilt.keys() and learned
+    assert all(rebuilt[n].dtype == torch.bfloat16 and torch.equal(learned[n], rebuilt[n]) for n in learned)
+    export_compressed_tensors(tmp_path / "run", tmp_path / "export", progress=False)
+    assert (tmp_path / "export" / "config.json").is_file()
+
+
+def test_static_activation_schemes_are_refused_before_calibrating(calib_set):
+    from qrealign.quant.scheme import QuantArgs, Scheme
+
+    static = Scheme("W8A8-static", QuantArgs(8, True, "channel"), QuantArgs(8, True, "tensor", None, False))
+    model, tok = tiny_model("llama", num_hidden_layers=1)
+    with pytest.raises(QrealignError, match="static activation ranges"):
+        calibrate(model, tok, calib_set, static, CalibConfig(epochs=1), progress=False)
+
+
 def test_bad_artifacts_fail_clearly(tmp_path):
     with pytest.raises(IncompatibleArtifact, match="not a qrealign quantization run"):
         load_quantized(tmp_path)

@@ -56,6 +56,7 @@ def quantize(
             "adapter": adapter,
             "parent": source,
             "model_fingerprint": fingerprint,
+            "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),  # what the fingerprint hashed
             "fingerprint_version": FINGERPRINT_VERSION,
             "model_type": model.config.model_type,
             "method": cfg.method,

@@ -80,6 +80,12 @@ def apply_block_quant_params(model, i: int, scheme: Scheme, params: dict[str, to
     pairs = tuple(k[len(prefix) + 4:] for k in params if k.startswith(prefix + "let."))
     has_lwc = any(k.startswith(prefix + "lwc.") for k in params)
     has_rounding = any(k.startswith(prefix + "round.") for k in params)
+    # Fold and freeze in float32 and cast back afterwards, as calibration did (engine._to_compute):
+    # folding straight into bf16 weights rounds them before they are quantized, and the codes of
+    # a run calibrated on a bf16 model would not be the ones it learned.
+    dtype = next(block.parameters()).dtype
+    if dtype != torch.float32:
+        block.float()
     wrap_linears(block, spec.linears, scheme, lwc=has_lwc, rounding=has_rounding)
     layout = head_layout(model.config)
     let = LETParams(spec, block, layout, pairs, _rope_invariant(params, prefix, layout)) if pairs else None
@@ -93,6 +99,8 @@ def apply_block_quant_params(model, i: int, scheme: Scheme, params: dict[str, to
         for m in block.modules():
             if isinstance(m, QuantLinear):
                 m.freeze()
+    if dtype != torch.float32:
+        block.to(dtype)
 
 
 def _rope_invariant(params, prefix, layout) -> bool:
@@ -100,10 +108,27 @@ def _rope_invariant(params, prefix, layout) -> bool:
     return qk is not None and qk.numel() == layout.num_kv_heads * layout.head_dim // 2
 
 
-def load_quantized(path: str | Path, device: str | torch.device | None = "cpu", dtype: str = "float32"):
-    """(model, tokenizer, metadata) for a quantization run directory."""
+def load_run_source(meta: dict, dtype: str | None = None, device="cpu", offload: str | None = None):
+    """(model, tokenizer, dtype name): the model a run was calibrated on, loaded in the dtype it
+    was calibrated in and checked against the run's fingerprint (which hashes the weights' bits,
+    so a bf16-calibrated run is checked in bf16). Runs that did not record their dtype were
+    calibrated in float32 by the CLI; `dtype` is then tried too, for API runs in another one."""
     from ..models.load import load_model
 
+    recorded = meta.get("model_dtype")
+    tries = [recorded] if recorded else list(dict.fromkeys(["float32", *([dtype] if dtype else [])]))
+    expected = meta.get("model_fingerprint")
+    for name in tries:
+        model, tokenizer = load_model(meta["source"], adapter=meta.get("adapter"), dtype=name, device=device,
+                                      offload=offload)
+        if not expected or fingerprint_matches(model, expected, meta):
+            return model, tokenizer, str(next(model.parameters()).dtype).removeprefix("torch.")
+        del model
+    raise IncompatibleArtifact(f"{meta['source']} is not the model this run was calibrated on (fingerprint mismatch)")
+
+
+def load_quantized(path: str | Path, device: str | torch.device | None = "cpu", dtype: str = "float32"):
+    """(model, tokenizer, metadata) for a quantization run directory."""
     path = Path(path)
     meta = read_quantized_metadata(path)
     try:
@@ -112,28 +137,18 @@ def load_quantized(path: str | Path, device: str | torch.device | None = "cpu", 
         raise IncompatibleArtifact(f"{path / PARAMS_FILE} is corrupt ({exc})") from None
     params.pop("_empty", None)
     want = resolve_dtype(dtype)
-    # The fingerprint hashes the weights' bits. Runs are calibrated in float32 (the CLI's
-    # default), so another dtype is checked in float32 on the CPU first and cast afterwards; only
-    # a run calibrated in that dtype itself (API use) needs the second load.
-    cast = isinstance(want, torch.dtype) and want != torch.float32
-    model, tokenizer = load_model(meta["source"], adapter=meta.get("adapter"), dtype="float32" if cast else dtype,
-                                  device="cpu" if cast else device)
-    expected = meta.get("model_fingerprint")
-    matches = not expected or fingerprint_matches(model, expected, meta)
-    if not matches and cast:
-        del model
-        model, tokenizer = load_model(meta["source"], adapter=meta.get("adapter"), dtype=dtype, device=device)
-        cast, matches = False, fingerprint_matches(model, expected, meta)
-    if not matches:
-        raise IncompatibleArtifact(
-            f"{meta['source']} is not the model this run was calibrated on (fingerprint mismatch)")
+    # Loaded in the dtype it was calibrated in (on the CPU when it is cast afterwards), checked there.
+    same = not isinstance(want, torch.dtype) or str(want).removeprefix("torch.") == meta.get("model_dtype", "float32")
+    model, tokenizer, calibrated = load_run_source(meta, dtype, device=device if same else "cpu")
     apply_quant_params(model, meta["scheme"], params)
-    if cast:
-        import warnings
+    if not same:
+        if calibrated == "float32":
+            import warnings
 
-        # Measured on the demo's first-token W8A8 run: 5 of 8 harmful prompts kept their outcome.
-        warnings.warn(f"this run was calibrated in float32 and now runs in {dtype}: the fake-quantized arithmetic "
-                      "changes with it, and so do its answers (use float32 for numbers to compare)", stacklevel=2)
+            # Measured on the demo's first-token W8A8 run: 5 of 8 harmful prompts kept their outcome.
+            warnings.warn(f"this run was calibrated in float32 and now runs in {dtype}: the fake-quantized "
+                          "arithmetic changes with it, and so do its answers (use float32 for numbers to compare)",
+                          stacklevel=2)
         model.to(device=resolve_device(device), dtype=want)
     model.config.qrealign_quant_run = str(path.resolve())
     return model, tokenizer, meta

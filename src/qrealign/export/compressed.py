@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibrate.artifact import PARAMS_FILE, apply_quant_params, read_quantized_metadata
+from ..calibrate.artifact import PARAMS_FILE, apply_quant_params, load_run_source, read_quantized_metadata
 from ..errors import IncompatibleArtifact
 from ..quant.qlinear import QuantLinear
 from ..quant.scheme import get_scheme
-from ..utils import atomic_dir, check_out_dir, fingerprint_matches, model_fingerprint, read_json, resolve_dtype, write_json
+from ..utils import atomic_dir, check_out_dir, read_json, resolve_dtype, write_json
 from .codes import LinearCodes, linear_codes
 from .plan import ExportError, ExportPlan, plan_export
 
@@ -64,7 +64,6 @@ def export_compressed_tensors(
     (e.g. a before/after evaluation table) for the model card. offload="disk": stream the export
     one decoder block at a time (models larger than CPU RAM; see stream.py), same tensors and
     config. Nothing is written unless the whole export succeeds."""
-    from ..models.load import load_model
     from .card import render_card
     from .stream import check_streamable, write_streamed
 
@@ -78,12 +77,10 @@ def export_compressed_tensors(
     _check_out_dir(out_dir)
     params = _load_params(run_dir)
 
-    model, tokenizer = load_model(meta["source"], adapter=meta.get("adapter"), dtype="float32", device="cpu",
-                                  offload=offload)
-    expected = meta.get("model_fingerprint")
-    if expected and not fingerprint_matches(model, expected, meta):
-        raise IncompatibleArtifact(
-            f"{meta['source']} is not the model this run was calibrated on (fingerprint mismatch)")
+    # checked in the dtype it was calibrated in, then computed in float32 as calibration did
+    model, tokenizer, _ = load_run_source(meta, "float32", device="cpu", offload=offload)
+    if offload is None:
+        model.float()
     n_params = sum(p.numel() for p in model.parameters())
     _check_shapes(model, plan)
     if offload is None:
