@@ -187,7 +187,8 @@ def test_symmetric_weights_reexpress_an_asymmetric_run_and_say_so(runs, tmp_path
 
 
 def test_plan_refuses_what_compressed_tensors_engines_cannot_run():
-    for spec, match in [("W4A4", "4-bit activations"), ("W4A8", "W4A8"), ("W16A8", "no weights")]:
+    for spec, match in [("W4A4", "4-bit activations"), ("W4A8", "W4A8"), ("W16A8", "no weights"),
+                        ("W8A8-g128-sym", "per-channel weight scales")]:
         with pytest.raises(ExportError, match=match):
             plan_export(get_scheme(spec))
     static = Scheme("W8A8-static", QuantArgs(8, True, "channel"), QuantArgs(8, True, "tensor", None, False))
@@ -195,6 +196,8 @@ def test_plan_refuses_what_compressed_tensors_engines_cannot_run():
         plan_export(static)
     assert plan_export(get_scheme("W8A16")).ct_format == "pack-quantized"
     assert plan_export(get_scheme("W8A8-sym"), dtype="float32").matches_calibration
+    assert "may be refused" in plan_export(get_scheme("W4A16-g16-sym")).runtimes["vllm"]
+    assert "may be refused" not in plan_export(get_scheme("W4A16-sym")).runtimes["vllm"]
 
 
 def _no_output(out):

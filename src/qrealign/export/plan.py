@@ -72,6 +72,9 @@ class ExportPlan:
         return QuantizationConfig(config_groups={"group_0": group}, ignore=sorted(ignore), format=self.ct_format)
 
 
+MARLIN_GROUP_SIZES = (32, 64, 128)  # vLLM's Marlin WNA16 kernels, read from its source
+
+
 def plan_export(scheme: Scheme, dtype: str = "bfloat16", symmetric_weights: bool = False,
                 symmetric_activations: bool = False) -> ExportPlan:
     """Check that `scheme` can be written as compressed-tensors and say what the export computes."""
@@ -93,6 +96,11 @@ def plan_export(scheme: Scheme, dtype: str = "bfloat16", symmetric_weights: bool
             raise ExportError(
                 f"scheme {scheme.name}: {w.num_bits}-bit weights with int8 activations (W{w.num_bits}A8) have no "
                 f"engine-backed compressed-tensors form; export W8A8 or weight-only W{w.num_bits}A16")
+        if w.strategy != "channel":
+            raise ExportError(
+                f"scheme {scheme.name}: group-wise weights with int8 activations have no engine-backed form "
+                "(vLLM's and SGLang's int8 W8A8 kernels take per-channel weight scales); calibrate W8A8 "
+                "per channel")
     elif w.num_bits not in WEIGHT_ONLY_BITS:
         raise ExportError(f"scheme {scheme.name}: {w.num_bits}-bit weights cannot be packed (2..8 bits)")
 
@@ -149,6 +157,8 @@ def _runtimes(w: QuantArgs, a: QuantArgs | None) -> dict:
               "decodes to the calibrated weights")
         vllm = f"WNA16 with zero points in recent vLLM (older releases need symmetric weights), group {group}"
         sglang = "refused in the version read (WNA16 requires symmetric weights)"
+    if w.strategy == "group" and w.group_size not in MARLIN_GROUP_SIZES:
+        vllm += f" (Marlin takes groups of {', '.join(map(str, MARLIN_GROUP_SIZES))} or per channel: group {group} may be refused)"
     if w.num_bits not in ENGINE_WEIGHT_ONLY_BITS:
         vllm = sglang = f"not served: WNA16 supports {ENGINE_WEIGHT_ONLY_BITS} bits"
     return {"transformers": tf, "vllm": vllm + unverified, "sglang": sglang + unverified}
