@@ -335,3 +335,29 @@ def test_only_reproducible_compressed_tensors_schemes_take_the_engine_route(tmp_
         assert not torch.allclose(x, xq, atol=1e-3)
         assert torch.allclose(model[0](x), nn.functional.linear(xq, model[0].weight, model[0].bias), atol=1e-6)
         assert torch.equal(model[1](x), nn.functional.linear(x, model[1].weight, model[1].bias))  # ignored
+
+
+def test_norm_storage_check_warns_where_a_folded_offset_norm_loses_its_multiplier():
+    """Gemma's (1 + w) norm with a large smoothing scale folded in stores a value near -1; bf16
+    keeps little of the multiplier left over, and the export says so. A Llama-style norm storing
+    w / s keeps its multiplier to bf16's precision."""
+    import warnings
+
+    from qrealign.export.compressed import check_norm_storage
+    from qrealign.models.tiny import tiny_model
+
+    torch.manual_seed(0)
+    gemma, _ = tiny_model("gemma2")
+    llama, _ = tiny_model("llama")
+    for model, offset in ((gemma, 1.0), (llama, 0.0)):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):  # the fold of a scale of ~20 into a multiplier of ~1
+                    p.copy_((1.0 + 0.1 * torch.randn_like(p)) / 20 - offset)
+    with pytest.warns(UserWarning, match="dtype float32"):
+        worst_gemma = check_norm_storage(gemma, torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        worst_llama = check_norm_storage(llama, torch.bfloat16)
+        assert check_norm_storage(gemma, torch.float32) == 0.0
+    assert worst_gemma > 0.02 and worst_llama < 0.005  # 4.6 % and 0.4 % here

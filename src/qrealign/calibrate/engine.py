@@ -182,6 +182,9 @@ def calibrate(
     `model_fp`: the model's `model_fingerprint` if the caller already has it (see `quantize`)."""
     cfg = config or CalibConfig()
     scheme = get_scheme(scheme)
+    if scheme.activations is not None and not scheme.activations.dynamic:
+        raise QrealignError(f"scheme {scheme.name}: static activation ranges are not calibrated here (no pass "
+                            "observes them, and a run could not store them); use dynamic per-token activations")
     loss = loss or ReconstructionLoss()
     dev = resolve_device(device)
     spec = get_arch(model)
