@@ -88,11 +88,10 @@ def export_compressed_tensors(
         codes = _replace_quant_linears(model, plan, progress)
 
     with atomic_dir(out_dir) as tmp:
-        norm_error = None  # not measured on the streamed path
         if offload is None:
             norm_error = _write_checkpoint(model, tokenizer, plan, codes, tmp)
         else:
-            write_streamed(model, tokenizer, plan, params, tmp, progress)
+            norm_error = write_streamed(model, tokenizer, plan, params, tmp, progress)
         sizes = _sizes(tmp, meta["source"], n_params)
         block = {**plan.to_dict(), "source": meta["source"], "run_fingerprint": meta.get("run_fingerprint")}
         config = read_json(tmp / "config.json")
@@ -188,25 +187,34 @@ def check_norm_storage(model, torch_dtype: torch.dtype) -> float:
     smoothing scale s folded in stores (1 + w) / s - 1, near -1 for a large s, and bf16 keeps few
     bits of the small multiplier left over (measured on a tiny Gemma-2 with scales ~20: 9 % on a
     channel, 4.6 % on the block output; Llama-style norms store w / s and keep 0.4 %)."""
+    return warn_norm_storage(norm_storage_error(model, model, torch_dtype), torch_dtype)
+
+
+def norm_storage_error(model, module, torch_dtype: torch.dtype) -> float:
+    """`check_norm_storage`'s measure over the norms of `module` (a part of `model`: the streamed
+    export sees one block at a time)."""
     from ..models.registry import get_arch
 
+    if torch_dtype == torch.float32:
+        return 0.0
     offset = get_arch(model).norm_offset
     worst = 0.0
-    if torch_dtype == torch.float32:
-        return worst
-    for name, param in model.named_parameters():
-        if param.dim() != 1 or not name.endswith("norm.weight"):
+    for name, param in module.named_parameters():
+        if param.dim() != 1 or not name.endswith("norm.weight") or param.device.type == "meta":
             continue
         exact = param.detach().float() + offset
         stored = param.detach().to(torch_dtype).float() + offset
-        rel = ((stored - exact).abs() / exact.abs().clamp_min(1e-12)).max().item()
-        worst = max(worst, rel)
+        worst = max(worst, ((stored - exact).abs() / exact.abs().clamp_min(1e-12)).max().item())
+    return worst
+
+
+def warn_norm_storage(worst: float, torch_dtype: torch.dtype) -> float:
     if worst > NORM_STORAGE_TOLERANCE:
         import warnings
 
         warnings.warn(f"storing the norms in {str(torch_dtype).removeprefix('torch.')} changes a norm's multiplier "
                       f"by up to {100 * worst:.1f} % (smoothing scales folded into an (offset + w) norm); export "
-                      "with dtype float32 to keep the calibrated model", stacklevel=3)
+                      "with dtype float32 to keep the calibrated model", stacklevel=4)
     return worst
 
 

@@ -21,7 +21,8 @@ from ..calibrate.artifact import apply_block_quant_params, check_param_layers
 from ..models.offload import offloaded
 from ..models.registry import get_blocks
 from ..utils import resolve_dtype
-from .compressed import _attach_codes, _plain_config, _replace_quant_linears, _verify_roundtrip
+from .compressed import (_attach_codes, _plain_config, _replace_quant_linears, _verify_roundtrip, norm_storage_error,
+                         warn_norm_storage)
 from .plan import ExportError, ExportPlan
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -43,8 +44,9 @@ def check_streamable(run_dir: Path, meta: dict, offload: str) -> None:
 
 
 def write_streamed(model, tokenizer, plan: ExportPlan, params: dict[str, torch.Tensor], out: Path,
-                   progress: bool) -> None:
-    """Write the checkpoint of a disk-offloaded `model` into `out`, one block in memory at a time."""
+                   progress: bool) -> float:
+    """Write the checkpoint of a disk-offloaded `model` into `out`, one block in memory at a time;
+    returns `check_norm_storage`'s error."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationStatus
 
@@ -54,10 +56,13 @@ def write_streamed(model, tokenizer, plan: ExportPlan, params: dict[str, torch.T
     n_blocks = len(get_blocks(model))
     shards = _Shards(model, out, n_blocks + 1)
     shards.write(_non_block_tensors(model, source.prefix, torch_dtype))
+    norm_error = norm_storage_error(model, model, torch_dtype)  # the resident norms (final norm)
     for i in tqdm(range(n_blocks), desc="export: blocks", disable=not progress):
         source.onload(i, "cpu")
         try:
-            shards.write(_compressed_block(model, i, plan, params, torch_dtype))
+            block = _compressed_block(model, i, plan, params, torch_dtype)
+            norm_error = max(norm_error, norm_storage_error(model, get_blocks(model)[i], torch_dtype))
+            shards.write(block)
         finally:
             source.release(i)  # keeps the block's compressed-tensors schemes, on the meta device
     shards.write_index(model.num_parameters())
@@ -69,6 +74,7 @@ def write_streamed(model, tokenizer, plan: ExportPlan, params: dict[str, torch.T
     _save_configs(model, out)
     compressor.update_config(str(out))
     tokenizer.save_pretrained(out)
+    return warn_norm_storage(norm_error, torch_dtype)
 
 
 def _compressed_block(model, i: int, plan: ExportPlan, params: dict[str, torch.Tensor],
