@@ -138,6 +138,21 @@ def test_layers_from_selects_the_late_blocks_and_rejects_bad_input():
             realign(base, tok, _probes(base, tok), calib, "W8A8", progress=False, layers=layers)
 
 
+def test_probes_fit_with_a_system_prompt_need_the_same_one_in_calibration():
+    """The probes read the last prompt token of one rendering: calibrating with another system
+    prompt would move every state off the probe's scale, so it is refused, and the same one runs."""
+    from qrealign.errors import QrealignError
+
+    base, tok = tiny_model("llama", seed=2)
+    probes = _probes(base, tok)
+    probes.settings["system"] = "You are a careful assistant."
+    calib = CalibrationSet(MALICIOUS + BENIGN, [1] * len(MALICIOUS) + [0] * len(BENIGN))
+    with pytest.raises(QrealignError, match="system prompt 'You are a careful assistant.'"):
+        realign(base, tok, probes, calib, "W8A8", CalibConfig(epochs=1, batch_size=4), progress=False)
+    same = CalibConfig(epochs=1, batch_size=4, system="You are a careful assistant.")
+    assert realign(base, tok, probes, calib, "W8A8", same, progress=False).layer_logs
+
+
 def test_the_overlap_check_sees_the_prompts_that_trained_the_probes(tmp_path):
     """Probes fit on evaluation prompts shape the realigned model: `qrealign eval` must see them
     (the run used to record only the calibration's prompts)."""

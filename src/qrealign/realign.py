@@ -78,6 +78,14 @@ def realign(
     if isinstance(probes, (str, Path)):
         probes = load_probes(probes)
     probes.check_compatible(model)
+    config = config or CalibConfig()
+    fit_system = probes.settings.get("system")
+    if fit_system != config.system:
+        # The probes read the last prompt token of one rendering; another system prompt moves
+        # every state (a harmful logit of 3.5 became 18.2 on a tiny model) and the loss reads noise.
+        raise QrealignError(f"the probes were fit on prompts rendered with system prompt {fit_system!r}, the "
+                            f"calibration renders them with {config.system!r}: calibrate with the same one "
+                            "(CalibConfig(system=...), --system)")
     active = safety_layers(probes, loss_options.get("layers"), layers_from)
     if layers_from is not None:
         loss_options["layers"] = active
@@ -89,7 +97,7 @@ def realign(
     meta = {"method": "qrealign", "probes": {"target": probes.target, "id": loss.probe_id,
                                              "usable_layers": probes.usable_layers}, "safety_layers": list(active)}
     parents = getattr(probes, "parents", None)
-    return quantize(model, tokenizer, calibration, scheme, config or CalibConfig(), out=out, loss=loss,
+    return quantize(model, tokenizer, calibration, scheme, config, out=out, loss=loss,
                     device=device, progress=progress, checkpoint_dir=checkpoint_dir,
                     extra_metadata={**meta, "probe_parents": parents() if callable(parents) else None,
                                     # the probes' own prompts count for the overlap check too

@@ -55,6 +55,9 @@ def add_common(parser) -> None:
                         help="fuse the weight and activation fake-quantizers with torch.compile while training (needs a C++ "
                              "compiler on CPU); faster steps, last-bit differences; recorded in the fingerprint")
     parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--system", default=None,
+                        help="system prompt the calibration prompts are rendered with (default: none; with --probes "
+                             "it must be the one the probes were fit with)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="compute device (default: best available)")
 
@@ -67,7 +70,7 @@ def engine_config(args, method: str):
                        lr_lwc=args.lr_lwc, lwc_init=args.lwc_init, rope_invariant_qk=args.rope_invariant_qk,
                        learn_rounding=args.learn_rounding, lr_round=args.lr_round, max_length=args.max_length,
                        autocast=args.autocast, compile_quantizer=args.compile_quantizer,
-                       plain_epochs=args.plain_epochs, seed=args.seed)
+                       plain_epochs=args.plain_epochs, system=args.system, seed=args.seed)
 
 
 def prepare(args, method: str):
