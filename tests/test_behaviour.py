@@ -3,6 +3,7 @@ and the engine hands the loss what it needs."""
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,7 +177,7 @@ def _save(model, tok, path):
     return str(path)
 
 
-def test_realign_with_a_teacher_writes_a_first_token_run(tmp_path):
+def test_realign_with_a_teacher_writes_a_first_token_run(tmp_path, monkeypatch):
     from qrealign.calibrate.artifact import load_quantized
     from qrealign.realign import realign
     from qrealign.utils import read_json
@@ -189,11 +190,12 @@ def test_realign_with_a_teacher_writes_a_first_token_run(tmp_path):
     finetuned, tok = load_model(_save(finetuned, tok, tmp_path / "finetuned"))  # a source the run can name
     calib = build_calibration_with_task()
     out = tmp_path / "run"
-    res = realign(finetuned, tok, teacher=teacher_dir, calibration=calib, scheme="W8A8",
+    monkeypatch.chdir(tmp_path)  # the teacher named by a relative path is recorded absolute (overlap check)
+    res = realign(finetuned, tok, teacher="aligned", calibration=calib, scheme="W8A8",
                   config=CalibConfig(epochs=1, batch_size=4), out=out, progress=False, layers_from=0.5, benign_kl=1.0)
     meta = read_json(out / "qrealign.json")
     assert meta["objective"] == "first-token" and meta["safety_layers"] == [1]
-    assert meta["teacher"]["source"] == teacher_dir and meta["teacher"]["fingerprint"]
+    assert meta["teacher"]["source"] == str(Path(teacher_dir).resolve()) and meta["teacher"]["fingerprint"]
     assert "topic-codes:train[:3]" in meta["calibration"]["split"]
     logs = {log["layer"]: log for log in res.layer_logs}
     assert "last_kl_mal" not in logs[0] and "last_kl_mal" in logs[1] and "last_kl_ben" in logs[1]

@@ -103,3 +103,4 @@ def test_check_overlap_clean_and_unresolved():
         warnings.simplefilter("error")
         res = check_overlap([P(0, TEXTS[3])], prov)
     assert res.clean and res.total == 0 and res.unresolved == ["/x"]
+    assert not res.complete and res.to_dict()["complete"] is False  # nothing found, but not everything read

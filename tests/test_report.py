@@ -58,6 +58,14 @@ def test_write_report_files(tmp_path):
     assert "<style>" in html and "http" not in html.split("<body>")[0]
 
 
+def test_an_incomplete_overlap_check_is_flagged_in_the_table():
+    """A parent the overlap check could not read (moved, deleted) leaves the check incomplete:
+    nothing was found, but not everything was read, and the table says so."""
+    r = replace(RESULTS[2], overlap={"clean": True, "unresolved": ["/gone/teacher"], "by_stage": {}})
+    assert "Q-realign W8A8 ⚠ overlap check incomplete |" in markdown_table([RESULTS[0], r])
+    assert "⚠" not in markdown_table(RESULTS)
+
+
 def test_report_without_fa_skips_that_plot_and_dedups_names(tmp_path):
     a, b = _result("same", 30.0, 10.0), _result("same", 40.0, 12.0)
     write_report([a, b], tmp_path)

@@ -143,7 +143,11 @@ def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationS
     if refusals and on_disk:  # before the teacher is read
         raise QrealignError("refusal targets generate with the teacher, so it must fit in memory: not with "
                             "offload='disk'")
-    source = str(teacher) if isinstance(teacher, (str, Path)) else getattr(teacher.config, "qrealign_source", None)
+    from ..finetune.stage import parent_string
+
+    # an absolute path for a directory, so the overlap check finds the teacher from anywhere
+    source = (parent_string(teacher) if isinstance(teacher, (str, Path))
+              else getattr(teacher.config, "qrealign_source", None))
     if isinstance(teacher, (str, Path)):  # offloaded like the model: it is as large
         teacher, _ = load_model(str(teacher), offload="disk" if on_disk else None)
     num_layers = model.config.num_hidden_layers

@@ -165,10 +165,16 @@ class OverlapResult:
 
     @property
     def clean(self) -> bool:
+        """No evaluation prompt was found in a stage's prompts (see `complete` for what was read)."""
         return not self.by_stage
 
+    @property
+    def complete(self) -> bool:
+        """Every stage of the chain was read (an unresolved parent's prompts could not be checked)."""
+        return not self.unresolved
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "total": self.total, "clean": self.clean}
+        return {**asdict(self), "total": self.total, "clean": self.clean, "complete": self.complete}
 
 
 def check_overlap(eval_prompts: Sequence[Any], provenance: Mapping[str, Mapping], force: bool = False,

@@ -29,6 +29,7 @@ def comparison_rows(results: Sequence) -> list[dict]:
             "fa": m.get("task_accuracy"), "task": (r.settings or {}).get("task"), "ppl": m.get("perplexity"),
             "n_harmful": m.get("n_harmful", 0), "n_benign": m.get("n_benign", 0), "task_n": m.get("task_n"),
             "judge": (r.judge or {}).get("name"), "overlap": bool(r.overlap and not r.overlap.get("clean", True)),
+            "overlap_unchecked": bool(r.overlap and r.overlap.get("unresolved")),
             "fingerprint": (r.model or {}).get("fingerprint"),
         })
     return rows
@@ -36,7 +37,8 @@ def comparison_rows(results: Sequence) -> list[dict]:
 
 def format_row(row: dict) -> dict[str, str]:
     return {
-        "model": row["model"] + (" ⚠ overlap" if row["overlap"] else ""),
+        "model": row["model"] + (" ⚠ overlap" if row["overlap"] else "")
+                 + (" ⚠ overlap check incomplete" if row.get("overlap_unchecked") else ""),
         "hs": _fmt(row["hs"]), "hs_ci": f"{row['hs_ci'][0]:.1f}–{row['hs_ci'][1]:.1f}" if row["hs_ci"] else "–",
         "over_refusal": _fmt(row["over_refusal"]), "degenerate": _fmt(row["degenerate"]),
         "fa": _fmt(row["fa"]) + (f" ({row['task']}, n={row['task_n']})" if row["fa"] is not None else ""),
