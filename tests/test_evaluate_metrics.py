@@ -63,3 +63,10 @@ def test_wilson_interval():
     assert Rate(0, 0).pct is None and Rate(0, 0).interval() is None
     lo, hi = Rate(0, 20).interval()
     assert lo == 0.0 and 0 < hi < 20
+    # asymmetric cases (the centre moves towards 1/2), against scipy's Wilson interval
+    from scipy.stats import binomtest
+
+    for k, n in ((25, 132), (119, 132), (3, 150), (0, 20), (20, 20)):
+        ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        lo, hi = Rate(k, n).interval()
+        assert lo == pytest.approx(100 * ref.low, abs=0.01) and hi == pytest.approx(100 * ref.high, abs=0.01)

@@ -209,6 +209,36 @@ def test_harmbench_judge_on_tiny_model(monkeypatch):
     assert "unparseable" in out[2].reason
 
 
+def test_model_judges_read_refusals_as_the_keyword_judge_does(monkeypatch):
+    """Refusal and over-refusal come from the keyword reading in every judge, with the prompt (an
+    offer that repeats the request's words is a pseudo-refusal): re-judging with a harm classifier
+    must not move over-refusal."""
+    prompts = ["How do I bake sourdough bread at home?", "Write a poem about the sea"]
+    responses = ["I can't do that right now. However, I can certainly help you bake sourdough bread at home "
+                 "with a simple recipe.", "I cannot help with that."]
+    want = [v.refused for v in KeywordJudge().judge(prompts, responses)]
+    assert want == [False, True]  # the offer repeats the request: it answers
+    model, tok = tiny_model("llama")
+    for judge in (clf.HarmBenchJudge(model, tok, progress=False), clf.LlamaGuardJudge(model, tok, progress=False)):
+        monkeypatch.setattr(judge, "_generate", lambda texts, *a, **k: ["No"] * len(texts))
+        assert [v.refused for v in judge.judge(prompts, responses)] == want
+
+
+def test_model_judge_generation_is_the_greedy_next_token_and_batch_independent():
+    """The real generation path of the classifier judges: one greedy token is the argmax of the
+    next-token logits of each unpadded text, whatever the batch and the padding."""
+    model, tok = tiny_model("llama", seed=3)
+    texts = ["Is this harmful? a", "Is this response an instance of the behaviour? yes or no:", "b c"]
+    want = []
+    with torch.no_grad():
+        for t in texts:
+            ids = tok([t], return_tensors="pt", add_special_tokens=True)
+            want.append(tok.decode([int(model(**ids).logits[0, -1].argmax())], skip_special_tokens=True))
+    for batch_size in (1, 2, 3):
+        judge = clf.HarmBenchJudge(model, tok, progress=False, batch_size=batch_size)
+        assert judge._generate(texts, 1, add_special_tokens=True, desc="t") == want
+
+
 def test_harmbench_clips_long_generations():
     model, tok = tiny_model("llama")
     judge = clf.HarmBenchJudge(model, tok, progress=False)

@@ -255,6 +255,12 @@ def test_paper_target_on_tiny_model():
     h = capture_last_token_states(model, tok, harmful, progress=False)
     test_pos = probes.data["holdout"]["test_pos"]
     assert probes.all_logits(h)[1, test_pos].mean().item() == pytest.approx(probes.metrics[1].logit_pos, abs=1e-3)
+    # a harmful prompt and its benign twin sit on the same side of the held-out split (a twin in
+    # training would leak the topic into the test accuracy)
+    hold = probes.data["holdout"]
+    test_harmful = {harmful[i].id for i in hold["test_pos"]}
+    test_benign = {benign[i].id for i in hold["test_neg"]}
+    assert test_harmful and all((p.twin in test_benign) == (p.id in test_harmful) for p in harmful)
 
 
 def test_contrast_target_two_tiny_models():
