@@ -439,7 +439,25 @@ def _eval_stage(cfg, root, label: str, source: str, log=print):
 
     path = cached_stage(f"eval-{label.lower().replace(' ', '-').replace('(', '').replace(')', '')}", inputs, root,
                         build, log=log)
-    return EvalResult.load(path)
+    return current_verdicts(EvalResult.load(path), log)
+
+
+def current_verdicts(result, log=print):
+    """A cached evaluation as the keyword judge of this code reads it. The answers are the costly
+    part and stay cached; judging them takes milliseconds, so a judge fix applies to cached stages
+    without regenerating (and without a stale verdict in the report). Unchanged verdicts return
+    the result as stored."""
+    from .evaluate.runner import rejudge
+
+    if (result.judge or {}).get("name") != "keyword" or not result.records:
+        return result
+    fresh = rejudge(result, "keyword", progress=False)
+    changed = sum(a["verdict"] != b["verdict"] for a, b in zip(result.records, fresh.records))
+    if not changed:
+        return result
+    if log:
+        log(f"[{result.name}] re-judged with the current keyword judge: {changed} verdicts changed")
+    return fresh
 
 
 def _eval_data_fingerprint(cfg) -> str:
