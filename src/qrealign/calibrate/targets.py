@@ -67,7 +67,7 @@ class TeacherTargets:
             diff = {k: (self.render.get(k), v) for k, v in wanted.items() if self.render.get(k) != v}
             raise QrealignError(f"these teacher targets were rendered with other settings (targets, config): {diff}")
         if refusals is not None and refusals != self.refusals:
-            raise QrealignError(f"refusal targets were {'not ' if refusals else ''}asked for (--refusal-targets), "
+            raise QrealignError(f"refusal targets were {'' if refusals else 'not '}asked for (--refusal-targets), "
                                 f"but these teacher targets were computed {'with' if self.refusals else 'without'} "
                                 "them")
         if computed_on and self.computed_on and computed_on != self.computed_on:
