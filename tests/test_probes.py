@@ -357,6 +357,21 @@ def test_cli_contrast_needs_finetuned(tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+@pytest.mark.parametrize("bad", [["--limit", "0"], ["--limit", "-3"], ["--batch-size", "0"], ["--max-length", "0"],
+                                 ["--C", "0"], ["--C", "-1"], ["--test-size", "1.5"], ["--cv", "-1"]])
+def test_cli_probe_and_analyze_refuse_bad_numbers_before_loading(tmp_path, capsys, bad):
+    """--limit 0 meant "every prompt" and -3 "all but the last three"; a zero batch size or length
+    and a non-positive C failed inside the capture or the fit with a raw traceback."""
+    from qrealign.cli import main
+
+    assert main(["probe", str(tmp_path / "no-such-model"), *bad, "--out", str(tmp_path / "p")]) == 2
+    assert "must be" in capsys.readouterr().err and not (tmp_path / "p").exists()
+    if bad[0] in ("--limit", "--batch-size", "--max-length"):
+        assert main(["analyze", str(tmp_path / "m"), "--probes", str(tmp_path / "p"), *bad,
+                     "--out", str(tmp_path / "a")]) == 2
+        assert "must be" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_real_model_capture_padding_invariant_and_pre_norm():
     """SmolLM2: states up to ~700 (massive activations) agree to float32 round-off across padding

@@ -39,8 +39,9 @@ def run(args) -> int:
     from ..probes.analyze import analyze
     from ..utils import resolve_device
     from ._layers import parse_layers
-    from .probe_cmd import load_prompt_classes
+    from .probe_cmd import check_capture_numbers, load_prompt_classes
 
+    check_capture_numbers(args)
     probes = ProbeSet.load(args.probes)
     names = [n.strip() for n in args.names.split(",")] if args.names else [Path(m).name or m for m in args.models]
     if len(names) != len(args.models):

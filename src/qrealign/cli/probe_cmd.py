@@ -47,7 +47,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--test-size", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cv", type=int, default=5,
-                        help="also report k-fold cross-validated accuracy and require it for usability (0 = off)")
+                        help="k-fold cross-validated accuracy, required (with the held-out one) for a layer to be usable "
+                             "(default 5; 0 = off)")
     parser.add_argument("--min-accuracy", type=float, default=0.75,
                         help="held-out accuracy below which a layer is marked unusable (default 0.75)")
     parser.add_argument("--max-abs-logit", type=float, default=30.0,
@@ -60,10 +61,32 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output directory")
 
 
+def check_capture_numbers(args) -> None:
+    """The numeric flags `probe` and `analyze` share, checked before any model loads (a zero batch
+    size or length failed deep in the capture with a raw traceback; `--limit 0` meant "all")."""
+    from ..errors import QrealignError
+
+    for flag, value, low in (("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1),
+                             ("--max-length", args.max_length, 1),
+                             ("--max-new-tokens", getattr(args, "max_new_tokens", None), 1),
+                             ("--cv", getattr(args, "cv", None), 0)):
+        if value is not None and value < low:
+            raise QrealignError(f"{flag} must be >= {low}, got {value}")
+    c = getattr(args, "C", None)
+    if c is not None and not c > 0:
+        raise QrealignError(f"--C must be > 0, got {c}")
+    test_size = getattr(args, "test_size", None)
+    if test_size is not None and not 0 < test_size < 1:
+        raise QrealignError(f"--test-size must be in (0, 1), got {test_size}")
+
+
 def load_prompt_classes(split: str | None, path: str | None, limit: int | None):
     """(harmful, benign, split name) from a prompt file or the bundled split."""
     from ..data.prompts import load_prompt_file, load_prompts
     from ..errors import QrealignError
+
+    if limit is not None and limit < 1:
+        raise QrealignError(f"--limit must be >= 1, got {limit}")
 
     try:
         prompts = load_prompt_file(path) if path else load_prompts(split=split)
@@ -71,7 +94,7 @@ def load_prompt_classes(split: str | None, path: str | None, limit: int | None):
         raise QrealignError(str(exc)) from None
     harmful = [p for p in prompts if p.label == 1]
     benign = [p for p in prompts if p.label == 0]
-    if limit:
+    if limit is not None:
         harmful, benign = harmful[:limit], benign[:limit]
     if not harmful:
         raise QrealignError(f"no harmful prompts in {path or 'split ' + repr(split)}")
@@ -89,6 +112,7 @@ def run(args) -> int:
 
     if args.target == "contrast" and not args.finetuned:
         raise QrealignError("--target contrast needs --finetuned MODEL2")
+    check_capture_numbers(args)
     check_out_dir(args.out, META_FILE, kind="probes")
     device = resolve_device(args.device)
     harmful, benign, split = load_prompt_classes(args.split, args.prompts, args.limit)
