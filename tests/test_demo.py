@@ -84,6 +84,12 @@ def test_demo_config_rejects_a_bad_attack_sweep_up_front(tmp_path):
         DemoConfig(out=str(tmp_path / "demo"), schemes=())
     with pytest.raises(QrealignError, match="twice"):
         DemoConfig(out=str(tmp_path / "demo"), schemes=("W8A8", "w8a8"))
+    # numbers the evaluation reads late (after 18 minutes of align and attack on the embedded model)
+    for bad in ({"eval_limit": 0}, {"max_new_tokens": 0}, {"epochs": 0}, {"lanes": 0}, {"eval_batch_size": 0},
+                {"task_n": -1}, {"calib_n": 0}, {"malicious_ratio": 1.5}):
+        with pytest.raises(QrealignError, match=f"{next(iter(bad))} must be"):
+            DemoConfig(out=str(tmp_path / "demo"), **bad)
+    DemoConfig(out=str(tmp_path / "demo"), task_n=0, eval_limit=None)  # no task, every prompt: fine
     assert not (tmp_path / "demo").exists()
     # a lower-case name is the preset, so the variants' per-scheme settings apply to it
     cfg = DemoConfig(out=str(tmp_path / "demo"), schemes=("w8a8", "w4a8"))

@@ -163,6 +163,13 @@ class DemoConfig:
         bad = [r for r in self.attack_sweep if not 0.0 <= r <= 1.0]
         if bad:
             raise QrealignError(f"attack_sweep ratios must be in [0, 1], got {bad}")
+        for name in ("epochs", "batch_size", "max_new_tokens", "eval_batch_size", "eval_limit", "task_n", "lanes",
+                     "calib_n"):
+            value = getattr(self, name)
+            if value is not None and value < (0 if name == "task_n" else 1):
+                raise QrealignError(f"{name} must be >= {0 if name == 'task_n' else 1}, got {value}")
+        if not 0.0 <= self.malicious_ratio <= 1.0:
+            raise QrealignError(f"malicious_ratio must be in [0, 1], got {self.malicious_ratio}")
 
 
 def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
