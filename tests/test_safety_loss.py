@@ -78,3 +78,15 @@ def test_inactive_layers_fall_back_to_reconstruction():
     assert loss.needs_fp(inp.labels, 0).tolist() == [True, False]
     unusable = SafetyLoss(w, b, usable=(False, True))
     assert not unusable.active(0) and unusable.active(1)
+
+
+@pytest.mark.parametrize("bad", [{"lam": -1.0}, {"sink_weight": -1.0}, {"benign_side": -0.5}, {"benign_margin": -1.0},
+                                 {"lam": math.nan}, {"margin": math.nan}, {"probe_loss": "hinged"}])
+def test_weights_that_would_turn_a_term_around_are_refused(bad):
+    """lam = -1 pushes malicious prompts to the benign side of the probe: it un-aligns. The
+    first-token objective already refused negative weights; the probe loss now does too."""
+    from qrealign.errors import QrealignError
+
+    with pytest.raises(QrealignError, match=next(iter(bad))):
+        SafetyLoss(torch.zeros(2, 4), torch.zeros(2), **bad)
+    SafetyLoss(torch.zeros(2, 4), torch.zeros(2), lam=0.0, margin=-1.0)  # zero weights and any finite margin are fine

@@ -18,11 +18,13 @@ and a benign-side term that keeps benign prompts on the benign side (against ove
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import QrealignError
 from ..utils import tensor_digest
 from .losses import LossInputs, SafetyGate
 
@@ -47,7 +49,14 @@ class SafetyLoss(SafetyGate):
 
     def __post_init__(self):
         if self.probe_loss not in ("softplus", "hinge"):
-            raise ValueError("probe_loss must be 'softplus' or 'hinge'")
+            raise QrealignError("probe_loss must be 'softplus' or 'hinge'")
+        # a negative weight turns a term around (lam < 0 pushes malicious prompts to the benign side)
+        for name in ("lam", "sink_weight", "benign_side", "benign_margin"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise QrealignError(f"{name} must be a finite number >= 0, got {value}")
+        if not math.isfinite(self.margin):
+            raise QrealignError(f"margin must be finite, got {self.margin}")
 
     @classmethod
     def from_probes(cls, probes, **options) -> "SafetyLoss":
