@@ -150,6 +150,13 @@ def test_cli_bad_input_is_one_line_nonzero_and_writes_nothing(bad_inputs, capsys
     assert sorted(p.name for p in bad_inputs.rglob("*")) == before
 
 
+def test_a_model_directory_without_tokenizer_files_is_a_clear_error(tmp_path):
+    model, _ = tiny_model("llama")
+    model.save_pretrained(tmp_path / "notok")
+    with pytest.raises(ModelLoadError, match="cannot load tokenizer for"):
+        load_model(str(tmp_path / "notok"))
+
+
 def test_cli_debug_shows_traceback(bad_inputs):
     with pytest.raises(ModelLoadError):
         main(["inspect", str(bad_inputs / "missing"), "--debug"])

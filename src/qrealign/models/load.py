@@ -147,8 +147,8 @@ def load_tokenizer(source: str | Path | ModelSource, padding_side: str = "left")
     kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(src.path, **kwargs)
-    except OSError as exc:
-        raise ModelLoadError(f"cannot load tokenizer for {src.name}: {exc}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a directory without tokenizer files
+        raise ModelLoadError(f"cannot load tokenizer for {src.name}: {str(exc).splitlines()[0]}") from None
     tokenizer.padding_side = padding_side
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
