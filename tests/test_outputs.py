@@ -92,3 +92,51 @@ def test_evaluate_refuses_foreign_out_before_generating(tmp_path, monkeypatch):
         evaluate_model(model, tok, harmful=harmful, benign=None, gen=GenerationConfig(max_new_tokens=2),
                        out_dir=d, progress=False)
     assert [p.name for p in d.iterdir()] == ["notes.txt"]
+
+
+def test_an_output_of_another_command_of_the_same_kind_is_refused(tmp_path, capsys):
+    """quantize and realign both write "quantized" runs, align and attack both "finetuned" models:
+    the kind alone let `quantize --out <a realign run>` and `align --out <the attacked model>`
+    replace them (the attacked model's fingerprint is what every later run points at)."""
+    from qrealign.cli import main
+    from qrealign.finetune.config import AlignConfig
+    from qrealign.finetune.stage import finetune_stage
+
+    realigned = tmp_path / "realigned"
+    realigned.mkdir()
+    (realigned / "qrealign.json").write_text(json.dumps({"kind": "quantized", "method": "qrealign"}))
+    (realigned / "quant_params.safetensors").write_bytes(b"learned")
+    assert main(["quantize", str(tmp_path / "no-model"), "--method", "rtn", "--out", str(realigned)]) == 2
+    assert "another command" in capsys.readouterr().err
+    assert (realigned / "quant_params.safetensors").read_bytes() == b"learned"
+    check_out_dir(realigned, "qrealign.json", kind="quantized", same={"method": ("qrealign",)})  # realign may
+    attacked = tmp_path / "attacked"
+    attacked.mkdir()
+    (attacked / "qrealign.json").write_text(json.dumps({"kind": "finetuned", "stage": "attack"}))
+    with pytest.raises(QrealignError, match="another command .*stage 'attack'"):
+        finetune_stage("align", str(tmp_path / "no-model"), AlignConfig(), out=attacked)
+    # a benchmark never writes into a model or a qrealign output
+    from qrealign.utils import write_report
+
+    with pytest.raises(QrealignError, match="benchmark directory"):
+        write_report(attacked, "bench", {}, "")
+    assert sorted(p.name for p in attacked.iterdir()) == ["qrealign.json"]
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "proc"])
+def test_an_out_that_cannot_be_written_fails_before_any_work(tmp_path, capsys, where):
+    """`--out file/x` or `--out /proc/x` used to fail after the work (generation, capture, fit)
+    with a raw FileExistsError or FileNotFoundError."""
+    from qrealign.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    out = afile / "sub" if where == "under-a-file" else "/proc/qrealign-out"
+    model, tok = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    m = str(tmp_path / "m")
+    for cmd in (["eval", m, "--limit", "1"], ["probe", m, "--limit", "2"], ["quantize", m, "--method", "rtn"]):
+        assert main([*cmd, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert ("is not a directory" in err or "cannot write in" in err) and "Traceback" not in err

@@ -177,14 +177,18 @@ def read_json(path: str | Path) -> Any:
 
 
 def check_out_dir(out_dir: str | Path, marker: str, kind: str | None = None,
-                  what: str = "an earlier output of this command", error: type = QrealignError) -> None:
+                  what: str = "an earlier output of this command", error: type = QrealignError,
+                  same: dict[str, tuple] | None = None) -> None:
     """Refuse an `--out` whose contents a write would destroy.
 
     Outputs replace their directory wholesale, so an existing directory is accepted only when it
     is empty or is an earlier output of the same command: it holds `marker` (and, with `kind`,
-    `marker` is a JSON file whose "kind" is `kind`). `--out` pointing at a model, a run or a
-    home folder must fail before any work, not delete it after."""
+    `marker` is a JSON file whose "kind" is `kind`, and with `same`, whose fields hold one of the
+    given values: an `attack` output is no earlier `align` output, a `realign` run no `quantize`
+    run). `--out` pointing at a model, a run or a home folder must fail before any work, not
+    delete it after."""
     out_dir = Path(out_dir)
+    _check_writable_parent(out_dir, error)
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
@@ -196,13 +200,35 @@ def check_out_dir(out_dir: str | Path, marker: str, kind: str | None = None,
         if kind is None:
             return
         try:
-            if read_json(found).get("kind") == kind:
-                return
+            meta = read_json(found)
+            if meta.get("kind") == kind:
+                other = {k: meta.get(k) for k, allowed in (same or {}).items() if meta.get(k) not in allowed}
+                if not other:
+                    return
+                shown = ", ".join(f"{k} {v!r}" for k, v in other.items())
+                raise error(f"--out {out_dir} holds the output of another command ({kind}, {shown}); choose a new "
+                            "directory: its contents would be replaced")
         except (OSError, ValueError, AttributeError):
             pass
     missing = f"{marker} of kind {kind!r}" if kind else marker
     raise error(f"--out {out_dir} exists and is not {what} (no {missing}); choose a new directory: "
                 "its contents would be replaced")
+
+
+def _check_writable_parent(out_dir: Path, error: type) -> None:
+    """The output is built in a temporary sibling: its folder (or the nearest one that exists, the
+    rest is created) must be a directory we can create entries in. Tried, not guessed from
+    permission bits (root passes those, and /proc or a read-only mount still refuse)."""
+    parent = out_dir.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise error(f"--out {out_dir}: {parent} is not a directory")
+    try:
+        probe = tempfile.mkdtemp(dir=parent, prefix=".qrealign-write-check-")
+    except OSError as exc:
+        raise error(f"--out {out_dir}: cannot write in {parent} ({exc.strerror or exc})") from None
+    os.rmdir(probe)
 
 
 @contextlib.contextmanager
@@ -242,8 +268,12 @@ def _umask() -> int:
 
 
 def write_report(out: str | Path, stem: str, report: dict, markdown: str) -> None:
-    """A benchmark's two files: `<stem>.json` (the numbers) and `<stem>.md` (the table)."""
+    """A benchmark's two files: `<stem>.json` (the numbers) and `<stem>.md` (the table), next to
+    other benchmarks' files, never inside a model or a qrealign output."""
     out = Path(out)
+    owner = next((f for f in ("config.json", "qrealign.json", "result.json") if (out / f).is_file()), None)
+    if owner:
+        raise QrealignError(f"--out {out} is a model or qrealign output ({owner}): choose a benchmark directory")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{stem}.json", report)
     (out / f"{stem}.md").write_text(markdown)

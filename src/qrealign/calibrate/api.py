@@ -13,6 +13,10 @@ from .engine import CalibConfig, CalibResult, calibrate
 from .losses import BlockLoss
 
 
+# The run methods each command writes (`qrealign.json` "method"): quantize, realign.
+QUANTIZE_METHODS = {False: ("rtn", "omniquant"), True: ("qrealign",)}
+
+
 def quantize(
     model,
     tokenizer,
@@ -40,7 +44,9 @@ def quantize(
     fingerprint = model_fp or model_fingerprint(model)
     out = Path(out) if out else None
     if out is not None:
-        check_out_dir(out, META_FILE, kind="quantized")  # before the calibration, not after
+        # before the calibration, not after; a realign run is no earlier quantize run (and back)
+        realign = (extra_metadata or {}).get("method") == "qrealign"
+        check_out_dir(out, META_FILE, kind="quantized", same={"method": QUANTIZE_METHODS[realign]})
     ckpt = Path(checkpoint_dir) if checkpoint_dir else (out.with_name(f".{out.name}.checkpoint") if out else None)
     t0 = time.time()
     result = calibrate(model, tokenizer, calibration, scheme, cfg, loss=loss, checkpoint_dir=ckpt,

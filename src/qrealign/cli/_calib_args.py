@@ -87,7 +87,10 @@ def prepare(args, method: str):
                               task=args.calib_task, task_n=args.calib_task_n if args.calib_task else 0,
                               extra_benign=args.calib_benign,
                               extra_malicious=args.calib_malicious)
-    check_out_dir(args.out, META_FILE, kind="quantized")  # before the model loads
+    from ..calibrate.api import QUANTIZE_METHODS
+
+    realign = getattr(args, "command", None) == "realign"
+    check_out_dir(args.out, META_FILE, kind="quantized", same={"method": QUANTIZE_METHODS[realign]})  # before loading
     model, tokenizer = load_model(args.model, adapter=args.adapter, offload=args.offload)
     return model, tokenizer, scheme, config, calib
 

@@ -71,7 +71,7 @@ def finetune_stage(stage: str, source: str | Path, config: AlignConfig | AttackC
         raise QrealignError(f"stage {stage!r} needs an {expected.__name__}, got {type(config).__name__}")
 
     if out is not None:
-        check_out_dir(out, META_FILE, kind="finetuned")  # before the training, not after
+        check_out_dir(out, META_FILE, kind="finetuned", same={"stage": (stage,)})  # before the training, not after
     model, tokenizer = load_model(source, adapter=adapter)  # a bad adapter fails here, before any training
     if stage == "align":
         from .align import select_align_prompts
