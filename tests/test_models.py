@@ -157,6 +157,19 @@ def test_a_model_directory_without_tokenizer_files_is_a_clear_error(tmp_path):
         load_model(str(tmp_path / "notok"))
 
 
+def test_a_mistyped_path_under_a_local_folder_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    """"runs/attackd" has a hub id's shape; with a local "runs" folder it is a missing path (a hub
+    lookup without network retried for half a minute). A name whose first part is no local
+    folder stays a hub id."""
+    from qrealign.models.load import ModelLoadError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ModelLoadError, match="model path runs/attackd does not exist"):
+        resolve_source("runs/attackd")
+    assert resolve_source("Qwen/Qwen2.5-7B-Instruct").kind == "hub"
+
+
 def test_cli_debug_shows_traceback(bad_inputs):
     with pytest.raises(ModelLoadError):
         main(["inspect", str(bad_inputs / "missing"), "--debug"])

@@ -75,7 +75,13 @@ def resolve_source(source: str | Path) -> ModelSource:
 
 
 def looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.endswith((".gguf", ".safetensors")) or name.count("/") > 1
+    """Whether `name` means a local path rather than a hub id ("org/name"). "runs/attackd" has the
+    shape of a hub id, but when "runs" is a local folder it is a mistyped path: say so instead of
+    sending it to the hub (a hub lookup without network retries for half a minute)."""
+    if name.startswith((".", "/", "~")) or name.endswith((".gguf", ".safetensors")) or name.count("/") > 1:
+        return True
+    head = name.split("/", 1)[0]
+    return "/" in name and Path(head).is_dir()
 
 
 def _check_config(config_path: Path) -> None:
