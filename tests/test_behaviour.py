@@ -223,6 +223,9 @@ def test_realign_teacher_and_probe_arguments_are_checked(tmp_path):
         realign(model, tok, probes="x", teacher=model, calibration=_calib(), progress=False)
     with pytest.raises(QrealignError, match="same architecture"):
         realign(model, tok, teacher=other, calibration=_calib(), progress=False)
+    narrow, _ = tiny_model("llama", seed=0, hidden_size=32, head_dim=8)  # same type and depth, other width
+    with pytest.raises(QrealignError, match="hidden_size 32 vs 64"):
+        realign(model, tok, teacher=narrow, calibration=_calib(), progress=False)
     with pytest.raises(NoSafetyLayers):
         realign(model, tok, teacher=model, calibration=_calib(), progress=False, layers=(5,))
     with pytest.raises(QrealignError, match="either"):

@@ -277,6 +277,9 @@ def test_contrast_target_two_tiny_models():
     assert probes.data["holdout"]["test_pos"] == probes.data["holdout"]["test_neg"]
     # same model twice: nothing to separate -> no usable layer (SLR), a clear error (direction)
     assert fit_contrast_probes(aligned, aligned, tok, harmful, progress=False, cv=0).usable_layers == []
+    qwen, _ = tiny_model("qwen2", seed=0)  # same depth and width, another architecture
+    with pytest.raises(IncompatibleArtifact, match="model_type qwen2 vs llama|model_type llama vs qwen2"):
+        fit_contrast_probes(aligned, qwen, tok, harmful, progress=False, cv=0)
     with pytest.raises(QrealignError, match="identical means"):
         fit_refusal_direction_probes(aligned, tok, harmful, finetuned_model=aligned, progress=False)
     direction = fit_refusal_direction_probes(aligned, tok, harmful, finetuned_model=finetuned, progress=False, cv=0)

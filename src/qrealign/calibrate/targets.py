@@ -136,6 +136,8 @@ def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationS
     answers take the mean refusal distribution (`behaviour.refusal_targets`)."""
     from ..models import load_model
     from ..models.offload import offloaded
+    from ..finetune.stage import parent_string
+    from ..models.registry import architecture_difference
     from ..utils import model_fingerprint, resolve_device
     from .behaviour import first_token_targets, refusal_targets, teacher_refuses
 
@@ -143,18 +145,15 @@ def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationS
     if refusals and on_disk:  # before the teacher is read
         raise QrealignError("refusal targets generate with the teacher, so it must fit in memory: not with "
                             "offload='disk'")
-    from ..finetune.stage import parent_string
-
     # an absolute path for a directory, so the overlap check finds the teacher from anywhere
     source = (parent_string(teacher) if isinstance(teacher, (str, Path))
               else getattr(teacher.config, "qrealign_source", None))
     if isinstance(teacher, (str, Path)):  # offloaded like the model: it is as large
         teacher, _ = load_model(str(teacher), offload="disk" if on_disk else None)
-    num_layers = model.config.num_hidden_layers
-    if teacher.config.model_type != model.config.model_type or teacher.config.num_hidden_layers != num_layers:
-        raise QrealignError("the teacher must be the aligned version of the same architecture "
-                            f"({teacher.config.model_type}, {teacher.config.num_hidden_layers} blocks vs "
-                            f"{model.config.model_type}, {num_layers})")
+    diff = architecture_difference(teacher, model)
+    if diff:
+        raise QrealignError(f"the teacher must be the aligned version of the same architecture (teacher vs model: "
+                            f"{diff})")
     meta = {"source": source, "fingerprint": model_fingerprint(teacher)}
     targets = first_token_targets(teacher, model, tokenizer, calibration, config, device=resolve_device(device))
     if refusals:

@@ -151,3 +151,13 @@ def block_pairs(model: nn.Module) -> dict[str, tuple[str, tuple[str, ...]]]:
     if spec.qk_pair:
         pairs["qk"] = (spec.qk_pair[0], (spec.qk_pair[1],))
     return pairs
+
+
+def architecture_difference(a, b) -> str | None:
+    """How two models' configs differ in what makes one a version of the other (type, depth, width,
+    vocabulary), or None. Contrast probes and the first-token teacher compare states and next-token
+    distributions position by position: another architecture has no such correspondence."""
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size")
+    a, b = getattr(a, "config", a), getattr(b, "config", b)
+    diff = [f"{k} {getattr(a, k, None)} vs {getattr(b, k, None)}" for k in keys if getattr(a, k, None) != getattr(b, k, None)]
+    return "; ".join(diff) or None

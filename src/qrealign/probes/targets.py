@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from ..errors import IncompatibleArtifact, QrealignError
-from ..models.registry import get_blocks
+from ..models.registry import architecture_difference, get_blocks
 from ..utils import model_fingerprint, sha256_json
 from .capture import capture_last_token_states, resolve_layers
 from .fit import fit_probes
@@ -194,9 +194,10 @@ def _fit_two_sets(model, tokenizer, harmful, benign, target, method, layers, spl
 
 def _fit_contrast(aligned, finetuned, tokenizer, harmful, target, method, layers, split, source, kwargs) -> ProbeSet:
     num_layers = len(get_blocks(aligned))
-    if len(get_blocks(finetuned)) != num_layers or finetuned.config.hidden_size != aligned.config.hidden_size:
-        raise IncompatibleArtifact("the aligned and fine-tuned models differ in depth or width; "
-                                   "contrast probes need two versions of the same architecture")
+    diff = architecture_difference(aligned, finetuned)
+    if diff:
+        raise IncompatibleArtifact(f"the aligned and fine-tuned models differ ({diff}); contrast probes need two "
+                                   "versions of the same architecture")
     layer_ids = resolve_layers(layers, num_layers)
     cap = _capture_kwargs(kwargs)
     texts = prompt_texts(harmful)
