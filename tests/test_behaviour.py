@@ -380,7 +380,7 @@ def test_realign_with_refusal_targets_records_what_it_replaced(tmp_path, monkeyp
     finetuned, tok = load_model(_save(finetuned, tok, tmp_path / "finetuned"))
     asked = []
 
-    def stub(aligned, tokenizer, prompts, config, max_new_tokens=64, device=None):
+    def stub(aligned, tokenizer, prompts, config, max_new_tokens=64, device=None, progress=False):
         asked.extend(prompts)
         return [i == 0 for i in range(len(prompts))]  # refuses the first malicious prompt only
 
@@ -413,7 +413,8 @@ def test_the_teacher_answers_where_it_is_when_the_device_has_no_room(monkeypatch
         return real_to(device, *a, **k)
 
     monkeypatch.setattr(aligned, "to", to)
-    monkeypatch.setattr("qrealign.evaluate.generate.generate", lambda model, tok, prompts, gen, progress: ["ok"] * len(prompts))
+    monkeypatch.setattr("qrealign.evaluate.generate.generate",
+                        lambda model, tok, prompts, gen, progress, desc="": ["ok"] * len(prompts))
     with pytest.warns(UserWarning, match="does not fit"):
         refused = behaviour.teacher_refuses(aligned, tok, PROMPTS[:2], CalibConfig(), device="cpu")
     assert refused == [False, False] and moves == ["cpu", "cpu", "cpu"]  # tried, fell back, went home
@@ -465,7 +466,7 @@ def test_teacher_targets_computed_once_give_the_same_run_as_computing_them_in_pl
     from qrealign.utils import read_json
 
     monkeypatch.setattr(behaviour, "teacher_refuses",  # a random tiny teacher refuses nothing
-                        lambda aligned, tok, prompts, config, max_new_tokens=64, device=None: [True] + [False] * (len(prompts) - 1))
+                        lambda aligned, tok, prompts, config, max_new_tokens=64, device=None, progress=False: [True] + [False] * (len(prompts) - 1))
     finetuned, tok = tiny_model("llama", seed=0)
     teacher_dir = _save(tiny_model("llama", seed=1)[0], tok, tmp_path / "aligned")
     finetuned_dir = _save(finetuned, tok, tmp_path / "finetuned")

@@ -76,6 +76,24 @@ def test_changed_config_does_not_resume(calib_set, tmp_path):
     assert other.resumed_blocks == 0
 
 
+def test_resuming_and_discarding_a_checkpoint_are_said(calib_set, tmp_path, capsys):
+    """A resumed run says where it continues; a checkpoint thrown away because a setting changed
+    says so (it used to restart at block 0 without a word)."""
+    cfg = CalibConfig(epochs=1)
+    _interrupt_after_first_block(calib_set, cfg, tmp_path)
+    model, tok = tiny_model("llama", seed=0, num_hidden_layers=3)
+    capsys.readouterr()
+    calibrate(model, tok, calib_set, "W4A8", cfg, checkpoint_dir=tmp_path, progress=True)
+    err = capsys.readouterr().err
+    assert "resuming from" in err and "continuing at block 1" in err
+    _interrupt_after_first_block(calib_set, cfg, tmp_path)
+    model, tok = tiny_model("llama", seed=0, num_hidden_layers=3)
+    capsys.readouterr()
+    calibrate(model, tok, calib_set, "W4A8", CalibConfig(epochs=1, lr_let=5e-3), checkpoint_dir=tmp_path,
+              progress=True)
+    assert "discarded the checkpoint" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bad", [{"epochs": -1}, {"batch_size": 0}, {"max_length": 0}, {"pad_to": 0},
                                  {"lr_let": -1e-3}, {"lr_round": float("nan")}, {"padding_side": "middle"}])
 def test_calib_config_rejects_values_that_would_train_nothing_or_fail_late(bad):

@@ -366,7 +366,7 @@ def _targets_stage(cfg, root, attacked_dir, aligned_dir, variant: Variant, schem
 
         model, tok = load_model(str(attacked_dir))
         compute_teacher_targets(model, tok, str(aligned_dir), calib, calib_cfg, refusals=refusals,
-                                device=cfg.device).write_files(tmp)
+                                device=cfg.device, progress=True).write_files(tmp)
 
     slug = variant.name.lower().replace(" ", "-").replace("(", "").replace(")", "")
     return cached_stage(f"targets-{slug}", inputs, root, build, log=log)

@@ -175,7 +175,7 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
             if out is not None and Path(save_targets).resolve() == Path(out).resolve():
                 raise QrealignError("save_targets must be another directory than the run's out")
         targets = compute_teacher_targets(model, tokenizer, teacher, calibration, cfg, refusals=refusals,
-                                          device=device)
+                                          device=device, progress=progress)
         if save_targets:
             targets.save(save_targets)
     active = layers if layers is not None else tuple(range(num_layers))

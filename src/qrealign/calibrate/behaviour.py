@@ -194,7 +194,7 @@ def first_token_targets(aligned: nn.Module, finetuned: nn.Module, tokenizer, cal
 
 
 def teacher_refuses(aligned: nn.Module, tokenizer, prompts: list[str], config, max_new_tokens: int = 64,
-                    device=None) -> list[bool]:
+                    device=None, progress: bool = False) -> list[bool]:
     """Whether the aligned teacher refuses each prompt: its greedy answer (`max_new_tokens`, the
     calibration's system prompt), read by the keyword judge that the evaluation uses. The teacher
     generates on `device` (default: where it is) and goes back afterwards: greedy answers of a 7B
@@ -215,7 +215,7 @@ def teacher_refuses(aligned: nn.Module, tokenizer, prompts: list[str], config, m
         warnings.warn(f"the teacher does not fit on {device}: its greedy answers are generated on {home}",
                       stacklevel=2)
     try:
-        answers = generate(aligned, tokenizer, prompts, gen, progress=False)
+        answers = generate(aligned, tokenizer, prompts, gen, progress=progress, desc="teacher answers")
     finally:
         aligned.to(home)
     return [v.refused for v in KeywordJudge().judge(prompts, answers)]

@@ -14,6 +14,7 @@ After every block its learned parameters are checkpointed; a run with the same f
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -202,7 +203,7 @@ def calibrate(
         "calib": [calib.ids, calib.prompts, calib.labels], "loss": repr(loss),
     })
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    done = _resume_point(ckpt, fingerprint)
+    done = _resume_point(ckpt, fingerprint, say=(lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else None)
 
     batches = make_batches(tokenizer, calib, cfg.batch_size, cfg.max_length, cfg.padding_side, cfg.system,
                            group_by_label=cfg.group_by_label, pad_to=cfg.pad_to)
@@ -219,8 +220,11 @@ def calibrate(
 
     params: dict[str, torch.Tensor] = {}
     logs: list[dict] = []
-    bar = tqdm(range(num_layers), desc=f"{cfg.method} {scheme.name}", disable=not progress, unit="block")
-    for i in bar:
+    # Resumed blocks are replayed, not trained: the bar starts after them so its rate (and ETA)
+    # is the trained blocks'.
+    bar = tqdm(total=num_layers, initial=done, desc=f"{cfg.method} {scheme.name}", disable=not progress,
+               unit="block")
+    for i in range(num_layers):
         t0 = time.time()
         block = blocks[i]
         put_back = _to_compute(model, i, dev)
@@ -284,6 +288,8 @@ def calibrate(
         put_back()
         log["seconds"] = round(time.time() - t0, 3)
         logs.append(log)
+        if i >= done:
+            bar.update(1)
         bar.set_postfix({k: f"{log[k]:.3g}" for k in ("q_mse", "loss_last_epoch") if log.get(k) is not None})
         if on_block_end is not None:
             on_block_end(i)
@@ -381,7 +387,8 @@ def _train_block(block, let, q_in, fp_out, kw, batches: list[CalibBatch], masks,
             value, logs = loss(_loss_inputs(fp_out[b], q_out, batch, masks[b], layer, num_layers,
                                             all_kw[b] if all_kw else None))
             if not torch.isfinite(value):
-                where = f"last good checkpoint: block {layer - 1} in {ckpt}" if ckpt else "no checkpoint directory"
+                where = (f"blocks 0-{layer - 1} are checkpointed in {ckpt}" if ckpt and layer > 0
+                         else "no block finished before it")
                 raise NonFiniteLoss(f"non-finite loss at block {layer}, epoch {epoch}; {where}")
             opt.zero_grad(set_to_none=True)
             value.backward()
@@ -492,7 +499,9 @@ def _load_block(ckpt: Path, layer: int, block, let) -> None:
     apply_block_params(layer, block, let, tensors)
 
 
-def _resume_point(ckpt: Path | None, fingerprint: str) -> int:
+def _resume_point(ckpt: Path | None, fingerprint: str, say: Callable[[str], None] | None = None) -> int:
+    """Blocks already calibrated with these exact settings (their checkpoint), said out loud: a
+    resumed run, and a checkpoint discarded because a setting changed, are both news to a user."""
     if ckpt is None or not (ckpt / "state.json").is_file():
         return 0
     state = read_json(ckpt / "state.json")
@@ -500,5 +509,11 @@ def _resume_point(ckpt: Path | None, fingerprint: str) -> int:
         for f in ckpt.glob("block_*.safetensors"):
             f.unlink()
         (ckpt / "state.json").unlink()
+        if say:
+            say(f"[calibrate] discarded the checkpoint in {ckpt}: it was made with other settings "
+                f"({state.get('completed_blocks', 0)} blocks); starting at block 0")
         return 0
-    return int(state.get("completed_blocks", 0))
+    done = int(state.get("completed_blocks", 0))
+    if say and done:
+        say(f"[calibrate] resuming from {ckpt}: blocks 0-{done - 1} done, continuing at block {done}")
+    return done

@@ -129,7 +129,7 @@ def where_computed(model, device=None) -> dict:
 
 
 def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationSet, config, refusals: bool = False,
-                            device=None) -> TeacherTargets:
+                            device=None, progress: bool = False) -> TeacherTargets:
     """The first-token objective's targets for `model` (the fine-tuned model, before it is
     quantized) with `teacher` (the aligned model: a model or anything `load_model` reads; an
     offloaded `model` gets an offloaded teacher). `refusals`: the malicious prompts the teacher
@@ -160,7 +160,8 @@ def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationS
         malicious = torch.tensor(calibration.labels, dtype=torch.bool)
         asked = [p for p, m in zip(calibration.prompts, malicious.tolist()) if m]
         refused = torch.zeros_like(malicious)
-        refused[malicious] = torch.tensor(teacher_refuses(teacher, tokenizer, asked, config, device=device))
+        refused[malicious] = torch.tensor(teacher_refuses(teacher, tokenizer, asked, config, device=device,
+                                                                 progress=progress))
         targets = refusal_targets(targets, malicious, refused)
         meta["refusal_targets"] = {"malicious": len(asked), "answered_replaced": int((malicious & ~refused).sum())}
     return TeacherTargets(targets, meta, model_fingerprint(model), calibration.fingerprint(), render_options(config),

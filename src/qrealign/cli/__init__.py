@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qrealign: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("qrealign: interrupted", file=sys.stderr)
+        print("qrealign: interrupted (nothing half-written; quantize, realign and the demo resume from their "
+              "checkpoints and cached stages when the same command runs again)", file=sys.stderr)
         return 130
 
 
