@@ -140,3 +140,19 @@ def test_an_out_that_cannot_be_written_fails_before_any_work(tmp_path, capsys, w
         assert main([*cmd, "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert ("is not a directory" in err or "cannot write in" in err) and "Traceback" not in err
+
+
+def test_tensor_files_get_a_normal_files_mode(tmp_path):
+    """safetensors creates its files 0600: a run, probes or export shard another user or a serving
+    container must read gets the JSON files' mode (umask applied)."""
+    import os
+    import stat
+
+    from qrealign.utils import save_tensors
+
+    save_tensors({"x": torch.zeros(2)}, tmp_path / "t.safetensors")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "t.safetensors").stat().st_mode) == 0o666 & ~mask
+    run = save_quantized(tmp_path / "run", {"p": torch.zeros(1)}, {"source": None})
+    assert stat.S_IMODE((run / "quant_params.safetensors").stat().st_mode) == 0o666 & ~mask

@@ -171,6 +171,15 @@ def write_json(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def save_tensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' `save_file` with a normal file's mode: it creates the file 0600, so another
+    user or a serving container could not read a run, probes or an export shard."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def read_json(path: str | Path) -> Any:
     with open(path) as f:
         return json.load(f)

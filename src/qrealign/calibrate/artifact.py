@@ -10,15 +10,15 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import IncompatibleArtifact
 from ..models.registry import get_arch, get_blocks, head_layout
 from ..quant.let import LETParams
 from ..quant.qlinear import QuantLinear, wrap_linears
 from ..quant.scheme import Scheme, get_scheme
-from ..utils import (atomic_dir, fingerprint_matches, model_fingerprint, read_json, resolve_device, resolve_dtype,
-                     write_json)
+from ..utils import (atomic_dir, fingerprint_matches, read_json, resolve_device, resolve_dtype,
+                     save_tensors, write_json)
 from .engine import apply_block_params
 
 FORMAT_VERSION = 1
@@ -30,8 +30,8 @@ def save_quantized(out_dir: str | Path, params: dict[str, torch.Tensor], metadat
                    extra_files: dict[str, bytes] | None = None) -> Path:
     meta = {"kind": "quantized", "format_version": FORMAT_VERSION, **metadata}
     with atomic_dir(out_dir, marker=META_FILE, kind="quantized") as tmp:
-        save_file({k: v.contiguous() for k, v in params.items()} or {"_empty": torch.zeros(1)},
-                  str(tmp / PARAMS_FILE))
+        save_tensors({k: v.contiguous() for k, v in params.items()} or {"_empty": torch.zeros(1)},
+                     tmp / PARAMS_FILE)
         write_json(tmp / META_FILE, meta)
         for name, blob in (extra_files or {}).items():
             (tmp / name).write_bytes(blob)

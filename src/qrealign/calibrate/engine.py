@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
@@ -32,7 +32,7 @@ from ..models.registry import block_pairs, block_types, get_arch, get_blocks, he
 from ..quant.let import LETParams
 from ..quant.qlinear import QuantLinear, set_quant_state, wrap_linears
 from ..quant.scheme import Scheme, get_scheme
-from ..utils import model_fingerprint, read_json, resolve_device, sha256_json, write_json
+from ..utils import model_fingerprint, read_json, resolve_device, save_tensors, sha256_json, write_json
 from .capture import block_output, capture_block_inputs, move_kwargs
 from .data import CalibBatch, CalibrationSet, make_batches
 from .losses import BlockLoss, LossInputs, ReconstructionLoss
@@ -489,7 +489,7 @@ def _save_block(ckpt: Path, layer: int, block, let, fingerprint: str) -> None:
     ckpt.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in _block_params(layer, block, let).items()}
     tmp = ckpt / f".block_{layer:04d}.safetensors.tmp"
-    save_file(tensors or {"_empty": torch.zeros(1)}, str(tmp))
+    save_tensors(tensors or {"_empty": torch.zeros(1)}, tmp)
     tmp.replace(ckpt / f"block_{layer:04d}.safetensors")
     write_json(ckpt / "state.json", {"fingerprint": fingerprint, "completed_blocks": layer + 1})
 

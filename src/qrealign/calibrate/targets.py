@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import IncompatibleArtifact, QrealignError
-from ..utils import atomic_dir, read_json, write_json
+from ..utils import atomic_dir, read_json, save_tensors, write_json
 from .data import CalibrationSet
 
 TENSOR_FILE = "targets.safetensors"
@@ -82,10 +82,8 @@ class TeacherTargets:
 
     def write_files(self, directory: str | Path) -> None:
         """Write the two files into an existing directory (e.g. a cached stage's)."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
-        save_file({"logprobs": self.logprobs.contiguous()}, str(directory / TENSOR_FILE))
+        save_tensors({"logprobs": self.logprobs.contiguous()}, directory / TENSOR_FILE)
         write_json(directory / META_FILE, {"kind": KIND, "format_version": FORMAT_VERSION, "teacher": self.teacher_meta,
                                            "model_fingerprint": self.model_fingerprint,
                                            "calibration": self.calibration, "render": self.render,

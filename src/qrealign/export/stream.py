@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..calibrate.artifact import apply_block_quant_params, check_param_layers
 from ..models.offload import offloaded
 from ..models.registry import get_blocks
-from ..utils import resolve_dtype
+from ..utils import resolve_dtype, save_tensors
 from .compressed import (_attach_codes, _plain_config, _replace_quant_linears, _verify_roundtrip, norm_storage_error,
                          warn_norm_storage)
 from .plan import ExportError, ExportPlan
@@ -119,13 +119,12 @@ class _Shards:
         self.total_size = self.written = 0
 
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
         from transformers.core_model_loading import revert_weight_conversion
 
         self.written += 1
         name = f"model-{self.written:05d}-of-{self.total:05d}.safetensors"
         tensors = dict(revert_weight_conversion(self.model, tensors))  # checkpoint names, as save_pretrained
-        save_file({k: t.contiguous() for k, t in tensors.items()}, str(self.out / name), metadata={"format": "pt"})
+        save_tensors({k: t.contiguous() for k, t in tensors.items()}, self.out / name, metadata={"format": "pt"})
         self.weight_map.update({k: name for k in tensors})
         self.total_size += sum(t.numel() * t.element_size() for t in tensors.values())
 

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import IncompatibleArtifact, QrealignError
-from ..utils import atomic_dir, read_json, write_json
+from ..utils import atomic_dir, read_json, save_tensors, write_json
 
 FORMAT_VERSION = 1
 TENSOR_FILE = "probes.safetensors"
@@ -191,8 +191,8 @@ class ProbeSet:
         """Write the two files into an existing directory (callers building a bigger output inside
         one `atomic_dir` use this; everyone else uses `save`)."""
         directory = Path(directory)
-        save_file({"w": self.w, "b": self.b}, str(directory / TENSOR_FILE),
-                  metadata={"kind": "probes", "format_version": str(FORMAT_VERSION)})
+        save_tensors({"w": self.w, "b": self.b}, directory / TENSOR_FILE,
+                     metadata={"kind": "probes", "format_version": str(FORMAT_VERSION)})
         write_json(directory / META_FILE, self.metadata())
 
     def save(self, out_dir: str | Path) -> Path:
