@@ -298,7 +298,7 @@ def test_cli_export_card_and_eval_loading(runs, tmp_path, capsys):
     card = (out / "README.md").read_text()
     assert "split `custom`, n = 4" in card and "| export | 12.0 |" in card and "W8A8-sym" in card
     model, tok, provenance, desc = load_for_eval(str(out))
-    assert desc["kind"] == "fp" and provenance["calibration"]["n"] == 4
+    assert desc["kind"] == "export" and provenance["calibration"]["n"] == 4  # integer weights, not FP
     assert model.config.model_type == "llama"
     capsys.readouterr()  # loading prints compressed-tensors progress bars
 

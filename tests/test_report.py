@@ -66,6 +66,21 @@ def test_an_incomplete_overlap_check_is_flagged_in_the_table():
     assert "⚠" not in markdown_table(RESULTS)
 
 
+def test_rows_evaluated_differently_are_flagged_above_the_table(tmp_path):
+    """Rows with other prompt counts, generation lengths or task sizes used to share one table
+    without a word."""
+    a = _result("A", 30.0, 10.0, fa=50.0)
+    b = _result("B", 40.0, 12.0, fa=55.0)
+    write_report([a, b], tmp_path / "same")
+    assert "not evaluated alike" not in (tmp_path / "same" / "report.md").read_text()
+    b.settings = {**b.settings, "generation": {"max_new_tokens": 16, "do_sample": False}}
+    b.metrics = {**b.metrics, "n_harmful": 4, "task_n": 2}
+    md = (write_report([a, b], tmp_path / "mixed") / "report.md").read_text()
+    assert "not evaluated alike" in md and md.index("not evaluated alike") < md.index("| Model |")
+    assert "harmful prompts differ: A: ('qrealign:eval:harmful', 120); B: ('qrealign:eval:harmful', 4)" in md
+    assert "generation differ" in md and "task differ" in md and "judge differ" not in md
+
+
 def test_report_without_fa_skips_that_plot_and_dedups_names(tmp_path):
     a, b = _result("same", 30.0, 10.0), _result("same", 40.0, 12.0)
     write_report([a, b], tmp_path)

@@ -343,7 +343,8 @@ def load_for_eval(source: str, adapter: str | None = None, device=None, dtype: s
         model, tokenizer = load_model(source, adapter=adapter, dtype=dtype, device=device)
         if meta is not None:
             provenance.update(collect_provenance(path))
-        kind = "fp"
+        # a compressed-tensors export runs integer weights: not a floating-point model
+        kind = "export" if meta is not None and meta.get("kind") == "export" else "fp"
     if adapter and Path(adapter).is_dir():
         for k, v in collect_provenance(adapter).items():
             provenance.setdefault(k, v)

@@ -84,9 +84,37 @@ def _settings_lines(results) -> list[str]:
     return lines
 
 
+def comparability(results) -> list[str]:
+    """What differs between the rows' evaluations (prompt sets and their sizes, generation, judge,
+    task and its size): rows measured differently are not one table's comparison, and the report
+    says so above the table instead of ranking them silently."""
+    def g(r):
+        return (r.settings or {}).get("generation", {}) or {}
+
+    facets = {
+        "harmful prompts": lambda r: ((r.settings or {}).get("harmful"), r.metrics.get("n_harmful")),
+        "benign prompts": lambda r: ((r.settings or {}).get("benign"), r.metrics.get("n_benign")),
+        "generation": lambda r: (g(r).get("max_new_tokens"), bool(g(r).get("do_sample")), g(r).get("system")),
+        "judge": lambda r: (r.judge or {}).get("name"),
+        "task": lambda r: ((r.settings or {}).get("task"), r.metrics.get("task_n")),
+    }
+    out = []
+    for facet, key in facets.items():
+        seen = {}
+        for r in results:
+            seen.setdefault(repr(key(r)), []).append(r.name)
+        if len(seen) > 1:
+            out.append(f"{facet} differ: " + "; ".join(f"{', '.join(names)}: {k}" for k, names in seen.items()))
+    return out
+
+
 def _markdown(results, title, made, out, verdict=()) -> str:
-    parts = [f"# {title}", "", f"_Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by qrealign._", "",
-             markdown_table(results), "", _NOTE, ""]
+    parts = [f"# {title}", "", f"_Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by qrealign._", ""]
+    differ = comparability(results)
+    if differ:
+        parts += ["**⚠ These rows were not evaluated alike**, so their differences are not the models' alone:", "",
+                  *[f"- {d}" for d in differ], ""]
+    parts += [markdown_table(results), "", _NOTE, ""]
     if verdict:
         parts += ["## Verdict", "", *verdict, ""]
     cat = markdown_category_table(results)
