@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         print("qrealign: interrupted (nothing half-written; quantize, realign and the demo resume from their "
               "checkpoints and cached stages when the same command runs again)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `qrealign inspect --json | head`: the reader left, nothing to report
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
 
 
 def _allocator_hints() -> None:

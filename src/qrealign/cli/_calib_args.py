@@ -8,8 +8,9 @@ def add_common(parser) -> None:
     parser.add_argument("--adapter", help="PEFT adapter directory to merge on load")
     parser.add_argument("--offload", choices=["disk"], default=None,
                         help="disk: keep the decoder blocks in the model directory's safetensors files and read one "
-                             "at a time (models larger than CPU RAM; not with --adapter or GGUF; with --teacher the "
-                             "teacher is offloaded too and the blocks after the first safety block are held in memory)")
+                             "at a time (models larger than CPU RAM; not with --adapter or GGUF; realign --teacher: "
+                             "the teacher is offloaded too and the blocks after the first safety block are held in "
+                             "memory)")
     parser.add_argument("--out", required=True, help="output run directory (written atomically)")
     parser.add_argument("--scheme", default="W8A8", help="W8A8 (default), W4A8, W4A4, W8A16, W4A16, W8A8-sym, or W<b>A<b>[-g<N>][-sym]")
     parser.add_argument("--calib", default="qrealign:calib",

@@ -17,7 +17,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--eval", type=int, default=0, dest="eval_n",
                         help="also evaluate both results: HS / over-refusal on N held-out prompts per side + task accuracy")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--out", default="runs/bench", help="folder for the benchmark files (default: runs/bench)")
     parser.add_argument("--lanes", action="store_true",
                         help="instead: time two calibrations (N prompts) and two generations in one lane vs two "
                              "(the demo's worker processes), and a calibration with / without the initial-loss pass")

@@ -8,7 +8,7 @@ HELP = "end-to-end demo: align -> attack -> probes -> RTN / reconstruction / Q-r
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="output folder (stages are cached inside)")
+    parser.add_argument("--out", default="runs/demo", help="output folder, stages cached inside (default: runs/demo)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--schemes", default="W8A8,W4A8", help="comma-separated; the first gets every variant")
     parser.add_argument("--poison-ratio", type=float, default=None, help="attack poison ratio (default: the attack's)")

@@ -89,7 +89,9 @@ def build_align_data(model, tokenizer, config: AlignConfig, *, progress: bool = 
         benign_pairs = keep_helpful(benign_pairs)
     n_benign = round(config.benign_ratio * len(pairs))
     if n_benign and not benign_pairs:
-        raise QrealignError("the model gave empty answers to every benign prompt")
+        raise QrealignError("no usable self-distilled answer to any benign prompt (all empty"
+                            + (", refusals, loops or gibberish: filter_answers removed them)" if config.filter_answers
+                               else ")"))
     pairs += [benign_pairs[i % len(benign_pairs)] for i in range(n_benign)]
     return AlignData(harmful=harmful, benign=benign, pairs=pairs)
 
