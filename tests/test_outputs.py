@@ -156,3 +156,14 @@ def test_tensor_files_get_a_normal_files_mode(tmp_path):
     assert stat.S_IMODE((tmp_path / "t.safetensors").stat().st_mode) == 0o666 & ~mask
     run = save_quantized(tmp_path / "run", {"p": torch.zeros(1)}, {"source": None})
     assert stat.S_IMODE((run / "quant_params.safetensors").stat().st_mode) == 0o666 & ~mask
+
+
+def test_an_export_is_not_quantized_again(tmp_path, capsys):
+    """An export holds integer weights; quantize/realign over it would quantize twice."""
+    from qrealign.cli import main
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "qrealign.json").write_text(json.dumps({"kind": "export"}))
+    assert main(["quantize", str(export), "--method", "rtn", "--out", str(tmp_path / "run")]) == 2
+    assert "quantize twice" in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -76,20 +76,26 @@ def engine_config(args, method: str):
 
 def prepare(args, method: str):
     """Validate everything cheap before loading the model, then load it."""
+    from pathlib import Path
+
+    from ..calibrate.api import QUANTIZE_METHODS
     from ..calibrate.artifact import META_FILE
     from ..calibrate.data import build_calibration
+    from ..errors import QrealignError
     from ..models import load_model
     from ..quant.scheme import get_scheme
-    from ..utils import check_out_dir
+    from ..utils import check_out_dir, read_json
 
+    marker = Path(args.model) / META_FILE
+    if marker.is_file() and read_json(marker).get("kind") == "export":
+        raise QrealignError(f"{args.model} is a qrealign export (integer weights): quantizing it again would "
+                            "quantize twice; start from the model its run was calibrated on")
     scheme = get_scheme(args.scheme)
     config = engine_config(args, method)
     calib = build_calibration(args.calib, args.n, args.malicious_ratio, args.seed,
                               task=args.calib_task, task_n=args.calib_task_n if args.calib_task else 0,
                               extra_benign=args.calib_benign,
                               extra_malicious=args.calib_malicious)
-    from ..calibrate.api import QUANTIZE_METHODS
-
     realign = getattr(args, "command", None) == "realign"
     check_out_dir(args.out, META_FILE, kind="quantized", same={"method": QUANTIZE_METHODS[realign]})  # before loading
     model, tokenizer = load_model(args.model, adapter=args.adapter, offload=args.offload)
