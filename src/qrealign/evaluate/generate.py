@@ -90,7 +90,8 @@ def _generate_hf(model, tokenizer, prompts, cfg: GenerationConfig, progress: boo
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str | None] = [None] * len(prompts)
     kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer, getattr(model, "generation_config", None)))
+                  pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=stop_token_ids(tokenizer, getattr(model, "generation_config", None)))
     if cfg.do_sample:
         kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=None)
         torch.manual_seed(cfg.seed)

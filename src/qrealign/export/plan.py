@@ -158,7 +158,8 @@ def _runtimes(w: QuantArgs, a: QuantArgs | None) -> dict:
         vllm = f"WNA16 with zero points in recent vLLM (older releases need symmetric weights), group {group}"
         sglang = "refused in the version read (WNA16 requires symmetric weights)"
     if w.strategy == "group" and w.group_size not in MARLIN_GROUP_SIZES:
-        vllm += f" (Marlin takes groups of {', '.join(map(str, MARLIN_GROUP_SIZES))} or per channel: group {group} may be refused)"
+        sizes = ", ".join(map(str, MARLIN_GROUP_SIZES))
+        vllm += f" (Marlin takes groups of {sizes} or per channel: group {group} may be refused)"
     if w.num_bits not in ENGINE_WEIGHT_ONLY_BITS:
         vllm = sglang = f"not served: WNA16 supports {ENGINE_WEIGHT_ONLY_BITS} bits"
     return {"transformers": tf, "vllm": vllm + unverified, "sglang": sglang + unverified}

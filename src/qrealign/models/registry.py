@@ -159,5 +159,6 @@ def architecture_difference(a, b) -> str | None:
     distributions position by position: another architecture has no such correspondence."""
     keys = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size")
     a, b = getattr(a, "config", a), getattr(b, "config", b)
-    diff = [f"{k} {getattr(a, k, None)} vs {getattr(b, k, None)}" for k in keys if getattr(a, k, None) != getattr(b, k, None)]
+    diff = [f"{k} {getattr(a, k, None)} vs {getattr(b, k, None)}" for k in keys
+            if getattr(a, k, None) != getattr(b, k, None)]
     return "; ".join(diff) or None
