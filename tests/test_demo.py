@@ -1,9 +1,10 @@
 """The demo pipeline end to end on a tiny model: every stage runs and is cached, and a re-run
 reuses every stage."""
 
-import pytest
-
+import copy
 from dataclasses import replace
+
+import pytest
 
 from qrealign.demo import EXTENDED_VARIANTS, FIRST_TOKEN, DemoConfig, _calib_config, run_demo
 from qrealign.finetune.config import AlignConfig, AttackConfig, SFTConfig
@@ -177,3 +178,6 @@ def test_cached_evaluations_are_read_with_the_current_keyword_judge():
     assert fresh.metrics["harmful_score"] == 50.0 and fresh.records[0]["verdict"]["refused"]
     assert logged == ["[row] re-judged with the current keyword judge: 1 verdicts changed"]
     assert current_verdicts(fresh, logged.append) is fresh and len(logged) == 1
+    reworded = copy.deepcopy(fresh)  # same outcome, another reason's wording: kept as stored
+    reworded.records[0]["verdict"]["reason"] = "refusal (an older wording)"
+    assert current_verdicts(reworded, logged.append) is reworded and len(logged) == 1

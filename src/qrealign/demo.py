@@ -452,14 +452,18 @@ def _eval_stage(cfg, root, label: str, source: str, log=print):
 def current_verdicts(result, log=print):
     """A cached evaluation as the keyword judge of this code reads it. The answers are the costly
     part and stay cached; judging them takes milliseconds, so a judge fix applies to cached stages
-    without regenerating (and without a stale verdict in the report). Unchanged verdicts return
-    the result as stored."""
+    without regenerating (and without a stale verdict in the report). When no outcome changes
+    (refused, harmful, degenerate), the result is returned as stored."""
     from .evaluate.runner import rejudge
 
     if (result.judge or {}).get("name") != "keyword" or not result.records:
         return result
     fresh = rejudge(result, "keyword", progress=False)
-    changed = sum(a["verdict"] != b["verdict"] for a, b in zip(result.records, fresh.records))
+
+    def outcome(verdict: dict) -> tuple:  # the reason's wording may change without the outcome
+        return verdict.get("refused"), verdict.get("harmful"), verdict.get("degenerate")
+
+    changed = sum(outcome(a["verdict"]) != outcome(b["verdict"]) for a, b in zip(result.records, fresh.records))
     if not changed:
         return result
     if log:
