@@ -66,7 +66,11 @@ def resolve_source(source: str | Path) -> ModelSource:
         _check_safetensors(path)
         return ModelSource("dir", str(path), name=name)
     if looks_like_path(name):
-        raise ModelLoadError(f"model path {name} does not exist")
+        hint = ""
+        if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+            hint = (f" (read as a local path because ./{name.split('/', 1)[0]} is a folder here; for the hub id "
+                    "run from another directory)")
+        raise ModelLoadError(f"model path {name} does not exist{hint}")
     if _HUB_ID.match(name):
         return ModelSource("hub", name, name=name)
     raise ModelLoadError(
