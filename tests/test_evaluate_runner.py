@@ -370,7 +370,7 @@ def test_generation_stops_at_the_templates_turn_end_not_only_at_eos(monkeypatch)
     marker: generation must stop there (it ran on and the judge read the run-on text). Stand-in:
     a tiny model whose eos is another token than the template's turn end, forced to emit the turn
     end and then keep talking."""
-    from qrealign.evaluate.generate import stop_token_ids
+    from qrealign.evaluate.generate import stop_key, stop_token_ids
     from qrealign.models.chat import turn_end
     from qrealign.models.tiny import tiny_model
 
@@ -378,8 +378,11 @@ def test_generation_stops_at_the_templates_turn_end_not_only_at_eos(monkeypatch)
     tok.eos_token = "<|endoftext|>"
     end_id = tok.convert_tokens_to_ids(turn_end(tok))
     assert end_id != tok.eos_token_id
+    plain_model, plain_tok = tiny_model("llama")  # its turn end is its eos: cached stages keep their keys
+    assert stop_key(plain_tok, plain_model.generation_config) == {}
     model.generation_config.eos_token_id = None
     assert stop_token_ids(tok, model.generation_config) == [tok.eos_token_id, end_id]
+    assert stop_key(tok, model.generation_config) == {"stop_tokens": [tok.eos_token_id, end_id]}  # re-keyed
     babble = tok.convert_tokens_to_ids("X")
     forward = model.forward
 

@@ -359,7 +359,8 @@ def _targets_stage(cfg, root, attacked_dir, aligned_dir, variant: Variant, schem
     refusals = bool(variant.loss.get("refusal_targets"))
     inputs = {"model": _stage_ref(attacked_dir, root), "teacher": _stage_ref(aligned_dir, root),
               "calib": [cfg.calib_n, cfg.malicious_ratio, cfg.seed], "calib_data": calib.fingerprint(),
-              "render": _jsonable(render_options(calib_cfg)), "refusals": refusals, "version": __version__}
+              "render": _jsonable(render_options(calib_cfg)), "refusals": refusals, "version": __version__,
+              **(_stop_inputs(cfg) if refusals else {})}  # the teacher's answers are generated
 
     def build(tmp: Path):
         from .models import load_model
@@ -387,6 +388,8 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
         # The targets stage (targets_dir) is keyed on a subset of these inputs and gives the same
         # tensors as computing them in place, so it is not named here: cached runs stay cached.
         inputs["teacher"] = _stage_ref(aligned_dir, root)
+        if variant.loss.get("refusal_targets"):
+            inputs.update(_stop_inputs(cfg))
     slug = variant.name.lower().replace(" ", "-").replace("(", "").replace(")", "")
     name = f"quant-{slug}-{scheme}"
     ckpt = root / f".checkpoint-{stage_dir(name, inputs, root).name}"
@@ -437,7 +440,8 @@ def _eval_stage(cfg, root, label: str, source: str, log=print):
     source = str(source)
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
     inputs = {"source": _stage_ref(source, root), "gen": gen.to_dict(), "limit": cfg.eval_limit,
-              "task_n": cfg.task_n, "label": label, "data": _eval_data_fingerprint(cfg), "version": __version__}
+              "task_n": cfg.task_n, "label": label, "data": _eval_data_fingerprint(cfg), "version": __version__,
+              **_stop_inputs(cfg)}
 
     def build(tmp: Path):
         result = evaluate_path(source, device=cfg.device, gen=gen, task=EVAL_TASK, task_n=cfg.task_n,
@@ -469,6 +473,24 @@ def current_verdicts(result, log=print):
     if log:
         log(f"[{result.name}] re-judged with the current keyword judge: {changed} verdicts changed")
     return fresh
+
+
+def _stop_inputs(cfg) -> dict:
+    """`generate.stop_key` of the demo's model (every stage's model keeps its tokenizer and
+    generation config): empty for SmolLM2, whose turn end is its eos, so its stages keep their
+    keys."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    from .evaluate.generate import stop_key
+    from .models.load import load_tokenizer, resolve_source
+
+    source = str(cfg.model)
+    path = resolve_source(source).path
+    try:
+        generation = HFGenerationConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        generation = None
+    return stop_key(load_tokenizer(source), generation)
 
 
 def _eval_data_fingerprint(cfg) -> str:

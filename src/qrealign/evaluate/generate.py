@@ -83,6 +83,14 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
     return ids
 
 
+def stop_key(tokenizer, generation_config=None) -> dict:
+    """What a cached stage that generates adds to its key: nothing when answers end at the eos
+    alone (what generation stopped at before the turn end joined, so those stages keep their
+    keys), else the stop ids (a Gemma stage built with the eos alone must not be reused)."""
+    ids = stop_token_ids(tokenizer, generation_config)
+    return {} if ids == [tokenizer.eos_token_id] else {"stop_tokens": ids}
+
+
 @torch.no_grad()
 def _generate_hf(model, tokenizer, prompts, cfg: GenerationConfig, progress: bool, desc: str) -> list[str]:
     device = next(model.parameters()).device

@@ -87,6 +87,10 @@ def finetune_stage(stage: str, source: str | Path, config: AlignConfig | AttackC
     amp = resolve_amp(_device(device), config.sft.amp)
     inputs = {"stage": stage, "parent": model_fingerprint(model), "config": config.to_dict(), "data": data_fp,
               "version": __version__, "amp": amp}
+    if stage == "align":  # the self-distilled answers are generated: where they stop is an input
+        from ..evaluate.generate import stop_key
+
+        inputs.update(stop_key(tokenizer, getattr(model, "generation_config", None)))
 
     def build(tmp: Path) -> None:
         losses: list[float] = []
