@@ -163,11 +163,12 @@ class DemoConfig:
         bad = [r for r in self.attack_sweep if not 0.0 <= r <= 1.0]
         if bad:
             raise QrealignError(f"attack_sweep ratios must be in [0, 1], got {bad}")
-        for name in ("epochs", "batch_size", "max_new_tokens", "eval_batch_size", "eval_limit", "task_n", "lanes",
-                     "calib_n"):
+        minimums = {"epochs": 1, "batch_size": 1, "max_new_tokens": 1, "eval_batch_size": 1, "eval_limit": 1,
+                    "task_n": 0, "lanes": 1, "calib_n": 1}
+        for name, low in minimums.items():
             value = getattr(self, name)
-            if value is not None and value < (0 if name == "task_n" else 1):
-                raise QrealignError(f"{name} must be >= {0 if name == 'task_n' else 1}, got {value}")
+            if value is not None and value < low:
+                raise QrealignError(f"{name} must be >= {low}, got {value}")
         if not 0.0 <= self.malicious_ratio <= 1.0:
             raise QrealignError(f"malicious_ratio must be in [0, 1], got {self.malicious_ratio}")
 
@@ -479,18 +480,11 @@ def _stop_inputs(cfg) -> dict:
     """`generate.stop_key` of the demo's model (every stage's model keeps its tokenizer and
     generation config): empty for SmolLM2, whose turn end is its eos, so its stages keep their
     keys."""
-    from transformers import GenerationConfig as HFGenerationConfig
-
-    from .evaluate.generate import stop_key
+    from .evaluate.generate import saved_generation_config, stop_key
     from .models.load import load_tokenizer, resolve_source
 
     source = str(cfg.model)
-    path = resolve_source(source).path
-    try:
-        generation = HFGenerationConfig.from_pretrained(path)
-    except (OSError, ValueError):
-        generation = None
-    return stop_key(load_tokenizer(source), generation)
+    return stop_key(load_tokenizer(source), saved_generation_config(resolve_source(source).path))
 
 
 def _eval_data_fingerprint(cfg) -> str:

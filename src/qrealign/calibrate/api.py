@@ -17,6 +17,12 @@ from .losses import BlockLoss
 QUANTIZE_METHODS = {False: ("rtn", "omniquant"), True: ("qrealign",)}
 
 
+def check_run_out(out, realign: bool) -> None:
+    """`out` may replace only an earlier run of the same command: a realign run is no earlier
+    quantize run (and back)."""
+    check_out_dir(out, META_FILE, kind="quantized", same={"method": QUANTIZE_METHODS[realign]})
+
+
 def quantize(
     model,
     tokenizer,
@@ -44,9 +50,7 @@ def quantize(
     fingerprint = model_fp or model_fingerprint(model)
     out = Path(out) if out else None
     if out is not None:
-        # before the calibration, not after; a realign run is no earlier quantize run (and back)
-        realign = (extra_metadata or {}).get("method") == "qrealign"
-        check_out_dir(out, META_FILE, kind="quantized", same={"method": QUANTIZE_METHODS[realign]})
+        check_run_out(out, realign=(extra_metadata or {}).get("method") == "qrealign")  # before calibrating
     ckpt = Path(checkpoint_dir) if checkpoint_dir else (out.with_name(f".{out.name}.checkpoint") if out else None)
     t0 = time.time()
     result = calibrate(model, tokenizer, calibration, scheme, cfg, loss=loss, checkpoint_dir=ckpt,

@@ -158,8 +158,8 @@ def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationS
         malicious = torch.tensor(calibration.labels, dtype=torch.bool)
         asked = [p for p, m in zip(calibration.prompts, malicious.tolist()) if m]
         refused = torch.zeros_like(malicious)
-        refused[malicious] = torch.tensor(teacher_refuses(teacher, tokenizer, asked, config, device=device,
-                                                                 progress=progress))
+        answers_refused = teacher_refuses(teacher, tokenizer, asked, config, device=device, progress=progress)
+        refused[malicious] = torch.tensor(answers_refused)
         targets = refusal_targets(targets, malicious, refused)
         meta["refusal_targets"] = {"malicious": len(asked), "answered_replaced": int((malicious & ~refused).sum())}
     return TeacherTargets(targets, meta, model_fingerprint(model), calibration.fingerprint(), render_options(config),

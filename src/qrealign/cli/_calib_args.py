@@ -78,13 +78,13 @@ def prepare(args, method: str):
     """Validate everything cheap before loading the model, then load it."""
     from pathlib import Path
 
-    from ..calibrate.api import QUANTIZE_METHODS
+    from ..calibrate.api import check_run_out
     from ..calibrate.artifact import META_FILE
     from ..calibrate.data import build_calibration
     from ..errors import QrealignError
     from ..models import load_model
     from ..quant.scheme import get_scheme
-    from ..utils import check_out_dir, read_json
+    from ..utils import read_json
 
     marker = Path(args.model) / META_FILE
     if marker.is_file() and read_json(marker).get("kind") == "export":
@@ -96,8 +96,7 @@ def prepare(args, method: str):
                               task=args.calib_task, task_n=args.calib_task_n if args.calib_task else 0,
                               extra_benign=args.calib_benign,
                               extra_malicious=args.calib_malicious)
-    realign = getattr(args, "command", None) == "realign"
-    check_out_dir(args.out, META_FILE, kind="quantized", same={"method": QUANTIZE_METHODS[realign]})  # before loading
+    check_run_out(args.out, realign=getattr(args, "command", None) == "realign")  # before the model loads
     model, tokenizer = load_model(args.model, adapter=args.adapter, offload=args.offload)
     return model, tokenizer, scheme, config, calib
 

@@ -138,7 +138,7 @@ def _vllm_engine(llm_class, model_dir: str, seed: int):
     return _VLLM_ENGINE[key]
 
 
-def _saved_generation_config(model_dir):
+def saved_generation_config(model_dir):
     """The generation config saved with a model directory, or None."""
     from transformers import GenerationConfig as HFGenerationConfig
 
@@ -192,7 +192,7 @@ def generate_vllm(model_dir, tokenizer, prompts: list[str], cfg: GenerationConfi
     token_ids = [row[mask.bool()].tolist() for row, mask in zip(enc.input_ids, enc.attention_mask)]
     params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature if cfg.do_sample else 0.0,
                             top_p=cfg.top_p if cfg.do_sample else 1.0, seed=cfg.seed,
-                            stop_token_ids=stop_token_ids(tokenizer, _saved_generation_config(model_dir)))
+                            stop_token_ids=stop_token_ids(tokenizer, saved_generation_config(model_dir)))
     llm = _vllm_engine(LLM, str(model_dir), cfg.seed)
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in token_ids], params)
     return [o.outputs[0].text.strip() for o in outputs]
