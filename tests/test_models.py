@@ -1,6 +1,7 @@
 """Foundation: registry, loading from every source kind, adapter merge, clear errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -274,3 +275,22 @@ def test_the_cli_silences_library_warnings_but_not_qrealign_s_own():
         warnings.warn_explicit("ours", UserWarning, "targets.py", 1, module="qrealign.calibrate.targets")
         warnings.warn_explicit("theirs", UserWarning, "modeling.py", 1, module="transformers.modeling_utils")
     assert [str(w.message) for w in caught] == ["ours"]
+
+
+def test_cli_output_to_a_closed_pipe_exits_quietly(tmp_path):
+    """`qrealign inspect --json DIR | head -1`: the reader may leave before qrealign writes; that
+    is not an error worth a traceback (the write gets EPIPE: the pipe's read end is closed first)."""
+    from qrealign.models.tiny import tiny_model
+
+    model, tok = tiny_model()
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        res = subprocess.run([sys.executable, "-m", "qrealign", "inspect", "--json", str(tmp_path)],
+                             stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr and "Broken pipe" not in res.stderr
