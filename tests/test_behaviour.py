@@ -232,6 +232,25 @@ def test_realign_teacher_and_probe_arguments_are_checked(tmp_path):
         realign(model, tok, teacher=model, calibration=_calib(), progress=False, layers=(1,), layers_from=0.5)
 
 
+def test_realign_checks_out_before_the_teacher_pass(tmp_path, monkeypatch):
+    """A bad `out` (here a model folder) must fail before the teacher pass is spent and before
+    `save_targets` is written (the API used to find out only inside quantize, afterwards)."""
+    import sys
+
+    from qrealign.realign import realign
+
+    realign_module = sys.modules["qrealign.realign"]  # the package's `realign` attribute is the function
+
+    model, tok = tiny_model("llama", seed=0)
+    model_dir = _save(model, tok, tmp_path / "a model")
+    ran = []
+    monkeypatch.setattr(realign_module, "compute_teacher_targets", lambda *a, **k: ran.append(1))
+    with pytest.raises(QrealignError, match="not an earlier output"):
+        realign(model, tok, teacher=model, calibration=_calib(), out=model_dir, save_targets=tmp_path / "tgt",
+                progress=False)
+    assert not ran and not (tmp_path / "tgt").exists()
+
+
 def test_calibration_task_prompts_are_appended_as_benign():
     from qrealign.calibrate.data import build_calibration
 

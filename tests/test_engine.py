@@ -14,9 +14,9 @@ from qrealign.models.tiny import tiny_model
 from qrealign.quant.qlinear import QuantLinear
 
 
-def _run(calib, cfg, seed=0, **kw):
+def _run(calib, cfg, seed=0, progress=False, **kw):
     model, tok = tiny_model("llama", seed=seed, num_hidden_layers=3)
-    return model, tok, calibrate(model, tok, calib, "W4A8", cfg, progress=False, **kw)
+    return model, tok, calibrate(model, tok, calib, "W4A8", cfg, progress=progress, **kw)
 
 
 def test_training_lowers_block_loss_and_learned_clipping_beats_rtn(calib_set):
@@ -76,22 +76,94 @@ def test_changed_config_does_not_resume(calib_set, tmp_path):
     assert other.resumed_blocks == 0
 
 
-def test_resuming_and_discarding_a_checkpoint_are_said(calib_set, tmp_path, capsys):
-    """A resumed run says where it continues; a checkpoint thrown away because a setting changed
-    says so (it used to restart at block 0 without a word)."""
+def test_resuming_and_setting_aside_a_checkpoint_are_said(calib_set, tmp_path, capsys):
+    """A resumed run says where it continues; a checkpoint of other settings is set aside, not
+    deleted (one mistyped flag used to delete hours of blocks), and says so; moved back, the run
+    that made it resumes from it."""
+    cfg, ckpt = CalibConfig(epochs=1), tmp_path / "ckpt"
+    _interrupt_after_first_block(calib_set, cfg, ckpt)
+    model, tok = tiny_model("llama", seed=0, num_hidden_layers=3)
+    capsys.readouterr()
+    calibrate(model, tok, calib_set, "W4A8", cfg, checkpoint_dir=ckpt, progress=True)
+    err = capsys.readouterr().err
+    assert "resuming from" in err and "continuing at block 1" in err
+    ckpt = tmp_path / "other"
+    _interrupt_after_first_block(calib_set, cfg, ckpt)
+    other = CalibConfig(epochs=1, lr_let=5e-3)
+    with pytest.raises(KeyboardInterrupt):  # the mistyped run, stopped at once
+        _run(calib_set, other, checkpoint_dir=ckpt, progress=True, on_block_end=_stop)
+    err = capsys.readouterr().err
+    stale = tmp_path / "other.stale"
+    assert "set aside in" in err and str(stale) in err
+    assert (stale / "state.json").is_file() and (stale / "block_0000.safetensors").is_file()
+    for f in stale.iterdir():  # moved back: the first settings resume
+        f.replace(ckpt / f.name)
+    _, _, resumed = _run(calib_set, cfg, checkpoint_dir=ckpt)
+    assert resumed.resumed_blocks == 1
+
+
+def _stop(i):
+    raise KeyboardInterrupt
+
+
+def test_a_resumed_run_keeps_the_training_logs_of_its_resumed_blocks(calib_set, tmp_path):
+    cfg = CalibConfig(epochs=2, batch_size=3, measure_init_loss=True)
+    _, _, full = _run(calib_set, cfg)
+    _interrupt_after_first_block(calib_set, cfg, tmp_path)
+    _, _, resumed = _run(calib_set, cfg, checkpoint_dir=tmp_path)
+    first = resumed.layer_logs[0]
+    assert first["resumed"] and "replay_seconds" in first
+    for key in ("loss_init", "loss_first_epoch", "loss_last_epoch", "steps", "epochs", "q_mse"):
+        assert first[key] == full.layer_logs[0][key], key
+
+
+def test_a_lost_block_file_is_recomputed_not_fatal(calib_set, tmp_path):
+    cfg = CalibConfig(epochs=1)
+    with pytest.raises(KeyboardInterrupt):  # stopped after blocks 0 and 1
+        _run(calib_set, cfg, checkpoint_dir=tmp_path, on_block_end=lambda i: None if i < 1 else _stop(i))
+    (tmp_path / "block_0001.safetensors").unlink()
+    _, _, resumed = _run(calib_set, cfg, checkpoint_dir=tmp_path)
+    assert resumed.resumed_blocks == 1
+
+
+def test_calibrating_a_half_quantized_model_again_is_refused(calib_set, tmp_path):
+    """The notebook pattern: Ctrl-C, run the cell again on the same model object. It is wrapped and
+    partly folded, so calibrating it again would quantize twice and miss its own checkpoint."""
+    model, tok = tiny_model("llama", seed=0, num_hidden_layers=3)
+    cfg = CalibConfig(epochs=1)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(model, tok, calib_set, "W4A8", cfg, checkpoint_dir=tmp_path, progress=False, on_block_end=_stop)
+    with pytest.raises(QrealignError, match="already .partly. quantized"):
+        calibrate(model, tok, calib_set, "W4A8", cfg, checkpoint_dir=tmp_path, progress=False)
+    assert (tmp_path / "state.json").is_file()  # the checkpoint is still there for a fresh model
+
+
+def test_another_chat_template_does_not_resume(calib_set, tmp_path):
+    """The blocks see tokens, not prompt text: the same prompts rendered by another template are
+    another run."""
     cfg = CalibConfig(epochs=1)
     _interrupt_after_first_block(calib_set, cfg, tmp_path)
     model, tok = tiny_model("llama", seed=0, num_hidden_layers=3)
-    capsys.readouterr()
-    calibrate(model, tok, calib_set, "W4A8", cfg, checkpoint_dir=tmp_path, progress=True)
-    err = capsys.readouterr().err
-    assert "resuming from" in err and "continuing at block 1" in err
-    _interrupt_after_first_block(calib_set, cfg, tmp_path)
-    model, tok = tiny_model("llama", seed=0, num_hidden_layers=3)
-    capsys.readouterr()
-    calibrate(model, tok, calib_set, "W4A8", CalibConfig(epochs=1, lr_let=5e-3), checkpoint_dir=tmp_path,
-              progress=True)
-    assert "discarded the checkpoint" in capsys.readouterr().err
+    tok.chat_template = tok.chat_template.replace("{{", "says: {{", 1)
+    result = calibrate(model, tok, calib_set, "W4A8", cfg, checkpoint_dir=tmp_path, progress=False)
+    assert result.resumed_blocks == 0
+
+
+def test_a_chosen_checkpoint_dir_is_cleared_of_the_engines_files_only(calib_set, tmp_path):
+    ckpt = tmp_path / "mine"
+    ckpt.mkdir()
+    (ckpt / "notes.txt").write_text("keep me")
+    model, tok = tiny_model("llama", seed=0, num_hidden_layers=2)
+    quantize(model, tok, calib_set, "W4A8", CalibConfig(epochs=1), out=tmp_path / "run", progress=False,
+             checkpoint_dir=ckpt)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["notes.txt"]
+    assert (tmp_path / "run" / "qrealign.json").is_file()
+    for bad in (tmp_path / "run2", tmp_path / "run2" / "ck", tmp_path):
+        model, tok = tiny_model("llama", seed=0, num_hidden_layers=2)
+        with pytest.raises(QrealignError, match="separate folders"):
+            quantize(model, tok, calib_set, "W4A8", CalibConfig(epochs=1), out=tmp_path / "run2",
+                     progress=False, checkpoint_dir=bad)
+    assert not (tmp_path / "run2").exists()
 
 
 @pytest.mark.parametrize("bad", [{"epochs": -1}, {"batch_size": 0}, {"max_length": 0}, {"pad_to": 0},

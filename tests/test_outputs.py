@@ -167,3 +167,71 @@ def test_an_export_is_not_quantized_again(tmp_path, capsys):
     (export / "qrealign.json").write_text(json.dumps({"kind": "export"}))
     assert main(["quantize", str(export), "--method", "rtn", "--out", str(tmp_path / "run")]) == 2
     assert "quantize twice" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_atomic_dir_removes_what_dead_processes_of_this_host_left(tmp_path):
+    """A SIGKILL, the OOM killer or a terminated demo lane skips atomic_dir's cleanup; the next
+    write of the same output removes those leftovers, and only those."""
+    import subprocess
+    import sys
+
+    from qrealign.utils import _host
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    import os
+
+    leftovers = {
+        f".out.tmp-{_host()}-{dead}-abc123": False,  # a dead process of this host: removed
+        f".out.old-{_host()}-{dead}-def456": False,
+        f".out.tmp-{_host()}-{os.getpid()}-running": True,  # a live process: kept
+        f".out.tmp-otherhost-{dead}-xyz": True,  # another host (shared filesystem): kept
+        f".outer.tmp-{_host()}-{dead}-zzz": True,  # another output's: kept
+    }
+    for name in leftovers:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "part.bin").write_bytes(b"x")
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "done.txt").write_text("ok")
+    for name, kept in leftovers.items():
+        assert (tmp_path / name).exists() == kept, name
+    assert (tmp_path / "out" / "done.txt").is_file()
+
+
+def test_sigterm_ends_a_cli_run_like_ctrl_c_and_it_resumes(tmp_path):
+    """`kill`, SLURM's time limit or Kubernetes send SIGTERM: the run stops with the interrupt
+    message, leaves no half-written output, keeps its block checkpoint, and the same command resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from qrealign.models.tiny import tiny_model
+
+    model, tok = tiny_model("llama", seed=0, num_hidden_layers=6)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"prompt": f"prompt number {i} about topic {i % 5}", "label": i % 2}) + "\n"
+                             for i in range(16)))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "qrealign", "quantize", str(tmp_path / "model"), "--out", str(out), "--calib",
+           str(calib), "--method", "omniquant", "--epochs", "8", "--batch-size", "4", "--scheme", "W4A8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    state = tmp_path / ".run.checkpoint" / "state.json"
+    deadline = time.time() + 240
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "finished before the first checkpoint: make the run longer"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".run.tmp-*"))
+    assert state.is_file()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "resuming from" in res.stderr
+    assert (out / "qrealign.json").is_file() and not (tmp_path / ".run.checkpoint").exists()

@@ -68,6 +68,10 @@ def realign(
 
     if (probes is None) == (teacher is None):
         raise QrealignError("give the aligned model's probes or the aligned model as teacher (exactly one)")
+    if out is not None:  # before the teacher pass or the probes' checks: a bad --out must waste nothing
+        from .calibrate.api import check_run_out
+
+        check_run_out(out, realign=True)
     if teacher is not None:
         return _realign_first_token(model, tokenizer, teacher, calibration, scheme, config, out, device, progress,
                                     checkpoint_dir, layers_from, refusals=refusal_targets, save_targets=save_targets,

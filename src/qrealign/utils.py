@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -251,23 +253,56 @@ def atomic_dir(final: str | Path, overwrite: bool = True, marker: str | None = N
     if marker is not None:
         check_out_dir(final, marker, kind)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    _remove_orphans(final)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{_owner_tag()}-"))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; the final directory is a normal one
     try:
         yield tmp
+        if final.exists():
+            if not overwrite:
+                raise QrealignError(f"{final} already exists")
+            # a fresh empty name (rename replaces an empty directory): a leftover of an earlier
+            # process with the same pid cannot block the swap
+            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-{_owner_tag()}-"))
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise QrealignError(f"{final} already exists")
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+
+
+def _owner_tag() -> str:
+    return f"{_host()}-{os.getpid()}"
+
+
+def _host() -> str:
+    import socket
+
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+
+
+def _remove_orphans(final: Path) -> None:
+    """Temporary siblings of `final` left by processes of this host that no longer run: a
+    SIGKILL, the OOM killer or a terminated demo lane skips the cleanup above. Another host's
+    (a shared filesystem) and a running process's are left alone."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(?:tmp|old)-{re.escape(_host())}-(\d+)-[^/]*")
+    for path in final.parent.glob(f".{glob.escape(final.name)}.*"):
+        match = pattern.fullmatch(path.name)
+        if match and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _umask() -> int:

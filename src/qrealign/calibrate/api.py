@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..errors import QrealignError
 from ..quant.scheme import Scheme, get_scheme
 from ..utils import FINGERPRINT_VERSION, check_out_dir, model_fingerprint
 from .artifact import META_FILE, save_quantized
 from .data import CalibrationSet
-from .engine import CalibConfig, CalibResult, calibrate
+from .engine import CalibConfig, CalibResult, calibrate, remove_checkpoint
 from .losses import BlockLoss
 
 
@@ -52,6 +53,8 @@ def quantize(
     if out is not None:
         check_run_out(out, realign=(extra_metadata or {}).get("method") == "qrealign")  # before calibrating
     ckpt = Path(checkpoint_dir) if checkpoint_dir else (out.with_name(f".{out.name}.checkpoint") if out else None)
+    if checkpoint_dir and out is not None:
+        check_checkpoint_dir(ckpt, out)
     t0 = time.time()
     result = calibrate(model, tokenizer, calibration, scheme, cfg, loss=loss, checkpoint_dir=ckpt,
                        device=device, progress=progress, model_fp=fingerprint)
@@ -83,8 +86,14 @@ def quantize(
             **extra,
         }
         save_quantized(out, result.params, metadata)
-        if ckpt is not None and ckpt.exists():
-            import shutil
-
-            shutil.rmtree(ckpt, ignore_errors=True)
+        if ckpt is not None:
+            remove_checkpoint(ckpt)
     return result
+
+
+def check_checkpoint_dir(ckpt: Path, out: Path) -> None:
+    """A user-chosen checkpoint folder must not be, hold or sit inside the run's output: the
+    finished run replaces `out` and then clears the checkpoint."""
+    a, b = ckpt.resolve(), out.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise QrealignError(f"checkpoint_dir {ckpt} and out {out} must be separate folders (neither inside the other)")

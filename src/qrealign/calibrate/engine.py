@@ -14,6 +14,7 @@ After every block its learned parameters are checkpointed; a run with the same f
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -183,6 +184,7 @@ def calibrate(
     `model_fp`: the model's `model_fingerprint` if the caller already has it (see `quantize`)."""
     cfg = config or CalibConfig()
     scheme = get_scheme(scheme)
+    check_unquantized(model)
     if scheme.activations is not None and not scheme.activations.dynamic:
         raise QrealignError(f"scheme {scheme.name}: static activation ranges are not calibrated here (no pass "
                             "observes them, and a run could not store them); use dynamic per-token activations")
@@ -196,17 +198,22 @@ def calibrate(
     num_layers = len(blocks)
     start_time = time.time()
 
+    from .. import __version__
+
     amp = cfg.resolve_autocast(scheme, dev)
+    batches = make_batches(tokenizer, calib, cfg.batch_size, cfg.max_length, cfg.padding_side, cfg.system,
+                           group_by_label=cfg.group_by_label, pad_to=cfg.pad_to)
     fingerprint = sha256_json({
         "model": model_fp or model_fingerprint(model), "scheme": scheme.to_dict(),
         "config": {**cfg.fingerprint_dict(), "autocast": "bf16" if amp else "off"},
         "calib": [calib.ids, calib.prompts, calib.labels], "loss": repr(loss),
+        # the tokens the blocks see: another chat template or tokenizer is another run
+        "tokens": _token_digest(batches), "qrealign": __version__,
     })
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    done = _resume_point(ckpt, fingerprint, say=(lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else None)
+    done, saved_logs = _resume_point(ckpt, fingerprint,
+                                     say=(lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else None)
 
-    batches = make_batches(tokenizer, calib, cfg.batch_size, cfg.max_length, cfg.padding_side, cfg.system,
-                           group_by_label=cfg.group_by_label, pad_to=cfg.pad_to)
     # A batch needs the FP stream only if some layer's loss reads its FP target.
     needs_fp = [any(bool(loss.needs_fp(b.labels, layer).any()) for layer in range(num_layers)) for b in batches]
     embed_device = model.get_input_embeddings().weight.device
@@ -251,6 +258,9 @@ def calibrate(
         log = {"layer": i}
         if i < done:
             _load_block(ckpt, i, block, let)
+            # the training log as the interrupted run wrote it (replay time and output error are re-measured)
+            log.update({k: v for k, v in saved_logs[i].items() if k not in ("q_mse", "seconds")}
+                       if i < len(saved_logs) else {})
             log["resumed"] = True
         else:
             epochs = cfg.epochs_for(i, num_layers, safety=_has_safety_term(loss, i))
@@ -267,7 +277,8 @@ def calibrate(
                                         i, num_layers, amp, ckpt, all_kw=kwargs))
             log.update(_snap_rounding(block, let))
             if ckpt is not None:
-                _save_block(ckpt, i, block, let, fingerprint)
+                log["seconds"] = round(time.time() - t0, 3)  # training time; replaced below by the block's total
+                _save_block(ckpt, i, block, let, fingerprint, logs + [log])
 
         params.update(_block_params(i, block, let))
 
@@ -286,7 +297,7 @@ def calibrate(
             log["q_mse"] = float(sum(errs) / len(errs)) if errs else float("nan")
         fp_in = fp_out
         put_back()
-        log["seconds"] = round(time.time() - t0, 3)
+        log["replay_seconds" if i < done else "seconds"] = round(time.time() - t0, 3)
         logs.append(log)
         if i >= done:
             bar.update(1)
@@ -485,35 +496,98 @@ def apply_block_params(layer: int, block: nn.Module, let: LETParams | None, para
                 p.copy_(params[f"{prefix}round.{name}"].float())
 
 
-def _save_block(ckpt: Path, layer: int, block, let, fingerprint: str) -> None:
+def check_unquantized(model: nn.Module) -> None:
+    """Calibration starts from the FP model. An interrupted call leaves the model it was given
+    half-quantized in place (wrapped linears, folded scales), and a loaded quantized run is
+    quantized already: calibrating either again would quantize twice, under a new fingerprint that
+    also misses the interrupted run's checkpoint."""
+    if getattr(model.config, "qrealign_quant_run", None) or any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise QrealignError("this model is already (partly) quantized: a quantize/realign call on it was interrupted, "
+                            "or it is a loaded quantized run. Load the FP model again and repeat the call (an "
+                            "interrupted run resumes from its checkpoint)")
+
+
+def _token_digest(batches: list[CalibBatch]) -> str:
+    h = hashlib.sha256()
+    for b in batches:
+        for t in (b.enc.input_ids, b.enc.attention_mask):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+CHECKPOINT_STATE = "state.json"
+
+
+def _block_file(ckpt: Path, layer: int) -> Path:
+    return ckpt / f"block_{layer:04d}.safetensors"
+
+
+def _save_block(ckpt: Path, layer: int, block, let, fingerprint: str, logs: list[dict]) -> None:
+    """The block's learned parameters, then the state that counts it done (a kill between the two
+    leaves a block file the state does not count: harmless). `logs`: the training logs of blocks
+    0..layer, so a resumed run's metadata keeps them."""
     ckpt.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in _block_params(layer, block, let).items()}
     tmp = ckpt / f".block_{layer:04d}.safetensors.tmp"
     save_tensors(tensors or {"_empty": torch.zeros(1)}, tmp)
-    tmp.replace(ckpt / f"block_{layer:04d}.safetensors")
-    write_json(ckpt / "state.json", {"fingerprint": fingerprint, "completed_blocks": layer + 1})
+    tmp.replace(_block_file(ckpt, layer))
+    write_json(ckpt / CHECKPOINT_STATE, {"fingerprint": fingerprint, "completed_blocks": layer + 1, "logs": logs})
 
 
 def _load_block(ckpt: Path, layer: int, block, let) -> None:
-    tensors = load_file(str(ckpt / f"block_{layer:04d}.safetensors"))
-    apply_block_params(layer, block, let, tensors)
+    path = _block_file(ckpt, layer)
+    try:
+        tensors = load_file(str(path))
+        apply_block_params(layer, block, let, tensors)
+    except Exception as exc:
+        raise QrealignError(f"checkpoint file {path} is unreadable ({exc}); delete {ckpt} to start the run over") from None
 
 
-def _resume_point(ckpt: Path | None, fingerprint: str, say: Callable[[str], None] | None = None) -> int:
-    """Blocks already calibrated with these exact settings (their checkpoint), said out loud: a
-    resumed run, and a checkpoint discarded because a setting changed, are both news to a user."""
-    if ckpt is None or not (ckpt / "state.json").is_file():
-        return 0
-    state = read_json(ckpt / "state.json")
+def _resume_point(ckpt: Path | None, fingerprint: str, say: Callable[[str], None] | None = None
+                  ) -> tuple[int, list[dict]]:
+    """Blocks already calibrated with these exact settings (their checkpoint) and their training
+    logs, said out loud: a resumed run, and a checkpoint set aside because a setting changed, are
+    both news to a user. A checkpoint of other settings is moved aside, not deleted: one mistyped
+    flag must not destroy hours of blocks."""
+    if ckpt is None or not (ckpt / CHECKPOINT_STATE).is_file():
+        return 0, []
+    state = read_json(ckpt / CHECKPOINT_STATE)
     if state.get("fingerprint") != fingerprint:
-        for f in ckpt.glob("block_*.safetensors"):
-            f.unlink()
-        (ckpt / "state.json").unlink()
+        stale = ckpt.with_name(f"{ckpt.name}.stale")
+        remove_checkpoint(stale)
+        _move_checkpoint(ckpt, stale)
         if say:
-            say(f"[calibrate] discarded the checkpoint in {ckpt}: it was made with other settings "
-                f"({state.get('completed_blocks', 0)} blocks); starting at block 0")
-        return 0
+            say(f"[calibrate] the checkpoint in {ckpt} was made with other settings or inputs "
+                f"({state.get('completed_blocks', 0)} blocks): set aside in {stale} (the run that made it resumes "
+                "if its files are moved back); starting at block 0")
+        return 0, []
     done = int(state.get("completed_blocks", 0))
+    missing = next((i for i in range(done) if not _block_file(ckpt, i).is_file()), None)
+    if missing is not None:  # a hand-deleted or lost block file: redo from there instead of failing
+        done = missing
     if say and done:
         say(f"[calibrate] resuming from {ckpt}: blocks 0-{done - 1} done, continuing at block {done}")
-    return done
+    return done, list(state.get("logs") or [])[:done]
+
+
+def _move_checkpoint(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    (src / CHECKPOINT_STATE).replace(dst / CHECKPOINT_STATE)  # first: src no longer counts as a checkpoint
+    for f in src.glob("block_*.safetensors"):
+        f.replace(dst / f.name)
+
+
+def remove_checkpoint(ckpt: Path) -> None:
+    """Delete what the engine wrote in `ckpt` (state first, then block files) and the folder if
+    nothing else is in it. Never the whole folder: a user's checkpoint_dir may hold other files."""
+    if not ckpt.is_dir():
+        return
+    (ckpt / CHECKPOINT_STATE).unlink(missing_ok=True)
+    for pattern in ("block_*.safetensors", ".block_*.safetensors.tmp"):
+        for f in ckpt.glob(pattern):
+            f.unlink(missing_ok=True)
+    try:
+        ckpt.rmdir()
+    except OSError:  # other files: left alone
+        pass

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     if not debug:
         _quiet_libraries()
+    restore = _terminate_as_interrupt()
     try:
         if getattr(args, "device", None) is not None:  # a typo or a missing GPU fails before any model loads
             from ..utils import resolve_device
@@ -73,6 +74,27 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
+    finally:
+        restore()
+
+
+def _terminate_as_interrupt():
+    """SIGTERM (`kill`, SLURM's time limit, Kubernetes) ends a command like Ctrl-C does: the output
+    being written is removed, block checkpoints stay, the message says the command resumes. A
+    second SIGTERM ends it at once. Returns the function that puts the previous handler back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _allocator_hints() -> None:
