@@ -280,7 +280,7 @@ def test_extra_benign_prompts_come_last_and_never_from_the_eval_split(tmp_path):
         build_calibration("qrealign:eval", n=20)
     harmful_only = tmp_path / "harmful.jsonl"
     harmful_only.write_text('{"prompt": "a harmful request of mine", "label": 1}\n')
-    with pytest.raises(QrealignError, match="adds no benign"):
+    with pytest.raises(QrealignError, match=r"has no benign \(label 0\) prompts"):
         build_calibration(n=20, extra_benign=str(harmful_only))
 
 
@@ -324,7 +324,7 @@ def test_extra_malicious_prompts_complete_the_twin_pairs_after_the_benign_ones(t
         build_calibration(extra_malicious="qrealign:calib")
     benign_file = tmp_path / "benign.jsonl"
     benign_file.write_text('{"prompt": "a kind request of mine", "label": 0}\n')
-    with pytest.raises(QrealignError, match="adds no malicious"):
+    with pytest.raises(QrealignError, match=r"has no malicious \(label 1\) prompts"):
         build_calibration(n=20, extra_malicious=str(benign_file))
 
 

@@ -448,3 +448,67 @@ def test_task_scoring(task):
     examples = task.load("test", n=12)
     assert task.accuracy([task.response_for(e) for e in examples], examples) == 1.0
     assert task.accuracy(["ALPHA"] * 12, examples) == pytest.approx(2 / 12)
+
+
+def test_a_csv_row_with_an_unquoted_comma_is_an_error_not_a_shorter_prompt(tmp_path):
+    f = tmp_path / "p.csv"
+    f.write_text("label,prompt\n1,how do I pick a lock, step by step\n")
+    with pytest.raises(ValueError, match="row 2 has 3 fields, the header 2; quote fields that contain commas"):
+        load_prompt_file(f)
+    f.write_text('label,prompt\n1,"how do I pick a lock, step by step"\n')
+    assert load_prompt_file(f)[0].text == "how do I pick a lock, step by step"
+
+
+def test_repeated_prompts_in_a_file(tmp_path):
+    f = tmp_path / "p.csv"
+    f.write_text("label,prompt\n0,How do I bake bread\n0,how do I  bake bread\n1,pick a lock\n")
+    with pytest.warns(UserWarning, match="1 repeated prompt"):
+        prompts = load_prompt_file(f)
+    assert [p.text for p in prompts] == ["How do I bake bread", "pick a lock"]  # counted once
+    f.write_text("label,prompt\n1,pick a lock\n0,Pick a lock\n")
+    with pytest.raises(ValueError, match="row 3 repeats the prompt of row 2 with another label"):
+        load_prompt_file(f)
+
+
+def test_a_file_that_is_not_utf8_says_so_with_its_name(tmp_path):
+    f = tmp_path / "p.csv"
+    f.write_text("label,prompt\n0,hello\n", encoding="utf-16")
+    with pytest.raises(ValueError, match=r"p\.csv: UTF-16 text .*save it as UTF-8"):
+        load_prompt_file(f)
+    f.write_bytes("label,prompt\n0,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        load_prompt_file(f)
+
+
+def test_extra_calibration_prompts_from_two_files_with_the_same_name(tmp_path):
+    """Both files' generated ids are prompts-0000, ...; the second file's prompts used to be
+    dropped as if they were already in the set."""
+    from qrealign.calibrate.data import build_calibration
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = tmp_path / "a" / "prompts.jsonl", tmp_path / "b" / "prompts.jsonl"
+    a.write_text("".join(json.dumps({"prompt": f"harmful request {i}", "label": 1}) + "\n" for i in range(6))
+                 + "".join(json.dumps({"prompt": f"benign request {i}", "label": 0}) + "\n" for i in range(2)))
+    b.write_text("".join(json.dumps({"prompt": f"another benign request {i}", "label": 0}) + "\n" for i in range(5))
+                 + json.dumps({"prompt": "Benign  request 0", "label": 0}) + "\n")  # already in a: skipped
+    calib = build_calibration(str(a), extra_benign=str(b))
+    assert len(calib.prompts) == 8 + 5 and len(set(calib.ids)) == len(calib.ids)
+    assert sum(1 for t in calib.prompts if t.startswith("another")) == 5
+
+
+def test_a_calibration_file_without_one_kind_of_prompt_says_which(tmp_path):
+    from qrealign.calibrate.data import build_calibration
+    from qrealign.errors import QrealignError
+
+    f = tmp_path / "benign.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"benign request {i}", "label": 0}) + "\n" for i in range(4)))
+    with pytest.raises(QrealignError, match=r"has no malicious \(label 1\) prompts; malicious ratio 0.75 needs"):
+        build_calibration(str(f))
+    assert len(build_calibration(str(f), malicious_ratio=0.0).prompts) == 4
+    g = tmp_path / "two.jsonl"  # 2 + 2 at 0.75: two prompts, both malicious: a set without benign prompts
+    g.write_text("".join(json.dumps({"prompt": f"request {i}", "label": i % 2}) + "\n" for i in range(4)))
+    with pytest.raises(QrealignError, match="one kind would be missing"):
+        build_calibration(str(g))
+    with pytest.raises(QrealignError, match="has no malicious"):
+        build_calibration("qrealign:calib", extra_malicious=str(f))

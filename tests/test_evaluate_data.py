@@ -168,3 +168,20 @@ def test_task_accuracy_on_tiny_model():
     assert res["n"] == 2 and res["task"] == "sst2" and res["max_new_tokens"] == 8
     assert res["accuracy"] == pytest.approx(100.0 * sum(r["correct"] for r in res["records"]) / 2)
     assert [r["id"] for r in res["records"]] == ["0", "1"]
+
+
+def test_a_local_task_file_with_wrong_types_or_encoding_is_a_clear_error(tmp_path):
+    d = tmp_path / "sst2"
+    d.mkdir()
+    (d / "test.jsonl").write_text(json.dumps({"sentence": "fine", "label": 1}) + "\n"
+                                  + json.dumps({"sentence": 5, "label": 1}) + "\n")
+    with pytest.raises(QrealignError, match=r"row 1 does not have the expected fields and types \(AttributeError"):
+        get_task(f"sst2:{d}").load("test")
+    (d / "test.jsonl").write_text(json.dumps({"sentence": "fine", "label": 1.7}) + "\n")
+    with pytest.raises(QrealignError, match="1.7 is not a class number"):
+        get_task(f"sst2:{d}").load("test")
+    (d / "test.jsonl").write_bytes("\ufeff".encode() + json.dumps({"sentence": "fine", "label": 1.0}).encode())
+    assert get_task(f"sst2:{d}").load("test")[0].answer == "positive"  # a BOM, and 1.0 is class 1
+    (d / "test.jsonl").write_bytes(json.dumps({"sentence": "caf\u00e9", "label": 1}).encode("utf-16"))
+    with pytest.raises(QrealignError, match="is not UTF-8 text"):
+        get_task(f"sst2:{d}").load("test")

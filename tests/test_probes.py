@@ -212,6 +212,19 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.usable_layers == probes.usable_layers
     with pytest.raises(IncompatibleArtifact):
         ProbeSet.load(tmp_path)
+    # damaged directories are an artefact error naming the file, not a JSON/KeyError/safetensors traceback
+    meta_text = (tmp_path / "p" / "qrealign.json").read_text()
+    (tmp_path / "p" / "qrealign.json").write_text(meta_text[: len(meta_text) // 2])
+    with pytest.raises(IncompatibleArtifact, match="is not valid JSON"):
+        ProbeSet.load(tmp_path / "p")
+    (tmp_path / "p" / "qrealign.json").write_text(json.dumps({"kind": "probes", "target": "paper"}))
+    with pytest.raises(IncompatibleArtifact, match="lacks num_layers, hidden_size"):
+        ProbeSet.load(tmp_path / "p")
+    (tmp_path / "p" / "qrealign.json").write_text(meta_text)
+    blob = (tmp_path / "p" / "probes.safetensors").read_bytes()
+    (tmp_path / "p" / "probes.safetensors").write_bytes(blob[:5])
+    with pytest.raises(IncompatibleArtifact, match="probes.safetensors is unreadable"):
+        ProbeSet.load(tmp_path / "p")
 
 
 def test_check_compatible():

@@ -94,6 +94,13 @@ def test_schemes_are_data_and_round_trip():
     assert wsym.weights.symmetric and not wsym.activations.symmetric
     with pytest.raises(QrealignError, match="group size"):
         get_scheme("W8A8-g0")
+    # nonsense that used to pass: a run that quantizes nothing, FP weights under a W32 name, two groups
+    for bad, match in (("W16A16", "quantizes nothing"), ("W32A8", "W32: bits must be 2..16"),
+                       ("W4A16-g32-g64", "-g more than once"), ("W8A8-sym-sym", "-sym more than once"),
+                       ("W16A8-g64", "group size applies")):
+        with pytest.raises(QrealignError, match=match):
+            get_scheme(bad)
+    assert get_scheme("W16A8").weights is None and get_scheme("W8A16").activations is None
     with pytest.raises(QrealignError):
         QuantArgs(1)
 

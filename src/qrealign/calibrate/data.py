@@ -133,8 +133,17 @@ def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malici
             if malicious_ratio < 1:
                 limits.append(len(benign) / (1 - malicious_ratio))
             n = int(min(limits))
+        for have, want, kind, label in ((harmful, malicious_ratio > 0, "malicious", 1),
+                                        (benign, malicious_ratio < 1, "benign", 0)):
+            if want and not have:
+                raise QrealignError(f"calibration set {spec!r} has no {kind} (label {label}) prompts; malicious "
+                                    f"ratio {malicious_ratio} needs some")
         n_mal = round(n * malicious_ratio)
         n_ben = n - n_mal
+        if (malicious_ratio > 0 and n_mal == 0) or (malicious_ratio < 1 and n_ben == 0):
+            raise QrealignError(f"calibration set {spec!r}: {len(harmful)} malicious / {len(benign)} benign prompts "
+                                f"give {n} at ratio {malicious_ratio}, {n_mal} malicious and {n_ben} benign: one kind "
+                                "would be missing; add prompts, or choose n or the ratio")
         if n_mal > len(harmful) or n_ben > len(benign):
             raise QrealignError(
                 f"calibration set {spec!r} has {len(harmful)} malicious / {len(benign)} benign prompts; "
@@ -171,15 +180,34 @@ def _load_spec(spec: str) -> tuple[list, str]:
 
 
 def with_prompts(calib: CalibrationSet, spec: str, label: int) -> CalibrationSet:
-    """`calib` plus every prompt of `spec` with this label (0 benign, 1 malicious) not already in it."""
+    """`calib` plus every prompt of `spec` with this label (0 benign, 1 malicious) not already in it.
+
+    "Already in it" is the same text (up to case and spacing), not the same id: two files both
+    named prompts.jsonl give their prompts the same generated ids ("prompts-0000", ...). An id
+    that names another text gets the source appended, so ids stay unique."""
+    from ..data.prompts import normalize_prompt
+
     prompts, split = _load_spec(spec)
-    seen = set(calib.ids)
-    extra = [p for p in prompts if p.label == label and p.id not in seen]
     kind = "malicious" if label == 1 else "benign"
+    of_label = [p for p in prompts if p.label == label]
+    if not of_label:
+        raise QrealignError(f"calibration set {spec!r} has no {kind} (label {label}) prompts")
+    seen_text = {normalize_prompt(t) for t in calib.prompts}
+    seen_ids = set(calib.ids)
+    extra = []
+    for p in of_label:
+        text = normalize_prompt(p.text)
+        if text in seen_text:
+            continue
+        seen_text.add(text)
+        pid = p.id if p.id not in seen_ids else f"{p.id}@{split}"
+        seen_ids.add(pid)
+        extra.append((pid, p.text))
     if not extra:
-        raise QrealignError(f"calibration set {spec!r} adds no {kind} prompts")
-    return CalibrationSet(calib.prompts + [p.text for p in extra], calib.labels + [label] * len(extra),
-                          calib.ids + [p.id for p in extra], f"{calib.split}+{split}:{kind}")
+        raise QrealignError(f"calibration set {spec!r} adds no {kind} prompts: all {len(of_label)} are in the "
+                            "calibration set already")
+    return CalibrationSet(calib.prompts + [t for _, t in extra], calib.labels + [label] * len(extra),
+                          calib.ids + [i for i, _ in extra], f"{calib.split}+{split}:{kind}")
 
 
 def with_benign_prompts(calib: CalibrationSet, spec: str) -> CalibrationSet:

@@ -60,8 +60,8 @@ def run(args) -> int:
     if args.ppl_text:
         try:
             ppl_text = Path(args.ppl_text).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise QrealignError(f"cannot read --ppl-text: {exc}") from None
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8
+            raise QrealignError(f"cannot read --ppl-text {args.ppl_text}: {exc}") from None
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample,
                            seed=args.seed, system=args.system, backend=args.backend).validate()
     judge = get_judge(args.judge, device=args.device)  # validate the spec before loading the model

@@ -175,6 +175,8 @@ def load_prompt_file(
         raw = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise FileNotFoundError(f"prompt file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: {_not_utf8(path, exc)}") from None
     if not raw.strip():
         raise ValueError(f"{path}: the prompt file is empty")
 
@@ -190,6 +192,8 @@ def load_prompt_file(
 
     prompts: list[Prompt] = []
     seen_ids: set[str] = set()
+    seen_text: dict[str, tuple[str, int]] = {}  # normalized text -> (where, label)
+    repeats = []
     for where, rec in records:
         text = _get_text(path, where, rec)
         raw_label = rec.get("label")
@@ -202,6 +206,15 @@ def load_prompt_file(
             label = default_label
         else:
             label = _parse_label(raw_label, where=f"{path}: {where}")
+        key = normalize_prompt(text)
+        if key in seen_text:
+            first, first_label = seen_text[key]
+            if first_label != label:
+                raise ValueError(f"{path}: {where} repeats the prompt of {first} with another label "
+                                 f"({label} vs {first_label}): one prompt cannot be both harmful and benign")
+            repeats.append(where)
+            continue  # the same prompt twice would count twice in a rate and weigh double in calibration
+        seen_text[key] = (where, label)
         category = rec.get("category")
         category = str(category).strip() if category not in (None, "") else None
         if category is None:
@@ -215,7 +228,18 @@ def load_prompt_file(
         twin = str(twin).strip() if twin not in (None, "") else None
         prompts.append(Prompt(id=pid, text=text, label=label, category=category,
                               split=CUSTOM_SPLIT, twin=twin))
+    if repeats:
+        import warnings
+
+        shown = ", ".join(repeats[:5]) + (", ..." if len(repeats) > 5 else "")
+        warnings.warn(f"{path}: {len(repeats)} repeated prompt(s) skipped ({shown})", stacklevel=2)
     return prompts
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> str:
+    head = path.read_bytes()[:2]
+    kind = "UTF-16 text" if head in (b"\xff\xfe", b"\xfe\xff") else "not UTF-8 text"
+    return f"{kind} ({exc.reason} at byte {exc.start}); save it as UTF-8"
 
 
 def _detect_format(path: Path, raw: str) -> str:
@@ -291,6 +315,9 @@ def _read_csv(path: Path, raw: str, delimiter: str) -> list[tuple[str, dict]]:
         )
     out = []
     for i, row in enumerate(reader):
+        if row.get(None):  # more fields than the header: an unquoted delimiter inside a prompt
+            raise ValueError(f"{path}: row {i + 2} has {len(fields) + len(row[None])} fields, the header "
+                             f"{len(fields)}; quote fields that contain {'tabs' if delimiter == chr(9) else 'commas'}")
         rec = {(k or "").strip().lower(): (v.strip() if isinstance(v, str) else v)
                for k, v in row.items() if k is not None}
         if not any(v for v in rec.values()):

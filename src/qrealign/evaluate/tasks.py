@@ -50,7 +50,11 @@ def read_rows(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise QrealignError(f"task file not found: {path}")
-    raw = path.read_text(encoding="utf-8")
+    try:
+        raw = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise QrealignError(f"task file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as "
+                            "UTF-8") from None
     try:
         if path.suffix == ".jsonl" or (path.suffix != ".json" and not raw.lstrip().startswith("[")):
             rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
@@ -107,11 +111,15 @@ class HubTask:
         rows = self.rows(split)
         if n is not None:
             rows = rows[:n]
-        try:
-            return [self.example(r, i, split) for i, r in enumerate(rows)]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise QrealignError(f"{self.name}: a row does not have the expected fields ({exc!r}); "
-                                f"see qrealign.evaluate.tasks for the row shape") from None
+        examples = []
+        for i, r in enumerate(rows):
+            try:
+                examples.append(self.example(r, i, split))
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise QrealignError(f"{self.name} {split}: row {i} does not have the expected fields and types "
+                                    f"({type(exc).__name__}: {exc}); see qrealign.evaluate.tasks for the row "
+                                    "shape") from None
+        return examples
 
 
 def _first_word(response: str, choices: dict[str, str]) -> str | None:
@@ -141,7 +149,7 @@ class SST2Task(HubTask):
 
     def example(self, row, index, split):
         label = row["label"]
-        answer = _SST2_LABELS[int(label)] if not isinstance(label, str) else label.strip().lower()
+        answer = _SST2_LABELS[_class_index(label)] if not isinstance(label, str) else label.strip().lower()
         if answer not in _SST2_LABELS.values():
             raise ValueError(f"label {label!r}")
         return TaskExample(prompt=SST2_INSTRUCTION.format(sentence=row["sentence"].strip()), answer=answer,
@@ -149,6 +157,13 @@ class SST2Task(HubTask):
 
     def score(self, response: str, example: TaskExample) -> bool:
         return _first_word(response, {v: rf"\b{v}\b" for v in _SST2_LABELS.values()}) == example.answer
+
+
+def _class_index(label) -> int:
+    """A class number; 1.7 is not class 1 (int() would say it is)."""
+    if isinstance(label, bool) or float(label) != int(label):
+        raise ValueError(f"label {label!r} is not a class number")
+    return int(label)
 
 
 # ---- AG News -------------------------------------------------------------------------------
@@ -168,7 +183,7 @@ class AGNewsTask(HubTask):
 
     def example(self, row, index, split):
         label = row["label"]
-        answer = _AGNEWS_LABELS[int(label)] if not isinstance(label, str) else label
+        answer = _AGNEWS_LABELS[_class_index(label)] if not isinstance(label, str) else label
         if answer not in _AGNEWS_LABELS.values():
             raise ValueError(f"label {label!r}")
         return TaskExample(prompt=AGNEWS_INSTRUCTION.format(text=row["text"].strip()), answer=answer,

@@ -228,13 +228,23 @@ class ProbeSet:
         meta_path, tensor_path = path / META_FILE, path / TENSOR_FILE
         if not meta_path.is_file() or not tensor_path.is_file():
             raise IncompatibleArtifact(f"{path} is not a probe directory (needs {META_FILE} and {TENSOR_FILE})")
-        meta = read_json(meta_path)
-        if meta.get("kind") != "probes":
-            raise IncompatibleArtifact(f"{path} holds a {meta.get('kind')!r} artefact, not probes")
+        try:
+            meta = read_json(meta_path)
+        except ValueError as exc:  # a truncated or hand-edited file
+            raise IncompatibleArtifact(f"{meta_path} is not valid JSON ({exc}); re-run `qrealign probe`") from None
+        if not isinstance(meta, dict) or meta.get("kind") != "probes":
+            kind = meta.get("kind") if isinstance(meta, dict) else type(meta).__name__
+            raise IncompatibleArtifact(f"{path} holds a {kind!r} artefact, not probes")
         if int(meta.get("format_version", 0)) > FORMAT_VERSION:
             raise IncompatibleArtifact(f"{path}: probe format {meta.get('format_version')} is newer than "
                                        f"this qrealign understands ({FORMAT_VERSION}); upgrade qrealign")
-        tensors = load_file(str(tensor_path))
+        missing = [k for k in ("target", "num_layers", "hidden_size") if k not in meta]
+        if missing:
+            raise IncompatibleArtifact(f"{meta_path} lacks {', '.join(missing)}; re-run `qrealign probe`")
+        try:
+            tensors = load_file(str(tensor_path))
+        except Exception as exc:
+            raise IncompatibleArtifact(f"{tensor_path} is unreadable ({exc}); re-run `qrealign probe`") from None
         if "w" not in tensors or "b" not in tensors:
             raise IncompatibleArtifact(f"{tensor_path} lacks the 'w'/'b' tensors")
         metrics = [LayerMetrics.from_json(m) for m in meta.get("metrics", [])]

@@ -107,7 +107,18 @@ def get_scheme(spec: str | dict | Scheme) -> Scheme:
             "custom: W<bits>A<bits>[-g<group>][-sym|-wsym][-asym-act]"
         )
     wbits, abits, suffix = int(match[1]), int(match[2]), match[3].lower()
+    for bits, what in ((wbits, "W"), (abits, "A")):
+        if not 2 <= bits <= 16:
+            raise QrealignError(f"scheme {spec!r}: {what}{bits}: bits must be 2..16 (16: not quantized)")
+    if wbits == 16 and abits == 16:
+        raise QrealignError(f"scheme {spec!r} quantizes nothing (16-bit weights and activations)")
+    options = ["g" if o.startswith("g") else o for o in re.findall(r"-(g\d+|sym|wsym|asym-act)", suffix)]
+    repeated = sorted({o for o in options if options.count(o) > 1})
+    if repeated:
+        raise QrealignError(f"scheme {spec!r} gives {', '.join('-' + o for o in repeated)} more than once")
     group = re.search(r"g(\d+)", suffix)
+    if group and wbits == 16:
+        raise QrealignError(f"scheme {spec!r}: a group size applies to quantized weights, and W16 keeps them FP")
     if group and int(group[1]) < 1:
         raise QrealignError(f"scheme {spec!r}: the group size must be >= 1 (leave -g out for per-channel)")
     sym = "-sym" in suffix.replace("-asym-act", "")
