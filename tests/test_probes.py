@@ -374,7 +374,8 @@ def test_cli_contrast_needs_finetuned(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [["--limit", "0"], ["--limit", "-3"], ["--batch-size", "0"], ["--max-length", "0"],
-                                 ["--C", "0"], ["--C", "-1"], ["--test-size", "1.5"], ["--cv", "-1"]])
+                                 ["--C", "0"], ["--C", "-1"], ["--test-size", "1.5"], ["--cv", "-1"],
+                                 ["--min-accuracy", "1.5"], ["--min-accuracy", "0.2"]])
 def test_cli_probe_and_analyze_refuse_bad_numbers_before_loading(tmp_path, capsys, bad):
     """--limit 0 meant "every prompt" and -3 "all but the last three"; a zero batch size or length
     and a non-positive C failed inside the capture or the fit with a raw traceback."""

@@ -174,9 +174,24 @@ def _load_spec(spec: str) -> tuple[list, str]:
             if split in SUPPLEMENTS:
                 return load_supplement(split), split
             return load_prompts(split=split), split
-        return load_prompt_file(spec), f"file:{spec}"
+        prompts = load_prompt_file(spec)
     except (ValueError, OSError) as exc:
         raise QrealignError(f"calibration set {spec!r}: {exc}") from None
+    _refuse_eval_prompts(spec, prompts)
+    return prompts, f"file:{spec}"
+
+
+def _refuse_eval_prompts(spec: str, prompts) -> None:
+    """A user file holding prompts of the bundled held-out eval split would make every later
+    evaluation on it refuse to run (the overlap check): say so now, before hours of calibration."""
+    from ..data.prompts import load_prompts, normalize_prompt
+
+    held_out = {normalize_prompt(p.text) for p in load_prompts(split="eval")}
+    found = [p.text for p in prompts if normalize_prompt(p.text) in held_out]
+    if found:
+        raise QrealignError(f"calibration set {spec!r}: {len(found)} of its prompts are in qrealign's held-out eval "
+                            f"split (e.g. {found[0][:60]!r}); calibrating on them would void the evaluation: "
+                            "remove them")
 
 
 def with_prompts(calib: CalibrationSet, spec: str, label: int) -> CalibrationSet:

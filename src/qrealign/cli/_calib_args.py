@@ -21,7 +21,7 @@ def add_common(parser) -> None:
     parser.add_argument("--calib-task", default=None,
                         help="also calibrate on this task's train prompts as benign samples (e.g. topic-codes): "
                              "your own fine-tuning prompts keep the task answer intact")
-    parser.add_argument("--calib-task-n", type=int, default=48, help="how many task prompts --calib-task adds")
+    parser.add_argument("--calib-task-n", type=int, default=None, help="how many task prompts --calib-task adds (default 48)")
     parser.add_argument("--calib-benign", action="append", default=None, metavar="SOURCE",
                         help="also calibrate on every benign prompt of this source (qrealign:<split> or a file; "
                              "repeat for several; the --calib source itself adds the benign prompts the ratio "
@@ -92,13 +92,53 @@ def prepare(args, method: str):
                             "quantize twice; start from the model its run was calibrated on")
     scheme = get_scheme(args.scheme)
     config = engine_config(args, method)
+    check_flags(args, method)
     calib = build_calibration(args.calib, args.n, args.malicious_ratio, args.seed,
-                              task=args.calib_task, task_n=args.calib_task_n if args.calib_task else 0,
+                              task=args.calib_task, task_n=(args.calib_task_n or 48) if args.calib_task else 0,
                               extra_benign=args.calib_benign,
                               extra_malicious=args.calib_malicious)
     check_run_out(args.out, realign=getattr(args, "command", None) == "realign")  # before the model loads
+    check_scheme_fits(scheme, args.model)
     model, tokenizer = load_model(args.model, adapter=args.adapter, offload=args.offload)
     return model, tokenizer, scheme, config, calib
+
+
+def check_flags(args, method: str) -> None:
+    """Flags that would be silently ignored are errors: the user meant something by them."""
+    from ..errors import QrealignError
+
+    if args.calib_task_n is not None and not args.calib_task:
+        raise QrealignError("--calib-task-n needs --calib-task (which task's prompts to add)")
+    if args.calib_task and args.calib_task_n is not None and args.calib_task_n < 1:
+        raise QrealignError(f"--calib-task-n must be >= 1 with --calib-task, got {args.calib_task_n}")
+    if method == "rtn":
+        trained = [flag for flag, on in (("--learn-rounding", args.learn_rounding),
+                                         ("--plain-epochs", args.plain_epochs is not None),
+                                         ("--compile-quantizer", args.compile_quantizer)) if on]
+        if trained:
+            raise QrealignError(f"{', '.join(trained)} set(s) calibration training, and --method rtn trains nothing: "
+                                "drop it, or use --method omniquant")
+
+
+def check_scheme_fits(scheme, model: str) -> None:
+    """A weight group size that does not divide the model's linear widths, found from the config
+    before the weights load (it used to fail in the first block)."""
+    if scheme.weights is None or scheme.weights.strategy != "group":
+        return
+    import torch
+
+    from ..models import get_arch, get_blocks
+    from ..models.load import load_skeleton
+    from ..quant.quantizer import WeightQuantizer
+
+    try:
+        skeleton = load_skeleton(model)
+    except Exception:  # unreadable here (hub offline, GGUF quirks): the load right after says why
+        return
+    block = get_blocks(skeleton)[0]
+    for name in get_arch(skeleton).linears:
+        width = block.get_submodule(name).in_features
+        WeightQuantizer(scheme.weights, torch.Size((1, width)), lwc=False, device="meta")  # raises if it does not fit
 
 
 def summary(result, out) -> None:

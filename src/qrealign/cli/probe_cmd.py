@@ -78,6 +78,9 @@ def check_capture_numbers(args) -> None:
     test_size = getattr(args, "test_size", None)
     if test_size is not None and not 0 < test_size < 1:
         raise QrealignError(f"--test-size must be in (0, 1), got {test_size}")
+    min_acc = getattr(args, "min_accuracy", None)
+    if min_acc is not None and not 0.5 <= min_acc < 1:  # below chance accepts noise; 1 or more rejects every layer
+        raise QrealignError(f"--min-accuracy must be in [0.5, 1), got {min_acc}")
 
 
 def load_prompt_classes(split: str | None, path: str | None, limit: int | None):

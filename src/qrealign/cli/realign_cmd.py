@@ -67,6 +67,7 @@ def run(args) -> int:
     if args.benign_kl or args.refusal_targets or args.save_targets:
         raise QrealignError("--benign-kl, --refusal-targets and --save-targets apply to --teacher only")
     probes = load_probes(args.probes)
+    _check_probes(probes, args, layers)
     model, tokenizer, scheme, config, calib = prepare(args, "omniquant")
     result = realign(model, tokenizer, probes, calib, scheme, config, out=args.out, device=args.device,
                      lam=args.lam, margin=args.margin, probe_loss="hinge" if args.hinge else "softplus",
@@ -75,6 +76,29 @@ def run(args) -> int:
     summary(result, args.out)
     return 0
 
+
+
+def _check_probes(probes, args, layers) -> None:
+    """Before the model loads: the probes' system prompt, the safety layers and the probes' sizes
+    against the model's config (each failed only after the load before)."""
+    from ..errors import IncompatibleArtifact, QrealignError
+    from ..models import get_blocks
+    from ..models.load import load_skeleton
+    from ..realign import safety_layers
+
+    fit_system = probes.settings.get("system")
+    if fit_system != args.system:
+        raise QrealignError(f"the probes were fit on prompts rendered with system prompt {fit_system!r}; pass the "
+                            f"same one with --system (now {args.system!r})")
+    safety_layers(probes, layers, args.layers_from)
+    try:
+        skeleton = load_skeleton(args.model)
+    except Exception:  # unreadable from here (hub offline, GGUF quirks): the load itself will say why
+        return
+    hidden, blocks = skeleton.config.hidden_size, len(get_blocks(skeleton))
+    if (hidden, blocks) != (probes.hidden_size, probes.num_layers):
+        raise IncompatibleArtifact(f"the probes in {args.probes} are for {probes.num_layers} blocks of width "
+                                   f"{probes.hidden_size}; {args.model} has {blocks} of width {hidden}")
 
 
 def _check_teacher(teacher: str) -> None:

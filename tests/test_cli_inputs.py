@@ -1,0 +1,67 @@
+"""CLI input checks that must fire before a model loads: a typo costs a second, not a model load
+(minutes for a 70B model) or a calibration."""
+
+import json
+
+import pytest
+
+import qrealign.models
+from qrealign.cli import main
+from qrealign.models.tiny import tiny_model
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    model, tok = tiny_model("llama", seed=0, num_hidden_layers=2)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Loading the weights is a test failure: every check here must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input check")
+    monkeypatch.setattr(qrealign.models, "load_model", refuse)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--calib-task-n", "5"], "--calib-task-n needs --calib-task"),
+    (["--calib-task", "topic-codes", "--calib-task-n", "0"], "--calib-task-n must be >= 1"),
+    (["--method", "rtn", "--learn-rounding"], "--learn-rounding set(s) calibration training"),
+    (["--scheme", "W4A16-g48"], "group size 48 does not divide"),
+])
+def test_quantize_flags_checked_before_loading(model_dir, tmp_path, capsys, no_load, extra, message):
+    assert main(["quantize", str(model_dir), "--out", str(tmp_path / "run"), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_calibration_file_with_eval_prompts_is_refused_before_calibrating(model_dir, tmp_path, capsys, no_load):
+    from qrealign.data.prompts import load_prompts
+
+    held_out = load_prompts(split="eval", label=1)[0].text
+    f = tmp_path / "mine.jsonl"
+    f.write_text(json.dumps({"prompt": held_out.upper(), "label": 1}) + "\n"
+                 + "".join(json.dumps({"prompt": f"my request {i}", "label": i % 2}) + "\n" for i in range(8)))
+    assert main(["quantize", str(model_dir), "--out", str(tmp_path / "run"), "--calib", str(f)]) == 2
+    assert "1 of its prompts are in qrealign's held-out eval split" in capsys.readouterr().err
+
+
+def test_realign_probe_checks_come_before_loading(model_dir, tmp_path, capsys, no_load):
+    import numpy as np
+
+    from qrealign.probes.fit import fit_probes
+
+    rng = np.random.default_rng(0)
+    pos, neg = rng.normal(1, 1, (3, 20, 48)), rng.normal(-1, 1, (3, 20, 48))  # 3 blocks of width 48
+    probes = fit_probes(pos, neg, progress=False, cv=3)
+    probes.save(tmp_path / "probes")
+    out = ["--out", str(tmp_path / "run")]
+    assert main(["realign", str(model_dir), "--probes", str(tmp_path / "probes"), *out]) == 2
+    assert "are for 3 blocks of width 48" in capsys.readouterr().err
+    assert main(["realign", str(model_dir), "--probes", str(tmp_path / "probes"), "--system", "be nice", *out]) == 2
+    assert "pass the same one with --system" in capsys.readouterr().err
+    assert main(["realign", str(model_dir), "--probes", str(tmp_path / "probes"), "--layers", "7", *out]) == 2
+    assert "not blocks of this 3-block model" in capsys.readouterr().err
