@@ -181,3 +181,24 @@ def test_cached_evaluations_are_read_with_the_current_keyword_judge():
     reworded = copy.deepcopy(fresh)  # same outcome, another reason's wording: kept as stored
     reworded.records[0]["verdict"]["reason"] = "refusal (an older wording)"
     assert current_verdicts(reworded, logged.append) is reworded and len(logged) == 1
+
+
+def test_a_stage_names_an_outside_model_by_path_and_content(tmp_path):
+    """The raw row's evaluation is keyed on the model it reads: a model replaced at the same path
+    is another key (it kept the old cached evaluation); stages inside the output folder are
+    named by their folder, so the output can move."""
+    import os
+
+    from qrealign.demo import _stage_ref
+
+    root, model = tmp_path / "stages", tmp_path / "model"
+    (root / "align-abc").mkdir(parents=True)
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"one")
+    before = _stage_ref(model, root)
+    assert before.startswith(f"{model}@") and _stage_ref(model, root) == before
+    (model / "model.safetensors").write_bytes(b"two!")
+    os.utime(model / "model.safetensors", ns=(1, 1))
+    assert _stage_ref(model, root) != before
+    assert _stage_ref(root / "align-abc", root) == "align-abc"
+    assert _stage_ref("smollm2-135m", root) == "smollm2-135m"  # an embedded name or hub id stays as given

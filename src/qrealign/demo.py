@@ -25,7 +25,7 @@ from .data.prompts import load_prompts, prompt_set_fingerprint
 from .errors import NoSafetyLayers, QrealignError
 from .lanes import Job, Ref, run_jobs
 from .stages import cached_stage, stage_dir
-from .utils import atomic_dir, read_json, write_json
+from .utils import atomic_dir, read_json, sha256_json, write_json
 
 
 EVAL_TASK = "topic-codes"  # the task every evaluation stage scores (FA)
@@ -344,7 +344,6 @@ def _calibration(cfg, variant: Variant):
 
 def _targets_job_key(cfg, variant: Variant, scheme: str) -> str:
     from .calibrate.targets import render_options
-    from .utils import sha256_json
 
     render = render_options(_calib_config(cfg, variant, scheme))
     return f"teacher targets: {variant.name} {sha256_json(_jsonable(render))[:8]}"
@@ -501,13 +500,20 @@ def _stage_ref(path, root) -> str:
     """How a stage's key names an upstream stage: by its directory name, which is already the
     hash of everything that built it, so an output folder can move (or be reached by another
     relative path) without losing its cache. Anything outside the stages folder (the model the
-    demo starts from) keeps its path or hub id."""
+    demo starts from) keeps its path or hub id, and a local one adds a digest of its files' names,
+    sizes and times: a model replaced at the same path must not keep its old cached evaluation."""
     p = Path(path)
     try:
         p.resolve().relative_to(Path(root).resolve())
     except ValueError:
-        return str(path)
+        return f"{path}@{_files_digest(p)}" if p.exists() else str(path)
     return p.name
+
+
+def _files_digest(path: Path) -> str:
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    return sha256_json([[str(f.relative_to(path) if path.is_dir() else f.name), f.stat().st_size,
+                         f.stat().st_mtime_ns] for f in files])
 
 
 def _jsonable(obj):
