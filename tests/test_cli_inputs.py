@@ -65,3 +65,27 @@ def test_realign_probe_checks_come_before_loading(model_dir, tmp_path, capsys, n
     assert "pass the same one with --system" in capsys.readouterr().err
     assert main(["realign", str(model_dir), "--probes", str(tmp_path / "probes"), "--layers", "7", *out]) == 2
     assert "not blocks of this 3-block model" in capsys.readouterr().err
+
+
+def test_eval_reads_its_prompt_sets_task_and_out_before_loading(model_dir, tmp_path, capsys, monkeypatch):
+    import qrealign.evaluate.runner as runner
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input check")
+    monkeypatch.setattr(runner, "load_for_eval", refuse)
+    out = ["--out", str(tmp_path / "ev")]
+    assert main(["eval", str(model_dir), "--benign", str(tmp_path / "typo.csv"), *out]) == 2
+    assert "typo.csv" in capsys.readouterr().err
+    assert main(["eval", str(model_dir), "--task", "mmlu-pro", *out]) == 2
+    assert "unknown task" in capsys.readouterr().err
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("mine")
+    assert main(["eval", str(model_dir), "--out", str(tmp_path / "precious")]) == 2
+    assert (tmp_path / "precious" / "notes.txt").is_file()
+
+
+def test_eval_refuses_one_prompt_on_both_sides(model_dir, tmp_path, capsys):
+    f = tmp_path / "mixed.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"request {i}"}) + "\n" for i in range(3)))
+    assert main(["eval", str(model_dir), "--harmful", str(f), "--benign", str(f), "--out", str(tmp_path / "ev")]) == 2
+    assert "in both the harmful and the benign set" in capsys.readouterr().err

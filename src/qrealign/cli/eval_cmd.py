@@ -70,6 +70,7 @@ def run(args) -> int:
 
         if importlib.util.find_spec("lm_eval") is None:
             raise QrealignError("--lm-eval needs lm-evaluation-harness: pip install lm-eval")
+    _check_inputs(args)  # before the model loads
     # With vLLM generating, the transformers copy only answers the checks (and perplexity or
     # lm-eval when asked): keep it off the GPU that vLLM claims, unless those need it there.
     hf_device = "cpu" if args.backend == "vllm" and ppl_text is None and not args.lm_eval else args.device
@@ -85,6 +86,22 @@ def run(args) -> int:
         lm_eval_fewshot=args.lm_eval_fewshot)
     _print_summary(result, args.out)
     return 0
+
+
+def _check_inputs(args) -> None:
+    """The output folder, the prompt sets and the task, read before the model loads: a typo in
+    --benign used to surface only after the load."""
+    from ..evaluate.promptsets import resolve_prompt_set
+    from ..evaluate.runner import RESULT_FILE
+    from ..evaluate.tasks import get_task
+    from ..utils import check_out_dir
+
+    check_out_dir(args.out, RESULT_FILE)
+    for spec, label, off in ((args.harmful, 1, args.no_harmful), (args.benign, 0, args.no_benign)):
+        if spec and not off:
+            resolve_prompt_set(spec, label, args.limit)
+    if args.task:
+        get_task(args.task)
 
 
 def _rejudge(args) -> int:

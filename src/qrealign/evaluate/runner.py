@@ -234,6 +234,7 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
     gen = (gen or GenerationConfig()).validate()
     harmful_prompts, harmful_spec = _prompts(harmful, 1, limit)
     benign_prompts, benign_spec = _prompts(benign, 0, limit)
+    _refuse_shared_prompts(harmful_prompts, benign_prompts)
     if not harmful_prompts and not benign_prompts and task is None and ppl_text is None and not lm_eval_tasks:
         raise QrealignError("nothing to evaluate: no prompts, no task, no perplexity text")
     judge_obj = get_judge(judge)
@@ -349,6 +350,17 @@ def load_for_eval(source: str, adapter: str | None = None, device=None, dtype: s
         for k, v in collect_provenance(adapter).items():
             provenance.setdefault(k, v)
     return model, tokenizer, provenance, {"kind": kind, "source": str(source), "adapter": adapter}
+
+
+def _refuse_shared_prompts(harmful, benign) -> None:
+    """A prompt scored as both harmful and benign counts against the model twice (a refusal is
+    right on one side and wrong on the other): the same file given as --harmful and --benign."""
+    from ..data.prompts import normalize_prompt
+
+    shared = {normalize_prompt(p.text) for p in harmful} & {normalize_prompt(p.text) for p in benign}
+    if shared:
+        raise QrealignError(f"{len(shared)} prompt(s) are in both the harmful and the benign set (e.g. "
+                            f"{sorted(shared)[0][:60]!r}); give each side its own prompts")
 
 
 def evaluate_path(source: str, adapter: str | None = None, device=None, dtype: str = "float32",
