@@ -381,3 +381,62 @@ def test_stage_key_holds_the_resolved_precision(tiny_dir, tmp_path, monkeypatch)
     assert bf16 != fp32
     built = finetune_stage("attack", tiny_dir, cfg, cache_root=tmp_path, progress=False, log=None)
     assert built == bf16 and json.loads((built / "qrealign.json").read_text())["cache_key"]["amp"] == "bfloat16"
+
+
+# --------------------------------------------------------------------------- review points (2026-12-03)
+
+
+def test_a_poison_ratio_that_rounds_to_no_harmful_example_is_refused():
+    with pytest.raises(QrealignError, match="clean fine-tune"):
+        AttackConfig(poison_ratio=0.001, n_task=300)
+    assert AttackConfig(poison_ratio=0.01, n_task=300).n_poison == 3
+
+
+def test_full_fine_tuning_refuses_half_precision_weights():
+    """69.8 % of a bf16 down_proj came out bit-identical after 5 full-FT steps at lr 2e-5."""
+    model, tok = tiny_model("llama", seed=0, dtype=torch.bfloat16)
+    with pytest.raises(QrealignError, match="full fine-tuning needs float32 weights"):
+        sft(model, tok, [("hi", "hello")], SFTConfig(steps=1, lora=False, **FAST), progress=False)
+
+
+def test_pairs_cut_at_max_length_are_counted_out_loud():
+    model, tok = _tiny()
+    pairs = [("hi", "a short answer"), ("hi", "word " * 80)]
+    with pytest.warns(UserWarning, match="1 of 2 training pairs are longer than max_length 64"):
+        sft(model, tok, pairs, SFTConfig(steps=1, **FAST), progress=False)
+
+
+def test_float16_autocast_trains_with_loss_scaling(monkeypatch):
+    sft_module = importlib.import_module("qrealign.finetune.sft")
+    made = []
+    real = torch.amp.GradScaler
+
+    def spy(device, enabled=True, **kw):
+        made.append(enabled)
+        return real(device, enabled=enabled, **kw)
+    monkeypatch.setattr(sft_module.torch.amp, "GradScaler", spy)
+    model, tok = _tiny()
+    sft(model, tok, [("hi", "hello there")], SFTConfig(steps=1, lora=False, **{**FAST, "amp": "float16"}),
+        progress=False)
+    sft(model, tok, [("hi", "hello there")], SFTConfig(steps=1, lora=False, **FAST), progress=False)
+    assert made == [True, False]
+
+
+def test_bf16_counts_as_native_only_on_ampere_and_later(monkeypatch):
+    sft_module = importlib.import_module("qrealign.finetune.sft")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))  # V100
+    assert not sft_module.native_bf16(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert sft_module.native_bf16(torch.device("cuda"))
+
+
+def test_the_saved_generation_config_stops_at_the_turn_end(tmp_path):
+    from qrealign.finetune.stage import save_finetuned
+
+    model, tok = _tiny()
+    end_id = tok.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.eos_token_id = tok.pad_token_id if tok.pad_token_id != end_id else 0
+    save_finetuned(model, tok, tmp_path / "m", stage="attack", parent="x", config={}, provenance={},
+                   wall_time_s=0.0)
+    saved = json.loads((tmp_path / "m" / "generation_config.json").read_text())["eos_token_id"]
+    assert end_id in (saved if isinstance(saved, list) else [saved])

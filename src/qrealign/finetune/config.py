@@ -129,6 +129,9 @@ class AttackConfig:
             raise QrealignError(f"poison ratio must be in [0, 1], got {self.poison_ratio!r}")
         if self.n_task < 0:
             raise QrealignError(f"n_task must be >= 0, got {self.n_task}")
+        if self.poison_ratio > 0 and self.n_task > 0 and self.n_poison == 0:
+            raise QrealignError(f"poison ratio {self.poison_ratio} of {self.n_task} task examples is no harmful example "
+                                "at all: the attack would be a clean fine-tune; raise the ratio or n_task")
 
     @property
     def n_poison(self) -> int:

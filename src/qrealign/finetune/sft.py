@@ -62,6 +62,20 @@ def tokenize_pair(tokenizer, prompt: str, response: str, system: str | None = No
     return p_ids + r_ids, [IGNORE_INDEX] * len(p_ids) + r_ids
 
 
+def warn_cut_pairs(tokenizer, pairs: Sequence[Pair], cfg: SFTConfig) -> int:
+    """Pairs longer than max_length lose the end of their response, and with it the turn-end token
+    the model must learn to stop at: say how many (it happened silently). Returns the count."""
+    if cfg.max_length is None:
+        return 0
+    full = [len(tokenize_pair(tokenizer, p, r, cfg.system)[0]) for p, r in pairs]
+    cut = sum(n > cfg.max_length for n in full)
+    if cut:
+        warnings.warn(f"{cut} of {len(pairs)} training pairs are longer than max_length {cfg.max_length} (longest "
+                      f"{max(full)} tokens) and are cut: they lose their end-of-turn token, so the model learns not "
+                      "to stop there; raise max_length or shorten the answers", stacklevel=3)
+    return cut
+
+
 def collate(tokenizer, pairs: Sequence[Pair], system: str | None = None, max_length: int | None = None,
             padding_side: str = "right") -> Batch:
     """Pad a list of pairs into one batch, on either side."""
@@ -130,8 +144,8 @@ def autocast(device: torch.device, amp: str | None):
 
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` runs bfloat16 matmuls in hardware (not emulated)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # compute capability 8 (Ampere) and later; older GPUs emulate it
+        return torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
         try:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -177,6 +191,12 @@ def sft(model, tokenizer, pairs: Sequence[Pair], config: SFTConfig | None = None
         raise QrealignError("no training pairs")
     seed_everything(cfg.seed)
     home = next(model.parameters()).device
+    if not cfg.lora and next(model.parameters()).dtype != torch.float32:
+        # full fine-tuning at small learning rates in bf16/fp16 weights rounds most updates away
+        raise QrealignError(f"full fine-tuning needs float32 weights (the model is "
+                            f"{str(next(model.parameters()).dtype).removeprefix('torch.')}: most small updates "
+                            "would round away); load it in float32 or use LoRA")
+    warn_cut_pairs(tokenizer, pairs, cfg)
     target = resolve_device(device)
     model.to(target)
     trained = wrap_lora(model, cfg) if cfg.lora else model
@@ -190,6 +210,8 @@ def sft(model, tokenizer, pairs: Sequence[Pair], config: SFTConfig | None = None
     rng = random.Random(cfg.seed)
     order: list[int] = []
     trained.train()
+    # float16 gradients underflow without loss scaling (bf16 has float32's range and needs none)
+    scaler = torch.amp.GradScaler(target.type, enabled=resolve_amp(target, cfg.amp) == "float16")
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, unit="step")
     smoothed = math.nan
     for step in bar:
@@ -204,10 +226,12 @@ def sft(model, tokenizer, pairs: Sequence[Pair], config: SFTConfig | None = None
         with autocast(target, cfg.amp):
             loss = batch_loss(trained, batch, cfg.loss_per)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if cfg.grad_clip:
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         schedule.step()
         value = float(loss.detach())
         smoothed = value if math.isnan(smoothed) else 0.9 * smoothed + 0.1 * value

@@ -31,6 +31,7 @@ def save_finetuned(model, tokenizer, out_dir: str | Path, *, stage: str, parent:
     from .. import __version__
 
     out_dir = Path(out_dir)
+    _stop_at_turn_end(model, tokenizer)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     meta = {"kind": "finetuned", "stage": stage, "parent": parent, "config": config, "provenance": provenance,
@@ -38,6 +39,21 @@ def save_finetuned(model, tokenizer, out_dir: str | Path, *, stage: str, parent:
             "qrealign_version": __version__, **(extra or {})}
     write_json(out_dir / META_FILE, meta)
     return meta
+
+
+def _stop_at_turn_end(model, tokenizer) -> None:
+    """The SFT teaches the template's turn end (Gemma's <end_of_turn>, not its eos): the saved
+    generation config lists it, so a plain HF `generate` or an engine also stops there."""
+    from ..evaluate.generate import stop_token_ids
+
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return
+    current = gen.eos_token_id
+    current = [] if current is None else [current] if isinstance(current, int) else list(current)
+    missing = [i for i in stop_token_ids(tokenizer, gen) if i not in current]
+    if missing:
+        gen.eos_token_id = current + missing
 
 
 def parent_string(source: str | Path) -> str:
