@@ -24,3 +24,40 @@ def test_readme_calibration_examples_build():
     for expr in calls:
         calib = eval(compile(expr, "README.md", "eval"), {"build_calibration": build_calibration})
         assert isinstance(calib, CalibrationSet) and len(calib.prompts) > 0
+
+
+def test_readme_python_calls_match_the_signatures():
+    """Every call the README's Python shows binds to the function's real signature: a renamed or
+    dropped argument fails here, not in a user's first session. (Running the snippet needs real
+    models: its refusal targets need a teacher that refuses.)"""
+    import inspect
+
+    import qrealign
+    from qrealign.calibrate import CalibConfig, load_quantized
+    from qrealign.calibrate.api import quantize
+
+    functions = {"realign": qrealign.realign, "load_model": qrealign.load_model, "CalibConfig": CalibConfig,
+                 "load_quantized": load_quantized, "build_calibration": build_calibration, "quantize": quantize}
+    import dataclasses
+
+    from qrealign.calibrate.behaviour import FirstTokenLoss
+    from qrealign.calibrate.safety import SafetyLoss
+
+    loss_fields = {f.name for cls in (FirstTokenLoss, SafetyLoss) for f in dataclasses.fields(cls)} | {"layers_from"}
+    seen = set()
+    for block in _python_blocks():
+        for node in ast.walk(ast.parse(block)):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            if name not in functions:
+                continue
+            seen.add(name)
+            args = [None] * len(node.args)
+            kwargs = {k.arg: None for k in node.keywords}
+            signature = inspect.signature(functions[name])
+            signature.bind(*args, **kwargs)  # raises TypeError on a mismatch
+            if name == "realign":  # its **loss_options go to the loss: they must be its fields
+                extra = set(kwargs) - set(signature.parameters)
+                assert extra <= loss_fields, f"realign(..., {sorted(extra - loss_fields)}) is no loss option"
+    assert {"realign", "load_model", "CalibConfig", "load_quantized", "build_calibration"} <= seen
