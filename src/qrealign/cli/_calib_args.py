@@ -12,7 +12,8 @@ def add_common(parser) -> None:
                              "the teacher is offloaded too and the blocks after the first safety block are held in "
                              "memory)")
     parser.add_argument("--out", required=True, help="output run directory (written atomically)")
-    parser.add_argument("--scheme", default="W8A8", help="W8A8 (default), W4A8, W4A4, W8A16, W4A16, W8A8-sym, or W<b>A<b>[-g<N>][-sym]")
+    parser.add_argument("--scheme", default="W8A8", help="W8A8 (default), W4A8, W4A4, W8A16, W4A16, W8A8-sym, W4A16-sym, or "
+                        "W<b>A<b>[-g<N>][-sym|-wsym][-asym-act] (b: 2..16, 16 = not quantized)")
     parser.add_argument("--calib", default="qrealign:calib",
                         help="calibration prompts: qrealign:<split> (default qrealign:calib) or a JSON/JSONL/CSV file with "
                              "prompt,label; --calib-benign also takes qrealign:twins (more harmful/benign twins)")
