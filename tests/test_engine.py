@@ -393,3 +393,16 @@ def test_plain_epochs_apply_where_the_loss_has_no_safety_term(calib_set):
     assert [log["epochs"] for log in default.layer_logs] == [2, 2, 2]
     with pytest.raises(QrealignError, match="plain_epochs"):
         CalibConfig(plain_epochs=-1)
+
+
+def test_two_runs_on_one_checkpoint_are_refused(calib_set, tmp_path):
+    """The same command started twice would write each other's blocks; the second one stops at
+    once, and the lock goes with the first run (a killed run leaves none behind)."""
+    from qrealign.calibrate.engine import checkpoint_lock
+
+    with checkpoint_lock(tmp_path):
+        model, tok = tiny_model("llama", seed=0, num_hidden_layers=3)
+        with pytest.raises(QrealignError, match="another run is calibrating with the checkpoint"):
+            calibrate(model, tok, calib_set, "W4A8", CalibConfig(epochs=1), checkpoint_dir=tmp_path, progress=False)
+    _, _, result = _run(calib_set, CalibConfig(epochs=1), checkpoint_dir=tmp_path)  # free again
+    assert result.resumed_blocks == 0

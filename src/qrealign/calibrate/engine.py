@@ -182,6 +182,39 @@ def calibrate(
 ) -> CalibResult:
     """Quantize `model` in place, block by block. Returns the learned parameters.
     `model_fp`: the model's `model_fingerprint` if the caller already has it (see `quantize`)."""
+    with checkpoint_lock(Path(checkpoint_dir) if checkpoint_dir else None):
+        return _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, device, progress,
+                          on_block_end, model_fp)
+
+
+@contextlib.contextmanager
+def checkpoint_lock(ckpt: Path | None):
+    """One run per checkpoint: the same command started twice (two terminals, a re-submitted job)
+    would write each other's blocks, or set the other's aside. Released when the run ends or dies
+    (an OS lock on an open file, so a killed run leaves no stale lock)."""
+    if ckpt is None:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    ckpt.mkdir(parents=True, exist_ok=True)
+    with open(ckpt / LOCK_FILE, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise QrealignError(f"another run is calibrating with the checkpoint {ckpt} (the same --out); wait for "
+                                "it to finish or stop it first") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, device, progress, on_block_end,
+               model_fp) -> CalibResult:
     cfg = config or CalibConfig()
     scheme = get_scheme(scheme)
     check_unquantized(model)
@@ -517,6 +550,7 @@ def _token_digest(batches: list[CalibBatch]) -> str:
 
 
 CHECKPOINT_STATE = "state.json"
+LOCK_FILE = ".lock"
 
 
 def _block_file(ckpt: Path, layer: int) -> Path:
@@ -584,7 +618,7 @@ def remove_checkpoint(ckpt: Path) -> None:
     if not ckpt.is_dir():
         return
     (ckpt / CHECKPOINT_STATE).unlink(missing_ok=True)
-    for pattern in ("block_*.safetensors", ".block_*.safetensors.tmp"):
+    for pattern in ("block_*.safetensors", ".block_*.safetensors.tmp", LOCK_FILE):
         for f in ckpt.glob(pattern):
             f.unlink(missing_ok=True)
     try:
