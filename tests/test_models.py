@@ -294,3 +294,20 @@ def test_cli_output_to_a_closed_pipe_exits_quietly(tmp_path):
         os.close(write_end)
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr and "Broken pipe" not in res.stderr
+
+
+def test_a_base_model_without_a_template_still_starts_with_its_bos():
+    """Every stage tokenizes rendered text without special tokens; the plain format writes the BOS
+    a base Llama/Mistral tokenizer would add itself (it ran without it before)."""
+    from tokenizers.processors import TemplateProcessing
+
+    from qrealign.models.chat import encode_prompts, render_chat
+
+    _, tok = tiny_model("llama")
+    tok.chat_template = None
+    assert not render_chat(tok, "hi").startswith(tok.bos_token)  # this tokenizer adds no BOS: none written
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                       special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    assert render_chat(tok, "hi").startswith(tok.bos_token + "### User:\nhi")
+    ids = encode_prompts(tok, ["hi"]).input_ids[0].tolist()
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1  # once, not twice

@@ -22,10 +22,22 @@ def render_chat(tokenizer, prompt: str, system: str | None = None, response: str
     if getattr(tokenizer, "chat_template", None):
         text = _apply_template(tokenizer, messages, system, prompt)
     else:  # base models without a template
-        text = (f"### System:\n{system}\n\n" if system else "") + f"### User:\n{prompt}\n\n### Assistant:\n"
+        text = _bos_prefix(tokenizer) + (f"### System:\n{system}\n\n" if system else "") \
+            + f"### User:\n{prompt}\n\n### Assistant:\n"
     if response is not None:
         text += response + turn_end(tokenizer)
     return text
+
+
+def _bos_prefix(tokenizer) -> str:
+    """The BOS a base model's tokenizer puts in front of text (Llama, Mistral): every stage
+    tokenizes rendered text without special tokens (a template writes its own), so the plain
+    format must write it, or a base model runs without the token it was trained to start from."""
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if not bos or bos_id is None:
+        return ""
+    ids = tokenizer("x")["input_ids"]
+    return bos if ids and ids[0] == bos_id else ""
 
 
 _MARK = "\x00qrealign-response\x00"
