@@ -131,6 +131,7 @@ def test_layers_from_selects_the_late_blocks_and_rejects_bad_input():
                      progress=False, layers_from=0.5)
     logs = {log["layer"]: log for log in result.layer_logs}
     assert "last_probe" not in logs[0] and "last_probe" in logs[1]  # safety term on block 1 only
+    base, tok = tiny_model("llama", seed=2)  # realign quantized the first one in place
     with pytest.raises(QrealignError, match="either"):
         realign(base, tok, _probes(base, tok), calib, "W8A8", progress=False, layers=(1,), layers_from=0.5)
     for layers in ((7, 8), (1, 7)):  # layer indices past the model: a typo is not silently dropped

@@ -68,6 +68,12 @@ def realign(
 
     if (probes is None) == (teacher is None):
         raise QrealignError("give the aligned model's probes or the aligned model as teacher (exactly one)")
+    if probes is not None and (refusal_targets or save_targets):
+        raise QrealignError("refusal_targets and save_targets apply to the first-token objective (teacher=), "
+                            "not to probes")
+    from .calibrate.engine import check_unquantized
+
+    check_unquantized(model)  # before the teacher pass, which would read a half-quantized model
     if out is not None:  # before the teacher pass or the probes' checks: a bad --out must waste nothing
         from .calibrate.api import check_run_out
 
@@ -76,9 +82,6 @@ def realign(
         return _realign_first_token(model, tokenizer, teacher, calibration, scheme, config, out, device, progress,
                                     checkpoint_dir, layers_from, refusals=refusal_targets, save_targets=save_targets,
                                     **loss_options)
-    if refusal_targets or save_targets:
-        raise QrealignError("refusal_targets and save_targets apply to the first-token objective (teacher=), "
-                            "not to probes")
     if isinstance(probes, (str, Path)):
         probes = load_probes(probes)
     probes.check_compatible(model)

@@ -291,9 +291,9 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
         log = {"layer": i}
         if i < done:
             _load_block(ckpt, i, block, let)
-            # the training log as the interrupted run wrote it (replay time and output error are re-measured)
-            log.update({k: v for k, v in saved_logs[i].items() if k not in ("q_mse", "seconds")}
-                       if i < len(saved_logs) else {})
+            # the training log as the interrupted run wrote it (its training seconds included; the
+            # output error is measured again, the replay's time goes to replay_seconds)
+            log.update({k: v for k, v in saved_logs[i].items() if k != "q_mse"} if i < len(saved_logs) else {})
             log["resumed"] = True
         else:
             epochs = cfg.epochs_for(i, num_layers, safety=_has_safety_term(loss, i))
