@@ -512,3 +512,18 @@ def test_a_calibration_file_without_one_kind_of_prompt_says_which(tmp_path):
         build_calibration(str(g))
     with pytest.raises(QrealignError, match="has no malicious"):
         build_calibration("qrealign:calib", extra_malicious=str(f))
+
+
+def test_float_labels_from_a_spreadsheet_export_and_the_missing_label_message(tmp_path):
+    f = tmp_path / "p.csv"
+    f.write_text("prompt,label\nbake bread,0.0\npick a lock,1.0\n")
+    assert [p.label for p in load_prompt_file(f)] == [0, 1]
+    f.write_text("prompt,class\nbake bread,0\n")
+    with pytest.raises(ValueError, match=r"has no 'label'.*fields found: class, prompt"):
+        load_prompt_file(f)
+    from qrealign.calibrate.data import build_calibration
+    from qrealign.errors import QrealignError
+
+    with pytest.raises(QrealignError) as err:
+        build_calibration(str(f))
+    assert str(err.value).count(str(f)) == 1  # the file named once, not twice

@@ -146,7 +146,7 @@ def chosen_layers(num_layers: int, layers=None, layers_from: float | None = None
 def layers_from_fraction(num_layers: int, fraction: float) -> tuple[int, ...]:
     """Blocks from ceil(fraction * num_layers) to the last: 0.5 of 30 -> 15..29, of 5 -> 3..4."""
     if not 0.0 <= fraction < 1.0:
-        raise QrealignError(f"layers_from must be in [0, 1), got {fraction}")
+        raise QrealignError(f"layers_from (--layers-from) must be in [0, 1), got {fraction}")
     return tuple(range(min(math.ceil(fraction * num_layers - 1e-9), num_layers - 1), num_layers))
 
 

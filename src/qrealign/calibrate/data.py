@@ -176,7 +176,8 @@ def _load_spec(spec: str) -> tuple[list, str]:
             return load_prompts(split=split), split
         prompts = load_prompt_file(spec)
     except (ValueError, OSError) as exc:
-        raise QrealignError(f"calibration set {spec!r}: {exc}") from None
+        message = str(exc).removeprefix(f"{spec}: ")  # the loader names the file already
+        raise QrealignError(f"calibration set {spec!r}: {message}") from None
     _refuse_eval_prompts(spec, prompts)
     return prompts, f"file:{spec}"
 

@@ -200,8 +200,8 @@ def load_prompt_file(
         if raw_label is None or (isinstance(raw_label, str) and not raw_label.strip()):
             if default_label is None:
                 raise ValueError(
-                    f"{path}: {where} has no 'label' (0 = benign, 1 = harmful); add a label "
-                    "column/field or pass default_label"
+                    f"{path}: {where} has no 'label' (0 = benign, 1 = harmful); add a label column/field "
+                    f"(fields found: {', '.join(sorted(rec)) or 'none'}; in Python, default_label= labels them all)"
                 )
             label = default_label
         else:
@@ -355,6 +355,8 @@ def _parse_label(value: object, where: str) -> int:
         return int(value)
     if isinstance(value, str) and value.strip().lower() in _LABEL_WORDS:
         return _LABEL_WORDS[value.strip().lower()]
+    if isinstance(value, str) and value.strip() in ("0.0", "1.0"):  # a pandas export of a float column
+        return int(float(value))
     raise ValueError(f"{where}: invalid label {value!r}; use 0 (benign) or 1 (harmful)")
 
 
