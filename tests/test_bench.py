@@ -84,22 +84,13 @@ def test_offload_bench_measures_both_ways_in_fresh_processes(tmp_path):
         run_offload_bench(str(tmp_path / "nowhere"), out=tmp_path / "x")
 
 
-def _die_without_result(code, queue):
-    import os
-
-    os._exit(code)  # what the OOM killer looks like from the parent: no result, a bad exit code
-
-
-def _put_then_exit(value, queue):
-    queue.put({"value": value})
-
-
 def test_offload_bench_child_that_dies_is_an_error_row_not_a_hang():
+    from _spawn_targets import die_without_result, put_then_exit
     from qrealign.bench_offload import _run_in_fresh_process
 
-    row = _run_in_fresh_process(137, target=_die_without_result)
+    row = _run_in_fresh_process(137, target=die_without_result)
     assert "exit code 137" in row["error"]
-    assert _run_in_fresh_process(7, target=_put_then_exit) == {"value": 7}
+    assert _run_in_fresh_process(7, target=put_then_exit) == {"value": 7}
 
 
 def test_sft_precision_bench_times_float32_and_native_bf16_only(tmp_path, monkeypatch):

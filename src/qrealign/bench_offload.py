@@ -65,7 +65,7 @@ def _run_in_fresh_process(*args, target=None) -> dict:
     while True:
         alive = proc.is_alive()  # read before the wait: a result put just before exit is still read
         try:
-            result = queue.get(timeout=5)
+            result = queue.get(timeout=0.5)
             break
         except queue_mod.Empty:
             if not alive:
