@@ -62,7 +62,7 @@ def test_realign_probe_checks_come_before_loading(model_dir, tmp_path, capsys, n
     assert main(["realign", str(model_dir), "--probes", str(tmp_path / "probes"), *out]) == 2
     assert "are for 3 blocks of width 48" in capsys.readouterr().err
     assert main(["realign", str(model_dir), "--probes", str(tmp_path / "probes"), "--system", "be nice", *out]) == 2
-    assert "pass the same one with --system" in capsys.readouterr().err
+    assert "calibrate with the same one (CalibConfig(system=...), --system)" in capsys.readouterr().err
     assert main(["realign", str(model_dir), "--probes", str(tmp_path / "probes"), "--layers", "7", *out]) == 2
     assert "not blocks of this 3-block model" in capsys.readouterr().err
 

@@ -183,5 +183,5 @@ def test_a_local_task_file_with_wrong_types_or_encoding_is_a_clear_error(tmp_pat
     (d / "test.jsonl").write_bytes("\ufeff".encode() + json.dumps({"sentence": "fine", "label": 1.0}).encode())
     assert get_task(f"sst2:{d}").load("test")[0].answer == "positive"  # a BOM, and 1.0 is class 1
     (d / "test.jsonl").write_bytes(json.dumps({"sentence": "caf\u00e9", "label": 1}).encode("utf-16"))
-    with pytest.raises(QrealignError, match="is not UTF-8 text"):
+    with pytest.raises(QrealignError, match="test.jsonl: UTF-16 text .*save it as UTF-8"):
         get_task(f"sst2:{d}").load("test")

@@ -86,13 +86,7 @@ def realign(
         probes = load_probes(probes)
     probes.check_compatible(model)
     config = config or CalibConfig()
-    fit_system = probes.settings.get("system")
-    if fit_system != config.system:
-        # The probes read the last prompt token of one rendering; another system prompt moves
-        # every state (a harmful logit of 3.5 became 18.2 on a tiny model) and the loss reads noise.
-        raise QrealignError(f"the probes were fit on prompts rendered with system prompt {fit_system!r}, the "
-                            f"calibration renders them with {config.system!r}: calibrate with the same one "
-                            "(CalibConfig(system=...), --system)")
+    check_probe_system(probes, config.system)
     active = safety_layers(probes, loss_options.get("layers"), layers_from)
     if layers_from is not None:
         loss_options["layers"] = active
@@ -109,6 +103,16 @@ def realign(
                     extra_metadata={**meta, "probe_parents": parents() if callable(parents) else None,
                                     # the probes' own prompts count for the overlap check too
                                     "provenance": (getattr(probes, "data", None) or {}).get("provenance") or {}})
+
+
+def check_probe_system(probes, system: str | None) -> None:
+    """The probes read the last prompt token of one rendering; another system prompt moves every
+    state (a harmful logit of 3.5 became 18.2 on a tiny model) and the loss reads noise."""
+    fit_system = probes.settings.get("system")
+    if fit_system != system:
+        raise QrealignError(f"the probes were fit on prompts rendered with system prompt {fit_system!r}, the "
+                            f"calibration renders them with {system!r}: calibrate with the same one "
+                            "(CalibConfig(system=...), --system)")
 
 
 def safety_layers(probes, layers=None, layers_from: float | None = None) -> tuple[int, ...]:

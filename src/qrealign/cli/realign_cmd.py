@@ -81,15 +81,12 @@ def run(args) -> int:
 def _check_probes(probes, args, layers) -> None:
     """Before the model loads: the probes' system prompt, the safety layers and the probes' sizes
     against the model's config (each failed only after the load before)."""
-    from ..errors import IncompatibleArtifact, QrealignError
+    from ..errors import IncompatibleArtifact
     from ..models import get_blocks
     from ..models.load import load_skeleton
-    from ..realign import safety_layers
+    from ..realign import check_probe_system, safety_layers
 
-    fit_system = probes.settings.get("system")
-    if fit_system != args.system:
-        raise QrealignError(f"the probes were fit on prompts rendered with system prompt {fit_system!r}; pass the "
-                            f"same one with --system (now {args.system!r})")
+    check_probe_system(probes, args.system)
     safety_layers(probes, layers, args.layers_from)
     try:
         skeleton = load_skeleton(args.model)

@@ -176,7 +176,7 @@ def load_prompt_file(
     except FileNotFoundError:
         raise FileNotFoundError(f"prompt file not found: {path}") from None
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: {_not_utf8(path, exc)}") from None
+        raise ValueError(f"{path}: {not_utf8(path, exc)}") from None
     if not raw.strip():
         raise ValueError(f"{path}: the prompt file is empty")
 
@@ -236,7 +236,8 @@ def load_prompt_file(
     return prompts
 
 
-def _not_utf8(path: Path, exc: UnicodeDecodeError) -> str:
+def not_utf8(path: Path, exc: UnicodeDecodeError) -> str:
+    """Why a text file did not decode, and the fix (shared by prompt and task files)."""
     head = path.read_bytes()[:2]
     kind = "UTF-16 text" if head in (b"\xff\xfe", b"\xfe\xff") else "not UTF-8 text"
     return f"{kind} ({exc.reason} at byte {exc.start}); save it as UTF-8"

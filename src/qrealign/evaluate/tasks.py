@@ -53,8 +53,9 @@ def read_rows(path: str | Path) -> list[dict]:
     try:
         raw = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise QrealignError(f"task file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as "
-                            "UTF-8") from None
+        from ..data.prompts import not_utf8
+
+        raise QrealignError(f"task file {path}: {not_utf8(path, exc)}") from None
     try:
         if path.suffix == ".jsonl" or (path.suffix != ".json" and not raw.lstrip().startswith("[")):
             rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
