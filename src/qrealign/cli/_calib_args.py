@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 
+CALIB_TASK_N = 48  # task prompts --calib-task adds when --calib-task-n is not given
+
+
 def add_common(parser) -> None:
     parser.add_argument("model", help="model to quantize (embedded name, dir, .gguf, hub id)")
     parser.add_argument("--adapter", help="PEFT adapter directory to merge on load")
@@ -22,7 +25,7 @@ def add_common(parser) -> None:
     parser.add_argument("--calib-task", default=None,
                         help="also calibrate on this task's train prompts as benign samples (e.g. topic-codes): "
                              "your own fine-tuning prompts keep the task answer intact")
-    parser.add_argument("--calib-task-n", type=int, default=None, help="how many task prompts --calib-task adds (default 48)")
+    parser.add_argument("--calib-task-n", type=int, default=None, help=f"how many task prompts --calib-task adds (default {CALIB_TASK_N})")
     parser.add_argument("--calib-benign", action="append", default=None, metavar="SOURCE",
                         help="also calibrate on every benign prompt of this source (qrealign:<split> or a file; "
                              "repeat for several; the --calib source itself adds the benign prompts the ratio "
@@ -95,7 +98,7 @@ def prepare(args, method: str):
     config = engine_config(args, method)
     check_flags(args, method)
     calib = build_calibration(args.calib, args.n, args.malicious_ratio, args.seed,
-                              task=args.calib_task, task_n=(args.calib_task_n or 48) if args.calib_task else 0,
+                              task=args.calib_task, task_n=(args.calib_task_n or CALIB_TASK_N) if args.calib_task else 0,
                               extra_benign=args.calib_benign,
                               extra_malicious=args.calib_malicious)
     check_run_out(args.out, realign=getattr(args, "command", None) == "realign")  # before the model loads
