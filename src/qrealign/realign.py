@@ -24,7 +24,8 @@ from .calibrate.engine import CalibConfig, CalibResult
 from .calibrate.safety import SafetyLoss
 from .calibrate.targets import KIND as TARGETS_KIND
 from .calibrate.targets import META_FILE as TARGETS_META
-from .calibrate.targets import TeacherTargets, compute_teacher_targets, is_targets_dir, where_computed
+from .calibrate.targets import (TeacherTargets, check_response_tokens, compute_teacher_targets, is_targets_dir,
+                                where_computed)
 from .errors import NoSafetyLayers, QrealignError
 from .quant.scheme import Scheme
 
@@ -44,6 +45,7 @@ def realign(
     teacher=None,
     refusal_targets: bool = False,
     save_targets: str | Path | None = None,
+    response_tokens: int = 1,
     **loss_options,
 ) -> CalibResult:
     """Quantize `model` with the Q-realign objective.
@@ -63,17 +65,20 @@ def realign(
     (options: lam, benign_kl, layers, recon_on_malicious, normalize, sink_weight). With
     `refusal_targets`, the malicious calibration prompts the teacher itself answers (its greedy
     reply, keyword-judged) take the mean first-token distribution of those it refuses
-    (`calibrate.behaviour.refusal_targets`)."""
+    (`calibrate.behaviour.refusal_targets`). `response_tokens` K > 1: the KL also on the next K-1
+    response positions, along each prompt's forced greedy start (the teacher's refusal continues
+    "I'm" with "sorry", not "glad"; docs/experiments.md §24)."""
     from .probes.store import load_probes
 
     if (probes is None) == (teacher is None):
         raise QrealignError("give the aligned model's probes or the aligned model as teacher (exactly one)")
-    if probes is not None and (refusal_targets or save_targets):
-        raise QrealignError("refusal_targets and save_targets apply to the first-token objective (teacher=), "
-                            "not to probes")
+    if probes is not None and (refusal_targets or save_targets or response_tokens != 1):
+        raise QrealignError("refusal_targets, save_targets and response_tokens apply to the first-token objective "
+                            "(teacher=), not to probes")
     from .calibrate.engine import check_unquantized
 
     check_unquantized(model)  # before the teacher pass, which would read a half-quantized model
+    check_response_tokens(response_tokens)
     if out is not None:  # before the teacher pass or the probes' checks: a bad --out must waste nothing
         from .calibrate.api import check_run_out
 
@@ -81,7 +86,7 @@ def realign(
     if teacher is not None:
         return _realign_first_token(model, tokenizer, teacher, calibration, scheme, config, out, device, progress,
                                     checkpoint_dir, layers_from, refusals=refusal_targets, save_targets=save_targets,
-                                    **loss_options)
+                                    response_tokens=response_tokens, **loss_options)
     if isinstance(probes, (str, Path)):
         probes = load_probes(probes)
     probes.check_compatible(model)
@@ -155,7 +160,8 @@ def layers_from_fraction(num_layers: int, fraction: float) -> tuple[int, ...]:
 
 
 def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config, out, device, progress,
-                         checkpoint_dir, layers_from, refusals=False, save_targets=None, **loss_options) -> CalibResult:
+                         checkpoint_dir, layers_from, refusals=False, save_targets=None, response_tokens=1,
+                         **loss_options) -> CalibResult:
     from .calibrate.behaviour import FirstTokenLoss, ModelTail
     from .models.offload import offloaded
     from .utils import check_out_dir, model_fingerprint
@@ -177,7 +183,7 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
     if isinstance(teacher, TeacherTargets):  # computed earlier (e.g. for another scheme)
         if save_targets:
             raise QrealignError("the teacher is already saved targets: drop save_targets")
-        teacher.check(model_fingerprint(model), calibration, cfg, refusals=refusals,
+        teacher.check(model_fingerprint(model), calibration, cfg, refusals=refusals, response_tokens=response_tokens,
                       computed_on=where_computed(model, device))
         targets = teacher
     else:
@@ -186,11 +192,13 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
             if out is not None and Path(save_targets).resolve() == Path(out).resolve():
                 raise QrealignError("save_targets must be another directory than the run's out")
         targets = compute_teacher_targets(model, tokenizer, teacher, calibration, cfg, refusals=refusals,
+                                          response_tokens=response_tokens,
                                           device=device, progress=progress)
         if save_targets:
             targets.save(save_targets)
     active = layers if layers is not None else tuple(range(num_layers))
     loss = FirstTokenLoss(ModelTail(model), targets.logprobs, target_id=targets.teacher_meta["fingerprint"],
+                          responses=targets.responses, response_mask=targets.response_mask,
                           **loss_options)
     meta = {"method": "qrealign", "objective": "first-token", "teacher": targets.teacher_meta,
             "safety_layers": list(active)}

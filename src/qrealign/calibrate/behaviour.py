@@ -95,7 +95,18 @@ class ModelTail:
             for p in module.parameters():
                 p.requires_grad_(False)
 
-    def __call__(self, hidden: torch.Tensor, layer: int, kwargs_by_type: dict, last_index: torch.Tensor):
+    def __call__(self, hidden: torch.Tensor, layer: int, kwargs_by_type: dict, last_index: torch.Tensor,
+                 positions: int = 1):
+        """[B, V] logits at `last_index`; with `positions` > 1, [B, positions, V] at `last_index + j`
+        (the forced response tokens' positions)."""
+        h = self.final_states(hidden, layer, kwargs_by_type)
+        head = self.head_for(h.device)
+        if positions == 1:
+            return head(h, last_index).to(hidden.device)
+        return torch.stack([head(h, last_index + j) for j in range(positions)], dim=1).to(hidden.device)
+
+    def final_states(self, hidden: torch.Tensor, layer: int, kwargs_by_type: dict) -> torch.Tensor:
+        """Block `layer`'s output run through the blocks after it."""
         blocks = self._blocks_for(layer, hidden.device)
         h = hidden
         for j in range(layer + 1, len(blocks)):
@@ -103,7 +114,7 @@ class ModelTail:
             p = next(block.parameters())
             kwargs = move_kwargs(kwargs_by_type[self.types[j]], p.device)  # the engine's are on its device
             h = block_output(block(h.to(p.device, p.dtype), **kwargs))
-        return self.head_for(h.device)(h, last_index).to(hidden.device)
+        return h
 
     def head_for(self, device: torch.device) -> LogitHead:
         """The model's head where it already is on `device`; otherwise one copy there, kept: with
@@ -140,44 +151,57 @@ class ModelTail:
 
 
 @torch.no_grad()
-def next_token_logprobs(model: nn.Module, tokenizer, calib: CalibrationSet, config, device=None) -> torch.Tensor:
+def next_token_logprobs(model: nn.Module, tokenizer, calib: CalibrationSet, config, device=None,
+                        responses=None, positions: int = 1) -> torch.Tensor:
     """[N, V] log-probabilities of the next token after each calibration prompt, rendered and
     batched exactly as the calibration engine renders them (`config`: a CalibConfig). Runs where
     `device` (default: where the model's embeddings are); a disk-offloaded model, or one held on
-    another device, runs block by block, each block put on `device` once."""
+    another device, runs block by block, each block put on `device` once.
+
+    `responses` (per prompt, forced response tokens after it) and `positions` > 1: [N, positions, V]
+    at the last prompt token and after each of the first `positions - 1` forced tokens."""
     home = model.get_input_embeddings().weight.device
     device = torch.device(device) if device is not None else home
     batches = make_batches(tokenizer, calib, config.batch_size, config.max_length, config.padding_side,
-                           config.system, pad_to=config.pad_to)
+                           config.system, pad_to=config.pad_to, responses=responses)
     if offloaded(model) is not None or not same_device(device, home):
-        rows_of = _blockwise_last_logits(model, batches, home, device)
+        rows_of = _blockwise_last_logits(model, batches, home, device, positions)
     else:
-        rows_of = (_last_logits(model, batch, home) for batch in batches)
+        rows_of = (_last_logits(model, batch, home, positions) for batch in batches)
     out = None
     for batch, rows in zip(batches, rows_of):
         if out is None:
-            out = torch.empty(len(calib.prompts), rows.shape[-1])
+            out = torch.empty(len(calib.prompts), *rows.shape[1:])
         out[batch.index] = F.log_softmax(rows, dim=-1).cpu()
     return out
 
 
-def _last_logits(model, batch, device) -> torch.Tensor:
+def _last_logits(model, batch, device, positions: int = 1) -> torch.Tensor:
     enc = batch.enc.to(device)
     # The LM head only at the positions some row ends on (one position with left padding), not
     # at every position: on SmolLM2 (vocabulary 49k, width 576) 46 s instead of 56 s here.
-    keep, slot = torch.unique(enc.last_index, return_inverse=True)
+    wanted = enc.last_index[:, None] + torch.arange(positions, device=device)  # [B, P]
+    keep, slot = torch.unique(wanted.flatten(), return_inverse=True)
     logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
                    position_ids=batch.position_ids.to(device), use_cache=False, logits_to_keep=keep).logits
-    return logits[torch.arange(logits.shape[0], device=logits.device), slot].float()
+    rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
+    out = logits[rows, slot.view(wanted.shape)].float()  # [B, P, V]
+    return out[:, 0] if positions == 1 else out
 
 
-def _blockwise_last_logits(model, batches, home, device) -> list[torch.Tensor]:
+def _blockwise_last_logits(model, batches, home, device, positions: int = 1) -> list[torch.Tensor]:
     """`_last_logits` of every batch, block-major on `device` (one read of an offloaded model, one
     move of each block of a model held elsewhere); the embeddings and the head run at `home`."""
     inputs = [record_block_inputs(model, b.enc.input_ids, b.enc.attention_mask, b.position_ids, home)
               for b in batches]
     head = LogitHead(model)
-    return [head(h, b.enc.last_index) for h, b in zip(run_blocks(model, inputs, device), batches)]
+
+    def at(h, last):
+        if positions == 1:
+            return head(h, last)
+        return torch.stack([head(h, last + j) for j in range(positions)], dim=1)
+
+    return [at(h, b.enc.last_index) for h, b in zip(run_blocks(model, inputs, device), batches)]
 
 
 def first_token_targets(aligned: nn.Module, finetuned: nn.Module, tokenizer, calib: CalibrationSet,
@@ -191,6 +215,65 @@ def first_token_targets(aligned: nn.Module, finetuned: nn.Module, tokenizer, cal
     targets = next_token_logprobs(finetuned, tokenizer, calib, config, device)
     targets[mal] = next_token_logprobs(aligned, tokenizer, calib, config, device)[mal]
     return targets
+
+
+def response_starts(aligned: nn.Module, finetuned: nn.Module, tokenizer, calib: CalibrationSet, config,
+                    targets: torch.Tensor, refused: torch.Tensor, length: int, device=None) -> torch.Tensor:
+    """[N, length] forced response starts for a multi-token first-token objective: each prompt's
+    greedy first `length` response tokens from the model whose distribution is its target (the
+    fine-tuned model on benign prompts, the aligned teacher on malicious ones); a malicious prompt
+    the teacher answers (`refused` False, refusal targets) takes the most frequent start of those
+    it refuses, so its later positions ask for a refusal's continuation. `targets`: the first-token
+    targets, whose argmax is each row's first greedy token (no extra pass)."""
+    malicious = torch.tensor(calib.labels, dtype=torch.bool)
+    refused = refused.bool() & malicious
+    starts = torch.zeros(len(calib.prompts), length, dtype=torch.long)
+    starts[:, 0] = targets.argmax(dim=-1)
+    for model, rows in ((finetuned, (~malicious).nonzero().flatten()), (aligned, refused.nonzero().flatten())):
+        if len(rows) == 0:
+            continue
+        sub = _subset(calib, rows)
+        for step in range(1, length):
+            lp = next_token_logprobs(model, tokenizer, sub, config, device, responses=starts[rows, :step].tolist(),
+                                     positions=step + 1)
+            starts[rows, step] = lp[:, step].argmax(dim=-1)
+    answered = malicious & ~refused
+    if answered.any():
+        from collections import Counter
+
+        if not refused.any():
+            raise QrealignError("response starts: the teacher refuses none of the malicious calibration prompts")
+        common = Counter(tuple(r) for r in starts[refused].tolist()).most_common(1)[0][0]
+        starts[answered] = torch.tensor(common)
+    return starts
+
+
+def forced_targets(aligned: nn.Module, finetuned: nn.Module, tokenizer, calib: CalibrationSet, config,
+                   first: torch.Tensor, starts: torch.Tensor, stop_ids=(), device=None):
+    """([N, K, V] targets, [N, K] mask), K = 1 + starts' length: position 0 is `first` (the
+    first-token targets, refusal targets included), position j the same teacher's log-probs after
+    the forced start's first j tokens. Positions after a stop token in the start are masked."""
+    malicious = torch.tensor(calib.labels, dtype=torch.bool)
+    k = starts.shape[1] + 1
+    out = torch.empty(len(calib.prompts), k, first.shape[-1])
+    out[:, 0] = first
+    for model, rows in ((finetuned, (~malicious).nonzero().flatten()), (aligned, malicious.nonzero().flatten())):
+        if len(rows):
+            lp = next_token_logprobs(model, tokenizer, _subset(calib, rows), config, device,
+                                     responses=starts[rows].tolist(), positions=k)
+            out[rows, 1:] = lp[:, 1:]
+    mask = torch.ones(len(calib.prompts), k, dtype=torch.bool)
+    for i, row in enumerate(starts.tolist()):
+        ends = [m for m, t in enumerate(row) if t in set(stop_ids)]
+        if ends:
+            mask[i, ends[0] + 1:] = False  # nothing is asked after the turn ends
+    return out, mask
+
+
+def _subset(calib: CalibrationSet, rows: torch.Tensor) -> CalibrationSet:
+    rows = rows.tolist()
+    return CalibrationSet([calib.prompts[i] for i in rows], [calib.labels[i] for i in rows],
+                          [calib.ids[i] for i in rows], calib.split)
 
 
 def teacher_refuses(aligned: nn.Module, tokenizer, prompts: list[str], config, max_new_tokens: int = 64,
@@ -240,10 +323,15 @@ def refusal_targets(targets: torch.Tensor, malicious: torch.Tensor, refused: tor
 class FirstTokenLoss(SafetyGate):
     """Reconstruction MSE plus `lam` x the first-token KL on malicious prompts (and `benign_kl` x
     the KL to the fine-tuned model on benign prompts), on the blocks in `layers`; other blocks
-    get reconstruction only. Needs `LossInputs.index` and `.block_kwargs` (the engine fills them)."""
+    get reconstruction only. Needs `LossInputs.index` and `.block_kwargs` (the engine fills them).
+
+    Multi-token form (`targets` [N, K, V] with `responses` [N, K-1], the forced response starts
+    the engine appends to each prompt): the per-sample KL is the first position's plus the mean
+    over the K-1 later ones (masked by `response_mask`), so the first token keeps its weight and
+    the continuation counts as one more token (docs/experiments.md §24)."""
 
     tail: ModelTail
-    targets: torch.Tensor  # [N, V] teacher log-probs, indexed by calibration position
+    targets: torch.Tensor  # [N, V] (or [N, K, V]) teacher log-probs, indexed by calibration position
     layers: tuple[int, ...] | None = None
     lam: float = 1.0
     benign_kl: float = 0.0
@@ -252,14 +340,29 @@ class FirstTokenLoss(SafetyGate):
     sink_weight: float = 0.0
     include_padding: bool = False
     target_id: str = ""
+    responses: torch.Tensor | None = None  # [N, K-1] forced response starts (multi-token form)
+    response_mask: torch.Tensor | None = None  # [N, K]: False after a turn end in the start
     _digest: str = field(default="", repr=False)
+
+    @property
+    def positions(self) -> int:
+        return self.targets.shape[1] if self.targets.dim() == 3 else 1
 
     def __post_init__(self):
         if self.lam < 0 or self.benign_kl < 0:
             raise QrealignError("lam and benign_kl must be >= 0")
+        k = self.positions
+        if (k > 1) != (self.responses is not None) or (k > 1 and tuple(self.responses.shape) != (len(self.targets),
+                                                                                               k - 1)):
+            raise QrealignError("multi-token targets [N, K, V] need forced responses [N, K-1], and only they")
+        if k > 1 and self.response_mask is None:
+            self.response_mask = torch.ones(len(self.targets), k, dtype=torch.bool)
         if not self._digest:
             h = hashlib.sha256()
             tensor_digest(self.targets, h)
+            if k > 1:
+                tensor_digest(self.responses, h)
+                tensor_digest(self.response_mask, h)
             self._digest = h.hexdigest()[:12]
 
     def __call__(self, inp: LossInputs):
@@ -269,9 +372,14 @@ class FirstTokenLoss(SafetyGate):
         if self.active(inp.layer) and bool((weight > 0).any()):
             if inp.index is None or inp.block_kwargs is None:
                 raise QrealignError("FirstTokenLoss needs the calibration index and block kwargs in LossInputs")
-            logits = self.tail(inp.q_out, inp.layer, inp.block_kwargs, inp.last_index)
+            k = self.positions
+            logits = (self.tail(inp.q_out, inp.layer, inp.block_kwargs, inp.last_index) if k == 1 else
+                      self.tail(inp.q_out, inp.layer, inp.block_kwargs, inp.last_index, positions=k))
             teacher = self.targets[inp.index.cpu()].to(logits.device)
-            kl = (teacher.exp() * (teacher - F.log_softmax(logits, dim=-1))).sum(dim=-1)  # [B]
+            kl = (teacher.exp() * (teacher - F.log_softmax(logits, dim=-1))).sum(dim=-1)  # [B] or [B, K]
+            if k > 1:
+                later = self.response_mask[inp.index.cpu(), 1:].to(kl.device, kl.dtype)
+                kl = kl[:, 0] + (kl[:, 1:] * later).sum(dim=1) / later.sum(dim=1).clamp(min=1)
             per_sample = per_sample + weight * kl
             for name, rows in (("kl_mal", malicious), ("kl_ben", ~malicious)):
                 if rows.any():
@@ -281,4 +389,5 @@ class FirstTokenLoss(SafetyGate):
     def __repr__(self) -> str:  # short and stable: it enters the run fingerprint
         return (f"FirstTokenLoss(targets={self.target_id}:{self._digest}, layers={self.layers}, lam={self.lam}, "
                 f"benign_kl={self.benign_kl}, recon_on_malicious={self.recon_on_malicious}, "
-                f"normalize={self.normalize}, sink_weight={self.sink_weight}, include_padding={self.include_padding})")
+                f"normalize={self.normalize}, sink_weight={self.sink_weight}, include_padding={self.include_padding}"
+                + (f", positions={self.positions}" if self.positions > 1 else "") + ")")

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import torch
 
 from ..errors import QrealignError
-from ..models.chat import EncodedPrompts, encode_prompts
+from ..models.chat import EncodedPrompts, encode_prompts, with_response
 
 
 @dataclass
@@ -63,9 +63,12 @@ class CalibBatch:
 def make_batches(tokenizer, calib: CalibrationSet, batch_size: int, max_length: int | None = None,
                  padding_side: str | None = None, system: str | None = None,
                  sort_by_length: bool = True, group_by_label: bool = False,
-                 pad_to: int | None = None) -> list[CalibBatch]:
+                 pad_to: int | None = None, responses: Sequence[Sequence[int]] | None = None) -> list[CalibBatch]:
     """Length-bucketed batches. `group_by_label` keeps malicious and benign prompts in separate
-    batches, so the engine can skip the FP stream for batches whose loss never reads it."""
+    batches, so the engine can skip the FP stream for batches whose loss never reads it.
+    `responses`: per calibration position, response tokens appended after the rendered prompt
+    (a multi-token first-token objective's forced response starts; `chat.with_response`); each
+    batch's `enc.last_index` is then still the last prompt token."""
     if batch_size < 1:
         raise QrealignError("batch_size must be >= 1")
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in calib.prompts]
@@ -75,16 +78,22 @@ def make_batches(tokenizer, calib: CalibrationSet, batch_size: int, max_length: 
     batches = []
     for group in groups:
         order = sorted(group, key=lambda i: lengths[i]) if sort_by_length else group
-        batches.extend(_cut(tokenizer, calib, order, batch_size, max_length, padding_side, system, pad_to))
+        batches.extend(_cut(tokenizer, calib, order, batch_size, max_length, padding_side, system, pad_to,
+                            responses))
     return batches
 
 
-def _cut(tokenizer, calib, order, batch_size, max_length, padding_side, system, pad_to) -> list[CalibBatch]:
+def _cut(tokenizer, calib, order, batch_size, max_length, padding_side, system, pad_to,
+         responses=None) -> list[CalibBatch]:
+    if responses is not None and len(responses) != len(calib.prompts):
+        raise QrealignError(f"{len(responses)} forced responses for {len(calib.prompts)} calibration prompts")
     batches = []
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         enc = encode_prompts(tokenizer, [calib.prompts[i] for i in idx], system=system,
                              max_length=max_length, padding_side=padding_side, pad_to=pad_to)
+        if responses is not None:
+            enc = with_response(enc, [responses[i] for i in idx], tokenizer.pad_token_id)
         batches.append(CalibBatch(enc, torch.tensor([calib.labels[i] for i in idx]), torch.tensor(idx)))
     return batches
 

@@ -234,8 +234,10 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
     from .. import __version__
 
     amp = cfg.resolve_autocast(scheme, dev)
+    forced = getattr(loss, "responses", None)  # a multi-token first-token loss's response starts
     batches = make_batches(tokenizer, calib, cfg.batch_size, cfg.max_length, cfg.padding_side, cfg.system,
-                           group_by_label=cfg.group_by_label, pad_to=cfg.pad_to)
+                           group_by_label=cfg.group_by_label, pad_to=cfg.pad_to,
+                           responses=forced.tolist() if forced is not None else None)
     fingerprint = sha256_json({
         "model": model_fp or model_fingerprint(model), "scheme": scheme.to_dict(),
         "config": {**cfg.fingerprint_dict(), "autocast": "bf16" if amp else "off"},

@@ -28,7 +28,7 @@ from .data import CalibrationSet
 TENSOR_FILE = "targets.safetensors"
 META_FILE = "qrealign.json"
 KIND = "teacher-targets"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: multi-token targets (forced response starts); 1: first token only
 # The CalibConfig fields that decide how the calibration prompts are rendered and batched, i.e.
 # which token each row's last prompt position is and what the teacher's answers look like.
 RENDER_FIELDS = ("batch_size", "max_length", "padding_side", "system", "pad_to")
@@ -47,13 +47,20 @@ class TeacherTargets:
     calibration: str  # CalibrationSet.fingerprint()
     render: dict  # render_options() of the config they were computed with
     computed_on: dict = field(default_factory=dict)  # {"device": type, "offloaded": bool}: float paths
+    responses: torch.Tensor | None = None  # [N, K-1] forced response starts (multi-token targets [N, K, V])
+    response_mask: torch.Tensor | None = None  # [N, K]
 
     @property
     def refusals(self) -> bool:
         return "refusal_targets" in self.teacher_meta
 
+    @property
+    def response_tokens(self) -> int:
+        """How many response positions the targets cover (1: the first token only)."""
+        return self.logprobs.shape[1] if self.logprobs.dim() == 3 else 1
+
     def check(self, model_fp: str, calibration: CalibrationSet, config, refusals: bool | None = None,
-              computed_on: dict | None = None) -> None:
+              computed_on: dict | None = None, response_tokens: int | None = None) -> None:
         """Refuse a reuse that would not reproduce computing the targets in place; warn when only
         the float path differs (`computed_on`: where an in-place pass would run)."""
         if model_fp != self.model_fingerprint:
@@ -70,6 +77,9 @@ class TeacherTargets:
             raise QrealignError(f"refusal targets were {'' if refusals else 'not '}asked for (--refusal-targets), "
                                 f"but these teacher targets were computed {'with' if self.refusals else 'without'} "
                                 "them")
+        if response_tokens is not None and response_tokens != self.response_tokens:
+            raise QrealignError(f"{response_tokens} response tokens were asked for (--response-tokens), but these "
+                                f"teacher targets cover {self.response_tokens}")
         if computed_on and self.computed_on and computed_on != self.computed_on:
             warnings.warn(f"teacher targets computed on {self.computed_on}, reused on {computed_on}: they differ "
                           "from an in-place pass by float rounding", stacklevel=3)
@@ -83,8 +93,14 @@ class TeacherTargets:
     def write_files(self, directory: str | Path) -> None:
         """Write the two files into an existing directory (e.g. a cached stage's)."""
         directory = Path(directory)
-        save_tensors({"logprobs": self.logprobs.contiguous()}, directory / TENSOR_FILE)
-        write_json(directory / META_FILE, {"kind": KIND, "format_version": FORMAT_VERSION, "teacher": self.teacher_meta,
+        tensors = {"logprobs": self.logprobs.contiguous()}
+        if self.responses is not None:
+            tensors.update(responses=self.responses.contiguous(), response_mask=self.response_mask.contiguous())
+        save_tensors(tensors, directory / TENSOR_FILE)
+        # multi-token targets are format 2: a qrealign that reads only format 1 refuses them instead
+        # of reading [N, K, V] as first-token targets; first-token files stay format 1, byte for byte
+        version = FORMAT_VERSION if self.responses is not None else 1
+        write_json(directory / META_FILE, {"kind": KIND, "format_version": version, "teacher": self.teacher_meta,
                                            "model_fingerprint": self.model_fingerprint,
                                            "calibration": self.calibration, "render": self.render,
                                            "computed_on": self.computed_on})
@@ -104,8 +120,9 @@ class TeacherTargets:
         if int(meta.get("format_version", 0)) > FORMAT_VERSION:
             raise IncompatibleArtifact(f"{path}: teacher-targets format {meta.get('format_version')} is newer than "
                                        f"this qrealign understands ({FORMAT_VERSION}); upgrade qrealign")
-        return cls(load_file(str(tensor_path))["logprobs"], meta["teacher"], meta["model_fingerprint"],
-                   meta["calibration"], meta["render"], meta.get("computed_on", {}))
+        tensors = load_file(str(tensor_path))
+        return cls(tensors["logprobs"], meta["teacher"], meta["model_fingerprint"], meta["calibration"], meta["render"],
+                   meta.get("computed_on", {}), tensors.get("responses"), tensors.get("response_mask"))
 
 
 def is_targets_dir(path) -> bool:
@@ -115,6 +132,12 @@ def is_targets_dir(path) -> bool:
         return meta.is_file() and read_json(meta).get("kind") == KIND
     except (OSError, ValueError, AttributeError):  # unreadable or not a JSON object: not ours
         return False
+
+
+def check_response_tokens(k) -> None:
+    """The number of response positions the first-token objective reads: a positive integer."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise QrealignError(f"response_tokens (--response-tokens) must be an integer >= 1, got {k!r}")
 
 
 def where_computed(model, device=None) -> dict:
@@ -127,18 +150,21 @@ def where_computed(model, device=None) -> dict:
 
 
 def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationSet, config, refusals: bool = False,
-                            device=None, progress: bool = False) -> TeacherTargets:
+                            device=None, progress: bool = False, response_tokens: int = 1) -> TeacherTargets:
     """The first-token objective's targets for `model` (the fine-tuned model, before it is
     quantized) with `teacher` (the aligned model: a model or anything `load_model` reads; an
     offloaded `model` gets an offloaded teacher). `refusals`: the malicious prompts the teacher
-    answers take the mean refusal distribution (`behaviour.refusal_targets`)."""
+    answers take the mean refusal distribution (`behaviour.refusal_targets`). `response_tokens`
+    K > 1: targets at the first K response positions along forced greedy starts
+    (`behaviour.response_starts`, `behaviour.forced_targets`)."""
     from ..models import load_model
     from ..models.offload import offloaded
     from ..finetune.stage import parent_string
     from ..models.registry import architecture_difference
     from ..utils import model_fingerprint, resolve_device
-    from .behaviour import first_token_targets, refusal_targets, teacher_refuses
+    from .behaviour import first_token_targets, forced_targets, refusal_targets, response_starts, teacher_refuses
 
+    check_response_tokens(response_tokens)
     on_disk = offloaded(model) is not None
     if refusals and on_disk:  # before the teacher is read
         raise QrealignError("refusal targets generate with the teacher, so it must fit in memory: not with "
@@ -154,13 +180,25 @@ def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationS
                             f"{diff})")
     meta = {"source": source, "fingerprint": model_fingerprint(teacher)}
     targets = first_token_targets(teacher, model, tokenizer, calibration, config, device=resolve_device(device))
+    malicious = torch.tensor(calibration.labels, dtype=torch.bool)
+    refused = malicious.clone()  # without refusal targets every malicious row follows the teacher
     if refusals:
-        malicious = torch.tensor(calibration.labels, dtype=torch.bool)
         asked = [p for p, m in zip(calibration.prompts, malicious.tolist()) if m]
         refused = torch.zeros_like(malicious)
         answers_refused = teacher_refuses(teacher, tokenizer, asked, config, device=device, progress=progress)
         refused[malicious] = torch.tensor(answers_refused)
         targets = refusal_targets(targets, malicious, refused)
         meta["refusal_targets"] = {"malicious": len(asked), "answered_replaced": int((malicious & ~refused).sum())}
+    responses = mask = None
+    if response_tokens > 1:
+        from ..evaluate.generate import stop_token_ids
+
+        first = targets
+        responses = response_starts(teacher, model, tokenizer, calibration, config, first, refused,
+                                    response_tokens - 1, device=resolve_device(device))
+        targets, mask = forced_targets(teacher, model, tokenizer, calibration, config, first, responses,
+                                       stop_token_ids(tokenizer, getattr(model, "generation_config", None)),
+                                       device=resolve_device(device))
+        meta["response_tokens"] = response_tokens
     return TeacherTargets(targets, meta, model_fingerprint(model), calibration.fingerprint(), render_options(config),
-                          where_computed(model, device))
+                          where_computed(model, device), responses, mask)

@@ -24,6 +24,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--refusal-targets", action="store_true",
                         help="with --teacher: malicious calibration prompts the teacher itself answers (its greedy "
                              "reply, keyword-judged) take the mean first token of the ones it refuses")
+    parser.add_argument("--response-tokens", type=int, default=1, metavar="K",
+                        help="with --teacher: the KL on the first K response positions, along each prompt's greedy "
+                             "start (default 1: the first token only; docs/experiments.md §24)")
     parser.add_argument("--lam", type=float, default=1.0, help="weight of the safety term (paper: 1)")
     parser.add_argument("--margin", type=float, default=0.0, help="push malicious logits past this margin")
     parser.add_argument("--hinge", action="store_true", help="hinge instead of softplus: stop once past the margin")
@@ -51,6 +54,9 @@ def run(args) -> int:
     if (args.probes is None) == (args.teacher is None):
         raise QrealignError("give --probes DIR (the paper's probe loss) or --teacher ALIGNED_MODEL, exactly one")
     if args.teacher is not None:
+        from ..calibrate.targets import check_response_tokens
+
+        check_response_tokens(args.response_tokens)
         wrong = [f"--{k.replace('_', '-')}" for k, default in PROBE_ONLY.items() if getattr(args, k) != default]
         if wrong:
             raise QrealignError(f"{', '.join(wrong)} only apply to the probe loss (--probes), not to --teacher")
@@ -61,11 +67,13 @@ def run(args) -> int:
         options = {} if args.sink_weight is None else {"sink_weight": args.sink_weight}
         result = realign(model, tokenizer, teacher=args.teacher, save_targets=args.save_targets, calibration=calib,
                          scheme=scheme, config=config, out=args.out, device=args.device, layers=layers, layers_from=args.layers_from,
-                         lam=args.lam, benign_kl=args.benign_kl, refusal_targets=args.refusal_targets, **options)
+                         lam=args.lam, benign_kl=args.benign_kl, refusal_targets=args.refusal_targets,
+                         response_tokens=args.response_tokens, **options)
         summary(result, args.out)
         return 0
-    if args.benign_kl or args.refusal_targets or args.save_targets:
-        raise QrealignError("--benign-kl, --refusal-targets and --save-targets apply to --teacher only")
+    if args.benign_kl or args.refusal_targets or args.save_targets or args.response_tokens != 1:
+        raise QrealignError("--benign-kl, --refusal-targets, --response-tokens and --save-targets apply to --teacher "
+                            "only")
     probes = load_probes(args.probes)
     _check_probes(probes, args, layers)
     model, tokenizer, scheme, config, calib = prepare(args, "omniquant")

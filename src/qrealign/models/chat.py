@@ -7,6 +7,7 @@ is located from the attention mask, never assumed to sit at `mask.sum() - 1`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +106,34 @@ def encode_prompts(
 ) -> EncodedPrompts:
     texts = [render_chat(tokenizer, p, system) for p in prompts]
     return encode_texts(tokenizer, texts, max_length=max_length, padding_side=padding_side, pad_to=pad_to)
+
+
+def with_response(enc: EncodedPrompts, responses: Sequence[Sequence[int]], pad_token_id: int) -> EncodedPrompts:
+    """`enc` with each row's response tokens (all of one length) after its prompt, padding kept on
+    the side it was on. `last_index` stays at the last *prompt* token: the position whose logits
+    predict the first response token, so position `last_index + j` predicts response token j+1.
+    Why: a refusal is decided over a few tokens ("I'm" + "sorry" vs "I'm" + "glad"), and a loss on
+    them needs the response start in the sequence (teacher forcing)."""
+    lengths = {len(r) for r in responses}
+    if len(responses) != enc.input_ids.shape[0] or len(lengths) > 1:
+        raise ValueError("one response of one common length per row is needed")
+    k = lengths.pop() if lengths else 0
+    if k == 0:
+        return enc
+    ids, mask = enc.input_ids, enc.attention_mask
+    rows, width = ids.shape[0], ids.shape[1] + k
+    new_ids = torch.full((rows, width), pad_token_id, dtype=ids.dtype)
+    new_mask = torch.zeros((rows, width), dtype=mask.dtype)
+    last = torch.empty_like(enc.last_index)
+    left = bool((mask[:, -1] == 1).all())  # every row ends at the right edge: left padding (or none)
+    for r in range(rows):
+        real = ids[r][mask[r].bool()]
+        seq = torch.cat([real, torch.tensor(list(responses[r]), dtype=ids.dtype)])
+        start = width - len(seq) if left else 0
+        new_ids[r, start:start + len(seq)] = seq
+        new_mask[r, start:start + len(seq)] = 1
+        last[r] = start + len(real) - 1
+    return EncodedPrompts(new_ids, new_mask, last)
 
 
 def encode_texts(tokenizer, texts: list[str], max_length: int | None = None,
