@@ -94,9 +94,13 @@ CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AG
 # blocks without the safety term (0-17) and the compiled fake-quantizers; the safety blocks keep
 # two epochs (at one epoch everywhere, §18, dev HS missed its limit). Dev: smallest z-slack
 # 0.88 -> 0.92 (HS 16.4 -> 17.3 %, FA-800 53.8 -> 53.9 %, over-refusal 13.3 -> 16.8 %).
+# Four response positions (§24, chosen on the AMX lab's dev by a rule written before the run): the
+# KL also on the three tokens after the first, along each prompt's greedy start, so "I'm" goes on
+# with "sorry", not "glad". Dev: HS 17.3 -> 12.7 %, over-refusal 16.8 -> 16.8 %, FA-800 53.9 -> 53.4 %.
 FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib_task=96,
                       calib_benign=("qrealign:calib", "qrealign:align", "qrealign:twins"),
-                      loss={"layers_from": 0.6, "lam": 1.0, "benign_kl": 4.0, "refusal_targets": True},
+                      loss={"layers_from": 0.6, "lam": 1.0, "benign_kl": 4.0, "refusal_targets": True,
+                            "response_tokens": 4},
                       config={"lr_let": 1e-2, "batch_size": 4, "learn_rounding": True, "lr_round": 1e-2,
                               "plain_epochs": 1, "compile_quantizer": True},
                       scheme_config={"W8A8": {"lwc": False}, "W4A8": {"lr_round": 2e-3}})
@@ -357,17 +361,20 @@ def _targets_stage(cfg, root, attacked_dir, aligned_dir, variant: Variant, schem
     calib_cfg = _calib_config(cfg, variant, scheme)
     calib = _calibration(cfg, variant)
     refusals = bool(variant.loss.get("refusal_targets"))
+    positions = int(variant.loss.get("response_tokens", 1))
     inputs = {"model": _stage_ref(attacked_dir, root), "teacher": _stage_ref(aligned_dir, root),
               "calib": [cfg.calib_n, cfg.malicious_ratio, cfg.seed], "calib_data": calib.fingerprint(),
               "render": _jsonable(render_options(calib_cfg)), "refusals": refusals, "version": __version__,
-              **(_stop_inputs(cfg) if refusals else {})}  # the teacher's answers are generated
+              # the teacher's answers (and the forced response starts, up to a turn end) are generated
+              **(_stop_inputs(cfg) if refusals or positions > 1 else {}),
+              **({"response_tokens": positions} if positions > 1 else {})}  # first-token stages keep their key
 
     def build(tmp: Path):
         from .models import load_model
 
         model, tok = load_model(str(attacked_dir))
         compute_teacher_targets(model, tok, str(aligned_dir), calib, calib_cfg, refusals=refusals,
-                                device=cfg.device, progress=True).write_files(tmp)
+                                device=cfg.device, progress=True, response_tokens=positions).write_files(tmp)
 
     slug = variant.name.lower().replace(" ", "-").replace("(", "").replace(")", "")
     return cached_stage(f"targets-{slug}", inputs, root, build, log=log)
@@ -388,7 +395,7 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
         # The targets stage (targets_dir) is keyed on a subset of these inputs and gives the same
         # tensors as computing them in place, so it is not named here: cached runs stay cached.
         inputs["teacher"] = _stage_ref(aligned_dir, root)
-        if variant.loss.get("refusal_targets"):
+        if variant.loss.get("refusal_targets") or variant.loss.get("response_tokens", 1) > 1:
             inputs.update(_stop_inputs(cfg))
     slug = variant.name.lower().replace(" ", "-").replace("(", "").replace(")", "")
     name = f"quant-{slug}-{scheme}"
