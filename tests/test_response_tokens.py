@@ -152,13 +152,11 @@ def test_realign_with_response_tokens_is_its_own_run_saved_and_reused(tmp_path):
               "--benign-kl", "1"]
     assert main(["realign", *common, "--teacher", teacher_dir, "--response-tokens", "2",
                  "--save-targets", str(tmp_path / "targets"), "--out", str(tmp_path / "k2")]) == 0
-    assert main(["realign", *common, "--teacher", teacher_dir, "--out", str(tmp_path / "k1")]) == 0
     assert main(["realign", *common, "--teacher", str(tmp_path / "targets"), "--response-tokens", "2",
                  "--out", str(tmp_path / "k2-reused")]) == 0
-    k1, k2, again = (read_json(tmp_path / d / "qrealign.json") for d in ("k1", "k2", "k2-reused"))
-    assert k2["teacher"]["response_tokens"] == 2 and "response_tokens" not in k1["teacher"]
-    assert "positions=2" in k2["loss"] and "positions" not in k1["loss"]
-    assert k2["run_fingerprint"] != k1["run_fingerprint"] and k2["run_fingerprint"] == again["run_fingerprint"]
+    k2, again = (read_json(tmp_path / d / "qrealign.json") for d in ("k2", "k2-reused"))
+    assert k2["teacher"]["response_tokens"] == 2 and "positions=2" in k2["loss"]  # K=1 runs: neither (test above)
+    assert k2["run_fingerprint"] == again["run_fingerprint"]
     pa, pb = (load_file(str(tmp_path / d / "quant_params.safetensors")) for d in ("k2", "k2-reused"))
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     saved = TeacherTargets.load(tmp_path / "targets")
