@@ -53,6 +53,13 @@ class LogitHead:
         # model's dtype; so does this head, then casts.
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
 
+    def at(self, h: torch.Tensor, last_index: torch.Tensor, positions: int = 1) -> torch.Tensor:
+        """[B, V] logits at `last_index`; with `positions` > 1, [B, positions, V] at `last_index + j`
+        (a forced response start's positions)."""
+        if positions == 1:
+            return self(h, last_index)
+        return torch.stack([self(h, last_index + j) for j in range(positions)], dim=1)
+
     def __call__(self, h: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
         h = h[torch.arange(h.shape[0], device=h.device), last_index.to(h.device)]
         p = next(self.head.parameters())
@@ -100,10 +107,7 @@ class ModelTail:
         """[B, V] logits at `last_index`; with `positions` > 1, [B, positions, V] at `last_index + j`
         (the forced response tokens' positions)."""
         h = self.final_states(hidden, layer, kwargs_by_type)
-        head = self.head_for(h.device)
-        if positions == 1:
-            return head(h, last_index).to(hidden.device)
-        return torch.stack([head(h, last_index + j) for j in range(positions)], dim=1).to(hidden.device)
+        return self.head_for(h.device).at(h, last_index, positions).to(hidden.device)
 
     def final_states(self, hidden: torch.Tensor, layer: int, kwargs_by_type: dict) -> torch.Tensor:
         """Block `layer`'s output run through the blocks after it."""
@@ -195,13 +199,7 @@ def _blockwise_last_logits(model, batches, home, device, positions: int = 1) -> 
     inputs = [record_block_inputs(model, b.enc.input_ids, b.enc.attention_mask, b.position_ids, home)
               for b in batches]
     head = LogitHead(model)
-
-    def at(h, last):
-        if positions == 1:
-            return head(h, last)
-        return torch.stack([head(h, last + j) for j in range(positions)], dim=1)
-
-    return [at(h, b.enc.last_index) for h, b in zip(run_blocks(model, inputs, device), batches)]
+    return [head.at(h, b.enc.last_index, positions) for h, b in zip(run_blocks(model, inputs, device), batches)]
 
 
 def first_token_targets(aligned: nn.Module, finetuned: nn.Module, tokenizer, calib: CalibrationSet,
@@ -263,8 +261,9 @@ def forced_targets(aligned: nn.Module, finetuned: nn.Module, tokenizer, calib: C
                                      responses=starts[rows].tolist(), positions=k)
             out[rows, 1:] = lp[:, 1:]
     mask = torch.ones(len(calib.prompts), k, dtype=torch.bool)
+    stops = set(stop_ids)
     for i, row in enumerate(starts.tolist()):
-        ends = [m for m, t in enumerate(row) if t in set(stop_ids)]
+        ends = [m for m, t in enumerate(row) if t in stops]
         if ends:
             mask[i, ends[0] + 1:] = False  # nothing is asked after the turn ends
     return out, mask
