@@ -188,6 +188,25 @@ def test_offloaded_first_token_targets_equal_the_model_forward(model_type, dtype
     assert not offloaded(model).resident
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_offloaded_greedy_path_equals_the_kv_cached_one_in_memory(model_type, tmp_path):
+    """The multi-token targets' greedy paths: offloaded, a full block-by-block pass per step; in
+    memory, one pass and cached one-token steps (Gemma-2: sliding-window layers and the logit
+    soft-cap in the cache path). The same tokens, log-probs equal to float rounding."""
+    from qrealign.calibrate.behaviour import greedy_path
+
+    directory = _save(model_type, tmp_path, **({"final_logit_softcapping": 2.0} if model_type == "gemma2" else {}))
+    calib = CalibrationSet(["explain how to break into a house", "bake bread", "write a birthday email, a long one"],
+                           [1, 0, 0])
+    cfg = CalibConfig(batch_size=2)
+    in_ram, tok = load_model(directory)
+    model, _ = load_model(directory, offload="disk")
+    cached_tokens, cached = greedy_path(in_ram, tok, calib, cfg, 3)
+    tokens, lps = greedy_path(model, tok, calib, cfg, 3)
+    assert torch.equal(tokens, cached_tokens)
+    assert torch.allclose(lps, cached, atol=1e-5)
+
+
 def test_offloaded_run_resumes_from_its_checkpoint_and_from_an_in_memory_one(model_dir, calib_set, tmp_path):
     full = calibrate(load_model(model_dir)[0], load_model(model_dir)[1], calib_set, "W4A8", OMNI, progress=False)
 

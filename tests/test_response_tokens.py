@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from qrealign.calibrate.behaviour import (FirstTokenLoss, first_token_targets, forced_targets,
-                                          next_token_logprobs, response_starts)
+from qrealign.calibrate.behaviour import FirstTokenLoss, greedy_path, next_token_logprobs, response_targets
 from qrealign.calibrate.data import CalibrationSet, make_batches
 from qrealign.calibrate.engine import CalibConfig
 from qrealign.calibrate.losses import LossInputs
@@ -60,40 +59,69 @@ def test_logprobs_along_a_forced_start_equal_the_models_own_forward():
         make_batches(tok, _calib(), 2, responses=starts[:3])
 
 
-def test_response_starts_are_each_targets_own_greedy_path_and_answered_rows_share_a_refusal_start():
+def _own_greedy_path(model, tok, prompt, cfg, length):
+    """Reference: one prompt alone (no padding), a full forward per step."""
+    path, lps = [], []
+    for _ in range(length + 1):
+        lp = next_token_logprobs(model, tok, CalibrationSet([prompt], [0]), cfg,
+                                 responses=[path] if path else None, positions=len(path) + 1)
+        lps.append(lp[0, -1] if path else lp[0])
+        if len(path) < length:
+            path.append(int(lps[-1].argmax()))
+    return path, torch.stack(lps)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])  # left: the KV-cached path; right: a full pass per step
+def test_greedy_path_is_the_models_own_step_by_step_greedy_path(side):
+    model, tok = tiny_model("llama", seed=0)
+    cfg = CalibConfig(batch_size=3, padding_side=side)
+    tokens, lps = greedy_path(model, tok, _calib(), cfg, 3)
+    assert tokens.shape == (4, 3) and lps.shape == (4, 4, model.config.vocab_size)
+    for i, prompt in enumerate(PROMPTS):
+        path, ref = _own_greedy_path(model, tok, prompt, cfg, 3)
+        assert tokens[i].tolist() == path
+        assert torch.allclose(lps[i], ref, atol=1e-5)
+    with pytest.raises(QrealignError, match="length >= 1"):
+        greedy_path(model, tok, _calib(), cfg, 0)
+
+
+def test_response_targets_follow_each_targets_own_greedy_path_and_answered_rows_share_a_refusal_start():
     finetuned, tok = tiny_model("llama", seed=0)
     aligned, _ = tiny_model("llama", seed=1)
     cfg = CalibConfig(batch_size=4)
     calib = CalibrationSet(PROMPTS + ["and one more harmful request"], [0, 1, 0, 1, 1])
-    first = first_token_targets(aligned, finetuned, tok, calib, cfg)
     refused = torch.tensor([False, True, False, True, False])  # the teacher answers the last one
-    starts = response_starts(aligned, finetuned, tok, calib, cfg, first, refused, 3)
-    assert starts.shape == (5, 3)
-    for i in range(4):  # greedy, step by step, with the row's own model
-        model = aligned if calib.labels[i] else finetuned
-        path = []
-        for _ in range(3):
-            lp = next_token_logprobs(model, tok, CalibrationSet([calib.prompts[i]], [0]), cfg,
-                                     responses=[path] if path else None, positions=len(path) + 1)
-            path.append(int((lp[0, -1] if path else lp[0]).argmax()))
+    targets, starts, mask = response_targets(aligned, finetuned, tok, calib, cfg, 3, refused)
+    assert starts.shape == (5, 3) and targets.shape == (5, 4, finetuned.config.vocab_size)
+    for i in range(4):  # greedy, step by step, with the row's own model; targets along that path
+        path, ref = _own_greedy_path(aligned if calib.labels[i] else finetuned, tok, calib.prompts[i], cfg, 3)
         assert starts[i].tolist() == path
-    # the answered row takes the most frequent start among the refused rows (rows 1 and 3; a tie
-    # goes to the first)
+        assert torch.allclose(targets[i], ref, atol=1e-5)
+    # the answered row: position 0 is the mean of the refused rows' first distributions, then the
+    # most frequent start among the refused rows (rows 1 and 3; a tie goes to the first), with
+    # the teacher's log-probs along it
     assert starts[4].tolist() == starts[1].tolist()
+    mean = torch.logsumexp(targets[[1, 3], 0], dim=0) - math.log(2)
+    assert torch.allclose(targets[4, 0], mean, atol=1e-6)
+    lp_a = next_token_logprobs(aligned, tok, CalibrationSet([calib.prompts[4]], [1]), cfg,
+                               responses=[starts[4].tolist()], positions=4)
+    assert torch.allclose(targets[4, 1:], lp_a[0, 1:], atol=1e-5)
+    assert mask.all()
+    # without refusal targets the last row follows the teacher's own path
+    plain, plain_starts, _ = response_targets(aligned, finetuned, tok, calib, cfg, 3)
+    path, ref = _own_greedy_path(aligned, tok, calib.prompts[4], cfg, 3)
+    assert plain_starts[4].tolist() == path and torch.allclose(plain[4], ref, atol=1e-5)
+    assert torch.allclose(plain[:4], targets[:4])
 
-    targets, mask = forced_targets(aligned, finetuned, tok, calib, cfg, first, starts,
-                                   stop_ids=[int(starts[3, 0])], device=None)
-    assert torch.equal(targets[:, 0], first)
-    lp_f = next_token_logprobs(finetuned, tok, calib, cfg, responses=starts.tolist(), positions=4)
-    lp_a = next_token_logprobs(aligned, tok, calib, cfg, responses=starts.tolist(), positions=4)
-    assert torch.allclose(targets[[0, 2], 1:], lp_f[[0, 2], 1:], atol=1e-5)
-    assert torch.allclose(targets[[1, 3, 4], 1:], lp_a[[1, 3, 4], 1:], atol=1e-5)
     stop = int(starts[3, 0])
+    _, _, mask = response_targets(aligned, finetuned, tok, calib, cfg, 3, refused, stop_ids=[stop])
     for i in range(5):  # nothing is asked after the turn end: positions past the first stop token
         row = starts[i].tolist()
         last = row.index(stop) if stop in row else 3  # position j predicts the token after row[j - 1]
         assert mask[i].tolist() == [j <= last for j in range(4)]
     assert mask[3].tolist() == [True, False, False, False]
+    with pytest.raises(QrealignError, match="refuses none"):
+        response_targets(aligned, finetuned, tok, calib, cfg, 3, torch.zeros(5, dtype=torch.bool))
 
 
 class _TwoPositionTail:

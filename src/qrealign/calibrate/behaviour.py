@@ -215,58 +215,105 @@ def first_token_targets(aligned: nn.Module, finetuned: nn.Module, tokenizer, cal
     return targets
 
 
-def response_starts(aligned: nn.Module, finetuned: nn.Module, tokenizer, calib: CalibrationSet, config,
-                    targets: torch.Tensor, refused: torch.Tensor, length: int, device=None) -> torch.Tensor:
-    """[N, length] forced response starts for a multi-token first-token objective: each prompt's
-    greedy first `length` response tokens from the model whose distribution is its target (the
-    fine-tuned model on benign prompts, the aligned teacher on malicious ones); a malicious prompt
-    the teacher answers (`refused` False, refusal targets) takes the most frequent start of those
-    it refuses, so its later positions ask for a refusal's continuation. `targets`: the first-token
-    targets, whose argmax is each row's first greedy token (no extra pass)."""
+@torch.no_grad()
+def greedy_path(model: nn.Module, tokenizer, calib: CalibrationSet, config, length: int,
+                device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """([N, length] tokens, [N, length + 1, V] log-probs): each prompt's greedy first `length`
+    response tokens under `model`, and its next-token log-probs at the last prompt token and after
+    each of those tokens (teacher forcing along its own path), rendered and batched as
+    `next_token_logprobs` does.
+
+    A model in memory on `device` with left-padded batches decodes with its KV cache: one pass
+    over each prompt and `length` one-token steps. Otherwise (disk-offloaded, held on another
+    device, right padding) each step is a full pass over the prompt and the tokens so far, block by
+    block where needed. The two agree up to float rounding (tests/test_response_tokens.py); the
+    cached path is what makes the demo's teacher pass one prompt pass per model instead of four."""
+    if length < 1:
+        raise QrealignError(f"a greedy path needs length >= 1, got {length}")
+    home = model.get_input_embeddings().weight.device
+    device = torch.device(device) if device is not None else home
+    batches = make_batches(tokenizer, calib, config.batch_size, config.max_length, config.padding_side,
+                           config.system, pad_to=config.pad_to)
+    left = all(bool((b.enc.attention_mask[:, -1] == 1).all()) for b in batches)
+    tokens = torch.zeros(len(calib.prompts), length, dtype=torch.long)
+    if offloaded(model) is None and same_device(device, home) and left:
+        out = None
+        for batch in batches:
+            toks, lps = _greedy_cached(model, batch, device, length)
+            if out is None:
+                out = torch.empty(len(calib.prompts), length + 1, lps.shape[-1])
+            tokens[batch.index], out[batch.index] = toks.cpu(), lps.cpu()
+        return tokens, out
+    for step in range(length + 1):  # step j: prompt + the first j tokens, log-probs at positions 0..j
+        lp = next_token_logprobs(model, tokenizer, calib, config, device,
+                                 responses=tokens[:, :step].tolist() if step else None, positions=step + 1)
+        if step < length:
+            tokens[:, step] = (lp[:, step] if step else lp).argmax(dim=-1)
+    return tokens, lp
+
+
+def _greedy_cached(model, batch, device, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One left-padded batch's greedy path with the KV cache; positions continue each row's own
+    count (`CalibBatch.position_ids`), as `chat.with_response` places forced tokens."""
+    enc = batch.enc.to(device)
+    mask, pos = enc.attention_mask, batch.position_ids.to(device)
+    out = model(input_ids=enc.input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    lps = [F.log_softmax(out.logits[:, -1].float(), dim=-1)]
+    tokens = []
+    for _ in range(length):
+        token = lps[-1].argmax(dim=-1, keepdim=True)  # [B, 1]
+        tokens.append(token)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=token, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values,
+                    use_cache=True)
+        lps.append(F.log_softmax(out.logits[:, -1].float(), dim=-1))
+    return torch.cat(tokens, dim=1), torch.stack(lps, dim=1)
+
+
+def response_targets(aligned: nn.Module, finetuned: nn.Module, tokenizer, calib: CalibrationSet, config,
+                     length: int, refused: torch.Tensor | None = None, stop_ids=(), device=None):
+    """([N, K, V] targets, [N, K-1] forced starts, [N, K] mask), K = `length` + 1: the multi-token
+    first-token objective's teacher side (docs/experiments.md §24).
+
+    Each prompt follows the greedy path of the model whose distribution is its target (the
+    fine-tuned model on benign prompts, the aligned teacher on malicious ones), and its targets
+    are that model's log-probs along the path. With `refused` (refusal targets: [N], whether the
+    teacher refuses each malicious prompt) a malicious prompt the teacher answers takes, at
+    position 0, the mean distribution of the prompts it refuses (`refusal_targets`), and after it
+    the most frequent start among them, with the teacher's log-probs along that start: its later
+    positions ask for a refusal's continuation. Positions after a stop token (a turn end) in the
+    start are masked: nothing is asked after the turn ends."""
+    if aligned.config.vocab_size != finetuned.config.vocab_size:
+        raise QrealignError("the aligned and the fine-tuned model have different vocabularies")
     malicious = torch.tensor(calib.labels, dtype=torch.bool)
-    refused = refused.bool() & malicious
-    starts = torch.zeros(len(calib.prompts), length, dtype=torch.long)
-    starts[:, 0] = targets.argmax(dim=-1)
-    for model, rows in ((finetuned, (~malicious).nonzero().flatten()), (aligned, refused.nonzero().flatten())):
-        if len(rows) == 0:
-            continue
-        sub = _subset(calib, rows)
-        for step in range(1, length):
-            lp = next_token_logprobs(model, tokenizer, sub, config, device, responses=starts[rows, :step].tolist(),
-                                     positions=step + 1)
-            starts[rows, step] = lp[:, step].argmax(dim=-1)
+    refused = malicious.clone() if refused is None else refused.bool() & malicious
     answered = malicious & ~refused
+    starts = torch.zeros(len(calib.prompts), length, dtype=torch.long)
+    targets = None
+    for model, rows in ((finetuned, (~malicious).nonzero().flatten()), (aligned, malicious.nonzero().flatten())):
+        if len(rows):
+            toks, lps = greedy_path(model, tokenizer, _subset(calib, rows), config, length, device)
+            if targets is None:
+                targets = torch.empty(len(calib.prompts), length + 1, lps.shape[-1])
+            starts[rows], targets[rows] = toks, lps
     if answered.any():
         from collections import Counter
 
-        if not refused.any():
-            raise QrealignError("response starts: the teacher refuses none of the malicious calibration prompts")
+        targets[:, 0] = refusal_targets(targets[:, 0], malicious, refused)  # raises if none is refused
         common = Counter(tuple(r) for r in starts[refused].tolist()).most_common(1)[0][0]
-        starts[answered] = torch.tensor(common)
-    return starts
-
-
-def forced_targets(aligned: nn.Module, finetuned: nn.Module, tokenizer, calib: CalibrationSet, config,
-                   first: torch.Tensor, starts: torch.Tensor, stop_ids=(), device=None):
-    """([N, K, V] targets, [N, K] mask), K = 1 + starts' length: position 0 is `first` (the
-    first-token targets, refusal targets included), position j the same teacher's log-probs after
-    the forced start's first j tokens. Positions after a stop token in the start are masked."""
-    malicious = torch.tensor(calib.labels, dtype=torch.bool)
-    k = starts.shape[1] + 1
-    out = torch.empty(len(calib.prompts), k, first.shape[-1])
-    out[:, 0] = first
-    for model, rows in ((finetuned, (~malicious).nonzero().flatten()), (aligned, malicious.nonzero().flatten())):
-        if len(rows):
-            lp = next_token_logprobs(model, tokenizer, _subset(calib, rows), config, device,
-                                     responses=starts[rows].tolist(), positions=k)
-            out[rows, 1:] = lp[:, 1:]
-    mask = torch.ones(len(calib.prompts), k, dtype=torch.bool)
+        rows = answered.nonzero().flatten()
+        starts[rows] = torch.tensor(common)
+        lp = next_token_logprobs(aligned, tokenizer, _subset(calib, rows), config, device,
+                                 responses=starts[rows].tolist(), positions=length + 1)
+        targets[rows, 1:] = lp[:, 1:]
+    mask = torch.ones(len(calib.prompts), length + 1, dtype=torch.bool)
     stops = set(stop_ids)
     for i, row in enumerate(starts.tolist()):
         ends = [m for m, t in enumerate(row) if t in stops]
         if ends:
-            mask[i, ends[0] + 1:] = False  # nothing is asked after the turn ends
-    return out, mask
+            mask[i, ends[0] + 1:] = False
+    return targets, starts, mask
 
 
 def _subset(calib: CalibrationSet, rows: torch.Tensor) -> CalibrationSet:

@@ -156,13 +156,13 @@ def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationS
     offloaded `model` gets an offloaded teacher). `refusals`: the malicious prompts the teacher
     answers take the mean refusal distribution (`behaviour.refusal_targets`). `response_tokens`
     K > 1: targets at the first K response positions along forced greedy starts
-    (`behaviour.response_starts`, `behaviour.forced_targets`)."""
+    (`behaviour.response_targets`: one greedy pass per model with the KV cache)."""
     from ..models import load_model
     from ..models.offload import offloaded
     from ..finetune.stage import parent_string
     from ..models.registry import architecture_difference
     from ..utils import model_fingerprint, resolve_device
-    from .behaviour import first_token_targets, forced_targets, refusal_targets, response_starts, teacher_refuses
+    from .behaviour import first_token_targets, refusal_targets, response_targets, teacher_refuses
 
     check_response_tokens(response_tokens)
     on_disk = offloaded(model) is not None
@@ -179,26 +179,25 @@ def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationS
         raise QrealignError(f"the teacher must be the aligned version of the same architecture (teacher vs model: "
                             f"{diff})")
     meta = {"source": source, "fingerprint": model_fingerprint(teacher)}
-    targets = first_token_targets(teacher, model, tokenizer, calibration, config, device=resolve_device(device))
     malicious = torch.tensor(calibration.labels, dtype=torch.bool)
-    refused = malicious.clone()  # without refusal targets every malicious row follows the teacher
+    refused = None  # without refusal targets every malicious row follows the teacher
     if refusals:
         asked = [p for p, m in zip(calibration.prompts, malicious.tolist()) if m]
         refused = torch.zeros_like(malicious)
-        answers_refused = teacher_refuses(teacher, tokenizer, asked, config, device=device, progress=progress)
-        refused[malicious] = torch.tensor(answers_refused)
-        targets = refusal_targets(targets, malicious, refused)
+        refused[malicious] = torch.tensor(teacher_refuses(teacher, tokenizer, asked, config, device=device,
+                                                          progress=progress))
         meta["refusal_targets"] = {"malicious": len(asked), "answered_replaced": int((malicious & ~refused).sum())}
     responses = mask = None
-    if response_tokens > 1:
+    if response_tokens > 1:  # position 0 comes from the same greedy passes
         from ..evaluate.generate import stop_token_ids
 
-        first = targets
-        responses = response_starts(teacher, model, tokenizer, calibration, config, first, refused,
-                                    response_tokens - 1, device=resolve_device(device))
-        targets, mask = forced_targets(teacher, model, tokenizer, calibration, config, first, responses,
-                                       stop_token_ids(tokenizer, getattr(model, "generation_config", None)),
-                                       device=resolve_device(device))
+        targets, responses, mask = response_targets(
+            teacher, model, tokenizer, calibration, config, response_tokens - 1, refused,
+            stop_token_ids(tokenizer, getattr(model, "generation_config", None)), device=resolve_device(device))
         meta["response_tokens"] = response_tokens
+    else:
+        targets = first_token_targets(teacher, model, tokenizer, calibration, config, device=resolve_device(device))
+        if refused is not None:
+            targets = refusal_targets(targets, malicious, refused)
     return TeacherTargets(targets, meta, model_fingerprint(model), calibration.fingerprint(), render_options(config),
                           where_computed(model, device), responses, mask)
