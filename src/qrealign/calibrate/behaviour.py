@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -260,13 +261,14 @@ def _greedy_cached(model, batch, device, length: int) -> tuple[torch.Tensor, tor
     out = model(input_ids=enc.input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     lps = [F.log_softmax(out.logits[:, -1].float(), dim=-1)]
     tokens = []
+    # transformers renamed `past_key_values` to `cache` within 5.x (argument and output field)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     for _ in range(length):
         token = lps[-1].argmax(dim=-1, keepdim=True)  # [B, 1]
         tokens.append(token)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         pos = pos[:, -1:] + 1
-        out = model(input_ids=token, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values,
-                    use_cache=True)
+        out = model(input_ids=token, attention_mask=mask, position_ids=pos, use_cache=True, **{name: out[name]})
         lps.append(F.log_softmax(out.logits[:, -1].float(), dim=-1))
     return torch.cat(tokens, dim=1), torch.stack(lps, dim=1)
 
