@@ -197,3 +197,22 @@ def test_realign_with_response_tokens_is_its_own_run_saved_and_reused(tmp_path):
         out = tmp_path / "bad"
         assert main(["realign", *common, *bad, "--out", str(out)]) == 2
         assert not out.exists()
+
+
+def test_the_head_at_several_positions_equals_one_position_at_a_time():
+    """LogitHead.at runs every position through the LM head in one matmul (one read of the
+    vocabulary matrix); each position's logits equal the head applied at that position alone."""
+    from qrealign.calibrate.behaviour import LogitHead
+
+    model, _ = tiny_model("llama", seed=0)
+    head = LogitHead(model)
+    h = torch.randn(3, 7, model.config.hidden_size)
+    last = torch.tensor([2, 3, 4])
+    many = head.at(h, last, positions=3)
+    assert many.shape == (3, 3, model.config.vocab_size)
+    for j in range(3):
+        one = head(h, last + j)
+        assert one.shape == (3, model.config.vocab_size)
+        assert torch.allclose(many[:, j], one, atol=1e-6)
+        ref = model.lm_head(model.model.norm(h[torch.arange(3), last + j]))
+        assert torch.allclose(one, ref, atol=1e-6)
