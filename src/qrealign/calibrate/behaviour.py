@@ -58,8 +58,10 @@ class LogitHead:
         """[B, V] logits at `last_index`; with `positions` > 1, [B, positions, V] at `last_index + j`
         (a forced response start's positions). All positions go through the head in one matmul:
         per position, each call would stream the whole hidden x vocabulary matrix for a handful
-        of rows (on SmolLM2 at one thread, 4 x 4 rows forward and backward: 168 ms as four calls,
-        66 ms as one while another job shared the cores; the same values)."""
+        of rows (SmolLM2, one thread, 4 x 4 rows forward and backward: 168 ms as four calls, 66 ms
+        as one). The logits are the same; the backward's float rounding is not, so a multi-token
+        calibration's safety blocks learn slightly different parameters than with four calls
+        (docs/performance.md, 2026-12-04)."""
         idx = last_index.to(h.device)[:, None] + torch.arange(positions, device=h.device)  # [B, P]
         states = h[torch.arange(h.shape[0], device=h.device)[:, None], idx]  # [B, P, H]
         p = next(self.head.parameters())
