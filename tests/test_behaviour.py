@@ -89,7 +89,8 @@ def test_targets_take_the_aligned_teacher_on_malicious_rows_only():
     t = first_token_targets(aligned, finetuned, tok, _calib(), cfg)
     a = next_token_logprobs(aligned, tok, _calib(), cfg)
     f = next_token_logprobs(finetuned, tok, _calib(), cfg)
-    assert torch.equal(t[[1, 3]], a[[1, 3]]) and torch.equal(t[[0, 2]], f[[0, 2]])
+    # each model runs over its own rows only (other batches, so equal up to float rounding)
+    assert torch.allclose(t[[1, 3]], a[[1, 3]], atol=1e-5) and torch.allclose(t[[0, 2]], f[[0, 2]], atol=1e-5)
     assert not torch.allclose(a, f)
     assert torch.allclose(t.exp().sum(-1), torch.ones(4), atol=1e-5)
 

@@ -212,12 +212,18 @@ def first_token_targets(aligned: nn.Module, finetuned: nn.Module, tokenizer, cal
                         config, device=None) -> torch.Tensor:
     """Per calibration sample, the teacher's next-token log-probs: the aligned model for
     malicious prompts, the fine-tuned model (not yet quantized) for benign ones. `device`: where the
-    blocks run (default: where each model's embeddings are)."""
+    blocks run (default: where each model's embeddings are). Each model runs over its own rows
+    only: one pass over the calibration set in all, not one per model."""
     if aligned.config.vocab_size != finetuned.config.vocab_size:
         raise QrealignError("the aligned and the fine-tuned model have different vocabularies")
     mal = torch.tensor(calib.labels, dtype=torch.bool)
-    targets = next_token_logprobs(finetuned, tokenizer, calib, config, device)
-    targets[mal] = next_token_logprobs(aligned, tokenizer, calib, config, device)[mal]
+    targets = None
+    for model, rows in ((finetuned, (~mal).nonzero().flatten()), (aligned, mal.nonzero().flatten())):
+        if len(rows):
+            lp = next_token_logprobs(model, tokenizer, _subset(calib, rows), config, device)
+            if targets is None:
+                targets = torch.empty(len(calib.prompts), lp.shape[-1])
+            targets[rows] = lp
     return targets
 
 
