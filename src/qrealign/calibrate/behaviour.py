@@ -214,17 +214,26 @@ def first_token_targets(aligned: nn.Module, finetuned: nn.Module, tokenizer, cal
     malicious prompts, the fine-tuned model (not yet quantized) for benign ones. `device`: where the
     blocks run (default: where each model's embeddings are). Each model runs over its own rows
     only: one pass over the calibration set in all, not one per model."""
+    targets = None
+    for model, rows, sub in _by_target_model(aligned, finetuned, calib):
+        lp = next_token_logprobs(model, tokenizer, sub, config, device)
+        if targets is None:
+            targets = torch.empty(len(calib.prompts), lp.shape[-1])
+        targets[rows] = lp
+    return targets
+
+
+def _by_target_model(aligned: nn.Module, finetuned: nn.Module, calib: CalibrationSet):
+    """(model, rows, the calibration subset of those rows) for each model whose distribution is
+    the target of some rows: the fine-tuned model on the benign prompts, the aligned teacher on
+    the malicious ones. Each teacher pass runs every model over its own rows only."""
     if aligned.config.vocab_size != finetuned.config.vocab_size:
         raise QrealignError("the aligned and the fine-tuned model have different vocabularies")
-    mal = torch.tensor(calib.labels, dtype=torch.bool)
-    targets = None
-    for model, rows in ((finetuned, (~mal).nonzero().flatten()), (aligned, mal.nonzero().flatten())):
+    malicious = torch.tensor(calib.labels, dtype=torch.bool)
+    for model, rows in ((finetuned, ~malicious), (aligned, malicious)):
+        rows = rows.nonzero().flatten()
         if len(rows):
-            lp = next_token_logprobs(model, tokenizer, _subset(calib, rows), config, device)
-            if targets is None:
-                targets = torch.empty(len(calib.prompts), lp.shape[-1])
-            targets[rows] = lp
-    return targets
+            yield model, rows, _subset(calib, rows)
 
 
 @torch.no_grad()
@@ -249,9 +258,11 @@ def greedy_path(model: nn.Module, tokenizer, calib: CalibrationSet, config, leng
     left = all(bool((b.enc.attention_mask[:, -1] == 1).all()) for b in batches)
     tokens = torch.zeros(len(calib.prompts), length, dtype=torch.long)
     if offloaded(model) is None and same_device(device, home) and left:
+        # transformers renamed `past_key_values` to `cache` within 5.x (argument and output field)
+        cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         out = None
         for batch in batches:
-            toks, lps = _greedy_cached(model, batch, device, length)
+            toks, lps = _greedy_cached(model, batch, device, length, cache)
             if out is None:
                 out = torch.empty(len(calib.prompts), length + 1, lps.shape[-1])
             tokens[batch.index], out[batch.index] = toks.cpu(), lps.cpu()
@@ -264,22 +275,21 @@ def greedy_path(model: nn.Module, tokenizer, calib: CalibrationSet, config, leng
     return tokens, lp
 
 
-def _greedy_cached(model, batch, device, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One left-padded batch's greedy path with the KV cache; positions continue each row's own
-    count (`CalibBatch.position_ids`), as `chat.with_response` places forced tokens."""
+def _greedy_cached(model, batch, device, length: int, cache: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One left-padded batch's greedy path with the KV cache (passed and returned under the name
+    `cache`); positions continue each row's own count (`CalibBatch.position_ids`), as
+    `chat.with_response` places forced tokens."""
     enc = batch.enc.to(device)
     mask, pos = enc.attention_mask, batch.position_ids.to(device)
     out = model(input_ids=enc.input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     lps = [F.log_softmax(out.logits[:, -1].float(), dim=-1)]
     tokens = []
-    # transformers renamed `past_key_values` to `cache` within 5.x (argument and output field)
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     for _ in range(length):
         token = lps[-1].argmax(dim=-1, keepdim=True)  # [B, 1]
         tokens.append(token)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         pos = pos[:, -1:] + 1
-        out = model(input_ids=token, attention_mask=mask, position_ids=pos, use_cache=True, **{name: out[name]})
+        out = model(input_ids=token, attention_mask=mask, position_ids=pos, use_cache=True, **{cache: out[cache]})
         lps.append(F.log_softmax(out.logits[:, -1].float(), dim=-1))
     return torch.cat(tokens, dim=1), torch.stack(lps, dim=1)
 
@@ -297,19 +307,16 @@ def response_targets(aligned: nn.Module, finetuned: nn.Module, tokenizer, calib:
     the most frequent start among them, with the teacher's log-probs along that start: its later
     positions ask for a refusal's continuation. Positions after a stop token (a turn end) in the
     start are masked: nothing is asked after the turn ends."""
-    if aligned.config.vocab_size != finetuned.config.vocab_size:
-        raise QrealignError("the aligned and the fine-tuned model have different vocabularies")
     malicious = torch.tensor(calib.labels, dtype=torch.bool)
     refused = malicious.clone() if refused is None else refused.bool() & malicious
     answered = malicious & ~refused
     starts = torch.zeros(len(calib.prompts), length, dtype=torch.long)
     targets = None
-    for model, rows in ((finetuned, (~malicious).nonzero().flatten()), (aligned, malicious.nonzero().flatten())):
-        if len(rows):
-            toks, lps = greedy_path(model, tokenizer, _subset(calib, rows), config, length, device)
-            if targets is None:
-                targets = torch.empty(len(calib.prompts), length + 1, lps.shape[-1])
-            starts[rows], targets[rows] = toks, lps
+    for model, rows, sub in _by_target_model(aligned, finetuned, calib):
+        toks, lps = greedy_path(model, tokenizer, sub, config, length, device)
+        if targets is None:
+            targets = torch.empty(len(calib.prompts), length + 1, lps.shape[-1])
+        starts[rows], targets[rows] = toks, lps
     if answered.any():
         from collections import Counter
 
