@@ -396,3 +396,35 @@ def test_generation_stops_at_the_templates_turn_end_not_only_at_eos(monkeypatch)
 
     monkeypatch.setattr(model, "forward", scripted)
     assert generate(model, tok, ["hi", "a longer prompt"], GenerationConfig(max_new_tokens=6), progress=False) == ["", ""]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen2"])
+def test_drop_finished_matches_generate(model_type):
+    """Rows leave the batch (and the KV cache) when they stop; every row's tokens must equal what
+    `generate` gives with the same stop tokens, including the rows that go on after others stop."""
+    from qrealign.evaluate.generate import _greedy_dropping_finished
+    from qrealign.models.chat import encode_prompts
+
+    model, tok = tiny_model(model_type)
+    prompts = ["hi", "a much longer prompt than the others", "mid length one", "four", "and a fifth prompt here"]
+    enc = encode_prompts(tok, prompts, padding_side="left")
+    free = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=8,
+                          do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)[:, enc.input_ids.shape[1]:]
+    stop = int(free[0, 2])  # row 0 stops at its third token; rows that never produce it run on
+    ref = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=8,
+                         do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=[stop])[:, enc.input_ids.shape[1]:]
+    ours = _greedy_dropping_finished(model, enc.input_ids, enc.attention_mask, 8, [stop], tok.pad_token_id)
+    assert (ref == stop).any(dim=1).sum() >= 1 and not (ref == stop).any(dim=1).all()  # some stop, some go on
+    assert torch.equal(ours, ref)
+
+
+def test_drop_finished_through_generate_and_its_key(tiny):
+    model, tok = tiny
+    prompts = ["hi", "a much longer prompt than the others", "mid length one"]
+    drop = GenerationConfig(max_new_tokens=6, batch_size=2, drop_finished=True)
+    assert generate(model, tok, prompts, drop, progress=False) == \
+        generate(model, tok, prompts, GenerationConfig(max_new_tokens=6, batch_size=2), progress=False)
+    assert "drop_finished" not in GenerationConfig().to_dict()  # off: cached evaluations keep their keys
+    assert drop.to_dict()["drop_finished"] is True
+    with pytest.raises(QrealignError, match="sampling"):
+        GenerationConfig(do_sample=True, drop_finished=True).validate()

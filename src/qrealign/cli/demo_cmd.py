@@ -27,6 +27,9 @@ def add_arguments(parser) -> None:
                         help="also calibrate the reconstruction-only and paper-probe rows with the fake-quantizers "
                              "under torch.compile, as the first-token rows always are (~1.5x per block on SmolLM2; "
                              "other float rounding, so their own cached stages and numbers)")
+    parser.add_argument("--drop-finished", action="store_true",
+                        help="evaluations take a stopped answer out of its batch (greedy decoding computes only "
+                             "the rows still answering; other float rounding, so their own cached evaluations)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -44,7 +47,8 @@ def run(args) -> int:
                      variants=EXTENDED_VARIANTS if args.extended else DEFAULT_VARIANTS,
                      attack_sweep=sweep, epochs=args.epochs, max_new_tokens=args.max_new_tokens,
                      eval_limit=args.eval_limit, device=args.device, seed=args.seed,
-                     lanes=args.lanes, compile_quantizer=args.compile_quantizer)
+                     lanes=args.lanes, compile_quantizer=args.compile_quantizer,
+                     drop_finished=args.drop_finished)
     report = run_demo(cfg)
     md = report / "report.md"
     if md.is_file():

@@ -33,6 +33,9 @@ def add_arguments(parser) -> None:
                         help="generation backend; vllm needs `pip install vllm` and a plain model directory")
     parser.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-p 0.9) instead of greedy")
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    parser.add_argument("--drop-finished", action="store_true",
+                        help="greedy only: a stopped answer leaves its batch, so later steps compute only the rows "
+                             "still answering (faster when answers end early; other float rounding)")
     parser.add_argument("--system", help="system prompt (default: the model's own template default)")
     parser.add_argument("--limit", type=int, help="first N prompts of each side")
     parser.add_argument("--ppl-text", help="text file for sliding-window perplexity")
@@ -63,7 +66,8 @@ def run(args) -> int:
         except (OSError, ValueError) as exc:  # ValueError: not UTF-8
             raise QrealignError(f"cannot read --ppl-text {args.ppl_text}: {exc}") from None
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample,
-                           seed=args.seed, system=args.system, backend=args.backend).validate()
+                           seed=args.seed, system=args.system, backend=args.backend,
+                           drop_finished=args.drop_finished).validate()
     judge = get_judge(args.judge, device=args.device)  # validate the spec before loading the model
     if args.lm_eval:
         import importlib.util

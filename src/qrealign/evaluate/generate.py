@@ -33,6 +33,11 @@ class GenerationConfig:
     system: str | None = None
     max_prompt_tokens: int = 512
     backend: str = "hf"
+    # Greedy only: take a row out of its batch (and out of the KV cache) once it has stopped. A
+    # batch otherwise steps every row until its longest answer ends; on the demo's evaluations
+    # only 26-64 % of the computed tokens were the rows' own (docs/performance.md). Off by default:
+    # a matmul over fewer rows rounds differently on CPU, so answers can change at near-ties.
+    drop_finished: bool = False
 
     def validate(self) -> "GenerationConfig":
         if self.max_new_tokens < 1:
@@ -43,10 +48,15 @@ class GenerationConfig:
             raise QrealignError(f"unknown generation backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
         if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise QrealignError("sampling needs temperature > 0 and 0 < top_p <= 1")
+        if self.drop_finished and self.do_sample:
+            raise QrealignError("drop_finished is greedy decoding's; it cannot be combined with sampling")
         return self
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.drop_finished:  # added later: off, it leaves cached evaluations' keys as they were
+            del d["drop_finished"]
+        return d
 
 
 def generate(model, tokenizer, prompts: list[str], config: GenerationConfig | None = None,
@@ -110,13 +120,51 @@ def _generate_hf(model, tokenizer, prompts, cfg: GenerationConfig, progress: boo
         idx = order[start:start + cfg.batch_size]
         enc = encode_prompts(tokenizer, [prompts[i] for i in idx], system=cfg.system,
                              max_length=cfg.max_prompt_tokens, padding_side="left").to(device)
-        tokens = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, **kwargs)
-        new = tokens[:, enc.input_ids.shape[1]:]
+        if cfg.drop_finished:
+            new = _greedy_dropping_finished(model, enc.input_ids, enc.attention_mask, cfg.max_new_tokens,
+                                            kwargs["eos_token_id"], tokenizer.pad_token_id)
+        else:
+            tokens = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, **kwargs)
+            new = tokens[:, enc.input_ids.shape[1]:]
         for row, i in enumerate(idx):
             out[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()
         bar.update(len(idx))
     bar.close()
     return out  # type: ignore[return-value]
+
+
+def _greedy_dropping_finished(model, input_ids, attention_mask, max_new_tokens: int, stop_ids, pad_id) -> torch.Tensor:
+    """[B, <= max_new_tokens] greedy tokens of a left-padded batch, each row padded with `pad_id`
+    after its stop token: what `generate` returns, but a row that has stopped leaves the batch
+    and the KV cache, so later steps compute only the rows still answering."""
+    import inspect
+
+    # transformers renamed `past_key_values` to `cache` within 5.x (argument and output field)
+    cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    stops = torch.tensor(list(stop_ids), device=input_ids.device)
+    mask = attention_mask
+    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)  # each row counts its own tokens (left padding)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    pos = pos[:, -1:]
+    alive = torch.arange(input_ids.shape[0], device=input_ids.device)
+    result = torch.full((input_ids.shape[0], max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)
+    steps = 0
+    for step in range(max_new_tokens):
+        token = out.logits[:, -1].argmax(dim=-1)
+        result[alive, step] = token
+        steps = step + 1
+        going = ~torch.isin(token, stops)
+        if step == max_new_tokens - 1 or not going.any():
+            break
+        past = out[cache]
+        if not going.all():
+            keep = going.nonzero().squeeze(1)
+            past.batch_select_indices(keep)
+            alive, mask, pos, token = alive[keep], mask[keep], pos[keep], token[keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = pos + 1
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **{cache: past})
+    return result[:, :steps]
 
 
 def vllm_available() -> bool:
