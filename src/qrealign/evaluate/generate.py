@@ -141,7 +141,7 @@ def _greedy_dropping_finished(model, input_ids, attention_mask, max_new_tokens: 
 
     # transformers renamed `past_key_values` to `cache` within 5.x (argument and output field)
     cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    stops = torch.tensor(list(stop_ids), device=input_ids.device)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
     mask = attention_mask
     pos = (mask.long().cumsum(-1) - 1).clamp_min(0)  # each row counts its own tokens (left padding)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
