@@ -59,6 +59,14 @@ def same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
+def kv_cache_argument(model) -> str:
+    """The name a model's forward takes (and returns) its KV cache under: transformers renamed
+    `past_key_values` to `cache` within 5.x."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype or torch.float32

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -37,7 +36,7 @@ from torch import nn
 from ..errors import QrealignError
 from ..models.offload import offloaded
 from ..models.registry import block_types, get_arch, get_blocks, get_submodule
-from ..utils import resolve_device, same_device, tensor_digest
+from ..utils import kv_cache_argument, resolve_device, same_device, tensor_digest
 from .capture import block_output, move_kwargs, record_block_inputs, run_blocks
 from .data import CalibrationSet, make_batches
 from .losses import LossInputs, SafetyGate
@@ -258,8 +257,7 @@ def greedy_path(model: nn.Module, tokenizer, calib: CalibrationSet, config, leng
     left = all(bool((b.enc.attention_mask[:, -1] == 1).all()) for b in batches)
     tokens = torch.zeros(len(calib.prompts), length, dtype=torch.long)
     if offloaded(model) is None and same_device(device, home) and left:
-        # transformers renamed `past_key_values` to `cache` within 5.x (argument and output field)
-        cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        cache = kv_cache_argument(model)
         out = None
         for batch in batches:
             toks, lps = _greedy_cached(model, batch, device, length, cache)

@@ -137,10 +137,9 @@ def _greedy_dropping_finished(model, input_ids, attention_mask, max_new_tokens: 
     """[B, <= max_new_tokens] greedy tokens of a left-padded batch, each row padded with `pad_id`
     after its stop token: what `generate` returns, but a row that has stopped leaves the batch
     and the KV cache, so later steps compute only the rows still answering."""
-    import inspect
+    from ..utils import kv_cache_argument
 
-    # transformers renamed `past_key_values` to `cache` within 5.x (argument and output field)
-    cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = kv_cache_argument(model)
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
     mask = attention_mask
     pos = (mask.long().cumsum(-1) - 1).clamp_min(0)  # each row counts its own tokens (left padding)
