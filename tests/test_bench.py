@@ -9,6 +9,13 @@ import qrealign.bench as bench
 from qrealign.models.tiny import tiny_model
 
 
+def _save_tiny(path):
+    """A 2-block random Llama and its tokenizer as a checkpoint: the benchmarks load models by path."""
+    model, tok = tiny_model("llama", num_hidden_layers=2)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
 def test_bench_reports_both_schedules(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "load_model", lambda spec: tiny_model("llama", num_hidden_layers=2))
     report = bench.run_bench("tiny", n=8, out=tmp_path, reference_epochs=6, default_epochs=1, heldout=4,
@@ -46,9 +53,7 @@ def test_bench_rejects_bad_counts_before_any_work(tmp_path):
 def test_lanes_bench_times_both_ways_and_says_whether_the_numbers_moved(tmp_path):
     from qrealign.bench_lanes import run_lanes_bench
 
-    model, tok = tiny_model("llama", num_hidden_layers=2)
-    model.save_pretrained(tmp_path / "tiny")
-    tok.save_pretrained(tmp_path / "tiny")
+    _save_tiny(tmp_path / "tiny")
     report = run_lanes_bench(str(tmp_path / "tiny"), n_calib=4, n_gen=4, max_new_tokens=2, out=tmp_path / "out",
                              log=lambda line: None)
     one, two = report["one_lane"]["jobs"], report["two_lanes"]["jobs"]
@@ -69,9 +74,7 @@ def test_offload_bench_measures_both_ways_in_fresh_processes(tmp_path):
     from qrealign.errors import QrealignError
     from qrealign.models.tiny import tiny_model
 
-    model, tok = tiny_model("llama", seed=0, num_hidden_layers=2)
-    model.save_pretrained(tmp_path / "tiny")
-    tok.save_pretrained(tmp_path / "tiny")
+    _save_tiny(tmp_path / "tiny")
     report = run_offload_bench(str(tmp_path / "tiny"), n=4, kinds=("calibrate-rtn",), out=tmp_path / "out",
                                log=lambda *a: None)
     row = report["jobs"]["calibrate-rtn"]
@@ -102,9 +105,7 @@ def test_sft_precision_bench_times_float32_and_native_bf16_only(tmp_path, monkey
 
     sft_module = importlib.import_module("qrealign.finetune.sft")  # the module (the package exports the function)
 
-    model, tok = tiny_model("llama", num_hidden_layers=2)
-    model.save_pretrained(tmp_path / "tiny")
-    tok.save_pretrained(tmp_path / "tiny")
+    _save_tiny(tmp_path / "tiny")
     for native in (False, True):
         monkeypatch.setattr(sft_module, "native_bf16", lambda device, native=native: native)
         out = tmp_path / f"out-{native}"
@@ -120,9 +121,7 @@ def test_sft_precision_bench_times_float32_and_native_bf16_only(tmp_path, monkey
 def test_bench_cli_dispatches_to_the_chosen_benchmark(tmp_path, capsys):
     from qrealign.cli import main
 
-    model, tok = tiny_model("llama", num_hidden_layers=2)
-    model.save_pretrained(tmp_path / "tiny")
-    tok.save_pretrained(tmp_path / "tiny")
+    _save_tiny(tmp_path / "tiny")
     rc = main(["bench", "--sft-precision", "--model", str(tmp_path / "tiny"), "--steps", "1", "--device", "cpu",
                "--out", str(tmp_path / "sft")])
     assert rc == 0 and (tmp_path / "sft" / "bench-sft.json").is_file()
@@ -136,3 +135,24 @@ def test_bench_rejects_counts_that_would_fail_after_the_work(bad, tmp_path, caps
 
     assert main(["bench", *bad, "--out", str(tmp_path / "b")]) == 2
     assert "must be >=" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_decode_bench_compares_generate_and_drop_finished_on_dev_prompts(tmp_path):
+    from qrealign.bench_decode import _decode_tokens, run_decode_bench
+
+    _save_tiny(tmp_path / "tiny")
+    report = run_decode_bench(str(tmp_path / "tiny"), n=3, max_new_tokens=4, batch_size=4, out=tmp_path / "out",
+                              log=lambda line: None)
+    assert report["workload"]["prompts"] == 6 and report["workload"]["split"].startswith("probe")
+    assert report["answers_differing"] == report["refusals_differing"] == 0  # tiny model: exact either way
+    assert 0 < report["decode_tokens_own"] <= report["decode_tokens_computed"]
+    assert "Decode benchmark" in (tmp_path / "out" / "bench-decode.md").read_text()
+    # the token count by hand: batches of the length-sorted prompts, each as long as its longest answer
+    tok = tiny_model("llama", num_hidden_layers=2)[1]
+    prompts = ["a", "bbbb", "cc"]
+    answers = ["x y", "", "x y z w v"]  # + a stop token each, capped at 3
+    own, computed = _decode_tokens(tok, prompts, answers, max_new_tokens=3, batch_size=2)
+    lengths = [min(3, len(tok(a, add_special_tokens=False)["input_ids"]) + 1) for a in answers]
+    by_len = [lengths[0], lengths[2], lengths[1]]  # order "a", "cc", "bbbb"
+    assert own == sum(lengths)
+    assert computed == max(by_len[:2]) * 2 + by_len[2]

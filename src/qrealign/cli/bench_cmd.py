@@ -4,7 +4,8 @@ from __future__ import annotations
 
 COMMAND = "bench"
 ORDER = 40
-HELP = "benchmark the calibration engine: authors' schedule vs ours, or one lane vs two (JSON + Markdown)"
+HELP = ("benchmark the calibration engine: authors' schedule vs ours, or one lane vs two, or evaluation "
+        "decoding (JSON + Markdown)")
 
 
 def add_arguments(parser) -> None:
@@ -27,6 +28,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sft-precision", action="store_true",
                         help="instead: seconds per step of the lab's align SFT in float32 and (where native) under "
                              "bf16 autocast, and what amp='auto' picks here")
+    parser.add_argument("--decode", action="store_true",
+                        help="instead: greedy answers to N dev prompts per side with generate vs drop_finished "
+                             "(stopped rows leave the batch): both times and how many answers differ; --model may "
+                             "be a quantization run directory")
     parser.add_argument("--steps", type=int, default=4, help="with --sft-precision: timed steps per precision")
 
 
@@ -48,6 +53,9 @@ def run(args) -> int:
     elif args.sft_precision:
         module, runner, stem = "bench_sft", "run_sft_bench", "bench-sft"
         kwargs = dict(model_spec=args.model, steps=args.steps, device=args.device)
+    elif args.decode:
+        module, runner, stem = "bench_decode", "run_decode_bench", "bench-decode"
+        kwargs = dict(model_spec=args.model, n=args.n, device=args.device)
     elif args.lanes:
         module, runner, stem = "bench_lanes", "run_lanes_bench", "bench-lanes"
         kwargs = dict(model_spec=args.model, n_calib=args.n, scheme=args.scheme)
