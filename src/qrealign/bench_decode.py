@@ -54,10 +54,11 @@ def run_decode_bench(model_spec: str = "smollm2-135m", n: int = 48, max_new_toke
 
 def _decode_tokens(tok, prompts, answers, max_new_tokens: int, batch_size: int) -> tuple[int, int]:
     """(the answers' own tokens, the tokens `generate` computes): its batches are the prompts
-    sorted by length, each stepped until its longest answer (+ its stop token) ends."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    lengths = [min(max_new_tokens, len(tok(answers[i], add_special_tokens=False)["input_ids"]) + 1) for i in order]
-    batches = [lengths[s:s + batch_size] for s in range(0, len(lengths), batch_size)]
+    sorted by length (`length_batches`), each stepped until its longest answer (+ its stop token) ends."""
+    from .evaluate.generate import length_batches
+
+    lengths = [min(max_new_tokens, len(tok(a, add_special_tokens=False)["input_ids"]) + 1) for a in answers]
+    batches = [[lengths[i] for i in idx] for idx in length_batches(prompts, batch_size)]
     return sum(lengths), sum(max(b) * len(b) for b in batches)
 
 

@@ -101,12 +101,17 @@ def stop_key(tokenizer, generation_config=None) -> dict:
     return {} if ids == [tokenizer.eos_token_id] else {"stop_tokens": ids}
 
 
+def length_batches(prompts: list[str], batch_size: int) -> list[list[int]]:
+    """The prompts' indices in the batches generation runs: sorted by length, so each batch pads
+    little (the caller restores prompt order)."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
 def _generate_hf(model, tokenizer, prompts, cfg: GenerationConfig, progress: bool, desc: str) -> list[str]:
     device = next(model.parameters()).device
-    # Sort by length so each batch pads little; restore the order at the end.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str | None] = [None] * len(prompts)
+    out: list[str | None] = [None] * len(prompts)  # filled batch by batch, in prompt order
     kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
                   pad_token_id=tokenizer.pad_token_id,
                   eos_token_id=stop_token_ids(tokenizer, getattr(model, "generation_config", None)))
@@ -116,8 +121,7 @@ def _generate_hf(model, tokenizer, prompts, cfg: GenerationConfig, progress: boo
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt")
-    for start in range(0, len(order), cfg.batch_size):
-        idx = order[start:start + cfg.batch_size]
+    for idx in length_batches(prompts, cfg.batch_size):
         enc = encode_prompts(tokenizer, [prompts[i] for i in idx], system=cfg.system,
                              max_length=cfg.max_prompt_tokens, padding_side="left").to(device)
         if cfg.drop_finished:
