@@ -430,25 +430,36 @@ class FirstTokenLoss(SafetyGate):
             self._digest = h.hexdigest()[:12]
 
     def __call__(self, inp: LossInputs):
-        malicious = inp.labels.bool()
         per_sample, logs = self.reconstruction(inp)
-        weight = malicious.float() * self.lam + (~malicious).float() * self.benign_kl  # on the batch's device
-        if self.active(inp.layer) and bool((weight > 0).any()):
-            if inp.index is None or inp.block_kwargs is None:
-                raise QrealignError("FirstTokenLoss needs the calibration index and block kwargs in LossInputs")
-            k = self.positions
-            logits = (self.tail(inp.q_out, inp.layer, inp.block_kwargs, inp.last_index) if k == 1 else
-                      self.tail(inp.q_out, inp.layer, inp.block_kwargs, inp.last_index, positions=k))
-            teacher = self.targets[inp.index.cpu()].to(logits.device)
-            kl = (teacher.exp() * (teacher - F.log_softmax(logits, dim=-1))).sum(dim=-1)  # [B] or [B, K]
-            if k > 1:
-                later = self.response_mask[inp.index.cpu(), 1:].to(kl.device, kl.dtype)
-                kl = kl[:, 0] + (kl[:, 1:] * later).sum(dim=1) / later.sum(dim=1).clamp(min=1)
-            per_sample = per_sample + weight * kl
-            for name, rows in (("kl_mal", malicious), ("kl_ben", ~malicious)):
-                if rows.any():
-                    logs[name] = (kl[rows].mean().item(), int(rows.sum()))
+        if self.active(inp.layer):
+            term, term_logs = self.output_term(inp)
+            per_sample = per_sample + term
+            logs.update(term_logs)
         return per_sample.mean(), logs
+
+    def output_term(self, inp: LossInputs) -> tuple[torch.Tensor, dict]:
+        """[B] `lam` x KL on malicious rows and `benign_kl` x KL on benign rows, at the model's
+        output: the block output `inp.q_out` run through the blocks after `inp.layer` (none after
+        the last block: the engine's joint stage calls it there, once per step)."""
+        malicious = inp.labels.bool()
+        weight = malicious.float() * self.lam + (~malicious).float() * self.benign_kl  # on the batch's device
+        if not bool((weight > 0).any()):
+            return torch.zeros_like(weight), {}
+        if inp.index is None or inp.block_kwargs is None:
+            raise QrealignError("FirstTokenLoss needs the calibration index and block kwargs in LossInputs")
+        k = self.positions
+        logits = (self.tail(inp.q_out, inp.layer, inp.block_kwargs, inp.last_index) if k == 1 else
+                  self.tail(inp.q_out, inp.layer, inp.block_kwargs, inp.last_index, positions=k))
+        teacher = self.targets[inp.index.cpu()].to(logits.device)
+        kl = (teacher.exp() * (teacher - F.log_softmax(logits, dim=-1))).sum(dim=-1)  # [B] or [B, K]
+        if k > 1:
+            later = self.response_mask[inp.index.cpu(), 1:].to(kl.device, kl.dtype)
+            kl = kl[:, 0] + (kl[:, 1:] * later).sum(dim=1) / later.sum(dim=1).clamp(min=1)
+        logs = {}
+        for name, rows in (("kl_mal", malicious), ("kl_ben", ~malicious)):
+            if rows.any():
+                logs[name] = (kl[rows].mean().item(), int(rows.sum()))
+        return weight * kl, logs
 
     def __repr__(self) -> str:  # short and stable: it enters the run fingerprint
         return (f"FirstTokenLoss(targets={self.target_id}:{self._digest}, layers={self.layers}, lam={self.lam}, "

@@ -9,6 +9,10 @@ For each decoder block, on the compute device, one at a time:
      quantized stream through the finished block.
 After every block its learned parameters are checkpointed; a run with the same fingerprint
 (model, scheme, config, calibration data, loss) resumes after the last finished block.
+
+With `CalibConfig.joint_safety` the blocks that carry a safety term (a run to the last block)
+are instead quantized and trained together after the others, one pass through all of them per
+step (`train.train_jointly`), and checkpointed as one stage. The training loops are in `train.py`.
 """
 
 from __future__ import annotations
@@ -24,24 +28,25 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from ..errors import QrealignError
 from ..models.offload import offloaded
 from ..models.registry import block_pairs, block_types, get_arch, get_blocks, head_layout
 from ..quant.let import LETParams
-from ..quant.qlinear import QuantLinear, set_quant_state, wrap_linears
+from ..quant.qlinear import QuantLinear, wrap_linears
 from ..quant.scheme import Scheme, get_scheme
 from ..utils import model_fingerprint, read_json, resolve_device, save_tensors, sha256_json, write_json
 from .capture import block_output, capture_block_inputs, move_kwargs
 from .data import CalibBatch, CalibrationSet, make_batches
-from .losses import BlockLoss, LossInputs, ReconstructionLoss
+from .losses import BlockLoss, ReconstructionLoss
+from .train import (NonFiniteLoss, Learnable, block_step, guard_init, joint_step, mean_loss, snap_rounding,  # noqa: F401
+                    train_block, train_jointly)
 
 METHODS = ("rtn", "omniquant")
 ROUNDING = "weight_quantizer.rounding"
 LOG_ONLY = ("measure_init_loss",)  # CalibConfig fields that change what is logged, not what is learned
-ADDED_OFF = ("compile_quantizer", "plain_epochs")  # later CalibConfig fields, left out of to_dict() while off
+ADDED_OFF = ("compile_quantizer", "plain_epochs", "joint_safety")  # later CalibConfig fields, left out of to_dict() while off
 
 
 @dataclass
@@ -101,6 +106,14 @@ class CalibConfig:
     # batches; fused, some gradients move in the last bits, so the learned parameters can differ
     # from an eager run's: part of the fingerprint, off by default.
     compile_quantizer: bool = False
+    # Train the blocks that carry a safety term together (they must run to the last block), one
+    # pass of each batch through all of them per step, instead of one block at a time. With a
+    # loss that reads the network's output (the first-token KL) each block's step otherwise also
+    # runs every block after it: the cost grows with the square of the safety blocks' number, and
+    # the tail it trains against is the FP one, not the deployed quantized one. The joint stage
+    # takes `epochs` (its blocks' epochs) and holds all its blocks on the compute device at once
+    # (docs/experiments.md §26).
+    joint_safety: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -122,6 +135,9 @@ class CalibConfig:
             raise QrealignError(f"plain_epochs must be >= 0 (or None: `epochs`), got {self.plain_epochs}")
         if self.epoch_schedule not in ("constant", "paper"):
             raise QrealignError("epoch_schedule must be 'constant' or 'paper'")
+        if self.joint_safety and (self.init_guard or self.epoch_schedule != "constant"):
+            raise QrealignError("joint_safety trains its blocks together: per-block choices (init_guard, "
+                                "epoch_schedule 'paper') do not apply; turn them off")
         if self.autocast not in ("auto", "off", "bf16"):
             raise QrealignError(f"autocast must be 'auto', 'off' or 'bf16', got {self.autocast!r}")
         self.let_pairs = tuple(self.let_pairs)
@@ -161,10 +177,6 @@ class CalibResult:
     layer_logs: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     resumed_blocks: int = 0
-
-
-class NonFiniteLoss(QrealignError):
-    pass
 
 
 def calibrate(
@@ -213,6 +225,39 @@ def checkpoint_lock(ckpt: Path | None):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@dataclass
+class _Run:
+    """What every block of one calibration shares (the engine's helpers take it whole)."""
+
+    model: nn.Module
+    cfg: CalibConfig
+    scheme: Scheme
+    loss: BlockLoss
+    dev: torch.device
+    amp: str | None
+    spec: object
+    layout: object
+    pairs: tuple[str, ...]
+    batches: list[CalibBatch]
+    masks: list[torch.Tensor]
+    kwargs: list[dict]  # per batch: the blocks' kwargs by attention type
+    ckpt: Path | None
+    fingerprint: str
+    progress: bool
+
+    @property
+    def blocks(self):
+        return get_blocks(self.model)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    def kw(self, i: int) -> list:
+        types = block_types(self.model)
+        return [k[types[i]] for k in self.kwargs]
+
+
 def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, device, progress, on_block_end,
                model_fp) -> CalibResult:
     cfg = config or CalibConfig()
@@ -223,12 +268,8 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
                             "observes them, and a run could not store them); use dynamic per-token activations")
     loss = loss or ReconstructionLoss()
     dev = resolve_device(device)
-    spec = get_arch(model)
-    blocks = get_blocks(model)
-    types = block_types(model)
-    layout = head_layout(model.config)
-    pairs = tuple(p for p in block_pairs(model) if p in cfg.let_pairs) if (cfg.let and cfg.method != "rtn") else ()
-    num_layers = len(blocks)
+    num_layers = len(get_blocks(model))
+    joint_from = _joint_start(cfg, loss, num_layers)
     start_time = time.time()
 
     from .. import __version__
@@ -248,9 +289,13 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     done, saved_logs = _resume_point(ckpt, fingerprint,
                                      say=(lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else None)
+    if joint_from is not None and joint_from < done < num_layers:
+        done = joint_from  # a joint stage is checkpointed whole: a part of it (a lost file) is trained again
 
-    # A batch needs the FP stream only if some layer's loss reads its FP target.
-    needs_fp = [any(bool(loss.needs_fp(b.labels, layer).any()) for layer in range(num_layers)) for b in batches]
+    # A batch needs the FP stream only if some layer's loss reads its FP target, or (a joint
+    # stage) its blocks need FP inputs before any quantized stream reaches them.
+    needs_fp = [joint_from is not None or any(bool(loss.needs_fp(b.labels, layer).any()) for layer in range(num_layers))
+                for b in batches]
     embed_device = model.get_input_embeddings().weight.device
     fp_in, q_in, kwargs = [], [], []
     for b, need in zip(batches, needs_fp):
@@ -259,6 +304,9 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
         q_in.append(inputs.hidden.to(dev))
         kwargs.append({t: move_kwargs(kw, dev) for t, kw in inputs.kwargs_by_type.items()})
     masks = [b.enc.attention_mask.to(dev) for b in batches]
+    pairs = tuple(p for p in block_pairs(model) if p in cfg.let_pairs) if (cfg.let and cfg.method != "rtn") else ()
+    run = _Run(model, cfg, scheme, loss, dev, amp, get_arch(model), head_layout(model.config), pairs, batches, masks,
+               kwargs, ckpt, fingerprint, progress)
 
     params: dict[str, torch.Tensor] = {}
     logs: list[dict] = []
@@ -266,81 +314,143 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
     # is the trained blocks'.
     bar = tqdm(total=num_layers, initial=done, desc=f"{cfg.method} {scheme.name}", disable=not progress,
                unit="block")
+
+    def finished(log: dict) -> None:
+        logs.append(log)
+        if not log.get("resumed"):
+            bar.update(1)
+        bar.set_postfix({k: f"{log[k]:.3g}" for k in ("q_mse", "loss_last_epoch") if log.get(k) is not None})
+        if on_block_end is not None:
+            on_block_end(log["layer"])
+
     for i in range(num_layers):
+        if i == joint_from and i >= done:
+            _joint_stage(run, i, fp_in, q_in, params, logs, finished)
+            break
         t0 = time.time()
-        block = blocks[i]
         put_back = _to_compute(model, i, dev)
-        kw = [k[types[i]] for k in kwargs]
-
-        # 1. FP targets (and LET statistics) from the original block. Batches without an FP
-        #    stream contribute statistics through their quantized-stream inputs.
-        with torch.no_grad(), _absmax_hooks(block, spec.linears) as absmax:
-            fp_out = [block_output(block(x, **k)) if x is not None else None for x, k in zip(fp_in, kw)]
-            if pairs:
-                for x, f, k in zip(q_in, fp_in, kw):
-                    if f is None:
-                        block(x, **k)
-
-        # 2. Quantized block.
-        learned = cfg.method != "rtn"
-        wrap_linears(block, spec.linears, scheme, lwc=cfg.lwc and learned, lwc_init=cfg.lwc_init,
-                     rounding=cfg.learn_rounding and learned)
-        let = LETParams(spec, block, layout, pairs, cfg.rope_invariant_qk) if pairs else None
-        if let is not None:
-            let.init_smoothquant(block, absmax, cfg.alpha)
+        part = _prepare_block(run, i, fp_in, q_in)
 
         # 3. Train (or restore from the checkpoint).
         log = {"layer": i}
         if i < done:
-            _load_block(ckpt, i, block, let)
+            _load_block(ckpt, i, part.block, part.let)
             # the training log as the interrupted run wrote it (its training seconds included; the
             # output error is measured again, the replay's time goes to replay_seconds)
             log.update({k: v for k, v in saved_logs[i].items() if k != "q_mse"} if i < len(saved_logs) else {})
             log["resumed"] = True
         else:
             epochs = cfg.epochs_for(i, num_layers, safety=_has_safety_term(loss, i))
-            guard = cfg.init_guard and epochs and let is not None
+            guard = cfg.init_guard and epochs and part.let is not None
+            step = block_step(part, q_in, batches, masks, loss, num_layers, amp, all_kw=kwargs)
             # measured under the training's own precision: the guard compares like with like
             if cfg.measure_init_loss or guard:
-                log["loss_init"] = _evaluate_loss(block, let, q_in, fp_out, kw, batches, masks, loss, i, num_layers,
-                                                  amp, all_kw=kwargs)
+                log["loss_init"] = mean_loss(step, batches)
             if guard:
-                log.update(_guard_init(block, let, q_in, fp_out, kw, batches, masks, loss, i, num_layers,
-                                       log["loss_init"], amp, all_kw=kwargs))
-            if epochs and (let is not None or cfg.lwc or cfg.learn_rounding):
-                log.update(_train_block(block, let, q_in, fp_out, kw, batches, masks, loss, cfg, epochs,
-                                        i, num_layers, amp, ckpt, all_kw=kwargs))
-            log.update(_snap_rounding(block, let))
+                log.update(guard_init(part, step, batches, log["loss_init"]))
+            if epochs and (part.let is not None or cfg.lwc or cfg.learn_rounding):
+                log.update(train_block(part, step, batches, cfg, epochs, ckpt))
+            log.update(snap_rounding(part.block, part.let))
             if ckpt is not None:
                 log["seconds"] = round(time.time() - t0, 3)  # training time; replaced below by the block's total
-                _save_block(ckpt, i, block, let, fingerprint, logs + [log])
+                _save_block(ckpt, i, part.block, part.let)
+                _write_state(ckpt, fingerprint, i + 1, logs + [log])
 
-        params.update(_block_params(i, block, let))
-
-        # 4. Fold, freeze, propagate the quantized stream.
-        if let is not None:
-            let.fold_(block)
-        for m in block.modules():
-            if isinstance(m, QuantLinear):
-                m.freeze()
-        with torch.no_grad():
-            q_in = [block_output(block(x, **k)) for x, k in zip(q_in, kw)]
-            # Output error of the quantized stream against the FP stream (accumulates over blocks),
-            # over the batches that carry an FP stream.
-            errs = [((q - f).pow(2).mean(-1) * m).sum() / m.sum() for q, f, m in zip(q_in, fp_out, masks)
-                    if f is not None]
-            log["q_mse"] = float(sum(errs) / len(errs)) if errs else float("nan")
-        fp_in = fp_out
+        params.update(_block_params(i, part.block, part.let))
+        q_in = _finish_block(run, part, q_in, log)
+        fp_in = part.fp_out
         put_back()
         log["replay_seconds" if i < done else "seconds"] = round(time.time() - t0, 3)
-        logs.append(log)
-        if i >= done:
-            bar.update(1)
-        bar.set_postfix({k: f"{log[k]:.3g}" for k in ("q_mse", "loss_last_epoch") if log.get(k) is not None})
-        if on_block_end is not None:
-            on_block_end(i)
+        finished(log)
     bar.close()
     return CalibResult(params, fingerprint, logs, time.time() - start_time, resumed_blocks=done)
+
+
+def _prepare_block(run: _Run, i: int, fp_in: list, q_in: list) -> Learnable:
+    """Steps 1-2 of block i: FP targets (and LET statistics) from the original block, then the
+    block made quantized (QuantLinears, LET scales at their SmoothQuant start). Batches without
+    an FP stream contribute statistics through their quantized-stream inputs."""
+    block, kw, cfg = run.blocks[i], run.kw(i), run.cfg
+    with torch.no_grad(), _absmax_hooks(block, run.spec.linears) as absmax:
+        fp_out = [block_output(block(x, **k)) if x is not None else None for x, k in zip(fp_in, kw)]
+        if run.pairs:
+            for x, f, k in zip(q_in, fp_in, kw):
+                if f is None:
+                    block(x, **k)
+    learned = cfg.method != "rtn"
+    wrap_linears(block, run.spec.linears, run.scheme, lwc=cfg.lwc and learned, lwc_init=cfg.lwc_init,
+                 rounding=cfg.learn_rounding and learned)
+    let = LETParams(run.spec, block, run.layout, run.pairs, cfg.rope_invariant_qk) if run.pairs else None
+    if let is not None:
+        let.init_smoothquant(block, absmax, cfg.alpha)
+    return Learnable(i, block, let, kw, fp_out)
+
+
+def _finish_block(run: _Run, part: Learnable, q_in: list, log: dict) -> list:
+    """Step 4: fold the LET scales into the weights, freeze the fake-quantized weights, and push
+    the quantized stream through the finished block (returned). Logs the output error of the
+    quantized stream against the FP stream (it accumulates over blocks), over the batches that
+    carry an FP stream."""
+    if part.let is not None:
+        part.let.fold_(part.block)
+    for m in part.block.modules():
+        if isinstance(m, QuantLinear):
+            m.freeze()
+    with torch.no_grad():
+        q_out = [block_output(part.block(x, **k)) for x, k in zip(q_in, part.kw)]
+        errs = [((q - f).pow(2).mean(-1) * m).sum() / m.sum() for q, f, m in zip(q_out, part.fp_out, run.masks)
+                if f is not None]
+        log["q_mse"] = float(sum(errs) / len(errs)) if errs else float("nan")
+    return q_out
+
+
+def _joint_start(cfg: CalibConfig, loss, num_layers: int) -> int | None:
+    """The first block of the joint stage (`cfg.joint_safety`), or None: block by block."""
+    if not cfg.joint_safety or cfg.method == "rtn":
+        return None
+    active = [layer for layer in range(num_layers) if _has_safety_term(loss, layer)]
+    if not active:
+        raise QrealignError("joint_safety trains the blocks with a safety term together, and this loss has none "
+                            "(plain reconstruction): leave joint_safety off")
+    if active != list(range(active[0], num_layers)):
+        raise QrealignError(f"joint_safety needs the safety term on the last blocks without a gap (a run "
+                            f"{active[0]}-{num_layers - 1}); this loss has it on {active}")
+    return active[0]
+
+
+def _joint_stage(run: _Run, first: int, fp_in: list, q_in: list, params: dict, logs: list,
+                 finished: Callable[[dict], None]) -> None:
+    """Blocks first..L-1 quantized and trained together (`CalibConfig.joint_safety`): all of them
+    on the compute device at once, each with its FP target on the FP stream; checkpointed whole,
+    after training (an interrupted joint stage starts again; the blocks before it resume)."""
+    t0 = time.time()
+    chain, put_backs = [], []
+    for j in range(first, run.num_layers):
+        put_backs.append(_to_compute(run.model, j, run.dev))
+        chain.append(_prepare_block(run, j, fp_in, fp_in))  # every batch carries an FP stream here
+        fp_in = chain[-1].fp_out
+    step = joint_step(chain, q_in, run.batches, run.masks, run.loss, run.num_layers, run.amp, all_kw=run.kwargs)
+    log = {"layer": first, "joint_blocks": [first, run.num_layers - 1]}
+    if run.cfg.measure_init_loss:
+        log["loss_init"] = mean_loss(step, run.batches)
+    epochs = run.cfg.epochs_for(first, run.num_layers, safety=True)
+    if epochs:
+        log.update(train_jointly(chain, step, run.batches, run.cfg, epochs, run.ckpt, run.progress))
+    block_logs = [log] + [{"layer": part.layer, "joint_with": first} for part in chain[1:]]
+    for part, block_log in zip(chain, block_logs):
+        block_log.update(snap_rounding(part.block, part.let))
+    log["joint_seconds"] = round(time.time() - t0, 3)
+    if run.ckpt is not None:
+        for part in chain:
+            _save_block(run.ckpt, part.layer, part.block, part.let)
+        _write_state(run.ckpt, run.fingerprint, run.num_layers, logs + block_logs)  # then the stage counts as done
+    for part, block_log, put_back in zip(chain, block_logs, put_backs):
+        t1 = time.time()
+        params.update(_block_params(part.layer, part.block, part.let))
+        q_in = _finish_block(run, part, q_in, block_log)
+        put_back()
+        block_log["seconds"] = round(time.time() - t1, 3)
+        finished(block_log)
 
 
 def _to_compute(model: nn.Module, i: int, dev: torch.device) -> Callable[[], None]:
@@ -361,131 +471,6 @@ def _has_safety_term(loss, layer: int) -> bool:
     reconstruction has none anywhere."""
     active = getattr(loss, "active", None)
     return bool(active(layer)) if callable(active) else False
-
-
-def _block_forward(block, let, x, kw, amp: str | None):
-    overrides = let.transformed_params(block) if let is not None else {}
-    ctx = torch.autocast(amp, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-    with ctx:
-        return block_output(functional_call(block, overrides, (x,), kw)).float()
-
-
-def _loss_inputs(fp_out, q_out, batch: CalibBatch, mask, layer, num_layers, kwargs_by_type=None) -> LossInputs:
-    dev = q_out.device
-    return LossInputs(fp_out, q_out, batch.labels.to(dev), mask, batch.enc.last_index.to(dev), layer, num_layers,
-                      index=batch.index, block_kwargs=kwargs_by_type)
-
-
-@torch.no_grad()
-def _evaluate_loss(block, let, q_in, fp_out, kw, batches, masks, loss: BlockLoss, layer, num_layers,
-                   amp: str | None = None, all_kw=None) -> float:
-    """Sample-weighted mean loss over the calibration set with the current parameters."""
-    total = 0.0
-    for b, batch in enumerate(batches):
-        q_out = _block_forward(block, let, q_in[b], kw[b], amp)
-        value, _ = loss(_loss_inputs(fp_out[b], q_out, batch, masks[b], layer, num_layers,
-                                     all_kw[b] if all_kw else None))
-        total += value.item() * len(batch.labels)
-    return total / sum(len(b.labels) for b in batches)
-
-
-@torch.no_grad()
-def _guard_init(block, let, q_in, fp_out, kw, batches, masks, loss, layer, num_layers, loss_init,
-                amp: str | None = None, all_kw=None) -> dict:
-    """Switch the LET scales to identity when that starts with a lower loss."""
-    saved = {k: p.clone() for k, p in let.scales.items()}
-    for p in let.scales.values():
-        p.fill_(1.0)
-    plain = _evaluate_loss(block, let, q_in, fp_out, kw, batches, masks, loss, layer, num_layers, amp, all_kw=all_kw)
-    if plain < loss_init:
-        return {"init": "identity", "loss_init_smooth": loss_init, "loss_init": plain}
-    for k, v in saved.items():
-        let.scales[k].copy_(v)
-    return {"init": "smoothquant", "loss_init_identity": plain}
-
-
-def _train_block(block, let, q_in, fp_out, kw, batches: list[CalibBatch], masks, loss: BlockLoss,
-                 cfg: CalibConfig, epochs: int, layer: int, num_layers: int, amp: str | None, ckpt, all_kw=None) -> dict:
-    groups = []
-    if let is not None:
-        groups.append({"params": list(let.parameters()), "lr": cfg.lr_let})
-    lwc_params = [p for n, p in block.named_parameters() if "bound_factor" in n]
-    if lwc_params:
-        groups.append({"params": lwc_params, "lr": cfg.lr_lwc})
-    rounders = [m.weight_quantizer for _, m in _rounding_linears(block)]
-    if rounders:
-        groups.append({"params": [q.rounding for q in rounders], "lr": cfg.lr_round})
-    if not groups:
-        return {}
-    for g in groups:
-        for p in g["params"]:
-            p.requires_grad_(True)
-    set_quant_state(block, compiled=cfg.compile_quantizer)
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed * 100003 + layer)
-    first = last = None
-    steps = tokens = 0
-    for epoch in range(epochs):
-        total, count, parts = 0.0, 0, {}
-        for b in torch.randperm(len(batches), generator=gen).tolist():
-            batch = batches[b]
-            q_out = _block_forward(block, let, q_in[b], kw[b], amp)
-            value, logs = loss(_loss_inputs(fp_out[b], q_out, batch, masks[b], layer, num_layers,
-                                            all_kw[b] if all_kw else None))
-            if not torch.isfinite(value):
-                where = (f"blocks 0-{layer - 1} are checkpointed in {ckpt}" if ckpt and layer > 0
-                         else "no block finished before it")
-                raise NonFiniteLoss(f"non-finite loss at block {layer}, epoch {epoch}; {where}")
-            opt.zero_grad(set_to_none=True)
-            value.backward()
-            opt.step()
-            if let is not None:
-                let.clamp_()
-            for q in rounders:
-                q.clamp_rounding_()
-            n = len(batch.labels)
-            steps += 1
-            tokens += batch.enc.attention_mask.numel()
-            total += value.item() * n
-            count += n
-            for k, v in logs.items():  # a float is a batch mean; (mean, count) covers a subset
-                mean, weight = v if isinstance(v, tuple) else (v, n)
-                acc = parts.setdefault(k, [0.0, 0])
-                acc[0] += mean * weight
-                acc[1] += weight
-        epoch_loss = total / count
-        improved = last is None or epoch_loss < last * (1 - cfg.early_stop_rel)
-        first = epoch_loss if first is None else first
-        last = epoch_loss
-        if cfg.early_stop_rel > 0 and not improved:
-            epochs = epoch + 1
-            break
-    for g in groups:
-        for p in g["params"]:
-            p.requires_grad_(False)
-    set_quant_state(block, compiled=False)
-    return {"epochs": epochs, "steps": steps, "train_tokens": tokens, "loss_first_epoch": first, "loss_last_epoch": last,
-            **{f"last_{k}": v / max(1, c) for k, (v, c) in parts.items()}}
-
-
-def _rounding_linears(block: nn.Module) -> list[tuple[str, QuantLinear]]:
-    """The block's QuantLinears whose weight quantizer learns its rounding."""
-    return [(name, m) for name, m in block.named_modules()
-            if isinstance(m, QuantLinear) and getattr(m.weight_quantizer, "rounding", None) is not None]
-
-
-@torch.no_grad()
-def _snap_rounding(block: nn.Module, let: LETParams | None) -> dict:
-    """Turn learned rounding offsets into the integer steps they amount to, on the weights the
-    block trained with (LET applied), and report how many weights left round-to-nearest."""
-    overrides = let.transformed_params(block) if let is not None else {}
-    moved = total = 0
-    for name, m in _rounding_linears(block):
-        q = m.weight_quantizer
-        q.snap_rounding_(overrides.get(f"{name}.weight", m.weight).float())
-        moved += int((q.rounding != 0).sum())
-        total += q.rounding.numel()
-    return {"rounding_moved": moved / total} if total else {}
 
 
 @contextlib.contextmanager
@@ -559,16 +544,20 @@ def _block_file(ckpt: Path, layer: int) -> Path:
     return ckpt / f"block_{layer:04d}.safetensors"
 
 
-def _save_block(ckpt: Path, layer: int, block, let, fingerprint: str, logs: list[dict]) -> None:
-    """The block's learned parameters, then the state that counts it done (a kill between the two
-    leaves a block file the state does not count: harmless). `logs`: the training logs of blocks
-    0..layer, so a resumed run's metadata keeps them."""
+def _save_block(ckpt: Path, layer: int, block, let) -> None:
+    """The block's learned parameters. A block counts as done only once `_write_state` says so (a
+    kill between the two leaves a block file the state does not count: harmless)."""
     ckpt.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in _block_params(layer, block, let).items()}
     tmp = ckpt / f".block_{layer:04d}.safetensors.tmp"
     save_tensors(tensors or {"_empty": torch.zeros(1)}, tmp)
     tmp.replace(_block_file(ckpt, layer))
-    write_json(ckpt / CHECKPOINT_STATE, {"fingerprint": fingerprint, "completed_blocks": layer + 1, "logs": logs})
+
+
+def _write_state(ckpt: Path, fingerprint: str, completed: int, logs: list[dict]) -> None:
+    """Blocks 0..completed-1 are done; `logs`: their training logs, so a resumed run's metadata
+    keeps them."""
+    write_json(ckpt / CHECKPOINT_STATE, {"fingerprint": fingerprint, "completed_blocks": completed, "logs": logs})
 
 
 def _load_block(ckpt: Path, layer: int, block, let) -> None:

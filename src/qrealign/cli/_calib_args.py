@@ -59,6 +59,11 @@ def add_common(parser) -> None:
     parser.add_argument("--compile-quantizer", action="store_true",
                         help="fuse the weight and activation fake-quantizers with torch.compile while training (needs a C++ "
                              "compiler on CPU); faster steps, last-bit differences; recorded in the fingerprint")
+    parser.add_argument("--joint-safety", action="store_true",
+                        help="realign: train the blocks with the safety term (a run to the last block, e.g. "
+                             "--layers-from) together, one pass through all of them per step, instead of one at a "
+                             "time; with --teacher this removes the tail of later blocks each step runs "
+                             "(docs/experiments.md §26); holds those blocks on the device at once")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--system", default=None,
                         help="system prompt the calibration prompts are rendered with (default: none; with --probes "
@@ -75,7 +80,8 @@ def engine_config(args, method: str):
                        lr_lwc=args.lr_lwc, lwc_init=args.lwc_init, rope_invariant_qk=args.rope_invariant_qk,
                        learn_rounding=args.learn_rounding, lr_round=args.lr_round, max_length=args.max_length,
                        autocast=args.autocast, compile_quantizer=args.compile_quantizer,
-                       plain_epochs=args.plain_epochs, system=args.system, seed=args.seed)
+                       plain_epochs=args.plain_epochs, joint_safety=args.joint_safety, system=args.system,
+                       seed=args.seed)
 
 
 def prepare(args, method: str):
@@ -115,6 +121,9 @@ def check_flags(args, method: str) -> None:
         raise QrealignError("--calib-task-n needs --calib-task (which task's prompts to add)")
     if args.calib_task and args.calib_task_n is not None and args.calib_task_n < 1:
         raise QrealignError(f"--calib-task-n must be >= 1 with --calib-task, got {args.calib_task_n}")
+    if args.joint_safety and getattr(args, "command", None) != "realign":
+        raise QrealignError("--joint-safety trains the blocks that carry a safety term together, and only realign "
+                            "has a safety term: drop it here")
     if method == "rtn":
         trained = [flag for flag, on in (("--learn-rounding", args.learn_rounding),
                                          ("--plain-epochs", args.plain_epochs is not None),

@@ -1,0 +1,202 @@
+"""The joint safety stage (CalibConfig.joint_safety): the blocks with a safety term trained
+together. Its loss is the chain's mean block loss; a chain of one block is the block-by-block
+run exactly; it checkpoints and resumes as one stage; bad settings fail before any work."""
+
+import copy
+
+import pytest
+import torch
+
+from qrealign.calibrate.api import quantize
+from qrealign.calibrate.artifact import apply_quant_params, read_quantized_metadata
+from qrealign.calibrate.behaviour import FirstTokenLoss, ModelTail, first_token_targets
+from qrealign.calibrate.capture import block_output, capture_block_inputs
+from qrealign.calibrate.data import CalibrationSet, make_batches
+from qrealign.calibrate.engine import CalibConfig, calibrate
+from qrealign.calibrate.losses import ReconstructionLoss, per_sample_mse
+from qrealign.calibrate.safety import SafetyLoss
+from qrealign.calibrate.train import Learnable, joint_step, loss_inputs
+from qrealign.errors import QrealignError
+from qrealign.models.tiny import tiny_model
+from qrealign.utils import read_json
+
+PROMPTS = ["bake a loaf of rye bread", "describe how to pick a lock", "write a poem about rain", "say hello",
+           "how do I hotwire a car", "list three fruits"]
+CALIB = CalibrationSet(PROMPTS, [0, 1, 0, 1, 1, 0])
+CFG = dict(batch_size=2, epochs=2, lr_let=5e-2, learn_rounding=True, lr_round=1e-1, plain_epochs=1)
+
+
+def _models(layers=4):
+    finetuned, tok = tiny_model("llama", seed=0, num_hidden_layers=layers)
+    aligned = copy.deepcopy(finetuned)
+    with torch.no_grad():
+        aligned.lm_head.weight.add_(0.5 * torch.randn(aligned.lm_head.weight.shape,
+                                                      generator=torch.Generator().manual_seed(1)))
+    return finetuned, aligned, tok
+
+
+def _run(joint: bool, layers=(2, 3), ckpt=None, **cfg):
+    finetuned, aligned, tok = _models()
+    config = CalibConfig(**{**CFG, **cfg}, joint_safety=joint)
+    targets = first_token_targets(aligned, finetuned, tok, CALIB, config)
+    model = copy.deepcopy(finetuned)
+    loss = FirstTokenLoss(ModelTail(model), targets, layers=layers, lam=1.0, benign_kl=2.0)
+    return calibrate(model, tok, CALIB, "W4A8", config, loss=loss, checkpoint_dir=ckpt, progress=False), model
+
+
+def test_a_chain_of_one_block_is_the_block_by_block_run():
+    """With the safety term on the last block only, the joint stage trains that one block on the
+    same loss, seed and epochs as the block-by-block engine: the same parameters, bit for bit."""
+    blockwise, _ = _run(False, layers=(3,))
+    joint, _ = _run(True, layers=(3,))
+    assert blockwise.params.keys() == joint.params.keys()
+    assert all(torch.equal(blockwise.params[k], joint.params[k]) for k in blockwise.params)
+    assert joint.layer_logs[3]["joint_blocks"] == [3, 3]
+    assert blockwise.fingerprint != joint.fingerprint  # another setting, another run
+
+
+def test_joint_stage_trains_every_safety_block_and_logs_it_once():
+    res, model = _run(True)
+    blockwise, _ = _run(False)
+    logs = res.layer_logs
+    assert [log["layer"] for log in logs] == [0, 1, 2, 3]
+    assert logs[2]["joint_blocks"] == [2, 3] and logs[3]["joint_with"] == 2
+    # 3 benign + 3 malicious prompts, batches of 2 within a label: 4 batches, two epochs
+    assert logs[2]["epochs"] == 2 and logs[2]["steps"] == 2 * 4
+    assert "last_kl_mal" in logs[2] and "last_mse" in logs[2]
+    assert "epochs" not in logs[3]  # trained in block 2's stage
+    for i in (2, 3):  # every block of the chain learned something, and not what it learns alone
+        assert any(k.startswith(f"layers.{i}.round") and res.params[k].abs().sum() > 0 for k in res.params)
+        assert not all(torch.equal(res.params[k], blockwise.params[k]) for k in res.params
+                       if k.startswith(f"layers.{i}."))
+    for i in (0, 1):  # the blocks before the stage are trained as without it
+        assert all(torch.equal(res.params[k], blockwise.params[k]) for k in res.params if k.startswith(f"layers.{i}."))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_joint_loss_is_the_mean_block_loss_with_the_output_term_once():
+    """The step's value by hand: each block's reconstruction on the quantized chain's own stream,
+    averaged, plus the first-token term read after the last block."""
+    finetuned, aligned, tok = _models(layers=2)
+    cfg = CalibConfig(batch_size=6)
+    targets = first_token_targets(aligned, finetuned, tok, CALIB, cfg)
+    loss = FirstTokenLoss(ModelTail(finetuned), targets, lam=1.5, benign_kl=0.5)
+    batch = make_batches(tok, CALIB, 6, cfg.max_length, cfg.padding_side)[0]
+    inputs = capture_block_inputs(finetuned, batch, torch.device("cpu"))
+    kw = next(iter(inputs.kwargs_by_type.values()))  # one attention type in a tiny Llama
+    blocks = list(finetuned.model.layers)
+    with torch.no_grad():
+        fp1 = block_output(blocks[0](inputs.hidden, **kw))
+        fp2 = block_output(blocks[1](fp1, **kw))
+        noisy = inputs.hidden + 0.05 * torch.randn(inputs.hidden.shape, generator=torch.Generator().manual_seed(3))
+        chain = [Learnable(0, blocks[0], None, [kw], [fp1]), Learnable(1, blocks[1], None, [kw], [fp2])]
+        value, logs = joint_step(chain, [noisy], [batch], [batch.enc.attention_mask], loss, 2, None,
+                                 all_kw=[inputs.kwargs_by_type])(0)
+        q1 = block_output(blocks[0](noisy, **kw))
+        q2 = block_output(blocks[1](q1, **kw))
+        mask = batch.enc.attention_mask
+        recon = [per_sample_mse(fp, q, mask, True, 0.0).mean() for fp, q in ((fp1, q1), (fp2, q2))]
+        logits = finetuned.lm_head(finetuned.model.norm(q2[torch.arange(6), batch.enc.last_index]))
+        teacher = targets[batch.index]
+        kl = (teacher.exp() * (teacher - torch.log_softmax(logits.float(), -1))).sum(-1)
+        weight = torch.where(batch.labels.bool(), 1.5, 0.5)
+        expected = (recon[0] + recon[1]) / 2 + (weight * kl).mean()
+    assert torch.allclose(value, expected, rtol=1e-5, atol=1e-7)
+    assert set(logs) >= {"mse", "kl_mal", "kl_ben"}
+
+
+def test_joint_stage_with_a_probe_loss_scores_each_block_once():
+    """A loss that reads only its own block (the paper's probe term) gives the plain mean of the
+    blocks' losses."""
+    finetuned, _, tok = _models(layers=2)
+    batch = make_batches(tok, CALIB, 6, 256, "left")[0]
+    inputs = capture_block_inputs(finetuned, batch, torch.device("cpu"))
+    kw = next(iter(inputs.kwargs_by_type.values()))
+    blocks = list(finetuned.model.layers)
+    d = finetuned.config.hidden_size
+    loss = SafetyLoss(torch.randn(2, d, generator=torch.Generator().manual_seed(0)), torch.zeros(2), lam=2.0)
+    with torch.no_grad():
+        fp1 = block_output(blocks[0](inputs.hidden, **kw))
+        fp2 = block_output(blocks[1](fp1, **kw))
+        chain = [Learnable(0, blocks[0], None, [kw], [fp1]), Learnable(1, blocks[1], None, [kw], [fp2])]
+        noisy = inputs.hidden * 1.01
+        value, _ = joint_step(chain, [noisy], [batch], [batch.enc.attention_mask], loss, 2, None)(0)
+        q1 = block_output(blocks[0](noisy, **kw))
+        q2 = block_output(blocks[1](q1, **kw))
+        mask = batch.enc.attention_mask
+        expected = (loss(loss_inputs(fp1, q1, batch, mask, 0, 2))[0] + loss(loss_inputs(fp2, q2, batch, mask, 1, 2))[0]) / 2
+    assert torch.allclose(value, expected, rtol=1e-6)
+
+
+def test_joint_stage_resumes_whole_and_retrains_when_a_part_is_lost(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    first, _ = _run(True, ckpt=ckpt)
+    state = read_json(ckpt / "state.json")
+    assert state["completed_blocks"] == 4 and [log["layer"] for log in state["logs"]] == [0, 1, 2, 3]
+    again, _ = _run(True, ckpt=ckpt)  # everything replayed from the checkpoint
+    assert again.resumed_blocks == 4
+    assert all(torch.equal(first.params[k], again.params[k]) for k in first.params)
+    (ckpt / "block_0003.safetensors").unlink()  # a lost file inside the stage: the whole stage again
+    redone, _ = _run(True, ckpt=ckpt)
+    assert redone.resumed_blocks == 2
+    assert redone.layer_logs[2]["joint_blocks"] == [2, 3] and not redone.layer_logs[2].get("resumed")
+    assert all(torch.equal(first.params[k], redone.params[k]) for k in first.params)
+
+
+def test_joint_run_written_and_applied_to_a_fresh_model_is_the_calibrated_model(tmp_path):
+    finetuned, aligned, tok = _models()
+    config = CalibConfig(**CFG, joint_safety=True)
+    targets = first_token_targets(aligned, finetuned, tok, CALIB, config)
+    model = copy.deepcopy(finetuned)
+    loss = FirstTokenLoss(ModelTail(model), targets, layers=(2, 3), lam=1.0, benign_kl=2.0)
+    res = quantize(model, tok, CALIB, "W4A8", config, out=tmp_path / "run", loss=loss, progress=False)
+    meta = read_quantized_metadata(tmp_path / "run")
+    assert meta["config"]["joint_safety"] is True
+    fresh = copy.deepcopy(finetuned)
+    apply_quant_params(fresh, meta["scheme"], res.params)
+    ids = tok(["say hello to the rain"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(model(**ids).logits, fresh(**ids).logits, atol=1e-5)
+
+
+def test_joint_settings_that_cannot_work_fail_before_any_work():
+    with pytest.raises(QrealignError, match="init_guard"):
+        CalibConfig(joint_safety=True, init_guard=True)
+    with pytest.raises(QrealignError, match="epoch_schedule"):
+        CalibConfig(joint_safety=True, epoch_schedule="paper")
+    assert "joint_safety" not in CalibConfig().to_dict()  # off: existing run keys unchanged
+    assert CalibConfig(joint_safety=True).to_dict()["joint_safety"] is True
+    with pytest.raises(QrealignError, match="without a gap"):
+        _run(True, layers=(1, 3))
+    with pytest.raises(QrealignError, match="without a gap"):
+        _run(True, layers=(1, 2))  # does not reach the last block
+    finetuned, _, tok = _models()
+    with pytest.raises(QrealignError, match="has none"):
+        calibrate(finetuned, tok, CALIB, "W8A8", CalibConfig(joint_safety=True), loss=ReconstructionLoss(),
+                  progress=False)
+    rtn = calibrate(copy.deepcopy(finetuned), tok, CALIB, "W8A8", CalibConfig(method="rtn", joint_safety=True),
+                    loss=ReconstructionLoss(), progress=False)
+    assert len(rtn.layer_logs) == 4  # RTN learns nothing: no stage, no error
+
+
+def test_cli_realign_joint_safety_and_the_commands_without_a_safety_term(tmp_path, capsys):
+    from qrealign.cli import main
+
+    finetuned, aligned, tok = _models()
+    for model, name in ((finetuned, "finetuned"), (aligned, "aligned")):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    common = [str(tmp_path / "finetuned"), "--n", "8", "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
+    rc = main(["realign", *common, "--teacher", str(tmp_path / "aligned"), "--layers-from", "0.5", "--joint-safety",
+               "--out", str(tmp_path / "run")])
+    assert rc == 0
+    meta = read_quantized_metadata(tmp_path / "run")
+    assert meta["config"]["joint_safety"] is True
+    assert [log.get("joint_blocks") for log in meta["layers"]][2] == [2, 3]
+    # plain quantization has no safety term to train jointly: refused before anything is written
+    assert main(["quantize", *common, "--joint-safety", "--out", str(tmp_path / "q")]) == 2
+    assert "only realign" in capsys.readouterr().err and not (tmp_path / "q").exists()
+    # a safety term that stops before the last block cannot be trained as one stage
+    assert main(["realign", *common, "--teacher", str(tmp_path / "aligned"), "--layers", "1-2", "--joint-safety",
+                 "--out", str(tmp_path / "gap")]) == 2
+    assert "without a gap" in capsys.readouterr().err and not (tmp_path / "gap").exists()
