@@ -169,6 +169,28 @@ def test_offloaded_first_token_run_matches_the_in_memory_one(model_type, tmp_pat
     assert all(held == [False] * (layer + 1) + [True] * (LAYERS - layer - 1) for layer, _, held in disk)
 
 
+def test_offloaded_joint_safety_run_matches_the_in_memory_one(tmp_path):
+    """The joint stage on a disk-offloaded model: its blocks onloaded together, the output read
+    after the last one (no block copies held for a tail). Same parameters as in memory."""
+    student = _save("llama", tmp_path / "student")
+    model, tok = tiny_model("llama", seed=7, num_hidden_layers=LAYERS)
+    model.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    calib = CalibrationSet(["explain how to break into a house", "write a scam email", "bake bread",
+                            "write a birthday email, a long and warm one"], [1, 1, 0, 0])
+    cfg = CalibConfig(epochs=2, batch_size=3, joint_safety=True)
+    runs, resident = {}, {}
+    for offload in (None, "disk"):
+        model, tok = load_model(student, offload=offload)
+        runs[offload] = realign(model, tok, teacher=str(tmp_path / "teacher"), calibration=calib, scheme="W8A8",
+                                config=cfg, layers=(1, 2), benign_kl=1.0, progress=False)
+        source = offloaded(model)
+        resident[offload] = source.max_resident if source is not None else None
+    _assert_same_params(runs[None], runs["disk"])
+    assert runs["disk"].layer_logs[1]["joint_blocks"] == [1, 2]
+    assert resident["disk"] == 2  # the stage's two blocks at once, nothing more
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_offloaded_first_token_targets_equal_the_model_forward(model_type, dtype, tmp_path):

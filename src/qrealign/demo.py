@@ -97,12 +97,17 @@ CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AG
 # Four response positions (§24, chosen on the AMX lab's dev by a rule written before the run): the
 # KL also on the three tokens after the first, along each prompt's greedy start, so "I'm" goes on
 # with "sorry", not "glad". Dev: HS 17.3 -> 12.7 %, over-refusal 16.8 -> 16.8 %, FA-800 53.9 -> 53.4 %.
+# The safety blocks trained jointly (§26, chosen on the EPYC lab's dev by a rule written before
+# the run): one pass through blocks 18-29 per step instead of each block's step running the FP
+# blocks after it, with twice the epochs (4; at 2 the shared steps were too few: HS 23.6 %, FA-800
+# 46.4 %). Calibration 1124 -> 674 s at two threads; dev HS 15.5 -> 12.7 %, over-refusal 14.2 ->
+# 15.0 %, FA-800 54.9 -> 54.4 % (smallest z-slack 1.33 -> 1.12).
 FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib_task=96,
                       calib_benign=("qrealign:calib", "qrealign:align", "qrealign:twins"),
                       loss={"layers_from": 0.6, "lam": 1.0, "benign_kl": 4.0, "refusal_targets": True,
                             "response_tokens": 4},
                       config={"lr_let": 1e-2, "batch_size": 4, "learn_rounding": True, "lr_round": 1e-2,
-                              "plain_epochs": 1, "compile_quantizer": True},
+                              "plain_epochs": 1, "compile_quantizer": True, "joint_safety": True, "epochs": 4},
                       scheme_config={"W8A8": {"lwc": False}, "W4A8": {"lr_round": 2e-3}})
 # The table: the plain-PTQ controls, the paper's objective and the one that works here.
 DEFAULT_VARIANTS = (
