@@ -65,6 +65,7 @@ def test_joint_stage_trains_every_safety_block_and_logs_it_once():
     assert logs[2]["epochs"] == 2 and logs[2]["steps"] == 2 * 4
     assert "last_kl_mal" in logs[2] and "last_mse" in logs[2]
     assert "epochs" not in logs[3]  # trained in block 2's stage
+    assert logs[2]["seconds"] >= logs[2]["joint_seconds"] > 0  # the stage's time is its first block's
     for i in (2, 3):  # every block of the chain learned something, and not what it learns alone
         assert any(k.startswith(f"layers.{i}.round") and res.params[k].abs().sum() > 0 for k in res.params)
         assert not all(torch.equal(res.params[k], blockwise.params[k]) for k in res.params
