@@ -340,11 +340,12 @@ def default_lanes(device: str | None) -> int:
 
 
 def _quant_cost(variant: Variant, cfg: DemoConfig) -> float:
-    """Relative cost, for ordering the lanes only (measured on SmolLM2: RTN ~30 s, a reconstruction
-    ~110 s, the first-token objective ~700 s, an evaluation ~100 s)."""
+    """Relative cost, for ordering the lanes and weighting the bar's ETA (one-thread lanes on a
+    2-core AMD EPYC, 2026-12-04: RTN ~38 s, a reconstruction ~220 s, the first-token objective
+    with its joint stage ~990 s, an evaluation ~210 s = 1.0)."""
     if variant.method == "rtn":
-        return 0.3
-    return 7.0 if variant.teacher else 1.1 * cfg.epochs / 2
+        return 0.2
+    return 4.7 if variant.teacher else 1.05 * cfg.epochs / 2
 
 
 def _calibration(cfg, variant: Variant):
