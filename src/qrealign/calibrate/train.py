@@ -210,7 +210,7 @@ def joint_step(chain: list[Learnable], q_in, batches, masks, loss: BlockLoss, nu
 
     def step(b):
         h, terms, logs = q_in[b], [], {}
-        for k, part in enumerate(chain):
+        for part in chain:
             h = part.forward(h, b, amp)
             inp = loss_inputs(part.fp_out[b], h, batches[b], masks[b], part.layer, num_layers,
                               all_kw[b] if all_kw else None)
