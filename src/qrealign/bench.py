@@ -32,7 +32,7 @@ from .calibrate.safety import SafetyLoss
 from .models import get_blocks, load_model
 from .models.chat import encode_prompts
 from .errors import QrealignError
-from .utils import resolve_device, write_report
+from .utils import position_ids_from_mask, resolve_device, write_report
 
 REFERENCE = CalibConfig(batch_size=1, pad_to=128, padding_side="right", epochs=10, epoch_schedule="paper",
                         group_by_label=False)
@@ -199,7 +199,7 @@ def _behaviour(model, tok, eval_n: int, task_n: int) -> dict:
 def _block_outputs(model, tok, prompts: list[str]) -> list[torch.Tensor]:
     """Every block's output on real tokens of held-out prompts (left padding, positions from the mask)."""
     enc = encode_prompts(tok, prompts, padding_side="left")
-    pos = (enc.attention_mask.cumsum(1) - 1).clamp(min=0)
+    pos = position_ids_from_mask(enc.attention_mask)
     outs = []
     hooks = [b.register_forward_hook(lambda m, a, o: outs.append((o[0] if isinstance(o, tuple) else o).detach()))
              for b in get_blocks(model)]

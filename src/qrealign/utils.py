@@ -59,6 +59,12 @@ def same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token (pads get 0): left and right padding
+    then give the same RoPE angles to the same tokens, as unpadded prompts have."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def kv_cache_argument(model) -> str:
     """The name a model's forward takes (and returns) its KV cache under: transformers renamed
     `past_key_values` to `cache` within 5.x."""

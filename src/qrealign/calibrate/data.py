@@ -15,6 +15,7 @@ import torch
 
 from ..errors import QrealignError
 from ..models.chat import EncodedPrompts, encode_prompts, with_response
+from ..utils import position_ids_from_mask
 
 
 @dataclass
@@ -57,7 +58,7 @@ class CalibBatch:
     def position_ids(self) -> torch.Tensor:
         """Positions counted from each row's first real token, so left and right padding give the
         same RoPE angles to the same tokens."""
-        return (self.enc.attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        return position_ids_from_mask(self.enc.attention_mask)
 
 
 def make_batches(tokenizer, calib: CalibrationSet, batch_size: int, max_length: int | None = None,

@@ -141,12 +141,12 @@ def _greedy_dropping_finished(model, input_ids, attention_mask, max_new_tokens: 
     """[B, <= max_new_tokens] greedy tokens of a left-padded batch, each row padded with `pad_id`
     after its stop token: what `generate` returns, but a row that has stopped leaves the batch
     and the KV cache, so later steps compute only the rows still answering."""
-    from ..utils import kv_cache_argument
+    from ..utils import kv_cache_argument, position_ids_from_mask
 
     cache = kv_cache_argument(model)
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
     mask = attention_mask
-    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)  # each row counts its own tokens (left padding)
+    pos = position_ids_from_mask(mask)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     pos = pos[:, -1:]
     alive = torch.arange(input_ids.shape[0], device=input_ids.device)

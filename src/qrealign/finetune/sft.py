@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import QrealignError
 from ..models.chat import render_chat
-from ..utils import resolve_device, seed_everything
+from ..utils import position_ids_from_mask, resolve_device, seed_everything
 from .config import SFTConfig
 
 IGNORE_INDEX = -100
@@ -92,7 +92,7 @@ def collate(tokenizer, pairs: Sequence[Pair], system: str | None = None, max_len
         masks.append(parts[1])
         labels.append(parts[2])
     mask = torch.tensor(masks)
-    return Batch(torch.tensor(input_ids), mask, torch.tensor(labels), (mask.cumsum(-1) - 1).clamp(min=0))
+    return Batch(torch.tensor(input_ids), mask, torch.tensor(labels), position_ids_from_mask(mask))
 
 
 def batch_loss(model, batch: Batch, per: str = "token") -> torch.Tensor:
