@@ -189,10 +189,10 @@ def test_cli_realign_joint_safety_and_the_commands_without_a_safety_term(tmp_pat
         tok.save_pretrained(tmp_path / name)
     common = [str(tmp_path / "finetuned"), "--n", "8", "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
     rc = main(["realign", *common, "--teacher", str(tmp_path / "aligned"), "--layers-from", "0.5", "--joint-safety",
-               "--out", str(tmp_path / "run")])
+               "--offload-targets", "--out", str(tmp_path / "run")])
     assert rc == 0
     meta = read_quantized_metadata(tmp_path / "run")
-    assert meta["config"]["joint_safety"] is True
+    assert meta["config"]["joint_safety"] is True and meta["config"]["offload_targets"] is True
     assert [log.get("joint_blocks") for log in meta["layers"]][2] == [2, 3]
     # plain quantization has no safety term to train jointly: refused before anything is written
     assert main(["quantize", *common, "--joint-safety", "--out", str(tmp_path / "q")]) == 2
@@ -201,3 +201,16 @@ def test_cli_realign_joint_safety_and_the_commands_without_a_safety_term(tmp_pat
     assert main(["realign", *common, "--teacher", str(tmp_path / "aligned"), "--layers", "1-2", "--joint-safety",
                  "--out", str(tmp_path / "gap")]) == 2
     assert "without a gap" in capsys.readouterr().err and not (tmp_path / "gap").exists()
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_offloaded_targets_change_nothing_learned(joint):
+    """`offload_targets` only moves where the FP targets wait between steps: the same parameters
+    bit for bit and the same fingerprint (a run resumes across it). On this CPU-only suite the
+    compute device is the CPU too, so the copy itself is exercised only on a GPU."""
+    kept, _ = _run(joint)
+    offloaded, _ = _run(joint, offload_targets=True)
+    assert kept.fingerprint == offloaded.fingerprint
+    assert all(torch.equal(kept.params[k], offloaded.params[k]) for k in kept.params)
+    assert "offload_targets" not in CalibConfig().to_dict()  # off: existing run keys unchanged
+    assert "offload_targets" not in CalibConfig(offload_targets=True).fingerprint_dict()

@@ -1,6 +1,7 @@
 """Disk-offloaded calibration (`load_model(..., offload="disk")`): the same learned parameters as
 the model in memory, one block resident at a time, resume, and clear errors for what it cannot do."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -171,7 +172,8 @@ def test_offloaded_first_token_run_matches_the_in_memory_one(model_type, tmp_pat
 
 def test_offloaded_joint_safety_run_matches_the_in_memory_one(tmp_path):
     """The joint stage on a disk-offloaded model: its blocks onloaded together, the output read
-    after the last one (no block copies held for a tail). Same parameters as in memory."""
+    after the last one (no block copies held for a tail). Same parameters as in memory, also with
+    the FP targets kept in CPU memory (`offload_targets`, the large-model setting)."""
     student = _save("llama", tmp_path / "student")
     model, tok = tiny_model("llama", seed=7, num_hidden_layers=LAYERS)
     model.save_pretrained(tmp_path / "teacher")
@@ -182,8 +184,9 @@ def test_offloaded_joint_safety_run_matches_the_in_memory_one(tmp_path):
     runs, resident = {}, {}
     for offload in (None, "disk"):
         model, tok = load_model(student, offload=offload)
+        config = dataclasses.replace(cfg, offload_targets=offload == "disk")
         runs[offload] = realign(model, tok, teacher=str(tmp_path / "teacher"), calibration=calib, scheme="W8A8",
-                                config=cfg, layers=(1, 2), benign_kl=1.0, progress=False)
+                                config=config, layers=(1, 2), benign_kl=1.0, progress=False)
         source = offloaded(model)
         resident[offload] = source.max_resident if source is not None else None
     _assert_same_params(runs[None], runs["disk"])

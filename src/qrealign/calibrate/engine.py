@@ -45,8 +45,10 @@ from .train import (NonFiniteLoss, Learnable, block_step, guard_init, joint_step
 
 METHODS = ("rtn", "omniquant")
 ROUNDING = "weight_quantizer.rounding"
-LOG_ONLY = ("measure_init_loss",)  # CalibConfig fields that change what is logged, not what is learned
-ADDED_OFF = ("compile_quantizer", "plain_epochs", "joint_safety")  # later CalibConfig fields, left out of to_dict() while off
+# CalibConfig fields that change what is logged or where tensors wait, not what is learned: left
+# out of the run fingerprint (a run resumes across them)
+NOT_LEARNED = ("measure_init_loss", "offload_targets")
+ADDED_OFF = ("compile_quantizer", "plain_epochs", "joint_safety", "offload_targets")  # later CalibConfig fields, left out of to_dict() while off
 
 
 @dataclass
@@ -114,6 +116,12 @@ class CalibConfig:
     # takes `epochs` (its blocks' epochs) and holds all its blocks on the compute device at once
     # (docs/experiments.md §26).
     joint_safety: bool = False
+    # Keep the FP targets (each block's FP output, per batch) in CPU memory and copy a batch's to
+    # the compute device for its step. A joint stage holds one target per block and batch: at
+    # 4096 wide, 505 prompts of ~128 tokens are ~1 GB per block, 8.5 GB for eight blocks, which
+    # a 24 GB GPU holding those blocks cannot spare. The same numbers either way (copies), slower
+    # steps where the copy is not hidden; block by block it frees one stream's worth.
+    offload_targets: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -167,7 +175,7 @@ class CalibConfig:
 
     def fingerprint_dict(self) -> dict:
         """The settings that decide the learned parameters (a run resumes across the others)."""
-        return {k: v for k, v in self.to_dict().items() if k not in LOG_ONLY}
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_LEARNED}
 
 
 @dataclass
@@ -257,6 +265,14 @@ class _Run:
         types = block_types(self.model)
         return [k[types[i]] for k in self.kwargs]
 
+    def keep(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """Where an FP target waits between steps: on the compute device, or in (pinned) CPU memory
+        with `offload_targets`. Readers copy it back with `.to(device)` (a no-op when it is there)."""
+        if t is None or not self.cfg.offload_targets:
+            return t
+        t = t.to("cpu")
+        return t.pin_memory() if self.dev.type == "cuda" else t
+
 
 def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, device, progress, on_block_end,
                model_fp) -> CalibResult:
@@ -297,16 +313,16 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
     needs_fp = [joint_from is not None or any(bool(loss.needs_fp(b.labels, layer).any()) for layer in range(num_layers))
                 for b in batches]
     embed_device = model.get_input_embeddings().weight.device
-    fp_in, q_in, kwargs = [], [], []
-    for b, need in zip(batches, needs_fp):
-        inputs = capture_block_inputs(model, b, embed_device)
-        fp_in.append(inputs.hidden.to(dev) if need else None)
-        q_in.append(inputs.hidden.to(dev))
-        kwargs.append({t: move_kwargs(kw, dev) for t, kw in inputs.kwargs_by_type.items()})
     masks = [b.enc.attention_mask.to(dev) for b in batches]
     pairs = tuple(p for p in block_pairs(model) if p in cfg.let_pairs) if (cfg.let and cfg.method != "rtn") else ()
     run = _Run(model, cfg, scheme, loss, dev, amp, get_arch(model), head_layout(model.config), pairs, batches, masks,
-               kwargs, ckpt, fingerprint, progress)
+               [], ckpt, fingerprint, progress)
+    fp_in, q_in = [], []
+    for b, need in zip(batches, needs_fp):
+        inputs = capture_block_inputs(model, b, embed_device)
+        fp_in.append(run.keep(inputs.hidden.to(dev)) if need else None)
+        q_in.append(inputs.hidden.to(dev))
+        run.kwargs.append({t: move_kwargs(kw, dev) for t, kw in inputs.kwargs_by_type.items()})
 
     params: dict[str, torch.Tensor] = {}
     logs: list[dict] = []
@@ -342,7 +358,7 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
         else:
             epochs = cfg.epochs_for(i, num_layers, safety=_has_safety_term(loss, i))
             guard = cfg.init_guard and epochs and part.let is not None
-            step = block_step(part, q_in, batches, masks, loss, num_layers, amp, all_kw=kwargs)
+            step = block_step(part, q_in, batches, masks, loss, num_layers, amp, all_kw=run.kwargs)
             # measured under the training's own precision: the guard compares like with like
             if cfg.measure_init_loss or guard:
                 log["loss_init"] = mean_loss(step, batches)
@@ -372,11 +388,12 @@ def _prepare_block(run: _Run, i: int, fp_in: list, q_in: list) -> Learnable:
     an FP stream contribute statistics through their quantized-stream inputs."""
     block, kw, cfg = run.blocks[i], run.kw(i), run.cfg
     with torch.no_grad(), _absmax_hooks(block, run.spec.linears) as absmax:
-        fp_out = [block_output(block(x, **k)) if x is not None else None for x, k in zip(fp_in, kw)]
+        fp_out = [run.keep(block_output(block(x.to(run.dev), **k))) if x is not None else None
+                  for x, k in zip(fp_in, kw)]
         if run.pairs:
             for x, f, k in zip(q_in, fp_in, kw):
                 if f is None:
-                    block(x, **k)
+                    block(x.to(run.dev), **k)
     learned = cfg.method != "rtn"
     wrap_linears(block, run.spec.linears, run.scheme, lwc=cfg.lwc and learned, lwc_init=cfg.lwc_init,
                  rounding=cfg.learn_rounding and learned)
@@ -398,7 +415,7 @@ def _finish_block(run: _Run, part: Learnable, q_in: list, log: dict) -> list:
             m.freeze()
     with torch.no_grad():
         q_out = [block_output(part.block(x, **k)) for x, k in zip(q_in, part.kw)]
-        errs = [((q - f).pow(2).mean(-1) * m).sum() / m.sum() for q, f, m in zip(q_out, part.fp_out, run.masks)
+        errs = [((q - f.to(q.device)).pow(2).mean(-1) * m).sum() / m.sum() for q, f, m in zip(q_out, part.fp_out, run.masks)
                 if f is not None]
         log["q_mse"] = float(sum(errs) / len(errs)) if errs else float("nan")
     return q_out

@@ -64,6 +64,9 @@ def add_common(parser) -> None:
                              "--layers-from) together, one pass through all of them per step, instead of one at a "
                              "time; with --teacher this removes the tail of later blocks each step runs "
                              "(docs/experiments.md §26); holds those blocks on the device at once")
+    parser.add_argument("--offload-targets", action="store_true",
+                        help="keep the FP targets in CPU memory and copy each batch's to the device for its step "
+                             "(same numbers; frees ~1 GB of device memory per joint block at 7B); not in the fingerprint")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--system", default=None,
                         help="system prompt the calibration prompts are rendered with (default: none; with --probes "
@@ -80,8 +83,8 @@ def engine_config(args, method: str):
                        lr_lwc=args.lr_lwc, lwc_init=args.lwc_init, rope_invariant_qk=args.rope_invariant_qk,
                        learn_rounding=args.learn_rounding, lr_round=args.lr_round, max_length=args.max_length,
                        autocast=args.autocast, compile_quantizer=args.compile_quantizer,
-                       plain_epochs=args.plain_epochs, joint_safety=args.joint_safety, system=args.system,
-                       seed=args.seed)
+                       plain_epochs=args.plain_epochs, joint_safety=args.joint_safety,
+                       offload_targets=args.offload_targets, system=args.system, seed=args.seed)
 
 
 def prepare(args, method: str):
