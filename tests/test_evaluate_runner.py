@@ -428,3 +428,25 @@ def test_drop_finished_through_generate_and_its_key(tiny):
     assert drop.to_dict()["drop_finished"] is True
     with pytest.raises(QrealignError, match="sampling"):
         GenerationConfig(do_sample=True, drop_finished=True).validate()
+
+
+def test_drop_finished_falls_back_to_generate_where_the_model_sets_a_logits_processor(tiny):
+    """A generation config with a repetition penalty (Qwen2.5-Instruct ships 1.05) changes greedy
+    tokens inside `generate`; the dropping decode applies no processors, so it must step aside
+    (with a warning) and give `generate`'s answers, not its own."""
+    from qrealign.evaluate.generate import greedy_processors
+
+    model, tok = tiny
+    before = model.generation_config.repetition_penalty
+    prompts = ["hi", "a much longer prompt than the others", "mid length one"]
+    plain = GenerationConfig(max_new_tokens=6, batch_size=2)
+    try:
+        model.generation_config.repetition_penalty = 3.0  # on this model it changes the answers
+        with pytest.warns(UserWarning, match="repetition_penalty"):
+            dropped = generate(model, tok, prompts, GenerationConfig(max_new_tokens=6, batch_size=2,
+                                                                     drop_finished=True), progress=False)
+        assert dropped == generate(model, tok, prompts, plain, progress=False)
+        model.generation_config.repetition_penalty = 1.0  # the neutral value is no processor
+        assert greedy_processors(model.generation_config) == []
+    finally:
+        model.generation_config.repetition_penalty = before

@@ -120,7 +120,8 @@ class CalibConfig:
     # the compute device for its step. A joint stage holds one target per block and batch: at
     # 4096 wide, 505 prompts of ~128 tokens are ~1 GB per block, 8.5 GB for eight blocks, which
     # a 24 GB GPU holding those blocks cannot spare. The same numbers either way (copies), slower
-    # steps where the copy is not hidden; block by block it frees one stream's worth.
+    # steps by one host-to-device copy of the batch's target; block by block it frees two streams'
+    # worth (the block's FP input and its FP output).
     offload_targets: bool = False
 
     def __post_init__(self):
@@ -266,12 +267,13 @@ class _Run:
         return [k[types[i]] for k in self.kwargs]
 
     def keep(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        """Where an FP target waits between steps: on the compute device, or in (pinned) CPU memory
-        with `offload_targets`. Readers copy it back with `.to(device)` (a no-op when it is there)."""
+        """Where an FP target waits between steps: on the compute device, or in CPU memory with
+        `offload_targets`. Readers copy it back with `.to(device)` (a no-op when it is there).
+        Not pinned: the caching host allocator rounds each pinned block up to a power of two and
+        keeps it, and a step syncs on its loss anyway, so there is no copy to overlap."""
         if t is None or not self.cfg.offload_targets:
             return t
-        t = t.to("cpu")
-        return t.pin_memory() if self.dev.type == "cuda" else t
+        return t.to("cpu")
 
 
 def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, device, progress, on_block_end,
@@ -341,6 +343,7 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
 
     for i in range(num_layers):
         if i == joint_from and i >= done:
+            part = step = None  # block i-1's: its streams must not outlive it on the device
             _joint_stage(run, i, fp_in, q_in, params, logs, finished)
             break
         t0 = time.time()
@@ -405,7 +408,7 @@ def _prepare_block(run: _Run, i: int, fp_in: list, q_in: list) -> Learnable:
 
 def _finish_block(run: _Run, part: Learnable, q_in: list, log: dict) -> list:
     """Step 4: fold the LET scales into the weights, freeze the fake-quantized weights, and push
-    the quantized stream through the finished block (returned). Logs the output error of the
+    the quantized stream through the finished block (replacing `q_in`'s entries, returned). Logs the output error of the
     quantized stream against the FP stream (it accumulates over blocks), over the batches that
     carry an FP stream."""
     if part.let is not None:
@@ -414,11 +417,12 @@ def _finish_block(run: _Run, part: Learnable, q_in: list, log: dict) -> list:
         if isinstance(m, QuantLinear):
             m.freeze()
     with torch.no_grad():
-        q_out = [block_output(part.block(x, **k)) for x, k in zip(q_in, part.kw)]
-        errs = [((q - f.to(q.device)).pow(2).mean(-1) * m).sum() / m.sum() for q, f, m in zip(q_out, part.fp_out, run.masks)
+        for b, (x, k) in enumerate(zip(q_in, part.kw)):  # in place: one stream on the device, not two
+            q_in[b] = block_output(part.block(x, **k))
+        errs = [((q - f.to(q.device)).pow(2).mean(-1) * m).sum() / m.sum() for q, f, m in zip(q_in, part.fp_out, run.masks)
                 if f is not None]
         log["q_mse"] = float(sum(errs) / len(errs)) if errs else float("nan")
-    return q_out
+    return q_in
 
 
 def _joint_start(cfg: CalibConfig, loss, num_layers: int) -> int | None:
@@ -445,6 +449,8 @@ def _joint_stage(run: _Run, first: int, fp_in: list, q_in: list, params: dict, l
     for j in range(first, run.num_layers):
         put_backs.append(_to_compute(run.model, j, run.dev))
         chain.append(_prepare_block(run, j, fp_in, fp_in))  # every batch carries an FP stream here
+        if j == first:
+            fp_in.clear()  # block first-1's FP outputs (the caller's list): read, no longer needed
         fp_in = chain[-1].fp_out
     step = joint_step(chain, q_in, run.batches, run.masks, run.loss, run.num_layers, run.amp, all_kw=run.kwargs)
     log = {"layer": first, "joint_blocks": [first, run.num_layers - 1]}

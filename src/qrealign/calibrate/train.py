@@ -39,7 +39,7 @@ def block_forward(block, let, x, kw, amp: str | None):
 
 def loss_inputs(fp_out, q_out, batch: CalibBatch, mask, layer, num_layers, kwargs_by_type=None) -> LossInputs:
     dev = q_out.device
-    fp_out = fp_out.to(dev, non_blocking=True) if fp_out is not None else None  # offload_targets: CPU-resident
+    fp_out = fp_out.to(dev) if fp_out is not None else None  # offload_targets: it waits in CPU memory
     return LossInputs(fp_out, q_out, batch.labels.to(dev), mask, batch.enc.last_index.to(dev), layer, num_layers,
                       index=batch.index, block_kwargs=kwargs_by_type)
 

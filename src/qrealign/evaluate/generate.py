@@ -108,6 +108,23 @@ def length_batches(prompts: list[str], batch_size: int) -> list[list[int]]:
     return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
 
+# Settings of a model's generation config that change greedy tokens through a logits processor
+# in `generate`, with the value that leaves them off. The `drop_finished` decode applies none of
+# them (e.g. Qwen2.5-Instruct ships repetition_penalty 1.05), so such a model decodes with
+# `generate` instead.
+_GREEDY_PROCESSORS = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+                      "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0,
+                      "min_new_tokens": 0, "forced_bos_token_id": None, "forced_eos_token_id": None,
+                      "exponential_decay_length_penalty": None, "suppress_tokens": None,
+                      "begin_suppress_tokens": None, "sequence_bias": None, "guidance_scale": 1.0}
+
+
+def greedy_processors(generation_config) -> list[str]:
+    """The settings of `generation_config` that `generate` turns into logits processors."""
+    return [k for k, off in _GREEDY_PROCESSORS.items()
+            if getattr(generation_config, k, None) not in (None, off, [], ())]
+
+
 @torch.no_grad()
 def _generate_hf(model, tokenizer, prompts, cfg: GenerationConfig, progress: bool, desc: str) -> list[str]:
     device = next(model.parameters()).device
@@ -120,11 +137,19 @@ def _generate_hf(model, tokenizer, prompts, cfg: GenerationConfig, progress: boo
         torch.manual_seed(cfg.seed)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
+    dropping = cfg.drop_finished
+    processors = greedy_processors(getattr(model, "generation_config", None)) if dropping else []
+    if processors:
+        import warnings
+
+        warnings.warn(f"drop_finished: the model's generation config sets {', '.join(processors)}, which only "
+                      "generate() applies; decoding with generate() instead", stacklevel=3)
+        dropping = False
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt")
     for idx in length_batches(prompts, cfg.batch_size):
         enc = encode_prompts(tokenizer, [prompts[i] for i in idx], system=cfg.system,
                              max_length=cfg.max_prompt_tokens, padding_side="left").to(device)
-        if cfg.drop_finished:
+        if dropping:
             new = _greedy_dropping_finished(model, enc.input_ids, enc.attention_mask, cfg.max_new_tokens,
                                             kwargs["eos_token_id"], tokenizer.pad_token_id)
         else:
@@ -145,6 +170,7 @@ def _greedy_dropping_finished(model, input_ids, attention_mask, max_new_tokens: 
 
     cache = kv_cache_argument(model)
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
+    pad_id = pad_id if pad_id is not None else int(stops[0])  # as generate: no pad token, pad with the eos
     mask = attention_mask
     pos = position_ids_from_mask(mask)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
