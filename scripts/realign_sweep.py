@@ -27,15 +27,26 @@ from qrealign.probes.store import load_probes
 from qrealign.realign import realign
 
 
-def dev_eval(model, tok, n, max_new_tokens):
+def dev_eval(model, tok, n, max_new_tokens, dump=None, name=""):
     harmful = [p.text for p in load_prompts("probe", label=1)][:n]
     benign = [p.text for p in load_prompts("probe", label=0)][:n]
     responses = generate(model, tok, harmful + benign, GenerationConfig(max_new_tokens=max_new_tokens, batch_size=32),
                          progress=False)
     verdicts = KeywordJudge().judge(harmful + benign, responses)
     m = safety_metrics(verdicts[: len(harmful)], verdicts[len(harmful):])
+    if dump:  # every dev answer with its verdict, to read what a rate counts
+        with open(dump, "a") as f:
+            for i, (prompt, response, v) in enumerate(zip(harmful + benign, responses, verdicts)):
+                side = "harmful" if i < len(harmful) else "benign"
+                f.write(json.dumps({"name": name, "side": side, "prompt": prompt, "response": response,
+                                    "refused": v.refused, "degenerate": v.degenerate, "reason": v.reason}) + "\n")
+    # degenerate answers per side: on benign prompts they are lost helpfulness that over-refusal
+    # does not count; on harmful prompts they are neither refused nor harmful
+    side_rate = lambda vs: round(100.0 * sum(v.degenerate for v in vs) / len(vs), 1)  # noqa: E731
     return {"hs": m["harmful_score"], "harm_refused": m["refusal_rate"], "over_refusal": m["over_refusal"],
-            "degenerate": m["degenerate"], "examples": [responses[0][:120], responses[len(harmful)][:120]]}
+            "degenerate": m["degenerate"], "degenerate_harmful": side_rate(verdicts[: len(harmful)]),
+            "degenerate_benign": side_rate(verdicts[len(harmful):]),
+            "examples": [responses[0][:120], responses[len(harmful)][:120]]}
 
 
 DEV_FA = slice(2200, 2400)  # topic-codes "train" items the attack (first 300) never saw; "test" stays for eval
@@ -71,6 +82,7 @@ def main():
     ap.add_argument("--fa-only", action="store_true", help="skip the safety generations")
     ap.add_argument("--no-fa", action="store_true", help="skip dev FA (e.g. the aligned reference row)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dump", default=None, help="append every dev answer and its verdict to this JSONL file")
     args = ap.parse_args()
     fa_items = DEV_FA
     if args.fa_items:  # checked before any calibration runs
@@ -115,7 +127,7 @@ def main():
                                        "last_kl_mal", "last_kl_ben", "seconds")}
                              for log in res.layer_logs]
         if not args.fa_only:
-            row.update(dev_eval(model, tok, args.n, args.max_new_tokens))
+            row.update(dev_eval(model, tok, args.n, args.max_new_tokens, args.dump, name))
         if args.fa_items:
             row["fa_items"] = args.fa_items
         if not args.no_fa:
@@ -123,8 +135,8 @@ def main():
         for target, d in probe_dirs.items():
             row[f"logits_{target}"] = probe_logits(model, tok, load_probes(d))
         row["seconds"] = round(time.time() - t0, 1)
-        print(json.dumps({k: row.get(k) for k in ("name", "hs", "harm_refused", "over_refusal", "degenerate", "fa_dev",
-                                                             "seconds")}),
+        print(json.dumps({k: row.get(k) for k in ("name", "hs", "harm_refused", "over_refusal", "degenerate",
+                                                  "degenerate_harmful", "degenerate_benign", "fa_dev", "seconds")}),
               flush=True)
         with open(args.log, "a") as f:
             f.write(json.dumps(row) + "\n")
