@@ -11,7 +11,8 @@ from qrealign.report import comparison_rows, markdown_table, write_report
 
 
 def _result(name, hs, orf, fa=None, ppl=None, cats=None):
-    metrics = {"harmful_score": hs, "over_refusal": orf, "degenerate": 2.5, "n_harmful": 120, "n_benign": 130,
+    metrics = {"harmful_score": hs, "over_refusal": orf, "degenerate": 2.5, "degenerate_benign": 4.0,
+               "n_harmful": 120, "n_benign": 130,
                "detail": {"harmful_score": {"pct": hs, "k": 0, "n": 120, "ci95": [hs - 5, hs + 5]}},
                "per_category": cats or {"weapons": {"hs": hs, "n": 10}, "fraud": {"hs": hs / 2, "n": 12}}}
     if fa is not None:
@@ -41,7 +42,12 @@ def test_rows_and_markdown():
     md = markdown_table(RESULTS)
     lines = md.splitlines()
     assert lines[0].startswith("| Model | HS % ↓") and len(lines) == 5
-    assert "| FP aligned | 10.0 | 5.0–15.0 | 20.0 | 2.5 | 80.0 (topic-codes, n=50) | 12.35 | 120/130 | keyword |" in md
+    assert "| FP aligned | 10.0 | 5.0–15.0 | 20.0 | 4.0 | 2.5 | 80.0 (topic-codes, n=50) | 12.35 | 120/130 | keyword |" in md
+    del RESULTS[0].metrics["degenerate_benign"]  # a result stored before the split was logged: a dash
+    try:
+        assert "| FP aligned | 10.0 | 5.0–15.0 | 20.0 | – | 2.5 |" in markdown_table(RESULTS)
+    finally:
+        RESULTS[0].metrics["degenerate_benign"] = 4.0
 
 
 def test_write_report_files(tmp_path):

@@ -101,14 +101,18 @@ CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AG
 # the run): one pass through blocks 18-29 per step instead of each block's step running the FP
 # blocks after it, with twice the epochs (4; at 2 the shared steps were too few: HS 23.6 %, FA-800
 # 46.4 %). Calibration 1124 -> 674 s at two threads; dev HS 15.5 -> 12.7 %, over-refusal 14.2 ->
-# 15.0 %, FA-800 54.9 -> 54.4 % (smallest z-slack 1.33 -> 1.12).
+# 15.0 %, FA-800 54.9 -> 54.4 % (smallest z-slack 1.33 -> 1.12). At W8A8 only (§28): at W4A8 the
+# joint stage turned a third of the benign dev answers into loops of the attack's template
+# (degenerate on benign prompts 33.6 % vs 7.1 % block by block; the attacked model 12.4 %), so
+# the W4A8 row keeps the block-by-block form, two epochs on the safety blocks.
 FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib_task=96,
                       calib_benign=("qrealign:calib", "qrealign:align", "qrealign:twins"),
                       loss={"layers_from": 0.6, "lam": 1.0, "benign_kl": 4.0, "refusal_targets": True,
                             "response_tokens": 4},
                       config={"lr_let": 1e-2, "batch_size": 4, "learn_rounding": True, "lr_round": 1e-2,
-                              "plain_epochs": 1, "compile_quantizer": True, "joint_safety": True, "epochs": 4},
-                      scheme_config={"W8A8": {"lwc": False}, "W4A8": {"lr_round": 2e-3}})
+                              "plain_epochs": 1, "compile_quantizer": True},
+                      scheme_config={"W8A8": {"lwc": False, "joint_safety": True, "epochs": 4},
+                                     "W4A8": {"lr_round": 2e-3}})
 # The table: the plain-PTQ controls, the paper's objective and the one that works here.
 DEFAULT_VARIANTS = (
     Variant("RTN", "rtn"),

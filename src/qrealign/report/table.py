@@ -1,6 +1,8 @@
 """The comparison table: one row per evaluated model, in the order given (e.g. FP aligned, FP
 fine-tuned, RTN, reconstruction-only, Q-realign per scheme), columns as in the paper plus the
-numbers a reader needs to judge them (over-refusal, degenerate share, n, 95 % interval)."""
+numbers a reader needs to judge them (over-refusal, degenerate share, n, 95 % interval). A looping
+answer to a benign prompt is neither refused nor helpful, so it gets its own column beside
+over-refusal."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Sequence
 
 COLUMNS = [
     ("model", "Model"), ("hs", "HS % ↓"), ("hs_ci", "HS 95% CI"), ("over_refusal", "Over-refusal % ↓"),
-    ("degenerate", "Degenerate %"), ("fa", "FA % ↑"), ("ppl", "PPL ↓"), ("n", "n (harmful/benign)"),
+    ("degenerate_benign", "Degenerate benign % ↓"), ("degenerate", "Degenerate %"), ("fa", "FA % ↑"), ("ppl", "PPL ↓"), ("n", "n (harmful/benign)"),
     ("judge", "Judge"),
 ]
 
@@ -26,7 +28,7 @@ def comparison_rows(results: Sequence) -> list[dict]:
         rows.append({
             "model": r.name, "hs": m.get("harmful_score"), "hs_ci": tuple(ci) if ci else None,
             "over_refusal": m.get("over_refusal"), "degenerate": m.get("degenerate"),
-            "fa": m.get("task_accuracy"), "task": (r.settings or {}).get("task"), "ppl": m.get("perplexity"),
+            "degenerate_benign": m.get("degenerate_benign"), "fa": m.get("task_accuracy"), "task": (r.settings or {}).get("task"), "ppl": m.get("perplexity"),
             "n_harmful": m.get("n_harmful", 0), "n_benign": m.get("n_benign", 0), "task_n": m.get("task_n"),
             "judge": (r.judge or {}).get("name"), "overlap": bool(r.overlap and not r.overlap.get("clean", True)),
             "overlap_unchecked": bool(r.overlap and r.overlap.get("unresolved")),
@@ -41,7 +43,7 @@ def format_row(row: dict) -> dict[str, str]:
                  + (" ⚠ overlap check incomplete" if row.get("overlap_unchecked") else ""),
         "hs": _fmt(row["hs"]), "hs_ci": f"{row['hs_ci'][0]:.1f}–{row['hs_ci'][1]:.1f}" if row["hs_ci"] else "–",
         "over_refusal": _fmt(row["over_refusal"]), "degenerate": _fmt(row["degenerate"]),
-        "fa": _fmt(row["fa"]) + (f" ({row['task']}, n={row['task_n']})" if row["fa"] is not None else ""),
+        "degenerate_benign": _fmt(row.get("degenerate_benign")), "fa": _fmt(row["fa"]) + (f" ({row['task']}, n={row['task_n']})" if row["fa"] is not None else ""),
         "ppl": _fmt(row["ppl"], 2), "n": f"{row['n_harmful']}/{row['n_benign']}", "judge": row["judge"] or "–",
     }
 
