@@ -145,6 +145,9 @@ def test_compile_quantizer_reaches_the_calibrations_that_train_and_leaves_defaul
     assert _calib_config(on, recon, "W4A8").compile_quantizer
     assert not _calib_config(on, rtn, "W8A8").compile_quantizer
     assert _calib_config(off, FIRST_TOKEN, "W4A8").lr_round == 2e-3  # per-scheme overrides still apply
+    # the safety blocks jointly at W8A8 (§26), one at a time at W4A8 (§28: jointly they looped benign answers)
+    w8, w4 = _calib_config(off, FIRST_TOKEN, "W8A8"), _calib_config(off, FIRST_TOKEN, "W4A8")
+    assert (w8.joint_safety, w8.epochs) == (True, 4) and (w4.joint_safety, w4.epochs) == (False, 2)
 
 
 def test_the_default_table_is_the_issues_and_extended_adds_the_contrast_row():
