@@ -408,9 +408,9 @@ def _prepare_block(run: _Run, i: int, fp_in: list, q_in: list) -> Learnable:
 
 def _finish_block(run: _Run, part: Learnable, q_in: list, log: dict) -> list:
     """Step 4: fold the LET scales into the weights, freeze the fake-quantized weights, and push
-    the quantized stream through the finished block (replacing `q_in`'s entries, returned). Logs the output error of the
-    quantized stream against the FP stream (it accumulates over blocks), over the batches that
-    carry an FP stream."""
+    the quantized stream through the finished block (replacing `q_in`'s entries, returned). Logs
+    the output error of the quantized stream against the FP stream (it accumulates over blocks),
+    over the batches that carry an FP stream."""
     if part.let is not None:
         part.let.fold_(part.block)
     for m in part.block.modules():
@@ -419,8 +419,8 @@ def _finish_block(run: _Run, part: Learnable, q_in: list, log: dict) -> list:
     with torch.no_grad():
         for b, (x, k) in enumerate(zip(q_in, part.kw)):  # in place: one stream on the device, not two
             q_in[b] = block_output(part.block(x, **k))
-        errs = [((q - f.to(q.device)).pow(2).mean(-1) * m).sum() / m.sum() for q, f, m in zip(q_in, part.fp_out, run.masks)
-                if f is not None]
+        errs = [((q - f.to(q.device)).pow(2).mean(-1) * m).sum() / m.sum()
+                for q, f, m in zip(q_in, part.fp_out, run.masks) if f is not None]
         log["q_mse"] = float(sum(errs) / len(errs)) if errs else float("nan")
     return q_in
 

@@ -10,8 +10,8 @@ from typing import Sequence
 
 COLUMNS = [
     ("model", "Model"), ("hs", "HS % ↓"), ("hs_ci", "HS 95% CI"), ("over_refusal", "Over-refusal % ↓"),
-    ("degenerate_benign", "Degenerate benign % ↓"), ("degenerate", "Degenerate %"), ("fa", "FA % ↑"), ("ppl", "PPL ↓"), ("n", "n (harmful/benign)"),
-    ("judge", "Judge"),
+    ("degenerate_benign", "Degenerate benign % ↓"), ("degenerate", "Degenerate %"), ("fa", "FA % ↑"),
+    ("ppl", "PPL ↓"), ("n", "n (harmful/benign)"), ("judge", "Judge"),
 ]
 
 
@@ -28,7 +28,8 @@ def comparison_rows(results: Sequence) -> list[dict]:
         rows.append({
             "model": r.name, "hs": m.get("harmful_score"), "hs_ci": tuple(ci) if ci else None,
             "over_refusal": m.get("over_refusal"), "degenerate": m.get("degenerate"),
-            "degenerate_benign": m.get("degenerate_benign"), "fa": m.get("task_accuracy"), "task": (r.settings or {}).get("task"), "ppl": m.get("perplexity"),
+            "degenerate_benign": m.get("degenerate_benign"), "fa": m.get("task_accuracy"),
+            "task": (r.settings or {}).get("task"), "ppl": m.get("perplexity"),
             "n_harmful": m.get("n_harmful", 0), "n_benign": m.get("n_benign", 0), "task_n": m.get("task_n"),
             "judge": (r.judge or {}).get("name"), "overlap": bool(r.overlap and not r.overlap.get("clean", True)),
             "overlap_unchecked": bool(r.overlap and r.overlap.get("unresolved")),
