@@ -42,10 +42,9 @@ def dev_eval(model, tok, n, max_new_tokens, dump=None, name=""):
                                     "refused": v.refused, "degenerate": v.degenerate, "reason": v.reason}) + "\n")
     # degenerate answers per side: on benign prompts they are lost helpfulness that over-refusal
     # does not count; on harmful prompts they are neither refused nor harmful
-    side_rate = lambda vs: round(100.0 * sum(v.degenerate for v in vs) / len(vs), 1)  # noqa: E731
     return {"hs": m["harmful_score"], "harm_refused": m["refusal_rate"], "over_refusal": m["over_refusal"],
-            "degenerate": m["degenerate"], "degenerate_harmful": side_rate(verdicts[: len(harmful)]),
-            "degenerate_benign": side_rate(verdicts[len(harmful):]),
+            "degenerate": m["degenerate"], "degenerate_harmful": m["degenerate_harmful"],
+            "degenerate_benign": m["degenerate_benign"],
             "examples": [responses[0][:120], responses[len(harmful)][:120]]}
 
 

@@ -346,7 +346,8 @@ def default_lanes(device: str | None) -> int:
 def _quant_cost(variant: Variant, cfg: DemoConfig) -> float:
     """Relative cost, for ordering the lanes and weighting the bar's ETA (one-thread lanes on a
     2-core AMD EPYC, 2026-12-04: RTN ~38 s, a reconstruction ~220 s, the first-token objective
-    with its joint stage ~990 s, an evaluation ~210 s = 1.0)."""
+    with its joint stage ~990 s, an evaluation ~210 s = 1.0). Per variant, not per scheme: the
+    W4A8 first-token row, block by block since §28 (~1580 s), is under-weighted."""
     if variant.method == "rtn":
         return 0.2
     return 4.7 if variant.teacher else 1.05 * cfg.epochs / 2

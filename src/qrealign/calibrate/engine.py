@@ -267,13 +267,13 @@ class _Run:
         return [k[types[i]] for k in self.kwargs]
 
     def keep(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        """Where an FP target waits between steps: on the compute device, or in CPU memory with
+        """`t` where an FP target waits between steps: on the compute device, or in CPU memory with
         `offload_targets`. Readers copy it back with `.to(device)` (a no-op when it is there).
         Not pinned: the caching host allocator rounds each pinned block up to a power of two and
         keeps it, and a step syncs on its loss anyway, so there is no copy to overlap."""
-        if t is None or not self.cfg.offload_targets:
+        if t is None:
             return t
-        return t.to("cpu")
+        return t.to("cpu" if self.cfg.offload_targets else self.dev)
 
 
 def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, device, progress, on_block_end,
@@ -322,7 +322,7 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
     fp_in, q_in = [], []
     for b, need in zip(batches, needs_fp):
         inputs = capture_block_inputs(model, b, embed_device)
-        fp_in.append(run.keep(inputs.hidden.to(dev)) if need else None)
+        fp_in.append(run.keep(inputs.hidden) if need else None)
         q_in.append(inputs.hidden.to(dev))
         run.kwargs.append({t: move_kwargs(kw, dev) for t, kw in inputs.kwargs_by_type.items()})
 

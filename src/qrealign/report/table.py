@@ -44,7 +44,8 @@ def format_row(row: dict) -> dict[str, str]:
                  + (" ⚠ overlap check incomplete" if row.get("overlap_unchecked") else ""),
         "hs": _fmt(row["hs"]), "hs_ci": f"{row['hs_ci'][0]:.1f}–{row['hs_ci'][1]:.1f}" if row["hs_ci"] else "–",
         "over_refusal": _fmt(row["over_refusal"]), "degenerate": _fmt(row["degenerate"]),
-        "degenerate_benign": _fmt(row.get("degenerate_benign")), "fa": _fmt(row["fa"]) + (f" ({row['task']}, n={row['task_n']})" if row["fa"] is not None else ""),
+        "degenerate_benign": _fmt(row["degenerate_benign"]),
+        "fa": _fmt(row["fa"]) + (f" ({row['task']}, n={row['task_n']})" if row["fa"] is not None else ""),
         "ppl": _fmt(row["ppl"], 2), "n": f"{row['n_harmful']}/{row['n_benign']}", "judge": row["judge"] or "–",
     }
 
