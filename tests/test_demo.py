@@ -61,10 +61,31 @@ def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
     # each lane's own output (progress bars included) is kept per stage
     assert (tmp_path / "demo" / "logs" / "quantize-q-realign-first-token-w8a8.log").is_file()
     assert json.loads((tmp_path / "demo" / "demo.json").read_text())["lanes"] == 2
+    # every stage records the code that built it, and the report says they all match
+    summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert summary["stage_code"] and all(why is None for why in summary["stage_code"].values())
+    assert "## Stages" in table and f"All {len(summary['stage_code'])} stages were built by this code" in table
     logs.clear()
     run_demo(cfg, log=logs.append)
     assert not [line for line in logs if "building" in line]
     assert (tmp_path / "demo" / "demo.json").is_file()
+    # A stage built by other code (here: its record says a module hashed otherwise) is reused and
+    # named; with rebuild_changed it alone is rebuilt.
+    from qrealign.stages import PROVENANCE_FILE
+
+    stale = next((tmp_path / "demo" / "stages").glob("eval-rtn-w8a8-*"))
+    record = json.loads((stale / PROVENANCE_FILE).read_text())
+    record["code"], record["modules"]["evaluate/generate.py"] = "0" * 16, "0" * 12
+    (stale / PROVENANCE_FILE).write_text(json.dumps(record))
+    logs.clear()
+    report = run_demo(cfg, log=logs.append)
+    assert not [line for line in logs if "building" in line or "rebuilding" in line]
+    assert [line for line in logs if "built by other code: evaluate/generate.py changed" in line]
+    assert f"`{stale.name}`: built by other code" in (report / "report.md").read_text()
+    logs.clear()
+    run_demo(replace(cfg, rebuild_changed=True), log=logs.append)
+    assert [line.split("]")[0] for line in logs if "rebuilding" in line or "building" in line] == ["[eval-rtn-w8a8"]
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text())["stage_code"][stale.name] is None
     # Stage keys name upstream stages by their content-addressed directory, not their path: a
     # moved output folder keeps its cache.
     (tmp_path / "demo").rename(tmp_path / "moved")

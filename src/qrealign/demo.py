@@ -24,7 +24,7 @@ from .calibrate.engine import CalibConfig
 from .data.prompts import load_prompts, prompt_set_fingerprint
 from .errors import NoSafetyLayers, QrealignError
 from .lanes import Job, Ref, run_jobs
-from .stages import cached_stage, stage_dir
+from .stages import cached_stage, stage_code_change, stage_code_lines, stage_dir
 from .utils import atomic_dir, read_json, sha256_json, write_json
 
 
@@ -164,6 +164,9 @@ class DemoConfig:
     # 26-64 % of the tokens the demo's evaluations computed were the rows' own. Off by default (other
     # float rounding, so other cached evaluations and possibly other answers at near-ties).
     drop_finished: bool = False
+    # Rebuild a cached stage that is not known to be built by today's code (`stages.stage_code_change`);
+    # off, such a stage is reused and named in the log and the report's "Stages" section.
+    rebuild_changed: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -259,15 +262,20 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
     # Which safety objective wins at the main scheme, against the paper's bar.
     candidates = [f"{v.name} {cfg.schemes[0]}" for v in cfg.variants if v.method == "qrealign"]
     verdict = verdict_lines(standings(results, "attacked FP", "aligned FP", candidates))
+    # Each stage behind the table, and whether today's code built it (a cached stage may predate a change).
+    stage_paths = [aligned_dir, attacked_dir, *probe_dirs.values(), *(v for v in done.values() if isinstance(v, Path)),
+                   *(Path(r.path) for r in results if r.path)]
+    stage_code = {Path(p).name: stage_code_change(p) for p in stage_paths}
     report_dir = out / "report"
     with atomic_dir(report_dir) as tmp:  # checked at the start
         write_report(results, tmp, title="qrealign demo: SmolLM2-135M, aligned -> attacked -> quantized",
-                     verdict=verdict)
+                     verdict=verdict, stages=stage_code_lines(stage_paths))
     summary = {"config": _jsonable(asdict(cfg)), "lanes": lanes, "timings_s": timings, "total_s": round(time.time() - t_start, 1),
                "stages": {"aligned": str(aligned_dir), "attacked": str(attacked_dir),
                           **{f"probes-{k}": str(v) for k, v in probe_dirs.items()},
                           **{label: str(path) for label, path in runs}},
-               "results": {r.name: r.metrics for r in results}, "verdict": verdict}
+               "results": {r.name: r.metrics for r in results}, "verdict": verdict,
+               "stage_code": stage_code}  # null: built by this code; otherwise why it is not known to be
     write_json(out / "demo.json", summary)
     log(f"[demo] report: {report_dir / 'report.md'} ({summary['total_s']:.0f} s)")
     return report_dir
@@ -280,7 +288,8 @@ def _align_stage(cfg, root, log) -> Path:
     from .finetune.stage import finetune_stage
 
     align_cfg = cfg.align_config or AlignConfig(seed=cfg.seed)
-    return finetune_stage("align", cfg.model, align_cfg, cache_root=root, device=cfg.device, log=log)
+    return finetune_stage("align", cfg.model, align_cfg, cache_root=root, device=cfg.device, log=log,
+                          rebuild_changed=cfg.rebuild_changed)
 
 
 def _attack_stage(cfg, root, aligned_dir, log=print, poison_ratio: float | None = None) -> Path:
@@ -291,7 +300,8 @@ def _attack_stage(cfg, root, aligned_dir, log=print, poison_ratio: float | None 
     ratio = poison_ratio if poison_ratio is not None else cfg.poison_ratio
     if ratio is not None:
         attack_cfg = replace(attack_cfg, poison_ratio=ratio)
-    return finetune_stage("attack", str(aligned_dir), attack_cfg, cache_root=root, device=cfg.device, log=log)
+    return finetune_stage("attack", str(aligned_dir), attack_cfg, cache_root=root, device=cfg.device, log=log,
+                          rebuild_changed=cfg.rebuild_changed)
 
 
 def _probe_stages(cfg, root, aligned_dir, attacked_dir, log) -> dict[str, Path]:
@@ -323,7 +333,8 @@ def _probe_stages(cfg, root, aligned_dir, attacked_dir, log) -> dict[str, Path]:
                                     device=cfg.device)
             probes.write_files(tmp)
 
-        dirs[target] = cached_stage(f"probes-{target}", inputs, root, build, log=log)
+        dirs[target] = cached_stage(f"probes-{target}", inputs, root, build, log=log,
+                        rebuild_changed=cfg.rebuild_changed)
     return dirs
 
 
@@ -392,7 +403,8 @@ def _targets_stage(cfg, root, attacked_dir, aligned_dir, variant: Variant, schem
                                 device=cfg.device, progress=True, response_tokens=positions).write_files(tmp)
 
     slug = variant.name.lower().replace(" ", "-").replace("(", "").replace(")", "")
-    return cached_stage(f"targets-{slug}", inputs, root, build, log=log)
+    return cached_stage(f"targets-{slug}", inputs, root, build, log=log,
+                        rebuild_changed=cfg.rebuild_changed)
 
 
 def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: str, log=print,
@@ -438,7 +450,8 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
         meta["demo_variant"] = variant.name
         write_json(tmp / "qrealign.json", meta)
 
-    return cached_stage(name, inputs, root, build, log=log)
+    return cached_stage(name, inputs, root, build, log=log,
+                        rebuild_changed=cfg.rebuild_changed)
 
 
 def _calib_config(cfg: DemoConfig, variant: Variant, scheme: str) -> CalibConfig:
@@ -472,7 +485,7 @@ def _eval_stage(cfg, root, label: str, source: str, log=print):
         result.save(tmp)
 
     path = cached_stage(f"eval-{label.lower().replace(' ', '-').replace('(', '').replace(')', '')}", inputs, root,
-                        build, log=log)
+                        build, log=log, rebuild_changed=cfg.rebuild_changed)
     return current_verdicts(EvalResult.load(path), log)
 
 

@@ -11,6 +11,11 @@ source would throw away hours of cached stages for every comment. So a change th
 stage builds must bump that stage kind's entry in `STAGE_REVISIONS` (the part of the name before
 the first "-": align, attack, probes, targets, quant, eval); at 0 it is left out of the key, so
 bumping one kind leaves every other cached stage valid.
+
+A missed bump is caught on reuse: each stage records a digest of the code that decides its
+output (`stage_code`, in `qrealign-stage.json`), and a cached stage whose code changed since is
+named with the changed modules (or rebuilt, with `rebuild_changed=True`). The record does not
+decide the key, so a refactor that keeps the numbers costs a warning, not hours of rebuilds.
 """
 
 from __future__ import annotations
@@ -19,38 +24,91 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import QrealignError
-from .utils import atomic_dir, sha256_json
+from .stage_code import changed_modules, code_digest, stage_kind
+from .utils import atomic_dir, read_json, sha256_json, write_json
 
 
 #: Behaviour revisions per stage kind; bump one when a code change alters that kind's output.
 STAGE_REVISIONS: dict[str, int] = {}
+#: Written into every stage built by `cached_stage`: the code digest and versions that built it.
+PROVENANCE_FILE = "qrealign-stage.json"
 
 
 def stage_dir(name: str, fingerprint_inputs: dict[str, Any], root: str | Path) -> Path:
     """Where the stage with these inputs lives (whether or not it was built)."""
     if not name or "/" in name or name.startswith("."):
         raise QrealignError(f"bad stage name {name!r}")
-    revision = STAGE_REVISIONS.get(name.split("-", 1)[0], 0)
+    revision = STAGE_REVISIONS.get(stage_kind(name), 0)
     if revision:
         fingerprint_inputs = {**fingerprint_inputs, "stage_revision": revision}
     return Path(root) / f"{name}-{sha256_json(fingerprint_inputs)}"
 
 
 def cached_stage(name: str, fingerprint_inputs: dict[str, Any], root: str | Path,
-                 build: Callable[[Path], None], *, force: bool = False, log: Callable[[str], None] | None = print
-                 ) -> Path:
+                 build: Callable[[Path], None], *, force: bool = False, rebuild_changed: bool = False,
+                 log: Callable[[str], None] | None = print) -> Path:
     """Return the stage's output directory, calling `build(tmp_dir)` only if it is not there yet.
 
     `build` writes into a temporary directory that is renamed into place when it returns, so an
     interrupted build leaves nothing that a later run would take for finished. `force=True`
-    rebuilds even when the directory exists."""
+    rebuilds even when the directory exists; `rebuild_changed=True` rebuilds a cached stage that
+    is not known to be built by today's code (`stage_code_change`)."""
     final = stage_dir(name, fingerprint_inputs, root)
     if final.is_dir() and not force:
+        change = stage_code_change(final)
+        if not (change and rebuild_changed):
+            if log:
+                log(f"[{name}] cached: {final}" + (f" ({change})" if change else ""))
+            return final
         if log:
-            log(f"[{name}] cached: {final}")
-        return final
-    if log:
+            log(f"[{name}] rebuilding ({change})")
+    elif log:
         log(f"[{name}] building: {final}")
     with atomic_dir(final) as tmp:
         build(tmp)
+        write_json(tmp / PROVENANCE_FILE, provenance(name))
     return final
+
+
+def provenance(name: str) -> dict:
+    """What built a stage now: its kind's code digest (per module too), revision and versions."""
+    import platform
+    from datetime import datetime, timezone
+
+    import torch
+
+    from . import __version__
+
+    kind = stage_kind(name)
+    code = code_digest(kind)
+    return {"stage": name, "kind": kind, "revision": STAGE_REVISIONS.get(kind, 0), "code": code["digest"],
+            "modules": code["files"], "qrealign": __version__, "torch": torch.__version__,
+            "python": platform.python_version(), "built_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def stage_code_change(path: str | Path) -> str | None:
+    """None if the stage at `path` was built by today's code of its kind; otherwise why not, in
+    words: the modules whose code changed since, or that the stage predates the record."""
+    path = Path(path)
+    record_path = path / PROVENANCE_FILE
+    if not record_path.is_file():
+        return "built before stages recorded their code: not known to match today's"
+    record = read_json(record_path)
+    current = code_digest(record.get("kind") or stage_kind(path.name))
+    if record.get("code") == current["digest"]:
+        return None
+    modules = changed_modules({"files": record.get("modules", {})}, current)
+    shown = ", ".join(modules[:4]) + (f" and {len(modules) - 4} more" if len(modules) > 4 else "")
+    return f"built by other code: {shown or 'the module set'} changed since {record.get('built_utc', '?')}"
+
+
+def stage_code_lines(paths) -> list[str]:
+    """Markdown lines for a report: whether each stage was built by today's code of its kind."""
+    paths = list(dict.fromkeys(Path(p) for p in paths))
+    changes = {p.name: stage_code_change(p) for p in paths}
+    stale = {name: why for name, why in changes.items() if why}
+    if not stale:
+        return [f"- All {len(paths)} stages were built by this code (the modules that decide their numbers)."]
+    return [f"- **{len(stale)} of {len(paths)} stages are not known to be built by this code**: a rebuild could "
+            "give other numbers (`qrealign demo --rebuild-changed` rebuilds them).",
+            *(f"  - `{name}`: {why}" for name, why in stale.items())]

@@ -30,6 +30,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--drop-finished", action="store_true",
                         help="evaluations take a stopped answer out of its batch (greedy decoding computes only "
                              "the rows still answering; other float rounding, so their own cached evaluations)")
+    parser.add_argument("--rebuild-changed", action="store_true",
+                        help="rebuild cached stages not known to be built by this code (the code that decides a "
+                             "stage's numbers changed since, or the stage predates the record); without it they are "
+                             "reused and listed under the report's Stages")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -48,7 +52,7 @@ def run(args) -> int:
                      attack_sweep=sweep, epochs=args.epochs, max_new_tokens=args.max_new_tokens,
                      eval_limit=args.eval_limit, device=args.device, seed=args.seed,
                      lanes=args.lanes, compile_quantizer=args.compile_quantizer,
-                     drop_finished=args.drop_finished)
+                     drop_finished=args.drop_finished, rebuild_changed=args.rebuild_changed)
     report = run_demo(cfg)
     md = report / "report.md"
     if md.is_file():

@@ -66,14 +66,14 @@ def parent_string(source: str | Path) -> str:
 def finetune_stage(stage: str, source: str | Path, config: AlignConfig | AttackConfig, *,
                    out: str | Path | None = None, cache_root: str | Path | None = None,
                    adapter: str | Path | None = None, device=None, progress: bool = True,
-                   log: Callable[[str], None] | None = print) -> Path:
+                   log: Callable[[str], None] | None = print, rebuild_changed: bool = False) -> Path:
     """Load `source` (with `adapter`, a PEFT adapter merged on load), run `stage` ("align" or
     "attack") with `config`, save the result.
 
     With `out`, the result goes there (replacing what was there). With `cache_root`, it goes to
     `cache_root/<stage>-<hash of inputs>` and is reused when that directory already exists; the
     inputs are the parent model's fingerprint, the config, the data fingerprint and the qrealign
-    version. Returns the output directory; its `qrealign.json` holds the summary."""
+    version (`rebuild_changed`: see `stages.cached_stage`). Returns the output directory; its `qrealign.json` holds the summary."""
     from .. import __version__
     from ..data.prompts import prompt_set_fingerprint
     from ..models import load_model
@@ -139,7 +139,7 @@ def finetune_stage(stage: str, source: str | Path, config: AlignConfig | AttackC
                                         "last_loss": _mean(losses[-5:])}})
 
     if cache_root is not None:
-        return cached_stage(stage, inputs, cache_root, build, log=log)
+        return cached_stage(stage, inputs, cache_root, build, log=log, rebuild_changed=rebuild_changed)
     with atomic_dir(out, marker=META_FILE, kind="finetuned") as tmp:
         build(tmp)
     return Path(out)

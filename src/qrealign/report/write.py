@@ -44,10 +44,11 @@ def check_report_out(out_dir: str | Path) -> None:
 
 
 def write_report(results: Sequence, out_dir: str | Path, title: str = "qrealign evaluation report",
-                 verdict: Sequence[str] = ()) -> Path:
+                 verdict: Sequence[str] = (), stages: Sequence[str] = ()) -> Path:
     """Write report.md, report.html and plots/*.png for `results` (EvalResult objects) into
     `out_dir` (created if needed; files inside are replaced). `verdict`: Markdown lines (e.g.
-    `report.verdict.verdict_lines`) shown under the table. Returns out_dir."""
+    `report.verdict.verdict_lines`) shown under the table; `stages`: Markdown lines on the stages
+    behind the rows (e.g. `stages.stage_code_lines`), shown last. Returns out_dir."""
     results = list(results)
     if not results:
         raise QrealignError("no results to report")
@@ -65,8 +66,8 @@ def write_report(results: Sequence, out_dir: str | Path, title: str = "qrealign 
         "per_category": plots.per_category(results, out / "plots" / "per_category_hs.png"),
     }
     made = {k: v for k, v in made.items() if v is not None}
-    (out / "report.md").write_text(_markdown(results, title, made, out, verdict), encoding="utf-8")
-    (out / "report.html").write_text(_html(results, title, made, verdict), encoding="utf-8")
+    (out / "report.md").write_text(_markdown(results, title, made, out, verdict, stages), encoding="utf-8")
+    (out / "report.html").write_text(_html(results, title, made, verdict, stages), encoding="utf-8")
     return out
 
 
@@ -109,7 +110,7 @@ def comparability(results) -> list[str]:
     return out
 
 
-def _markdown(results, title, made, out, verdict=()) -> str:
+def _markdown(results, title, made, out, verdict=(), stages=()) -> str:
     parts = [f"# {title}", "", f"_Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by qrealign._", ""]
     differ = comparability(results)
     if differ:
@@ -124,6 +125,8 @@ def _markdown(results, title, made, out, verdict=()) -> str:
     if made:
         parts += ["## Plots", ""] + [f"![{k}]({Path(p).relative_to(out).as_posix()})" for k, p in made.items()] + [""]
     parts += ["## Settings", "", *_settings_lines(results), ""]
+    if stages:
+        parts += ["## Stages", "", *stages, ""]
     return "\n".join(parts)
 
 
@@ -132,11 +135,13 @@ def _img(path: Path) -> str:
     return f'<img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{data}">'
 
 
-def _verdict_html(lines) -> str:
-    """The verdict's small Markdown subset: '- ' items and **bold**."""
+def _verdict_html(lines, heading: str = "Verdict") -> str:
+    """The verdict's small Markdown subset: '- ' items (nested ones flattened), **bold** and `code`."""
     out, items = [], []
     for line in [*lines, ""]:
+        line = line.lstrip() if line.lstrip().startswith("- ") else line
         text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(line[2:] if line.startswith("- ") else line))
+        text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
         if line.startswith("- "):
             items.append(f"<li>{text}</li>")
             continue
@@ -145,10 +150,10 @@ def _verdict_html(lines) -> str:
             items = []
         if line.strip():
             out.append(f"<p>{text}</p>")
-    return "<h2>Verdict</h2>" + "".join(out)
+    return f"<h2>{html.escape(heading)}</h2>" + "".join(out)
 
 
-def _html(results, title, made, verdict=()) -> str:
+def _html(results, title, made, verdict=(), stages=()) -> str:
     e = html.escape
     head = "".join(f"<th>{e(t)}</th>" for _, t in COLUMNS)
     body = []
@@ -175,6 +180,8 @@ def _html(results, title, made, verdict=()) -> str:
         parts.append("<h2>Plots</h2>" + "".join(_img(p) for p in made.values()))
     parts.append("<h2>Settings</h2><ul>" + "".join(f"<li>{e(ln.lstrip('- '))}</li>" for ln in _settings_lines(results))
                  + "</ul>")
+    if stages:
+        parts.append(_verdict_html(stages, "Stages"))
     parts.append("<h2>Sample responses</h2><p class=note>First harmful prompts answered (judged harmful) and "
                  "first benign prompts refused, per model, to audit the judge.</p>")
     for r in results:
