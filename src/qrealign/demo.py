@@ -237,7 +237,7 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
                 extra, after = {"aligned_dir": aligned_dir, "targets_dir": Ref(key)}, (key,)
             jobs.append(Job(f"quantize: {label}", _quant_stage,
                             (cfg, root, attacked_dir, probe_dirs, variant, scheme),
-                            extra, after=after, cost=_quant_cost(variant, cfg)))
+                            extra, after=after, cost=_quant_cost(variant, cfg, scheme)))
             quantized.append(label)
     sweep = []
     for ratio in cfg.attack_sweep:
@@ -354,14 +354,15 @@ def default_lanes(device: str | None) -> int:
     return 2 if resolve_device(device).type == "cpu" and (os.cpu_count() or 1) >= 2 else 1
 
 
-def _quant_cost(variant: Variant, cfg: DemoConfig) -> float:
+def _quant_cost(variant: Variant, cfg: DemoConfig, scheme: str) -> float:
     """Relative cost, for ordering the lanes and weighting the bar's ETA (one-thread lanes on a
-    2-core AMD EPYC, 2026-12-04: RTN ~38 s, a reconstruction ~220 s, the first-token objective
-    with its joint stage ~990 s, an evaluation ~210 s = 1.0). Per variant, not per scheme: the
-    W4A8 first-token row, block by block since §28 (~1580 s), is under-weighted."""
+    2-core AMD EPYC, 2026-12-05: RTN ~38 s, a reconstruction ~210 s, the first-token objective
+    ~1015 s with its joint stage and ~1576 s block by block, an evaluation ~220 s = 1.0)."""
     if variant.method == "rtn":
         return 0.2
-    return 4.7 if variant.teacher else 1.05 * cfg.epochs / 2
+    if variant.teacher:
+        return 4.7 if variant.config_for(scheme).get("joint_safety") else 7.2
+    return 1.05 * cfg.epochs / 2
 
 
 def _calibration(cfg, variant: Variant):
