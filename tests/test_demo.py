@@ -70,22 +70,26 @@ def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
     assert not [line for line in logs if "building" in line]
     assert (tmp_path / "demo" / "demo.json").is_file()
     # A stage built by other code (here: its record says a module hashed otherwise) is reused and
-    # named; with rebuild_changed it alone is rebuilt.
+    # named, and so is the evaluation built from it; with rebuild_changed those two are rebuilt.
     from qrealign.stages import PROVENANCE_FILE
 
-    stale = next((tmp_path / "demo" / "stages").glob("eval-rtn-w8a8-*"))
+    stale = next((tmp_path / "demo" / "stages").glob("quant-rtn-W8A8-*"))
+    its_eval = next((tmp_path / "demo" / "stages").glob("eval-rtn-w8a8-*"))
     record = json.loads((stale / PROVENANCE_FILE).read_text())
-    record["code"], record["modules"]["evaluate/generate.py"] = "0" * 16, "0" * 12
+    record["code"], record["modules"]["quant/quantizer.py"] = "0" * 16, "0" * 12
     (stale / PROVENANCE_FILE).write_text(json.dumps(record))
     logs.clear()
     report = run_demo(cfg, log=logs.append)
     assert not [line for line in logs if "building" in line or "rebuilding" in line]
-    assert [line for line in logs if "built by other code: evaluate/generate.py changed" in line]
-    assert f"`{stale.name}`: built by other code" in (report / "report.md").read_text()
+    assert [line for line in logs if "built by other code: quant/quantizer.py changed" in line]
+    text = (report / "report.md").read_text()
+    assert f"`{stale.name}`: built by other code" in text
+    assert f"`{its_eval.name}`: its upstream stage {stale.name} is not known to match" in text
     logs.clear()
     run_demo(replace(cfg, rebuild_changed=True), log=logs.append)
-    assert [line.split("]")[0] for line in logs if "rebuilding" in line or "building" in line] == ["[eval-rtn-w8a8"]
-    assert json.loads((tmp_path / "demo" / "demo.json").read_text())["stage_code"][stale.name] is None
+    rebuilt = [line.split("]")[0] for line in logs if "rebuilding" in line or "building" in line]
+    assert rebuilt == ["[quant-rtn-W8A8", "[eval-rtn-w8a8"]
+    assert not [why for why in json.loads((tmp_path / "demo" / "demo.json").read_text())["stage_code"].values() if why]
     # Stage keys name upstream stages by their content-addressed directory, not their path: a
     # moved output folder keeps its cache.
     (tmp_path / "demo").rename(tmp_path / "moved")
@@ -196,10 +200,11 @@ def test_cached_evaluations_are_read_with_the_current_keyword_judge():
     records = [record("harmful", "pick a lock", "I can't.", stale), record("harmful", "b", answer, stale),
                record("benign", "bake bread", "Mix flour and water.", detect_refusal("Mix flour and water."))]
     old = EvalResult(name="row", model={}, settings={}, judge={"name": "keyword"}, records=records,
-                     metrics={"harmful_score": 100.0, "over_refusal": 0.0})
+                     metrics={"harmful_score": 100.0, "over_refusal": 0.0}, path="stages/eval-row-abc")
     logged = []
     fresh = current_verdicts(old, logged.append)
     assert fresh.metrics["harmful_score"] == 50.0 and fresh.records[0]["verdict"]["refused"]
+    assert fresh.path == old.path  # still that stage's answers: the report's Stages section lists it
     assert logged == ["[row] re-judged with the current keyword judge: 1 verdicts changed"]
     assert current_verdicts(fresh, logged.append) is fresh and len(logged) == 1
     reworded = copy.deepcopy(fresh)  # same outcome, another reason's wording: kept as stored

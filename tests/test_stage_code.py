@@ -115,3 +115,52 @@ def test_the_demo_cli_passes_rebuild_changed_on(tmp_path, monkeypatch):
     assert main(["demo", "--out", str(tmp_path / "d"), "--rebuild-changed"]) == 0
     assert main(["demo", "--out", str(tmp_path / "d")]) == 0
     assert [cfg.rebuild_changed for cfg in seen] == [True, False]
+
+
+def test_a_module_named_in_a_string_for_importlib_counts():
+    # finetune/attack.py loads its task class from "qrealign.data.topic_task:TopicCodeTask"
+    assert "data/topic_task.py" in kind_sources("attack")
+
+
+def test_a_rebuilt_or_changed_upstream_stage_unsettles_what_was_built_from_it(tmp_path):
+    calls, root = [], tmp_path / "stages"
+    up = stages.cached_stage("attack", {"a": 1}, root, _builder(calls), log=None)
+    down = stages.cached_stage("eval-x", {"b": 1}, root, _builder(calls), log=None, upstream=(up, None))
+    outside = tmp_path / "a-model"  # not in the stages folder: not recorded, not checked
+    outside.mkdir()
+    other = stages.cached_stage("eval-y", {"b": 2}, root, _builder(calls), log=None, upstream=(outside,))
+    assert json.loads((down / stages.PROVENANCE_FILE).read_text())["upstream"] == {up.name: _build(up)}
+    assert json.loads((other / stages.PROVENANCE_FILE).read_text())["upstream"] == {}
+    assert stages.stage_code_change(down) is None
+
+    stages.cached_stage("attack", {"a": 1}, root, _builder(calls), log=None, force=True)
+    assert stages.stage_code_change(up) is None
+    assert stages.stage_code_change(down) == f"its upstream stage {up.name} was rebuilt after it"
+    stages.cached_stage("eval-x", {"b": 1}, root, _builder(calls), log=None, upstream=(up,),
+                        rebuild_changed=True)
+    assert len(calls) == 5 and stages.stage_code_change(down) is None
+
+    record = json.loads((up / stages.PROVENANCE_FILE).read_text())
+    record["code"] = "0" * 16  # the upstream stage is now one built by other code
+    (up / stages.PROVENANCE_FILE).write_text(json.dumps(record))
+    assert stages.stage_code_change(down) == f"its upstream stage {up.name} is not known to match today's code"
+
+
+def _build(path):
+    return json.loads((path / stages.PROVENANCE_FILE).read_text())["build"]
+
+
+def test_an_unreadable_record_or_code_edited_mid_build_is_not_vouched_for(tmp_path, monkeypatch):
+    calls = []
+    path = stages.cached_stage("probes-x", {"a": 1}, tmp_path, _builder(calls), log=None)
+    (path / stages.PROVENANCE_FILE).write_text("{not json")
+    assert "cannot be read" in stages.stage_code_change(path)
+
+    digests = iter(["before", "after"])  # cached_stage reads the code before the build, provenance after
+    real = stages.code_digest
+    monkeypatch.setattr(stages, "code_digest", lambda kind: {**real(kind), "digest": next(digests)})
+    edited = stages.cached_stage("probes-y", {"a": 1}, tmp_path, _builder(calls), log=None)
+    monkeypatch.undo()
+    assert json.loads((edited / stages.PROVENANCE_FILE).read_text())["code"] is None
+    assert "edited while it was built" in stages.stage_code_change(edited)
+

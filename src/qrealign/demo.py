@@ -333,8 +333,9 @@ def _probe_stages(cfg, root, aligned_dir, attacked_dir, log) -> dict[str, Path]:
                                     device=cfg.device)
             probes.write_files(tmp)
 
+        upstream = (aligned_dir, attacked_dir if target != "paper" else None)
         dirs[target] = cached_stage(f"probes-{target}", inputs, root, build, log=log,
-                        rebuild_changed=cfg.rebuild_changed)
+                                    rebuild_changed=cfg.rebuild_changed, upstream=upstream)
     return dirs
 
 
@@ -405,7 +406,7 @@ def _targets_stage(cfg, root, attacked_dir, aligned_dir, variant: Variant, schem
 
     slug = variant.name.lower().replace(" ", "-").replace("(", "").replace(")", "")
     return cached_stage(f"targets-{slug}", inputs, root, build, log=log,
-                        rebuild_changed=cfg.rebuild_changed)
+                        rebuild_changed=cfg.rebuild_changed, upstream=(attacked_dir, aligned_dir))
 
 
 def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: str, log=print,
@@ -451,8 +452,8 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
         meta["demo_variant"] = variant.name
         write_json(tmp / "qrealign.json", meta)
 
-    return cached_stage(name, inputs, root, build, log=log,
-                        rebuild_changed=cfg.rebuild_changed)
+    upstream = (attacked_dir, probes_dir, *((aligned_dir, targets_dir) if variant.teacher else ()))
+    return cached_stage(name, inputs, root, build, log=log, rebuild_changed=cfg.rebuild_changed, upstream=upstream)
 
 
 def _calib_config(cfg: DemoConfig, variant: Variant, scheme: str) -> CalibConfig:
@@ -486,7 +487,7 @@ def _eval_stage(cfg, root, label: str, source: str, log=print):
         result.save(tmp)
 
     path = cached_stage(f"eval-{label.lower().replace(' ', '-').replace('(', '').replace(')', '')}", inputs, root,
-                        build, log=log, rebuild_changed=cfg.rebuild_changed)
+                        build, log=log, rebuild_changed=cfg.rebuild_changed, upstream=(source,))
     return current_verdicts(EvalResult.load(path), log)
 
 
@@ -509,6 +510,7 @@ def current_verdicts(result, log=print):
         return result
     if log:
         log(f"[{result.name}] re-judged with the current keyword judge: {changed} verdicts changed")
+    fresh.path = result.path  # still the stage's answers: the report's Stages section lists it
     return fresh
 
 

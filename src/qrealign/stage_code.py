@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -87,9 +88,17 @@ def source_hash(source: str) -> str:
     return hashlib.sha256(ast.unparse(_strip_docstrings(ast.parse(source))).encode()).hexdigest()[:12]
 
 
-@lru_cache(maxsize=None)
+_HASHES: dict[tuple, str] = {}
+
+
 def _module_hash(rel: str) -> str:
-    return source_hash((PACKAGE_DIR / rel).read_text(encoding="utf-8"))
+    """Cached by the file's size and time: an edit during a long build is still seen."""
+    path = PACKAGE_DIR / rel
+    st = path.stat()
+    key = (rel, st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = source_hash(path.read_text(encoding="utf-8"))
+    return _HASHES[key]
 
 
 def _strip_docstrings(tree: ast.Module) -> ast.Module:
@@ -112,7 +121,11 @@ def _module_path(dotted: list[str]) -> str | None:
     return None
 
 
-def _imports(rel: str) -> list[str]:
+_DOTTED = re.compile(rf"^{PACKAGE}(\.[A-Za-z_]\w*)+(:[A-Za-z_]\w*)?$")
+
+
+@lru_cache(maxsize=None)
+def _imports(rel: str) -> tuple[str, ...]:
     """Package modules `rel` imports anywhere in its code. The package's own __init__ is left out
     (it re-exports every verb and holds the version string); a sub-package's __init__ counts."""
     here = Path(rel).parent.parts
@@ -137,4 +150,7 @@ def _imports(rel: str) -> list[str]:
                 parts = alias.name.split(".")
                 if parts[0] == PACKAGE:
                     found.append(_module_path(parts[1:]))
-    return [t for t in found if t and t != "__init__.py"]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _DOTTED.match(node.value):
+            # a module named in a string for importlib ("qrealign.data.topic_task:TopicCodeTask")
+            found.append(_module_path(node.value.split(":")[0].split(".")[1:]))
+    return tuple(t for t in found if t and t != "__init__.py")

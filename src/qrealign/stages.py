@@ -21,7 +21,7 @@ decide the key, so a refactor that keeps the numbers costs a warning, not hours 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from .errors import QrealignError
 from .stage_code import changed_modules, code_digest, stage_kind
@@ -46,13 +46,15 @@ def stage_dir(name: str, fingerprint_inputs: dict[str, Any], root: str | Path) -
 
 def cached_stage(name: str, fingerprint_inputs: dict[str, Any], root: str | Path,
                  build: Callable[[Path], None], *, force: bool = False, rebuild_changed: bool = False,
-                 log: Callable[[str], None] | None = print) -> Path:
+                 upstream: Iterable[str | Path | None] = (), log: Callable[[str], None] | None = print) -> Path:
     """Return the stage's output directory, calling `build(tmp_dir)` only if it is not there yet.
 
     `build` writes into a temporary directory that is renamed into place when it returns, so an
     interrupted build leaves nothing that a later run would take for finished. `force=True`
     rebuilds even when the directory exists; `rebuild_changed=True` rebuilds a cached stage that
-    is not known to be built by today's code (`stage_code_change`)."""
+    is not known to be built by today's code (`stage_code_change`). `upstream`: the stages this
+    one reads (others, e.g. a model outside the stages folder, are skipped); a stage whose
+    upstream was rebuilt after it, or is itself not known to match, is not known to match either."""
     final = stage_dir(name, fingerprint_inputs, root)
     if final.is_dir() and not force:
         change = stage_code_change(final)
@@ -64,15 +66,21 @@ def cached_stage(name: str, fingerprint_inputs: dict[str, Any], root: str | Path
             log(f"[{name}] rebuilding ({change})")
     elif log:
         log(f"[{name}] building: {final}")
+    before = code_digest(stage_kind(name))
     with atomic_dir(final) as tmp:
         build(tmp)
-        write_json(tmp / PROVENANCE_FILE, provenance(name))
+        record = provenance(name, final.parent, upstream)
+        if record["code"] != before["digest"]:  # edited while it built: which code built it is unknown
+            record["code"] = None
+        write_json(tmp / PROVENANCE_FILE, record)
     return final
 
 
-def provenance(name: str) -> dict:
-    """What built a stage now: its kind's code digest (per module too), revision and versions."""
+def provenance(name: str, root: str | Path | None = None, upstream: Iterable[str | Path | None] = ()) -> dict:
+    """What builds a stage now: its kind's code digest (per module too), revision, versions, a
+    build id (new at every build) and the build ids of its upstream stages in `root`."""
     import platform
+    import uuid
     from datetime import datetime, timezone
 
     import torch
@@ -81,25 +89,49 @@ def provenance(name: str) -> dict:
 
     kind = stage_kind(name)
     code = code_digest(kind)
+    ups = {}
+    for p in upstream:
+        if p is not None and root is not None and Path(p).parent.resolve() == Path(root).resolve():
+            ups[Path(p).name] = (_read_record(Path(p)) or {}).get("build")
     return {"stage": name, "kind": kind, "revision": STAGE_REVISIONS.get(kind, 0), "code": code["digest"],
-            "modules": code["files"], "qrealign": __version__, "torch": torch.__version__,
-            "python": platform.python_version(), "built_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "modules": code["files"], "build": uuid.uuid4().hex, "upstream": ups, "qrealign": __version__,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "built_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def stage_code_change(path: str | Path) -> str | None:
-    """None if the stage at `path` was built by today's code of its kind; otherwise why not, in
-    words: the modules whose code changed since, or that the stage predates the record."""
+def stage_code_change(path: str | Path, _seen: frozenset = frozenset()) -> str | None:
+    """None if the stage at `path` and every stage upstream of it were built by today's code and
+    none of those was rebuilt after it; otherwise why not, in words."""
     path = Path(path)
-    record_path = path / PROVENANCE_FILE
-    if not record_path.is_file():
+    if not (path / PROVENANCE_FILE).is_file():
         return "built before stages recorded their code: not known to match today's"
-    record = read_json(record_path)
+    record = _read_record(path)
+    if record is None:
+        return f"its {PROVENANCE_FILE} cannot be read: not known to match today's"
+    if record.get("code") is None:
+        return "its code was edited while it was built: not known to match today's"
     current = code_digest(record.get("kind") or stage_kind(path.name))
-    if record.get("code") == current["digest"]:
+    if record["code"] != current["digest"]:
+        modules = changed_modules({"files": record.get("modules", {})}, current)
+        shown = ", ".join(modules[:4]) + (f" and {len(modules) - 4} more" if len(modules) > 4 else "")
+        return f"built by other code: {shown or 'the module set'} changed since {record.get('built_utc', '?')}"
+    for name, build in (record.get("upstream") or {}).items():
+        up = path.parent / name
+        if not up.is_dir() or name in _seen:
+            continue
+        if stage_code_change(up, _seen | {path.name}):
+            return f"its upstream stage {name} is not known to match today's code"
+        if (_read_record(up) or {}).get("build") != build:
+            return f"its upstream stage {name} was rebuilt after it"
+    return None
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        record = read_json(path / PROVENANCE_FILE)
+    except (OSError, ValueError):
         return None
-    modules = changed_modules({"files": record.get("modules", {})}, current)
-    shown = ", ".join(modules[:4]) + (f" and {len(modules) - 4} more" if len(modules) > 4 else "")
-    return f"built by other code: {shown or 'the module set'} changed since {record.get('built_utc', '?')}"
+    return record if isinstance(record, dict) else None
 
 
 def stage_code_lines(paths) -> list[str]:

@@ -139,7 +139,8 @@ def finetune_stage(stage: str, source: str | Path, config: AlignConfig | AttackC
                                         "last_loss": _mean(losses[-5:])}})
 
     if cache_root is not None:
-        return cached_stage(stage, inputs, cache_root, build, log=log, rebuild_changed=rebuild_changed)
+        return cached_stage(stage, inputs, cache_root, build, log=log, rebuild_changed=rebuild_changed,
+                            upstream=(source,))
     with atomic_dir(out, marker=META_FILE, kind="finetuned") as tmp:
         build(tmp)
     return Path(out)
