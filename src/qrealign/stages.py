@@ -20,6 +20,7 @@ decide the key, so a refactor that keeps the numbers costs a warning, not hours 
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -79,7 +80,6 @@ def cached_stage(name: str, fingerprint_inputs: dict[str, Any], root: str | Path
 def provenance(name: str, root: str | Path | None = None, upstream: Iterable[str | Path | None] = ()) -> dict:
     """What builds a stage now: its kind's code digest (per module too), revision, versions, a
     build id (new at every build) and the build ids of its upstream stages in `root`."""
-    import platform
     import uuid
     from datetime import datetime, timezone
 
@@ -114,7 +114,10 @@ def stage_code_change(path: str | Path, _seen: frozenset = frozenset()) -> str |
     if record["code"] != current["digest"]:
         modules = changed_modules({"files": record.get("modules", {})}, current)
         shown = ", ".join(modules[:4]) + (f" and {len(modules) - 4} more" if len(modules) > 4 else "")
-        return f"built by other code: {shown or 'the module set'} changed since {record.get('built_utc', '?')}"
+        why = f"built by other code: {shown or 'the module set'} changed since {record.get('built_utc', '?')}"
+        if record.get("python") not in (None, platform.python_version()):  # ast.unparse may differ
+            why += f" (or only Python: it was {record['python']}, now {platform.python_version()})"
+        return why
     for name, build in (record.get("upstream") or {}).items():
         up = path.parent / name
         if not up.is_dir() or name in _seen:
