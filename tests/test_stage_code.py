@@ -73,6 +73,15 @@ def test_a_stage_records_its_code_and_a_changed_one_is_named_or_rebuilt(tmp_path
     assert stages.stage_code_change(path).endswith(f"(or only Python: it was 3.0.0, now {platform.python_version()})")
     record["python"] = platform.python_version()
     (path / stages.PROVENANCE_FILE).write_text(json.dumps(record))
+    code_ok = {**record, "code": code_digest("quant")["digest"], "modules": code_digest("quant")["files"]}
+    (path / stages.PROVENANCE_FILE).write_text(json.dumps({**code_ok, "torch": "1.0.0"}))
+    import torch
+
+    assert stages.stage_code_change(path) == f"built under other libraries: torch 1.0.0 -> {torch.__version__}"
+    del code_ok["transformers"]  # a record without a library's version is not compared on it
+    (path / stages.PROVENANCE_FILE).write_text(json.dumps(code_ok))
+    assert stages.stage_code_change(path) is None
+    (path / stages.PROVENANCE_FILE).write_text(json.dumps(record))
     logs.clear()
     assert stages.cached_stage("quant-x-W8A8", {"a": 1}, tmp_path, _builder(calls), log=logs.append) == path
     assert len(calls) == 1 and logs == [f"[quant-x-W8A8] cached: {path} ({why})"]

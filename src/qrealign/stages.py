@@ -83,8 +83,6 @@ def provenance(name: str, root: str | Path | None = None, upstream: Iterable[str
     import uuid
     from datetime import datetime, timezone
 
-    import torch
-
     from . import __version__
 
     kind = stage_kind(name)
@@ -95,13 +93,13 @@ def provenance(name: str, root: str | Path | None = None, upstream: Iterable[str
             ups[Path(p).name] = (_read_record(Path(p)) or {}).get("build")
     return {"stage": name, "kind": kind, "revision": STAGE_REVISIONS.get(kind, 0), "code": code["digest"],
             "modules": code["files"], "build": uuid.uuid4().hex, "upstream": ups, "qrealign": __version__,
-            "torch": torch.__version__, "python": platform.python_version(),
+            **_library_versions(), "python": platform.python_version(),
             "built_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def stage_code_change(path: str | Path, _seen: frozenset = frozenset()) -> str | None:
-    """None if the stage at `path` and every stage upstream of it were built by today's code and
-    none of those was rebuilt after it; otherwise why not, in words."""
+    """None if the stage at `path` and every stage upstream of it were built by today's code under
+    today's torch and transformers, and none of those was rebuilt after it; otherwise why not."""
     path = Path(path)
     if not (path / PROVENANCE_FILE).is_file():
         return "built before stages recorded their code: not known to match today's"
@@ -118,6 +116,10 @@ def stage_code_change(path: str | Path, _seen: frozenset = frozenset()) -> str |
         if record.get("python") not in (None, platform.python_version()):  # ast.unparse may differ
             why += f" (or only Python: it was {record['python']}, now {platform.python_version()})"
         return why
+    libraries = _library_versions()
+    moved = [f"{lib} {record[lib]} -> {now}" for lib, now in libraries.items() if record.get(lib, now) != now]
+    if moved:  # other kernels can give other float rounding
+        return f"built under other libraries: {', '.join(moved)}"
     for name, build in (record.get("upstream") or {}).items():
         up = path.parent / name
         if not up.is_dir() or name in _seen:
@@ -127,6 +129,14 @@ def stage_code_change(path: str | Path, _seen: frozenset = frozenset()) -> str |
         if (_read_record(up) or {}).get("build") != build:
             return f"its upstream stage {name} was rebuilt after it"
     return None
+
+
+def _library_versions() -> dict:
+    """The libraries whose kernels decide a stage's float rounding."""
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def _read_record(path: Path) -> dict | None:

@@ -136,17 +136,23 @@ def _img(path: Path) -> str:
 
 
 def _verdict_html(lines, heading: str = "Verdict") -> str:
-    """The verdict's small Markdown subset: '- ' items (nested ones flattened), **bold** and `code`."""
-    out, items = [], []
+    """The verdict's small Markdown subset: '- ' items (indented ones nested one level under the
+    item before), **bold** and `code`."""
+    out, items = [], []  # items: [text, [nested texts]]
     for line in [*lines, ""]:
+        nested = line.startswith(" ") and line.lstrip().startswith("- ")
         line = line.lstrip() if line.lstrip().startswith("- ") else line
         text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(line[2:] if line.startswith("- ") else line))
         text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+        if nested and items:
+            items[-1][1].append(text)
+            continue
         if line.startswith("- "):
-            items.append(f"<li>{text}</li>")
+            items.append([text, []])
             continue
         if items:
-            out.append("<ul>" + "".join(items) + "</ul>")
+            out.append("<ul>" + "".join(f"<li>{t}" + ("<ul>" + "".join(f"<li>{n}</li>" for n in sub) + "</ul>"
+                                                         if sub else "") + "</li>" for t, sub in items) + "</ul>")
             items = []
         if line.strip():
             out.append(f"<p>{text}</p>")
