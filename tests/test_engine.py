@@ -406,3 +406,30 @@ def test_two_runs_on_one_checkpoint_are_refused(calib_set, tmp_path):
             calibrate(model, tok, calib_set, "W4A8", CalibConfig(epochs=1), checkpoint_dir=tmp_path, progress=False)
     _, _, result = _run(calib_set, CalibConfig(epochs=1), checkpoint_dir=tmp_path)  # free again
     assert result.resumed_blocks == 0
+
+
+def test_a_checkpoint_made_by_other_code_is_set_aside(calib_set, tmp_path, capsys):
+    """The fingerprint holds the inputs, not the code: a block checkpoint records the digest of the
+    calibration code, and a run of other code does not join its blocks (one without the record,
+    from before it existed, still resumes)."""
+    import json
+
+    from qrealign.calibrate import engine
+
+    cfg, ckpt = CalibConfig(epochs=1), tmp_path / "ckpt"
+    _interrupt_after_first_block(calib_set, cfg, ckpt)
+    state = json.loads((ckpt / engine.CHECKPOINT_STATE).read_text())
+    assert state["code"] == engine._calibration_code()
+    (ckpt / engine.CHECKPOINT_STATE).write_text(json.dumps({**state, "code": "0" * 16}))
+    capsys.readouterr()
+    _, _, run = _run(calib_set, cfg, checkpoint_dir=ckpt, progress=True)
+    assert run.resumed_blocks == 0 and "made by other code" in capsys.readouterr().err
+    assert (tmp_path / "ckpt.stale" / engine.CHECKPOINT_STATE).is_file()
+
+    ckpt = tmp_path / "older"
+    _interrupt_after_first_block(calib_set, cfg, ckpt)
+    state = json.loads((ckpt / engine.CHECKPOINT_STATE).read_text())
+    del state["code"]
+    (ckpt / engine.CHECKPOINT_STATE).write_text(json.dumps(state))
+    _, _, run = _run(calib_set, cfg, checkpoint_dir=ckpt)
+    assert run.resumed_blocks == 1

@@ -581,8 +581,18 @@ def _save_block(ckpt: Path, layer: int, block, let) -> None:
 
 def _write_state(ckpt: Path, fingerprint: str, completed: int, logs: list[dict]) -> None:
     """Blocks 0..completed-1 are done; `logs`: their training logs, so a resumed run's metadata
-    keeps them."""
-    write_json(ckpt / CHECKPOINT_STATE, {"fingerprint": fingerprint, "completed_blocks": completed, "logs": logs})
+    keeps them; `code`: the digest of the code that calibrated them (`stage_code`)."""
+    write_json(ckpt / CHECKPOINT_STATE, {"fingerprint": fingerprint, "completed_blocks": completed, "logs": logs,
+                                         "code": _calibration_code()})
+
+
+def _calibration_code() -> str:
+    """The digest of the modules that decide a calibration's numbers. The fingerprint holds the
+    inputs, not the code: without this, a run resumed after an upgrade would join blocks
+    calibrated by two code versions."""
+    from ..stage_code import code_digest
+
+    return code_digest("quant")["digest"]
 
 
 def _load_block(ckpt: Path, layer: int, block, let) -> None:
@@ -603,12 +613,15 @@ def _resume_point(ckpt: Path | None, fingerprint: str, say: Callable[[str], None
     if ckpt is None or not (ckpt / CHECKPOINT_STATE).is_file():
         return 0, []
     state = read_json(ckpt / CHECKPOINT_STATE)
-    if state.get("fingerprint") != fingerprint:
+    other_code = state.get("code", _calibration_code()) != _calibration_code()  # older checkpoints: not recorded
+    if state.get("fingerprint") != fingerprint or other_code:
         stale = ckpt.with_name(f"{ckpt.name}.stale")
         remove_checkpoint(stale)
         _move_checkpoint(ckpt, stale)
         if say:
-            say(f"[calibrate] the checkpoint in {ckpt} was made with other settings or inputs "
+            made = "by other code (qrealign's calibration modules changed)" if other_code else \
+                "with other settings or inputs"
+            say(f"[calibrate] the checkpoint in {ckpt} was made {made} "
                 f"({state.get('completed_blocks', 0)} blocks): set aside in {stale} (the run that made it resumes "
                 "if its files are moved back); starting at block 0")
         return 0, []
