@@ -235,9 +235,9 @@ def test_verdict_shows_the_paired_fa_change_when_records_are_kept():
 
 
 def test_the_html_report_nests_indented_items_under_the_item_before():
-    from qrealign.report.write import _verdict_html
+    from qrealign.report.write import _markdown_list_html
 
-    html_text = _verdict_html(["- **2 of 3 stages** differ:", "  - `a`: why", "  - `b`: why", "- next", "closing"],
+    html_text = _markdown_list_html(["- **2 of 3 stages** differ:", "  - `a`: why", "  - `b`: why", "- next", "closing"],
                               "Stages")
     assert html_text == ("<h2>Stages</h2><ul><li><b>2 of 3 stages</b> differ:<ul><li><code>a</code>: why</li>"
                          "<li><code>b</code>: why</li></ul></li><li>next</li></ul><p>closing</p>")

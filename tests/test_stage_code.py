@@ -61,7 +61,7 @@ def test_a_stage_records_its_code_and_a_changed_one_is_named_or_rebuilt(tmp_path
     assert record["kind"] == "quant" and record["code"] == code_digest("quant")["digest"]
     assert set(record["modules"]) == set(kind_sources("quant")) and record["torch"]
     assert stages.stage_code_change(path) is None
-    assert stages.stage_code_lines([path]) == ["- All 1 stages were built by this code (the modules that decide "
+    assert stages.stage_code_lines(stages.stage_code_changes([path])) == ["- All 1 stages were built by this code (the modules that decide "
                                                "their numbers)."]
 
     record["code"], record["modules"]["calibrate/engine.py"] = "f" * 16, "f" * 12
@@ -85,7 +85,7 @@ def test_a_stage_records_its_code_and_a_changed_one_is_named_or_rebuilt(tmp_path
     logs.clear()
     assert stages.cached_stage("quant-x-W8A8", {"a": 1}, tmp_path, _builder(calls), log=logs.append) == path
     assert len(calls) == 1 and logs == [f"[quant-x-W8A8] cached: {path} ({why})"]
-    lines = stages.stage_code_lines([path, path])  # a stage named twice counts once
+    lines = stages.stage_code_lines(stages.stage_code_changes([path, path]))  # a stage named twice counts once
     assert lines[0].startswith("- **1 of 1 stages are not known to be built by this code**")
     assert lines[1] == f"  - `{path.name}`: {why}"
 

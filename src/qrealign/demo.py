@@ -24,7 +24,7 @@ from .calibrate.engine import CalibConfig
 from .data.prompts import load_prompts, prompt_set_fingerprint
 from .errors import NoSafetyLayers, QrealignError
 from .lanes import Job, Ref, run_jobs
-from .stages import cached_stage, stage_code_change, stage_code_lines, stage_dir
+from .stages import cached_stage, stage_code_changes, stage_code_lines, stage_dir
 from .utils import atomic_dir, read_json, sha256_json, write_json
 
 
@@ -265,11 +265,11 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
     # Each stage behind the table, and whether today's code built it (a cached stage may predate a change).
     stage_paths = [aligned_dir, attacked_dir, *probe_dirs.values(), *(v for v in done.values() if isinstance(v, Path)),
                    *(Path(r.path) for r in results if r.path)]
-    stage_code = {Path(p).name: stage_code_change(p) for p in stage_paths}
+    stage_code = stage_code_changes(stage_paths)
     report_dir = out / "report"
     with atomic_dir(report_dir) as tmp:  # checked at the start
         write_report(results, tmp, title="qrealign demo: SmolLM2-135M, aligned -> attacked -> quantized",
-                     verdict=verdict, stages=stage_code_lines(stage_paths))
+                     verdict=verdict, stages=stage_code_lines(stage_code))
     summary = {"config": _jsonable(asdict(cfg)), "lanes": lanes, "timings_s": timings, "total_s": round(time.time() - t_start, 1),
                "stages": {"aligned": str(aligned_dir), "attacked": str(attacked_dir),
                           **{f"probes-{k}": str(v) for k, v in probe_dirs.items()},

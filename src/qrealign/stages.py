@@ -147,13 +147,17 @@ def _read_record(path: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def stage_code_lines(paths) -> list[str]:
-    """Markdown lines for a report: whether each stage was built by today's code of its kind."""
-    paths = list(dict.fromkeys(Path(p) for p in paths))
-    changes = {p.name: stage_code_change(p) for p in paths}
+def stage_code_changes(paths) -> dict[str, str | None]:
+    """`stage_code_change` of each stage in `paths`, by stage name (a stage named twice counts once)."""
+    return {Path(p).name: stage_code_change(p) for p in paths}
+
+
+def stage_code_lines(changes: dict[str, str | None]) -> list[str]:
+    """Markdown lines for a report from `stage_code_changes`: whether each stage was built by
+    today's code of its kind."""
     stale = {name: why for name, why in changes.items() if why}
     if not stale:
-        return [f"- All {len(paths)} stages were built by this code (the modules that decide their numbers)."]
-    return [f"- **{len(stale)} of {len(paths)} stages are not known to be built by this code**: a rebuild could "
+        return [f"- All {len(changes)} stages were built by this code (the modules that decide their numbers)."]
+    return [f"- **{len(stale)} of {len(changes)} stages are not known to be built by this code**: a rebuild could "
             "give other numbers (`qrealign demo --rebuild-changed` rebuilds them).",
             *(f"  - `{name}`: {why}" for name, why in stale.items())]

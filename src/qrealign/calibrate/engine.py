@@ -613,7 +613,8 @@ def _resume_point(ckpt: Path | None, fingerprint: str, say: Callable[[str], None
     if ckpt is None or not (ckpt / CHECKPOINT_STATE).is_file():
         return 0, []
     state = read_json(ckpt / CHECKPOINT_STATE)
-    other_code = state.get("code", _calibration_code()) != _calibration_code()  # older checkpoints: not recorded
+    code = _calibration_code()
+    other_code = state.get("code", code) != code  # older checkpoints did not record it: not compared
     if state.get("fingerprint") != fingerprint or other_code:
         stale = ckpt.with_name(f"{ckpt.name}.stale")
         remove_checkpoint(stale)

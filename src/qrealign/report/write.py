@@ -135,9 +135,9 @@ def _img(path: Path) -> str:
     return f'<img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{data}">'
 
 
-def _verdict_html(lines, heading: str = "Verdict") -> str:
-    """The verdict's small Markdown subset: '- ' items (indented ones nested one level under the
-    item before), **bold** and `code`."""
+def _markdown_list_html(lines, heading: str) -> str:
+    """A section (the verdict, the stages) in the small Markdown subset its lines use: '- ' items
+    (indented ones nested one level under the item before), **bold** and `code`."""
     out, items = [], []  # items: [text, [nested texts]]
     for line in [*lines, ""]:
         nested = line.startswith(" ") and line.lstrip().startswith("- ")
@@ -173,7 +173,7 @@ def _html(results, title, made, verdict=(), stages=()) -> str:
              f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>",
              f"<p class=note>{e(_NOTE)}</p>"]
     if verdict:
-        parts.append(_verdict_html(verdict))
+        parts.append(_markdown_list_html(verdict, "Verdict"))
     cat_md = markdown_category_table(results)
     if cat_md:
         lines = [ln.strip("|").split("|") for ln in cat_md.splitlines()]
@@ -187,7 +187,7 @@ def _html(results, title, made, verdict=(), stages=()) -> str:
     parts.append("<h2>Settings</h2><ul>" + "".join(f"<li>{e(ln.lstrip('- '))}</li>" for ln in _settings_lines(results))
                  + "</ul>")
     if stages:
-        parts.append(_verdict_html(stages, "Stages"))
+        parts.append(_markdown_list_html(stages, "Stages"))
     parts.append("<h2>Sample responses</h2><p class=note>First harmful prompts answered (judged harmful) and "
                  "first benign prompts refused, per model, to audit the judge.</p>")
     for r in results:
