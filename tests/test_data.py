@@ -184,6 +184,66 @@ def test_twins_supplement_pairs_train_side_harmful_prompts_only(everything):
     assert set(SUPPLEMENTS) == {"twins"} and "twins" not in SPLITS
 
 
+def _words(text: str) -> frozenset[str]:
+    return frozenset(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def test_confirm_set_is_a_fresh_held_out_twin_of_eval(everything):
+    """The `confirm` set (docs/experiments.md §30): eval's make-up (132 harmful, 12 per category,
+    110 with a benign twin; 150 benign), and new: no prompt shares its text, or most of its words,
+    with any bundled prompt or the twins supplement."""
+    from qrealign.data.prompts import HELD_OUT_SETS, load_held_out, load_supplement
+
+    confirm = load_held_out("confirm")
+    harmful, benign = load_held_out("confirm", label=1), load_held_out("confirm", label=0)
+    assert len(harmful) == 132 and len(benign) == 150 and len(confirm) == 282
+    assert Counter(p.category for p in harmful) == {c: 12 for c in HARM_CATEGORIES}
+    assert Counter(p.category for p in benign) == {"benign": 130, "benign-edgy": 20}
+    assert {p.split for p in confirm} == {"confirm"} and "confirm" not in SPLITS and set(HELD_OUT_SETS) == {"confirm"}
+    by_id = {p.id: p for p in confirm}
+    assert len(by_id) == 282
+    twinned = [p for p in harmful if p.twin is not None]
+    assert len(twinned) == 110
+    assert all(by_id[p.twin].twin == p.id and by_id[p.twin].label == 0 for p in twinned)
+    assert all(6 <= len(p.text.split()) <= 40 for p in confirm)
+    others = list(everything) + load_supplement("twins")
+    assert not {normalize_prompt(p.text) for p in confirm} & {normalize_prompt(p.text) for p in others}
+    assert len({normalize_prompt(p.text) for p in confirm}) == 282
+    assert not {p.id for p in confirm} & {p.id for p in others}
+    old = [_words(p.text) for p in others]
+    for p in confirm:
+        w = _words(p.text)
+        closest = max(len(w & o) / len(w | o) for o in old)
+        assert closest < 0.5, p.text
+    with pytest.raises(ValueError, match="unknown held-out prompt set"):
+        load_held_out("eval")
+
+
+def test_held_out_sets_never_enter_calibration(tmp_path):
+    from qrealign.calibrate.data import build_calibration
+    from qrealign.data.prompts import held_out_texts, load_held_out
+    from qrealign.errors import QrealignError
+    from qrealign.evaluate.promptsets import resolve_prompt_set
+
+    for spec in ("qrealign:confirm",):
+        with pytest.raises(QrealignError, match="held out"):
+            build_calibration(spec, n=20)
+        with pytest.raises(QrealignError, match="held out"):
+            build_calibration(n=20, extra_benign=spec)
+    text = load_held_out("confirm", label=0)[3].text
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(json.dumps({"prompt": text.upper(), "label": 0}) + "\n"
+                    + "".join(json.dumps({"prompt": f"my request {i}", "label": i % 2}) + "\n" for i in range(8)))
+    with pytest.raises(QrealignError, match="1 of its prompts are in qrealign's held-out confirm set"):
+        build_calibration(str(mine), n=8)
+    texts = held_out_texts()
+    assert set(texts.values()) == {"eval", "confirm"} and texts[normalize_prompt(text)] == "confirm"
+    harmful = resolve_prompt_set("qrealign:confirm:harmful", label=1)
+    assert [p.id for p in harmful] == [p.id for p in load_held_out("confirm", label=1)]
+    with pytest.raises(QrealignError, match="confirm"):
+        resolve_prompt_set("qrealign:nope:harmful")
+
+
 def test_build_script_matches_committed_files():
     script = REPO / "scripts/build_prompts.py"
     if not script.exists():

@@ -34,6 +34,7 @@ def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
         align_config=AlignConfig(sft=sft, n_harmful=4, n_benign=4, answer_tokens=4, **_no_answer_filter()),
         attack_config=AttackConfig(sft=sft, n_task=8, poison_ratio=0.5),
         lanes=2,  # the stages after the probes in two worker processes, as on the project's machine
+        also_eval=("qrealign:confirm",),  # every row on the second held-out set too
     )
     logs = []
     report = run_demo(cfg, log=logs.append)
@@ -65,6 +66,15 @@ def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
     summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert summary["stage_code"] and all(why is None for why in summary["stage_code"].values())
     assert "## Stages" in table and f"All {len(summary['stage_code'])} stages were built by this code" in table
+    # the second held-out set: its own evaluation stages, table and verdict, linked from the main report
+    confirm = (report / "confirm" / "report.md").read_text()
+    assert "| attacked FP |" in confirm and "| Q-realign (first-token) W8A8 |" in confirm
+    assert "qrealign:confirm" in confirm and "qrealign:eval" not in confirm
+    assert "[confirm/report.md](confirm/report.md)" in table
+    assert set(summary["also_eval"]["confirm"]["results"]) == set(summary["results"])
+    confirm_evals = list((tmp_path / "demo" / "stages").glob("eval-confirm-*"))
+    assert len(confirm_evals) == len(summary["results"])
+    assert all(p.name in summary["stage_code"] for p in confirm_evals)
     logs.clear()
     run_demo(cfg, log=logs.append)
     assert not [line for line in logs if "building" in line]
@@ -88,7 +98,7 @@ def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
     logs.clear()
     run_demo(replace(cfg, rebuild_changed=True), log=logs.append)
     rebuilt = [line.split("]")[0] for line in logs if "rebuilding" in line or "building" in line]
-    assert rebuilt == ["[quant-rtn-W8A8", "[eval-rtn-w8a8"]
+    assert sorted(rebuilt) == ["[eval-confirm-rtn-w8a8", "[eval-rtn-w8a8", "[quant-rtn-W8A8"]
     assert not [why for why in json.loads((tmp_path / "demo" / "demo.json").read_text())["stage_code"].values() if why]
     # Stage keys name upstream stages by their content-addressed directory, not their path: a
     # moved output folder keeps its cache.
@@ -116,6 +126,14 @@ def test_demo_config_rejects_a_bad_attack_sweep_up_front(tmp_path):
         with pytest.raises(QrealignError, match=f"{next(iter(bad))} must be"):
             DemoConfig(out=str(tmp_path / "demo"), **bad)
     DemoConfig(out=str(tmp_path / "demo"), task_n=0, eval_limit=None)  # no task, every prompt: fine
+    # extra held-out sets: resolved (both sides) and named up front
+    harmful_only = tmp_path / "harmful.jsonl"
+    harmful_only.write_text('{"prompt": "a harmful request of mine", "label": 1}\n')
+    for bad, message in ((("qrealign:nope",), "bundled sets"), ((str(harmful_only),), "holds no benign"),
+                         (("qrealign:confirm", "qrealign:confirm"), "distinct names"),
+                         (("qrealign:eval",), "distinct names")):
+        with pytest.raises(QrealignError, match=message):
+            DemoConfig(out=str(tmp_path / "demo"), also_eval=bad)
     assert not (tmp_path / "demo").exists()
     # a lower-case name is the preset, so the variants' per-scheme settings apply to it
     cfg = DemoConfig(out=str(tmp_path / "demo"), schemes=("w8a8", "w4a8"))

@@ -164,6 +164,10 @@ class DemoConfig:
     # 26-64 % of the tokens the demo's evaluations computed were the rows' own. Off by default (other
     # float rounding, so other cached evaluations and possibly other answers at near-ties).
     drop_finished: bool = False
+    # More held-out prompt sets (specs holding harmful and benign prompts, e.g. "qrealign:confirm",
+    # the second bundled held-out set, or a file): every row is evaluated on each too, and each gets
+    # its own table and verdict in report/<name>/. The main table stays on the eval split.
+    also_eval: tuple[str, ...] = ()
     # Rebuild a cached stage that is not known to be built by today's code (`stages.stage_code_change`);
     # off, such a stage is reused and named in the log and the report's "Stages" section.
     rebuild_changed: bool = False
@@ -191,6 +195,28 @@ class DemoConfig:
                 raise QrealignError(f"{name} must be >= {low}, got {value}")
         if not 0.0 <= self.malicious_ratio <= 1.0:
             raise QrealignError(f"malicious_ratio must be in [0, 1], got {self.malicious_ratio}")
+        self.also_eval = tuple(self.also_eval)
+        names = [eval_set_name(spec) for spec in self.also_eval]
+        if len(set(names)) != len(names) or "eval" in names:
+            raise QrealignError(f"also_eval: the sets must have distinct names other than 'eval', got {names}")
+        for spec in self.also_eval:  # both sides now, not after the hours of work before their evaluations
+            _eval_set_prompts(spec)
+
+
+def eval_set_name(spec: str) -> str:
+    """The short name of an extra evaluation set: its stage names and report folder."""
+    import re
+
+    spec = str(spec)
+    name = spec.split(":")[1] if spec.startswith("qrealign:") else Path(spec).stem
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "set"
+
+
+def _eval_set_prompts(spec: str) -> tuple[list, list]:
+    """(harmful, benign) prompts of an extra evaluation set; both sides are needed for the table."""
+    from .evaluate.promptsets import resolve_prompt_set
+
+    return resolve_prompt_set(spec, label=1), resolve_prompt_set(spec, label=0)
 
 
 def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
@@ -249,12 +275,17 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
     models = [*raw, ("aligned FP", str(aligned_dir)), ("attacked FP", str(attacked_dir)), *sweep,
               *((label, Ref(f"quantize: {label}")) for label in quantized)]
     for label, source in models:
-        jobs.append(Job(f"evaluate: {label}", _eval_stage, (cfg, root, label, source),
-                        after=(source.key,) if isinstance(source, Ref) else (), cost=1.0))
+        after = (source.key,) if isinstance(source, Ref) else ()
+        jobs.append(Job(f"evaluate: {label}", _eval_stage, (cfg, root, label, source), after=after, cost=1.0))
+        for spec in cfg.also_eval:
+            jobs.append(Job(f"evaluate on {eval_set_name(spec)}: {label}", _eval_stage, (cfg, root, label, source),
+                            {"prompt_set": spec}, after=after, cost=1.0))
     lanes = cfg.lanes if cfg.lanes is not None else default_lanes(cfg.device)
     done = run_jobs(jobs, workers=lanes, log_dir=out / "logs", log=log, desc="demo", seconds=timings)
     runs = [(label, done[f"quantize: {label}"]) for label in quantized]
     results = [done[f"evaluate: {label}"] for label, _ in models]
+    extra = {eval_set_name(spec): [done[f"evaluate on {eval_set_name(spec)}: {label}"] for label, _ in models]
+             for spec in cfg.also_eval}
 
     from .report import write_report
     from .report.verdict import standings, verdict_lines
@@ -262,19 +293,30 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
     # Which safety objective wins at the main scheme, against the paper's bar.
     candidates = [f"{v.name} {cfg.schemes[0]}" for v in cfg.variants if v.method == "qrealign"]
     verdict = verdict_lines(standings(results, "attacked FP", "aligned FP", candidates))
+    extra_verdicts = {name: verdict_lines(standings(rows, "attacked FP", "aligned FP", candidates))
+                      for name, rows in extra.items()}
+    for name in extra:
+        verdict = [*verdict, "", f"The same rows on the held-out set `{name}`: [{name}/report.md]({name}/report.md) "
+                                 f"({_outcome_line(extra_verdicts[name])})"]
     # Each stage behind the table, and whether today's code built it (a cached stage may predate a change).
     stage_paths = [aligned_dir, attacked_dir, *probe_dirs.values(), *(v for v in done.values() if isinstance(v, Path)),
-                   *(Path(r.path) for r in results if r.path)]
+                   *(Path(r.path) for r in results if r.path),
+                   *(Path(r.path) for rows in extra.values() for r in rows if r.path)]
     stage_code = stage_code_changes(stage_paths)
     report_dir = out / "report"
     with atomic_dir(report_dir) as tmp:  # checked at the start
         write_report(results, tmp, title="qrealign demo: SmolLM2-135M, aligned -> attacked -> quantized",
                      verdict=verdict, stages=stage_code_lines(stage_code))
+        for name, rows in extra.items():
+            write_report(rows, tmp / name, title=f"qrealign demo on the held-out set {name}: SmolLM2-135M",
+                         verdict=extra_verdicts[name])
     summary = {"config": _jsonable(asdict(cfg)), "lanes": lanes, "timings_s": timings, "total_s": round(time.time() - t_start, 1),
                "stages": {"aligned": str(aligned_dir), "attacked": str(attacked_dir),
                           **{f"probes-{k}": str(v) for k, v in probe_dirs.items()},
                           **{label: str(path) for label, path in runs}},
                "results": {r.name: r.metrics for r in results}, "verdict": verdict,
+               **({"also_eval": {name: {"results": {r.name: r.metrics for r in rows}, "verdict": extra_verdicts[name]}
+                                 for name, rows in extra.items()}} if extra else {}),
                "stage_code": stage_code}  # null: built by this code; otherwise why it is not known to be
     write_json(out / "demo.json", summary)
     log(f"[demo] report: {report_dir / 'report.md'} ({summary['total_s']:.0f} s)")
@@ -470,7 +512,9 @@ def _attack_task(cfg) -> str:
     return (cfg.attack_config or AttackConfig()).task
 
 
-def _eval_stage(cfg, root, label: str, source: str, log=print):
+def _eval_stage(cfg, root, label: str, source: str, log=print, prompt_set: str | None = None):
+    """One row's evaluation: on the eval split, or (`prompt_set`) on one of `cfg.also_eval`'s sets,
+    with the same generation, judge and task."""
     from .evaluate.generate import GenerationConfig
     from .evaluate.runner import EvalResult, evaluate_path
 
@@ -478,16 +522,19 @@ def _eval_stage(cfg, root, label: str, source: str, log=print):
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
                            drop_finished=cfg.drop_finished)
     inputs = {"source": _stage_ref(source, root), "gen": gen.to_dict(), "limit": cfg.eval_limit,
-              "task_n": cfg.task_n, "label": label, "data": _eval_data_fingerprint(cfg), "version": __version__,
-              **_stop_inputs(cfg)}
+              "task_n": cfg.task_n, "label": label, "data": _eval_data_fingerprint(cfg, prompt_set),
+              "version": __version__, **_stop_inputs(cfg),
+              **({"prompt_set": prompt_set} if prompt_set else {})}  # eval-split stages keep their key
+    sides = {"harmful": prompt_set, "benign": prompt_set} if prompt_set else {}
 
     def build(tmp: Path):
         result = evaluate_path(source, device=cfg.device, gen=gen, task=EVAL_TASK, task_n=cfg.task_n,
-                               limit=cfg.eval_limit, name=label)
+                               limit=cfg.eval_limit, name=label, **sides)
         result.save(tmp)
 
-    path = cached_stage(f"eval-{label.lower().replace(' ', '-').replace('(', '').replace(')', '')}", inputs, root,
-                        build, log=log, rebuild_changed=cfg.rebuild_changed, upstream=(source,))
+    slug = label.lower().replace(' ', '-').replace('(', '').replace(')', '')
+    name = f"eval-{eval_set_name(prompt_set)}-{slug}" if prompt_set else f"eval-{slug}"
+    path = cached_stage(name, inputs, root, build, log=log, rebuild_changed=cfg.rebuild_changed, upstream=(source,))
     return current_verdicts(EvalResult.load(path), log)
 
 
@@ -525,14 +572,19 @@ def _stop_inputs(cfg) -> dict:
     return stop_key(load_tokenizer(source), saved_generation_config(resolve_source(source).path))
 
 
-def _eval_data_fingerprint(cfg) -> str:
+def _eval_data_fingerprint(cfg, prompt_set: str | None = None) -> str:
     """The eval prompts and task items an evaluation stage reads: editing them must rebuild it."""
     from .evaluate.tasks import get_task
     from .utils import sha256_json
 
     items = get_task(EVAL_TASK).load("test", cfg.task_n)
-    return sha256_json([prompt_set_fingerprint(load_prompts("eval")),
-                        [[e.id, e.prompt, e.answer] for e in items]])
+    prompts = load_prompts("eval") if prompt_set is None else [p for side in _eval_set_prompts(prompt_set) for p in side]
+    return sha256_json([prompt_set_fingerprint(prompts), [[e.id, e.prompt, e.answer] for e in items]])
+
+
+def _outcome_line(verdict: list[str]) -> str:
+    """The verdict's last line (who wins, or that none reaches the bar), without its emphasis."""
+    return verdict[-1].replace("**", "").rstrip(".") if verdict else "no verdict: the rows it needs are missing"
 
 
 def _stage_ref(path, root) -> str:

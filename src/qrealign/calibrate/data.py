@@ -174,13 +174,13 @@ def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malici
 
 def _load_spec(spec: str) -> tuple[list, str]:
     """(prompts, split name) of "qrealign:<split>" or a prompt file."""
-    from ..data.prompts import SUPPLEMENTS, load_prompt_file, load_prompts, load_supplement
+    from ..data.prompts import HELD_OUT_SETS, SUPPLEMENTS, load_prompt_file, load_prompts, load_supplement
 
     try:
         if spec.startswith("qrealign:"):
             split = spec.split(":", 1)[1]
-            if split == "eval":
-                raise ValueError("the eval split is held out: it never enters calibration")
+            if split == "eval" or split in HELD_OUT_SETS:
+                raise ValueError(f"the {split} set is held out: it never enters calibration")
             if split in SUPPLEMENTS:
                 return load_supplement(split), split
             return load_prompts(split=split), split
@@ -193,16 +193,17 @@ def _load_spec(spec: str) -> tuple[list, str]:
 
 
 def _refuse_eval_prompts(spec: str, prompts) -> None:
-    """A user file holding prompts of the bundled held-out eval split would make every later
-    evaluation on it refuse to run (the overlap check): say so now, before hours of calibration."""
-    from ..data.prompts import load_prompts, normalize_prompt
+    """A user file holding prompts of a bundled held-out set (the eval split, `HELD_OUT_SETS`)
+    would make every later evaluation on it refuse to run (the overlap check): say so now, before
+    hours of calibration."""
+    from ..data.prompts import held_out_texts, normalize_prompt
 
-    held_out = {normalize_prompt(p.text) for p in load_prompts(split="eval")}
-    found = [p.text for p in prompts if normalize_prompt(p.text) in held_out]
+    held_out = held_out_texts()
+    found = [(p.text, held_out[normalize_prompt(p.text)]) for p in prompts if normalize_prompt(p.text) in held_out]
     if found:
-        raise QrealignError(f"calibration set {spec!r}: {len(found)} of its prompts are in qrealign's held-out eval "
-                            f"split (e.g. {found[0][:60]!r}); calibrating on them would void the evaluation: "
-                            "remove them")
+        sets = " and ".join(f"{name} split" if name == "eval" else f"{name} set" for name in sorted({n for _, n in found}))
+        raise QrealignError(f"calibration set {spec!r}: {len(found)} of its prompts are in qrealign's held-out {sets} "
+                            f"(e.g. {found[0][0][:60]!r}); calibrating on them would void the evaluation: remove them")
 
 
 def with_prompts(calib: CalibrationSet, spec: str, label: int) -> CalibrationSet:

@@ -34,6 +34,10 @@ def add_arguments(parser) -> None:
                         help="rebuild cached stages not known to be built by this code (the code that decides a "
                              "stage's numbers changed since, or the stage predates the record); without it they are "
                              "reused and listed under the report's Stages")
+    parser.add_argument("--also-eval", action="append", default=[], metavar="SET",
+                        help="also evaluate every row on this held-out prompt set (harmful and benign prompts: "
+                             "qrealign:confirm, the second bundled held-out set, or a file); its own table and "
+                             "verdict go to OUT/report/NAME/ (repeatable; about 3.5 min per row per set on 2 cores)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -52,7 +56,8 @@ def run(args) -> int:
                      attack_sweep=sweep, epochs=args.epochs, max_new_tokens=args.max_new_tokens,
                      eval_limit=args.eval_limit, device=args.device, seed=args.seed,
                      lanes=args.lanes, compile_quantizer=args.compile_quantizer,
-                     drop_finished=args.drop_finished, rebuild_changed=args.rebuild_changed)
+                     drop_finished=args.drop_finished, rebuild_changed=args.rebuild_changed,
+                     also_eval=tuple(args.also_eval))
     report = run_demo(cfg)
     md = report / "report.md"
     if md.is_file():

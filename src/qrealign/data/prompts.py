@@ -25,8 +25,11 @@ __all__ = [
     "HARM_CATEGORIES",
     "BENIGN_CATEGORIES",
     "SUPPLEMENTS",
+    "HELD_OUT_SETS",
     "load_prompts",
     "load_supplement",
+    "load_held_out",
+    "held_out_texts",
     "load_twin_pairs",
     "load_prompt_file",
     "prompt_set_fingerprint",
@@ -42,6 +45,12 @@ SPLITS: tuple[str, ...] = ("align", "attack", "probe", "calib", "eval")
 #: and `attack` harmful prompt that had none (docs/experiments.md §14). They are train-side data
 #: (no twin of a probe or eval prompt) and enter nothing unless named, e.g. "qrealign:twins".
 SUPPLEMENTS: dict[str, str] = {"twins": "twins_extra.jsonl"}
+
+#: Evaluation-only prompt sets outside the splits, never read by any stage or choice before their
+#: first read: "confirm" was written after the `eval` split had been read many times for the demo's
+#: choices (docs/experiments.md §30), so it gives an unbiased second read. Like `eval`, they never
+#: enter calibration and are evaluated as qrealign:<name>:<harmful|benign|all>.
+HELD_OUT_SETS: dict[str, str] = {"confirm": "confirm.jsonl"}
 
 HARM_CATEGORIES: tuple[str, ...] = (
     "weapons",
@@ -144,6 +153,24 @@ def load_twin_pairs(split: str | None = None) -> list[tuple[Prompt, Prompt]]:
         for p in load_prompts(split=split, label=1)
         if p.twin is not None
     ]
+
+
+def load_held_out(name: str, label: int | None = None) -> list[Prompt]:
+    """A bundled evaluation-only prompt set (see :data:`HELD_OUT_SETS`), in file order."""
+    if name not in HELD_OUT_SETS:
+        raise ValueError(f"unknown held-out prompt set {name!r}; expected one of {', '.join(HELD_OUT_SETS)}")
+    if label is not None and label not in (0, 1):
+        raise ValueError(f"label must be 0 (benign), 1 (harmful) or None, got {label!r}")
+    return [p for p in _read_bundled(HELD_OUT_SETS[name]) if label is None or p.label == label]
+
+
+def held_out_texts() -> dict[str, str]:
+    """Normalized text -> the held-out set it belongs to (the `eval` split and every
+    :data:`HELD_OUT_SETS` entry): what calibration must never see."""
+    out = {normalize_prompt(p.text): "eval" for p in load_prompts(split="eval")}
+    for name in HELD_OUT_SETS:
+        out.update({normalize_prompt(p.text): name for p in load_held_out(name)})
+    return out
 
 
 # --------------------------------------------------------------------------- user files

@@ -3,6 +3,8 @@
 Specs:
     qrealign:eval:harmful | qrealign:eval:benign | qrealign:<split>:<harmful|benign|all>
         the bundled, held-out splits (the default evaluation sets; disjoint from align/probe/calib)
+    qrealign:confirm:<harmful|benign|all>
+        a second bundled held-out set, unread by any of the project's choices (data/README.md)
     path/to/file.{json,jsonl,csv,tsv}
         a user file (qrealign.data.prompts.load_prompt_file); unlabeled rows take the side's label
     pyrit:advbench
@@ -65,13 +67,15 @@ def resolve_prompt_set(spec: str, label: int | None = None, limit: int | None = 
 # ---- bundled -------------------------------------------------------------------------------
 
 def _bundled(rest: str, label, root) -> list[Prompt]:
-    from ..data.prompts import SPLITS, load_prompts
+    from ..data.prompts import HELD_OUT_SETS, SPLITS, load_held_out, load_prompts
 
     split, _, side = rest.partition(":")
     side = side or "all"
-    if split not in SPLITS or side not in _SIDE_LABELS:
+    if split not in (*SPLITS, *HELD_OUT_SETS) or side not in _SIDE_LABELS:
         raise QrealignError(f"bundled sets are qrealign:<split>:<harmful|benign|all> with split in "
-                            f"{', '.join(SPLITS)}; got qrealign:{rest}")
+                            f"{', '.join((*SPLITS, *HELD_OUT_SETS))}; got qrealign:{rest}")
+    if split in HELD_OUT_SETS:
+        return load_held_out(split, label=_SIDE_LABELS[side])
     if split != "eval":
         import warnings
 
