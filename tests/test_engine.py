@@ -260,6 +260,40 @@ def test_a_run_calibrated_on_a_bf16_model_reloads_with_the_weights_it_learned_an
     assert (tmp_path / "export" / "config.json").is_file()
 
 
+def test_a_run_that_moved_with_its_base_model_still_loads_and_only_onto_that_model(calib_set, tmp_path):
+    """A run records its base model by path; a folder holding both (the demo's stages) that is
+    moved or copied whole must still load (the base is found from the run, as a relative path or
+    a sibling), and the fingerprint still refuses another model in its place."""
+    import shutil
+
+    from qrealign.calibrate.artifact import run_source
+    from qrealign.evaluate.overlap import collect_provenance
+    from qrealign.models import load_model
+
+    model, tok = tiny_model("llama", seed=4, num_hidden_layers=2)
+    model.save_pretrained(tmp_path / "a" / "base")
+    tok.save_pretrained(tmp_path / "a" / "base")
+    model, tok = load_model(str(tmp_path / "a" / "base"))
+    quantize(model, tok, calib_set, "W8A8", CalibConfig(method="rtn"), out=tmp_path / "a" / "run", progress=False)
+    meta = read_quantized_metadata(tmp_path / "a" / "run")
+    assert meta["source_relative"] == "../base"
+    (tmp_path / "a").rename(tmp_path / "b")
+    moved, _, _ = load_quantized(tmp_path / "b" / "run")
+    ids = torch.tensor([[1, 5, 9, 2]])
+    assert torch.equal(moved(ids).logits, model(ids).logits)
+    assert not [k for k in collect_provenance(tmp_path / "b" / "run") if k.startswith("unresolved:")]
+    # a sibling of the recorded name, for runs written before the relative path was recorded
+    del meta["source_relative"]
+    assert run_source(meta, tmp_path / "b" / "run") == str((tmp_path / "b" / "base").resolve())
+    assert run_source(meta) == meta["source"]  # no run directory: the recorded path as it is
+    other, other_tok = tiny_model("llama", seed=5, num_hidden_layers=2)
+    shutil.rmtree(tmp_path / "b" / "base")
+    other.save_pretrained(tmp_path / "b" / "base")
+    other_tok.save_pretrained(tmp_path / "b" / "base")
+    with pytest.raises(IncompatibleArtifact, match="fingerprint mismatch"):
+        load_quantized(tmp_path / "b" / "run")
+
+
 def test_static_activation_schemes_are_refused_before_calibrating(calib_set):
     from qrealign.quant.scheme import QuantArgs, Scheme
 

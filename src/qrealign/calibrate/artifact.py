@@ -6,6 +6,7 @@ freeze the fake-quantized weights, keep activation quantization on.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -29,6 +30,11 @@ META_FILE = "qrealign.json"
 def save_quantized(out_dir: str | Path, params: dict[str, torch.Tensor], metadata: dict,
                    extra_files: dict[str, bytes] | None = None) -> Path:
     meta = {"kind": "quantized", "format_version": FORMAT_VERSION, **metadata}
+    source = meta.get("source")
+    if isinstance(source, str) and Path(source).exists():
+        # Also where the base model lies from the run: a folder that holds both (the demo's stages)
+        # can move and the run still finds its base (`run_source`).
+        meta["source_relative"] = os.path.relpath(Path(source).resolve(), Path(out_dir).resolve())
     with atomic_dir(out_dir, marker=META_FILE, kind="quantized") as tmp:
         save_tensors({k: v.contiguous() for k, v in params.items()} or {"_empty": torch.zeros(1)},
                      tmp / PARAMS_FILE)
@@ -108,23 +114,42 @@ def _rope_invariant(params, prefix, layout) -> bool:
     return qk is not None and qk.numel() == layout.num_kv_heads * layout.head_dim // 2
 
 
-def load_run_source(meta: dict, dtype: str | None = None, device="cpu", offload: str | None = None):
-    """(model, tokenizer, dtype name): the model a run was calibrated on, loaded in the dtype it
-    was calibrated in and checked against the run's fingerprint (which hashes the weights' bits,
-    so a bf16-calibrated run is checked in bf16). Runs that did not record their dtype were
-    calibrated in float32 by the CLI; `dtype` is then tried too, for API runs in another one."""
+def run_source(meta: dict, run_dir: str | Path | None = None) -> str:
+    """Where to load the base model of a run from. The recorded `source` when it exists (or is not
+    a local path at all: an embedded name, a hub id); otherwise, for a run that moved with its base
+    (a demo output folder copied or renamed as a whole), the base found from the run directory:
+    its recorded relative path, then a sibling folder of the recorded name. A found base is used
+    only when the run recorded the base's fingerprint, which `load_run_source` then checks."""
+    source = meta["source"]
+    if run_dir is None or Path(source).exists() or not meta.get("model_fingerprint"):
+        return source
+    run_dir = Path(run_dir)
+    candidates = [run_dir / meta["source_relative"]] if meta.get("source_relative") else []
+    candidates.append(run_dir.parent / Path(source).name)
+    for candidate in candidates:
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    return source
+
+
+def load_run_source(meta: dict, dtype: str | None = None, device="cpu", offload: str | None = None,
+                    run_dir: str | Path | None = None):
+    """(model, tokenizer, dtype name): the model a run was calibrated on (`run_source`), loaded in
+    the dtype it was calibrated in and checked against the run's fingerprint (which hashes the
+    weights' bits, so a bf16-calibrated run is checked in bf16). Runs that did not record their
+    dtype were calibrated in float32 by the CLI; `dtype` is then tried too, for API runs in another one."""
     from ..models.load import load_model
 
+    source = run_source(meta, run_dir)
     recorded = meta.get("model_dtype")
     tries = [recorded] if recorded else list(dict.fromkeys(["float32", *([dtype] if dtype else [])]))
     expected = meta.get("model_fingerprint")
     for name in tries:
-        model, tokenizer = load_model(meta["source"], adapter=meta.get("adapter"), dtype=name, device=device,
-                                      offload=offload)
+        model, tokenizer = load_model(source, adapter=meta.get("adapter"), dtype=name, device=device, offload=offload)
         if not expected or fingerprint_matches(model, expected, meta):
             return model, tokenizer, str(next(model.parameters()).dtype).removeprefix("torch.")
         del model
-    raise IncompatibleArtifact(f"{meta['source']} is not the model this run was calibrated on (fingerprint mismatch)")
+    raise IncompatibleArtifact(f"{source} is not the model this run was calibrated on (fingerprint mismatch)")
 
 
 def load_quantized(path: str | Path, device: str | torch.device | None = "cpu", dtype: str = "float32"):
@@ -139,7 +164,7 @@ def load_quantized(path: str | Path, device: str | torch.device | None = "cpu", 
     want = resolve_dtype(dtype)
     # Loaded in the dtype it was calibrated in (on the CPU when it is cast afterwards), checked there.
     same = not isinstance(want, torch.dtype) or str(want).removeprefix("torch.") == meta.get("model_dtype", "float32")
-    model, tokenizer, calibrated = load_run_source(meta, dtype, device=device if same else "cpu")
+    model, tokenizer, calibrated = load_run_source(meta, dtype, device=device if same else "cpu", run_dir=path)
     apply_quant_params(model, meta["scheme"], params)
     if not same:
         if calibrated == "float32":

@@ -133,6 +133,10 @@ def _queue_parent(parent: str, base: Path | None, out: dict, seen: set, pending:
     candidate = Path(parent).expanduser()
     if not candidate.is_absolute() and base is not None and (base / candidate).exists():
         candidate = base / candidate
+    if not candidate.exists() and base is not None and (base.parent / candidate.name).exists():
+        # an output folder that moved as a whole (the demo's stages): the parent is a sibling, as
+        # `calibrate.artifact.run_source` finds it
+        candidate = base.parent / candidate.name
     if candidate.exists():
         resolved = str((candidate if candidate.is_dir() else candidate.parent).resolve())
         if resolved in seen:

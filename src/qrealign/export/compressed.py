@@ -78,7 +78,7 @@ def export_compressed_tensors(
     params = _load_params(run_dir)
 
     # checked in the dtype it was calibrated in, then computed in float32 as calibration did
-    model, tokenizer, _ = load_run_source(meta, "float32", device="cpu", offload=offload)
+    model, tokenizer, _ = load_run_source(meta, "float32", device="cpu", offload=offload, run_dir=run_dir)
     if offload is None:
         model.float()
     n_params = sum(p.numel() for p in model.parameters())
