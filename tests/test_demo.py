@@ -129,9 +129,10 @@ def test_demo_config_rejects_a_bad_attack_sweep_up_front(tmp_path):
     # extra held-out sets: resolved (both sides) and named up front
     harmful_only = tmp_path / "harmful.jsonl"
     harmful_only.write_text('{"prompt": "a harmful request of mine", "label": 1}\n')
-    for bad, message in ((("qrealign:nope",), "bundled sets"), ((str(harmful_only),), "holds no benign"),
+    for bad, message in ((("qrealign:nope",), "not a held-out set"), ((str(harmful_only),), "holds no benign"),
+                         (("qrealign:calib",), "not a held-out set"),
                          (("qrealign:confirm", "qrealign:confirm"), "distinct names"),
-                         (("qrealign:eval",), "distinct names")):
+                         (("qrealign:eval",), "distinct names"), ((str(tmp_path / "eval.jsonl"),), "distinct names")):
         with pytest.raises(QrealignError, match=message):
             DemoConfig(out=str(tmp_path / "demo"), also_eval=bad)
     assert not (tmp_path / "demo").exists()

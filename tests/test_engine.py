@@ -286,6 +286,8 @@ def test_a_run_that_moved_with_its_base_model_still_loads_and_only_onto_that_mod
     del meta["source_relative"]
     assert run_source(meta, tmp_path / "b" / "run") == str((tmp_path / "b" / "base").resolve())
     assert run_source(meta) == meta["source"]  # no run directory: the recorded path as it is
+    # a hub id is not a path: never swapped for a local folder of the same name
+    assert run_source({**meta, "source": "some-org/base"}, tmp_path / "b" / "run") == "some-org/base"
     other, other_tok = tiny_model("llama", seed=5, num_hidden_layers=2)
     shutil.rmtree(tmp_path / "b" / "base")
     other.save_pretrained(tmp_path / "b" / "base")

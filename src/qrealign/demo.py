@@ -21,7 +21,7 @@ from pathlib import Path
 from . import __version__
 from .calibrate.data import build_calibration
 from .calibrate.engine import CalibConfig
-from .data.prompts import load_prompts, prompt_set_fingerprint
+from .data.prompts import HELD_OUT_SETS, load_prompts, prompt_set_fingerprint
 from .errors import NoSafetyLayers, QrealignError
 from .lanes import Job, Ref, run_jobs
 from .stages import cached_stage, stage_code_changes, stage_code_lines, stage_dir
@@ -200,6 +200,9 @@ class DemoConfig:
         if len(set(names)) != len(names) or "eval" in names:
             raise QrealignError(f"also_eval: the sets must have distinct names other than 'eval', got {names}")
         for spec in self.also_eval:  # both sides now, not after the hours of work before their evaluations
+            if spec.startswith("qrealign:") and eval_set_name(spec) not in HELD_OUT_SETS:
+                raise QrealignError(f"also_eval: {spec} is not a held-out set (the stages train or calibrate on the "
+                                    f"bundled splits); bundled held-out sets: {', '.join(HELD_OUT_SETS)}")
             _eval_set_prompts(spec)
 
 

@@ -120,8 +120,10 @@ def run_source(meta: dict, run_dir: str | Path | None = None) -> str:
     (a demo output folder copied or renamed as a whole), the base found from the run directory:
     its recorded relative path, then a sibling folder of the recorded name. A found base is used
     only when the run recorded the base's fingerprint, which `load_run_source` then checks."""
+    from ..models.load import looks_like_path
+
     source = meta["source"]
-    if run_dir is None or Path(source).exists() or not meta.get("model_fingerprint"):
+    if run_dir is None or Path(source).exists() or not meta.get("model_fingerprint") or not looks_like_path(source):
         return source
     run_dir = Path(run_dir)
     candidates = [run_dir / meta["source_relative"]] if meta.get("source_relative") else []
