@@ -175,6 +175,25 @@ def test_schemes_that_render_alike_share_one_teacher_pass():
     assert _targets_job_key(cfg, other_batch, "W8A8") != _targets_job_key(cfg, other_batch, "W4A8")
 
 
+def test_a_per_scheme_seed_orders_that_schemes_calibration_and_gets_its_own_teacher_pass():
+    """A seed in a variant's per-scheme settings is the calibration's seed at that scheme: the
+    order of its prompts (so its batches, and the teacher pass keyed on them) and CalibConfig.seed;
+    the other scheme keeps the demo's seed, its set and its teacher pass."""
+    from qrealign.demo import _calib_config, _calibration, _targets_job_key
+
+    cfg = DemoConfig()
+    seeded = replace(FIRST_TOKEN, scheme_config={**FIRST_TOKEN.scheme_config,
+                                                 "W8A8": {**FIRST_TOKEN.scheme_config["W8A8"], "seed": 1}})
+    assert _calib_config(cfg, seeded, "W8A8").seed == 1 and _calib_config(cfg, seeded, "W4A8").seed == cfg.seed
+    w8, w4 = _calibration(cfg, seeded, "W8A8"), _calibration(cfg, seeded, "W4A8")
+    assert sorted(w8.ids) == sorted(w4.ids) and w8.ids != w4.ids  # the same prompts, another order
+    assert w4.ids == _calibration(cfg, FIRST_TOKEN, "W4A8").ids
+    assert _targets_job_key(cfg, seeded, "W8A8") != _targets_job_key(cfg, seeded, "W4A8")
+    assert _targets_job_key(cfg, seeded, "W4A8") == _targets_job_key(cfg, FIRST_TOKEN, "W4A8")
+    # the same as the demo run with that seed throughout (docs/experiments.md §31)
+    assert w8.ids == _calibration(DemoConfig(seed=1), FIRST_TOKEN, "W8A8").ids
+
+
 def test_compile_quantizer_reaches_the_calibrations_that_train_and_leaves_default_keys_alone():
     from qrealign.demo import DEFAULT_VARIANTS, DemoConfig, _calib_config
 

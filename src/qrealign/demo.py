@@ -411,19 +411,28 @@ def _quant_cost(variant: Variant, cfg: DemoConfig, scheme: str) -> float:
     return 1.05 * cfg.epochs / 2
 
 
-def _calibration(cfg, variant: Variant):
-    """The variant's calibration set (prompts only, no model: cheap, and built before any stage
-    key, so editing a bundled prompt rebuilds)."""
-    return build_calibration("qrealign:calib", cfg.calib_n, cfg.malicious_ratio, cfg.seed, task=_attack_task(cfg),
-                             task_n=variant.calib_task, extra_benign=variant.calib_benign,
+def _calibration(cfg, variant: Variant, scheme: str):
+    """The variant's calibration set at `scheme` (prompts only, no model: cheap, and built before
+    any stage key, so editing a bundled prompt rebuilds). Its order follows the calibration's seed,
+    which a variant may set per scheme."""
+    return build_calibration("qrealign:calib", cfg.calib_n, cfg.malicious_ratio, _calib_seed(cfg, variant, scheme),
+                             task=_attack_task(cfg), task_n=variant.calib_task, extra_benign=variant.calib_benign,
                              extra_malicious=variant.calib_malicious)
+
+
+def _calib_seed(cfg, variant: Variant, scheme: str) -> int:
+    return _calib_config(cfg, variant, scheme).seed
 
 
 def _targets_job_key(cfg, variant: Variant, scheme: str) -> str:
     from .calibrate.targets import render_options
 
     render = render_options(_calib_config(cfg, variant, scheme))
-    return f"teacher targets: {variant.name} {sha256_json(_jsonable(render))[:8]}"
+    payload = _jsonable(render)
+    seed = _calib_seed(cfg, variant, scheme)
+    if seed != cfg.seed:  # another calibration order: another teacher pass
+        payload = [payload, seed]
+    return f"teacher targets: {variant.name} {sha256_json(payload)[:8]}"
 
 
 def _targets_stage(cfg, root, attacked_dir, aligned_dir, variant: Variant, scheme: str, log=print) -> Path:
@@ -432,11 +441,11 @@ def _targets_stage(cfg, root, attacked_dir, aligned_dir, variant: Variant, schem
     from .calibrate.targets import compute_teacher_targets, render_options
 
     calib_cfg = _calib_config(cfg, variant, scheme)
-    calib = _calibration(cfg, variant)
+    calib = _calibration(cfg, variant, scheme)
     refusals = bool(variant.loss.get("refusal_targets"))
     positions = int(variant.loss.get("response_tokens", 1))
     inputs = {"model": _stage_ref(attacked_dir, root), "teacher": _stage_ref(aligned_dir, root),
-              "calib": [cfg.calib_n, cfg.malicious_ratio, cfg.seed], "calib_data": calib.fingerprint(),
+              "calib": [cfg.calib_n, cfg.malicious_ratio, calib_cfg.seed], "calib_data": calib.fingerprint(),
               "render": _jsonable(render_options(calib_cfg)), "refusals": refusals, "version": __version__,
               # the teacher's answers (and the forced response starts, up to a turn end) are generated
               **(_stop_inputs(cfg) if refusals or positions > 1 else {}),
@@ -458,12 +467,12 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
                  aligned_dir=None, targets_dir=None) -> Path:
     calib_cfg = _calib_config(cfg, variant, scheme)
     probes_dir = probe_dirs.get(variant.probes) if variant.probes else None
-    calib = _calibration(cfg, variant)
+    calib = _calibration(cfg, variant, scheme)
     inputs = {"model": _stage_ref(attacked_dir, root), "scheme": scheme,
               "variant": _jsonable(variant.resolved(scheme)),
               "config": calib_cfg.to_dict(),
               "probes": _stage_ref(probes_dir, root) if probes_dir else None,
-              "calib": [cfg.calib_n, cfg.malicious_ratio, cfg.seed], "calib_data": calib.fingerprint(),
+              "calib": [cfg.calib_n, cfg.malicious_ratio, calib_cfg.seed], "calib_data": calib.fingerprint(),
               "version": __version__}
     if variant.teacher:
         # The targets stage (targets_dir) is keyed on a subset of these inputs and gives the same
