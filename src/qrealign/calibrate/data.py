@@ -188,11 +188,11 @@ def _load_spec(spec: str) -> tuple[list, str]:
     except (ValueError, OSError) as exc:
         message = str(exc).removeprefix(f"{spec}: ")  # the loader names the file already
         raise QrealignError(f"calibration set {spec!r}: {message}") from None
-    _refuse_eval_prompts(spec, prompts)
+    _refuse_held_out_prompts(spec, prompts)
     return prompts, f"file:{spec}"
 
 
-def _refuse_eval_prompts(spec: str, prompts) -> None:
+def _refuse_held_out_prompts(spec: str, prompts) -> None:
     """A user file holding prompts of a bundled held-out set (the eval split, `HELD_OUT_SETS`)
     would make every later evaluation on it refuse to run (the overlap check): say so now, before
     hours of calibration."""
