@@ -444,6 +444,29 @@ def test_two_runs_on_one_checkpoint_are_refused(calib_set, tmp_path):
     assert result.resumed_blocks == 0
 
 
+def test_a_checkpoint_records_the_code_of_the_runs_start(calib_set, tmp_path, monkeypatch):
+    """The package edited on disk while blocks train: every checkpoint state still names the code
+    read when the run started (the code that is running), so a resume never joins blocks of two
+    versions under one digest."""
+    import itertools
+    import json
+
+    from qrealign.calibrate import engine
+
+    versions = (f"code-{k}" for k in itertools.count())
+    monkeypatch.setattr(engine, "_calibration_code", lambda: next(versions))
+
+    def stop_after_second(i):
+        if i == 1:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        _run(calib_set, CalibConfig(epochs=1), checkpoint_dir=ckpt, on_block_end=stop_after_second)
+    state = json.loads((ckpt / engine.CHECKPOINT_STATE).read_text())
+    assert state["completed_blocks"] == 2 and state["code"] == "code-0"
+
+
 def test_a_checkpoint_made_by_other_code_is_set_aside(calib_set, tmp_path, capsys):
     """The fingerprint holds the inputs, not the code: a block checkpoint records the digest of the
     calibration code, and a run of other code does not join its blocks (one without the record,

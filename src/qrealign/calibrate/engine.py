@@ -252,6 +252,7 @@ class _Run:
     kwargs: list[dict]  # per batch: the blocks' kwargs by attention type
     ckpt: Path | None
     fingerprint: str
+    code: str  # `_calibration_code()` at the run's start, recorded in every checkpoint state
     progress: bool
 
     @property
@@ -305,7 +306,10 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
         "tokens": _token_digest(batches), "qrealign": __version__,
     })
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    done, saved_logs = _resume_point(ckpt, fingerprint,
+    # Read once, at the start: the code that runs is the code imported now, even if the package
+    # is edited or upgraded on disk while the blocks train (checkpoints must not claim newer code).
+    code = _calibration_code()
+    done, saved_logs = _resume_point(ckpt, fingerprint, code,
                                      say=(lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else None)
     if joint_from is not None and joint_from < done < num_layers:
         done = joint_from  # a joint stage is checkpointed whole: a part of it (a lost file) is trained again
@@ -318,7 +322,7 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
     masks = [b.enc.attention_mask.to(dev) for b in batches]
     pairs = tuple(p for p in block_pairs(model) if p in cfg.let_pairs) if (cfg.let and cfg.method != "rtn") else ()
     run = _Run(model, cfg, scheme, loss, dev, amp, get_arch(model), head_layout(model.config), pairs, batches, masks,
-               [], ckpt, fingerprint, progress)
+               [], ckpt, fingerprint, code, progress)
     fp_in, q_in = [], []
     for b, need in zip(batches, needs_fp):
         inputs = capture_block_inputs(model, b, embed_device)
@@ -373,7 +377,7 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
             if ckpt is not None:
                 log["seconds"] = round(time.time() - t0, 3)  # training time; replaced below by the block's total
                 _save_block(ckpt, i, part.block, part.let)
-                _write_state(ckpt, fingerprint, i + 1, logs + [log])
+                _write_state(ckpt, fingerprint, code, i + 1, logs + [log])
 
         params.update(_block_params(i, part.block, part.let))
         q_in = _finish_block(run, part, q_in, log)
@@ -466,7 +470,7 @@ def _joint_stage(run: _Run, first: int, fp_in: list, q_in: list, params: dict, l
     if run.ckpt is not None:
         for part in chain:
             _save_block(run.ckpt, part.layer, part.block, part.let)
-        _write_state(run.ckpt, run.fingerprint, run.num_layers, logs + block_logs)  # then the stage counts as done
+        _write_state(run.ckpt, run.fingerprint, run.code, run.num_layers, logs + block_logs)  # then the stage counts as done
     for k, (part, block_log, put_back) in enumerate(zip(chain, block_logs, put_backs)):
         t1 = time.time()
         params.update(_block_params(part.layer, part.block, part.let))
@@ -579,11 +583,12 @@ def _save_block(ckpt: Path, layer: int, block, let) -> None:
     tmp.replace(_block_file(ckpt, layer))
 
 
-def _write_state(ckpt: Path, fingerprint: str, completed: int, logs: list[dict]) -> None:
+def _write_state(ckpt: Path, fingerprint: str, code: str, completed: int, logs: list[dict]) -> None:
     """Blocks 0..completed-1 are done; `logs`: their training logs, so a resumed run's metadata
-    keeps them; `code`: the digest of the code that calibrated them (`stage_code`)."""
+    keeps them; `code`: the digest of the code that calibrated them (`_calibration_code()` read
+    at the run's start, not now: the files on disk may have changed since)."""
     write_json(ckpt / CHECKPOINT_STATE, {"fingerprint": fingerprint, "completed_blocks": completed, "logs": logs,
-                                         "code": _calibration_code()})
+                                         "code": code})
 
 
 def _calibration_code() -> str:
@@ -604,7 +609,7 @@ def _load_block(ckpt: Path, layer: int, block, let) -> None:
         raise QrealignError(f"checkpoint file {path} is unreadable ({exc}); delete {ckpt} to start the run over") from None
 
 
-def _resume_point(ckpt: Path | None, fingerprint: str, say: Callable[[str], None] | None = None
+def _resume_point(ckpt: Path | None, fingerprint: str, code: str, say: Callable[[str], None] | None = None
                   ) -> tuple[int, list[dict]]:
     """Blocks already calibrated with these exact settings (their checkpoint) and their training
     logs, said out loud: a resumed run, and a checkpoint set aside because a setting changed, are
@@ -613,7 +618,6 @@ def _resume_point(ckpt: Path | None, fingerprint: str, say: Callable[[str], None
     if ckpt is None or not (ckpt / CHECKPOINT_STATE).is_file():
         return 0, []
     state = read_json(ckpt / CHECKPOINT_STATE)
-    code = _calibration_code()
     other_code = state.get("code", code) != code  # older checkpoints did not record it: not compared
     if state.get("fingerprint") != fingerprint or other_code:
         stale = ckpt.with_name(f"{ckpt.name}.stale")
