@@ -1,5 +1,6 @@
 """Block-wise calibration engine: resume, batch/padding invariance, artefact round trip."""
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -492,3 +493,45 @@ def test_a_checkpoint_made_by_other_code_is_set_aside(calib_set, tmp_path, capsy
     (ckpt / engine.CHECKPOINT_STATE).write_text(json.dumps(state))
     _, _, run = _run(calib_set, cfg, checkpoint_dir=ckpt)
     assert run.resumed_blocks == 1
+
+
+def test_lr_factor_cosine_runs_from_one_to_zero():
+    from qrealign.calibrate.train import lr_factor
+
+    assert [lr_factor(None, t, 10) for t in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    assert lr_factor("cosine", 0, 10) == 1.0
+    assert lr_factor("cosine", 5, 10) == pytest.approx(0.5)
+    assert lr_factor("cosine", 10, 10) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor("cosine", 2, 8) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    with pytest.raises(QrealignError, match="lr_schedule must be"):
+        CalibConfig(lr_schedule="linear")
+
+
+def test_cosine_schedule_sets_each_steps_learning_rate_and_keys_the_run(calib_set, monkeypatch):
+    """Every optimiser step runs at base rate x lr_factor(step, the optimisation's steps), per
+    block; the constant default keeps existing run keys."""
+    from qrealign.calibrate.train import lr_factor
+
+    base = CalibConfig(epochs=2, batch_size=3, learn_rounding=True)
+    cosine = replace(base, lr_schedule="cosine")
+    assert "lr_schedule" not in base.to_dict() and cosine.to_dict()["lr_schedule"] == "cosine"
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def recording_step(self, *a, **kw):
+        seen.append([g["lr"] for g in self.param_groups])
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    _, _, run = _run(calib_set, cosine)
+    steps = [log["steps"] for log in run.layer_logs]
+    assert len(seen) == sum(steps) and steps[0] > 2
+    bases = (cosine.lr_let, cosine.lr_lwc, cosine.lr_round)
+    at = 0
+    for total in steps:
+        for t in range(total):
+            assert seen[at + t] == pytest.approx([b * lr_factor("cosine", t, total) for b in bases])
+        at += total
+    seen.clear()
+    _, _, const = _run(calib_set, base)
+    assert all(lrs == list(bases) for lrs in seen) and const.fingerprint != run.fingerprint

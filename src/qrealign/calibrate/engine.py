@@ -48,7 +48,7 @@ ROUNDING = "weight_quantizer.rounding"
 # CalibConfig fields that change what is logged or where tensors wait, not what is learned: left
 # out of the run fingerprint (a run resumes across them)
 NOT_LEARNED = ("measure_init_loss", "offload_targets")
-ADDED_OFF = ("compile_quantizer", "plain_epochs", "joint_safety", "offload_targets")  # later CalibConfig fields, left out of to_dict() while off
+ADDED_OFF = ("compile_quantizer", "plain_epochs", "joint_safety", "offload_targets", "lr_schedule")  # later CalibConfig fields, left out of to_dict() while off
 
 
 @dataclass
@@ -83,6 +83,10 @@ class CalibConfig:
     learn_rounding: bool = False
     lr_round: float = 5e-3
     weight_decay: float = 0.0
+    # The learning rates over each optimisation (a block's, or a joint stage's): None = constant
+    # (OmniQuant); "cosine" = decayed to 0 by its last step (`train.lr_factor`), which makes the
+    # result depend less on the order of the batches (docs/experiments.md §33).
+    lr_schedule: str | None = None
     max_length: int | None = 256
     padding_side: str = "left"
     # Keep malicious and benign prompts in separate batches and skip the FP stream where the loss
@@ -147,6 +151,8 @@ class CalibConfig:
         if self.joint_safety and (self.init_guard or self.epoch_schedule != "constant"):
             raise QrealignError("joint_safety trains its blocks together: per-block choices (init_guard, "
                                 "epoch_schedule 'paper') do not apply; turn them off")
+        if self.lr_schedule not in (None, "cosine"):
+            raise QrealignError(f"lr_schedule must be None (constant) or 'cosine', got {self.lr_schedule!r}")
         if self.autocast not in ("auto", "off", "bf16"):
             raise QrealignError(f"autocast must be 'auto', 'off' or 'bf16', got {self.autocast!r}")
         self.let_pairs = tuple(self.let_pairs)

@@ -9,6 +9,7 @@ what a step runs.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -89,6 +90,18 @@ def _param_groups(parts: list[Learnable], cfg) -> tuple[list[dict], Callable[[],
 Step = Callable[[int], tuple[torch.Tensor, dict]]  # batch number -> (loss, logs)
 
 
+def lr_factor(schedule: str | None, step: int, total: int) -> float:
+    """The learning rate's multiplier at optimiser step `step` of `total` (0-based). "cosine":
+    from 1 down to 0 over the run, so the last steps average over many batches' gradients
+    instead of following the last few (with a constant rate and small batches, the learned
+    parameters depend on the batches' order). None: constant (OmniQuant)."""
+    if schedule is None:
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
+    raise QrealignError(f"unknown lr_schedule {schedule!r}")
+
+
 @torch.no_grad()
 def mean_loss(step: Step, batches: list[CalibBatch]) -> float:
     """Sample-weighted mean of `step`'s loss over the calibration set, nothing learned."""
@@ -110,6 +123,8 @@ def _optimise(parts: list[Learnable], step: Step, batches: list[CalibBatch], cfg
     for part in parts:
         set_quant_state(part.block, compiled=cfg.compile_quantizer)
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    base_lrs = [g["lr"] for g in groups]
+    total_steps = epochs * len(batches)
     gen = torch.Generator().manual_seed(seed)
     first = last = None
     steps = tokens = 0
@@ -123,6 +138,9 @@ def _optimise(parts: list[Learnable], step: Step, batches: list[CalibBatch], cfg
                     raise NonFiniteLoss(f"non-finite loss at {where}, epoch {epoch}; {saved}")
                 opt.zero_grad(set_to_none=True)
                 value.backward()
+                factor = lr_factor(cfg.lr_schedule, steps, total_steps)
+                for g, lr in zip(opt.param_groups, base_lrs):
+                    g["lr"] = lr * factor
                 opt.step()
                 project()
                 n = len(batch.labels)

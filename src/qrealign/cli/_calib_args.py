@@ -52,6 +52,9 @@ def add_common(parser) -> None:
                         help="also learn each weight's rounding direction (AutoRound-style; one int8 per weight "
                              "in the run): the largest lever of the safety objectives, docs/experiments.md §6")
     parser.add_argument("--lr-round", type=float, default=5e-3, help="learning rate of the rounding offsets")
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                        help="learning rates over each block's (or joint stage's) steps: constant (OmniQuant) or "
+                             "cosine decay to 0, less dependent on the batches' order (docs/experiments.md §33)")
     parser.add_argument("--rope-invariant-qk", action="store_true", help="tie the q<->k scale so RoPE keeps it exact")
     parser.add_argument("--autocast", choices=["auto", "off", "bf16"], default="auto",
                         help="bf16 autocast of the block forward while training: auto = on CUDA below 8 bits "
@@ -84,7 +87,8 @@ def engine_config(args, method: str):
                        learn_rounding=args.learn_rounding, lr_round=args.lr_round, max_length=args.max_length,
                        autocast=args.autocast, compile_quantizer=args.compile_quantizer,
                        plain_epochs=args.plain_epochs, joint_safety=args.joint_safety,
-                       offload_targets=args.offload_targets, system=args.system, seed=args.seed)
+                       offload_targets=args.offload_targets, system=args.system, seed=args.seed,
+                       lr_schedule=None if args.lr_schedule == "constant" else args.lr_schedule)
 
 
 def prepare(args, method: str):
