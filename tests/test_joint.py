@@ -189,10 +189,11 @@ def test_cli_realign_joint_safety_and_the_commands_without_a_safety_term(tmp_pat
         tok.save_pretrained(tmp_path / name)
     common = [str(tmp_path / "finetuned"), "--n", "8", "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
     rc = main(["realign", *common, "--teacher", str(tmp_path / "aligned"), "--layers-from", "0.5", "--joint-safety",
-               "--offload-targets", "--out", str(tmp_path / "run")])
+               "--offload-targets", "--lr-schedule", "cosine", "--out", str(tmp_path / "run")])
     assert rc == 0
     meta = read_quantized_metadata(tmp_path / "run")
     assert meta["config"]["joint_safety"] is True and meta["config"]["offload_targets"] is True
+    assert meta["config"]["lr_schedule"] == "cosine"
     assert [log.get("joint_blocks") for log in meta["layers"]][2] == [2, 3]
     # plain quantization has no safety term to train jointly: refused before anything is written
     assert main(["quantize", *common, "--joint-safety", "--out", str(tmp_path / "q")]) == 2
