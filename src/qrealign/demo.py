@@ -105,16 +105,19 @@ CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AG
 # joint stage turned a third of the benign dev answers into loops of the attack's template
 # (degenerate on benign prompts 33.6 % vs 7.1 % block by block; the attacked model 12.4 %), so
 # the W4A8 row keeps the block-by-block form, two epochs on the safety blocks.
-# The W8A8 row's calibration seed (the order of its prompts) was chosen on dev among 0-2 by a rule
-# written before the last seed's row (§31-32): the order alone moved dev over-refusal 15.0 -> 7.1 %
-# (seed 0 -> 1) with HS 12.7 -> 13.6 % and FA-800 54.4 -> 58.9 %.
+# The W8A8 row's learning rates decay to 0 (cosine) over each stage's steps (§33, §36): at a constant
+# rate the calibration order alone (the seed) moved dev over-refusal by 7.9 points and FA-800 by
+# 6.5, so a seed chosen on dev picked noise (§32: eval FA -8.0). With the decay the three seeds'
+# spreads are 0.9 and 2.5 points and the worst seed's smallest z-slack on #7's dev terms is 0.92
+# (constant rate: 0.32). The seed is the demo's default; none is chosen.
 FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib_task=96,
                       calib_benign=("qrealign:calib", "qrealign:align", "qrealign:twins"),
                       loss={"layers_from": 0.6, "lam": 1.0, "benign_kl": 4.0, "refusal_targets": True,
                             "response_tokens": 4},
                       config={"lr_let": 1e-2, "batch_size": 4, "learn_rounding": True, "lr_round": 1e-2,
                               "plain_epochs": 1, "compile_quantizer": True},
-                      scheme_config={"W8A8": {"lwc": False, "joint_safety": True, "epochs": 4, "seed": 1},
+                      scheme_config={"W8A8": {"lwc": False, "joint_safety": True, "epochs": 4,
+                                              "lr_schedule": "cosine"},
                                      "W4A8": {"lr_round": 2e-3}})
 # The issue's table: the plain-PTQ controls, the paper's objective and the one that works here.
 DEFAULT_VARIANTS = (

@@ -39,8 +39,7 @@ def add_arguments(parser) -> None:
                              "qrealign:confirm, the second bundled held-out set, or a file); its own table and "
                              "verdict go to OUT/report/NAME/ (repeatable; about 3.5 min per row per set on 2 cores)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the lab and the calibrations (default: 0); the W8A8 first-token row keeps "
-                             "its own calibration seed, 1, chosen on dev (docs/experiments.md §32)")
+                        help="seed of the lab and the calibrations (default: 0)")
 
 
 def run(args) -> int:
