@@ -104,21 +104,23 @@ CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AG
 # 15.0 %, FA-800 54.9 -> 54.4 % (smallest z-slack 1.33 -> 1.12). At W8A8 only (§28): at W4A8 the
 # joint stage turned a third of the benign dev answers into loops of the attack's template
 # (degenerate on benign prompts 33.6 % vs 7.1 % block by block; the attacked model 12.4 %), so
-# the W4A8 row keeps the block-by-block form, two epochs on the safety blocks.
-# The W8A8 row's learning rates decay to 0 (cosine) over each stage's steps (§33, §36): at a constant
-# rate the calibration order alone (the seed) moved dev over-refusal by 7.9 points and FA-800 by
+# the W4A8 row went back to the block-by-block form, until the decay below.
+# The learning rates decay to 0 (cosine) over each stage's steps (§33, §36): at a constant rate
+# the calibration order alone (the seed) moved W8A8's dev over-refusal by 7.9 points and FA-800 by
 # 6.5, so a seed chosen on dev picked noise (§32: eval FA -8.0). With the decay the three seeds'
 # spreads are 0.9 and 2.5 points and the worst seed's smallest z-slack on #7's dev terms is 0.92
-# (constant rate: 0.32). The seed is the demo's default; none is chosen.
+# (constant rate: 0.32). The seed is the demo's default; none is chosen. At W4A8 the decay also
+# keeps the joint form's benign answers (§37, §28's rule: degenerate benign 33.6 -> 17.7 %, limit
+# 22.4; HS 9.1 %, over-refusal 12.4 %, FA-800 57.8 %), and the joint form is the cheaper one
+# (calibration about 1040 s in a one-thread lane instead of about 1576 s).
 FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib_task=96,
                       calib_benign=("qrealign:calib", "qrealign:align", "qrealign:twins"),
                       loss={"layers_from": 0.6, "lam": 1.0, "benign_kl": 4.0, "refusal_targets": True,
                             "response_tokens": 4},
                       config={"lr_let": 1e-2, "batch_size": 4, "learn_rounding": True, "lr_round": 1e-2,
-                              "plain_epochs": 1, "compile_quantizer": True},
-                      scheme_config={"W8A8": {"lwc": False, "joint_safety": True, "epochs": 4,
-                                              "lr_schedule": "cosine"},
-                                     "W4A8": {"lr_round": 2e-3}})
+                              "plain_epochs": 1, "compile_quantizer": True, "joint_safety": True, "epochs": 4,
+                              "lr_schedule": "cosine"},
+                      scheme_config={"W8A8": {"lwc": False}, "W4A8": {"lr_round": 2e-3}})
 # The issue's table: the plain-PTQ controls, the paper's objective and the one that works here.
 DEFAULT_VARIANTS = (
     Variant("RTN", "rtn"),
