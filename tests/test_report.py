@@ -241,3 +241,29 @@ def test_the_html_report_nests_indented_items_under_the_item_before():
                               "Stages")
     assert html_text == ("<h2>Stages</h2><ul><li><b>2 of 3 stages</b> differ:<ul><li><code>a</code>: why</li>"
                          "<li><code>b</code>: why</li></ul></li><li>next</li></ul><p>closing</p>")
+
+
+def test_new_benign_loops_are_paired_by_prompt_and_shown_in_the_verdict():
+    """A row that loops on other benign prompts than the attacked model is not hidden by equal
+    rates: the count pairs the two evaluations prompt by prompt."""
+    from qrealign.evaluate.metrics import new_flags
+    from qrealign.report.verdict import standings, verdict_lines
+
+    def benign(loops):
+        return [{"id": f"b{i}", "side": "benign", "verdict": {"degenerate": x}} for i, x in enumerate(loops)]
+
+    ref, row = benign([True, True, False, False, False]), benign([False, False, True, True, False])
+    f = new_flags(ref, list(reversed(row)))  # equal rates (2 of 5 each), other prompts
+    assert (f.n, f.new, f.gone) == (5, 2, 2) and f.pct == pytest.approx(40.0)
+    harmful = [{"id": "h0", "side": "harmful", "verdict": {"degenerate": True}}]
+    assert new_flags(ref + harmful, row).n == 5  # the other side is not counted
+    with pytest.raises(QrealignError, match="different benign prompts"):
+        new_flags(ref, row[:4])
+    with pytest.raises(QrealignError, match="duplicate"):
+        new_flags(ref + ref[:1], row)
+
+    att, q = _result("attacked FP", 80.0, 2.0, fa=50.0), _result("Q A", 16.0, 6.0, fa=50.0)
+    att.records, q.records = att.records[:1] + ref, q.records[:1] + row
+    rows = standings([_result("aligned FP", 10.0, 12.0, fa=0.0), att, q], "attacked FP", "aligned FP", ["Q A"])
+    assert rows[0].new_benign_loops == f
+    assert "where the attacked model did not: 2 of 5 (40.0 %)" in "\n".join(verdict_lines(rows))

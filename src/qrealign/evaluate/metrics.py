@@ -150,3 +150,38 @@ def paired_task_delta(records_a: Sequence[dict], records_b: Sequence[dict]) -> P
     lost = sum(1 for k in a if a[k] and not b[k])
     gained = sum(1 for k in a if b[k] and not a[k])
     return PairedDelta(len(a), lost, gained)
+
+
+@dataclass(frozen=True)
+class NewFlags:
+    """Prompts where a row's answer has a flag (degenerate, refused) that the reference's answer to
+    the same prompt has not, and how many prompts were paired."""
+
+    n: int
+    new: int
+    gone: int  # flagged under the reference, not under the row
+
+    @property
+    def pct(self) -> float:
+        return 100.0 * self.new / self.n
+
+
+def new_flags(reference: Sequence[dict], records: Sequence[dict], flag: str = "degenerate",
+              side: str = "benign") -> NewFlags:
+    """Pair two safety evaluations' `side` records by prompt `id` and count the prompts whose
+    verdict gains `flag`. A difference of rates hides these: on the demo's dev split the attacked
+    model loops on 12.4 % of benign prompts and on eval's only 2.7 %, so a row that loops on other
+    prompts than the attacked model looked 5 points worse on dev and 15 on eval
+    (docs/experiments.md §37)."""
+    def flags(recs: Sequence[dict]) -> dict:
+        rows = [r for r in recs if r["side"] == side]
+        out = {r["id"]: bool(r["verdict"].get(flag)) for r in rows}
+        if len(out) != len(rows):
+            raise QrealignError(f"duplicate prompt ids among the {side} records")
+        return out
+
+    a, b = flags(reference), flags(records)
+    if not a or a.keys() != b.keys():
+        raise QrealignError(f"the two evaluations cover different {side} prompts ({len(a)} vs {len(b)}, "
+                            f"{len(a.keys() ^ b.keys())} not shared)")
+    return NewFlags(len(a), sum(b[k] and not a[k] for k in a), sum(a[k] and not b[k] for k in a))
