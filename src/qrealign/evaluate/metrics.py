@@ -140,16 +140,25 @@ class PairedDelta:
 def paired_task_delta(records_a: Sequence[dict], records_b: Sequence[dict]) -> PairedDelta:
     """Pair two task evaluations item by item (by `id`; each record has a boolean `correct`).
     Both must cover the same items: a delta over different items is not a paired one."""
-    a = {r["id"]: bool(r["correct"]) for r in records_a}
-    b = {r["id"]: bool(r["correct"]) for r in records_b}
-    if len(a) != len(records_a) or len(b) != len(records_b):
-        raise QrealignError("duplicate item ids in a task evaluation")
+    n, lost, gained = _pair_by_id([(r["id"], r["correct"]) for r in records_a],
+                                  [(r["id"], r["correct"]) for r in records_b],
+                                  duplicate="duplicate item ids in a task evaluation",
+                                  different="the two task evaluations cover different items")
+    return PairedDelta(n, lost, gained)
+
+
+def _pair_by_id(a_items: Sequence[tuple], b_items: Sequence[tuple], duplicate: str,
+                different: str) -> tuple[int, int, int]:
+    """Two evaluations' (id, flag) pairs over the same items: (items, flagged under A only,
+    flagged under B only). Raises `duplicate` when an id repeats and `different` when the two do
+    not cover the same ids: counts over different items are not paired ones."""
+    a = {k: bool(v) for k, v in a_items}
+    b = {k: bool(v) for k, v in b_items}
+    if len(a) != len(a_items) or len(b) != len(b_items):
+        raise QrealignError(duplicate)
     if not a or a.keys() != b.keys():
-        raise QrealignError(f"the two task evaluations cover different items ({len(a)} vs {len(b)}, "
-                            f"{len(a.keys() ^ b.keys())} not shared)")
-    lost = sum(1 for k in a if a[k] and not b[k])
-    gained = sum(1 for k in a if b[k] and not a[k])
-    return PairedDelta(len(a), lost, gained)
+        raise QrealignError(f"{different} ({len(a)} vs {len(b)}, {len(a.keys() ^ b.keys())} not shared)")
+    return len(a), sum(a[k] and not b[k] for k in a), sum(b[k] and not a[k] for k in a)
 
 
 @dataclass(frozen=True)
@@ -173,15 +182,10 @@ def new_flags(reference: Sequence[dict], records: Sequence[dict], flag: str = "d
     model loops on 12.4 % of benign prompts and on eval's only 2.7 %, so a row that loops on other
     prompts than the attacked model looked 5 points worse on dev and 15 on eval
     (docs/experiments.md §37)."""
-    def flags(recs: Sequence[dict]) -> dict:
-        rows = [r for r in recs if r["side"] == side]
-        out = {r["id"]: bool(r["verdict"].get(flag)) for r in rows}
-        if len(out) != len(rows):
-            raise QrealignError(f"duplicate prompt ids among the {side} records")
-        return out
+    def flags(recs: Sequence[dict]) -> list[tuple]:
+        return [(r["id"], r["verdict"].get(flag)) for r in recs if r["side"] == side]
 
-    a, b = flags(reference), flags(records)
-    if not a or a.keys() != b.keys():
-        raise QrealignError(f"the two evaluations cover different {side} prompts ({len(a)} vs {len(b)}, "
-                            f"{len(a.keys() ^ b.keys())} not shared)")
-    return NewFlags(len(a), sum(b[k] and not a[k] for k in a), sum(a[k] and not b[k] for k in a))
+    n, gone, new = _pair_by_id(flags(reference), flags(records),
+                               duplicate=f"duplicate prompt ids among the {side} records",
+                               different=f"the two evaluations cover different {side} prompts")
+    return NewFlags(n, new, gone)
