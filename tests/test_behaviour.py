@@ -355,7 +355,8 @@ def test_realign_cli_teacher_run_and_argument_errors(tmp_path, capsys, monkeypat
     assert meta["config"]["learn_rounding"] is True and meta["config"]["lr_round"] == 0.05
     for bad in (["--teacher", teacher_dir, "--hinge"], ["--teacher", teacher_dir, "--probes", "p"], [],
                 ["--probes", str(tmp_path / "p"), "--benign-kl", "1"],
-                ["--probes", str(tmp_path / "p"), "--refusal-targets"]):
+                ["--probes", str(tmp_path / "p"), "--refusal-targets"],
+                ["--probes", str(tmp_path / "p"), "--joint-safety", "--joint-recon-weight", "4"]):
         out = tmp_path / "bad"
         assert main(["realign", *common, *bad, "--out", str(out)]) == 2
         assert not out.exists()

@@ -102,7 +102,11 @@ def test_joint_loss_is_the_mean_block_loss_with_the_output_term_once():
         kl = (teacher.exp() * (teacher - torch.log_softmax(logits.float(), -1))).sum(-1)
         weight = torch.where(batch.labels.bool(), 1.5, 0.5)
         expected = (recon[0] + recon[1]) / 2 + (weight * kl).mean()
+        # joint_recon_weight scales the reconstruction mean only, not the output term
+        weighted, _ = joint_step(chain, [noisy], [batch], [batch.enc.attention_mask], loss, 2, None,
+                                 all_kw=[inputs.kwargs_by_type], recon_weight=3.0)(0)
     assert torch.allclose(value, expected, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(weighted, 3.0 * (recon[0] + recon[1]) / 2 + (weight * kl).mean(), rtol=1e-5, atol=1e-7)
     assert set(logs) >= {"mse", "kl_mal", "kl_ben"}
 
 
@@ -127,6 +131,9 @@ def test_joint_stage_with_a_probe_loss_scores_each_block_once():
         mask = batch.enc.attention_mask
         expected = (loss(loss_inputs(fp1, q1, batch, mask, 0, 2))[0] + loss(loss_inputs(fp2, q2, batch, mask, 1, 2))[0]) / 2
     assert torch.allclose(value, expected, rtol=1e-6)
+    # no output term to weigh reconstruction against: a reconstruction weight is refused
+    with pytest.raises(QrealignError, match="SafetyLoss has none"):
+        joint_step(chain, [noisy], [batch], [batch.enc.attention_mask], loss, 2, None, recon_weight=2.0)
 
 
 def test_joint_stage_resumes_whole_and_retrains_when_a_part_is_lost(tmp_path):
@@ -166,6 +173,13 @@ def test_joint_settings_that_cannot_work_fail_before_any_work():
     with pytest.raises(QrealignError, match="epoch_schedule"):
         CalibConfig(joint_safety=True, epoch_schedule="paper")
     assert "joint_safety" not in CalibConfig().to_dict()  # off: existing run keys unchanged
+    assert "joint_recon_weight" not in CalibConfig(joint_safety=True).to_dict()
+    assert CalibConfig(joint_safety=True, joint_recon_weight=12.0).to_dict()["joint_recon_weight"] == 12.0
+    with pytest.raises(QrealignError, match="needs joint_safety"):
+        CalibConfig(joint_recon_weight=2.0)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(QrealignError, match="joint_recon_weight must be > 0"):
+            CalibConfig(joint_safety=True, joint_recon_weight=bad)
     assert CalibConfig(joint_safety=True).to_dict()["joint_safety"] is True
     with pytest.raises(QrealignError, match="without a gap"):
         _run(True, layers=(1, 3))
@@ -174,6 +188,10 @@ def test_joint_settings_that_cannot_work_fail_before_any_work():
     finetuned, _, tok = _models()
     with pytest.raises(QrealignError, match="has none"):
         calibrate(finetuned, tok, CALIB, "W8A8", CalibConfig(joint_safety=True), loss=ReconstructionLoss(),
+                  progress=False)
+    probe = SafetyLoss(torch.zeros(4, finetuned.config.hidden_size), torch.zeros(4), layers=(2, 3))
+    with pytest.raises(QrealignError, match="SafetyLoss has none"):  # before block 0 trains
+        calibrate(finetuned, tok, CALIB, "W8A8", CalibConfig(joint_safety=True, joint_recon_weight=3.0), loss=probe,
                   progress=False)
     rtn = calibrate(copy.deepcopy(finetuned), tok, CALIB, "W8A8", CalibConfig(method="rtn", joint_safety=True),
                     loss=ReconstructionLoss(), progress=False)
@@ -189,10 +207,12 @@ def test_cli_realign_joint_safety_and_the_commands_without_a_safety_term(tmp_pat
         tok.save_pretrained(tmp_path / name)
     common = [str(tmp_path / "finetuned"), "--n", "8", "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
     rc = main(["realign", *common, "--teacher", str(tmp_path / "aligned"), "--layers-from", "0.5", "--joint-safety",
-               "--offload-targets", "--lr-schedule", "cosine", "--out", str(tmp_path / "run")])
+               "--offload-targets", "--lr-schedule", "cosine", "--joint-recon-weight", "2", "--out",
+               str(tmp_path / "run")])
     assert rc == 0
     meta = read_quantized_metadata(tmp_path / "run")
     assert meta["config"]["joint_safety"] is True and meta["config"]["offload_targets"] is True
+    assert meta["config"]["joint_recon_weight"] == 2.0
     assert meta["config"]["lr_schedule"] == "cosine"
     assert [log.get("joint_blocks") for log in meta["layers"]][2] == [2, 3]
     # plain quantization has no safety term to train jointly: refused before anything is written

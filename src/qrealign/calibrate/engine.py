@@ -48,7 +48,8 @@ ROUNDING = "weight_quantizer.rounding"
 # CalibConfig fields that change what is logged or where tensors wait, not what is learned: left
 # out of the run fingerprint (a run resumes across them)
 NOT_LEARNED = ("measure_init_loss", "offload_targets")
-ADDED_OFF = ("compile_quantizer", "plain_epochs", "joint_safety", "offload_targets", "lr_schedule")  # later CalibConfig fields, left out of to_dict() while off
+ADDED_OFF = ("compile_quantizer", "plain_epochs", "joint_safety", "offload_targets", "lr_schedule",
+             "joint_recon_weight")  # later CalibConfig fields, left out of to_dict() while off
 
 
 @dataclass
@@ -120,6 +121,12 @@ class CalibConfig:
     # takes `epochs` (its blocks' epochs) and holds all its blocks on the compute device at once
     # (docs/experiments.md §26).
     joint_safety: bool = False
+    # The joint stage's weight on its blocks' reconstruction (None = 1: their mean). Block by block,
+    # each block's parameters see their own reconstruction at weight 1 beside the output term; in
+    # the joint stage block i's see the mean over the chain's blocks from i on, about 1/L of it, so a
+    # run of L blocks weighs reconstruction less. L restores block by block's balance
+    # (docs/experiments.md §44).
+    joint_recon_weight: float | None = None
     # Keep the FP targets (each block's FP output, per batch) in CPU memory and copy a batch's to
     # the compute device for its step. A joint stage holds one target per block and batch: at
     # 4096 wide, 505 prompts of ~128 tokens are ~1 GB per block, 8.5 GB for eight blocks, which
@@ -151,6 +158,12 @@ class CalibConfig:
         if self.joint_safety and (self.init_guard or self.epoch_schedule != "constant"):
             raise QrealignError("joint_safety trains its blocks together: per-block choices (init_guard, "
                                 "epoch_schedule 'paper') do not apply; turn them off")
+        if self.joint_recon_weight is not None:
+            if not self.joint_recon_weight > 0:  # also NaN
+                raise QrealignError(f"joint_recon_weight must be > 0 (or None: 1), got {self.joint_recon_weight}")
+            if not self.joint_safety:
+                raise QrealignError("joint_recon_weight weighs the joint stage's reconstruction: it needs "
+                                    "joint_safety")
         if self.lr_schedule not in (None, "cosine"):
             raise QrealignError(f"lr_schedule must be None (constant) or 'cosine', got {self.lr_schedule!r}")
         if self.autocast not in ("auto", "off", "bf16"):
@@ -439,6 +452,9 @@ def _joint_start(cfg: CalibConfig, loss, num_layers: int) -> int | None:
     """The first block of the joint stage (`cfg.joint_safety`), or None: block by block."""
     if not cfg.joint_safety or cfg.method == "rtn":
         return None
+    if cfg.joint_recon_weight is not None and not hasattr(loss, "output_term"):  # before any block trains
+        raise QrealignError("joint_recon_weight weighs reconstruction against a term read at the network's output "
+                            f"(the first-token objective); {type(loss).__name__} has none")
     active = [layer for layer in range(num_layers) if _has_safety_term(loss, layer)]
     if not active:
         raise QrealignError("joint_safety trains the blocks with a safety term together, and this loss has none "
@@ -462,7 +478,8 @@ def _joint_stage(run: _Run, first: int, fp_in: list, q_in: list, params: dict, l
         if j == first:
             fp_in.clear()  # block first-1's FP outputs (the caller's list): read, no longer needed
         fp_in = chain[-1].fp_out
-    step = joint_step(chain, q_in, run.batches, run.masks, run.loss, run.num_layers, run.amp, all_kw=run.kwargs)
+    step = joint_step(chain, q_in, run.batches, run.masks, run.loss, run.num_layers, run.amp, all_kw=run.kwargs,
+                      recon_weight=run.cfg.joint_recon_weight or 1.0)
     log = {"layer": first, "joint_blocks": [first, run.num_layers - 1]}
     if run.cfg.measure_init_loss:
         log["loss_init"] = mean_loss(step, run.batches)

@@ -67,6 +67,10 @@ def add_common(parser) -> None:
                              "--layers-from) together, one pass through all of them per step, instead of one at a "
                              "time; with --teacher this removes the tail of later blocks each step runs "
                              "(docs/experiments.md §26); holds those blocks on the device at once")
+    parser.add_argument("--joint-recon-weight", type=float, default=None,
+                        help="with --joint-safety and --teacher: weight of the joint stage's mean block "
+                             "reconstruction against the output term (default 1; the number of joint blocks gives "
+                             "each block's own reconstruction the weight it has block by block, §44)")
     parser.add_argument("--offload-targets", action="store_true",
                         help="keep the FP targets in CPU memory and copy each batch's to the device for its step "
                              "(same numbers; frees ~1 GB of device memory per joint block at 7B); not in the fingerprint")
@@ -87,6 +91,7 @@ def engine_config(args, method: str):
                        learn_rounding=args.learn_rounding, lr_round=args.lr_round, max_length=args.max_length,
                        autocast=args.autocast, compile_quantizer=args.compile_quantizer,
                        plain_epochs=args.plain_epochs, joint_safety=args.joint_safety,
+                       joint_recon_weight=args.joint_recon_weight,
                        offload_targets=args.offload_targets, system=args.system, seed=args.seed,
                        lr_schedule=None if args.lr_schedule == "constant" else args.lr_schedule)
 

@@ -71,9 +71,10 @@ def run(args) -> int:
                          response_tokens=args.response_tokens, **options)
         summary(result, args.out)
         return 0
-    if args.benign_kl or args.refusal_targets or args.save_targets or args.response_tokens != 1:
-        raise QrealignError("--benign-kl, --refusal-targets, --response-tokens and --save-targets apply to --teacher "
-                            "only")
+    if (args.benign_kl or args.refusal_targets or args.save_targets or args.response_tokens != 1
+            or args.joint_recon_weight is not None):
+        raise QrealignError("--benign-kl, --refusal-targets, --response-tokens, --save-targets and "
+                            "--joint-recon-weight apply to --teacher only")
     probes = load_probes(args.probes)
     _check_probes(probes, args, layers)
     model, tokenizer, scheme, config, calib = prepare(args, "omniquant")
