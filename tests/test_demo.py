@@ -288,3 +288,19 @@ def test_the_lane_cost_of_a_first_token_row_follows_its_form_at_each_scheme():
     assert _quant_cost(FIRST_TOKEN, cfg, "W4A8") == _quant_cost(FIRST_TOKEN, cfg, "W8A8")
     rtn, rec = DEFAULT_VARIANTS[0], DEFAULT_VARIANTS[1]
     assert _quant_cost(rtn, cfg, "W8A8") < _quant_cost(rec, cfg, "W8A8") < _quant_cost(FIRST_TOKEN, cfg, "W8A8")
+
+
+def test_stage_folder_names_keep_the_demos_and_drop_path_characters():
+    """Every row name the demo has used keeps its folder name (cached stages stay found); a user's
+    variant name with a slash or a comma does not make a nested or odd folder."""
+    from qrealign.demo import _slug
+
+    def old(name):  # the folder names every existing demo output folder was written with
+        return name.lower().replace(" ", "-").replace("(", "").replace(")", "")
+
+    names = [v.name for v in (*DEFAULT_VARIANTS, *EXTENDED_VARIANTS)]
+    labels = [f"{n} {s}" for n in names for s in ("W8A8", "W4A8")] + ["aligned FP", "attacked FP p=0.1", "raw"]
+    for name in names + labels:
+        assert _slug(name) == old(name)
+    assert _slug("Q-realign (first-token, 16 tokens)") == "q-realign-first-token-16-tokens"
+    assert _slug("mine/v2: test") == "minev2-test"

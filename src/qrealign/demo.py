@@ -14,6 +14,7 @@ redoes what changed, and interrupted quantization runs resume from their block c
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -466,7 +467,7 @@ def _targets_stage(cfg, root, attacked_dir, aligned_dir, variant: Variant, schem
         compute_teacher_targets(model, tok, str(aligned_dir), calib, calib_cfg, refusals=refusals,
                                 device=cfg.device, progress=True, response_tokens=positions).write_files(tmp)
 
-    slug = variant.name.lower().replace(" ", "-").replace("(", "").replace(")", "")
+    slug = _slug(variant.name)
     return cached_stage(f"targets-{slug}", inputs, root, build, log=log,
                         rebuild_changed=cfg.rebuild_changed, upstream=(attacked_dir, aligned_dir))
 
@@ -488,7 +489,7 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
         inputs["teacher"] = _stage_ref(aligned_dir, root)
         if variant.loss.get("refusal_targets") or variant.loss.get("response_tokens", 1) > 1:
             inputs.update(_stop_inputs(cfg))
-    slug = variant.name.lower().replace(" ", "-").replace("(", "").replace(")", "")
+    slug = _slug(variant.name)
     name = f"quant-{slug}-{scheme}"
     ckpt = root / f".checkpoint-{stage_dir(name, inputs, root).name}"
 
@@ -552,7 +553,7 @@ def _eval_stage(cfg, root, label: str, source: str, log=print, prompt_set: str |
                                limit=cfg.eval_limit, name=label, **sides)
         result.save(tmp)
 
-    slug = label.lower().replace(' ', '-').replace('(', '').replace(')', '')
+    slug = _slug(label)
     name = f"eval-{eval_set_name(prompt_set)}-{slug}" if prompt_set else f"eval-{slug}"
     path = cached_stage(name, inputs, root, build, log=log, rebuild_changed=cfg.rebuild_changed, upstream=(source,))
     return current_verdicts(EvalResult.load(path), log)
@@ -605,6 +606,13 @@ def _eval_data_fingerprint(cfg, prompt_set: str | None = None) -> str:
 def _outcome_line(verdict: list[str]) -> str:
     """The verdict's last line (who wins, or that none reaches the bar), without its emphasis."""
     return verdict[-1].replace("**", "").rstrip(".") if verdict else "no verdict: the rows it needs are missing"
+
+
+def _slug(name: str) -> str:
+    """A row's name as a stage folder's: lower case, spaces as dashes, and only characters that are
+    safe in a path ("Q-realign (first-token) W8A8" -> "q-realign-first-token-w8a8"; a "/" or ","
+    in a user's variant name would otherwise make a nested or odd folder)."""
+    return re.sub(r"[^a-z0-9._=+-]", "", name.lower().replace(" ", "-"))
 
 
 def _stage_ref(path, root) -> str:
