@@ -40,8 +40,8 @@ from ..utils import model_fingerprint, read_json, resolve_device, save_tensors, 
 from .capture import block_output, capture_block_inputs, move_kwargs
 from .data import CalibBatch, CalibrationSet, make_batches
 from .losses import BlockLoss, ReconstructionLoss
-from .train import (NonFiniteLoss, Learnable, block_step, guard_init, joint_step, mean_loss, snap_rounding,  # noqa: F401
-                    train_block, train_jointly)
+from .train import (NonFiniteLoss, Learnable, block_step, check_recon_weight, guard_init, joint_step,  # noqa: F401
+                    mean_loss, snap_rounding, train_block, train_jointly)
 
 METHODS = ("rtn", "omniquant")
 ROUNDING = "weight_quantizer.rounding"
@@ -452,9 +452,7 @@ def _joint_start(cfg: CalibConfig, loss, num_layers: int) -> int | None:
     """The first block of the joint stage (`cfg.joint_safety`), or None: block by block."""
     if not cfg.joint_safety or cfg.method == "rtn":
         return None
-    if cfg.joint_recon_weight is not None and not hasattr(loss, "output_term"):  # before any block trains
-        raise QrealignError("joint_recon_weight weighs reconstruction against a term read at the network's output "
-                            f"(the first-token objective); {type(loss).__name__} has none")
+    check_recon_weight(loss, cfg.joint_recon_weight)  # before any block trains
     active = [layer for layer in range(num_layers) if _has_safety_term(loss, layer)]
     if not active:
         raise QrealignError("joint_safety trains the blocks with a safety term together, and this loss has none "
@@ -479,7 +477,7 @@ def _joint_stage(run: _Run, first: int, fp_in: list, q_in: list, params: dict, l
             fp_in.clear()  # block first-1's FP outputs (the caller's list): read, no longer needed
         fp_in = chain[-1].fp_out
     step = joint_step(chain, q_in, run.batches, run.masks, run.loss, run.num_layers, run.amp, all_kw=run.kwargs,
-                      recon_weight=run.cfg.joint_recon_weight or 1.0)
+                      recon_weight=run.cfg.joint_recon_weight)
     log = {"layer": first, "joint_blocks": [first, run.num_layers - 1]}
     if run.cfg.measure_init_loss:
         log["loss_init"] = mean_loss(step, run.batches)

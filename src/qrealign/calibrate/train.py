@@ -216,20 +216,27 @@ def train_block(part: Learnable, step: Step, batches, cfg, epochs: int, ckpt) ->
                      _saved(ckpt, part.layer))
 
 
+def check_recon_weight(loss: BlockLoss, recon_weight: float | None) -> None:
+    """A joint reconstruction weight (None: unset) needs a term read at the network's output to
+    weigh against (`joint_step`); the engine calls this before any block trains."""
+    if recon_weight is not None and not hasattr(loss, "output_term"):
+        raise QrealignError("joint_recon_weight weighs reconstruction against a term read at the network's output "
+                            f"(the first-token objective); {type(loss).__name__} has none")
+
+
 def joint_step(chain: list[Learnable], q_in, batches, masks, loss: BlockLoss, num_layers: int, amp,
-               all_kw=None, recon_weight: float = 1.0) -> Step:
+               all_kw=None, recon_weight: float | None = None) -> Step:
     """The mean of the chain's blocks' losses on batch b, each block fed by the quantized blocks
     before it in the chain (not by FP ones), its output scored against its own FP target.
 
     A loss that reads the network's output (`output_term`, e.g. the first-token KL) scores it once,
     after the last block: per block it would be the same number (each block's tail is the
     quantized chain after it), so the mean of the blocks' losses is the mean of their
-    reconstruction terms plus that term once. `recon_weight` scales that mean (and only with an
-    output term: without one every part of the step is reconstruction)."""
+    reconstruction terms plus that term once. `recon_weight` (None: 1) scales that mean (and only
+    with an output term: without one every part of the step is reconstruction)."""
+    check_recon_weight(loss, recon_weight)
     reads_output = hasattr(loss, "output_term")
-    if recon_weight != 1.0 and not reads_output:
-        raise QrealignError("joint_recon_weight weighs reconstruction against a term read at the network's output "
-                            f"(the first-token objective); {type(loss).__name__} has none")
+    recon_scale = 1.0 if recon_weight is None else recon_weight
 
     def step(b):
         h, terms, logs = q_in[b], [], {}
@@ -249,7 +256,7 @@ def joint_step(chain: list[Learnable], q_in, batches, masks, loss: BlockLoss, nu
         value = torch.stack(terms).mean()
         if reads_output:
             term, term_logs = loss.output_term(inp)  # `inp`: the last block's
-            value = recon_weight * value + term.mean()  # x 1.0 is exact: the default run is unchanged
+            value = recon_scale * value + term.mean()  # x 1.0 is exact: the default run is unchanged
             logs.update(term_logs)
         return value, logs
     return step
