@@ -25,7 +25,7 @@ def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
     # The extended table (every row), with a per-scheme override on the first-token variant.
     # A tiny random "aligned" model refuses nothing, so refusal targets (tested in test_behaviour)
     # have no refusal to average: off here.
-    variants = tuple(replace(v, scheme_config={"W8A8": {"lr_round": 3e-3}}, loss={**v.loss, "refusal_targets": False})
+    variants = tuple(replace(v, scheme_config={"W8A8": {"lr_round": 3e-3, "joint_recon_weight": 12.0}}, loss={**v.loss, "refusal_targets": False})
                      if v is FIRST_TOKEN else v for v in EXTENDED_VARIANTS)
     cfg = DemoConfig(
         out=str(tmp_path / "demo"), model=tiny_source, schemes=("W8A8",), calib_n=8, epochs=1, variants=variants,
@@ -140,6 +140,9 @@ def test_demo_config_rejects_a_bad_attack_sweep_up_front(tmp_path):
     cfg = DemoConfig(out=str(tmp_path / "demo"), schemes=("w8a8", "w4a8"))
     assert cfg.schemes == ("W8A8", "W4A8")
     assert _calib_config(cfg, FIRST_TOKEN, cfg.schemes[0]).lwc is False
+    # the joint reconstruction weight reaches the W8A8 calibration only (§47)
+    assert _calib_config(cfg, FIRST_TOKEN, "W8A8").joint_recon_weight == 12.0
+    assert _calib_config(cfg, FIRST_TOKEN, "W4A8").joint_recon_weight is None
 
 
 def _no_answer_filter() -> dict:

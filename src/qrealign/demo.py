@@ -114,6 +114,11 @@ CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AG
 # keeps the joint form's benign answers (§37, §28's rule: degenerate benign 33.6 -> 17.7 %, limit
 # 22.4; HS 9.1 %, over-refusal 12.4 %, FA-800 57.8 %), and the joint form is the cheaper one
 # (calibration about 1040 s in a one-thread lane instead of about 1576 s).
+# At W8A8 the joint stage's reconstruction weighs 12 against the output term (§44-§47, chosen on
+# the AMX lab's dev by a rule written before its last three runs): the joint form had left each
+# block's reconstruction about 1/12 of its block-by-block weight. Over three seeds each, the worst
+# seed's smallest z-slack 0.64 -> 0.99 and new benign loops 8.3 -> 6.7 a seed; mean FA-800 the same
+# (55.9 -> 56.3 %), HS 15.2 -> 17.0 %, over-refusal 12.4 -> 12.6 %. The teacher pass is unchanged.
 FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib_task=96,
                       calib_benign=("qrealign:calib", "qrealign:align", "qrealign:twins"),
                       loss={"layers_from": 0.6, "lam": 1.0, "benign_kl": 4.0, "refusal_targets": True,
@@ -121,7 +126,8 @@ FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib
                       config={"lr_let": 1e-2, "batch_size": 4, "learn_rounding": True, "lr_round": 1e-2,
                               "plain_epochs": 1, "compile_quantizer": True, "joint_safety": True, "epochs": 4,
                               "lr_schedule": "cosine"},
-                      scheme_config={"W8A8": {"lwc": False}, "W4A8": {"lr_round": 2e-3}})
+                      scheme_config={"W8A8": {"lwc": False, "joint_recon_weight": 12.0},
+                                     "W4A8": {"lr_round": 2e-3}})
 # The issue's table: the plain-PTQ controls, the paper's objective and the one that works here.
 DEFAULT_VARIANTS = (
     Variant("RTN", "rtn"),
