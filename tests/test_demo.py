@@ -25,7 +25,8 @@ def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
     # The extended table (every row), with a per-scheme override on the first-token variant.
     # A tiny random "aligned" model refuses nothing, so refusal targets (tested in test_behaviour)
     # have no refusal to average: off here.
-    variants = tuple(replace(v, scheme_config={"W8A8": {"lr_round": 3e-3, "joint_recon_weight": 12.0}}, loss={**v.loss, "refusal_targets": False})
+    w8a8_override = {"lr_round": 3e-3, "joint_recon_weight": 12.0}
+    variants = tuple(replace(v, scheme_config={"W8A8": w8a8_override}, loss={**v.loss, "refusal_targets": False})
                      if v is FIRST_TOKEN else v for v in EXTENDED_VARIANTS)
     cfg = DemoConfig(
         out=str(tmp_path / "demo"), model=tiny_source, schemes=("W8A8",), calib_n=8, epochs=1, variants=variants,
