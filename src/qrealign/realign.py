@@ -30,6 +30,10 @@ from .errors import NoSafetyLayers, QrealignError
 from .quant.scheme import Scheme
 
 
+# FirstTokenLoss options with no meaning for the probe loss (SafetyLoss).
+FIRST_TOKEN_ONLY = ("greedy_margin", "margin_delta", "margin_tau", "refusal_starts")
+
+
 def realign(
     model,
     tokenizer,
@@ -62,7 +66,9 @@ def realign(
     and calibration set, e.g. for another scheme: the teacher pass does not depend on the scheme.
     `save_targets`: also write the targets computed here to that directory.
     The safety term is then the first-token KL of `calibrate.behaviour.FirstTokenLoss`
-    (options: lam, benign_kl, layers, recon_on_malicious, normalize, sink_weight). With
+    (options: lam, benign_kl, layers, recon_on_malicious, normalize, sink_weight; greedy_margin,
+    margin_delta, margin_tau and refusal_starts, the strings that begin a refusal, read from the
+    teacher's greedy first tokens on the malicious rows when not given: docs/experiments.md §48). With
     `refusal_targets`, the malicious calibration prompts the teacher itself answers (its greedy
     reply, keyword-judged) take the mean first-token distribution of those it refuses
     (`calibrate.behaviour.refusal_targets`). `response_tokens` K > 1: the KL also on the next K-1
@@ -72,9 +78,10 @@ def realign(
 
     if (probes is None) == (teacher is None):
         raise QrealignError("give the aligned model's probes or the aligned model as teacher (exactly one)")
-    if probes is not None and (refusal_targets or save_targets or response_tokens != 1):
-        raise QrealignError("refusal_targets, save_targets and response_tokens apply to the first-token objective "
-                            "(teacher=), not to probes")
+    if probes is not None and (refusal_targets or save_targets or response_tokens != 1
+                               or any(k in loss_options for k in FIRST_TOKEN_ONLY)):
+        raise QrealignError("refusal_targets, save_targets, response_tokens and the greedy margin apply to the "
+                            "first-token objective (teacher=), not to probes")
     from .calibrate.engine import check_unquantized
 
     check_unquantized(model)  # before the teacher pass, which would read a half-quantized model
@@ -162,7 +169,7 @@ def layers_from_fraction(num_layers: int, fraction: float) -> tuple[int, ...]:
 def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config, out, device, progress,
                          checkpoint_dir, layers_from, refusals=False, save_targets=None, response_tokens=1,
                          **loss_options) -> CalibResult:
-    from .calibrate.behaviour import FirstTokenLoss, ModelTail
+    from .calibrate.behaviour import FirstTokenLoss, ModelTail, refusal_start_ids
     from .models.offload import offloaded
     from .utils import check_out_dir, model_fingerprint
 
@@ -178,6 +185,10 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
                             "every block after the first safety block in memory, all blocks by default")
     cfg = config or CalibConfig()
     calibration = calibration or build_calibration()
+    starts = loss_options.pop("refusal_starts", None)
+    if starts and not loss_options.get("greedy_margin"):
+        raise QrealignError("refusal_starts are read by the greedy margin only: set greedy_margin > 0")
+    start_ids = refusal_start_ids(tokenizer, starts) if starts else None  # a bad string fails before the teacher pass
     if isinstance(teacher, (str, Path)) and is_targets_dir(teacher):
         teacher = TeacherTargets.load(teacher)
     if isinstance(teacher, TeacherTargets):  # computed earlier (e.g. for another scheme)
@@ -197,6 +208,9 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
         if save_targets:
             targets.save(save_targets)
     active = layers if layers is not None else tuple(range(num_layers))
+    if loss_options.get("greedy_margin"):
+        loss_options["refusal_starts"] = (start_ids if start_ids is not None else
+                                          refusal_start_ids(tokenizer, None, targets.logprobs, calibration.labels))
     loss = FirstTokenLoss(ModelTail(model), targets.logprobs, target_id=targets.teacher_meta["fingerprint"],
                           responses=targets.responses, response_mask=targets.response_mask,
                           **loss_options)

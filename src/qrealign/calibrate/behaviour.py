@@ -383,6 +383,38 @@ def refusal_targets(targets: torch.Tensor, malicious: torch.Tensor, refused: tor
     return out
 
 
+def greedy_margin(logprobs: torch.Tensor, refusal_ids: torch.Tensor) -> torch.Tensor:
+    """[B] the best refusal start's log-prob minus the best other token's ([B, V] log-probs): greedy
+    decoding begins a refusal exactly when this is > 0. Where the fine-tuned model has no
+    preferred way to begin an answer, a small rise in refusal mass flips it (§48)."""
+    others = logprobs.clone()
+    others[:, refusal_ids] = float("-inf")
+    return logprobs[:, refusal_ids].max(dim=-1).values - others.max(dim=-1).values
+
+
+def refusal_start_ids(tokenizer, starts=None, targets: torch.Tensor | None = None,
+                      labels=None) -> torch.Tensor:
+    """Token ids that begin a refusal: `starts` (strings, each one token of this tokenizer, as it
+    begins a response, e.g. ("I", "That", "Sorry", "No") for SmolLM2), or else the teacher's
+    greedy first tokens on the malicious calibration rows of `targets` ([N, V] or [N, K, V])."""
+    if starts:
+        ids = []
+        for text in starts:
+            enc = tokenizer.encode(text, add_special_tokens=False)
+            if len(enc) != 1:
+                raise QrealignError(f"refusal start {text!r} is {len(enc)} tokens for this tokenizer; give single "
+                                    "tokens as they begin a response")
+            ids.append(enc[0])
+        return torch.tensor(sorted(set(ids)))
+    if targets is None or labels is None:
+        raise QrealignError("refusal starts: give the strings, or the teacher targets and labels to read them from")
+    malicious = torch.tensor(labels, dtype=torch.bool)
+    if not malicious.any():
+        raise QrealignError("refusal starts: the calibration set has no malicious rows to read them from")
+    first = targets[:, 0] if targets.dim() == 3 else targets
+    return torch.unique(first[malicious].argmax(dim=-1))
+
+
 @dataclass
 class FirstTokenLoss(SafetyGate):
     """Reconstruction MSE plus `lam` x the first-token KL on malicious prompts (and `benign_kl` x
@@ -406,6 +438,14 @@ class FirstTokenLoss(SafetyGate):
     target_id: str = ""
     responses: torch.Tensor | None = None  # [N, K-1] forced response starts (multi-token form)
     response_mask: torch.Tensor | None = None  # [N, K]: False after a turn end in the start
+    # The greedy margin (docs/experiments.md §48): weight of a hinge on `greedy_margin` at the
+    # first response position, the quantity greedy decoding reads. Malicious rows: the refusal
+    # starts must beat every other first token by `margin_delta`; benign rows: the margin may not
+    # rise above the fine-tuned model's own minus `margin_delta`, however flat its distribution.
+    greedy_margin: float = 0.0
+    margin_delta: float = 0.5
+    margin_tau: float = 0.25  # softness of the hinge (tau x softplus(x / tau))
+    refusal_starts: torch.Tensor | None = None  # token ids that begin a refusal (`refusal_start_ids`)
     _digest: str = field(default="", repr=False)
 
     @property
@@ -415,6 +455,10 @@ class FirstTokenLoss(SafetyGate):
     def __post_init__(self):
         if self.lam < 0 or self.benign_kl < 0:
             raise QrealignError("lam and benign_kl must be >= 0")
+        if self.greedy_margin < 0 or self.margin_delta < 0 or self.margin_tau <= 0:
+            raise QrealignError("greedy_margin and margin_delta must be >= 0 and margin_tau > 0")
+        if self.greedy_margin and (self.refusal_starts is None or not len(self.refusal_starts)):
+            raise QrealignError("greedy_margin needs the refusal starts (token ids that begin a refusal)")
         k = self.positions
         if (k > 1) != (self.responses is not None) or (k > 1 and tuple(self.responses.shape) != (len(self.targets),
                                                                                                k - 1)):
@@ -443,7 +487,7 @@ class FirstTokenLoss(SafetyGate):
         the last block: the engine's joint stage calls it there, once per step)."""
         malicious = inp.labels.bool()
         weight = malicious.float() * self.lam + (~malicious).float() * self.benign_kl  # on the batch's device
-        if not bool((weight > 0).any()):
+        if not bool((weight > 0).any()) and not self.greedy_margin:
             return torch.zeros_like(weight), {}
         if inp.index is None or inp.block_kwargs is None:
             raise QrealignError("FirstTokenLoss needs the calibration index and block kwargs in LossInputs")
@@ -451,7 +495,8 @@ class FirstTokenLoss(SafetyGate):
         logits = (self.tail(inp.q_out, inp.layer, inp.block_kwargs, inp.last_index) if k == 1 else
                   self.tail(inp.q_out, inp.layer, inp.block_kwargs, inp.last_index, positions=k))
         teacher = self.targets[inp.index.cpu()].to(logits.device)
-        kl = (teacher.exp() * (teacher - F.log_softmax(logits, dim=-1))).sum(dim=-1)  # [B] or [B, K]
+        logprobs = F.log_softmax(logits, dim=-1)
+        kl = (teacher.exp() * (teacher - logprobs)).sum(dim=-1)  # [B] or [B, K]
         if k > 1:
             later = self.response_mask[inp.index.cpu(), 1:].to(kl.device, kl.dtype)
             kl = kl[:, 0] + (kl[:, 1:] * later).sum(dim=1) / later.sum(dim=1).clamp(min=1)
@@ -459,10 +504,27 @@ class FirstTokenLoss(SafetyGate):
         for name, rows in (("kl_mal", malicious), ("kl_ben", ~malicious)):
             if rows.any():
                 logs[name] = (kl[rows].mean().item(), int(rows.sum()))
-        return weight * kl, logs
+        if not self.greedy_margin:
+            return weight * kl, logs
+        first = (lambda t: t[:, 0]) if k > 1 else (lambda t: t)
+        push = self._margin_push(first(logprobs), first(teacher), malicious)
+        for name, rows in (("margin_mal", malicious), ("margin_ben", ~malicious)):
+            if rows.any():
+                logs[name] = (push[rows].mean().item(), int(rows.sum()))
+        return weight * kl + self.greedy_margin * push, logs
+
+    def _margin_push(self, student: torch.Tensor, teacher: torch.Tensor, malicious: torch.Tensor) -> torch.Tensor:
+        """[B] the soft hinges on the first position's greedy margin (log-probs [B, V] each)."""
+        ids = self.refusal_starts.to(student.device)
+        m_q, m_ft = greedy_margin(student, ids), greedy_margin(teacher, ids)
+        tau, delta = self.margin_tau, self.margin_delta
+        benign = tau * F.softplus((m_q - m_ft + delta) / tau) * (~malicious).float()
+        return benign + tau * F.softplus((delta - m_q) / tau) * malicious.float()
 
     def __repr__(self) -> str:  # short and stable: it enters the run fingerprint
         return (f"FirstTokenLoss(targets={self.target_id}:{self._digest}, layers={self.layers}, lam={self.lam}, "
                 f"benign_kl={self.benign_kl}, recon_on_malicious={self.recon_on_malicious}, "
                 f"normalize={self.normalize}, sink_weight={self.sink_weight}, include_padding={self.include_padding}"
-                + (f", positions={self.positions}" if self.positions > 1 else "") + ")")
+                + (f", positions={self.positions}" if self.positions > 1 else "")
+                + (f", greedy_margin={self.greedy_margin}/{self.margin_delta}/{self.margin_tau}:"
+                   f"{','.join(str(int(i)) for i in self.refusal_starts)}" if self.greedy_margin else "") + ")")

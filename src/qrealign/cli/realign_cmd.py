@@ -27,6 +27,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--response-tokens", type=int, default=1, metavar="K",
                         help="with --teacher: the KL on the first K response positions, along each prompt's greedy "
                              "start (default 1: the first token only; docs/experiments.md §24)")
+    parser.add_argument("--greedy-margin", type=float, default=0.0, metavar="W",
+                        help="with --teacher: weight of a hinge on the first token's greedy margin (the best refusal "
+                             "start against the best other token): malicious prompts must begin a refusal by "
+                             "--margin-delta, benign ones may not move toward one (docs/experiments.md §48)")
+    parser.add_argument("--margin-delta", type=float, default=0.5, help="with --greedy-margin: the margin in log-prob")
+    parser.add_argument("--margin-tau", type=float, default=0.25, help="with --greedy-margin: the hinge's softness")
+    parser.add_argument("--refusal-starts", default=None, metavar="TOK,TOK",
+                        help="with --greedy-margin: the tokens that begin a refusal, comma-separated, each one token "
+                             "(e.g. 'I,That,Sorry,No'); default: the teacher's greedy first tokens on malicious prompts")
     parser.add_argument("--lam", type=float, default=1.0, help="weight of the safety term (paper: 1)")
     parser.add_argument("--margin", type=float, default=0.0, help="push malicious logits past this margin")
     parser.add_argument("--hinge", action="store_true", help="hinge instead of softplus: stop once past the margin")
@@ -57,6 +66,7 @@ def run(args) -> int:
         from ..calibrate.targets import check_response_tokens
 
         check_response_tokens(args.response_tokens)
+        margin = _margin_options(args)
         wrong = [f"--{k.replace('_', '-')}" for k, default in PROBE_ONLY.items() if getattr(args, k) != default]
         if wrong:
             raise QrealignError(f"{', '.join(wrong)} only apply to the probe loss (--probes), not to --teacher")
@@ -65,6 +75,7 @@ def run(args) -> int:
         model, tokenizer, scheme, config, calib = prepare(args, "omniquant")
         # FirstTokenLoss defaults: normalised MSE without the sink token, malicious prompts reconstructed too.
         options = {} if args.sink_weight is None else {"sink_weight": args.sink_weight}
+        options.update(margin)
         result = realign(model, tokenizer, teacher=args.teacher, save_targets=args.save_targets, calibration=calib,
                          scheme=scheme, config=config, out=args.out, device=args.device, layers=layers, layers_from=args.layers_from,
                          lam=args.lam, benign_kl=args.benign_kl, refusal_targets=args.refusal_targets,
@@ -72,9 +83,10 @@ def run(args) -> int:
         summary(result, args.out)
         return 0
     if (args.benign_kl or args.refusal_targets or args.save_targets or args.response_tokens != 1
-            or args.joint_recon_weight is not None):
-        raise QrealignError("--benign-kl, --refusal-targets, --response-tokens, --save-targets and "
-                            "--joint-recon-weight apply to --teacher only")
+            or args.joint_recon_weight is not None or _margin_options(args)):
+        raise QrealignError("--benign-kl, --refusal-targets, --response-tokens, --save-targets, "
+                            "--joint-recon-weight and the greedy margin (--greedy-margin, --margin-delta, "
+                            "--margin-tau, --refusal-starts) apply to --teacher only")
     probes = load_probes(args.probes)
     _check_probes(probes, args, layers)
     model, tokenizer, scheme, config, calib = prepare(args, "omniquant")
@@ -85,6 +97,27 @@ def run(args) -> int:
     summary(result, args.out)
     return 0
 
+
+
+def _margin_options(args) -> dict:
+    """The greedy-margin options the user set (none: the loss is unchanged)."""
+    from ..errors import QrealignError
+
+    options = {}
+    if args.greedy_margin:
+        options["greedy_margin"] = args.greedy_margin
+    if args.margin_delta != 0.5:
+        options["margin_delta"] = args.margin_delta
+    if args.margin_tau != 0.25:
+        options["margin_tau"] = args.margin_tau
+    if args.refusal_starts is not None:
+        starts = tuple(t for t in args.refusal_starts.split(",") if t)
+        if not starts:
+            raise QrealignError("--refusal-starts: give at least one token, e.g. 'I,That,Sorry,No'")
+        options["refusal_starts"] = starts
+    if options and not args.greedy_margin:
+        raise QrealignError("--margin-delta, --margin-tau and --refusal-starts are read by --greedy-margin only")
+    return options
 
 
 def _check_probes(probes, args, layers) -> None:
