@@ -25,8 +25,11 @@ def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
     # The extended table (every row), with a per-scheme override on the first-token variant.
     # A tiny random "aligned" model refuses nothing, so refusal targets (tested in test_behaviour)
     # have no refusal to average: off here.
+    # The greedy margin reads its refusal starts from the teacher here: the demo's strings are
+    # SmolLM2 tokens, several tokens each for the tiny tokenizer.
     w8a8_override = {"lr_round": 3e-3, "joint_recon_weight": 12.0}
-    variants = tuple(replace(v, scheme_config={"W8A8": w8a8_override}, loss={**v.loss, "refusal_targets": False})
+    variants = tuple(replace(v, scheme_config={"W8A8": w8a8_override}, loss={**v.loss, "refusal_targets": False},
+                             scheme_loss={"W8A8": {"greedy_margin": 1.0}})
                      if v is FIRST_TOKEN else v for v in EXTENDED_VARIANTS)
     cfg = DemoConfig(
         out=str(tmp_path / "demo"), model=tiny_source, schemes=("W8A8",), calib_n=8, epochs=1, variants=variants,
@@ -56,6 +59,7 @@ def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
     assert run["objective"] == "first-token"
     assert run["calibration"]["split"].endswith("topic-codes:train[:96]+calib:benign+align:benign+twins:benign")
     assert run["config"]["learn_rounding"] and run["config"]["lr_round"] == 3e-3  # the W8A8 override
+    assert "greedy_margin=1.0/0.5/0.25:" in run["loss"]  # the W8A8 loss override
     # the teacher pass is its own cached stage, which the first-token calibration read
     targets = list((tmp_path / "demo" / "stages").glob("targets-q-realign-first-token-*"))
     assert len(targets) == 1 and (targets[0] / "targets.safetensors").is_file()
@@ -168,6 +172,12 @@ def test_a_per_scheme_override_changes_only_that_schemes_settings_and_key():
     assert "calib_malicious" not in FIRST_TOKEN.resolved("W8A8")
     paired = replace(FIRST_TOKEN, calib_malicious=("qrealign:align",))
     assert paired.resolved("W8A8")["calib_malicious"] == ("qrealign:align",)
+    # a per-scheme loss override (the demo's W8A8 greedy margin) keys only its scheme's stage
+    plain = replace(FIRST_TOKEN, scheme_loss={})
+    assert FIRST_TOKEN.resolved("W4A8") == plain.resolved("W4A8") and "scheme_loss" not in plain.resolved("W4A8")
+    assert FIRST_TOKEN.resolved("W8A8")["loss"] == {**FIRST_TOKEN.loss, "greedy_margin": 1.0,
+                                                    "refusal_starts": ("I", "That", "Sorry", "No")}
+    assert plain.resolved("W8A8")["loss"] == FIRST_TOKEN.loss
 
 
 def test_schemes_that_render_alike_share_one_teacher_pass():

@@ -48,18 +48,23 @@ class Variant:
     # CalibConfig overrides for one scheme only, e.g. {"W4A8": {"lr_round": 2e-3}}: a 4-bit step is
     # 16x an 8-bit one, so a setting chosen at W8A8 need not carry over.
     scheme_config: dict = field(default_factory=dict)
+    # Loss overrides for one scheme only, e.g. {"W8A8": {"greedy_margin": 1.0}}: chosen where measured.
+    scheme_loss: dict = field(default_factory=dict)
 
     def config_for(self, scheme: str) -> dict:
         return {**self.config, **self.scheme_config.get(scheme, {})}
+
+    def loss_for(self, scheme: str) -> dict:
+        return {**self.loss, **self.scheme_loss.get(scheme, {})}
 
     def resolved(self, scheme: str) -> dict:
         """The variant as it runs at `scheme`: its settings with that scheme's overrides applied
         and no per-scheme table, so a stage's key changes only when this scheme's run does."""
         fields = asdict(self)
-        del fields["scheme_config"]
+        del fields["scheme_config"], fields["scheme_loss"]
         if fields["calib_malicious"] is None:  # added later: unset, it leaves the stage keys as they were
             del fields["calib_malicious"]
-        return {**fields, "config": self.config_for(scheme)}
+        return {**fields, "loss": self.loss_for(scheme), "config": self.config_for(scheme)}
 
 
 PAPER = Variant("Q-realign (paper probe)", "qrealign", "paper")
@@ -119,6 +124,14 @@ CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AG
 # block's reconstruction about 1/12 of its block-by-block weight. Over three seeds each, the worst
 # seed's smallest z-slack 0.64 -> 0.99 and new benign loops 8.3 -> 6.7 a seed; mean FA-800 the same
 # (55.9 -> 56.3 %), HS 15.2 -> 17.0 %, over-refusal 12.4 -> 12.6 %. The teacher pass is unchanged.
+# At W8A8 the greedy margin (§48, chosen on the AMX lab's dev by a rule written before its last two
+# runs): the benign refusals that remained sat on prompts whose fine-tuned answers start flat, where
+# greedy decoding flips once the refusal starts ("I", "That", "Sorry", "No") hold a fifth of the
+# mass, and the KL over the whole distribution charged little for that. A soft hinge on the best
+# refusal start against the best other first token, at weight 1: benign prompts may not move toward
+# a refusal, malicious ones must begin one. Over three seeds each against the row above: dev
+# over-refusal 12.7 -> 7.1 % (8 of 113 at every seed), HS 17.0 -> 18.8 %, FA-800 56.3 -> 54.9 %,
+# new benign loops 6.7 -> 3.7 a seed; the worst seed's smallest z-slack 0.99 -> 0.48 (on HS).
 FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib_task=96,
                       calib_benign=("qrealign:calib", "qrealign:align", "qrealign:twins"),
                       loss={"layers_from": 0.6, "lam": 1.0, "benign_kl": 4.0, "refusal_targets": True,
@@ -127,7 +140,8 @@ FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib
                               "plain_epochs": 1, "compile_quantizer": True, "joint_safety": True, "epochs": 4,
                               "lr_schedule": "cosine"},
                       scheme_config={"W8A8": {"lwc": False, "joint_recon_weight": 12.0},
-                                     "W4A8": {"lr_round": 2e-3}})
+                                     "W4A8": {"lr_round": 2e-3}},
+                      scheme_loss={"W8A8": {"greedy_margin": 1.0, "refusal_starts": ("I", "That", "Sorry", "No")}})
 # The issue's table: the plain-PTQ controls, the paper's objective and the one that works here.
 DEFAULT_VARIANTS = (
     Variant("RTN", "rtn"),
@@ -510,10 +524,10 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
 
             teacher = TeacherTargets.load(targets_dir) if targets_dir is not None else str(aligned_dir)
             realign(model, tok, teacher=teacher, calibration=calib, scheme=scheme, config=calib_cfg, out=tmp,
-                    device=cfg.device, checkpoint_dir=ckpt, **variant.loss)
+                    device=cfg.device, checkpoint_dir=ckpt, **variant.loss_for(scheme))
         elif variant.method == "qrealign":
             realign(model, tok, probes_dir, calib, scheme, calib_cfg, out=tmp, device=cfg.device,
-                    checkpoint_dir=ckpt, **variant.loss)
+                    checkpoint_dir=ckpt, **variant.loss_for(scheme))
         else:
             quantize(model, tok, calib, scheme, calib_cfg, out=tmp, device=cfg.device, checkpoint_dir=ckpt,
                      extra_metadata={"method": variant.method})
