@@ -34,8 +34,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--margin-delta", type=float, default=0.5, help="with --greedy-margin: the margin in log-prob")
     parser.add_argument("--margin-tau", type=float, default=0.25, help="with --greedy-margin: the hinge's softness")
     parser.add_argument("--refusal-starts", default=None, metavar="TOK,TOK",
-                        help="with --greedy-margin: the tokens that begin a refusal, comma-separated, each one token "
-                             "(e.g. 'I,That,Sorry,No'); default: the teacher's greedy first tokens on malicious prompts")
+                        help="with --greedy-margin: the tokens that begin a refusal, comma-separated, each one "
+                             "token (e.g. 'I,That,Sorry,No'); default: the teacher's greedy first tokens on malicious "
+                             "prompts")
     parser.add_argument("--lam", type=float, default=1.0, help="weight of the safety term (paper: 1)")
     parser.add_argument("--margin", type=float, default=0.0, help="push malicious logits past this margin")
     parser.add_argument("--hinge", action="store_true", help="hinge instead of softplus: stop once past the margin")
