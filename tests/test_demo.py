@@ -178,6 +178,11 @@ def test_a_per_scheme_override_changes_only_that_schemes_settings_and_key():
     assert FIRST_TOKEN.resolved("W8A8")["loss"] == {**FIRST_TOKEN.loss, "greedy_margin": 1.0,
                                                     "refusal_starts": ("I", "That", "Sorry", "No")}
     assert plain.resolved("W8A8")["loss"] == FIRST_TOKEN.loss
+    # the teacher pass is shared by the schemes: its options cannot be set per scheme
+    from qrealign.errors import QrealignError
+
+    with pytest.raises(QrealignError, match="response_tokens shape the teacher pass"):
+        replace(FIRST_TOKEN, scheme_loss={"W4A8": {"response_tokens": 1}})
 
 
 def test_schemes_that_render_alike_share_one_teacher_pass():

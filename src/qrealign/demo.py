@@ -32,6 +32,10 @@ from .utils import atomic_dir, read_json, sha256_json, write_json
 EVAL_TASK = "topic-codes"  # the task every evaluation stage scores (FA)
 
 
+# Loss options the first-token teacher pass reads (one pass for every scheme that renders alike).
+TEACHER_PASS_OPTIONS = frozenset({"refusal_targets", "response_tokens"})
+
+
 @dataclass(frozen=True)
 class Variant:
     """One quantized row of the table: a method, a probe target and its options, as data."""
@@ -50,6 +54,12 @@ class Variant:
     scheme_config: dict = field(default_factory=dict)
     # Loss overrides for one scheme only, e.g. {"W8A8": {"greedy_margin": 1.0}}: chosen where measured.
     scheme_loss: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        shared = {k for overrides in self.scheme_loss.values() for k in overrides} & TEACHER_PASS_OPTIONS
+        if shared:
+            raise QrealignError(f"{self.name}: {', '.join(sorted(shared))} shape the teacher pass, which every "
+                                "scheme shares: set them in `loss`, not per scheme")
 
     def config_for(self, scheme: str) -> dict:
         return {**self.config, **self.scheme_config.get(scheme, {})}
@@ -282,7 +292,7 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
             label = f"{variant.name} {scheme}"
             if variant.method == "qrealign" and not variant.teacher:
                 try:  # e.g. no layer where the probe is accurate enough: say so, go on
-                    _check_safety_layers(probe_dirs[variant.probes], variant.loss)
+                    _check_safety_layers(probe_dirs[variant.probes], variant.loss_for(scheme))
                 except NoSafetyLayers as e:
                     log(f"[demo] {label}: skipped ({e})")
                     continue
@@ -507,7 +517,8 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
         # The targets stage (targets_dir) is keyed on a subset of these inputs and gives the same
         # tensors as computing them in place, so it is not named here: cached runs stay cached.
         inputs["teacher"] = _stage_ref(aligned_dir, root)
-        if variant.loss.get("refusal_targets") or variant.loss.get("response_tokens", 1) > 1:
+        loss = variant.loss_for(scheme)
+        if loss.get("refusal_targets") or loss.get("response_tokens", 1) > 1:
             inputs.update(_stop_inputs(cfg))
     slug = _slug(variant.name)
     name = f"quant-{slug}-{scheme}"

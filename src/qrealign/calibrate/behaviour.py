@@ -506,8 +506,8 @@ class FirstTokenLoss(SafetyGate):
                 logs[name] = (kl[rows].mean().item(), int(rows.sum()))
         if not self.greedy_margin:
             return weight * kl, logs
-        first = (lambda t: t[:, 0]) if k > 1 else (lambda t: t)
-        push = self._margin_push(first(logprobs), first(teacher), malicious)
+        student0, teacher0 = (logprobs[:, 0], teacher[:, 0]) if k > 1 else (logprobs, teacher)
+        push = self._margin_push(student0, teacher0, malicious)
         for name, rows in (("margin_mal", malicious), ("margin_ben", ~malicious)):
             if rows.any():
                 logs[name] = (push[rows].mean().item(), int(rows.sum()))
