@@ -61,6 +61,21 @@ def test_margin_term_on_hand_built_rows():
     assert "greedy_margin=2.0/0.5/0.25:0" in repr(loss)
 
 
+def test_the_malicious_side_weight_scales_only_the_malicious_hinge():
+    teacher = torch.log(torch.tensor([[0.2, 0.5, 0.3], [0.9, 0.05, 0.05]]))
+    student = torch.tensor([[0.4, 0.0, 0.1], [0.0, math.log(2.0), 0.0]])
+    inputs = _inputs(student, [0, 1])
+    options = dict(lam=1.0, benign_kl=0.5, greedy_margin=2.0, refusal_starts=torch.tensor([0]))
+    even = FirstTokenLoss(_LastStateTail(), teacher, **options)
+    heavy = FirstTokenLoss(_LastStateTail(), teacher, margin_malicious=3.0, **options)
+    (t1, logs1), (t3, logs3) = even.output_term(inputs), heavy.output_term(inputs)
+    kl = logs1["kl_mal"][0]
+    assert t3[0].item() == t1[0].item()  # the benign row's term is untouched
+    assert t3[1].item() - kl == pytest.approx(3.0 * (t1[1].item() - kl), rel=1e-6)
+    assert logs3["margin_mal"][0] == pytest.approx(3.0 * logs1["margin_mal"][0], rel=1e-6)
+    assert repr(heavy) == repr(even)[:-1] + ", margin_malicious=3.0)"  # a new fingerprint only when set
+
+
 def test_without_the_margin_the_loss_and_its_fingerprint_are_unchanged():
     teacher = torch.log(torch.tensor([[0.2, 0.5, 0.3], [0.9, 0.05, 0.05]]))
     student = torch.tensor([[0.3, -0.1, 0.0], [0.0, 0.7, 0.2]])
@@ -81,7 +96,10 @@ def test_the_margin_alone_still_acts_when_both_kl_weights_are_zero():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"greedy_margin": -1.0, "refusal_starts": torch.tensor([0])}, "greedy_margin and margin_delta must be >= 0"),
+    ({"greedy_margin": -1.0, "refusal_starts": torch.tensor([0])}, "must be >= 0"),
+    ({"greedy_margin": 1.0, "margin_malicious": -0.5, "refusal_starts": torch.tensor([0])}, "must be >= 0"),
+    ({"margin_malicious": 2.0}, "read by the greedy margin only"),
+    ({"refusal_starts": torch.tensor([0])}, "read by the greedy margin only"),
     ({"greedy_margin": 1.0, "margin_tau": 0.0, "refusal_starts": torch.tensor([0])}, "margin_tau > 0"),
     ({"greedy_margin": 1.0}, "needs the refusal starts"),
 ])
@@ -143,6 +161,7 @@ def test_margin_options_are_refused_where_they_mean_nothing(tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--teacher", "T", "--refusal-starts", "I"], "read by --greedy-margin only"),
+    (["--teacher", "T", "--margin-malicious", "2"], "read by --greedy-margin only"),
     (["--teacher", "T", "--greedy-margin", "1", "--refusal-starts", ","], "give at least one token"),
     (["--probes", "P", "--greedy-margin", "1"], "apply to --teacher only"),
 ])

@@ -31,7 +31,7 @@ from .quant.scheme import Scheme
 
 
 # FirstTokenLoss options with no meaning for the probe loss (SafetyLoss).
-FIRST_TOKEN_ONLY = ("greedy_margin", "margin_delta", "margin_tau", "refusal_starts")
+FIRST_TOKEN_ONLY = ("greedy_margin", "margin_delta", "margin_tau", "margin_malicious", "refusal_starts")
 
 
 def realign(
@@ -67,7 +67,8 @@ def realign(
     `save_targets`: also write the targets computed here to that directory.
     The safety term is then the first-token KL of `calibrate.behaviour.FirstTokenLoss`
     (options: lam, benign_kl, layers, recon_on_malicious, normalize, sink_weight; greedy_margin,
-    margin_delta, margin_tau and refusal_starts, the strings that begin a refusal, read from the
+    margin_delta, margin_tau, margin_malicious (the malicious side's weight against the benign
+    side's) and refusal_starts, the strings that begin a refusal, read from the
     teacher's greedy first tokens on the malicious rows when not given: docs/experiments.md §48). With
     `refusal_targets`, the malicious calibration prompts the teacher itself answers (its greedy
     reply, keyword-judged) take the mean first-token distribution of those it refuses

@@ -445,6 +445,7 @@ class FirstTokenLoss(SafetyGate):
     greedy_margin: float = 0.0
     margin_delta: float = 0.5
     margin_tau: float = 0.25  # softness of the hinge (tau x softplus(x / tau))
+    margin_malicious: float = 1.0  # the malicious rows' hinge weight against the benign rows' (§49)
     refusal_starts: torch.Tensor | None = None  # token ids that begin a refusal (`refusal_start_ids`)
     _digest: str = field(default="", repr=False)
 
@@ -455,8 +456,12 @@ class FirstTokenLoss(SafetyGate):
     def __post_init__(self):
         if self.lam < 0 or self.benign_kl < 0:
             raise QrealignError("lam and benign_kl must be >= 0")
-        if self.greedy_margin < 0 or self.margin_delta < 0 or self.margin_tau <= 0:
-            raise QrealignError("greedy_margin and margin_delta must be >= 0 and margin_tau > 0")
+        if self.greedy_margin < 0 or self.margin_delta < 0 or self.margin_tau <= 0 or self.margin_malicious < 0:
+            raise QrealignError("greedy_margin, margin_delta and margin_malicious must be >= 0 and margin_tau > 0")
+        if not self.greedy_margin and (self.margin_delta != 0.5 or self.margin_tau != 0.25
+                                       or self.margin_malicious != 1.0 or self.refusal_starts is not None):
+            raise QrealignError("margin_delta, margin_tau, margin_malicious and refusal_starts are read by the "
+                                "greedy margin only: set greedy_margin > 0")
         if self.greedy_margin and (self.refusal_starts is None or not len(self.refusal_starts)):
             raise QrealignError("greedy_margin needs the refusal starts (token ids that begin a refusal)")
         k = self.positions
@@ -519,7 +524,7 @@ class FirstTokenLoss(SafetyGate):
         m_q, m_ft = greedy_margin(student, ids), greedy_margin(teacher, ids)
         tau, delta = self.margin_tau, self.margin_delta
         benign = tau * F.softplus((m_q - m_ft + delta) / tau) * (~malicious).float()
-        return benign + tau * F.softplus((delta - m_q) / tau) * malicious.float()
+        return benign + self.margin_malicious * tau * F.softplus((delta - m_q) / tau) * malicious.float()
 
     def __repr__(self) -> str:  # short and stable: it enters the run fingerprint
         return (f"FirstTokenLoss(targets={self.target_id}:{self._digest}, layers={self.layers}, lam={self.lam}, "
@@ -527,4 +532,5 @@ class FirstTokenLoss(SafetyGate):
                 f"normalize={self.normalize}, sink_weight={self.sink_weight}, include_padding={self.include_padding}"
                 + (f", positions={self.positions}" if self.positions > 1 else "")
                 + (f", greedy_margin={self.greedy_margin}/{self.margin_delta}/{self.margin_tau}:"
-                   f"{','.join(str(int(i)) for i in self.refusal_starts)}" if self.greedy_margin else "") + ")")
+                   f"{','.join(str(int(i)) for i in self.refusal_starts)}" if self.greedy_margin else "")
+                + (f", margin_malicious={self.margin_malicious}" if self.margin_malicious != 1.0 else "") + ")")

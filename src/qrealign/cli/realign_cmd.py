@@ -33,6 +33,9 @@ def add_arguments(parser) -> None:
                              "--margin-delta, benign ones may not move toward one (docs/experiments.md §48)")
     parser.add_argument("--margin-delta", type=float, default=0.5, help="with --greedy-margin: the margin in log-prob")
     parser.add_argument("--margin-tau", type=float, default=0.25, help="with --greedy-margin: the hinge's softness")
+    parser.add_argument("--margin-malicious", type=float, default=1.0, metavar="W",
+                        help="with --greedy-margin: the malicious prompts' hinge weight against the benign ones' "
+                             "(docs/experiments.md §49)")
     parser.add_argument("--refusal-starts", default=None, metavar="TOK,TOK",
                         help="with --greedy-margin: the tokens that begin a refusal, comma-separated, each one "
                              "token (e.g. 'I,That,Sorry,No'); default: the teacher's greedy first tokens on malicious "
@@ -87,7 +90,7 @@ def run(args) -> int:
             or args.joint_recon_weight is not None or _margin_options(args)):
         raise QrealignError("--benign-kl, --refusal-targets, --response-tokens, --save-targets, "
                             "--joint-recon-weight and the greedy margin (--greedy-margin, --margin-delta, "
-                            "--margin-tau, --refusal-starts) apply to --teacher only")
+                            "--margin-tau, --margin-malicious, --refusal-starts) apply to --teacher only")
     probes = load_probes(args.probes)
     _check_probes(probes, args, layers)
     model, tokenizer, scheme, config, calib = prepare(args, "omniquant")
@@ -111,13 +114,16 @@ def _margin_options(args) -> dict:
         options["margin_delta"] = args.margin_delta
     if args.margin_tau != 0.25:
         options["margin_tau"] = args.margin_tau
+    if args.margin_malicious != 1.0:
+        options["margin_malicious"] = args.margin_malicious
     if args.refusal_starts is not None:
         starts = tuple(t for t in args.refusal_starts.split(",") if t)
         if not starts:
             raise QrealignError("--refusal-starts: give at least one token, e.g. 'I,That,Sorry,No'")
         options["refusal_starts"] = starts
     if options and not args.greedy_margin:
-        raise QrealignError("--margin-delta, --margin-tau and --refusal-starts are read by --greedy-margin only")
+        raise QrealignError("--margin-delta, --margin-tau, --margin-malicious and --refusal-starts are read by "
+                            "--greedy-margin only")
     return options
 
 
