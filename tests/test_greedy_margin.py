@@ -154,6 +154,8 @@ def test_margin_options_are_refused_where_they_mean_nothing(tmp_path):
         realign(model, tok, probes=tmp_path / "probes", calibration=calib, greedy_margin=1.0)
     with pytest.raises(QrealignError, match="set greedy_margin > 0"):  # before any teacher pass
         realign(model, tok, teacher=tmp_path / "no-such-teacher", calibration=calib, refusal_starts=("I",))
+    with pytest.raises(QrealignError, match="margin_malicious are read by the greedy margin only"):
+        realign(model, tok, teacher=tmp_path / "no-such-teacher", calibration=calib, margin_malicious=2.0)
     with pytest.raises(QrealignError, match="is 5 tokens"):
         realign(model, tok, teacher=tmp_path / "no-such-teacher", calibration=calib, greedy_margin=1.0,
                 refusal_starts=("Sorry",))

@@ -187,8 +187,9 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
     cfg = config or CalibConfig()
     calibration = calibration or build_calibration()
     starts = loss_options.pop("refusal_starts", None)
-    if starts and not loss_options.get("greedy_margin"):
-        raise QrealignError("refusal_starts are read by the greedy margin only: set greedy_margin > 0")
+    margin_only = [k for k in FIRST_TOKEN_ONLY[1:] if k in loss_options or (k == "refusal_starts" and starts)]
+    if margin_only and not loss_options.get("greedy_margin"):  # before the teacher pass, not after it
+        raise QrealignError(f"{', '.join(margin_only)} are read by the greedy margin only: set greedy_margin > 0")
     start_ids = refusal_start_ids(tokenizer, starts) if starts else None  # a bad string fails before the teacher pass
     if isinstance(teacher, (str, Path)) and is_targets_dir(teacher):
         teacher = TeacherTargets.load(teacher)
