@@ -175,7 +175,7 @@ def test_a_per_scheme_override_changes_only_that_schemes_settings_and_key():
     # a per-scheme loss override (the demo's W8A8 greedy margin) keys only its scheme's stage
     plain = replace(FIRST_TOKEN, scheme_loss={})
     assert FIRST_TOKEN.resolved("W4A8") == plain.resolved("W4A8") and "scheme_loss" not in plain.resolved("W4A8")
-    assert FIRST_TOKEN.resolved("W8A8")["loss"] == {**FIRST_TOKEN.loss, "greedy_margin": 1.0,
+    assert FIRST_TOKEN.resolved("W8A8")["loss"] == {**FIRST_TOKEN.loss, "greedy_margin": 1.0, "margin_malicious": 2.0,
                                                     "refusal_starts": ("I", "That", "Sorry", "No")}
     assert plain.resolved("W8A8")["loss"] == FIRST_TOKEN.loss
     # the teacher pass is shared by the schemes: its options cannot be set per scheme

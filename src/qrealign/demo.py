@@ -142,6 +142,10 @@ CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AG
 # a refusal, malicious ones must begin one. Over three seeds each against the row above: dev
 # over-refusal 12.7 -> 7.1 % (8 of 113 at every seed), HS 17.0 -> 18.8 %, FA-800 56.3 -> 54.9 %,
 # new benign loops 6.7 -> 3.7 a seed; the worst seed's smallest z-slack 0.99 -> 0.48 (on HS).
+# Its malicious side weighs 2 against the benign side's 1 (§49, chosen on the AMX lab's dev by a rule
+# written before its last two runs; `confirm` had read the weight-1 row's HS cut at -68 %). Over
+# three seeds each: dev HS 18.8 -> 17.0 %, over-refusal 7.1 -> 6.8 %, FA-800 54.9 -> 55.7 %, new
+# benign loops 3.7 -> 5.0 a seed; the worst seed's smallest z-slack 0.48 -> 0.99.
 FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib_task=96,
                       calib_benign=("qrealign:calib", "qrealign:align", "qrealign:twins"),
                       loss={"layers_from": 0.6, "lam": 1.0, "benign_kl": 4.0, "refusal_targets": True,
@@ -151,7 +155,8 @@ FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib
                               "lr_schedule": "cosine"},
                       scheme_config={"W8A8": {"lwc": False, "joint_recon_weight": 12.0},
                                      "W4A8": {"lr_round": 2e-3}},
-                      scheme_loss={"W8A8": {"greedy_margin": 1.0, "refusal_starts": ("I", "That", "Sorry", "No")}})
+                      scheme_loss={"W8A8": {"greedy_margin": 1.0, "margin_malicious": 2.0,
+                                             "refusal_starts": ("I", "That", "Sorry", "No")}})
 # The table: the plain-PTQ controls, the paper's objective and the one that works here.
 DEFAULT_VARIANTS = (
     Variant("RTN", "rtn"),
