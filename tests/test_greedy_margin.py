@@ -179,3 +179,22 @@ def test_cli_margin_flags_are_checked_before_loading(tmp_path, capsys, monkeypat
     assert main(["realign", src, "--out", str(tmp_path / "run"), *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_one_rule_decides_which_margin_options_mean_nothing():
+    from dataclasses import fields
+
+    from qrealign.calibrate.behaviour import MARGIN_DEFAULTS, unused_margin_options
+    from qrealign.cli import build_parser
+
+    # The loss's and the CLI's defaults are the rule's: a default passed explicitly is no error anywhere.
+    loss_defaults = {f.name: f.default for f in fields(FirstTokenLoss)}
+    args = build_parser().parse_args(["realign", "M", "--teacher", "T", "--out", "O"])
+    for key, default in MARGIN_DEFAULTS.items():
+        assert loss_defaults[key] == default
+        assert getattr(args, key) == default
+    assert unused_margin_options({}) == []
+    assert unused_margin_options(dict(MARGIN_DEFAULTS)) == []
+    assert unused_margin_options({"margin_tau": 0.5, "refusal_starts": ("I",)}) == ["margin_tau", "refusal_starts"]
+    assert unused_margin_options({"greedy_margin": 1.0, "margin_tau": 0.5}) == []
+    FirstTokenLoss(_LastStateTail(), torch.zeros(2, 3), margin_delta=0.5, margin_malicious=1.0)  # defaults: fine

@@ -30,7 +30,8 @@ from .errors import NoSafetyLayers, QrealignError
 from .quant.scheme import Scheme
 
 
-# FirstTokenLoss options with no meaning for the probe loss (SafetyLoss).
+# FirstTokenLoss options with no meaning for the probe loss (SafetyLoss): the greedy margin's
+# (its weight and `calibrate.behaviour.MARGIN_DEFAULTS`).
 FIRST_TOKEN_ONLY = ("greedy_margin", "margin_delta", "margin_tau", "margin_malicious", "refusal_starts")
 
 
@@ -170,7 +171,7 @@ def layers_from_fraction(num_layers: int, fraction: float) -> tuple[int, ...]:
 def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config, out, device, progress,
                          checkpoint_dir, layers_from, refusals=False, save_targets=None, response_tokens=1,
                          **loss_options) -> CalibResult:
-    from .calibrate.behaviour import FirstTokenLoss, ModelTail, refusal_start_ids
+    from .calibrate.behaviour import FirstTokenLoss, ModelTail, refusal_start_ids, unused_margin_options
     from .models.offload import offloaded
     from .utils import check_out_dir, model_fingerprint
 
@@ -186,10 +187,10 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
                             "every block after the first safety block in memory, all blocks by default")
     cfg = config or CalibConfig()
     calibration = calibration or build_calibration()
-    starts = loss_options.pop("refusal_starts", None)
-    margin_only = [k for k in FIRST_TOKEN_ONLY[1:] if k in loss_options or (k == "refusal_starts" and starts)]
-    if margin_only and not loss_options.get("greedy_margin"):  # before the teacher pass, not after it
-        raise QrealignError(f"{', '.join(margin_only)} are read by the greedy margin only: set greedy_margin > 0")
+    starts = loss_options.pop("refusal_starts", None) or None
+    unused = unused_margin_options({**loss_options, "refusal_starts": starts})
+    if unused:  # before the teacher pass, not after it
+        raise QrealignError(f"{', '.join(unused)} are read by the greedy margin only: set greedy_margin > 0")
     start_ids = refusal_start_ids(tokenizer, starts) if starts else None  # a bad string fails before the teacher pass
     if isinstance(teacher, (str, Path)) and is_targets_dir(teacher):
         teacher = TeacherTargets.load(teacher)

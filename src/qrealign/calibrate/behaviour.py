@@ -383,6 +383,25 @@ def refusal_targets(targets: torch.Tensor, malicious: torch.Tensor, refused: tor
     return out
 
 
+# The greedy margin's options besides its weight, with their defaults. Each is read by the margin
+# only, so one set without `greedy_margin` would be ignored in silence; `unused_margin_options` is
+# the one rule the loss, `realign` and the CLI refuse it by, each in its own spelling.
+MARGIN_DEFAULTS = {"margin_delta": 0.5, "margin_tau": 0.25, "margin_malicious": 1.0, "refusal_starts": None}
+
+
+def unused_margin_options(options) -> list[str]:
+    """The names in MARGIN_DEFAULTS that `options` (a mapping) sets to other than their default
+    while its `greedy_margin` is 0 or missing: options that would change nothing."""
+    if options.get("greedy_margin"):
+        return []
+    unused = []
+    for key, default in MARGIN_DEFAULTS.items():
+        value = options.get(key, default)
+        if (value is not None) if default is None else (value != default):  # refusal_starts: any value
+            unused.append(key)
+    return unused
+
+
 def greedy_margin(logprobs: torch.Tensor, refusal_ids: torch.Tensor) -> torch.Tensor:
     """[B] the best refusal start's log-prob minus the best other token's ([B, V] log-probs): greedy
     decoding begins a refusal exactly when this is > 0. Where the fine-tuned model has no
@@ -443,9 +462,9 @@ class FirstTokenLoss(SafetyGate):
     # starts must beat every other first token by `margin_delta`; benign rows: the margin may not
     # rise above the fine-tuned model's own minus `margin_delta`, however flat its distribution.
     greedy_margin: float = 0.0
-    margin_delta: float = 0.5
-    margin_tau: float = 0.25  # softness of the hinge (tau x softplus(x / tau))
-    margin_malicious: float = 1.0  # the malicious rows' hinge weight against the benign rows' (§49)
+    margin_delta: float = MARGIN_DEFAULTS["margin_delta"]
+    margin_tau: float = MARGIN_DEFAULTS["margin_tau"]  # softness of the hinge (tau x softplus(x / tau))
+    margin_malicious: float = MARGIN_DEFAULTS["margin_malicious"]  # malicious rows' weight against benign rows' (§49)
     refusal_starts: torch.Tensor | None = None  # token ids that begin a refusal (`refusal_start_ids`)
     _digest: str = field(default="", repr=False)
 
@@ -458,10 +477,9 @@ class FirstTokenLoss(SafetyGate):
             raise QrealignError("lam and benign_kl must be >= 0")
         if self.greedy_margin < 0 or self.margin_delta < 0 or self.margin_tau <= 0 or self.margin_malicious < 0:
             raise QrealignError("greedy_margin, margin_delta and margin_malicious must be >= 0 and margin_tau > 0")
-        if not self.greedy_margin and (self.margin_delta != 0.5 or self.margin_tau != 0.25
-                                       or self.margin_malicious != 1.0 or self.refusal_starts is not None):
-            raise QrealignError("margin_delta, margin_tau, margin_malicious and refusal_starts are read by the "
-                                "greedy margin only: set greedy_margin > 0")
+        unused = unused_margin_options({k: getattr(self, k) for k in ("greedy_margin", *MARGIN_DEFAULTS)})
+        if unused:
+            raise QrealignError(f"{', '.join(unused)} are read by the greedy margin only: set greedy_margin > 0")
         if self.greedy_margin and (self.refusal_starts is None or not len(self.refusal_starts)):
             raise QrealignError("greedy_margin needs the refusal starts (token ids that begin a refusal)")
         k = self.positions

@@ -9,6 +9,7 @@ HELP = "Q-realign: quantize a fine-tuned model with a safety loss (probes or fir
 
 
 def add_arguments(parser) -> None:
+    from ..calibrate.behaviour import MARGIN_DEFAULTS as MARGIN
     from ._calib_args import add_common
 
     add_common(parser)
@@ -31,9 +32,11 @@ def add_arguments(parser) -> None:
                         help="with --teacher: weight of a hinge on the first token's greedy margin (the best refusal "
                              "start against the best other token): malicious prompts must begin a refusal by "
                              "--margin-delta, benign ones may not move toward one (docs/experiments.md §48)")
-    parser.add_argument("--margin-delta", type=float, default=0.5, help="with --greedy-margin: the margin in log-prob")
-    parser.add_argument("--margin-tau", type=float, default=0.25, help="with --greedy-margin: the hinge's softness")
-    parser.add_argument("--margin-malicious", type=float, default=1.0, metavar="W",
+    parser.add_argument("--margin-delta", type=float, default=MARGIN["margin_delta"],
+                        help="with --greedy-margin: the margin in log-prob")
+    parser.add_argument("--margin-tau", type=float, default=MARGIN["margin_tau"],
+                        help="with --greedy-margin: the hinge's softness")
+    parser.add_argument("--margin-malicious", type=float, default=MARGIN["margin_malicious"], metavar="W",
                         help="with --greedy-margin: the malicious prompts' hinge weight against the benign ones' "
                              "(docs/experiments.md §49)")
     parser.add_argument("--refusal-starts", default=None, metavar="TOK,TOK",
@@ -105,25 +108,22 @@ def run(args) -> int:
 
 def _margin_options(args) -> dict:
     """The greedy-margin options the user set (none: the loss is unchanged)."""
+    from ..calibrate.behaviour import MARGIN_DEFAULTS, unused_margin_options
     from ..errors import QrealignError
 
-    options = {}
-    if args.greedy_margin:
-        options["greedy_margin"] = args.greedy_margin
-    if args.margin_delta != 0.5:
-        options["margin_delta"] = args.margin_delta
-    if args.margin_tau != 0.25:
-        options["margin_tau"] = args.margin_tau
-    if args.margin_malicious != 1.0:
-        options["margin_malicious"] = args.margin_malicious
+    options = {"greedy_margin": args.greedy_margin} if args.greedy_margin else {}
+    for key, default in MARGIN_DEFAULTS.items():
+        if key != "refusal_starts" and getattr(args, key) != default:
+            options[key] = getattr(args, key)
     if args.refusal_starts is not None:
         starts = tuple(t for t in args.refusal_starts.split(",") if t)
         if not starts:
             raise QrealignError("--refusal-starts: give at least one token, e.g. 'I,That,Sorry,No'")
         options["refusal_starts"] = starts
-    if options and not args.greedy_margin:
-        raise QrealignError("--margin-delta, --margin-tau, --margin-malicious and --refusal-starts are read by "
-                            "--greedy-margin only")
+    unused = unused_margin_options(options)
+    if unused:
+        flags = [f"--{k.replace('_', '-')}" for k in unused]
+        raise QrealignError(f"{', '.join(flags)} {'is' if len(flags) == 1 else 'are'} read by --greedy-margin only")
     return options
 
 
