@@ -361,3 +361,24 @@ def test_norm_storage_check_warns_where_a_folded_offset_norm_loses_its_multiplie
         worst_llama = check_norm_storage(llama, torch.bfloat16)
         assert check_norm_storage(gemma, torch.float32) == 0.0
     assert worst_gemma > 0.02 and worst_llama < 0.005  # 4.6 % and 0.4 % here
+
+
+def test_export_config_and_tokenizer_carry_the_keys_transformers_4_reads(runs, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from qrealign.utils import read_json
+
+    run = runs("W8A8")
+    out = tmp_path / "exp"
+    export_compressed_tensors(run, out, progress=False)
+    source = read_json(run / "qrealign.json")["source"]
+    config = read_json(out / "config.json")
+    assert config["rope_theta"] == AutoConfig.from_pretrained(source).rope_parameters["rope_theta"]
+    assert config["torch_dtype"] == config["dtype"] == "bfloat16"
+    assert AutoConfig.from_pretrained(out).rope_parameters == AutoConfig.from_pretrained(source).rope_parameters
+    tok_config = read_json(out / "tokenizer_config.json")
+    assert tok_config["tokenizer_class"] == "PreTrainedTokenizerFast" and "extra_special_tokens" not in tok_config
+    ours, theirs = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(source)
+    text = "hello <pad> world"
+    assert ours(text).input_ids == theirs(text).input_ids
+    assert ours.all_special_tokens == theirs.all_special_tokens and ours.padding_side == theirs.padding_side

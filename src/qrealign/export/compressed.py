@@ -27,6 +27,7 @@ from ..quant.qlinear import QuantLinear
 from ..quant.scheme import get_scheme
 from ..utils import atomic_dir, check_out_dir, read_json, resolve_dtype, write_json
 from .codes import LinearCodes, linear_codes
+from .compat import tokenizer_with_legacy_keys, with_legacy_keys
 from .plan import ExportError, ExportPlan, plan_export
 
 EXPORT_FORMAT_VERSION = 1
@@ -94,9 +95,11 @@ def export_compressed_tensors(
             norm_error = write_streamed(model, tokenizer, plan, params, tmp, progress)
         sizes = _sizes(tmp, meta["source"], n_params)
         block = {**plan.to_dict(), "source": meta["source"], "run_fingerprint": meta.get("run_fingerprint")}
-        config = read_json(tmp / "config.json")
+        config = with_legacy_keys(read_json(tmp / "config.json"))  # engines on transformers 4 read it too
         config["qrealign_export"] = block
         write_json(tmp / "config.json", config)
+        if (tmp / "tokenizer_config.json").exists():
+            write_json(tmp / "tokenizer_config.json", tokenizer_with_legacy_keys(read_json(tmp / "tokenizer_config.json")))
         write_json(tmp / "qrealign.json", {**_export_metadata(run_dir, meta, plan, sizes),
                                            "norm_storage_max_rel_error": norm_error})
         (tmp / "README.md").write_text(render_card(meta, plan, sizes, card_table))
