@@ -10,6 +10,7 @@ reference. bfloat16 exports: < 0.05.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -335,6 +336,44 @@ def test_only_reproducible_compressed_tensors_schemes_take_the_engine_route(tmp_
         assert not torch.allclose(x, xq, atol=1e-3)
         assert torch.allclose(model[0](x), nn.functional.linear(xq, model[0].weight, model[0].bias), atol=1e-6)
         assert torch.equal(model[1](x), nn.functional.linear(x, model[1].weight, model[1].bias))  # ignored
+
+
+def test_engine_route_matches_targets_and_ignore_as_compressed_tensors_does(tmp_path):
+    from compressed_tensors.utils.match import is_match
+
+    from qrealign.export.runtime import CompressedTensorsCheckpoint
+
+    def tree():
+        attn = nn.ModuleDict({"q_proj": nn.Linear(4, 4), "o_proj": nn.Linear(4, 4)})
+        mlp = nn.ModuleDict({"up_proj": nn.Linear(4, 4)})
+        layer = nn.ModuleDict({"self_attn": attn, "mlp": mlp})
+        return nn.ModuleDict({"layers": nn.ModuleList([layer, copy.deepcopy(layer)]), "lm_head": nn.Linear(4, 4)})
+
+    acts = QuantArgs(8, True, "token", None, True)
+    cases = [(("Linear",), ("lm_head", "re:.*self_attn")),  # an ignore prefix pattern: the engines skip q_proj
+             (("re:.*up_proj$",), ()),                      # a pattern target
+             (("layers.1.self_attn.o_proj",), ()),          # a module-name target
+             (("Linear",), ("re:layers.0",))]               # a prefix: layer 0 left in full precision
+    for targets, ignore in cases:
+        model = tree()
+        count = CompressedTensorsCheckpoint(acts, targets, ignore).attach(model)
+        hooked = {n for n, m in model.named_modules() if m._forward_pre_hooks}
+        expected = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_match(n, m, targets, ignore)}
+        assert hooked == expected and count == len(expected) > 0, (targets, ignore, hooked)
+    model = tree()
+    CompressedTensorsCheckpoint(acts, ("Linear",), ("lm_head", "re:.*self_attn")).attach(model)
+    assert not model["layers"][0]["self_attn"]["q_proj"]._forward_pre_hooks
+    assert model["layers"][0]["mlp"]["up_proj"]._forward_pre_hooks
+
+    w = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
+    a = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    qc = {"quant_method": "compressed-tensors", "config_groups": {"g": {"targets": ["re:.*proj$"], "weights": w,
+                                                                        "input_activations": a}}}
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": qc}))
+    assert CompressedTensorsCheckpoint.detect(tmp_path).targets == ("re:.*proj$",)
+    kv = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {**qc, "kv_cache_scheme": kv}}))
+    assert CompressedTensorsCheckpoint.detect(tmp_path) is None  # a quantized KV cache: transformers' own route
 
 
 def test_norm_storage_check_warns_where_a_folded_offset_norm_loses_its_multiplier():

@@ -8,13 +8,12 @@ that alone moves logits well beyond the float noise floor (runs/export: SmolLM2 
 So `load_model` loads local compressed-tensors checkpoints dequantized (weights are exact either
 way) and puts qrealign's own per-token activation quantizer in front of every quantized linear:
 evaluating an export then measures the model an engine serves. Checkpoints whose activation
-scheme this cannot reproduce (FP8, static ranges, unusual targets) keep transformers' own route.
+scheme this cannot reproduce (FP8, static ranges, a quantized KV cache) keep transformers' own route.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +26,8 @@ from ..quant.scheme import QuantArgs
 @dataclass(frozen=True)
 class CompressedTensorsCheckpoint:
     activations: QuantArgs | None  # dynamic per-token int activations, or None (weight-only)
-    targets: tuple[str, ...]        # nn.Module class names
-    ignore: tuple[str, ...]         # module names, or "re:" patterns
+    targets: tuple[str, ...]        # class names, module names or "re:" patterns
+    ignore: tuple[str, ...]         # the same forms
 
     @classmethod
     def detect(cls, directory: str | Path) -> "CompressedTensorsCheckpoint | None":
@@ -45,7 +44,7 @@ class CompressedTensorsCheckpoint:
             return None
         acts = {json.dumps(g.get("input_activations"), sort_keys=True) for g in groups}
         targets = tuple(t for g in groups for t in g.get("targets") or ())
-        if len(acts) != 1 or not targets or any(t.startswith("re:") for t in targets):
+        if len(acts) != 1 or not targets or qc.get("kv_cache_scheme"):  # a quantized KV cache: not reproduced
             return None
         a = groups[0].get("input_activations")
         if a is None:
@@ -61,9 +60,13 @@ class CompressedTensorsCheckpoint:
         return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
 
     def attach(self, model: nn.Module) -> int:
-        """Quantize the input of every targeted linear per token, as the engines do; returns how many."""
+        """Quantize the input of every targeted linear per token, as the engines do; returns how many.
+        Which linears: compressed-tensors' own rule (`is_match`: names, `re:` prefix patterns and class
+        names, for targets and ignore alike), the one vLLM and the library apply."""
         if self.activations is None:
             return 0
+        from compressed_tensors.utils.match import is_match
+
         quantizer = ActQuantizer(self.activations)
 
         def pre_hook(module, args):
@@ -71,10 +74,7 @@ class CompressedTensorsCheckpoint:
 
         count = 0
         for name, module in model.named_modules():
-            if type(module).__name__ in self.targets and not self._ignored(name):
+            if isinstance(module, nn.Linear) and is_match(name, module, self.targets, self.ignore):
                 module.register_forward_pre_hook(pre_hook)
                 count += 1
         return count
-
-    def _ignored(self, name: str) -> bool:
-        return any(re.fullmatch(p[3:], name) if p.startswith("re:") else p == name for p in self.ignore)
