@@ -394,3 +394,24 @@ def test_the_huge_page_hint_reaches_torch_after_importing_qrealign():
     with_hint, opted_out = faults("probe-unset"), faults("0")
     assert opted_out > 100_000
     assert with_hint < opted_out / 10
+
+
+def test_a_checkpoint_whose_shapes_disagree_with_its_config_is_refused_in_memory_and_offloaded(model_dir, tmp_path,
+                                                                                               capsys):
+    import shutil
+
+    from qrealign.cli import main
+
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["intermediate_size"] = config["intermediate_size"] // 2 + 8
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"do not have the shape config.json gives them .*mlp\..*_proj\.weight"):
+        load_model(str(bad), offload="disk", dtype="float32")
+    with pytest.raises(ModelLoadError, match="shapes do not match its config.json"):
+        load_model(str(bad))
+    out = tmp_path / "run"
+    assert main(["quantize", str(bad), "--scheme", "W8A8", "--method", "rtn", "--out", str(out)]) == 2
+    assert "shapes do not match its config.json" in capsys.readouterr().err  # one line, no traceback
+    assert not out.exists()

@@ -206,6 +206,11 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {src.name}: {str(exc).splitlines()[0]}") from None
+    except RuntimeError as exc:
+        if "mismatched_sizes" not in str(exc):  # transformers' size-mismatch refusal; anything else is a bug
+            raise
+        raise ModelLoadError(f"cannot load model {src.name}: its tensors' shapes do not match its config.json "
+                             "(transformers' load report above names them)") from None
     get_arch(model)
     if compressed is not None:
         compressed.attach(model)

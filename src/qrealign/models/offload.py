@@ -164,6 +164,7 @@ def load_offloaded(path: str, dtype: torch.dtype, device: torch.device, trust_re
     key_files = _key_files(directory)
     with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are computed, not read
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    _check_shapes(model, key_files, directory)
     source = DiskBlocks(model, key_files)
     block_names = {n for names in source.names for n in names}
     with torch.no_grad():
@@ -189,6 +190,25 @@ def _load_generation_config(model: nn.Module, directory: Path) -> None:
 
     if model.can_generate() and (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
+
+
+def _check_shapes(model: nn.Module, key_files: dict[str, Path], directory: Path) -> None:
+    """Every checkpoint tensor the model holds has the shape its config gives it, read from the
+    safetensors headers before any block is loaded. The in-memory load refuses a mismatch; an
+    offloaded run would otherwise calibrate the file's shapes under a config that says otherwise,
+    and the export would describe tensors it does not hold."""
+    from safetensors import safe_open
+
+    expected = {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
+    wrong = []
+    for file in sorted(set(key_files.values())):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                if name in expected and tuple(handle.get_slice(name).get_shape()) != expected[name]:
+                    wrong.append(f"{name} {tuple(handle.get_slice(name).get_shape())} vs {expected[name]}")
+    if wrong:
+        raise ModelLoadError(f"{directory}: {len(wrong)} tensors do not have the shape config.json gives them "
+                             f"(checkpoint vs config: {'; '.join(wrong[:3])})")
 
 
 def _put(root: nn.Module, name: str, make) -> None:
