@@ -196,6 +196,9 @@ def test_plan_refuses_what_compressed_tensors_engines_cannot_run():
     with pytest.raises(ExportError, match="static"):
         plan_export(static)
     assert plan_export(get_scheme("W8A16")).ct_format == "pack-quantized"
+    with pytest.raises(ExportError, match="weight-only: there are no activations"):  # not ignored in silence
+        plan_export(get_scheme("W4A16"), symmetric_activations=True)
+    assert plan_export(get_scheme("W8A8"), symmetric_activations=True).activations.symmetric
     assert plan_export(get_scheme("W8A8-sym"), dtype="float32").matches_calibration
     assert "may be refused" in plan_export(get_scheme("W4A16-g16-sym")).runtimes["vllm"]
     assert "may be refused" not in plan_export(get_scheme("W4A16-sym")).runtimes["vllm"]
@@ -225,6 +228,24 @@ def test_missing_or_corrupt_params_fail_clearly(runs, tmp_path, damage):
     with pytest.raises(IncompatibleArtifact, match=damage):
         export_compressed_tensors(run, out, progress=False)
     _no_output(out)
+
+
+def test_export_in_memory_that_cannot_fit_is_refused_before_loading(runs, tmp_path, monkeypatch):
+    import qrealign.export.compressed as compressed
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the memory check")
+
+    run = runs("W8A8-sym")
+    monkeypatch.setattr(compressed, "load_run_source", no_load)
+    monkeypatch.setattr(compressed, "available_memory", lambda: 1 << 20)  # 1 MiB free
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match=r"float32, 0\.0 GiB, and 0\.0 GiB of RAM .* --offload disk"):
+        export_compressed_tensors(run, out, progress=False)
+    _no_output(out)
+    monkeypatch.setattr(compressed, "available_memory", lambda: None)  # unknown: no refusal on a guess
+    with pytest.raises(AssertionError, match="loaded before"):
+        export_compressed_tensors(run, out, progress=False)
 
 
 def test_group_size_that_does_not_divide_fails_before_writing(runs, tmp_path):

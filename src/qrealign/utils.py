@@ -82,6 +82,19 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
         raise QrealignError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES))} or 'auto'") from None
 
 
+def available_memory() -> int | None:
+    """Bytes of RAM the kernel says a new allocation can get without swapping (Linux
+    `MemAvailable`), or None where that is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -25,7 +25,7 @@ from ..calibrate.artifact import PARAMS_FILE, apply_quant_params, load_run_sourc
 from ..errors import IncompatibleArtifact
 from ..quant.qlinear import QuantLinear
 from ..quant.scheme import get_scheme
-from ..utils import atomic_dir, check_out_dir, read_json, resolve_dtype, write_json
+from ..utils import atomic_dir, available_memory, check_out_dir, read_json, resolve_dtype, write_json
 from .codes import LinearCodes, linear_codes
 from .compat import tokenizer_with_legacy_keys, with_legacy_keys
 from .plan import ExportError, ExportPlan, plan_export
@@ -75,6 +75,8 @@ def export_compressed_tensors(
     plan = plan_export(get_scheme(meta["scheme"]), _DTYPES[dtype], symmetric_weights, symmetric_activations)
     if offload is not None:
         check_streamable(run_dir, meta, offload)
+    else:
+        _check_memory(meta)
     _check_out_dir(out_dir)
     params = _load_params(run_dir)
 
@@ -108,6 +110,22 @@ def export_compressed_tensors(
 
 
 # ---- steps ---------------------------------------------------------------------------------
+
+def _check_memory(meta: dict) -> None:
+    """An export in memory holds the whole model in float32 (codes are computed as calibration ran);
+    refuse, before loading, a model whose float32 weights alone exceed the RAM available, where the
+    kernel would kill the process halfway: the streamed export reads one block at a time."""
+    from ..models.load import load_skeleton
+
+    available = available_memory()
+    if available is None:
+        return
+    need = 4 * sum(p.numel() for p in load_skeleton(meta["source"]).parameters())
+    if need > available:
+        raise ExportError(f"exporting in memory holds the model in float32, {need / 2**30:.1f} GiB, and "
+                          f"{available / 2**30:.1f} GiB of RAM is available: export with --offload disk "
+                          "(offload='disk'), which holds one block at a time")
+
 
 def _check_out_dir(out_dir: Path) -> None:
     """The output replaces `out_dir` wholesale, so only an empty directory or an earlier export may

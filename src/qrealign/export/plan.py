@@ -103,6 +103,9 @@ def plan_export(scheme: Scheme, dtype: str = "bfloat16", symmetric_weights: bool
                 "per channel")
     elif w.num_bits not in WEIGHT_ONLY_BITS:
         raise ExportError(f"scheme {scheme.name}: {w.num_bits}-bit weights cannot be packed (2..8 bits)")
+    if a is None and symmetric_activations:
+        raise ExportError(f"scheme {scheme.name} is weight-only: there are no activations to make symmetric "
+                          "(drop --symmetric-activations)")
 
     weights = replace(w, symmetric=True) if symmetric_weights else w
     acts = replace(a, symmetric=True) if (a is not None and symmetric_activations) else a
