@@ -83,8 +83,24 @@ def test_rows_evaluated_differently_are_flagged_above_the_table(tmp_path):
     b.metrics = {**b.metrics, "n_harmful": 4, "task_n": 2}
     md = (write_report([a, b], tmp_path / "mixed") / "report.md").read_text()
     assert "not evaluated alike" in md and md.index("not evaluated alike") < md.index("| Model |")
-    assert "harmful prompts differ: A: ('qrealign:eval:harmful', 120); B: ('qrealign:eval:harmful', 4)" in md
+    assert "harmful prompts differ: A: ('qrealign:eval:harmful', 120, None); B: ('qrealign:eval:harmful', 4, None)" in md
     assert "generation differ" in md and "task differ" in md and "judge differ" not in md
+
+
+def test_comparability_sees_prompt_contents_backend_decoding_judge_source_and_task_split():
+    from qrealign.report.write import comparability
+
+    a, b = _result("A", 30.0, 10.0, fa=50.0), _result("B", 40.0, 12.0, fa=55.0)
+    assert comparability([a, b]) == []
+    b.settings = {**b.settings, "harmful_fingerprint": "edited", "task_split": "validation",
+                  "generation": {**b.settings["generation"], "backend": "vllm"}}
+    b.judge = {"name": "keyword", "source": "other"}
+    lines = comparability([a, b])
+    assert [line.split(" differ")[0] for line in lines] == ["harmful prompts", "generation", "judge", "task"]
+    assert comparability([a, b], facets=("benign prompts",)) == []
+    c = _result("C", 40.0, 12.0, fa=55.0)
+    c.settings = {**c.settings, "generation": {**c.settings["generation"], "drop_finished": True}}
+    assert [line.split(" differ")[0] for line in comparability([a, c])] == ["generation"]
 
 
 def test_report_without_fa_skips_that_plot_and_dedups_names(tmp_path):
@@ -162,6 +178,39 @@ def test_verdict_reads_the_bar_off_the_results(tmp_path):
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     assert "## Verdict" in md and "**Winner: Q A**" in md
     assert "<h2>Verdict</h2>" in page and "<b>Winner: Q A</b>" in page and "<li><b>Q B</b>" in page
+
+
+@pytest.mark.parametrize("change", ["judge", "harmful prompts", "task", "overlap"])
+def test_a_row_measured_unlike_the_reference_rows_is_not_read_against_the_bar(change):
+    """A candidate judged by another judge, on other prompts, another task, or on prompts it was
+    calibrated on, used to be ranked and named the winner with a warning only above the table."""
+    from qrealign.report.verdict import standings, verdict_lines
+
+    ali, att = _result("aligned FP", 10.0, 12.0, fa=0.0), _result("attacked FP", 80.0, 2.0, fa=50.0)
+    q = _result("Q", 10.0, 4.0, fa=49.0)  # a cut of 87.5 %: meets the strict bar when measured alike
+    assert standings([ali, att, q], "attacked FP", "aligned FP", ["Q"])[0].meets_strict
+    if change == "judge":
+        q.judge = {"name": "harmbench"}
+    elif change == "harmful prompts":
+        q.settings = {**q.settings, "harmful": "pyrit:advbench"}
+    elif change == "task":
+        q.settings = {**q.settings, "task": "sst2"}
+    else:
+        q.overlap = {"clean": False, "total": 3, "by_stage": {"calibration": 3}}
+    (s,) = standings([ali, att, q], "attacked FP", "aligned FP", ["Q"])
+    assert not s.meets and not s.meets_strict and change.split()[0] in s.not_comparable
+    text = "\n".join(verdict_lines([s]))
+    assert "not read against the bar" in text and "Winner" not in text and text.endswith("no verdict.")
+
+
+def test_a_row_without_over_refusal_meets_nothing_and_does_not_crash():
+    from qrealign.report.verdict import standings, verdict_lines
+
+    ali, att = _result("aligned FP", 10.0, None, fa=0.0), _result("attacked FP", 80.0, 2.0, fa=50.0)
+    q = _result("Q", 10.0, 4.0, fa=49.0)
+    (s,) = standings([ali, att, q], "attacked FP", "aligned FP", ["Q"])  # used to raise a TypeError
+    assert s.or_vs_aligned is None and s.or_vs_attacked == pytest.approx(2.0) and not s.meets
+    assert "over-refusal not measured on every row" in "\n".join(verdict_lines([s]))
 
 
 @pytest.mark.parametrize("row, attacked, aligned", [

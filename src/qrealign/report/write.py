@@ -86,25 +86,29 @@ def _settings_lines(results) -> list[str]:
     return lines
 
 
-def comparability(results) -> list[str]:
-    """What differs between the rows' evaluations (prompt sets and their sizes, generation, judge,
-    task and its size): rows measured differently are not one table's comparison, and the report
-    says so above the table instead of ranking them silently."""
-    def g(r):
-        return (r.settings or {}).get("generation", {}) or {}
+def comparability(results, facets: Sequence[str] | None = None) -> list[str]:
+    """What differs between the rows' evaluations (prompt sets, their contents and sizes, generation,
+    judge, task, its split and size): rows measured differently are not one table's comparison, and
+    the report says so above the table instead of ranking them silently. `facets`: only these."""
+    def s(r):
+        return r.settings or {}
 
-    facets = {
-        "harmful prompts": lambda r: ((r.settings or {}).get("harmful"), r.metrics.get("n_harmful")),
-        "benign prompts": lambda r: ((r.settings or {}).get("benign"), r.metrics.get("n_benign")),
-        "generation": lambda r: (g(r).get("max_new_tokens"), bool(g(r).get("do_sample")), g(r).get("system")),
-        "judge": lambda r: (r.judge or {}).get("name"),
-        "task": lambda r: ((r.settings or {}).get("task"), r.metrics.get("task_n")),
+    def g(r):
+        return s(r).get("generation", {}) or {}
+
+    every = {
+        "harmful prompts": lambda r: (s(r).get("harmful"), r.metrics.get("n_harmful"), s(r).get("harmful_fingerprint")),
+        "benign prompts": lambda r: (s(r).get("benign"), r.metrics.get("n_benign"), s(r).get("benign_fingerprint")),
+        "generation": lambda r: (g(r).get("max_new_tokens"), bool(g(r).get("do_sample")), g(r).get("system"),
+                                 g(r).get("backend", "hf"), bool(g(r).get("drop_finished"))),
+        "judge": lambda r: ((r.judge or {}).get("name"), (r.judge or {}).get("source")),
+        "task": lambda r: (s(r).get("task"), s(r).get("task_split"), r.metrics.get("task_n")),
     }
     out = []
-    for facet, key in facets.items():
+    for facet in facets or every:
         seen = {}
         for r in results:
-            seen.setdefault(repr(key(r)), []).append(r.name)
+            seen.setdefault(repr(every[facet](r)), []).append(r.name)
         if len(seen) > 1:
             out.append(f"{facet} differ: " + "; ".join(f"{', '.join(names)}: {k}" for k, names in seen.items()))
     return out
