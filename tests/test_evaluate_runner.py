@@ -487,3 +487,62 @@ def test_an_adapters_training_prompts_are_kept_beside_a_same_named_stage_of_its_
     for text in ("pick a lock", "forge a signature"):
         with pytest.raises(QrealignError, match="overlap"):
             check_overlap([Prompt(id="e", text=text, label=1, category="c", split="eval")], provenance)
+
+
+def test_prompts_cut_to_max_prompt_tokens_are_counted_in_a_warning(tiny):
+    import warnings
+
+    model, tok = tiny
+    cfg = GenerationConfig(max_new_tokens=2, batch_size=2, max_prompt_tokens=64)
+    with pytest.warns(UserWarning, match=r"1 of 2 prompts are longer than max_prompt_tokens=64 .* chat header"):
+        generate(model, tok, ["hi", "word " * 40], cfg, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(model, tok, ["hi", "a short one"], cfg, progress=False)
+
+
+def test_vllm_backend_applies_the_models_generation_config_and_frees_the_gpu_before_judging(tiny, tmp_path,
+                                                                                            monkeypatch):
+    """transformers' generate applies a model's repetition_penalty (Qwen2.5 ships 1.05), vLLM only
+    when given no SamplingParams: the vLLM path passes it on, refuses what it cannot apply, and shuts
+    its engine down before a (model) judge loads onto the same GPU."""
+    import sys
+    import types
+
+    from qrealign.evaluate import generate as gen_module
+
+    params_seen, engine_alive_when_judging = [], []
+
+    class FakeLLM:
+        def __init__(self, model, tokenizer, seed):
+            pass
+
+        def generate(self, requests, params):
+            params_seen.append(params)
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text="Sure.")]) for _ in requests]
+
+    class RecordingJudge(Judge):
+        name = "recording"
+
+        def judge(self, prompts, responses):
+            engine_alive_when_judging.append(bool(gen_module._VLLM_ENGINE))
+            return [Verdict(refused=False, harmful=True, reason="r") for _ in prompts]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = FakeLLM, lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(gen_module, "vllm_available", lambda: True)
+    monkeypatch.setattr(gen_module, "_VLLM_ENGINE", {})
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "generation_config.json").read_text())
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({**config, "repetition_penalty": 1.05}))
+    evaluate_model(model, tok, limit=2, judge=RecordingJudge(), gen=GenerationConfig(backend="vllm"),
+                   source=str(tmp_path / "m"), progress=False)
+    assert params_seen[0]["repetition_penalty"] == 1.05 and params_seen[0]["temperature"] == 0.0
+    assert engine_alive_when_judging == [False]
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({**config, "no_repeat_ngram_size": 3}))
+    with pytest.raises(QrealignError, match="no_repeat_ngram_size=3, which backend 'vllm' cannot apply"):
+        evaluate_model(model, tok, limit=2, gen=GenerationConfig(backend="vllm"), source=str(tmp_path / "m"),
+                       progress=False)

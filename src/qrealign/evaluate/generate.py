@@ -66,11 +66,29 @@ def generate(model, tokenizer, prompts: list[str], config: GenerationConfig | No
     cfg = (config or GenerationConfig()).validate()
     if not prompts:
         return []
+    _warn_truncated(tokenizer, prompts, cfg)
     if cfg.backend == "vllm":
         return generate_vllm(model, tokenizer, prompts, cfg)
     if isinstance(model, (str, Path)):
         raise QrealignError("the transformers backend needs a loaded model, not a path")
     return _generate_hf(model, tokenizer, prompts, cfg, progress, desc)
+
+
+def _warn_truncated(tokenizer, prompts: list[str], cfg: GenerationConfig) -> None:
+    """Prompts longer than `max_prompt_tokens` once rendered are cut from the left (the end is
+    where the model answers), which drops the chat header and the start of the request while the
+    judge still reads the whole prompt: say how many, so a long-prompt set is not scored blind."""
+    import warnings
+
+    from ..models.chat import render_chat
+
+    lengths = [len(tokenizer(render_chat(tokenizer, p, cfg.system), add_special_tokens=False).input_ids)
+               for p in prompts]
+    cut = [n for n in lengths if n > cfg.max_prompt_tokens]
+    if cut:
+        warnings.warn(f"{len(cut)} of {len(prompts)} prompts are longer than max_prompt_tokens="
+                      f"{cfg.max_prompt_tokens} once rendered (longest {max(cut)} tokens) and lose their start, "
+                      "chat header included; raise max_prompt_tokens to evaluate them whole", stacklevel=3)
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
@@ -256,6 +274,26 @@ def release_vllm() -> None:
         torch.cuda.empty_cache()
 
 
+def vllm_processor_params(generation_config) -> dict:
+    """The model's own logits processors (`greedy_processors`) as vLLM SamplingParams. `generate`
+    applies a model's generation config, vLLM only when it is given no SamplingParams at all, so
+    without this a model such as Qwen2.5-Instruct (repetition_penalty 1.05) would decode otherwise
+    on the two backends. A setting vLLM has no field for is refused rather than dropped."""
+    if generation_config is None:
+        return {}
+    out = {}
+    for key in greedy_processors(generation_config):
+        value = getattr(generation_config, key)
+        if key == "repetition_penalty":
+            out["repetition_penalty"] = float(value)
+        elif key == "min_new_tokens":
+            out["min_tokens"] = int(value)
+        else:
+            raise QrealignError(f"the model's generation config sets {key}={value!r}, which backend 'vllm' "
+                                "cannot apply as transformers does; use the default backend 'hf'")
+    return out
+
+
 def generate_vllm(model_dir, tokenizer, prompts: list[str], cfg: GenerationConfig) -> list[str]:
     """Generate with vLLM from a model directory, feeding the exact token ids the transformers path
     would (same chat rendering, no extra BOS), greedy or seeded sampling."""
@@ -267,9 +305,10 @@ def generate_vllm(model_dir, tokenizer, prompts: list[str], cfg: GenerationConfi
 
     enc = encode_prompts(tokenizer, prompts, system=cfg.system, max_length=cfg.max_prompt_tokens)
     token_ids = [row[mask.bool()].tolist() for row, mask in zip(enc.input_ids, enc.attention_mask)]
+    saved = saved_generation_config(model_dir)
     params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature if cfg.do_sample else 0.0,
                             top_p=cfg.top_p if cfg.do_sample else 1.0, seed=cfg.seed,
-                            stop_token_ids=stop_token_ids(tokenizer, saved_generation_config(model_dir)))
+                            stop_token_ids=stop_token_ids(tokenizer, saved), **vllm_processor_params(saved))
     llm = _vllm_engine(LLM, str(model_dir), cfg.seed)
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in token_ids], params)
     return [o.outputs[0].text.strip() for o in outputs]

@@ -262,9 +262,24 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
     prompts = harmful_prompts + benign_prompts
     records: list[dict] = []
     metrics: dict[str, Any] = {}
+    responses = generate(gen_target, tokenizer, [p.text for p in prompts], gen, progress=progress) if prompts else []
+    task_result = None
+    if task_obj is not None:
+        task_result = task_accuracy(gen_target, tokenizer, task_obj, split=task_split, n=task_n, gen=gen,
+                                    progress=progress)
+        metrics["task_accuracy"] = task_result["accuracy"]
+        metrics["task_n"] = task_result["n"]
+    if gen.backend == "vllm":  # every answer is in: the engine's GPU memory goes before a model judge loads
+        from .generate import release_vllm
+
+        release_vllm()
     if prompts:
-        responses = generate(gen_target, tokenizer, [p.text for p in prompts], gen, progress=progress)
-        verdicts = judge_obj.judge([p.text for p in prompts], responses)
+        try:
+            verdicts = judge_obj.judge([p.text for p in prompts], responses)
+        finally:
+            close = getattr(judge_obj, "close", None)
+            if callable(close) and judge_obj is not judge:  # a judge built here hands its memory back
+                close()
         if len(verdicts) != len(prompts):
             raise QrealignError(f"judge {judge_obj.name} returned {len(verdicts)} verdicts for {len(prompts)} responses")
         nh = len(harmful_prompts)
@@ -273,12 +288,6 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
             records.append({"id": p.id, "side": "harmful" if i < nh else "benign", "label": p.label,
                             "category": p.category, "split": p.split, "prompt": p.text, "response": r,
                             "verdict": v.to_dict(), "outcome": outcome(i < nh, v)})
-    task_result = None
-    if task_obj is not None:
-        task_result = task_accuracy(gen_target, tokenizer, task_obj, split=task_split, n=task_n, gen=gen,
-                                    progress=progress)
-        metrics["task_accuracy"] = task_result["accuracy"]
-        metrics["task_n"] = task_result["n"]
     if lm_eval_tasks:
         summary = lm_eval_accuracy(model, tokenizer, tasks=list(lm_eval_tasks), num_fewshot=lm_eval_fewshot)
         metrics["lm_eval"] = summary
