@@ -299,14 +299,30 @@ def test_vllm_backend_refuses_models_it_would_reload_wrongly(tiny):
                        model_info={"kind": "quantized"}, progress=False)
 
 
-def test_vllm_backend_generates_the_task_too_with_one_engine(tiny, tmp_path, monkeypatch):
-    """A stand-in for vLLM (not installable here): the task's answers come from the vLLM path as
-    well (they used to go to the transformers path with a directory and fail there), and the
-    engine is built once per model, not once per call."""
+def _with_fake_vllm(monkeypatch, llm_class, tiny, model_dir):
+    """A stand-in `vllm` module (LLM = `llm_class`, SamplingParams = its keyword arguments) and the
+    tiny model saved to `model_dir`, which the vLLM backend reads: returns (model, tokenizer)."""
     import sys
     import types
 
     from qrealign.evaluate import generate as gen_module
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = llm_class, lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(gen_module, "vllm_available", lambda: True)
+    monkeypatch.setattr(gen_module, "_VLLM_ENGINE", {})
+    model, tok = tiny
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return model, tok
+
+
+def test_vllm_backend_generates_the_task_too_with_one_engine(tiny, tmp_path, monkeypatch):
+    """A stand-in for vLLM (not installable here): the task's answers come from the vLLM path as
+    well (they used to go to the transformers path with a directory and fail there), and the
+    engine is built once per model, not once per call."""
+    import types
 
     built, calls = [], []
 
@@ -319,14 +335,7 @@ def test_vllm_backend_generates_the_task_too_with_one_engine(tiny, tmp_path, mon
             out = types.SimpleNamespace(text="I can't help with that.")
             return [types.SimpleNamespace(outputs=[out]) for _ in requests]
 
-    fake = types.ModuleType("vllm")
-    fake.LLM, fake.SamplingParams = FakeLLM, lambda **kw: kw
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    monkeypatch.setattr(gen_module, "vllm_available", lambda: True)
-    monkeypatch.setattr(gen_module, "_VLLM_ENGINE", {})
-    model, tok = tiny
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
+    model, tok = _with_fake_vllm(monkeypatch, FakeLLM, tiny, tmp_path / "m")
     res = evaluate_model(model, tok, limit=2, task="topic-codes", task_n=3, gen=GenerationConfig(backend="vllm"),
                          source=str(tmp_path / "m"), progress=False)
     assert built == [str(tmp_path / "m")] and calls == [4, 3]
@@ -506,7 +515,6 @@ def test_vllm_backend_applies_the_models_generation_config_and_frees_the_gpu_bef
     """transformers' generate applies a model's repetition_penalty (Qwen2.5 ships 1.05), vLLM only
     when given no SamplingParams: the vLLM path passes it on, refuses what it cannot apply, and shuts
     its engine down before a (model) judge loads onto the same GPU."""
-    import sys
     import types
 
     from qrealign.evaluate import generate as gen_module
@@ -528,14 +536,7 @@ def test_vllm_backend_applies_the_models_generation_config_and_frees_the_gpu_bef
             engine_alive_when_judging.append(bool(gen_module._VLLM_ENGINE))
             return [Verdict(refused=False, harmful=True, reason="r") for _ in prompts]
 
-    fake = types.ModuleType("vllm")
-    fake.LLM, fake.SamplingParams = FakeLLM, lambda **kw: kw
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    monkeypatch.setattr(gen_module, "vllm_available", lambda: True)
-    monkeypatch.setattr(gen_module, "_VLLM_ENGINE", {})
-    model, tok = tiny
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
+    model, tok = _with_fake_vllm(monkeypatch, FakeLLM, tiny, tmp_path / "m")
     config = json.loads((tmp_path / "m" / "generation_config.json").read_text())
     (tmp_path / "m" / "generation_config.json").write_text(json.dumps({**config, "repetition_penalty": 1.05}))
     evaluate_model(model, tok, limit=2, judge=RecordingJudge(), gen=GenerationConfig(backend="vllm"),
