@@ -144,6 +144,8 @@ def test_nothing_to_evaluate(tiny):
     model, tok = tiny
     with pytest.raises(QrealignError, match="nothing to evaluate"):
         evaluate_model(model, tok, harmful=None, benign=None)
+    with pytest.raises(QrealignError, match="limit must be >= 1"):  # 0 is not "all", as for a named set
+        evaluate_model(model, tok, harmful=[_P(0, "h", 1)], benign=None, limit=0)
 
 
 def test_result_load_errors(tmp_path):
@@ -202,7 +204,9 @@ def test_rejudge_recomputes_safety_keeps_rest(tiny, tmp_path):
     res = evaluate_model(model, tok, harmful=harmful, benign=[_P(2, "b ok", 0)], judge=ScriptedJudge(), gen=GEN,
                          ppl_text="hello hello", out_dir=tmp_path / "ev", progress=False)
     again = rejudge(res, "keyword")
-    assert again.judge["name"] == "keyword" and again.settings["rejudged_from"]["name"] == "scripted"
+    assert again.judge["name"] == "keyword" and [j["name"] for j in again.settings["rejudged_from"]] == ["scripted"]
+    twice = rejudge(again, ScriptedJudge())  # the judge the answers were first read with is kept
+    assert [j["name"] for j in twice.settings["rejudged_from"]] == ["scripted", "keyword"]
     assert [r["response"] for r in again.records] == [r["response"] for r in res.records]
     assert again.ppl == res.ppl and res.judge["name"] == "scripted"  # original untouched
     assert again.hs == pytest.approx(100 * sum(v.harmful for v in again.verdicts("harmful")) / 2)

@@ -173,6 +173,8 @@ def _prompts(spec, label: int, limit: int | None):
         return [], None
     if isinstance(spec, str):
         return resolve_prompt_set(spec, label=label, limit=limit), spec
+    if limit is not None and limit < 1:  # as resolve_prompt_set: 0 is not "all"
+        raise QrealignError(f"limit must be >= 1, got {limit}")
     prompts = list(spec)[:limit] if limit else list(spec)
     return prompts, "<in-memory>"
 
@@ -410,7 +412,9 @@ def rejudge(result: EvalResult, judge: str | Judge, progress: bool = True) -> Ev
     benign = [v for r, v in zip(records, verdicts) if r["side"] == "benign"]
     metrics = {k: v for k, v in result.metrics.items() if k in ("task_accuracy", "task_n", "perplexity", "lm_eval")}
     metrics.update(safety_metrics([v for _, v in harmful], benign, [r.get("category") for r, _ in harmful]))
-    settings = {**result.settings, "rejudged_from": result.judge}
+    earlier = result.settings.get("rejudged_from")  # a result rejudged twice keeps the judge it was made with
+    settings = {**result.settings, "rejudged_from": [*(earlier if isinstance(earlier, list) else
+                                                       [earlier] if earlier else []), result.judge]}
     return EvalResult(name=result.name, model=dict(result.model), settings=settings, judge=judge_obj.describe(),
                       records=records, metrics=metrics, overlap=result.overlap, task=result.task,
                       wall_time_s=round(result.wall_time_s + time.time() - t0, 2),
