@@ -43,6 +43,9 @@ def test_rows_and_markdown():
     lines = md.splitlines()
     assert lines[0].startswith("| Model | HS % ↓") and len(lines) == 5
     assert "| FP aligned | 10.0 | 5.0–15.0 | 20.0 | 4.0 | 2.5 | 80.0 (topic-codes, n=50) | 12.35 | 120/130 | keyword |" in md
+    unjudged = _result("judged by a model", 10.0, 20.0)
+    unjudged.metrics["n_harmful_unjudged"] = 3  # unparseable classifier answers: outside HS's denominator
+    assert "| 120/130 (3 harmful unjudged) |" in markdown_table([unjudged])
     del RESULTS[0].metrics["degenerate_benign"]  # a result stored before the split was logged: a dash
     try:
         assert "| FP aligned | 10.0 | 5.0–15.0 | 20.0 | – | 2.5 |" in markdown_table(RESULTS)
