@@ -535,3 +535,14 @@ def test_cosine_schedule_sets_each_steps_learning_rate_and_keys_the_run(calib_se
     seen.clear()
     _, _, const = _run(calib_set, base)
     assert all(lrs == list(bases) for lrs in seen) and const.fingerprint != run.fingerprint
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "llama", "qwen2"])
+def test_a_bf16_model_calibrates_whatever_its_norm_returns(calib_set, model_type):
+    """Blocks compute in float32; Gemma's norm returns its input's dtype, so a bf16 model's block-0
+    input fed bf16 into a float32 linear ("expected m1 and m2 to have the same dtype")."""
+    model, tok = tiny_model(model_type, dtype=torch.bfloat16)
+    result = calibrate(model, tok, calib_set, "W8A8", CalibConfig(epochs=1), progress=False)
+    assert result.params and all(math.isfinite(v) for log in result.layer_logs for k, v in log.items()
+                                 if k.startswith("loss") and isinstance(v, float))
+    assert next(model.parameters()).dtype == torch.bfloat16  # blocks go back to the model's dtype

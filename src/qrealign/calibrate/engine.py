@@ -345,8 +345,12 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
     fp_in, q_in = [], []
     for b, need in zip(batches, needs_fp):
         inputs = capture_block_inputs(model, b, embed_device)
-        fp_in.append(run.keep(inputs.hidden) if need else None)
-        q_in.append(inputs.hidden.to(dev))
+        # Blocks compute in float32 (`_to_compute`); a bf16/fp16 model's embeddings are cast up with
+        # them. Llama's norm promotes a bf16 input itself, Gemma's returns its input's dtype and would
+        # feed bf16 into a float32 linear.
+        hidden = inputs.hidden.float()
+        fp_in.append(run.keep(hidden) if need else None)
+        q_in.append(hidden.to(dev))
         run.kwargs.append({t: move_kwargs(kw, dev) for t, kw in inputs.kwargs_by_type.items()})
 
     params: dict[str, torch.Tensor] = {}
