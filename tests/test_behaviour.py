@@ -536,6 +536,16 @@ def test_teacher_targets_refuse_another_model_calibration_or_rendering(tmp_path)
         targets.check(fp, CalibrationSet(PROMPTS, [1, 1, 0, 1]), cfg)
     with pytest.raises(QrealignError, match="batch_size"):
         targets.check(fp, _calib(), CalibConfig(epochs=1, batch_size=2))
+    targets.check(fp, _calib(), cfg, tokenizer=tok)  # the same prompt tokens
+    template = tok.chat_template
+    tok.chat_template = template.replace("<|im_start|>", "<|im_start|> ")  # another rendering, same options
+    try:
+        with pytest.raises(QrealignError, match="other prompt tokens"):
+            targets.check(fp, _calib(), cfg, tokenizer=tok)
+    finally:
+        tok.chat_template = template
+    assert targets.prompt_tokens and TeacherTargets.load(targets.save(tmp_path / "saved")).prompt_tokens == (
+        targets.prompt_tokens)
     with pytest.raises(QrealignError, match="were asked for .* computed without them"):
         realign(finetuned, tok, teacher=targets, calibration=_calib(), config=cfg, progress=False, layers=(1,),
                 refusal_targets=True)

@@ -198,7 +198,7 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
         if save_targets:
             raise QrealignError("the teacher is already saved targets: drop save_targets")
         teacher.check(model_fingerprint(model), calibration, cfg, refusals=refusals, response_tokens=response_tokens,
-                      computed_on=where_computed(model, device))
+                      computed_on=where_computed(model, device), tokenizer=tokenizer)
         targets = teacher
     else:
         if save_targets:  # before the teacher pass: a bad directory must not waste it

@@ -39,6 +39,21 @@ def render_options(config) -> dict:
     return {name: getattr(config, name) for name in RENDER_FIELDS}
 
 
+def prompt_tokens_digest(tokenizer, calibration: CalibrationSet, config) -> str:
+    """A digest of the token ids each calibration prompt renders to (chat template, system prompt,
+    tokenizer): the render options alone do not see another template or vocabulary, and targets
+    computed on other tokens would pull each row toward another prompt's answer."""
+    import hashlib
+
+    from ..models.chat import render_chat
+
+    h = hashlib.sha256()
+    for prompt in calibration.prompts:
+        ids = tokenizer(render_chat(tokenizer, prompt, config.system), add_special_tokens=False).input_ids
+        h.update(str(list(ids)).encode())
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class TeacherTargets:
     logprobs: torch.Tensor  # [N, V] per calibration position
@@ -49,6 +64,7 @@ class TeacherTargets:
     computed_on: dict = field(default_factory=dict)  # {"device": type, "offloaded": bool}: float paths
     responses: torch.Tensor | None = None  # [N, K-1] forced response starts (multi-token targets [N, K, V])
     response_mask: torch.Tensor | None = None  # [N, K]
+    prompt_tokens: str = ""  # prompt_tokens_digest(); "" for targets saved before it was recorded
 
     @property
     def refusals(self) -> bool:
@@ -60,9 +76,10 @@ class TeacherTargets:
         return self.logprobs.shape[1] if self.logprobs.dim() == 3 else 1
 
     def check(self, model_fp: str, calibration: CalibrationSet, config, refusals: bool | None = None,
-              computed_on: dict | None = None, response_tokens: int | None = None) -> None:
+              computed_on: dict | None = None, response_tokens: int | None = None, tokenizer=None) -> None:
         """Refuse a reuse that would not reproduce computing the targets in place; warn when only
-        the float path differs (`computed_on`: where an in-place pass would run)."""
+        the float path differs (`computed_on`: where an in-place pass would run). `tokenizer`: also
+        check the prompts render to the same tokens (targets that recorded them)."""
         if model_fp != self.model_fingerprint:
             raise QrealignError(f"these teacher targets were computed for another fine-tuned model "
                                 f"(fingerprint {self.model_fingerprint}, this model {model_fp})")
@@ -73,6 +90,10 @@ class TeacherTargets:
         if wanted != self.render:
             diff = {k: (self.render.get(k), v) for k, v in wanted.items() if self.render.get(k) != v}
             raise QrealignError(f"these teacher targets were rendered with other settings (targets, config): {diff}")
+        if tokenizer is not None and self.prompt_tokens and (
+                prompt_tokens_digest(tokenizer, calibration, config) != self.prompt_tokens):
+            raise QrealignError("these teacher targets were computed on other prompt tokens: the tokenizer or its "
+                                "chat template differs from the one they were computed with")
         if refusals is not None and refusals != self.refusals:
             raise QrealignError(f"refusal targets were {'' if refusals else 'not '}asked for (--refusal-targets), "
                                 f"but these teacher targets were computed {'with' if self.refusals else 'without'} "
@@ -103,7 +124,8 @@ class TeacherTargets:
         write_json(directory / META_FILE, {"kind": KIND, "format_version": version, "teacher": self.teacher_meta,
                                            "model_fingerprint": self.model_fingerprint,
                                            "calibration": self.calibration, "render": self.render,
-                                           "computed_on": self.computed_on})
+                                           "computed_on": self.computed_on,
+                                           **({"prompt_tokens": self.prompt_tokens} if self.prompt_tokens else {})})
 
     @classmethod
     def load(cls, path: str | Path) -> "TeacherTargets":
@@ -122,7 +144,8 @@ class TeacherTargets:
                                        f"this qrealign understands ({FORMAT_VERSION}); upgrade qrealign")
         tensors = load_file(str(tensor_path))
         return cls(tensors["logprobs"], meta["teacher"], meta["model_fingerprint"], meta["calibration"], meta["render"],
-                   meta.get("computed_on", {}), tensors.get("responses"), tensors.get("response_mask"))
+                   meta.get("computed_on", {}), tensors.get("responses"), tensors.get("response_mask"),
+                   meta.get("prompt_tokens", ""))
 
 
 def is_targets_dir(path) -> bool:
@@ -200,4 +223,5 @@ def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationS
         if refused is not None:
             targets = refusal_targets(targets, malicious, refused)
     return TeacherTargets(targets, meta, model_fingerprint(model), calibration.fingerprint(), render_options(config),
-                          where_computed(model, device), responses, mask)
+                          where_computed(model, device), responses, mask,
+                          prompt_tokens_digest(tokenizer, calibration, config))
