@@ -587,3 +587,23 @@ def test_float_labels_from_a_spreadsheet_export_and_the_missing_label_message(tm
     with pytest.raises(QrealignError) as err:
         build_calibration(str(f))
     assert str(err.value).count(str(f)) == 1  # the file named once, not twice
+
+
+def test_no_ratio_keeps_the_sources_mix_also_in_a_part_of_it(tmp_path):
+    """malicious_ratio=None with n took every harmful prompt first: half and half came out all malicious."""
+    from qrealign.calibrate.data import build_calibration
+
+    f = tmp_path / "mix.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"request {i}", "label": i % 2}) + "\n" for i in range(8)))
+    assert sorted(build_calibration(str(f), n=4, malicious_ratio=None).labels) == [0, 0, 1, 1]
+    assert sorted(build_calibration(str(f), malicious_ratio=None).labels) == [0] * 4 + [1] * 4
+    assert len(build_calibration(str(f), n=20, malicious_ratio=None).prompts) == 8
+
+
+@pytest.mark.parametrize("labels", [[0, 2, 1], [0, -1, 1], [0, 0.5, 1], [0, 1.0, 1]])
+def test_calibration_labels_other_than_0_and_1_are_refused(labels):
+    from qrealign.calibrate.data import CalibrationSet
+    from qrealign.errors import QrealignError
+
+    with pytest.raises(QrealignError, match="must be 0 .benign. or 1 .malicious."):
+        CalibrationSet(["a", "b", "c"], labels)

@@ -546,3 +546,10 @@ def test_a_bf16_model_calibrates_whatever_its_norm_returns(calib_set, model_type
     assert result.params and all(math.isfinite(v) for log in result.layer_logs for k, v in log.items()
                                  if k.startswith("loss") and isinstance(v, float))
     assert next(model.parameters()).dtype == torch.bfloat16  # blocks go back to the model's dtype
+
+
+@pytest.mark.parametrize("pairs, message", [("qkv", "not the string 'qkv'"), (("qkv", "fc2"), r"unknown LET pairs \['fc2'\]")])
+def test_let_pairs_that_would_switch_smoothing_off_in_silence_are_refused(pairs, message):
+    with pytest.raises(QrealignError, match=message):
+        CalibConfig(let_pairs=pairs)
+    assert CalibConfig(let_pairs=["qkv", "out"]).let_pairs == ("qkv", "out")

@@ -254,3 +254,20 @@ def test_half_precision_activations_are_quantized_in_float32_like_serving_engine
     assert out.dtype == dtype and torch.equal(out.detach(), want)
     out.float().sum().backward()
     assert train.grad is not None and train.grad.dtype == dtype
+
+
+def test_asymmetric_schemes_past_the_zero_points_range_are_refused():
+    """The asymmetric zero point is kept within +-1e4 (as OmniQuant); at 14 bits and more an
+    ordinary range needs more (weights in [-1, 0.05]: zero 15604 at 14 bits), and the values came
+    out off by a third of their range."""
+    from qrealign.quant.quantizer import qparams
+
+    with pytest.raises(QrealignError, match="asymmetric 14-bit quantization is not supported"):
+        get_scheme("W14A16")
+    assert get_scheme("W14A16-sym").weights.num_bits == 14
+    args = QuantArgs(13)  # the widest asymmetric grid: a one-sided range still comes back within a step
+    x = torch.linspace(-1.0, 0.05, 64)[None]
+    scale, zero = qparams(x.amin(1, keepdim=True), x.amax(1, keepdim=True), args)
+    assert zero.abs().max() < 1e4
+    back = (torch.clamp(torch.round(x / scale) + zero, args.qmin, args.qmax) - zero) * scale
+    assert (back - x).abs().max() <= scale.max() / 2 + 1e-7

@@ -30,6 +30,9 @@ class CalibrationSet:
             raise QrealignError("calibration set is empty")
         if len(self.labels) != len(self.prompts):
             raise QrealignError("calibration prompts and labels differ in length")
+        bad = [label for label in self.labels if isinstance(label, float) or label not in (0, 1)]
+        if bad:  # the losses read labels.bool(), other code labels == 0: anything else means two things
+            raise QrealignError(f"calibration labels must be 0 (benign) or 1 (malicious), got {bad[:3]}")
         if not self.ids:
             self.ids = [f"calib-{i}" for i in range(len(self.prompts))]
 
@@ -131,8 +134,9 @@ def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malici
     rng = random.Random(seed)
     rng.shuffle(harmful)
     rng.shuffle(benign)
-    if malicious_ratio is None:
-        chosen = (harmful + benign)[: n or len(prompts)]
+    if malicious_ratio is None:  # the source's own mix, also when n takes a part of it
+        k = len(harmful) if n is None or n >= len(prompts) else round(n * len(harmful) / len(prompts))
+        chosen = harmful[:k] + benign[: (len(benign) if n is None else n - k)]
     else:
         if not 0.0 <= malicious_ratio <= 1.0:
             raise QrealignError(f"malicious_ratio must be in [0, 1], got {malicious_ratio}")

@@ -52,6 +52,11 @@ ADDED_OFF = ("compile_quantizer", "plain_epochs", "joint_safety", "offload_targe
              "joint_recon_weight")  # later CalibConfig fields, left out of to_dict() while off
 
 
+# The smoothing pairs the registry can name (`models.registry.block_pairs`): norm -> q/k/v ("qkv"),
+# norm -> gate/up ("fc1"), v -> o ("out"), q <-> k ("qk").
+LET_PAIR_NAMES = ("qkv", "fc1", "out", "qk")
+
+
 @dataclass
 class CalibConfig:
     method: str = "omniquant"  # "rtn": min-max round-to-nearest, nothing learned
@@ -65,7 +70,7 @@ class CalibConfig:
     # Off = OmniQuant. The clipping start is `lwc_init`, independently.
     init_guard: bool = False
     let: bool = True
-    let_pairs: tuple[str, ...] = ("qkv", "fc1", "out", "qk")
+    let_pairs: tuple[str, ...] = LET_PAIR_NAMES
     rope_invariant_qk: bool = False  # paper: per-channel q<->k scale (not RoPE-invariant)
     alpha: float = 0.5  # SmoothQuant init exponent
     epochs: int = 2
@@ -168,7 +173,13 @@ class CalibConfig:
             raise QrealignError(f"lr_schedule must be None (constant) or 'cosine', got {self.lr_schedule!r}")
         if self.autocast not in ("auto", "off", "bf16"):
             raise QrealignError(f"autocast must be 'auto', 'off' or 'bf16', got {self.autocast!r}")
+        if isinstance(self.let_pairs, str):  # tuple("qkv") would be ("q", "k", "v"): LET off in silence
+            raise QrealignError(f"let_pairs is a sequence of pair names, e.g. ('qkv',), not the string "
+                                f"{self.let_pairs!r}")
         self.let_pairs = tuple(self.let_pairs)
+        unknown = [p for p in self.let_pairs if p not in LET_PAIR_NAMES]
+        if unknown:
+            raise QrealignError(f"unknown LET pairs {unknown}; the registry's are {', '.join(LET_PAIR_NAMES)}")
 
     def epochs_for(self, layer: int, num_layers: int, safety: bool = True) -> int:
         """Epochs for block `layer`; `safety`: whether the loss has a safety term there."""

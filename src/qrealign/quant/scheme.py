@@ -29,6 +29,9 @@ class QuantArgs:
             raise QrealignError(f"unknown strategy {self.strategy!r}")
         if self.strategy == "group" and not self.group_size:
             raise QrealignError("strategy 'group' needs a group_size")
+        if not self.symmetric and self.num_bits > 13:  # the zero point is clamped to +-1e4 (as OmniQuant)
+            raise QrealignError(f"asymmetric {self.num_bits}-bit quantization is not supported (its zero point "
+                                "would leave the +-1e4 range it is kept in); use at most 13 bits or symmetric")
 
     @property
     def qmin(self) -> int:
