@@ -209,6 +209,20 @@ def test_losses_do_not_depend_on_batch_size_or_padding(calib_set, batch_size, pa
         assert b["loss_init"] == pytest.approx(a["loss_init"], rel=1e-4)
 
 
+@pytest.mark.parametrize("batch_size, padding_side", [(8, "left"), (8, "right"), (3, "right")])
+def test_let_starting_scales_do_not_depend_on_batch_size_or_padding(calib_set, batch_size, padding_side):
+    """The SmoothQuant start of LET reads each input channel's absmax; padding positions used to
+    count (on SmolLM2 they held thousands of channels' maxima), so the start moved with the batch."""
+    def let_start(bs, side):
+        _, _, res = _run(calib_set, CalibConfig(epochs=0, batch_size=bs, padding_side=side, lwc=False))
+        return {k: v for k, v in res.params.items() if ".let." in k}
+
+    ref, got = let_start(1, "left"), let_start(batch_size, padding_side)
+    assert ref and ref.keys() == got.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_non_finite_loss_stops_with_clear_message(calib_set, tmp_path):
     def bad_loss(inp):
         return inp.q_out.sum() * float("nan"), {}

@@ -428,12 +428,16 @@ def _prepare_block(run: _Run, i: int, fp_in: list, q_in: list) -> Learnable:
     block made quantized (QuantLinears, LET scales at their SmoothQuant start). Batches without
     an FP stream contribute statistics through their quantized-stream inputs."""
     block, kw, cfg = run.blocks[i], run.kw(i), run.cfg
-    with torch.no_grad(), _absmax_hooks(block, run.spec.linears) as absmax:
-        fp_out = [run.keep(block_output(block(x.to(run.dev), **k))) if x is not None else None
-                  for x, k in zip(fp_in, kw)]
+    real: dict[str, torch.Tensor] = {}  # the batch being run's attention mask, for the statistics
+    with torch.no_grad(), _absmax_hooks(block, run.spec.linears, real) as absmax:
+        fp_out = []
+        for x, k, m in zip(fp_in, kw, run.masks):
+            real["mask"] = m
+            fp_out.append(run.keep(block_output(block(x.to(run.dev), **k))) if x is not None else None)
         if run.pairs:
-            for x, f, k in zip(q_in, fp_in, kw):
+            for x, f, k, m in zip(q_in, fp_in, kw, run.masks):
                 if f is None:
+                    real["mask"] = m
                     block(x.to(run.dev), **k)
     learned = cfg.method != "rtn"
     wrap_linears(block, run.spec.linears, run.scheme, lwc=cfg.lwc and learned, lwc_init=cfg.lwc_init,
@@ -539,13 +543,18 @@ def _has_safety_term(loss, layer: int) -> bool:
 
 
 @contextlib.contextmanager
-def _absmax_hooks(block: nn.Module, linears: tuple[str, ...]):
-    """Per-input-channel absmax of each linear's input during the FP pass (LET init)."""
+def _absmax_hooks(block: nn.Module, linears: tuple[str, ...], real: dict):
+    """Per-input-channel absmax of each linear's input during the FP pass (LET init), over the
+    positions `real["mask"]` (the running batch's [B, T] attention mask) marks as tokens. Padding
+    positions attend to nothing and on SmolLM2 held the absmax of thousands of channels (up to
+    12x the tokens' own), so the starting scales depended on batch size and padding side."""
     stats: dict[str, torch.Tensor] = {}
     handles = []
     for name in linears:
         def hook(module, args, name=name):
-            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
+            x = args[0].detach()
+            tokens = x[real["mask"].to(x.device).bool()] if x.dim() == 3 else x.reshape(-1, x.shape[-1])
+            x = tokens.abs().amax(dim=0).float()
             stats[name] = x if name not in stats else torch.maximum(stats[name], x)
         handles.append(block.get_submodule(name).register_forward_pre_hook(hook))
     try:
