@@ -108,7 +108,8 @@ class CalibConfig:
     # learned parameters are the same either way. `init_guard` measures it regardless.
     measure_init_loss: bool = False
     # Mixed precision of the block forward while training: "auto" = bf16 autocast on CUDA for
-    # schemes below 8 bits (OmniQuant's choice), full precision otherwise; "off"; "bf16" anywhere.
+    # schemes below 8 bits (OmniQuant autocasts below 8 bits too, but to fp16 with a grad scaler;
+    # bf16 needs none), full precision otherwise; "off"; "bf16" anywhere.
     # The resolved choice is part of the run fingerprint: a run never resumes across it.
     autocast: str = "auto"
     system: str | None = None
