@@ -319,6 +319,9 @@ def test_cli_export_card_and_eval_loading(runs, tmp_path, capsys):
     assert "int-quantized" in printed and "x bf16" in printed
     card = (out / "README.md").read_text()
     assert "split `custom`, n = 4" in card and "| export | 12.0 |" in card and "W8A8-sym" in card
+    # the files meant to travel name a local source by its directory's name, not the user's path
+    assert "- source model: `fp (local)`" in card
+    assert str(tmp_path.parent) not in card and str(tmp_path.parent) not in (out / "config.json").read_text()
     model, tok, provenance, desc = load_for_eval(str(out))
     assert desc["kind"] == "export" and provenance["calibration"]["n"] == 4  # integer weights, not FP
     assert model.config.model_type == "llama"

@@ -8,6 +8,16 @@ from pathlib import Path
 from .plan import ExportPlan
 
 
+def shareable_source(source) -> str:
+    """How an export names its source model in the files meant to travel (the card, config.json):
+    a hub id or embedded name as is, a local path by its last component only, so a pushed export
+    does not carry the user's directory layout (the run's own qrealign.json keeps the full path)."""
+    text = str(source) if source else "unknown"
+    if _is_hub_id(text) or not any(sep in text for sep in ("/", "\\")):
+        return text
+    return f"{Path(text).name} (local)"
+
+
 def _is_hub_id(source: str) -> bool:
     """Only a hub id makes a meaningful `base_model`; local paths do not travel with the card."""
     from ..models.load import resolve_source
@@ -99,7 +109,8 @@ def render_card(meta: dict, plan: ExportPlan, sizes: dict, card_table: str | Non
     lines += [
         "## Calibration",
         "",
-        f"- source model: `{source}`" + (f" with adapter `{meta['adapter']}` merged" if meta.get("adapter") else ""),
+        f"- source model: `{shareable_source(source)}`"
+        + (f" with adapter `{shareable_source(meta['adapter'])}` merged" if meta.get("adapter") else ""),
         f"- calibration prompts: split `{calib.get('split', prov.get('split'))}`, "
         f"n = {calib.get('n', prov.get('n'))}, malicious ratio {_ratio(calib.get('malicious_ratio'))}",
         f"- scheme as calibrated: `{plan.scheme.name}`; run fingerprint `{meta.get('run_fingerprint')}`",

@@ -26,6 +26,7 @@ from ..errors import IncompatibleArtifact
 from ..quant.qlinear import QuantLinear
 from ..quant.scheme import get_scheme
 from ..utils import atomic_dir, available_memory, check_out_dir, read_json, resolve_dtype, write_json
+from .card import shareable_source
 from .codes import LinearCodes, linear_codes
 from .compat import tokenizer_with_legacy_keys, with_legacy_keys
 from .plan import ExportError, ExportPlan, plan_export
@@ -96,7 +97,8 @@ def export_compressed_tensors(
         else:
             norm_error = write_streamed(model, tokenizer, plan, params, tmp, progress)
         sizes = _sizes(tmp, meta["source"], n_params)
-        block = {**plan.to_dict(), "source": meta["source"], "run_fingerprint": meta.get("run_fingerprint")}
+        block = {**plan.to_dict(), "source": shareable_source(meta["source"]),
+                 "run_fingerprint": meta.get("run_fingerprint")}
         config = with_legacy_keys(read_json(tmp / "config.json"))  # engines on transformers 4 read it too
         config["qrealign_export"] = block
         write_json(tmp / "config.json", config)
