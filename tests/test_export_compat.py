@@ -67,3 +67,8 @@ def test_tokenizer_config_takes_the_generic_class_and_the_old_special_token_key(
                       "pad_token": "<pad>"}
     named = {"tokenizer_class": "GemmaTokenizer", "extra_special_tokens": {"image": "<img>"}}
     assert tokenizer_with_legacy_keys(named) == named  # a mapping is transformers 4's own form
+
+
+def test_a_config_transformers_cannot_read_back_is_left_as_it_was():
+    saved = {"model_type": "no-such-architecture", "rope_parameters": {"rope_theta": 1e4, "rope_type": "default"}}
+    assert with_legacy_keys(saved) == saved  # no guess without the check, and no failed export

@@ -42,9 +42,11 @@ def with_legacy_keys(config: dict) -> dict:
     if not legacy:
         return out
     candidate = {**out, **legacy}
-    if _rope_as_read(candidate) != _rope_as_read(out):
-        return out
-    return candidate
+    try:
+        same = _rope_as_read(candidate) == _rope_as_read(out)
+    except Exception:  # a model type this transformers cannot build a config for: nothing to compare with
+        same = False
+    return candidate if same else out
 
 
 def _rope_as_read(config: dict):
