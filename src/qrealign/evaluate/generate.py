@@ -82,8 +82,8 @@ def _warn_truncated(tokenizer, prompts: list[str], cfg: GenerationConfig) -> Non
 
     from ..models.chat import render_chat
 
-    lengths = [len(tokenizer(render_chat(tokenizer, p, cfg.system), add_special_tokens=False).input_ids)
-               for p in prompts]
+    texts = [render_chat(tokenizer, p, cfg.system) for p in prompts]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]  # one batched call
     cut = [n for n in lengths if n > cfg.max_prompt_tokens]
     if cut:
         warnings.warn(f"{len(cut)} of {len(prompts)} prompts are longer than max_prompt_tokens="

@@ -412,9 +412,10 @@ def rejudge(result: EvalResult, judge: str | Judge, progress: bool = True) -> Ev
     benign = [v for r, v in zip(records, verdicts) if r["side"] == "benign"]
     metrics = {k: v for k, v in result.metrics.items() if k in ("task_accuracy", "task_n", "perplexity", "lm_eval")}
     metrics.update(safety_metrics([v for _, v in harmful], benign, [r.get("category") for r, _ in harmful]))
-    earlier = result.settings.get("rejudged_from")  # a result rejudged twice keeps the judge it was made with
-    settings = {**result.settings, "rejudged_from": [*(earlier if isinstance(earlier, list) else
-                                                       [earlier] if earlier else []), result.judge]}
+    # every judge the answers were read with before, oldest first (results from before the list: one dict)
+    earlier = result.settings.get("rejudged_from") or []
+    history = earlier if isinstance(earlier, list) else [earlier]
+    settings = {**result.settings, "rejudged_from": [*history, result.judge]}
     return EvalResult(name=result.name, model=dict(result.model), settings=settings, judge=judge_obj.describe(),
                       records=records, metrics=metrics, overlap=result.overlap, task=result.task,
                       wall_time_s=round(result.wall_time_s + time.time() - t0, 2),

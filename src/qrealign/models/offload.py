@@ -204,8 +204,9 @@ def _check_shapes(model: nn.Module, key_files: dict[str, Path], directory: Path)
     for file in sorted(set(key_files.values())):
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():
-                if name in expected and tuple(handle.get_slice(name).get_shape()) != expected[name]:
-                    wrong.append(f"{name} {tuple(handle.get_slice(name).get_shape())} vs {expected[name]}")
+                shape = tuple(handle.get_slice(name).get_shape()) if name in expected else None
+                if shape is not None and shape != expected[name]:
+                    wrong.append(f"{name} {shape} vs {expected[name]}")
     if wrong:
         raise ModelLoadError(f"{directory}: {len(wrong)} tensors do not have the shape config.json gives them "
                              f"(checkpoint vs config: {'; '.join(wrong[:3])})")
