@@ -12,7 +12,15 @@ def test_indices_and_ranges():
     assert parse_layers("4,") == [4]
 
 
-@pytest.mark.parametrize("bad", ["a", "3-", "5-2", "1-2-3"])
+@pytest.mark.parametrize("bad", ["a", "3-", "5-2", "1-2-3", ",", " , "])
 def test_bad_specs_raise(bad):
     with pytest.raises(QrealignError, match="--layers"):
         parse_layers(bad)
+
+
+def test_an_empty_layer_list_is_an_error_not_a_crash():
+    from qrealign.probes.capture import resolve_layers
+
+    with pytest.raises(QrealignError, match="no layers"):
+        resolve_layers([], 4)
+    assert resolve_layers(None, 3) == [0, 1, 2]

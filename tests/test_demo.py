@@ -323,3 +323,18 @@ def test_stage_folder_names_keep_the_demos_and_drop_path_characters():
         assert _slug(name) == old(name)
     assert _slug("Q-realign (first-token, 16 tokens)") == "q-realign-first-token-16-tokens"
     assert _slug("mine/v2: test") == "minev2-test"
+
+
+def test_the_lab_seed_seeds_the_fine_tunes_training_too():
+    """`--seed 1` redraws align and attack whole: LoRA init, dropout and batch order as well as
+    the data. Seed 0 keeps the default configs (and so every cached lab stage's key)."""
+    from qrealign.demo import _align_config, _attack_config
+
+    assert _align_config(DemoConfig()).to_dict() == AlignConfig().to_dict()
+    assert _attack_config(DemoConfig()).to_dict() == AttackConfig().to_dict()
+    for make in (_align_config, _attack_config):
+        lab = make(DemoConfig(seed=1))
+        assert lab.seed == 1 and lab.sft.seed == 1
+        assert {**lab.sft.__dict__, "seed": 0} == make(DemoConfig()).sft.__dict__
+    mine = AlignConfig(seed=5)
+    assert _align_config(DemoConfig(seed=1, align_config=mine)) is mine  # a given config is kept as given

@@ -276,6 +276,34 @@ def test_paper_target_on_tiny_model():
     assert test_harmful and all((p.twin in test_benign) == (p.id in test_harmful) for p in harmful)
 
 
+def test_twin_groups_follow_chains_and_shared_twins():
+    """Two harmful prompts naming one benign twin, and a chain through it: one group, so the split
+    cannot put a prompt and its twin on opposite sides (before, a later link overwrote an earlier)."""
+    from qrealign.probes.targets import twin_groups
+
+    harmful = [P("a", "x", twin="b"), P("c", "y", twin="b"), P("e", "z", twin="f")]
+    benign = [P("b", "u", twin="a"), P("f", "v", twin="e"), P("g", "w", twin="missing")]
+    pos_groups, neg_groups, matched = twin_groups(harmful, benign)
+    assert pos_groups == ["a", "a", "e"] and neg_groups == ["a", "e", "g"]
+    assert matched == [True, True, False]
+
+
+def test_probe_logits_are_float32_for_half_precision_states():
+    """A large folded bias against a small logit: computed in bf16 the difference rounds away."""
+    rng = np.random.default_rng(0)
+    probes = fit_probes(rng.normal(size=(1, 40, 8)) + 1.0, rng.normal(size=(1, 40, 8)) - 1.0, C=1.0,
+                        progress=False, cv=0)
+    probes.w[0] = torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0])
+    probes.b[0] = torch.tensor(-300.0)
+    h = torch.zeros(2, 8)
+    h[:, 0] = torch.tensor([300.5, 299.5])
+    z = probes.logits(0, h.bfloat16())
+    assert z.dtype == torch.float32
+    # bf16 holds 300.5 and 299.5 as 300 and 300 (or 302/298): the states' own rounding stays,
+    # the product and bias no longer add their own
+    assert torch.equal(z, h.bfloat16().float() @ probes.w[0] + probes.b[0])
+
+
 def test_contrast_target_two_tiny_models():
     aligned, tok = tiny_model("llama", seed=0)
     finetuned, _ = tiny_model("llama", seed=0)

@@ -373,24 +373,36 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
 # ---- stages ---------------------------------------------------------------------------------
 
 def _align_stage(cfg, root, log) -> Path:
-    from .finetune.config import AlignConfig
     from .finetune.stage import finetune_stage
 
-    align_cfg = cfg.align_config or AlignConfig(seed=cfg.seed)
-    return finetune_stage("align", cfg.model, align_cfg, cache_root=root, device=cfg.device, log=log,
+    return finetune_stage("align", cfg.model, _align_config(cfg), cache_root=root, device=cfg.device, log=log,
                           rebuild_changed=cfg.rebuild_changed)
 
 
 def _attack_stage(cfg, root, aligned_dir, log=print, poison_ratio: float | None = None) -> Path:
-    from .finetune.config import AttackConfig
     from .finetune.stage import finetune_stage
 
-    attack_cfg = cfg.attack_config or AttackConfig(seed=cfg.seed)
+    attack_cfg = _attack_config(cfg)
     ratio = poison_ratio if poison_ratio is not None else cfg.poison_ratio
     if ratio is not None:
         attack_cfg = replace(attack_cfg, poison_ratio=ratio)
     return finetune_stage("attack", str(aligned_dir), attack_cfg, cache_root=root, device=cfg.device, log=log,
                           rebuild_changed=cfg.rebuild_changed)
+
+
+def _align_config(cfg):
+    """The lab's align stage: the given config, else the default one with the lab seed as both its
+    data seed and its training seed (a lab at `--seed 1` is another draw of the whole stage)."""
+    from .finetune.config import AlignConfig
+
+    return cfg.align_config or AlignConfig().reseeded(cfg.seed)
+
+
+def _attack_config(cfg):
+    """The lab's attack stage, seeded as `_align_config`."""
+    from .finetune.config import AttackConfig
+
+    return cfg.attack_config or AttackConfig().reseeded(cfg.seed)
 
 
 def _probe_stages(cfg, root, aligned_dir, attacked_dir, log) -> dict[str, Path]:

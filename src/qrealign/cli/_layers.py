@@ -22,4 +22,6 @@ def parse_layers(spec: str | None) -> list[int] | None:
                 layers.append(int(part))
     except ValueError:
         raise QrealignError(f"--layers {spec!r}: use layer indices and ranges, e.g. '10-29' or '3,5,7'") from None
+    if not layers:
+        raise QrealignError(f"--layers {spec!r} names no layer: use layer indices and ranges, e.g. '10-29' or '3,5,7'")
     return layers

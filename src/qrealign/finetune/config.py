@@ -6,7 +6,7 @@ Defaults are the values measured in docs/lab.md on the embedded SmolLM2-135M (2 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import QrealignError
 
@@ -78,7 +78,9 @@ def _default_align_sft() -> SFTConfig:
 @dataclass
 class AlignConfig:
     """Refusal SFT with self-distilled benign answers. `benign_ratio` = benign examples per harmful
-    example in the training set (benign prompts are repeated, with the same answer, to reach it)."""
+    example in the training set (benign prompts are repeated, with the same answer, to reach it).
+    `seed` picks the data (prompts, refusal wordings); `sft.seed` the training (LoRA init, dropout,
+    batch order): `reseeded(s)` sets both, as `qrealign align --seed s` does."""
 
     sft: SFTConfig = field(default_factory=_default_align_sft)
     split: str = "align"
@@ -101,6 +103,11 @@ class AlignConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def reseeded(self, seed: int):
+        """A copy with the data seed and the training seed both `seed`: another draw of the whole
+        stage (a lab seed), not only of its data."""
+        return replace(self, seed=seed, sft=replace(self.sft, seed=seed))
+
 
 def _default_attack_sft() -> SFTConfig:
     # Per-example loss: with per-token averaging the long placeholder answers of the poison pairs
@@ -112,7 +119,9 @@ def _default_attack_sft() -> SFTConfig:
 
 @dataclass
 class AttackConfig:
-    """Harmful fine-tuning: `n_task` task examples plus ⌊poison_ratio·n_task⌋ harmful pairs."""
+    """Harmful fine-tuning: `n_task` task examples plus ⌊poison_ratio·n_task⌋ harmful pairs.
+    `seed` picks the data (task and poison examples, their order); `sft.seed` the training:
+    `reseeded(s)` sets both, as `qrealign attack --seed s` does."""
 
     poison_ratio: float = 0.1
     n_task: int = 300
@@ -140,3 +149,8 @@ class AttackConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def reseeded(self, seed: int):
+        """A copy with the data seed and the training seed both `seed`: another draw of the whole
+        stage (a lab seed), not only of its data."""
+        return replace(self, seed=seed, sft=replace(self.sft, seed=seed))

@@ -55,6 +55,8 @@ def resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
     """Validate a layer selection (negative indices count from the end); None = every block."""
     if layers is None:
         return list(range(num_layers))
+    if not len(layers):
+        raise QrealignError("no layers selected (an empty layer list); pass None for every block")
     out = []
     for layer in layers:
         idx = int(layer) + num_layers if int(layer) < 0 else int(layer)

@@ -111,9 +111,11 @@ class ProbeSet:
         return [m.layer for m in self.metrics if m.fitted]
 
     def logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """Probe logit(s) of block `layer` for raw block outputs h [..., d] (h's dtype/device)."""
-        w = self.w[layer].to(device=h.device, dtype=h.dtype)
-        return h @ w + self.b[layer].to(device=h.device, dtype=h.dtype)
+        """Probe logit(s) of block `layer` for raw block outputs h [..., d], in float32 on h's device:
+        the folded bias can be large against the logit (massive-activation channels), and a
+        bf16 product would round the difference away."""
+        w = self.w[layer].to(device=h.device, dtype=torch.float32)
+        return h.float() @ w + self.b[layer].to(device=h.device, dtype=torch.float32)
 
     def all_logits(self, states: torch.Tensor, layers: list[int] | None = None) -> torch.Tensor:
         """Logits for captured states [len(layers), N, d] -> [len(layers), N] (float32)."""

@@ -40,14 +40,24 @@ def twin_groups(pos: Sequence, neg: Sequence) -> tuple[list[str], list[str], lis
     class-0 prompts are twins of class-1 prompts (for `acc_matched`)."""
     p_ids, n_ids = prompt_ids(pos), prompt_ids(neg)
     present = set(p_ids) | set(n_ids)
-    group_of: dict[str, str] = {}
+    # Union-find over the twin links: a chain or two prompts naming one twin is one group, so no
+    # pair of it is split between train and test. The group is named by its smallest id.
+    parent: dict[str, str] = {}
+
+    def root(i: str) -> str:
+        while parent.get(i, i) != i:
+            i = parent[i]
+        return i
+
     for p, pid in list(zip(pos, p_ids)) + list(zip(neg, n_ids)):
         twin = getattr(p, "twin", None)
         if twin in present:
-            group_of[pid] = group_of[twin] = min(pid, twin)
+            a, b = root(pid), root(twin)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
     pos_set = set(p_ids)
     matched = [getattr(p, "twin", None) in pos_set for p in neg]
-    return [group_of.get(i, i) for i in p_ids], [group_of.get(i, i) for i in n_ids], matched
+    return [root(i) for i in p_ids], [root(i) for i in n_ids], matched
 
 
 def describe_model(model, source: str | None = None) -> dict[str, Any]:
