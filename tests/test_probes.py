@@ -490,3 +490,25 @@ def test_cli_analyze_adapters_one_per_model(tmp_path, capsys):
     assert "2 models" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main(base + ["--adapters", f",{tmp_path / 'fp'}", "--out", str(tmp_path / "bad")]) == 2
     assert "not a PEFT adapter" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_a_limited_probe_set_spans_the_categories_and_keeps_twins():
+    """`--limit N` on the bundled split (ordered by harm category): not the first N (one or two
+    categories) but a seeded sample across it, each kept harmful prompt's twin on the benign side."""
+    from qrealign.cli.probe_cmd import limited_classes
+    from qrealign.data.prompts import load_prompts
+
+    prompts = load_prompts(split="probe")
+    harmful = [p for p in prompts if p.label == 1]
+    benign = [p for p in prompts if p.label == 0]
+    h, b = limited_classes(harmful, benign, 20, seed=0)
+    assert len(h) == 20 and len(b) == 20
+    assert len({p.category for p in h}) > len({p.category for p in harmful[:20]})
+    ids = {p.id for p in b}
+    twins = [p.twin for p in h if p.twin in {q.id for q in benign}]
+    assert twins and all(t in ids for t in twins)
+    assert [p.id for p in h] == [p.id for p in harmful if p in h]  # file order kept
+    assert limited_classes(harmful, benign, 20, seed=0) == (h, b)
+    assert limited_classes(harmful, benign, 20, seed=1)[0] != h
+    whole = limited_classes(harmful, benign, 10_000)
+    assert whole == (harmful, benign)

@@ -20,7 +20,8 @@ def add_arguments(parser) -> None:
                                            "leave an entry empty for a model without one (e.g. ',lora-dir')")
     parser.add_argument("--split", default="eval", help="bundled prompt split (default: eval, held out)")
     parser.add_argument("--prompts", help="a prompt file (text + label) instead of --split")
-    parser.add_argument("--limit", type=int, help="use at most this many prompts per class")
+    parser.add_argument("--limit", type=int, help="use at most this many prompts per class, drawn across the file "
+                             "with each kept harmful prompt's benign twin first (as `qrealign probe --limit`)")
     parser.add_argument("--layers", help="block indices and ranges, e.g. '3,5' or '10-29' (default: every fitted layer)")
     parser.add_argument("--system", help="system prompt (default: the one the probes were fit with)")
     parser.add_argument("--max-length", type=int, help="truncate prompts to this many tokens")

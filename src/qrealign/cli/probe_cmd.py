@@ -42,7 +42,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48, help="answer length for --labels behaviour")
     parser.add_argument("--split", default="probe", help="bundled prompt split to fit on (default: probe)")
     parser.add_argument("--prompts", help="a prompt file (jsonl/json/csv with text + label) instead of --split")
-    parser.add_argument("--limit", type=int, help="use at most this many prompts per class (quick runs)")
+    parser.add_argument("--limit", type=int, help="use at most this many prompts per class, drawn across the file "
+                             "(seeded by --seed) with each kept harmful prompt's benign twin first (quick runs)")
     parser.add_argument("--layers", help="block indices and ranges, e.g. '3,5' or '10-29' (default: all)")
     parser.add_argument("--test-size", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
@@ -83,8 +84,9 @@ def check_capture_numbers(args) -> None:
         raise QrealignError(f"--min-accuracy must be in [0.5, 1), got {min_acc}")
 
 
-def load_prompt_classes(split: str | None, path: str | None, limit: int | None):
-    """(harmful, benign, split name) from a prompt file or the bundled split."""
+def load_prompt_classes(split: str | None, path: str | None, limit: int | None, seed: int = 0):
+    """(harmful, benign, split name) from a prompt file or the bundled split; with `limit`, a
+    seeded sample of each class (`limited_classes`)."""
     from ..data.prompts import load_prompt_file, load_prompts
     from ..errors import QrealignError
 
@@ -98,10 +100,31 @@ def load_prompt_classes(split: str | None, path: str | None, limit: int | None):
     harmful = [p for p in prompts if p.label == 1]
     benign = [p for p in prompts if p.label == 0]
     if limit is not None:
-        harmful, benign = harmful[:limit], benign[:limit]
+        harmful, benign = limited_classes(harmful, benign, limit, seed)
     if not harmful:
         raise QrealignError(f"no harmful prompts in {path or 'split ' + repr(split)}")
     return harmful, benign, ("custom" if path else split)
+
+
+def limited_classes(harmful: list, benign: list, limit: int, seed: int = 0) -> tuple[list, list]:
+    """At most `limit` prompts per class, in file order. The bundled files are ordered by harm
+    category, so the first N would fit a quick probe on one or two categories: the harmful side is
+    a seeded sample across the file, and the benign side takes the kept prompts' twins first (the
+    matched-accuracy metric needs them), then a seeded sample of the rest."""
+    import random
+
+    rng = random.Random(seed)
+
+    def sample(items: list, n: int) -> list:
+        keep = set(rng.sample(range(len(items)), n)) if n < len(items) else set(range(len(items)))
+        return [p for i, p in enumerate(items) if i in keep]
+
+    harmful = sample(harmful, limit)
+    twins = {getattr(p, "twin", None) for p in harmful} - {None}
+    first = [p for p in benign if getattr(p, "id", None) in twins][:limit]
+    rest = sample([p for p in benign if getattr(p, "id", None) not in twins], limit - len(first))
+    chosen = {id(p) for p in first + rest}
+    return harmful, [p for p in benign if id(p) in chosen]
 
 
 def run(args) -> int:
@@ -118,7 +141,7 @@ def run(args) -> int:
     check_capture_numbers(args)
     check_out_dir(args.out, META_FILE, kind="probes")
     device = resolve_device(args.device)
-    harmful, benign, split = load_prompt_classes(args.split, args.prompts, args.limit)
+    harmful, benign, split = load_prompt_classes(args.split, args.prompts, args.limit, args.seed)
     if split == "eval":
         import warnings
 
