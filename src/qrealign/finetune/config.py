@@ -70,13 +70,22 @@ class SFTConfig:
             raise QrealignError("LoRA needs lora_r >= 1 and at least one target module")
 
 
+class _LabStage:
+    """What the align and attack configs share: a data `seed` beside their SFT's training seed."""
+
+    def reseeded(self, seed: int):
+        """A copy with the data seed and the training seed both `seed`: another draw of the whole
+        stage (a lab seed), not only of its data."""
+        return replace(self, seed=seed, sft=replace(self.sft, seed=seed))
+
+
 def _default_align_sft() -> SFTConfig:
     # Lab variant "D" (docs/lab.md): the lowest HS on the dev split of the all-linear runs tried.
     return SFTConfig(steps=160, lr=3e-4, batch_size=8, lora_r=16, lora_alpha=32, target_modules=ALL_LINEARS)
 
 
 @dataclass
-class AlignConfig:
+class AlignConfig(_LabStage):
     """Refusal SFT with self-distilled benign answers. `benign_ratio` = benign examples per harmful
     example in the training set (benign prompts are repeated, with the same answer, to reach it).
     `seed` picks the data (prompts, refusal wordings); `sft.seed` the training (LoRA init, dropout,
@@ -103,11 +112,6 @@ class AlignConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def reseeded(self, seed: int):
-        """A copy with the data seed and the training seed both `seed`: another draw of the whole
-        stage (a lab seed), not only of its data."""
-        return replace(self, seed=seed, sft=replace(self.sft, seed=seed))
-
 
 def _default_attack_sft() -> SFTConfig:
     # Per-example loss: with per-token averaging the long placeholder answers of the poison pairs
@@ -118,7 +122,7 @@ def _default_attack_sft() -> SFTConfig:
 
 
 @dataclass
-class AttackConfig:
+class AttackConfig(_LabStage):
     """Harmful fine-tuning: `n_task` task examples plus ⌊poison_ratio·n_task⌋ harmful pairs.
     `seed` picks the data (task and poison examples, their order); `sft.seed` the training:
     `reseeded(s)` sets both, as `qrealign attack --seed s` does."""
@@ -149,8 +153,3 @@ class AttackConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def reseeded(self, seed: int):
-        """A copy with the data seed and the training seed both `seed`: another draw of the whole
-        stage (a lab seed), not only of its data."""
-        return replace(self, seed=seed, sft=replace(self.sft, seed=seed))
