@@ -338,3 +338,25 @@ def test_the_lab_seed_seeds_the_fine_tunes_training_too():
         assert {**lab.sft.__dict__, "seed": 0} == make(DemoConfig()).sft.__dict__
     mine = AlignConfig(seed=5)
     assert _align_config(DemoConfig(seed=1, align_config=mine)) is mine  # a given config is kept as given
+
+
+
+def test_a_stage_built_on_another_device_has_another_key(monkeypatch, tmp_path):
+    """A GPU rounds differently (and autocasts W4A8 calibrations to bf16): its stages must not be
+    reused on a CPU or the other way round. A CPU adds nothing, so CPU-built stages keep their keys."""
+    import torch
+
+    from qrealign import demo, utils
+
+    keys = {}
+    for kind in ("cpu", "cuda"):
+        monkeypatch.setattr(utils, "resolve_device", lambda device=None, kind=kind: torch.device(kind))
+        captured = []
+        monkeypatch.setattr(demo, "cached_stage", lambda name, inputs, *a, **k: captured.append(inputs) or tmp_path)
+        cfg = DemoConfig(out=str(tmp_path))
+        demo._quant_stage(cfg, tmp_path, tmp_path / "attack", {}, DEFAULT_VARIANTS[1], "W4A8")
+        demo._targets_stage(cfg, tmp_path, tmp_path / "attack", tmp_path / "align", FIRST_TOKEN, "W8A8")
+        keys[kind] = captured
+    assert all("device" not in inputs for inputs in keys["cpu"])
+    assert all(inputs["device"] == "cuda" for inputs in keys["cuda"])
+    assert [{k: v for k, v in i.items() if k != "device"} for i in keys["cuda"]] == keys["cpu"]

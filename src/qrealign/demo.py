@@ -405,6 +405,16 @@ def _attack_config(cfg):
     return cfg.attack_config or AttackConfig().reseeded(cfg.seed)
 
 
+def _device_inputs(cfg) -> dict:
+    """What a stage's key adds for the device it computes on: nothing on a CPU (so CPU-built stages
+    keep their keys), the device type elsewhere. A GPU rounds differently and resolves the
+    calibration's autocast "auto" to bf16 below 8 bits, so its stages are other stages."""
+    from .utils import resolve_device
+
+    kind = resolve_device(cfg.device).type
+    return {} if kind == "cpu" else {"device": kind}
+
+
 def _probe_stages(cfg, root, aligned_dir, attacked_dir, log) -> dict[str, Path]:
     from .models import load_model
     from .probes.targets import fit_contrast_probes, fit_paper_probes
@@ -416,7 +426,8 @@ def _probe_stages(cfg, root, aligned_dir, attacked_dir, log) -> dict[str, Path]:
     for target in targets:
         inputs = {"aligned": _stage_ref(aligned_dir, root),
                   "attacked": _stage_ref(attacked_dir, root) if target != "paper" else None,
-                  "target": target, "data": prompt_set_fingerprint(harmful + benign), "version": __version__}
+                  "target": target, "data": prompt_set_fingerprint(harmful + benign), "version": __version__,
+                  **_device_inputs(cfg)}
 
         def build(tmp: Path, target=target):
             aligned, tok = load_model(str(aligned_dir))
@@ -505,7 +516,8 @@ def _targets_stage(cfg, root, attacked_dir, aligned_dir, variant: Variant, schem
               "render": _jsonable(render_options(calib_cfg)), "refusals": refusals, "version": __version__,
               # the teacher's answers (and the forced response starts, up to a turn end) are generated
               **(_stop_inputs(cfg) if refusals or positions > 1 else {}),
-              **({"response_tokens": positions} if positions > 1 else {})}  # first-token stages keep their key
+              **({"response_tokens": positions} if positions > 1 else {}),  # first-token stages keep their key
+              **_device_inputs(cfg)}
 
     def build(tmp: Path):
         from .models import load_model
@@ -529,7 +541,7 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
               "config": calib_cfg.to_dict(),
               "probes": _stage_ref(probes_dir, root) if probes_dir else None,
               "calib": [cfg.calib_n, cfg.malicious_ratio, calib_cfg.seed], "calib_data": calib.fingerprint(),
-              "version": __version__}
+              "version": __version__, **_device_inputs(cfg)}
     if variant.teacher:
         # The targets stage (targets_dir) is keyed on a subset of these inputs and gives the same
         # tensors as computing them in place, so it is not named here: cached runs stay cached.
@@ -593,7 +605,8 @@ def _eval_stage(cfg, root, label: str, source: str, log=print, prompt_set: str |
     inputs = {"source": _stage_ref(source, root), "gen": gen.to_dict(), "limit": cfg.eval_limit,
               "task_n": cfg.task_n, "label": label, "data": _eval_data_fingerprint(cfg, prompt_set),
               "version": __version__, **_stop_inputs(cfg),
-              **({"prompt_set": prompt_set} if prompt_set else {})}  # eval-split stages keep their key
+              **({"prompt_set": prompt_set} if prompt_set else {}),  # eval-split stages keep their key
+              **_device_inputs(cfg)}
     sides = {"harmful": prompt_set, "benign": prompt_set} if prompt_set else {}
 
     def build(tmp: Path):
