@@ -351,6 +351,12 @@ def test_only_reproducible_compressed_tensors_schemes_take_the_engine_route(tmp_
     for acts in (fp8, static):  # left to transformers' own compressed-tensors route
         assert detect({**base, "config_groups": {"g": {"targets": ["Linear"], "weights": w, "input_activations": acts}}}) is None
     assert detect({"quant_method": "gptq"}) is None and detect(None) is None
+    # a bf16 checkpoint's weights are dequantized in bf16: said, not hidden; float32 loads exactly
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "bfloat16", "quantization_config":
+                                                      {**base, "config_groups": {"g": {"targets": ["Linear"], "weights": w}}}}))
+    assert CompressedTensorsCheckpoint.detect(tmp_path).dtype == "bfloat16"
+    assert "bfloat16" in CompressedTensorsCheckpoint(None, ("Linear",), (), "bfloat16").dequantize_warning()
+    assert CompressedTensorsCheckpoint(None, ("Linear",), (), "float32").dequantize_warning() is None
 
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     assert CompressedTensorsCheckpoint(QuantArgs(8, True, "token", None, True), ("Linear",), ("1",)).attach(model) == 1

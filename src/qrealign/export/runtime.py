@@ -5,9 +5,12 @@ engines' arithmetic: symmetric dynamic activations get scale absmax/127.5 (vLLM'
 kernels, and qrealign's calibration, use absmax/127), asymmetric ones are rounded after adding the
 zero point (vLLM rounds first, as calibration does). On a model with strong activation outliers
 that alone moves logits well beyond the float noise floor (runs/export: SmolLM2 W8A8-sym RTN).
-So `load_model` loads local compressed-tensors checkpoints dequantized (weights are exact either
-way) and puts qrealign's own per-token activation quantizer in front of every quantized linear:
-evaluating an export then measures the model an engine serves. Checkpoints whose activation
+So `load_model` loads local compressed-tensors checkpoints dequantized and puts qrealign's own
+per-token activation quantizer in front of every quantized linear: evaluating an export then
+measures the model an engine serves. One difference stays: the library dequantizes `(q - z) * s`
+in the scales' dtype, so a bfloat16 export loads with every weight rounded to bfloat16 (up to
+1/256 relative, a fraction of an 8-bit step), where the engines' int8 kernels apply the stored
+scale in float32; `dequantize_warning` says so, and a float32 export loads exactly. Checkpoints whose activation
 scheme this cannot reproduce (FP8, static ranges, a quantized KV cache) keep transformers' own route.
 """
 
@@ -28,6 +31,7 @@ class CompressedTensorsCheckpoint:
     activations: QuantArgs | None  # dynamic per-token int activations, or None (weight-only)
     targets: tuple[str, ...]        # class names, module names or "re:" patterns
     ignore: tuple[str, ...]         # the same forms
+    dtype: str | None = None        # the checkpoint's floating dtype (its scales'), from config.json
 
     @classmethod
     def detect(cls, directory: str | Path) -> "CompressedTensorsCheckpoint | None":
@@ -47,12 +51,24 @@ class CompressedTensorsCheckpoint:
         if len(acts) != 1 or not targets or qc.get("kv_cache_scheme"):  # a quantized KV cache: not reproduced
             return None
         a = groups[0].get("input_activations")
+        dtype = config.get("dtype") or config.get("torch_dtype")
+        dtype = dtype if isinstance(dtype, str) else None
         if a is None:
-            return cls(None, targets, tuple(qc.get("ignore") or ()))
+            return cls(None, targets, tuple(qc.get("ignore") or ()), dtype)
         if a.get("type", "int") != "int" or not a.get("dynamic") or a.get("strategy") != "token":
             return None
         args = QuantArgs(int(a["num_bits"]), bool(a.get("symmetric", True)), "token", None, True)
-        return cls(args, targets, tuple(qc.get("ignore") or ()))
+        return cls(args, targets, tuple(qc.get("ignore") or ()), dtype)
+
+    def dequantize_warning(self) -> str | None:
+        """What loading dequantized adds to the engines' arithmetic, or None: the library rebuilds
+        each weight in its scales' dtype, so below float32 every weight is rounded once more."""
+        if self.dtype in (None, "float32"):
+            return None
+        return (f"this compressed-tensors checkpoint stores its scales in {self.dtype}, and loading it "
+                f"dequantized rounds every weight to {self.dtype} (up to 1/256 relative, a fraction of an "
+                "8-bit step) where the engines' int8 kernels apply the scale in float32: its evaluation is "
+                "close to, not exactly, what they serve; export with dtype float32 to evaluate it exactly")
 
     def load_kwargs(self) -> dict:
         from transformers import CompressedTensorsConfig

@@ -214,6 +214,9 @@ def load_model(
     get_arch(model)
     if compressed is not None:
         compressed.attach(model)
+        note = compressed.dequantize_warning()
+        if note:
+            warnings.warn(note, stacklevel=2)
     if src.gguf_file:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
