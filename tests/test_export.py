@@ -451,3 +451,22 @@ def test_export_config_and_tokenizer_carry_the_keys_transformers_4_reads(runs, t
     text = "hello <pad> world"
     assert ours(text).input_ids == theirs(text).input_ids
     assert ours.all_special_tokens == theirs.all_special_tokens and ours.padding_side == theirs.padding_side
+
+
+def test_a_hub_compressed_tensors_checkpoint_takes_the_engine_route_too(tmp_path):
+    """The same files give the same evaluation wherever they are stored: a hub config is read for
+    its activation scheme as a local config.json is."""
+    from transformers import LlamaConfig
+
+    from qrealign.models.load import ModelSource, _compressed_checkpoint
+
+    qc = {"quant_method": "compressed-tensors", "ignore": ["lm_head"], "config_groups": {"g": {
+        "targets": ["Linear"], "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+        "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}}}}
+    config = LlamaConfig(quantization_config=qc, dtype="bfloat16")
+    hub = _compressed_checkpoint(ModelSource("hub", "org/model-W8A8", name="org/model-W8A8"), config)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    local = _compressed_checkpoint(ModelSource("dir", str(tmp_path), name="x"))
+    assert hub is not None and hub == local and hub.activations.num_bits == 8 and hub.dtype == "bfloat16"
+    plain = LlamaConfig()
+    assert _compressed_checkpoint(ModelSource("hub", "org/plain", name="org/plain"), plain) is None

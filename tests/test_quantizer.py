@@ -271,3 +271,21 @@ def test_asymmetric_schemes_past_the_zero_points_range_are_refused():
     assert zero.abs().max() < 1e4
     back = (torch.clamp(torch.round(x / scale) + zero, args.qmin, args.qmax) - zero) * scale
     assert (back - x).abs().max() <= scale.max() / 2 + 1e-7
+
+
+def test_a_strategy_that_does_not_fit_its_role_is_refused():
+    """The quantizers branch on group-or-not (weights) and dynamic-or-not (activations): a scheme
+    given as data with per-token weights or dynamic per-tensor activations would silently run as
+    something else, so it is an error."""
+    from qrealign.errors import QrealignError
+    from qrealign.quant.scheme import QuantArgs, Scheme
+
+    ok = Scheme("mine", QuantArgs(8, True, "channel"), QuantArgs(8, True, "token", None, True))
+    assert Scheme.from_dict(ok.to_dict()) == ok
+    assert Scheme("static", QuantArgs(4, False, "group", 64), QuantArgs(8, True, "tensor", None, False))
+    bad = [({"num_bits": 8, "symmetric": True, "strategy": "token"}, None),
+           ({"num_bits": 8, "symmetric": True}, {"num_bits": 8, "symmetric": True, "strategy": "tensor", "dynamic": True}),
+           ({"num_bits": 8, "symmetric": True}, {"num_bits": 8, "symmetric": True, "strategy": "channel"})]
+    for weights, acts in bad:
+        with pytest.raises(QrealignError, match="quantized per"):
+            Scheme.from_dict({"name": "bad", "weights": weights, "activations": acts})

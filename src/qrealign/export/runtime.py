@@ -40,6 +40,11 @@ class CompressedTensorsCheckpoint:
             config = json.loads((Path(directory) / "config.json").read_text())
         except (OSError, json.JSONDecodeError):
             return None
+        return cls.from_config(config)
+
+    @classmethod
+    def from_config(cls, config) -> "CompressedTensorsCheckpoint | None":
+        """`detect` on a config.json already read (a dict), e.g. a hub model's."""
         qc = config.get("quantization_config") if isinstance(config, dict) else None
         if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
             return None

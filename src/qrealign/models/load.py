@@ -116,6 +116,19 @@ def _read_config(src: ModelSource, trust_remote_code: bool):
     return config
 
 
+def _compressed_checkpoint(src: ModelSource, hub_config=None):
+    """The checkpoint's engine-arithmetic runtime (`export.runtime`), or None: read from a local
+    directory's config.json, or from the hub config `_read_config` fetched (the same files give
+    the same evaluation wherever they are stored)."""
+    from ..export.runtime import CompressedTensorsCheckpoint
+
+    if src.kind == "dir":
+        return CompressedTensorsCheckpoint.detect(src.path)
+    if hub_config is not None and not src.gguf_file:
+        return CompressedTensorsCheckpoint.from_config(hub_config.to_dict())
+    return None
+
+
 def _check_safetensors(directory: Path) -> None:
     from safetensors import safe_open
 
@@ -188,18 +201,14 @@ def load_model(
     if offload is not None:  # (reads a local snapshot's config itself)
         model = _load_offloaded(src, adapter, offload, resolve_dtype(dtype), target, trust_remote_code)
         return _finish(model, src, None, padding_side)
-    if src.kind == "hub":
-        _read_config(src, trust_remote_code)  # the small config.json first, not every weight
+    hub_config = _read_config(src, trust_remote_code) if src.kind == "hub" else None  # config first, no weight
     kwargs: dict = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
-    compressed = None
-    if src.kind == "dir":  # a qrealign export or another compressed-tensors checkpoint: run it as engines do
-        from ..export.runtime import CompressedTensorsCheckpoint
-
-        compressed = CompressedTensorsCheckpoint.detect(src.path)
-        if compressed is not None:
-            kwargs.update(compressed.load_kwargs())
+    # a qrealign export or another compressed-tensors checkpoint, local or on the hub: run it as engines do
+    compressed = _compressed_checkpoint(src, hub_config)
+    if compressed is not None:
+        kwargs.update(compressed.load_kwargs())
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")

@@ -48,6 +48,17 @@ class Scheme:
     weights: QuantArgs | None
     activations: QuantArgs | None
 
+    def __post_init__(self):
+        # the quantizers branch on these alone (weights: group or not; activations: dynamic or
+        # not), so a strategy that does not fit its role would silently run as another one
+        if self.weights is not None and self.weights.strategy not in ("channel", "group"):
+            raise QrealignError(f"scheme {self.name!r}: weights are quantized per 'channel' or per 'group', "
+                                f"not per {self.weights.strategy!r}")
+        a = self.activations
+        if a is not None and (a.strategy, a.dynamic) not in (("token", True), ("tensor", False)):
+            raise QrealignError(f"scheme {self.name!r}: activations are quantized per 'token' (dynamic) or per "
+                                f"'tensor' (static), not per {a.strategy!r} with dynamic={a.dynamic}")
+
     @property
     def min_bits(self) -> int:
         bits = [a.num_bits for a in (self.weights, self.activations) if a is not None]
