@@ -5,13 +5,14 @@ engines' arithmetic: symmetric dynamic activations get scale absmax/127.5 (vLLM'
 kernels, and qrealign's calibration, use absmax/127), asymmetric ones are rounded after adding the
 zero point (vLLM rounds first, as calibration does). On a model with strong activation outliers
 that alone moves logits well beyond the float noise floor (runs/export: SmolLM2 W8A8-sym RTN).
-So `load_model` loads local compressed-tensors checkpoints dequantized and puts qrealign's own
-per-token activation quantizer in front of every quantized linear: evaluating an export then
-measures the model an engine serves. One difference stays: the library dequantizes `(q - z) * s`
-in the scales' dtype, so a bfloat16 export loads with every weight rounded to bfloat16 (up to
-1/256 relative, a fraction of an 8-bit step), where the engines' int8 kernels apply the stored
-scale in float32; `dequantize_warning` says so, and a float32 export loads exactly. Checkpoints whose activation
-scheme this cannot reproduce (FP8, static ranges, a quantized KV cache) keep transformers' own route.
+So `load_model` loads compressed-tensors checkpoints (local or on the hub) dequantized and puts
+qrealign's own per-token activation quantizer in front of every quantized linear: evaluating an
+export then measures the model an engine serves. One difference stays: the library dequantizes
+`(q - z) * s` in the scales' dtype, so a bfloat16 export loads with every weight rounded to
+bfloat16 (up to 1/256 relative, a fraction of an 8-bit step), where the engines' int8 kernels apply
+the stored scale in float32; `dequantize_warning` says so, and a float32 export loads exactly.
+Checkpoints whose activation scheme this cannot reproduce (FP8, static ranges, a quantized KV
+cache) keep transformers' own route.
 """
 
 from __future__ import annotations
