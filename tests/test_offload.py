@@ -415,3 +415,18 @@ def test_a_checkpoint_whose_shapes_disagree_with_its_config_is_refused_in_memory
     assert main(["quantize", str(bad), "--scheme", "W8A8", "--method", "rtn", "--out", str(out)]) == 2
     assert "shapes do not match its config.json" in capsys.readouterr().err  # one line, no traceback
     assert not out.exists()
+
+
+def test_a_block_onloaded_in_float32_and_released_reads_through_its_load_dtype_again(model_dir):
+    """The engine onloads a block in float32 and releases it (float32 meta tensors): a second read
+    must still round through the load dtype, as the in-memory bf16 model holds it."""
+    in_ram, _ = load_model(model_dir, dtype="bfloat16")
+    model, _ = load_model(model_dir, dtype="bfloat16", offload="disk")
+    disk = offloaded(model)
+    assert disk.onload(1, "cpu", torch.float32).self_attn.q_proj.weight.dtype == torch.float32
+    disk.release(1)
+    again = disk.onload(1, "cpu")
+    want = in_ram.model.layers[1].state_dict()
+    assert all(t.dtype == torch.bfloat16 and torch.equal(t, want[k]) for k, t in again.state_dict().items())
+    disk.release(1)
+    assert all(torch.equal(t, want[k]) for k, t in disk.copy_of(1, "cpu").state_dict().items())

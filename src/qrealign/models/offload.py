@@ -54,9 +54,13 @@ class DiskBlocks:
         self.key_files = key_files
         prefix = get_arch(model).layers + "."
         self.names: list[list[str]] = [[] for _ in get_blocks(model)]
-        for name in model.state_dict():  # one pass: a 70B state dict has thousands of entries
+        # each block tensor's load dtype, recorded once: a block onloaded in float32 and released
+        # keeps float32 meta tensors, and a later read must still round through the load dtype
+        self.load_dtype: dict[str, torch.dtype] = {}
+        for name, tensor in model.state_dict().items():  # one pass: a 70B state dict has thousands of entries
             if name.startswith(prefix):
                 self.names[int(name[len(prefix):].split(".", 1)[0])].append(name)
+                self.load_dtype[name] = tensor.dtype
         self.prefix = prefix
         self.resident: set[int] = set()
         self.max_resident = 0
@@ -77,7 +81,8 @@ class DiskBlocks:
     def onload(self, i: int, device: torch.device | str, dtype: torch.dtype | None = None) -> nn.Module:
         """Materialise block i on `device` (in `dtype`, default the load dtype)."""
         for name in self.names[i]:
-            _put(self.model, name, lambda old, name=name: self.read(name, old.dtype).to(device, dtype or old.dtype))
+            load = self.load_dtype[name]
+            _put(self.model, name, lambda old, name=name, load=load: self.read(name, load).to(device, dtype or load))
         self.resident.add(i)
         self.onloads += 1
         self.max_resident = max(self.max_resident, len(self.resident))
@@ -92,7 +97,7 @@ class DiskBlocks:
         block = copy.deepcopy(get_blocks(self.model)[i])  # on meta: copies structure, no data
         prefix = f"{self.prefix}{i}."
         for name in self.names[i]:
-            _put(block, name[len(prefix):], lambda old, name=name: self.read(name, old.dtype).to(device))
+            _put(block, name[len(prefix):], lambda old, name=name: self.read(name, self.load_dtype[name]).to(device))
         return block
 
     def release(self, i: int) -> None:
@@ -104,7 +109,8 @@ class DiskBlocks:
     def state_items(self):
         """(name, tensor) in `model.state_dict()` order, block tensors read from disk one by one."""
         for name, tensor in self.model.state_dict().items():
-            yield name, (self.read(name, tensor.dtype) if tensor.device.type == "meta" else tensor)
+            yield name, (self.read(name, self.load_dtype.get(name, tensor.dtype)) if tensor.device.type == "meta"
+                         else tensor)
 
     @contextlib.contextmanager
     def streaming(self, device: torch.device | str):
