@@ -23,12 +23,18 @@ def test_bench_reports_both_schedules(tmp_path, monkeypatch):
     ref, ours = report["schedules"]["reference"], report["schedules"]["default"]
     # reference: batch 1 and every prompt padded to 128 tokens -> steps = samples x epochs x layers
     assert ref["steps"] == 8 * 1 * 2 and ref["tokens"] == ref["steps"] * 128
-    # default: batches of up to 8, split by label (6 malicious, 2 benign), length-bucketed
-    assert ours["steps"] == 2 * 1 * 2 and ours["tokens"] < ref["tokens"]
+    # default: the project's batches of up to 4, split by label (6 malicious -> 2, 2 benign -> 1), length-bucketed
+    assert ours["batch_size"] == 4 and ours["epochs"] == 1
+    assert ours["steps"] == 3 * 1 * 2 and ours["tokens"] < ref["tokens"]
     assert report["speedup"] > 0 and report["mm_peak_gflops"] > 0
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["schedules"].keys() == {"reference", "default"}
-    assert "| reference |" in (tmp_path / "bench.md").read_text()
+    md = (tmp_path / "bench.md").read_text()
+    assert "| reference (batch 1, E 6) |" in md and "| default (batch 4, E 1) |" in md
+    # another batch for the project's schedule is recorded as such
+    other = bench.run_bench("tiny", n=8, out=tmp_path / "b8", reference_epochs=6, default_epochs=1, heldout=4,
+                            progress=False, batch_size=8)
+    assert other["schedules"]["default"]["batch_size"] == 8 and other["schedules"]["default"]["steps"] == 2 * 1 * 2
 
 
 def test_bench_evaluates_both_results_when_asked(tmp_path, monkeypatch):
@@ -38,6 +44,7 @@ def test_bench_evaluates_both_results_when_asked(tmp_path, monkeypatch):
     for schedule in report["schedules"].values():
         e = schedule["evaluation"]
         assert e["n"] == 2 and 0 <= e["harmful_score"] <= 100 and 0 <= e["over_refusal"] <= 100
+        assert e["n_harmful"] == e["n_benign"] == 2  # the counts evaluated, not the limit asked for
         assert e["task_accuracy"] is not None
     assert "| task accuracy % |" in (tmp_path / "bench.md").read_text()
 
@@ -48,6 +55,68 @@ def test_bench_rejects_bad_counts_before_any_work(tmp_path):
     with pytest.raises(QrealignError, match="eval_n"):
         bench.run_bench("tiny", n=4, out=tmp_path / "b", eval_n=-3, progress=False)
     assert not (tmp_path / "b").exists()
+
+
+def test_bench_checks_its_inputs_before_any_model_loads(tmp_path, monkeypatch):
+    """A typo in the scheme, an --out that is a file or a model, and probes fit under another system
+    prompt are one-line errors before the FP pass, not after minutes of calibration."""
+    from qrealign.errors import QrealignError
+    import torch
+
+    from qrealign.probes.store import LayerMetrics, ProbeSet
+
+    def no_load(spec):
+        raise AssertionError("loaded a model before checking the inputs")
+
+    monkeypatch.setattr(bench, "load_model", no_load)
+    with pytest.raises(QrealignError, match="scheme"):
+        bench.run_bench("tiny", scheme="W8A8x", n=4, out=tmp_path / "a", progress=False)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(QrealignError, match="is a file"):
+        bench.run_bench("tiny", n=4, out=tmp_path / "afile", progress=False)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with pytest.raises(QrealignError, match="model or qrealign output"):
+        bench.run_bench("tiny", n=4, out=tmp_path / "model", progress=False)
+    probes = ProbeSet("paper", torch.zeros(2, 64), torch.zeros(2), [LayerMetrics(layer=i) for i in range(2)],
+                      settings={"system": "You are careful."})
+    with pytest.raises(QrealignError, match="system prompt"):
+        bench.run_bench("tiny", n=4, out=tmp_path / "p", probes=probes, progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lanes", "--probes", "P"], "--lanes does not read --probes"),
+    (["--decode", "--eval", "5"], "--decode does not read --eval"),
+    (["--sft-precision", "--scheme", "W4A8"], "--sft-precision does not read --scheme"),
+    (["--offload", "DIR", "--model", "m"], "--offload does not read --model"),
+    (["--steps", "2"], "default benchmark does not read --steps"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--lanes", "--scheme", "W8A8x"], "unknown scheme"),
+])
+def test_bench_cli_refuses_options_its_benchmark_would_ignore(argv, message, tmp_path, capsys):
+    from qrealign.cli import main
+
+    assert main(["bench", *argv, "--out", str(tmp_path / "b")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_bench_cli_runs_one_benchmark_at_a_time(tmp_path, capsys):
+    from qrealign.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--lanes", "--decode", "--out", str(tmp_path / "b")])
+    assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_bench_cli_checks_out_before_the_work(tmp_path, capsys, monkeypatch):
+    import qrealign.bench_sft as bench_sft
+    from qrealign.cli import main
+
+    monkeypatch.setattr(bench_sft, "run_sft_bench", lambda **kw: pytest.fail("ran before checking --out"))
+    (tmp_path / "afile").write_text("x")
+    assert main(["bench", "--sft-precision", "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file" in capsys.readouterr().err
 
 
 def test_lanes_bench_times_both_ways_and_says_whether_the_numbers_moved(tmp_path):

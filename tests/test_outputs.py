@@ -67,6 +67,57 @@ def test_atomic_dir_with_marker_leaves_foreign_dir_and_no_temp(tmp_path):
     assert (own / "result.json").read_text() == "2"
 
 
+def test_the_working_directory_or_above_is_no_out(tmp_path, monkeypatch):
+    """An output replaces its folder by a rename: `--out .` used to crash after the work (and leave a
+    hidden `..old-*` folder); the working directory and its parents are refused up front."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for out in (".", "..", str(work), str(tmp_path), "./"):
+        with pytest.raises(QrealignError, match="working directory"):
+            check_out_dir(out, "result.json")
+    check_out_dir("sub", "result.json")  # a sub-directory is fine
+
+
+def test_atomic_dir_puts_the_earlier_output_back_when_the_swap_fails(tmp_path, monkeypatch):
+    import os
+
+    import qrealign.utils as utils
+
+    own = tmp_path / "own"
+    with atomic_dir(own, marker="result.json") as tmp:
+        (tmp / "result.json").write_text("1")
+    real_replace, calls = os.replace, []
+
+    def second_fails(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the new output into place
+            raise OSError("disk trouble")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(utils.os, "replace", second_fails)
+    with pytest.raises(OSError, match="disk trouble"):
+        with atomic_dir(own, marker="result.json") as tmp:
+            (tmp / "result.json").write_text("2")
+    monkeypatch.setattr(utils.os, "replace", real_replace)
+    assert (own / "result.json").read_text() == "1"  # the earlier output, where it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["own"]  # no temporary or old folder left
+
+
+def test_a_user_text_file_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys):
+    from qrealign.cli import main
+    from qrealign.utils import read_user_text
+
+    binary = tmp_path / "table.md"
+    binary.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(QrealignError, match="--card-table .* not a UTF-8 text file"):
+        read_user_text(binary, "--card-table")
+    with pytest.raises(QrealignError, match="cannot read --ppl-text .*missing"):
+        read_user_text(tmp_path / "missing", "--ppl-text")
+    assert main(["export", str(tmp_path / "norun"), "--card-table", str(binary), "--out", str(tmp_path / "x")]) == 2
+    assert "not a UTF-8 text file" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_save_quantized_refuses_a_model_directory(tmp_path):
     model_dir = tmp_path / "aligned"
     model_dir.mkdir()

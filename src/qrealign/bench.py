@@ -2,9 +2,10 @@
 
 Reference schedule (paper-spec §3.4, as published): batch size 1, every prompt right-padded to
 128 tokens, MSE over all positions including padding, the FP stream for every sample, epochs
-E-5 for the first half of the layers and E+5 for the rest (E = 10). Default schedule: length
-bucketing (no fixed padding), batches of 8, padding excluded from the loss, no FP stream for
-samples whose loss never reads it, 2 epochs. Both optimise the same objective family (Q-realign
+E-5 for the first half of the layers and E+5 for the rest (E = 10). Default schedule: the
+project's (`CalibConfig()`: length bucketing, no fixed padding, batches of 4, padding excluded
+from the loss, no FP stream for samples whose loss never reads it) at 2 epochs; `batch_size`
+changes its batch (the numbers in docs/performance.md were measured at 8). Both optimise the same objective family (Q-realign
 loss when probes are given, reconstruction otherwise).
 
 Reported per schedule: wall time (total and per block), training steps and processed tokens,
@@ -36,7 +37,7 @@ from .utils import position_ids_from_mask, resolve_device, write_report
 
 REFERENCE = CalibConfig(batch_size=1, pad_to=128, padding_side="right", epochs=10, epoch_schedule="paper",
                         group_by_label=False)
-DEFAULT = CalibConfig(batch_size=8, epochs=2)
+DEFAULT = CalibConfig(epochs=2)  # the project's schedule: CalibConfig's defaults
 
 
 class PeakRSS:
@@ -106,13 +107,27 @@ class ScheduleResult:
     benign_rel_error: float
     malicious_probe_logit: float | None
     evaluation: dict | None = None
+    batch_size: int = 0
+    epochs: int = 0
 
 
 def run_bench(model_spec: str = "smollm2-135m", scheme: str = "W8A8", n: int = 40, probes=None,
               out: str | Path = "runs/bench", device=None, reference_epochs: int = 10, default_epochs: int = 2,
-              heldout: int = 32, progress: bool = True, eval_n: int = 0, task_n: int = 200) -> dict:
+              heldout: int = 32, progress: bool = True, eval_n: int = 0, task_n: int = 200,
+              batch_size: int | None = None) -> dict:
+    from .quant.scheme import get_scheme
+    from .realign import check_probe_system
+    from .utils import check_report_dir
+
     if eval_n < 0 or n < 1:
         raise QrealignError(f"bench needs n >= 1 calibration prompts and eval_n >= 0, got n={n}, eval_n={eval_n}")
+    schedules = {"reference": replace(REFERENCE, epochs=reference_epochs),  # replace() checks the values
+                 "default": replace(DEFAULT, epochs=default_epochs,
+                                    batch_size=DEFAULT.batch_size if batch_size is None else batch_size)}
+    get_scheme(scheme)  # a typo fails here, not after the model loads and the FP pass
+    check_report_dir(out)
+    if probes is not None:
+        check_probe_system(probes, DEFAULT.system)  # both schedules render as the probes were fit
     dev = resolve_device(device)
     torch.manual_seed(0)
     calib = build_calibration("qrealign:calib", n=n, malicious_ratio=0.75)
@@ -122,10 +137,11 @@ def run_bench(model_spec: str = "smollm2-135m", scheme: str = "W8A8", n: int = 4
     held_benign = [p.text for p in load_prompts(split="probe", label=0)][:heldout]
     held_mal = [p.text for p in load_prompts(split="probe", label=1)][:heldout]
     fp_model, tok = load_model(model_spec)
+    if probes is not None:
+        probes.check_compatible(fp_model)
     fp_states = _block_outputs(fp_model, tok, held_benign)
     del fp_model
 
-    schedules = {"reference": replace(REFERENCE, epochs=reference_epochs), "default": replace(DEFAULT, epochs=default_epochs)}
     results = []
     for name, cfg in schedules.items():
         model, tok = load_model(model_spec)
@@ -148,12 +164,13 @@ def run_bench(model_spec: str = "smollm2-135m", scheme: str = "W8A8", n: int = 4
         results.append(ScheduleResult(name, round(seconds, 2), [log["seconds"] for log in res.layer_logs], steps,
                                       tokens, round(tokens / seconds, 1), round(tokens * per_token_flops / seconds / 1e9, 2),
                                       round(rss.peak / 2**30, 2), round(rel, 5),
-                                      None if logit is None else round(logit, 4), evaluation))
+                                      None if logit is None else round(logit, 4), evaluation,
+                                      cfg.batch_size, cfg.epochs))
         del model
     ref, ours = results
     report = {
         "model": model_spec, "scheme": scheme, "calibration_prompts": n, "device": str(dev),
-        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads()},
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
         "mm_peak_gflops": round(peak, 2),
         "loss": "qrealign" if probes is not None else "reconstruction",
         "schedules": {r.name: r.__dict__ for r in results},
@@ -171,28 +188,37 @@ def markdown(report: dict) -> str:
     for r in report["schedules"].values():
         pct = 100 * r["gflops"] / report["mm_peak_gflops"]
         logit = "—" if r["malicious_probe_logit"] is None else f"{r['malicious_probe_logit']:.3f}"
-        rows.append(f"| {r['name']} | {r['seconds']:.1f} | {sum(r['seconds_per_block']) / len(r['seconds_per_block']):.2f} "
+        rows.append(f"| {_label(r)} | {r['seconds']:.1f} | {sum(r['seconds_per_block']) / len(r['seconds_per_block']):.2f} "
                     f"| {r['steps']} | {r['tokens']} | {r['tokens_per_s']:.0f} | {r['gflops']:.1f} ({pct:.0f}%) "
                     f"| {r['peak_rss_gb']:.2f} | {r['benign_rel_error']:.4f} | {logit} |")
     head = (f"Model `{report['model']}`, scheme {report['scheme']}, {report['calibration_prompts']} calibration prompts, "
             f"{report['loss']} loss, device {report['device']}; torch.mm peak {report['mm_peak_gflops']:.1f} GFLOP/s.\n\n")
     evals = [r for r in report["schedules"].values() if r.get("evaluation")]
     if evals:
-        rows += ["", "| schedule | HS % | over-refusal % | task accuracy % | eval prompts per side |", "|---|---|---|---|---|"]
+        rows += ["", "| schedule | HS % | over-refusal % | task accuracy % | eval prompts (harmful + benign) |",
+                 "|---|---|---|---|---|"]
         for r in evals:
             e = r["evaluation"]
             fa = "—" if e.get("task_accuracy") is None else f"{e['task_accuracy']:.1f}"
-            rows.append(f"| {r['name']} | {e['harmful_score']:.1f} | {e['over_refusal']:.1f} | {fa} | {e['n']} |")
+            rows.append(f"| {r['name']} | {e['harmful_score']:.1f} | {e['over_refusal']:.1f} | {fa} | {e['n_harmful']} + {e['n_benign']} |")
     return head + "\n".join(rows) + f"\n\nSpeed-up of the default schedule: **{report['speedup']}x**.\n"
 
 
+def _label(r: dict) -> str:
+    """The schedule's name with its batch size and epochs (reports written before they were
+    recorded show the name alone)."""
+    return f"{r['name']} (batch {r['batch_size']}, E {r['epochs']})" if r.get("batch_size") else r["name"]
+
+
 def _behaviour(model, tok, eval_n: int, task_n: int) -> dict:
-    """HS / over-refusal on the first `eval_n` eval prompts per side, and topic-codes accuracy."""
+    """HS / over-refusal on the first `eval_n` eval prompts per side (fewer where the split has
+    fewer: the counts evaluated are recorded), and topic-codes accuracy."""
     from .evaluate.runner import evaluate_model
 
     metrics = evaluate_model(model, tok, task="topic-codes", task_n=task_n, limit=eval_n, progress=False).metrics
     return {"harmful_score": metrics["harmful_score"], "over_refusal": metrics["over_refusal"],
-            "task_accuracy": metrics.get("task_accuracy"), "n": eval_n}
+            "task_accuracy": metrics.get("task_accuracy"), "n": eval_n,
+            "n_harmful": metrics["n_harmful"], "n_benign": metrics["n_benign"]}
 
 
 @torch.no_grad()

@@ -25,7 +25,9 @@ def run_decode_bench(model_spec: str = "smollm2-135m", n: int = 48, max_new_toke
     from .evaluate.generate import GenerationConfig, generate
     from .evaluate.judges import KeywordJudge
     from .evaluate.runner import load_for_eval
+    from .utils import check_report_dir
 
+    check_report_dir(out)
     model, tok, _, _ = load_for_eval(model_spec, device=device)
     prompts = [p.text for side in (1, 0) for p in load_prompts("probe", label=side)[:n]]
     runs = {}
@@ -39,7 +41,8 @@ def run_decode_bench(model_spec: str = "smollm2-135m", n: int = 48, max_new_toke
     own, computed = _decode_tokens(tok, prompts, runs[False]["answers"], max_new_tokens, batch_size)
     report = {
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
-                    "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "device": str(next(model.parameters()).device)},
         "workload": {"model": str(model_spec), "prompts": len(prompts), "split": "probe (dev)",
                      "max_new_tokens": max_new_tokens, "batch_size": batch_size},
         "generate_s": runs[False]["seconds"], "drop_finished_s": runs[True]["seconds"],
@@ -53,8 +56,9 @@ def run_decode_bench(model_spec: str = "smollm2-135m", n: int = 48, max_new_toke
 
 
 def _decode_tokens(tok, prompts, answers, max_new_tokens: int, batch_size: int) -> tuple[int, int]:
-    """(the answers' own tokens, the tokens `generate` computes): its batches are the prompts
-    sorted by length (`length_batches`), each stepped until its longest answer (+ its stop token) ends."""
+    """(the answers' own tokens, the tokens `generate` computes), estimated: each answer's text is
+    tokenised again (which can differ from the ids generated) plus one stop token; the batches are
+    the prompts sorted by length (`length_batches`), each stepped until its longest answer ends."""
     from .evaluate.generate import length_batches
 
     lengths = [min(max_new_tokens, len(tok(a, add_special_tokens=False)["input_ids"]) + 1) for a in answers]
@@ -66,13 +70,14 @@ def markdown(report: dict) -> str:
     w = report["workload"]
     share = 100.0 * report["decode_tokens_own"] / max(report["decode_tokens_computed"], 1)
     return "\n".join([
-        f"# Decode benchmark ({report['machine']['cpu_capability']}, {report['machine']['threads']} threads)", "",
+        f"# Decode benchmark ({report['machine'].get('device', 'cpu')}; CPU {report['machine']['cpu_capability']}, "
+        f"{report['machine']['threads']} threads)", "",
         f"{w['model']}: greedy answers to {w['prompts']} {w['split']} prompts, {w['max_new_tokens']} new tokens, "
         f"batch {w['batch_size']}.", "",
         "| decoding | seconds |", "|---|---|",
         f"| `generate` (every row until the batch's longest answer ends) | {report['generate_s']} |",
         f"| `drop_finished` (stopped rows leave the batch) | {report['drop_finished_s']} |", "",
-        f"Speed-up **{report['speedup']}x**; the answers' own tokens are {share:.0f} % of the decode tokens "
-        f"`generate` computes; answers that differ: **{report['answers_differing']}** of {w['prompts']}, "
+        f"Speed-up **{report['speedup']}x**; the answers' own tokens are about {share:.0f} % of the decode tokens "
+        f"`generate` computes (estimated from the answers' text); answers that differ: **{report['answers_differing']}** of {w['prompts']}, "
         f"of them judged refused in one and not the other: **{report['refusals_differing']}**.",
     ]) + "\n"

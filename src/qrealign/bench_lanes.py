@@ -21,7 +21,8 @@ from .lanes import Job, run_jobs
 from .utils import params_digest, write_report
 
 
-def calibrate_job(model_spec: str, n: int, scheme: str, measure_init_loss: bool = False, log=print) -> dict:
+def calibrate_job(model_spec: str, n: int, scheme: str, measure_init_loss: bool = False, device: str | None = None,
+                  log=print) -> dict:
     """One reconstruction calibration (the demo's reconstruction-only stage, on `n` prompts)."""
     from .calibrate.data import build_calibration
     from .calibrate.engine import CalibConfig, calibrate
@@ -30,18 +31,20 @@ def calibrate_job(model_spec: str, n: int, scheme: str, measure_init_loss: bool 
     model, tok = load_model(model_spec)
     calib = build_calibration("qrealign:calib", n=n, malicious_ratio=0.75)
     t0 = time.time()
-    result = calibrate(model, tok, calib, scheme, CalibConfig(measure_init_loss=measure_init_loss), progress=False)
+    result = calibrate(model, tok, calib, scheme, CalibConfig(measure_init_loss=measure_init_loss),
+                       device=device, progress=False)
     return {"seconds": round(time.time() - t0, 1), "digest": params_digest(result.params),
             "threads": torch.get_num_threads()}
 
 
-def generate_job(model_spec: str, n: int, max_new_tokens: int, log=print) -> dict:
+def generate_job(model_spec: str, n: int, max_new_tokens: int, device: str | None = None, log=print) -> dict:
     """Greedy generation on the first `n` benign `probe` prompts (the evaluation's main cost)."""
     from .data.prompts import load_prompts
     from .evaluate.generate import GenerationConfig, generate
     from .models import load_model
+    from .utils import resolve_device
 
-    model, tok = load_model(model_spec)
+    model, tok = load_model(model_spec, device=resolve_device(device))
     prompts = [p.text for p in load_prompts("probe", label=0)[:n]]
     t0 = time.time()
     out = generate(model, tok, prompts, GenerationConfig(max_new_tokens=max_new_tokens, batch_size=48),
@@ -51,19 +54,28 @@ def generate_job(model_spec: str, n: int, max_new_tokens: int, log=print) -> dic
 
 
 def run_lanes_bench(model_spec: str = "smollm2-135m", n_calib: int = 32, n_gen: int = 48, max_new_tokens: int = 32,
-                    scheme: str = "W8A8", out: str | Path = "runs/bench-lanes", log=print) -> dict:
-    jobs = [Job(f"calibrate {i}", calibrate_job, (model_spec, n_calib, scheme), cost=2.0) for i in range(2)]
-    jobs += [Job(f"generate {i}", generate_job, (model_spec, n_gen, max_new_tokens)) for i in range(2)]
+                    scheme: str = "W8A8", out: str | Path = "runs/bench-lanes", device: str | None = None,
+                    log=print) -> dict:
+    from .quant.scheme import get_scheme
+    from .utils import check_report_dir, resolve_device
+
+    get_scheme(scheme)  # a typo fails before four model loads
+    check_report_dir(out)
+    device = str(resolve_device(device))
+    jobs = [Job(f"calibrate {i}", calibrate_job, (model_spec, n_calib, scheme, False, device), cost=2.0)
+            for i in range(2)]
+    jobs += [Job(f"generate {i}", generate_job, (model_spec, n_gen, max_new_tokens, device)) for i in range(2)]
     rows = {}
     for workers in (1, 2):
         t0 = time.time()
         results = run_jobs(jobs, workers=workers, threads=1, log=log, desc="bench")  # threads: per lane
         rows[workers] = {"wall_s": round(time.time() - t0, 1), "jobs": results}
     one, two = rows[1], rows[2]
-    init = {flag: calibrate_job(model_spec, n_calib, scheme, measure_init_loss=flag) for flag in (False, True)}
+    init = {flag: calibrate_job(model_spec, n_calib, scheme, measure_init_loss=flag, device=device)
+            for flag in (False, True)}
     report = {
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
-                    "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "device": device},
         "workload": {"model": model_spec, "scheme": scheme, "calibration_prompts": n_calib,
                      "generation_prompts": n_gen, "max_new_tokens": max_new_tokens},
         "one_lane": one, "two_lanes": two,
@@ -78,7 +90,8 @@ def run_lanes_bench(model_spec: str = "smollm2-135m", n_calib: int = 32, n_gen: 
 
 def markdown(report: dict) -> str:
     w = report["workload"]
-    lines = [f"# Lanes benchmark ({report['machine']['cpu_capability']}, {report['machine']['threads']} threads)", "",
+    m = report["machine"]
+    lines = [f"# Lanes benchmark ({m.get('device', 'cpu')}; CPU {m['cpu_capability']}, {m['threads']} threads)", "",
              f"{w['model']}: two {w['scheme']} reconstruction calibrations ({w['calibration_prompts']} prompts) and two "
              f"greedy generations ({w['generation_prompts']} prompts, {w['max_new_tokens']} tokens).", "",
              "| job | one lane, all threads (s) | two lanes, one thread each (s) | same result |",

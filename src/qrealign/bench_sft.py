@@ -44,7 +44,9 @@ def time_sft_steps(model_spec: str, amp: str | None, steps: int, warmup: int = 1
 def run_sft_bench(model_spec: str = "smollm2-135m", steps: int = 4, device=None,
                   out: str | Path = "runs/bench-sft") -> dict:
     from .finetune.sft import native_bf16, resolve_amp
+    from .utils import check_report_dir
 
+    check_report_dir(out)
     dev = resolve_device(device)
     rows = [time_sft_steps(model_spec, None, steps, device=dev)]
     if native_bf16(dev):  # emulated bf16 is known to be far slower (57x on an AVX2 CPU): not timed

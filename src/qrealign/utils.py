@@ -190,14 +190,32 @@ def _state_fingerprint(model: torch.nn.Module, items, length: int, version: int 
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically: a reader never sees a half-written file."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_user_text(path: str | Path, flag: str) -> str:
+    """A text file a user named on the command line (UTF-8), or a one-line error naming the flag."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise QrealignError(f"cannot read {flag} {path}: not a UTF-8 text file") from None
+    except OSError as exc:
+        raise QrealignError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (a temporary sibling, then `os.replace`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give it a normal file's mode
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give it a normal file's mode
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save_tensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
@@ -226,6 +244,11 @@ def check_out_dir(out_dir: str | Path, marker: str, kind: str | None = None,
     run). `--out` pointing at a model, a run or a home folder must fail before any work, not
     delete it after."""
     out_dir = Path(out_dir)
+    resolved = out_dir.resolve()
+    if out_dir.name in ("", ".", "..") or resolved == Path.cwd() or resolved in Path.cwd().parents:
+        # The output replaces its directory by a rename: not possible (or wanted) for the working
+        # directory or one above it, and `Path(".")` has no name to build the sibling from.
+        raise error(f"--out {out_dir} is the working directory or one above it; choose a new sub-directory")
     _check_writable_parent(out_dir, error)
     if not out_dir.exists():
         return
@@ -291,8 +314,16 @@ def atomic_dir(final: str | Path, overwrite: bool = True, marker: str | None = N
             # a fresh empty name (rename replaces an empty directory): a leftover of an earlier
             # process with the same pid cannot block the swap
             old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-{_owner_tag()}-"))
-            os.replace(final, old)
-            os.replace(tmp, final)
+            try:
+                os.replace(final, old)
+            except BaseException:
+                old.rmdir()  # still the empty placeholder
+                raise
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)  # the earlier output goes back, not into a hidden orphan
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
@@ -341,10 +372,19 @@ def _umask() -> int:
 def write_report(out: str | Path, stem: str, report: dict, markdown: str) -> None:
     """A benchmark's two files: `<stem>.json` (the numbers) and `<stem>.md` (the table), next to
     other benchmarks' files, never inside a model or a qrealign output."""
+    out = check_report_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{stem}.json", report)
+    write_text(out / f"{stem}.md", markdown)
+
+
+def check_report_dir(out: str | Path) -> Path:
+    """A benchmark's folder must be a folder that holds no model or qrealign output: checked before
+    the benchmark runs (minutes to hours), and again when it writes."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise QrealignError(f"--out {out} is a file: choose a benchmark directory")
     owner = next((f for f in ("config.json", "qrealign.json", "result.json") if (out / f).is_file()), None)
     if owner:
         raise QrealignError(f"--out {out} is a model or qrealign output ({owner}): choose a benchmark directory")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"{stem}.json", report)
-    (out / f"{stem}.md").write_text(markdown)
+    return out

@@ -57,15 +57,11 @@ def run(args) -> int:
     from ..evaluate.generate import GenerationConfig
     from ..evaluate.judges import get_judge
     from ..evaluate.runner import evaluate_model, load_for_eval
+    from ..utils import read_user_text
 
     if args.rejudge:
         return _rejudge(args)
-    ppl_text = None
-    if args.ppl_text:
-        try:
-            ppl_text = Path(args.ppl_text).read_text(encoding="utf-8")
-        except (OSError, ValueError) as exc:  # ValueError: not UTF-8
-            raise QrealignError(f"cannot read --ppl-text {args.ppl_text}: {exc}") from None
+    ppl_text = read_user_text(args.ppl_text, "--ppl-text") if args.ppl_text else None
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample,
                            seed=args.seed, system=args.system, backend=args.backend,
                            drop_finished=args.drop_finished).validate()

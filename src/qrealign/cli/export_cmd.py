@@ -29,17 +29,11 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     import json
-    from pathlib import Path
 
-    from ..errors import QrealignError
     from ..export import export_compressed_tensors
+    from ..utils import read_user_text
 
-    table = None
-    if args.card_table:
-        try:
-            table = Path(args.card_table).read_text()
-        except OSError as exc:
-            raise QrealignError(f"cannot read --card-table {args.card_table}: {exc.strerror}") from None
+    table = read_user_text(args.card_table, "--card-table") if args.card_table else None
     result = export_compressed_tensors(args.run_dir, args.out, dtype=args.dtype,
                                        symmetric_weights=args.symmetric_weights,
                                        symmetric_activations=args.symmetric_activations, card_table=table,
