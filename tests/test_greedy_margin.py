@@ -96,11 +96,13 @@ def test_the_margin_alone_still_acts_when_both_kl_weights_are_zero():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"greedy_margin": -1.0, "refusal_starts": torch.tensor([0])}, "must be >= 0"),
-    ({"greedy_margin": 1.0, "margin_malicious": -0.5, "refusal_starts": torch.tensor([0])}, "must be >= 0"),
+    ({"greedy_margin": -1.0, "refusal_starts": torch.tensor([0])}, "greedy_margin must be a finite number >= 0"),
+    ({"greedy_margin": 1.0, "margin_malicious": -0.5, "refusal_starts": torch.tensor([0])},
+     "margin_malicious must be a finite number >= 0"),
+    ({"greedy_margin": float("nan"), "refusal_starts": torch.tensor([0])}, "greedy_margin must be a finite number"),
     ({"margin_malicious": 2.0}, "read by the greedy margin only"),
     ({"refusal_starts": torch.tensor([0])}, "read by the greedy margin only"),
-    ({"greedy_margin": 1.0, "margin_tau": 0.0, "refusal_starts": torch.tensor([0])}, "margin_tau > 0"),
+    ({"greedy_margin": 1.0, "margin_tau": 0.0, "refusal_starts": torch.tensor([0])}, "margin_tau must be a finite number > 0"),
     ({"greedy_margin": 1.0}, "needs the refusal starts"),
 ])
 def test_bad_margin_options_raise(options, message):
@@ -159,6 +161,8 @@ def test_margin_options_are_refused_where_they_mean_nothing(tmp_path):
     with pytest.raises(QrealignError, match="is 5 tokens"):
         realign(model, tok, teacher=tmp_path / "no-such-teacher", calibration=calib, greedy_margin=1.0,
                 refusal_starts=("Sorry",))
+    with pytest.raises(QrealignError, match="benign_kl must be a finite number >= 0, got nan"):
+        realign(model, tok, teacher=tmp_path / "no-such-teacher", calibration=calib, benign_kl=float("nan"))
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -166,6 +170,14 @@ def test_margin_options_are_refused_where_they_mean_nothing(tmp_path):
     (["--teacher", "T", "--margin-malicious", "2"], "read by --greedy-margin only"),
     (["--teacher", "T", "--greedy-margin", "1", "--refusal-starts", ","], "give at least one token"),
     (["--probes", "P", "--greedy-margin", "1"], "apply to --teacher only"),
+    # the loss weights and the safety layers too (NaN used to pass the range check and fail at a training step)
+    (["--teacher", "M", "--lam", "nan"], "lam must be a finite number >= 0, got nan"),
+    (["--teacher", "M", "--benign-kl", "-1"], "benign_kl must be a finite number >= 0"),
+    (["--teacher", "M", "--greedy-margin", "1", "--margin-tau", "0"], "margin_tau must be a finite number > 0"),
+    (["--teacher", "M", "--layers", "5"], "not blocks of this 2-block model"),
+    (["--teacher", "M", "--layers", "1", "--layers-from", "0.5"], "not both"),
+    (["--teacher", "M", "--layers-from", "1.5"], "must be in [0, 1)"),
+    (["--probes", "P", "--lam", "inf"], "lam must be a finite number >= 0, got inf"),
 ])
 def test_cli_margin_flags_are_checked_before_loading(tmp_path, capsys, monkeypatch, extra, message):
     import qrealign.models
@@ -175,7 +187,7 @@ def test_cli_margin_flags_are_checked_before_loading(tmp_path, capsys, monkeypat
     monkeypatch.setattr(qrealign.models, "load_model", refuse)
     model, tok = tiny_model("llama", num_hidden_layers=2)
     src = _save(model, tok, tmp_path / "m")
-    extra = [str(tmp_path / e) if e in ("T", "P") else e for e in extra]
+    extra = [str(tmp_path / e) if e in ("T", "P") else src if e == "M" else e for e in extra]
     assert main(["realign", src, "--out", str(tmp_path / "run"), *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

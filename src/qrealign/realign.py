@@ -171,7 +171,9 @@ def layers_from_fraction(num_layers: int, fraction: float) -> tuple[int, ...]:
 def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config, out, device, progress,
                          checkpoint_dir, layers_from, refusals=False, save_targets=None, response_tokens=1,
                          **loss_options) -> CalibResult:
-    from .calibrate.behaviour import FirstTokenLoss, ModelTail, refusal_start_ids, unused_margin_options
+    from .calibrate.behaviour import (WEIGHT_FIELDS, FirstTokenLoss, ModelTail, refusal_start_ids,
+                                      unused_margin_options)
+    from .calibrate.losses import check_weights
     from .models.offload import offloaded
     from .utils import check_out_dir, model_fingerprint
 
@@ -191,6 +193,7 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
     unused = unused_margin_options({**loss_options, "refusal_starts": starts})
     if unused:  # before the teacher pass, not after it
         raise QrealignError(f"{', '.join(unused)} are read by the greedy margin only: set greedy_margin > 0")
+    check_weights(("margin_tau",), **{k: loss_options[k] for k in WEIGHT_FIELDS if k in loss_options})
     start_ids = refusal_start_ids(tokenizer, starts) if starts else None  # a bad string fails before the teacher pass
     if isinstance(teacher, (str, Path)) and is_targets_dir(teacher):
         teacher = TeacherTargets.load(teacher)

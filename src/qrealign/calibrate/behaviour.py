@@ -39,7 +39,7 @@ from ..models.registry import block_types, get_arch, get_blocks, get_submodule
 from ..utils import kv_cache_argument, resolve_device, same_device, tensor_digest
 from .capture import block_output, move_kwargs, record_block_inputs, run_blocks
 from .data import CalibrationSet, make_batches
-from .losses import LossInputs, SafetyGate
+from .losses import LossInputs, SafetyGate, check_weights
 
 
 class LogitHead:
@@ -389,6 +389,10 @@ def refusal_targets(targets: torch.Tensor, malicious: torch.Tensor, refused: tor
 MARGIN_DEFAULTS = {"margin_delta": 0.5, "margin_tau": 0.25, "margin_malicious": 1.0, "refusal_starts": None}
 
 
+#: FirstTokenLoss's weights (`check_weights`; margin_tau > 0): checked before the teacher pass too.
+WEIGHT_FIELDS = ("lam", "benign_kl", "sink_weight", "greedy_margin", "margin_delta", "margin_tau", "margin_malicious")
+
+
 def unused_margin_options(options) -> list[str]:
     """The names in MARGIN_DEFAULTS that `options` (a mapping) sets to other than their default
     while its `greedy_margin` is 0 or missing: options that would change nothing."""
@@ -473,10 +477,7 @@ class FirstTokenLoss(SafetyGate):
         return self.targets.shape[1] if self.targets.dim() == 3 else 1
 
     def __post_init__(self):
-        if self.lam < 0 or self.benign_kl < 0:
-            raise QrealignError("lam and benign_kl must be >= 0")
-        if self.greedy_margin < 0 or self.margin_delta < 0 or self.margin_tau <= 0 or self.margin_malicious < 0:
-            raise QrealignError("greedy_margin, margin_delta and margin_malicious must be >= 0 and margin_tau > 0")
+        check_weights(("margin_tau",), **{name: getattr(self, name) for name in WEIGHT_FIELDS})
         unused = unused_margin_options({k: getattr(self, k) for k in ("greedy_margin", *MARGIN_DEFAULTS)})
         if unused:
             raise QrealignError(f"{', '.join(unused)} are read by the greedy margin only: set greedy_margin > 0")

@@ -8,11 +8,26 @@ change its value.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
+
+from ..errors import QrealignError
+
+
+def check_weights(positive: tuple[str, ...] = (), **weights: float | None) -> None:
+    """Loss weights must be finite and >= 0 (those named in `positive` > 0); None = not set. A
+    negative weight turns a term around, and NaN passes a `< 0` check to fail only at a training
+    step, after minutes of work."""
+    for name, value in weights.items():
+        if value is None:
+            continue
+        bound = "> 0" if name in positive else ">= 0"
+        if not (math.isfinite(value) and (value > 0 if name in positive else value >= 0)):
+            raise QrealignError(f"{name} must be a finite number {bound}, got {value}")
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import QrealignError
 from ..utils import tensor_digest
-from .losses import LossInputs, SafetyGate
+from .losses import LossInputs, SafetyGate, check_weights
 
 
 @dataclass
@@ -51,10 +51,7 @@ class SafetyLoss(SafetyGate):
         if self.probe_loss not in ("softplus", "hinge"):
             raise QrealignError("probe_loss must be 'softplus' or 'hinge'")
         # a negative weight turns a term around (lam < 0 pushes malicious prompts to the benign side)
-        for name in ("lam", "sink_weight", "benign_side", "benign_margin"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise QrealignError(f"{name} must be a finite number >= 0, got {value}")
+        check_weights(**{name: getattr(self, name) for name in ("lam", "sink_weight", "benign_side", "benign_margin")})
         if not math.isfinite(self.margin):
             raise QrealignError(f"margin must be finite, got {self.margin}")
 

@@ -153,17 +153,26 @@ def check_scheme_fits(scheme, model: str) -> None:
     import torch
 
     from ..models import get_arch, get_blocks
-    from ..models.load import load_skeleton
     from ..quant.quantizer import WeightQuantizer
 
-    try:
-        skeleton = load_skeleton(model)
-    except Exception:  # unreadable here (hub offline, GGUF quirks): the load right after says why
+    skeleton = skeleton_or_none(model)
+    if skeleton is None:
         return
     block = get_blocks(skeleton)[0]
     for name in get_arch(skeleton).linears:
         width = block.get_submodule(name).in_features
         WeightQuantizer(scheme.weights, torch.Size((1, width)), lwc=False, device="meta")  # raises if it does not fit
+
+
+def skeleton_or_none(model: str):
+    """The model built from its config alone (no weights), for checks before the load; None where
+    the config cannot be read here (hub offline, GGUF quirks): the load itself then says why."""
+    from ..models.load import load_skeleton
+
+    try:
+        return load_skeleton(model)
+    except Exception:
+        return None
 
 
 def summary(result, out) -> None:

@@ -60,6 +60,9 @@ PROBE_ONLY = {"margin": 0.0, "hinge": False, "benign_side": 0.0}
 
 
 def run(args) -> int:
+    import math
+
+    from ..calibrate.losses import check_weights
     from ..errors import QrealignError
     from ..probes.store import load_probes
     from ..realign import realign
@@ -79,6 +82,7 @@ def run(args) -> int:
             raise QrealignError(f"{', '.join(wrong)} only apply to the probe loss (--probes), not to --teacher")
         _check_save_targets(args)
         _check_teacher(args.teacher)
+        _check_teacher_options(args, layers)
         model, tokenizer, scheme, config, calib = prepare(args, "omniquant")
         # FirstTokenLoss defaults: normalised MSE without the sink token, malicious prompts reconstructed too.
         options = {} if args.sink_weight is None else {"sink_weight": args.sink_weight}
@@ -94,6 +98,9 @@ def run(args) -> int:
         raise QrealignError("--benign-kl, --refusal-targets, --response-tokens, --save-targets, "
                             "--joint-recon-weight and the greedy margin (--greedy-margin, --margin-delta, "
                             "--margin-tau, --margin-malicious, --refusal-starts) apply to --teacher only")
+    check_weights(lam=args.lam, sink_weight=args.sink_weight, benign_side=args.benign_side)
+    if not math.isfinite(args.margin):
+        raise QrealignError(f"--margin must be finite, got {args.margin}")
     probes = load_probes(args.probes)
     _check_probes(probes, args, layers)
     model, tokenizer, scheme, config, calib = prepare(args, "omniquant")
@@ -132,19 +139,41 @@ def _check_probes(probes, args, layers) -> None:
     against the model's config (each failed only after the load before)."""
     from ..errors import IncompatibleArtifact
     from ..models import get_blocks
-    from ..models.load import load_skeleton
     from ..realign import check_probe_system, safety_layers
+    from ._calib_args import skeleton_or_none
 
     check_probe_system(probes, args.system)
     safety_layers(probes, layers, args.layers_from)
-    try:
-        skeleton = load_skeleton(args.model)
-    except Exception:  # unreadable from here (hub offline, GGUF quirks): the load itself will say why
+    skeleton = skeleton_or_none(args.model)
+    if skeleton is None:
         return
     hidden, blocks = skeleton.config.hidden_size, len(get_blocks(skeleton))
     if (hidden, blocks) != (probes.hidden_size, probes.num_layers):
         raise IncompatibleArtifact(f"the probes in {args.probes} are for {probes.num_layers} blocks of width "
                                    f"{probes.hidden_size}; {args.model} has {blocks} of width {hidden}")
+
+
+def _check_teacher_options(args, layers) -> None:
+    """Before the model loads and the teacher pass: the loss weights (NaN and negatives used to
+    fail at the first safety block's first step) and the safety layers against the model's config."""
+    from ..calibrate.behaviour import WEIGHT_FIELDS
+    from ..calibrate.losses import check_weights
+    from ..errors import QrealignError
+    from ..models import get_blocks
+    from ..realign import check_blocks, chosen_layers, layers_from_fraction
+    from ._calib_args import skeleton_or_none
+
+    check_weights(("margin_tau",), **{name: getattr(args, name) for name in WEIGHT_FIELDS})
+    if args.layers_from is None and layers is None:
+        return
+    if args.layers_from is not None:
+        if layers is not None:
+            raise QrealignError("give --layers or --layers-from, not both")
+        layers_from_fraction(1, args.layers_from)  # its range
+    skeleton = skeleton_or_none(args.model)
+    if skeleton is not None:  # (unreadable here: the load says why)
+        num_layers = len(get_blocks(skeleton))
+        check_blocks(chosen_layers(num_layers, layers, args.layers_from), num_layers)
 
 
 def _check_teacher(teacher: str) -> None:
