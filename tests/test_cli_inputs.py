@@ -30,6 +30,10 @@ def no_load(monkeypatch):
     (["--calib-task-n", "5"], "--calib-task-n needs --calib-task"),
     (["--calib-task", "topic-codes", "--calib-task-n", "0"], "--calib-task-n must be >= 1"),
     (["--method", "rtn", "--learn-rounding"], "--learn-rounding set(s) calibration training"),
+    # every training option, not three of them: RTN used to record --epochs 10 / --lr-lwc in its run, unapplied
+    (["--method", "rtn", "--epochs", "10", "--lr-lwc", "0.1", "--no-let"],
+     "--epochs, --lr-lwc, --no-let set(s) calibration training"),
+    (["--method", "rtn", "--lr-schedule", "cosine"], "--lr-schedule set(s) calibration training"),
     (["--scheme", "W4A16-g48"], "group size 48 does not divide"),
 ])
 def test_quantize_flags_checked_before_loading(model_dir, tmp_path, capsys, no_load, extra, message):
@@ -89,3 +93,20 @@ def test_eval_refuses_one_prompt_on_both_sides(model_dir, tmp_path, capsys):
     f.write_text("".join(json.dumps({"prompt": f"request {i}"}) + "\n" for i in range(3)))
     assert main(["eval", str(model_dir), "--harmful", str(f), "--benign", str(f), "--out", str(tmp_path / "ev")]) == 2
     assert "in both the harmful and the benign set" in capsys.readouterr().err
+
+
+def test_the_cli_training_defaults_are_the_engine_defaults():
+    """`quantize`/`realign` without options train as `CalibConfig()` does (a drifted CLI default
+    would make the two entry points different runs)."""
+    from qrealign.calibrate.engine import CalibConfig
+    from qrealign.cli import build_parser
+
+    args = build_parser().parse_args(["quantize", "M", "--out", "O"])
+    config, flags = CalibConfig(), {"no_let": "let", "no_lwc": "lwc"}
+    for name in ("epochs", "epoch_schedule", "plain_epochs", "lr_let", "lr_lwc", "lwc_init", "learn_rounding",
+                 "lr_round", "rope_invariant_qk", "autocast", "compile_quantizer", "offload_targets", "batch_size",
+                 "max_length", "seed"):
+        assert getattr(args, name) == getattr(config, name), name
+    for flag, field in flags.items():
+        assert getattr(args, flag) is not getattr(config, field)
+    assert args.lr_schedule == "constant" and config.lr_schedule is None  # "constant" is the engine's None

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 
 CALIB_TASK_N = 48  # task prompts --calib-task adds when --calib-task-n is not given
+# Options that set how blocks train, with their defaults: `--method rtn` trains nothing, so any
+# other value there is an error rather than a setting recorded in the run but never applied.
+TRAINING_DEFAULTS = {"epochs": 2, "epoch_schedule": "constant", "plain_epochs": None, "lr_let": 1e-3,
+                     "lr_lwc": 1e-2, "no_let": False, "no_lwc": False, "lwc_init": 4.0, "learn_rounding": False,
+                     "lr_round": 5e-3, "lr_schedule": "constant", "rope_invariant_qk": False, "autocast": "auto",
+                     "compile_quantizer": False, "offload_targets": False}
 
 
 def add_common(parser) -> None:
@@ -33,8 +39,9 @@ def add_common(parser) -> None:
     parser.add_argument("--calib-malicious", action="append", default=None, metavar="SOURCE",
                         help="also calibrate on every harmful prompt of this source (same forms; repeat for "
                              "several), e.g. the harmful halves of the twins --calib-benign added")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--epoch-schedule", choices=["constant", "paper"], default="constant",
+    d = TRAINING_DEFAULTS
+    parser.add_argument("--epochs", type=int, default=d["epochs"])
+    parser.add_argument("--epoch-schedule", choices=["constant", "paper"], default=d["epoch_schedule"],
                         help="paper: first half of the layers epochs-5, the rest epochs+5")
     parser.add_argument("--plain-epochs", type=int, default=None,
                         help="epochs for the blocks without a safety term (realign: outside --layers/--layers-from; "
@@ -42,21 +49,21 @@ def add_common(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=4,
                         help="calibration batch size (default 4, as CalibConfig; the safety objectives' effect "
                              "depends on the number of optimiser steps, docs/experiments.md §4)")
-    parser.add_argument("--lr-let", type=float, default=1e-3)
-    parser.add_argument("--lr-lwc", type=float, default=1e-2)
+    parser.add_argument("--lr-let", type=float, default=d["lr_let"])
+    parser.add_argument("--lr-lwc", type=float, default=d["lr_lwc"])
     parser.add_argument("--no-let", action="store_true", help="disable learnable equivalent transformation")
     parser.add_argument("--no-lwc", action="store_true", help="disable learnable weight clipping")
-    parser.add_argument("--lwc-init", type=float, default=4.0,
+    parser.add_argument("--lwc-init", type=float, default=d["lwc_init"],
                         help="initial clipping logit: sigmoid(4) = 0.982 of the range (OmniQuant); larger = closer to RTN")
     parser.add_argument("--learn-rounding", action="store_true",
                         help="also learn each weight's rounding direction (AutoRound-style; one int8 per weight "
                              "in the run): the largest lever of the safety objectives, docs/experiments.md §6")
-    parser.add_argument("--lr-round", type=float, default=5e-3, help="learning rate of the rounding offsets")
-    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+    parser.add_argument("--lr-round", type=float, default=d["lr_round"], help="learning rate of the rounding offsets")
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default=d["lr_schedule"],
                         help="learning rates over each block's (or joint stage's) steps: constant (OmniQuant) or "
                              "cosine decay to 0, less dependent on the batches' order (docs/experiments.md §33)")
     parser.add_argument("--rope-invariant-qk", action="store_true", help="tie the q<->k scale so RoPE keeps it exact")
-    parser.add_argument("--autocast", choices=["auto", "off", "bf16"], default="auto",
+    parser.add_argument("--autocast", choices=["auto", "off", "bf16"], default=d["autocast"],
                         help="bf16 autocast of the block forward while training: auto = on CUDA below 8 bits "
                              "(OmniQuant), off = full precision; recorded in the run's fingerprint")
     parser.add_argument("--compile-quantizer", action="store_true",
@@ -137,9 +144,8 @@ def check_flags(args, method: str) -> None:
         raise QrealignError("--joint-safety trains the blocks that carry a safety term together, and only realign "
                             "has a safety term: drop it here")
     if method == "rtn":
-        trained = [flag for flag, on in (("--learn-rounding", args.learn_rounding),
-                                         ("--plain-epochs", args.plain_epochs is not None),
-                                         ("--compile-quantizer", args.compile_quantizer)) if on]
+        trained = ["--" + name.replace("_", "-") for name, default in TRAINING_DEFAULTS.items()
+                   if getattr(args, name) != default]
         if trained:
             raise QrealignError(f"{', '.join(trained)} set(s) calibration training, and --method rtn trains nothing: "
                                 "drop it, or use --method omniquant")
