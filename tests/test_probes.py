@@ -401,6 +401,32 @@ def test_cli_contrast_needs_finetuned(tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--finetuned", "F"], "--target paper does not read --finetuned"),
+    (["--target", "contrast", "--finetuned", "F", "--threshold", "best"], "--target contrast does not read --threshold"),
+    (["--target", "refusal-direction", "--C", "0.5", "--no-standardize"],
+     "--target refusal-direction does not read --C, --no-standardize"),
+    (["--target", "refusal-direction", "--labels", "behaviour", "--finetuned", "F"], "drop one of the two"),
+    (["--target", "refusal-direction", "--judge", "harmbench"], "--judge is read by --labels behaviour only"),
+    (["--target", "refusal-direction", "--finetuned-adapter", "A"], "give --finetuned too"),
+    (["--cv", "1"], "--cv 1 is no cross-validation"),
+])
+def test_cli_probe_refuses_options_its_target_would_ignore(tmp_path, capsys, argv, message):
+    """`--labels behaviour --finetuned` fitted aligned-vs-fine-tuned directions and dropped the labels;
+    `--target paper --finetuned` loaded the second model, then ignored it."""
+    from qrealign.cli import main
+
+    argv = [str(tmp_path / a) if a in ("F", "A") else a for a in argv]
+    assert main(["probe", str(tmp_path / "no-such-model"), *argv, "--out", str(tmp_path / "p")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "p").exists()
+
+
+def test_refusal_direction_behaviour_labels_and_a_finetuned_model_are_one_or_the_other():
+    model, tok = tiny_model("llama")
+    with pytest.raises(QrealignError, match="give one of the two"):
+        fit_refusal_direction_probes(model, tok, ["h"], ["b"], finetuned_model=model, labels="behaviour")
+
+
 @pytest.mark.parametrize("bad", [["--limit", "0"], ["--limit", "-3"], ["--batch-size", "0"], ["--max-length", "0"],
                                  ["--C", "0"], ["--C", "-1"], ["--test-size", "1.5"], ["--cv", "-1"],
                                  ["--min-accuracy", "1.5"], ["--min-accuracy", "0.2"]])

@@ -21,7 +21,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split", default="eval", help="bundled prompt split (default: eval, held out)")
     parser.add_argument("--prompts", help="a prompt file (text + label) instead of --split")
     parser.add_argument("--limit", type=int, help="use at most this many prompts per class, drawn across the file "
-                             "with each kept harmful prompt's benign twin first (as `qrealign probe --limit`)")
+                             "(seeded by --seed) with each kept harmful prompt's benign twin first (as `qrealign "
+                             "probe --limit`)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --limit sample (default 0, as probe's)")
     parser.add_argument("--layers", help="block indices and ranges, e.g. '3,5' or '10-29' (default: every fitted layer)")
     parser.add_argument("--system", help="system prompt (default: the one the probes were fit with)")
     parser.add_argument("--max-length", type=int, help="truncate prompts to this many tokens")
@@ -55,7 +57,7 @@ def run(args) -> int:
                             "(leave an entry empty for a model without an adapter)")
     for adapter in filter(None, adapters):  # fail before the first model is captured, not at the third
         check_adapter_dir(adapter)
-    harmful, benign, split = load_prompt_classes(args.split, args.prompts, args.limit)
+    harmful, benign, split = load_prompt_classes(args.split, args.prompts, args.limit, args.seed)
     if not benign:
         raise QrealignError("the analysis needs benign prompts too")
     device = resolve_device(args.device)

@@ -62,6 +62,43 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output directory")
 
 
+# The target-specific options and their defaults, and which target reads which: another value
+# for an option the target does not read is an error before any model loads (it was accepted and
+# dropped, once after loading --finetuned for nothing).
+TARGET_DEFAULTS = {"finetuned": None, "finetuned_adapter": None, "C": 1.0, "standardize": True,
+                   "solver": "liblinear", "threshold": "midpoint", "labels": "prompt", "judge": "keyword",
+                   "max_new_tokens": 48}
+TARGET_READS = {
+    "paper": {"C", "standardize", "solver"},
+    "contrast": {"finetuned", "finetuned_adapter", "C", "standardize", "solver"},
+    "refusal-direction": {"finetuned", "finetuned_adapter", "threshold", "labels", "judge", "max_new_tokens"},
+}
+
+
+def check_target_options(args) -> None:
+    from ..errors import QrealignError
+
+    def flag(name: str) -> str:
+        return "--no-standardize" if name == "standardize" else "--" + name.replace("_", "-")
+
+    ignored = [flag(n) for n, d in TARGET_DEFAULTS.items() if n not in TARGET_READS[args.target] and getattr(args, n) != d]
+    if ignored:
+        raise QrealignError(f"--target {args.target} does not read {', '.join(ignored)}")
+    if args.target == "contrast" and not args.finetuned:
+        raise QrealignError("--target contrast needs --finetuned MODEL2")
+    if args.finetuned_adapter and not args.finetuned:
+        raise QrealignError("--finetuned-adapter is merged into --finetuned: give --finetuned too")
+    if args.target == "refusal-direction":
+        if args.labels == "behaviour" and args.finetuned:
+            raise QrealignError("--labels behaviour reads MODEL's own answers; with --finetuned the classes are "
+                                "aligned vs fine-tuned states: drop one of the two")
+        unread = [flag(n) for n in ("judge", "max_new_tokens")
+                  if args.labels != "behaviour" and getattr(args, n) != TARGET_DEFAULTS[n]]
+        if unread:
+            raise QrealignError(f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} read by --labels "
+                                "behaviour only")
+
+
 def check_capture_numbers(args) -> None:
     """The numeric flags `probe` and `analyze` share, checked before any model loads (a zero batch
     size or length failed deep in the capture with a raw traceback; `--limit 0` meant "all")."""
@@ -73,6 +110,8 @@ def check_capture_numbers(args) -> None:
                              ("--cv", getattr(args, "cv", None), 0)):
         if value is not None and value < low:
             raise QrealignError(f"{flag} must be >= {low}, got {value}")
+    if getattr(args, "cv", None) == 1:
+        raise QrealignError("--cv 1 is no cross-validation: give 0 (off) or at least 2 folds")
     c = getattr(args, "C", None)
     if c is not None and not c > 0:
         raise QrealignError(f"--C must be > 0, got {c}")
@@ -136,8 +175,7 @@ def run(args) -> int:
     from ..utils import atomic_dir, check_out_dir, resolve_device
     from ._layers import parse_layers
 
-    if args.target == "contrast" and not args.finetuned:
-        raise QrealignError("--target contrast needs --finetuned MODEL2")
+    check_target_options(args)
     check_capture_numbers(args)
     check_out_dir(args.out, META_FILE, kind="probes")
     device = resolve_device(args.device)
@@ -163,8 +201,6 @@ def run(args) -> int:
         kwargs.update(C=args.C, standardize=args.standardize, solver=args.solver)
     if args.target == "contrast":
         kwargs["finetuned_source"] = args.finetuned
-    elif args.finetuned and args.target == "paper":
-        print("note: --finetuned is ignored by the paper target (it fits on MODEL only)")
     probes = fit_target(args.target, model, tokenizer, harmful, benign, finetuned_model=finetuned, **kwargs)
     if args.adapter:
         probes.model["adapter"] = args.adapter

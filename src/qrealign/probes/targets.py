@@ -123,6 +123,9 @@ def fit_refusal_direction_probes(model, tokenizer, harmful: Sequence, benign: Se
     kwargs["threshold"] = threshold
     if labels not in ("prompt", "behaviour"):
         raise QrealignError(f"labels must be 'prompt' or 'behaviour', got {labels!r}")
+    if labels == "behaviour" and finetuned_model is not None:
+        raise QrealignError("behaviour labels read the model's own answers; with finetuned_model the classes are "
+                            "aligned vs fine-tuned states: give one of the two")
     if labels == "behaviour" and finetuned_model is None:
         if not benign:
             raise QrealignError("behaviour labels need benign prompts too")
