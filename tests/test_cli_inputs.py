@@ -88,6 +88,51 @@ def test_eval_reads_its_prompt_sets_task_and_out_before_loading(model_dir, tmp_p
     assert (tmp_path / "precious" / "notes.txt").is_file()
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--task", "topic-codes", "--task-n", "0"], "--task-n must be >= 1"),
+    (["--task-n", "5"], "--task-n needs --task"),
+    (["--no-harmful", "--no-benign"], "nothing to evaluate"),
+    (["--judge", "harmbench:./no-such-judge"], "no-such-judge does not exist"),
+    (["--backend", "vllm", "--drop-finished"], "--drop-finished is the transformers backend's"),
+])
+def test_eval_checks_what_failed_after_the_load_or_the_generation(model_dir, tmp_path, capsys, monkeypatch,
+                                                                   extra, message):
+    import qrealign.evaluate.runner as runner
+
+    monkeypatch.setattr(runner, "load_for_eval", lambda *a, **k: pytest.fail("loaded before the input check"))
+    assert main(["eval", str(model_dir), *extra, "--out", str(tmp_path / "ev")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "ev").exists()
+
+
+def test_eval_vllm_checks_come_before_the_load(model_dir, tmp_path, capsys, monkeypatch):
+    import qrealign.evaluate.generate as generate
+    import qrealign.evaluate.runner as runner
+
+    monkeypatch.setattr(runner, "load_for_eval", lambda *a, **k: pytest.fail("loaded before the input check"))
+    monkeypatch.setattr(generate, "vllm_available", lambda: False)
+    out = ["--out", str(tmp_path / "ev")]
+    assert main(["eval", str(model_dir), "--backend", "vllm", *out]) == 2
+    assert "needs vLLM" in capsys.readouterr().err
+    monkeypatch.setattr(generate, "vllm_available", lambda: True)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "qrealign.json").write_text(json.dumps({"kind": "quantized"}))
+    for model, more in ((run, []), (model_dir, ["--adapter", str(tmp_path / "lora")]), ("smollm2-135m", [])):
+        assert main(["eval", str(model), "--backend", "vllm", *more, *out]) == 2
+        assert "only evaluates a plain model directory" in capsys.readouterr().err
+
+
+def test_rejudge_refuses_options_it_would_ignore(tmp_path, capsys):
+    earlier = tmp_path / "ev"
+    earlier.mkdir()
+    assert main(["eval", str(earlier), "--rejudge", "--limit", "10", "--out", str(tmp_path / "again")]) == 2
+    assert "reads no --limit" in capsys.readouterr().err
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("mine")
+    assert main(["eval", str(earlier), "--rejudge", "--out", str(tmp_path / "precious")]) == 2
+    assert "not an earlier output" in capsys.readouterr().err
+
+
 def test_eval_refuses_one_prompt_on_both_sides(model_dir, tmp_path, capsys):
     f = tmp_path / "mixed.jsonl"
     f.write_text("".join(json.dumps({"prompt": f"request {i}"}) + "\n" for i in range(3)))

@@ -345,8 +345,10 @@ def test_beaverdam_pad_never_equals_eos(tmp_path):
 
 
 def test_model_judge_load_errors(tmp_path):
-    with pytest.raises(QrealignError, match="could not load judge"):
-        get_judge(f"harmbench:{tmp_path / 'missing'}").judge(["a"], ["b"])
+    with pytest.raises(QrealignError, match="does not exist"):  # a typo'd path: at once, not after the generation
+        get_judge(f"harmbench:{tmp_path / 'missing'}")
+    with pytest.raises(QrealignError, match="could not load judge"):  # a folder that holds no model: at first use
+        get_judge(f"harmbench:{tmp_path}").judge(["a"], ["b"])
     assert get_judge("llamaguard:some/id").source == "some/id"  # lazy: nothing loaded yet
     assert get_judge("harmbench").source == clf.HARMBENCH_DEFAULT_ID
 

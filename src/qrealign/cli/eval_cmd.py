@@ -90,25 +90,61 @@ def run(args) -> int:
 
 
 def _check_inputs(args) -> None:
-    """The output folder, the prompt sets and the task, read before the model loads: a typo in
-    --benign used to surface only after the load."""
+    """The output folder, the prompt sets, the task and the backend, read before the model loads
+    (a typo in --benign, --task-n 0 or a missing vLLM used to surface after the load or after all
+    the generation)."""
+    from pathlib import Path
+
+    from ..errors import QrealignError
     from ..evaluate.promptsets import resolve_prompt_set
     from ..evaluate.runner import RESULT_FILE
     from ..evaluate.tasks import get_task
-    from ..utils import check_out_dir
+    from ..utils import check_out_dir, read_json
 
     check_out_dir(args.out, RESULT_FILE)
     for spec, label, off in ((args.harmful, 1, args.no_harmful), (args.benign, 0, args.no_benign)):
         if spec and not off:
             resolve_prompt_set(spec, label, args.limit)
+    if args.no_harmful and args.no_benign and not (args.task or args.ppl_text or args.lm_eval):
+        raise QrealignError("nothing to evaluate: --no-harmful and --no-benign, and no --task, --ppl-text or --lm-eval")
+    if args.task_n is not None and not args.task:
+        raise QrealignError("--task-n needs --task (which task's examples to count)")
+    if args.task_n is not None and args.task_n < 1:
+        raise QrealignError(f"--task-n must be >= 1, got {args.task_n}")
     if args.task:
         get_task(args.task)
+    if args.backend == "vllm":
+        from ..evaluate.generate import vllm_available
+
+        if args.drop_finished:
+            raise QrealignError("--drop-finished is the transformers backend's; vLLM schedules its own batches")
+        if not vllm_available():
+            raise QrealignError("--backend vllm needs vLLM: pip install vllm (or use the default backend 'hf')")
+        marker = Path(args.model) / "qrealign.json"
+        kind = read_json(marker).get("kind") if marker.is_file() else None
+        if args.adapter or not Path(args.model).is_dir() or kind == "quantized":
+            raise QrealignError("--backend vllm only evaluates a plain model directory (no quantization run, no "
+                                "adapter: export or merge first); use the default backend")
+
+
+#: What --rejudge reads besides MODEL (the earlier eval output), --out and --judge.
+REJUDGE_READS = {"model", "out", "judge", "device", "name", "rejudge"}
 
 
 def _rejudge(args) -> int:
+    from ..cli import build_parser
+    from ..errors import QrealignError
     from ..evaluate.judges import get_judge
-    from ..evaluate.runner import EvalResult, rejudge, write_result
+    from ..evaluate.runner import RESULT_FILE, EvalResult, rejudge, write_result
+    from ..utils import check_out_dir
 
+    defaults = vars(build_parser().parse_args(["eval", "M", "--out", "O"]))
+    ignored = sorted(k for k, v in vars(args).items() if k in defaults and k not in REJUDGE_READS
+                     and k != "command" and v != defaults[k])
+    if ignored:  # --limit 10 re-judged every answer; the saved answers are what they are
+        raise QrealignError(f"--rejudge judges the saved answers again and reads no "
+                            f"{', '.join('--' + k.replace('_', '-') for k in ignored)}")
+    check_out_dir(args.out, RESULT_FILE)  # before a model judge reads every answer
     result = rejudge(EvalResult.load(args.model), get_judge(args.judge, device=args.device))
     if args.name:
         result.name = args.name

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from ..errors import QrealignError
 
@@ -392,4 +393,9 @@ def get_judge(spec: str | Judge, device=None, **kwargs) -> Judge:
         if default is None:
             raise QrealignError(f"judge {kind!r} needs a model: {kind}:PATH_OR_HUB_ID")
         source = default
+    from ..models.load import looks_like_path
+
+    # A typo in a local path fails now, not when the judge first loads, after all the generation.
+    if looks_like_path(str(source)) and not Path(source).expanduser().exists():
+        raise QrealignError(f"judge model path {source} does not exist")
     return factories[kind].from_pretrained(source, device=device, **kwargs)
