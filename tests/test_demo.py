@@ -118,6 +118,8 @@ def test_demo_config_rejects_a_bad_attack_sweep_up_front(tmp_path):
 
     with pytest.raises(QrealignError, match="attack_sweep"):
         DemoConfig(out=str(tmp_path / "demo"), attack_sweep=(0.0, 1.5))
+    with pytest.raises(QrealignError, match="poison_ratio must be in"):  # not after the align stage
+        DemoConfig(out=str(tmp_path / "demo"), poison_ratio=1.5)
     # schemes too: they are used after align, attack and probes
     with pytest.raises(QrealignError, match="unknown scheme"):
         DemoConfig(out=str(tmp_path / "demo"), schemes=("W8A8", "W9Q9"))

@@ -168,13 +168,15 @@ def test_a_chosen_checkpoint_dir_is_cleared_of_the_engines_files_only(calib_set,
 
 
 @pytest.mark.parametrize("bad", [{"epochs": -1}, {"batch_size": 0}, {"max_length": 0}, {"pad_to": 0},
-                                 {"lr_let": -1e-3}, {"lr_round": float("nan")}, {"padding_side": "middle"}])
+                                 {"lr_let": -1e-3}, {"lr_round": float("nan")}, {"padding_side": "middle"},
+                                 {"epoch_schedule": "paper", "epochs": 5}])
 def test_calib_config_rejects_values_that_would_train_nothing_or_fail_late(bad):
     # epochs=-1 used to pass and calibrate nothing under the name "omniquant"; the others failed
     # only after the model had loaded (or deep in the tokenizer)
     with pytest.raises(QrealignError, match=next(iter(bad))):
         CalibConfig(**bad)
     assert CalibConfig(epochs=0, max_length=None).epochs == 0  # 0 epochs and no length limit are valid
+    assert CalibConfig(epoch_schedule="paper", epochs=6).epochs_for(0, 30) == 1  # the paper's E-5, at least one
 
 
 def test_autocast_setting_resolves_per_device_and_keys_the_run(calib_set):

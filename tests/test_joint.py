@@ -170,8 +170,8 @@ def test_joint_run_written_and_applied_to_a_fresh_model_is_the_calibrated_model(
 def test_joint_settings_that_cannot_work_fail_before_any_work():
     with pytest.raises(QrealignError, match="init_guard"):
         CalibConfig(joint_safety=True, init_guard=True)
-    with pytest.raises(QrealignError, match="epoch_schedule"):
-        CalibConfig(joint_safety=True, epoch_schedule="paper")
+    with pytest.raises(QrealignError, match="epoch_schedule 'paper'\\) do not apply"):
+        CalibConfig(joint_safety=True, epoch_schedule="paper", epochs=10)
     assert "joint_safety" not in CalibConfig().to_dict()  # off: existing run keys unchanged
     assert "joint_recon_weight" not in CalibConfig(joint_safety=True).to_dict()
     assert CalibConfig(joint_safety=True, joint_recon_weight=12.0).to_dict()["joint_recon_weight"] == 12.0

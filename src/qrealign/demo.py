@@ -228,9 +228,10 @@ class DemoConfig:
         self.schemes = tuple(get_scheme(s).name for s in self.schemes)
         if len(set(self.schemes)) != len(self.schemes):
             raise QrealignError(f"schemes are listed twice: {', '.join(self.schemes)}")
-        bad = [r for r in self.attack_sweep if not 0.0 <= r <= 1.0]
+        bad = [r for r in (*self.attack_sweep, *([] if self.poison_ratio is None else [self.poison_ratio]))
+               if not 0.0 <= r <= 1.0]  # the attack stage runs after the align stage's minutes
         if bad:
-            raise QrealignError(f"attack_sweep ratios must be in [0, 1], got {bad}")
+            raise QrealignError(f"attack_sweep ratios and poison_ratio must be in [0, 1], got {bad}")
         minimums = {"epochs": 1, "batch_size": 1, "max_new_tokens": 1, "eval_batch_size": 1, "eval_limit": 1,
                     "task_n": 0, "lanes": 1, "calib_n": 1}
         for name, low in minimums.items():

@@ -164,6 +164,9 @@ class CalibConfig:
         if self.joint_safety and (self.init_guard or self.epoch_schedule != "constant"):
             raise QrealignError("joint_safety trains its blocks together: per-block choices (init_guard, "
                                 "epoch_schedule 'paper') do not apply; turn them off")
+        if self.epoch_schedule == "paper" and self.method != "rtn" and self.epochs < 6:
+            raise QrealignError(f"epoch_schedule 'paper' trains the first half of the blocks for epochs - 5: it needs "
+                                f"epochs >= 6 (paper: 10), got {self.epochs}, which leaves those blocks untrained")
         if self.joint_recon_weight is not None:
             if not self.joint_recon_weight > 0:  # also NaN
                 raise QrealignError(f"joint_recon_weight must be > 0 (or None: 1), got {self.joint_recon_weight}")

@@ -42,7 +42,7 @@ def add_common(parser) -> None:
     d = TRAINING_DEFAULTS
     parser.add_argument("--epochs", type=int, default=d["epochs"])
     parser.add_argument("--epoch-schedule", choices=["constant", "paper"], default=d["epoch_schedule"],
-                        help="paper: first half of the layers epochs-5, the rest epochs+5")
+                        help="paper: first half of the layers epochs-5, the rest epochs+5 (needs --epochs >= 6; paper: 10)")
     parser.add_argument("--plain-epochs", type=int, default=None,
                         help="epochs for the blocks without a safety term (realign: outside --layers/--layers-from; "
                              "quantize: every block); default: --epochs / --epoch-schedule")
