@@ -29,17 +29,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..evaluate.overlap import META_FILE
-    from ..finetune.cli_args import print_summary, set_threads, sft_config_from_args
+    from ..finetune.cli_args import run_stage, sft_config_from_args
     from ..finetune.config import AlignConfig
-    from ..finetune.stage import finetune_stage
-    from ..utils import read_json
 
-    set_threads(args)
     config = AlignConfig(sft=sft_config_from_args(args), benign_ratio=args.benign_ratio,
                          answer_tokens=args.answer_tokens, n_harmful=args.n_harmful, n_benign=args.n_benign,
                          seed=args.seed)
-    out = finetune_stage("align", args.model, config, out=args.out, adapter=args.adapter, device=args.device,
-                         progress=not args.no_progress)
-    print_summary(out, read_json(out / META_FILE))
-    return 0
+    return run_stage("align", args, config)

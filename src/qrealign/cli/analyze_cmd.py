@@ -42,16 +42,14 @@ def run(args) -> int:
     from ..probes.analyze import analyze
     from ..utils import resolve_device
     from ._layers import parse_layers
+    from ._lists import one_per, split_list
     from .probe_cmd import check_capture_numbers, load_prompt_classes
 
     check_capture_numbers(args)
     probes = ProbeSet.load(args.probes)
-    names = [n.strip() for n in args.names.split(",")] if args.names else [Path(m).name or m for m in args.models]
-    if len(names) != len(args.models):
-        raise QrealignError(f"--names has {len(names)} names for {len(args.models)} models")
-    if len(set(names)) != len(names):
-        raise QrealignError(f"display names must be unique, got {names}")
-    adapters = [a.strip() or None for a in args.adapters.split(",")] if args.adapters else [None] * len(args.models)
+    names = one_per(args.names, args.models, "--names", [Path(m).name or m for m in args.models])
+    adapters = [a or None for a in split_list(args.adapters, keep_empty=True)] if args.adapters \
+        else [None] * len(args.models)
     if len(adapters) != len(args.models):
         raise QrealignError(f"--adapters has {len(adapters)} entries for {len(args.models)} models "
                             "(leave an entry empty for a model without an adapter)")

@@ -29,16 +29,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..evaluate.overlap import META_FILE
-    from ..finetune.cli_args import print_summary, set_threads, sft_config_from_args
+    from ..finetune.cli_args import run_stage, sft_config_from_args
     from ..finetune.config import AttackConfig
-    from ..finetune.stage import finetune_stage
-    from ..utils import read_json
 
-    set_threads(args)
     config = AttackConfig(poison_ratio=args.poison_ratio, n_task=args.n_task, task=args.task,
                           sft=sft_config_from_args(args), seed=args.seed)
-    out = finetune_stage("attack", args.model, config, out=args.out, adapter=args.adapter, device=args.device,
-                         progress=not args.no_progress)
-    print_summary(out, read_json(out / META_FILE))
-    return 0
+    return run_stage("attack", args, config)

@@ -44,14 +44,10 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from ..demo import DEFAULT_VARIANTS, EXTENDED_VARIANTS, DemoConfig, run_demo
-    from ..errors import QrealignError
+    from ._lists import floats, split_list
 
-    try:
-        sweep = tuple(float(r) for r in args.attack_sweep.split(",") if r.strip())
-    except ValueError:
-        raise QrealignError(f"--attack-sweep wants comma-separated numbers, got {args.attack_sweep!r}") from None
-
-    cfg = DemoConfig(out=args.out, model=args.model, schemes=tuple(s for s in args.schemes.split(",") if s),
+    sweep = floats(args.attack_sweep, "--attack-sweep")
+    cfg = DemoConfig(out=args.out, model=args.model, schemes=tuple(split_list(args.schemes)),
                      poison_ratio=args.poison_ratio, raw_row=args.extended,
                      variants=EXTENDED_VARIANTS if args.extended else DEFAULT_VARIANTS,
                      attack_sweep=sweep, epochs=args.epochs, max_new_tokens=args.max_new_tokens,

@@ -58,6 +58,7 @@ def run(args) -> int:
     from ..evaluate.judges import get_judge
     from ..evaluate.runner import evaluate_model, load_for_eval
     from ..utils import read_user_text
+    from ._lists import split_list
 
     if args.rejudge:
         return _rejudge(args)
@@ -83,7 +84,7 @@ def run(args) -> int:
         benign=None if args.no_benign else args.benign, task=args.task, task_n=args.task_n, judge=judge, gen=gen,
         ppl_text=ppl_text, out_dir=args.out, name=name, provenance=provenance, force_overlap=args.force_overlap,
         limit=args.limit, source=args.model, model_info=desc, report=True,
-        lm_eval_tasks=[t.strip() for t in args.lm_eval.split(",") if t.strip()] if args.lm_eval else None,
+        lm_eval_tasks=split_list(args.lm_eval) or None,
         lm_eval_fewshot=args.lm_eval_fewshot)
     _print_summary(result, args.out)
     return 0

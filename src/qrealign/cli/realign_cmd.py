@@ -123,7 +123,7 @@ def _margin_options(args) -> dict:
         if key != "refusal_starts" and getattr(args, key) != default:
             options[key] = getattr(args, key)
     if args.refusal_starts is not None:
-        starts = tuple(t for t in args.refusal_starts.split(",") if t)
+        starts = tuple(t for t in args.refusal_starts.split(",") if t)  # not stripped: " I" is another token
         if not starts:
             raise QrealignError("--refusal-starts: give at least one token, e.g. 'I,That,Sorry,No'")
         options["refusal_starts"] = starts

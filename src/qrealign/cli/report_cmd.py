@@ -15,18 +15,15 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..errors import QrealignError
     from ..evaluate.runner import EvalResult
     from ..report import check_report_out, markdown_table, write_report
     from ..utils import atomic_dir
+    from ._lists import one_per
 
     check_report_out(args.out)  # before reading anything: an eval's directory is not a report's
     results = [EvalResult.load(p) for p in args.results]
     if args.names:
-        names = [n.strip() for n in args.names.split(",")]
-        if len(names) != len(results):
-            raise QrealignError(f"--names has {len(names)} names for {len(results)} results")
-        for r, n in zip(results, names):
+        for r, n in zip(results, one_per(args.names, results, "--names", [])):
             r.name = n
     with atomic_dir(args.out) as tmp:
         write_report(results, tmp, title=args.title)

@@ -48,11 +48,20 @@ def sft_config_from_args(args: argparse.Namespace) -> SFTConfig:
                      amp=None if args.amp == "none" else args.amp)
 
 
-def set_threads(args: argparse.Namespace) -> None:
+def run_stage(stage: str, args: argparse.Namespace, config) -> int:
+    """`qrealign align` / `attack` once their config is built: the fine-tune, then its summary."""
+    from ..evaluate.overlap import META_FILE
+    from ..utils import read_json
+    from .stage import finetune_stage
+
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
+    out = finetune_stage(stage, args.model, config, out=args.out, adapter=args.adapter, device=args.device,
+                         progress=not args.no_progress)
+    print_summary(out, read_json(out / META_FILE))
+    return 0
 
 
 def print_summary(out, meta: dict) -> None:
