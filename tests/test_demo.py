@@ -362,3 +362,19 @@ def test_a_stage_built_on_another_device_has_another_key(monkeypatch, tmp_path):
     assert all("device" not in inputs for inputs in keys["cpu"])
     assert all(inputs["device"] == "cuda" for inputs in keys["cuda"])
     assert [{k: v for k, v in i.items() if k != "device"} for i in keys["cuda"]] == keys["cpu"]
+
+
+def test_a_demo_that_compiles_checks_for_a_compiler_before_the_lab(tmp_path, monkeypatch):
+    import torch._inductor.cpp_builder as cpp_builder
+
+    import qrealign.demo as demo
+    from qrealign.errors import QrealignError
+
+    def no_compiler():
+        raise RuntimeError("InvalidCxxCompiler")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    monkeypatch.setattr(demo, "_align_stage", lambda *a, **k: pytest.fail("the lab started before the check"))
+    with pytest.raises(QrealignError, match="needs a C\\+\\+ compiler"):
+        demo.run_demo(DemoConfig(out=str(tmp_path / "demo"), device="cpu"))  # the default rows compile
+    assert not (tmp_path / "demo").exists()

@@ -289,3 +289,22 @@ def test_a_strategy_that_does_not_fit_its_role_is_refused():
     for weights, acts in bad:
         with pytest.raises(QrealignError, match="quantized per"):
             Scheme.from_dict({"name": "bad", "weights": weights, "activations": acts})
+
+
+def test_compiling_without_a_cpp_compiler_is_one_line_before_any_work(monkeypatch):
+    """torch.compile on CPU builds C++ kernels: without a compiler the demo failed at its first
+    compiled step, a quarter of an hour in. The check says so up front (CPU only: GPU kernels are Triton's)."""
+    import torch._inductor.cpp_builder as cpp_builder
+
+    from qrealign.errors import QrealignError
+    from qrealign.quant.quantizer import check_compiler
+
+    def no_compiler():
+        raise RuntimeError("InvalidCxxCompiler")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    with pytest.raises(QrealignError, match="needs a C\\+\\+ compiler on CPU"):
+        check_compiler("cpu")
+    check_compiler("cuda")  # not checked there
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "g++")
+    check_compiler("cpu")

@@ -274,6 +274,11 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
     out = Path(cfg.out)
     root = out / "stages"
     check_report_out(out / "report")  # now, not after the hours of work before the report
+    if any(_calib_config(cfg, v, s).compile_quantizer for v in cfg.variants for s in cfg.schemes):
+        from .quant.quantizer import check_compiler
+        from .utils import resolve_device
+
+        check_compiler(resolve_device(cfg.device))  # not after the lab's quarter of an hour
     t_start = time.time()
     timings: dict[str, float] = {}
 

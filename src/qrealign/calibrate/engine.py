@@ -35,6 +35,7 @@ from ..models.offload import offloaded
 from ..models.registry import block_pairs, block_types, get_arch, get_blocks, head_layout
 from ..quant.let import LETParams
 from ..quant.qlinear import QuantLinear, wrap_linears
+from ..quant.quantizer import check_compiler
 from ..quant.scheme import Scheme, get_scheme
 from ..utils import model_fingerprint, read_json, resolve_device, save_tensors, sha256_json, write_json
 from .capture import block_output, capture_block_inputs, move_kwargs
@@ -321,6 +322,8 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
                             "observes them, and a run could not store them); use dynamic per-token activations")
     loss = loss or ReconstructionLoss()
     dev = resolve_device(device)
+    if cfg.compile_quantizer and cfg.method != "rtn":
+        check_compiler(dev)  # before the FP pass, not at the first training step
     num_layers = len(get_blocks(model))
     joint_from = _joint_start(cfg, loss, num_layers)
     start_time = time.time()

@@ -92,6 +92,24 @@ def _per_token_fake_quant(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
 _COMPILED: dict = {}
 
 
+def check_compiler(device) -> None:
+    """`torch.compile` on CPU builds C++ kernels; without a compiler it fails at the first compiled
+    step, after all the work before it (a demo's lab). Checked up front instead; there is no
+    fallback to eager, which would be another run (the switch is in the fingerprint)."""
+    if torch.device(device).type != "cpu":  # GPU kernels are Triton's
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch layout: the compile itself will say
+        return
+    try:
+        get_cpp_compiler()
+    except Exception:
+        raise QrealignError("compile_quantizer (--compile-quantizer; the demo's first-token rows) runs torch.compile, "
+                            "which needs a C++ compiler on CPU: install g++ or clang++ (Debian/Ubuntu: apt install "
+                            "g++) or point CXX at one") from None
+
+
 def _compiled(name: str, fn):
     """`fn` under torch.compile, built once per process. Calibration spends most of a step in the
     fake-quantizers' elementwise work, not in the matmuls (docs/performance.md: 2.79x on the
