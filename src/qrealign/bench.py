@@ -41,7 +41,9 @@ DEFAULT = CalibConfig(epochs=2)  # the project's schedule: CalibConfig's default
 
 
 class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every 50 ms)."""
+    """Peak resident memory of this process while the block runs (sampled every 50 ms). The
+    process's, not the block's own: the second schedule starts from what the first left allocated
+    (`qrealign bench --offload` runs each job in a fresh process where that matters)."""
 
     def __enter__(self):
         self.peak = _rss()
