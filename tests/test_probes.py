@@ -538,3 +538,14 @@ def test_a_limited_probe_set_spans_the_categories_and_keeps_twins():
     assert limited_classes(harmful, benign, 20, seed=1)[0] != h
     whole = limited_classes(harmful, benign, 10_000)
     assert whole == (harmful, benign)
+
+
+def test_the_probe_option_table_holds_the_parsers_defaults():
+    """`check_target_options` compares each option with TARGET_DEFAULTS: a parser default that
+    drifted from the table would make the plain command an error."""
+    from qrealign.cli import build_parser
+    from qrealign.cli.probe_cmd import TARGET_DEFAULTS, TARGET_READS
+
+    args = build_parser().parse_args(["probe", "M", "--out", "O"])
+    assert {name: getattr(args, name) for name in TARGET_DEFAULTS} == TARGET_DEFAULTS
+    assert set().union(*TARGET_READS.values()) == set(TARGET_DEFAULTS)
