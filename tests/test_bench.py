@@ -113,7 +113,7 @@ def test_bench_cli_checks_out_before_the_work(tmp_path, capsys, monkeypatch):
     import qrealign.bench_sft as bench_sft
     from qrealign.cli import main
 
-    monkeypatch.setattr(bench_sft, "run_sft_bench", lambda **kw: pytest.fail("ran before checking --out"))
+    monkeypatch.setattr(bench_sft, "time_sft_steps", lambda *a, **kw: pytest.fail("ran before checking --out"))
     (tmp_path / "afile").write_text("x")
     assert main(["bench", "--sft-precision", "--out", str(tmp_path / "afile")]) == 2
     assert "is a file" in capsys.readouterr().err

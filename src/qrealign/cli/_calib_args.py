@@ -135,6 +135,7 @@ def prepare(args, method: str):
 def check_flags(args, method: str) -> None:
     """Flags that would be silently ignored are errors: the user meant something by them."""
     from ..errors import QrealignError
+    from ._options import changed_options
 
     if args.calib_task_n is not None and not args.calib_task:
         raise QrealignError("--calib-task-n needs --calib-task (which task's prompts to add)")
@@ -144,8 +145,7 @@ def check_flags(args, method: str) -> None:
         raise QrealignError("--joint-safety trains the blocks that carry a safety term together, and only realign "
                             "has a safety term: drop it here")
     if method == "rtn":
-        trained = ["--" + name.replace("_", "-") for name, default in TRAINING_DEFAULTS.items()
-                   if getattr(args, name) != default]
+        trained = changed_options(args, TRAINING_DEFAULTS)
         if trained:
             raise QrealignError(f"{', '.join(trained)} set(s) calibration training, and --method rtn trains nothing: "
                                 "drop it, or use --method omniquant")

@@ -71,6 +71,7 @@ def mode_of(args) -> str:
 def check_options(args, mode: str) -> None:
     """Numbers in range, and no option the chosen benchmark would ignore."""
     from ..errors import QrealignError
+    from ._options import changed_options
 
     for name in ("n", "steps", "reference_epochs", "default_epochs"):  # before any model loads
         if getattr(args, name) < 1:
@@ -79,25 +80,18 @@ def check_options(args, mode: str) -> None:
         raise QrealignError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.eval_n < 0:
         raise QrealignError(f"--eval must be >= 0, got {args.eval_n}")
-    ignored = [name for name, default in DEFAULTS.items()
-               if name not in READS[mode] and getattr(args, name) != default]
+    ignored = changed_options(args, DEFAULTS, keep=READS[mode], flags={"eval_n": "--eval"})
     if ignored:
-        flags = ", ".join("--eval" if n == "eval_n" else f"--{n.replace('_', '-')}" for n in ignored)
         shown = "the default benchmark" if mode == "schedules" else f"--{mode}"
-        raise QrealignError(f"{shown} does not read {flags}")
+        raise QrealignError(f"{shown} does not read {', '.join(ignored)}")
 
 
 def run(args) -> int:
     import importlib
 
-    from ..quant.scheme import get_scheme
-    from ..utils import check_report_dir
-
     mode = mode_of(args)
     check_options(args, mode)
-    if "scheme" in READS[mode]:
-        get_scheme(args.scheme)
-    # One benchmark per run: its module, runner, report file stem and the runner's arguments.
+    # One benchmark per run (each runner checks its scheme and --out before any model loads): its module, runner, report file stem and the runner's arguments.
     if mode == "offload":
         module, runner, stem = "bench_offload", "run_offload_bench", "bench-offload"
         kwargs = dict(model_dir=args.offload, n=args.n, scheme=args.scheme, device=args.device)
@@ -121,7 +115,6 @@ def run(args) -> int:
                       reference_epochs=args.reference_epochs, default_epochs=args.default_epochs,
                       eval_n=args.eval_n, batch_size=args.batch_size)
     out = args.out or f"runs/{stem}"  # each benchmark its own default folder
-    check_report_dir(out)  # before minutes of work, not after
     bench = importlib.import_module(f"..{module}", __package__)
     report = getattr(bench, runner)(out=out, **kwargs)
     print(bench.markdown(report))

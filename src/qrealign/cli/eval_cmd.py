@@ -138,13 +138,12 @@ def _rejudge(args) -> int:
     from ..evaluate.judges import get_judge
     from ..evaluate.runner import RESULT_FILE, EvalResult, rejudge, write_result
     from ..utils import check_out_dir
+    from ._options import changed_options
 
     defaults = vars(build_parser().parse_args(["eval", "M", "--out", "O"]))
-    ignored = sorted(k for k, v in vars(args).items() if k in defaults and k not in REJUDGE_READS
-                     and k != "command" and v != defaults[k])
+    ignored = sorted(changed_options(args, defaults, keep=REJUDGE_READS | {"command"}))
     if ignored:  # --limit 10 re-judged every answer; the saved answers are what they are
-        raise QrealignError(f"--rejudge judges the saved answers again and reads no "
-                            f"{', '.join('--' + k.replace('_', '-') for k in ignored)}")
+        raise QrealignError(f"--rejudge judges the saved answers again and reads no {', '.join(ignored)}")
     check_out_dir(args.out, RESULT_FILE)  # before a model judge reads every answer
     result = rejudge(EvalResult.load(args.model), get_judge(args.judge, device=args.device))
     if args.name:

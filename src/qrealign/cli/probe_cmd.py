@@ -77,11 +77,10 @@ TARGET_READS = {
 
 def check_target_options(args) -> None:
     from ..errors import QrealignError
+    from ._options import changed_options
 
-    def flag(name: str) -> str:
-        return "--no-standardize" if name == "standardize" else "--" + name.replace("_", "-")
-
-    ignored = [flag(n) for n, d in TARGET_DEFAULTS.items() if n not in TARGET_READS[args.target] and getattr(args, n) != d]
+    flags = {"standardize": "--no-standardize"}
+    ignored = changed_options(args, TARGET_DEFAULTS, keep=TARGET_READS[args.target], flags=flags)
     if ignored:
         raise QrealignError(f"--target {args.target} does not read {', '.join(ignored)}")
     if args.target == "contrast" and not args.finetuned:
@@ -92,8 +91,8 @@ def check_target_options(args) -> None:
         if args.labels == "behaviour" and args.finetuned:
             raise QrealignError("--labels behaviour reads MODEL's own answers; with --finetuned the classes are "
                                 "aligned vs fine-tuned states: drop one of the two")
-        unread = [flag(n) for n in ("judge", "max_new_tokens")
-                  if args.labels != "behaviour" and getattr(args, n) != TARGET_DEFAULTS[n]]
+        behaviour_only = {n: TARGET_DEFAULTS[n] for n in ("judge", "max_new_tokens")}
+        unread = changed_options(args, behaviour_only) if args.labels != "behaviour" else []
         if unread:
             raise QrealignError(f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} read by --labels "
                                 "behaviour only")
