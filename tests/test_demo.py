@@ -39,6 +39,7 @@ def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
         attack_config=AttackConfig(sft=sft, n_task=8, poison_ratio=0.5),
         lanes=2,  # the stages after the probes in two worker processes, as on the project's machine
         also_eval=("qrealign:confirm",),  # every row on the second held-out set too
+        export_dtype="float32",  # the Q-realign rows as compressed-tensors checkpoints, evaluated as rows
     )
     logs = []
     report = run_demo(cfg, log=logs.append)
@@ -53,6 +54,7 @@ def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
     assert sum("building" in line for line in logs) >= 10
     assert "## Verdict" in table and ("**Winner: Q-realign (" in table or "**No objective reaches the bar.**" in table)
     import json
+    from pathlib import Path
 
     run = json.loads(next((tmp_path / "demo" / "stages").glob("quant-q-realign-first-token-W8A8-*/qrealign.json"))
                      .read_text())
@@ -77,6 +79,17 @@ def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
     assert "qrealign:confirm" in confirm and "qrealign:eval" not in confirm
     assert "[confirm/report.md](confirm/report.md)" in table
     assert set(summary["also_eval"]["confirm"]["results"]) == set(summary["results"])
+    # the exports: the Q-realign rows at W8A8 (the paper row was skipped above), each a checkpoint
+    # in the stages with its own evaluation on both sets, read against its row in both verdicts
+    exports = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "demo" / "stages").glob("export-*"))
+    assert exports == ["export-q-realign-contrast-probe-w8a8", "export-q-realign-first-token-w8a8"]
+    ckpt = summary["stages"]["Q-realign (first-token) W8A8, exported"]
+    assert json.loads((Path(ckpt) / "config.json").read_text())["quantization_config"]["format"] == "int-quantized"
+    for text in (table, confirm):
+        assert "| Q-realign (first-token) W8A8, exported |" in text
+        assert "- **Q-realign (first-token) W8A8** as compressed-tensors (float32): HS" in text
+        assert "answers identical to the fake-quantized model's" in text
+    assert table.index("[confirm/report.md]") < table.index("Exported checkpoints")  # the outcome lines first
     confirm_evals = list((tmp_path / "demo" / "stages").glob("eval-confirm-*"))
     assert len(confirm_evals) == len(summary["results"])
     assert all(p.name in summary["stage_code"] for p in confirm_evals)
@@ -142,6 +155,12 @@ def test_demo_config_rejects_a_bad_attack_sweep_up_front(tmp_path):
                          (("qrealign:eval",), "distinct names"), ((str(tmp_path / "eval.jsonl"),), "distinct names")):
         with pytest.raises(QrealignError, match=message):
             DemoConfig(out=str(tmp_path / "demo"), also_eval=bad)
+    # the export: a dtype it writes, and at least one Q-realign row at a scheme it can write
+    with pytest.raises(QrealignError, match="export_dtype must be one of"):
+        DemoConfig(out=str(tmp_path / "demo"), export_dtype="int4")
+    with pytest.raises(QrealignError, match="no Q-realign row runs at a scheme with a compressed-tensors form"):
+        DemoConfig(out=str(tmp_path / "demo"), schemes=("W4A8",), export_dtype="bfloat16")
+    DemoConfig(out=str(tmp_path / "demo"), schemes=("W4A8", "W8A8"), export_dtype="bfloat16")
     assert not (tmp_path / "demo").exists()
     # a lower-case name is the preset, so the variants' per-scheme settings apply to it
     cfg = DemoConfig(out=str(tmp_path / "demo"), schemes=("w8a8", "w4a8"))

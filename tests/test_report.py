@@ -319,3 +319,24 @@ def test_new_benign_loops_are_paired_by_prompt_and_shown_in_the_verdict():
     rows = standings([_result("aligned FP", 10.0, 12.0, fa=0.0), att, q], "attacked FP", "aligned FP", ["Q A"])
     assert rows[0].new_benign_loops == f
     assert "where the attacked model did not: 2 of 5 (40.0 %)" in "\n".join(verdict_lines(rows))
+
+
+def test_an_exported_checkpoint_is_read_against_the_row_it_was_written_from():
+    """The demo's export rows: metrics side by side and the answers compared prompt by prompt
+    (and task item by item, by id), not by position."""
+    from qrealign.report.verdict import export_lines, same_answers
+
+    def with_answers(r, task_answers):
+        r.task = {"records": [{"id": f"t{i}", "response": a, "correct": a == "7"} for i, a in task_answers]}
+        return r
+
+    row = with_answers(_result("Q W8A8", 16.0, 6.0, fa=50.0), [(0, "7"), (1, "3"), (2, "9")])
+    ckpt = with_answers(_result("Q W8A8, exported", 17.5, 6.0, fa=48.0), [(2, "9"), (1, "4"), (0, "7")])
+    ckpt.records[1] = {**ckpt.records[1], "response": "Here is how to bake bread."}  # b1 answered otherwise
+    assert same_answers(row, ckpt) == (3, 5)  # h1 and t0, t2 alike; b1 and t1 not
+    assert same_answers(row, row) == (5, 5)
+    lines = export_lines([_result("attacked FP", 80.0, 2.0, fa=50.0), row, ckpt], ["Q W8A8", "Q other"], "bfloat16")
+    assert lines[2] == ("- **Q W8A8** as compressed-tensors (bfloat16): HS 16.0 % → 17.5 %, over-refusal 6.0 % → "
+                        "6.0 %, FA 50.0 % → 48.0 %; 3 of 5 answers identical to the fake-quantized model's.")
+    assert len(lines) == 3  # a label without both rows (e.g. skipped) gets no line
+    assert export_lines([row], ["Q W8A8"], "bfloat16") == []

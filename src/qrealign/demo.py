@@ -5,6 +5,7 @@
     attacked --{RTN, reconstruction-only, Q-realign(paper probe),
                 Q-realign(first-token: the aligned model as teacher),
                 [--extended: Q-realign(contrast probe)]}--> quantized
+    [--export: each Q-realign row at W8A8 --> a compressed-tensors checkpoint, evaluated as a row too]
     every model --evaluate on the held-out split--> report.md / report.html / plots, with a verdict
     that reads each Q-realign row against the paper's bar
 
@@ -216,6 +217,11 @@ class DemoConfig:
     # off, such a stage is reused and named in the log and the report's "Stages" section.
     rebuild_changed: bool = False
     seed: int = 0
+    # Write each Q-realign row at a scheme with a compressed-tensors form (W8A8, W4A16) as the
+    # checkpoint an engine loads, with embeddings, norms and scales in this dtype, and evaluate that
+    # checkpoint as its own row ("<row>, exported"): the model a user ships, not only the
+    # fake-quantized one it came from. None: no export.
+    export_dtype: str | None = None
 
     def __post_init__(self) -> None:
         # Checked up front: the quantization stages and the attack sweep run late, after the
@@ -249,6 +255,37 @@ class DemoConfig:
                 raise QrealignError(f"also_eval: {spec} is not a held-out set (the stages train or calibrate on the "
                                     f"bundled splits); bundled held-out sets: {', '.join(HELD_OUT_SETS)}")
             _eval_set_prompts(spec)
+        if self.export_dtype is not None:
+            if self.export_dtype not in EXPORT_DTYPES:
+                raise QrealignError(f"export_dtype must be one of {', '.join(EXPORT_DTYPES)}, got {self.export_dtype!r}")
+            if not [row for row in quantized_rows(self) if _exported(*row)]:
+                raise QrealignError("export: no Q-realign row runs at a scheme with a compressed-tensors form "
+                                    f"(W8A8, W4A16); schemes here: {', '.join(self.schemes)}")
+
+
+EXPORT_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def quantized_rows(cfg: DemoConfig) -> list[tuple[Variant, str]]:
+    """(variant, scheme) of every quantized row: every variant at the first scheme, at the others
+    only those named in `extra_scheme_variants`."""
+    return [(variant, scheme) for scheme in cfg.schemes for variant in cfg.variants
+            if scheme == cfg.schemes[0] or variant.name in cfg.extra_scheme_variants]
+
+
+def _exported(variant: Variant, scheme: str) -> bool:
+    """Whether `export_dtype` writes this row as a checkpoint: the Q-realign rows, at schemes an
+    engine runs (plan_export refuses W4A8 and W4A4)."""
+    from .export.plan import ExportError, plan_export
+    from .quant.scheme import get_scheme
+
+    if variant.method != "qrealign":
+        return False
+    try:
+        plan_export(get_scheme(scheme))
+    except ExportError:
+        return False
+    return True
 
 
 def eval_set_name(spec: str) -> str:
@@ -296,28 +333,30 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
     # extra attack, one evaluation per model (after the stage that builds it).
     jobs: list[Job] = []
     quantized: list[str] = []
-    for scheme in cfg.schemes:
-        for variant in cfg.variants:
-            if scheme != cfg.schemes[0] and variant.name not in cfg.extra_scheme_variants:
+    exported: list[str] = []
+    for variant, scheme in quantized_rows(cfg):
+        label = f"{variant.name} {scheme}"
+        if variant.method == "qrealign" and not variant.teacher:
+            try:  # e.g. no layer where the probe is accurate enough: say so, go on
+                _check_safety_layers(probe_dirs[variant.probes], variant.loss_for(scheme))
+            except NoSafetyLayers as e:
+                log(f"[demo] {label}: skipped ({e})")
                 continue
-            label = f"{variant.name} {scheme}"
-            if variant.method == "qrealign" and not variant.teacher:
-                try:  # e.g. no layer where the probe is accurate enough: say so, go on
-                    _check_safety_layers(probe_dirs[variant.probes], variant.loss_for(scheme))
-                except NoSafetyLayers as e:
-                    log(f"[demo] {label}: skipped ({e})")
-                    continue
-            extra, after = {"aligned_dir": aligned_dir}, ()
-            if variant.teacher:  # the teacher pass runs once for every scheme that renders alike
-                key = _targets_job_key(cfg, variant, scheme)
-                if key not in (j.key for j in jobs):
-                    jobs.append(Job(key, _targets_stage, (cfg, root, attacked_dir, aligned_dir, variant, scheme),
-                                    cost=3.5))  # ~270 s on SmolLM2; above the other ready jobs: two wait on it
-                extra, after = {"aligned_dir": aligned_dir, "targets_dir": Ref(key)}, (key,)
-            jobs.append(Job(f"quantize: {label}", _quant_stage,
-                            (cfg, root, attacked_dir, probe_dirs, variant, scheme),
-                            extra, after=after, cost=_quant_cost(variant, cfg, scheme)))
-            quantized.append(label)
+        extra, after = {"aligned_dir": aligned_dir}, ()
+        if variant.teacher:  # the teacher pass runs once for every scheme that renders alike
+            key = _targets_job_key(cfg, variant, scheme)
+            if key not in (j.key for j in jobs):
+                jobs.append(Job(key, _targets_stage, (cfg, root, attacked_dir, aligned_dir, variant, scheme),
+                                cost=3.5))  # ~270 s on SmolLM2; above the other ready jobs: two wait on it
+            extra, after = {"aligned_dir": aligned_dir, "targets_dir": Ref(key)}, (key,)
+        jobs.append(Job(f"quantize: {label}", _quant_stage,
+                        (cfg, root, attacked_dir, probe_dirs, variant, scheme),
+                        extra, after=after, cost=_quant_cost(variant, cfg, scheme)))
+        quantized.append(label)
+        if cfg.export_dtype is not None and _exported(variant, scheme):
+            jobs.append(Job(f"export: {label}", _export_stage, (cfg, root, label, Ref(f"quantize: {label}")),
+                            after=(f"quantize: {label}",), cost=0.2))
+            exported.append(label)
     sweep = []
     for ratio in cfg.attack_sweep:
         key = f"attack p={ratio:g}"
@@ -326,7 +365,8 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
 
     raw = [("raw", cfg.model)] if cfg.raw_row else []
     models = [*raw, ("aligned FP", str(aligned_dir)), ("attacked FP", str(attacked_dir)), *sweep,
-              *((label, Ref(f"quantize: {label}")) for label in quantized)]
+              *((label, Ref(f"quantize: {label}")) for label in quantized),
+              *((f"{label}, exported", Ref(f"export: {label}")) for label in exported)]
     for label, source in models:
         after = (source.key,) if isinstance(source, Ref) else ()
         jobs.append(Job(f"evaluate: {label}", _eval_stage, (cfg, root, label, source), after=after, cost=1.0))
@@ -336,12 +376,13 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
     lanes = cfg.lanes if cfg.lanes is not None else default_lanes(cfg.device)
     done = run_jobs(jobs, workers=lanes, log_dir=out / "logs", log=log, desc="demo", seconds=timings)
     runs = [(label, done[f"quantize: {label}"]) for label in quantized]
+    exports = [(f"{label}, exported", done[f"export: {label}"]) for label in exported]
     results = [done[f"evaluate: {label}"] for label, _ in models]
     extra = {eval_set_name(spec): [done[f"evaluate on {eval_set_name(spec)}: {label}"] for label, _ in models]
              for spec in cfg.also_eval}
 
     from .report import write_report
-    from .report.verdict import standings, verdict_lines
+    from .report.verdict import export_lines, standings, verdict_lines
 
     # Which safety objective wins at the main scheme, against the paper's bar.
     candidates = [f"{v.name} {cfg.schemes[0]}" for v in cfg.variants if v.method == "qrealign"]
@@ -351,6 +392,10 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
     for name in extra:
         verdict = [*verdict, "", f"The same rows on the held-out set `{name}`: [{name}/report.md]({name}/report.md) "
                                  f"({_outcome_line(extra_verdicts[name])})"]
+    if exported:  # the shipped checkpoint against the model it was written from (after the outcome lines)
+        verdict = [*verdict, "", *export_lines(results, exported, cfg.export_dtype)]
+        extra_verdicts = {name: [*lines, "", *export_lines(extra[name], exported, cfg.export_dtype)]
+                          for name, lines in extra_verdicts.items()}
     # Each stage behind the table, and whether today's code built it (a cached stage may predate a change).
     stage_paths = [aligned_dir, attacked_dir, *probe_dirs.values(), *(v for v in done.values() if isinstance(v, Path)),
                    *(Path(r.path) for r in results if r.path),
@@ -366,7 +411,7 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
     summary = {"config": _jsonable(asdict(cfg)), "lanes": lanes, "timings_s": timings, "total_s": round(time.time() - t_start, 1),
                "stages": {"aligned": str(aligned_dir), "attacked": str(attacked_dir),
                           **{f"probes-{k}": str(v) for k, v in probe_dirs.items()},
-                          **{label: str(path) for label, path in runs}},
+                          **{label: str(path) for label, path in (*runs, *exports)}},
                "results": {r.name: r.metrics for r in results}, "verdict": verdict,
                **({"also_eval": {name: {"results": {r.name: r.metrics for r in rows}, "verdict": extra_verdicts[name]}
                                  for name, rows in extra.items()}} if extra else {}),
@@ -583,6 +628,19 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
 
     upstream = (attacked_dir, probes_dir, *((aligned_dir, targets_dir) if variant.teacher else ()))
     return cached_stage(name, inputs, root, build, log=log, rebuild_changed=cfg.rebuild_changed, upstream=upstream)
+
+
+def _export_stage(cfg, root, label: str, run_dir, log=print) -> Path:
+    """A quantization run as the compressed-tensors checkpoint an engine loads (`qrealign export`)."""
+    inputs = {"run": _stage_ref(run_dir, root), "format": "compressed-tensors", "dtype": cfg.export_dtype,
+              "version": __version__}
+
+    def build(tmp: Path):
+        from .export import export_compressed_tensors
+
+        export_compressed_tensors(run_dir, tmp, dtype=cfg.export_dtype, progress=False)
+
+    return cached_stage(f"export-{_slug(label)}", inputs, root, build, log=log, rebuild_changed=cfg.rebuild_changed, upstream=(run_dir,))
 
 
 def _calib_config(cfg: DemoConfig, variant: Variant, scheme: str) -> CalibConfig:

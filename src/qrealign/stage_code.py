@@ -32,6 +32,7 @@ STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
     "targets": ("calibrate/targets.py",),
     "quant": ("realign.py", "calibrate/api.py"),
     "eval": ("evaluate/runner.py",),
+    "export": ("export/compressed.py",),
 }
 #: Modules that schedule, report or parse arguments and never decide a stage's numbers.
 WORKFLOW = ("__init__.py", "__main__.py", "cli/", "report/", "bench", "demo.py", "lanes.py", "stages.py",

@@ -38,6 +38,11 @@ def add_arguments(parser) -> None:
                         help="also evaluate every row on this held-out prompt set (harmful and benign prompts: "
                              "qrealign:confirm, the second bundled held-out set, or a file); its own table and "
                              "verdict go to OUT/report/NAME/ (repeatable; about 3.5 min per row per set on 2 cores)")
+    parser.add_argument("--export", nargs="?", const="bfloat16", default=None, metavar="DTYPE",
+                        choices=["bfloat16", "float16", "float32"],
+                        help="also write each Q-realign row at W8A8 (or W4A16) as a compressed-tensors checkpoint "
+                             "(embeddings, norms and scales in DTYPE, default bfloat16) and evaluate that checkpoint "
+                             "as its own row, with the answers it shares with the row it came from")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the lab and the calibrations (default: 0)")
 
@@ -54,7 +59,7 @@ def run(args) -> int:
                      eval_limit=args.eval_limit, device=args.device, seed=args.seed,
                      lanes=args.lanes, compile_quantizer=args.compile_quantizer,
                      drop_finished=args.drop_finished, rebuild_changed=args.rebuild_changed,
-                     also_eval=tuple(args.also_eval))
+                     also_eval=tuple(args.also_eval), export_dtype=args.export)
     report = run_demo(cfg)
     md = report / "report.md"
     if md.is_file():

@@ -189,3 +189,40 @@ def verdict_lines(rows: Sequence[Standing], bar: Bar = Bar()) -> list[str]:
     elif not cutting:
         out += "; no row lowers HS while keeping FA and over-refusal inside the bar"
     return lines + [out + "."]
+
+
+def export_lines(results: Sequence, exported: Sequence[str], dtype: str) -> list[str]:
+    """Markdown lines: each exported checkpoint (row "<label>, exported") against the fake-quantized
+    row it was written from. The model a user ships must answer as the one the table measured; where
+    an answer differs, it is the engine's arithmetic (integer codes, scales and the unquantized
+    parts stored in `dtype`) against calibration's float32 fake quantization."""
+    by_name = {r.name: r for r in results}
+    lines = []
+    for label in exported:
+        row, ckpt = by_name.get(label), by_name.get(f"{label}, exported")
+        if row is None or ckpt is None:
+            continue
+        same, total = same_answers(row, ckpt)
+        lines.append(f"- **{label}** as compressed-tensors ({dtype}): HS {_pct(row.hs)} → {_pct(ckpt.hs)}, "
+                     f"over-refusal {_pct(row.over_refusal)} → {_pct(ckpt.over_refusal)}, FA {_pct(row.fa)} → "
+                     f"{_pct(ckpt.fa)}; {same} of {total} answers identical to the fake-quantized model's.")
+    return ["Exported checkpoints (what an engine loads) against the rows they were written from:", "", *lines] \
+        if lines else []
+
+
+def same_answers(a, b) -> tuple[int, int]:
+    """(identical, compared) answers of two evaluations of the same prompts and task items, matched
+    by prompt id (task items by theirs)."""
+    pairs = [({r["id"]: r["response"] for r in x.records if "response" in r},
+              {r["id"]: r["response"] for r in ((x.task or {}).get("records") or []) if "response" in r})
+             for x in (a, b)]
+    same = total = 0
+    for mine, theirs in zip(pairs[0], pairs[1]):
+        for key in mine.keys() & theirs.keys():
+            total += 1
+            same += mine[key] == theirs[key]
+    return same, total
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f} %"
