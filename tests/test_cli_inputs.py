@@ -155,3 +155,17 @@ def test_the_cli_training_defaults_are_the_engine_defaults():
     for flag, field in flags.items():
         assert getattr(args, flag) is not getattr(config, field)
     assert args.lr_schedule == "constant" and config.lr_schedule is None  # "constant" is the engine's None
+
+
+def test_demo_export_takes_an_optional_dtype_and_refuses_others(capsys):
+    """`demo --export` alone exports in bfloat16 (what engines serve), `--export float32` exactly,
+    and no flag leaves the export off; a dtype the exporter does not write fails at parse time."""
+    from qrealign.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["demo"]).export is None
+    assert parser.parse_args(["demo", "--export"]).export == "bfloat16"
+    assert parser.parse_args(["demo", "--export", "float32"]).export == "float32"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--export", "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
