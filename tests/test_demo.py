@@ -161,6 +161,12 @@ def test_demo_config_rejects_a_bad_attack_sweep_up_front(tmp_path):
     with pytest.raises(QrealignError, match="no Q-realign row runs at a scheme with a compressed-tensors form"):
         DemoConfig(out=str(tmp_path / "demo"), schemes=("W4A8",), export_dtype="bfloat16")
     DemoConfig(out=str(tmp_path / "demo"), schemes=("W4A8", "W8A8"), export_dtype="bfloat16")
+    import sys
+
+    with pytest.MonkeyPatch.context() as mp:  # an optional extra: missing, it fails now, not after the lab
+        mp.setitem(sys.modules, "compressed_tensors", None)
+        with pytest.raises(QrealignError, match=r"pip install 'qrealign\[export\]'"):
+            DemoConfig(out=str(tmp_path / "demo"), export_dtype="bfloat16")
     assert not (tmp_path / "demo").exists()
     # a lower-case name is the preset, so the variants' per-scheme settings apply to it
     cfg = DemoConfig(out=str(tmp_path / "demo"), schemes=("w8a8", "w4a8"))

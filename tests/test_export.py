@@ -470,3 +470,23 @@ def test_a_hub_compressed_tensors_checkpoint_takes_the_engine_route_too(tmp_path
     assert hub is not None and hub == local and hub.activations.num_bits == 8 and hub.dtype == "bfloat16"
     plain = LlamaConfig()
     assert _compressed_checkpoint(ModelSource("hub", "org/plain", name="org/plain"), plain) is None
+
+
+def test_a_run_moved_with_its_base_still_exports(tmp_path):
+    """A demo output folder renamed as a whole: the run's recorded base path is gone, and the
+    export finds the base beside the run (as loading the run does) instead of failing."""
+    from qrealign.calibrate.api import quantize
+    from qrealign.calibrate.data import CalibrationSet
+    from qrealign.models import load_model
+    from qrealign.models.tiny import tiny_model
+
+    before = tmp_path / "before"
+    model, tok = tiny_model("llama", seed=3)
+    model.save_pretrained(before / "fp")
+    tok.save_pretrained(before / "fp")
+    m, t = load_model(str(before / "fp"))
+    quantize(m, t, CalibrationSet(PROMPTS, [0, 1, 0, 1]), "W8A8", CalibConfig(method="rtn"), out=before / "run",
+             progress=False)
+    after = before.rename(tmp_path / "after")
+    result = export_compressed_tensors(after / "run", tmp_path / "export", dtype="float32", progress=False)
+    assert result.plan.matches_calibration and (tmp_path / "export" / "config.json").is_file()

@@ -336,7 +336,9 @@ def test_an_exported_checkpoint_is_read_against_the_row_it_was_written_from():
     assert same_answers(row, ckpt) == (3, 5)  # h1 and t0, t2 alike; b1 and t1 not
     assert same_answers(row, row) == (5, 5)
     lines = export_lines([_result("attacked FP", 80.0, 2.0, fa=50.0), row, ckpt], ["Q W8A8", "Q other"], "bfloat16")
-    assert lines[2] == ("- **Q W8A8** as compressed-tensors (bfloat16): HS 16.0 % → 17.5 %, over-refusal 6.0 % → "
+    assert lines[2] == ("- **Q W8A8** as compressed-tensors (bfloat16, evaluated with its weights dequantized in "
+                        "bfloat16): HS 16.0 % → 17.5 %, over-refusal 6.0 % → "
                         "6.0 %, FA 50.0 % → 48.0 %; 3 of 5 answers identical to the fake-quantized model's.")
     assert len(lines) == 3  # a label without both rows (e.g. skipped) gets no line
+    assert "as compressed-tensors (float32): HS" in export_lines([row, ckpt], ["Q W8A8"], "float32")[2]  # exact
     assert export_lines([row], ["Q W8A8"], "bfloat16") == []

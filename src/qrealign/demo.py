@@ -260,7 +260,12 @@ class DemoConfig:
                 raise QrealignError(f"export_dtype must be one of {', '.join(EXPORT_DTYPES)}, got {self.export_dtype!r}")
             if not [row for row in quantized_rows(self) if _exported(*row)]:
                 raise QrealignError("export: no Q-realign row runs at a scheme with a compressed-tensors form "
-                                    f"(W8A8, W4A16); schemes here: {', '.join(self.schemes)}")
+                                    f"(W8A8 or weight-only, e.g. W4A16); schemes here: {', '.join(self.schemes)}")
+            import importlib.util
+
+            if importlib.util.find_spec("compressed_tensors") is None:  # not after the hour before the export
+                raise QrealignError("export: the compressed-tensors library is not installed "
+                                    "(pip install 'qrealign[export]')")
 
 
 EXPORT_DTYPES = ("bfloat16", "float16", "float32")
@@ -632,8 +637,11 @@ def _quant_stage(cfg, root, attacked_dir, probe_dirs, variant: Variant, scheme: 
 
 def _export_stage(cfg, root, label: str, run_dir, log=print) -> Path:
     """A quantization run as the compressed-tensors checkpoint an engine loads (`qrealign export`)."""
+    from importlib.metadata import version
+
+    # the library writes the checkpoint's layout (and reads it back at evaluation): its version counts
     inputs = {"run": _stage_ref(run_dir, root), "format": "compressed-tensors", "dtype": cfg.export_dtype,
-              "version": __version__}
+              "compressed_tensors": version("compressed-tensors"), "version": __version__}
 
     def build(tmp: Path):
         from .export import export_compressed_tensors

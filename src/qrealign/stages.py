@@ -9,7 +9,7 @@ exists under its final name only if its build finished.
 Code is not an input: the package version does not move with every commit, and hashing the
 source would throw away hours of cached stages for every comment. So a change that alters what a
 stage builds must bump that stage kind's entry in `STAGE_REVISIONS` (the part of the name before
-the first "-": align, attack, probes, targets, quant, eval); at 0 it is left out of the key, so
+the first "-": align, attack, probes, targets, quant, export, eval); at 0 it is left out of the key, so
 bumping one kind leaves every other cached stage valid.
 
 A missed bump is caught on reuse: each stage records a digest of the code that decides its

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibrate.artifact import PARAMS_FILE, apply_quant_params, load_run_source, read_quantized_metadata
+from ..calibrate.artifact import PARAMS_FILE, apply_quant_params, load_run_source, read_quantized_metadata, run_source
 from ..errors import IncompatibleArtifact
 from ..quant.qlinear import QuantLinear
 from ..quant.scheme import get_scheme
@@ -74,10 +74,11 @@ def export_compressed_tensors(
         raise ExportError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32")
     meta = read_quantized_metadata(run_dir)
     plan = plan_export(get_scheme(meta["scheme"]), _DTYPES[dtype], symmetric_weights, symmetric_activations)
+    source = run_source(meta, run_dir)  # a run that moved with its base (a renamed demo folder) finds it
     if offload is not None:
-        check_streamable(run_dir, meta, offload)
+        check_streamable(run_dir, meta, offload, source)
     else:
-        _check_memory(meta)
+        _check_memory(source)
     _check_out_dir(out_dir)
     params = _load_params(run_dir)
 
@@ -113,7 +114,7 @@ def export_compressed_tensors(
 
 # ---- steps ---------------------------------------------------------------------------------
 
-def _check_memory(meta: dict) -> None:
+def _check_memory(source: str) -> None:
     """An export in memory holds the whole model in float32 (codes are computed as calibration ran);
     refuse, before loading, a model whose float32 weights alone exceed the RAM available, where the
     kernel would kill the process halfway: the streamed export reads one block at a time."""
@@ -122,7 +123,7 @@ def _check_memory(meta: dict) -> None:
     available = available_memory()
     if available is None:
         return
-    need = 4 * sum(p.numel() for p in load_skeleton(meta["source"]).parameters())
+    need = 4 * sum(p.numel() for p in load_skeleton(source).parameters())
     if need > available:
         raise ExportError(f"exporting in memory holds the model in float32, {need / 2**30:.1f} GiB, and "
                           f"{available / 2**30:.1f} GiB of RAM is available: export with --offload disk "

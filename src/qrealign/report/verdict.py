@@ -193,9 +193,10 @@ def verdict_lines(rows: Sequence[Standing], bar: Bar = Bar()) -> list[str]:
 
 def export_lines(results: Sequence, exported: Sequence[str], dtype: str) -> list[str]:
     """Markdown lines: each exported checkpoint (row "<label>, exported") against the fake-quantized
-    row it was written from. The model a user ships must answer as the one the table measured; where
-    an answer differs, it is the engine's arithmetic (integer codes, scales and the unquantized
-    parts stored in `dtype`) against calibration's float32 fake quantization."""
+    row it was written from. The model a user ships must answer as the one the table measured. A
+    float32 checkpoint loads exactly; below float32 the evaluation dequantizes every weight in
+    `dtype` (export/runtime.py), close to but not exactly an int8 engine's arithmetic, and the
+    unquantized parts (embeddings, norms, lm_head) are stored in `dtype` too."""
     by_name = {r.name: r for r in results}
     lines = []
     for label in exported:
@@ -203,7 +204,8 @@ def export_lines(results: Sequence, exported: Sequence[str], dtype: str) -> list
         if row is None or ckpt is None:
             continue
         same, total = same_answers(row, ckpt)
-        lines.append(f"- **{label}** as compressed-tensors ({dtype}): HS {_pct(row.hs)} → {_pct(ckpt.hs)}, "
+        how = "" if dtype == "float32" else f", evaluated with its weights dequantized in {dtype}"
+        lines.append(f"- **{label}** as compressed-tensors ({dtype}{how}): HS {_pct(row.hs)} → {_pct(ckpt.hs)}, "
                      f"over-refusal {_pct(row.over_refusal)} → {_pct(ckpt.over_refusal)}, FA {_pct(row.fa)} → "
                      f"{_pct(ckpt.fa)}; {same} of {total} answers identical to the fake-quantized model's.")
     return ["Exported checkpoints (what an engine loads) against the rows they were written from:", "", *lines] \
