@@ -256,6 +256,8 @@ class DemoConfig:
                                     f"bundled splits); bundled held-out sets: {', '.join(HELD_OUT_SETS)}")
             _eval_set_prompts(spec)
         if self.export_dtype is not None:
+            from .export.compressed import EXPORT_DTYPES
+
             if self.export_dtype not in EXPORT_DTYPES:
                 raise QrealignError(f"export_dtype must be one of {', '.join(EXPORT_DTYPES)}, got {self.export_dtype!r}")
             if not [row for row in quantized_rows(self) if _exported(*row)]:
@@ -266,9 +268,6 @@ class DemoConfig:
             if importlib.util.find_spec("compressed_tensors") is None:  # not after the hour before the export
                 raise QrealignError("export: the compressed-tensors library is not installed "
                                     "(pip install 'qrealign[export]')")
-
-
-EXPORT_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def quantized_rows(cfg: DemoConfig) -> list[tuple[Variant, str]]:

@@ -34,6 +34,8 @@ from .plan import ExportError, ExportPlan, plan_export
 EXPORT_FORMAT_VERSION = 1
 _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
            "float32": "float32", "fp32": "float32"}
+#: The dtypes an export stores its floating parts in (the values `_DTYPES` maps its aliases to).
+EXPORT_DTYPES = tuple(dict.fromkeys(_DTYPES.values()))
 
 
 @dataclass

@@ -28,9 +28,9 @@ from .plan import ExportError, ExportPlan
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def check_streamable(run_dir: Path, meta: dict, offload: str, source: str | None = None) -> None:
+def check_streamable(run_dir: Path, meta: dict, offload: str, source: str) -> None:
     """Refuse, before anything is loaded or written, a run whose model cannot be read block by block.
-    `source`: where the run's base is now (`run_source`), when it moved with the run."""
+    `source`: where the run's base is now (`run_source`: it may have moved with the run)."""
     from ..models.load import resolve_source
 
     if offload != "disk":
@@ -39,7 +39,7 @@ def check_streamable(run_dir: Path, meta: dict, offload: str, source: str | None
         raise ExportError(f"{run_dir} was calibrated on {meta['source']} with adapter {meta['adapter']} merged; "
                           "a streamed export cannot merge an adapter (it needs every weight in memory): "
                           "export without --offload")
-    if resolve_source(source or meta["source"]).kind == "gguf":
+    if resolve_source(source).kind == "gguf":
         raise ExportError(f"{run_dir} was calibrated on a GGUF file ({meta['source']}); a streamed export reads "
                           "safetensors directories only: export without --offload")
 
