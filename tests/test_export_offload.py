@@ -23,7 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """runs(model_type, scheme) -> an omniquant (LWC + LET) run of a tiny model saved in shards."""
+    """runs(model_type, scheme[, model_dtype]) -> an omniquant (LWC + LET) run of a tiny model saved
+    in shards (in `model_dtype`: a bf16 model is calibrated in float32 and cast back)."""
     from qrealign.calibrate.api import quantize
     from qrealign.calibrate.data import CalibrationSet
     from qrealign.calibrate.engine import CalibConfig
@@ -31,22 +32,23 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("export-offload")
     cache = {}
 
-    def make(model_type: str, scheme: str):
-        if (model_type, scheme) not in cache:
-            fp = root / f"fp-{model_type}"
+    def make(model_type: str, scheme: str, model_dtype: str = "float32"):
+        key = model_type, scheme, model_dtype
+        if key not in cache:
+            fp = root / f"fp-{model_type}-{model_dtype}"
             if not fp.exists():
-                _save_sharded(model_type, fp)
-            model, tok = load_model(fp)
-            out = root / f"{model_type}-{scheme}"
+                _save_sharded(model_type, fp, getattr(torch, model_dtype))
+            model, tok = load_model(fp, dtype=model_dtype)
+            out = root / f"{model_type}-{scheme}-{model_dtype}"
             quantize(model, tok, CalibrationSet(PROMPTS, [0, 1, 0, 1]), scheme, CalibConfig(epochs=1), out=out,
                      progress=False)
-            cache[model_type, scheme] = out
-        return cache[model_type, scheme]
+            cache[key] = out
+        return cache[key]
 
     return make
 
 
-def _save_sharded(model_type: str, directory) -> None:
+def _save_sharded(model_type: str, directory, dtype: torch.dtype = torch.float32) -> None:
     """Several shards (a block spans more than one), and sampling defaults in generation_config.json
     that `from_config` alone would not know."""
     from qrealign.models.tiny import tiny_model
@@ -55,6 +57,7 @@ def _save_sharded(model_type: str, directory) -> None:
     model, tok = tiny_model(model_type, seed=2, num_hidden_layers=LAYERS, hidden_size=128, intermediate_size=256,
                             head_dim=32, tie_word_embeddings=tied)  # group 128 tiles every linear
     model.generation_config.temperature, model.generation_config.do_sample = 0.3, True
+    model.to(dtype)
     model.save_pretrained(directory, max_shard_size="100KB")
     tok.save_pretrained(directory)
     assert len(list(directory.glob("*.safetensors"))) > LAYERS
@@ -97,13 +100,17 @@ def _no_output(out):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]  # no temp leftovers
 
 
-@pytest.mark.parametrize("model_type,scheme,dtype", [
-    ("llama", "W8A8", "bfloat16"),        # int-quantized int8 with zero points
-    ("llama", "W4A16-g128", "float32"),   # pack-quantized int32 words, per-group scales
-    ("gemma2", "W4A16", "bfloat16"),      # tied embeddings: the LM head is not written twice
+@pytest.mark.parametrize("model_type,scheme,dtype,model_dtype", [
+    ("llama", "W8A8", "bfloat16", "float32"),        # int-quantized int8 with zero points
+    ("llama", "W4A16-g128", "float32", "float32"),   # pack-quantized int32 words, per-group scales
+    ("gemma2", "W4A16", "bfloat16", "float32"),      # tied embeddings: the LM head is not written twice
+    # a bf16 model (a 7B one is the streamed export's user): its blocks stream in bf16, and the
+    # codes must come from the float32 folded weights, as calibration's and the in-memory export's
+    ("llama", "W8A8", "bfloat16", "bfloat16"),
 ])
-def test_streamed_export_equals_the_in_memory_one(runs, model_type, scheme, dtype, tmp_path, monkeypatch):
-    run = runs(model_type, scheme)
+def test_streamed_export_equals_the_in_memory_one(runs, model_type, scheme, dtype, model_dtype, tmp_path,
+                                                  monkeypatch):
+    run = runs(model_type, scheme, model_dtype)
     in_memory = export_compressed_tensors(run, tmp_path / "mem", dtype=dtype, progress=False)
     resident = _count_resident(monkeypatch)
     streamed = export_compressed_tensors(run, tmp_path / "disk", dtype=dtype, progress=False, offload="disk")
@@ -131,7 +138,7 @@ def test_streamed_export_equals_the_in_memory_one(runs, model_type, scheme, dtyp
         m.pop("sizes")
     assert meta[0] == meta[1]
 
-    tok = load_model(run.parent / f"fp-{model_type}")[1]
+    tok = load_model(run.parent / f"fp-{model_type}-{model_dtype}")[1]
     assert torch.equal(_logits(tmp_path / "disk", tok), _logits(tmp_path / "mem", tok))
 
 

@@ -79,7 +79,11 @@ def check_param_layers(model, params: dict[str, torch.Tensor]) -> None:
 
 def apply_block_quant_params(model, i: int, scheme: Scheme, params: dict[str, torch.Tensor],
                              freeze: bool = True) -> None:
-    """`apply_quant_params` for block i alone: a streaming exporter has only that block in memory."""
+    """`apply_quant_params` for block i alone: a streaming exporter has only that block in memory.
+
+    With `freeze=False` the block stays in float32 whatever the model's dtype: casting its folded
+    weights and clipping factors back to bf16 would round them before the exporter computes codes
+    (other codes than the run learned); the exporter casts what it writes itself."""
     spec = get_arch(model)
     block = get_blocks(model)[i]
     prefix = f"layers.{i}."
@@ -105,7 +109,7 @@ def apply_block_quant_params(model, i: int, scheme: Scheme, params: dict[str, to
         for m in block.modules():
             if isinstance(m, QuantLinear):
                 m.freeze()
-    if dtype != torch.float32:
+    if dtype != torch.float32 and freeze:
         block.to(dtype)
 
 
