@@ -90,3 +90,14 @@ def test_weights_that_would_turn_a_term_around_are_refused(bad):
     with pytest.raises(QrealignError, match=next(iter(bad))):
         SafetyLoss(torch.zeros(2, 4), torch.zeros(2), **bad)
     SafetyLoss(torch.zeros(2, 4), torch.zeros(2), lam=0.0, margin=-1.0)  # zero weights and any finite margin are fine
+
+
+def test_probe_weights_built_by_hand_enter_the_run_fingerprint():
+    """A SafetyLoss built from tensors (not `from_probes`) names its weights in its repr, which
+    enters the run fingerprint: re-fitted probes must not resume blocks trained against old ones."""
+    w = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    same, other_b, other_w = SafetyLoss(w, torch.zeros(3)), SafetyLoss(w, torch.ones(3)), SafetyLoss(-w, torch.zeros(3))
+    assert repr(SafetyLoss(w.clone(), torch.zeros(3))) == repr(same)
+    assert len({repr(same), repr(other_b), repr(other_w)}) == 3
+    assert same.probe_id.startswith("weights:")
+    assert SafetyLoss(w, torch.zeros(3), probe_id="fit-1").probe_id == "fit-1"  # a given id is kept

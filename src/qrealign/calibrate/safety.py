@@ -54,15 +54,14 @@ class SafetyLoss(SafetyGate):
         check_weights(**{name: getattr(self, name) for name in ("lam", "sink_weight", "benign_side", "benign_margin")})
         if not math.isfinite(self.margin):
             raise QrealignError(f"margin must be finite, got {self.margin}")
+        if not self.probe_id:  # built from tensors: other weights must give another run fingerprint
+            self.probe_id = "weights:" + _weights_digest(self.w, self.b)
 
     @classmethod
     def from_probes(cls, probes, **options) -> "SafetyLoss":
         """From a `qrealign.probes.ProbeSet`: unusable layers never get the safety term."""
         # The weights' hash too: re-fitted probes must not resume blocks trained against old ones.
-        h = hashlib.sha256()
-        tensor_digest(probes.w, h)
-        tensor_digest(probes.b, h)
-        probe_id = probes.model.get("fingerprint", "") + ":" + probes.target + ":" + h.hexdigest()[:12]
+        probe_id = probes.model.get("fingerprint", "") + ":" + probes.target + ":" + _weights_digest(probes.w, probes.b)
         return cls(probes.w.float(), probes.b.float(), usable=tuple(probes.usable), probe_id=probe_id, **options)
 
     def active(self, layer: int) -> bool:
@@ -101,3 +100,10 @@ class SafetyLoss(SafetyGate):
                 f"recon_on_malicious={self.recon_on_malicious}, margin={self.margin}, probe_loss={self.probe_loss}, "
                 f"normalize={self.normalize}, sink_weight={self.sink_weight}, benign_side={self.benign_side}, "
                 f"benign_margin={self.benign_margin}, include_padding={self.include_padding}, usable={self.usable})")
+
+
+def _weights_digest(w: torch.Tensor, b: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    tensor_digest(w, h)
+    tensor_digest(b, h)
+    return h.hexdigest()[:12]
