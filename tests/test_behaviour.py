@@ -172,6 +172,20 @@ def test_calibration_with_the_first_token_term_moves_malicious_rows_towards_the_
     assert term[benign].max() < 0.1
 
 
+def test_a_malicious_batch_no_term_reaches_trains_nothing_instead_of_crashing():
+    """lam 0 without reconstruction on malicious rows (a benign-only ablation): each all-malicious
+    batch's loss has no gradient; the run skips it and still trains on the benign batches."""
+    finetuned, tok = tiny_model("llama", seed=0)
+    cfg = CalibConfig(batch_size=2, epochs=1)
+    targets = first_token_targets(copy.deepcopy(finetuned), finetuned, tok, _calib(), cfg)
+    model = copy.deepcopy(finetuned)
+    loss = FirstTokenLoss(ModelTail(model), targets, lam=0.0, recon_on_malicious=False, benign_kl=1.0)
+    res = quantize(model, tok, _calib(), "W8A8", cfg, loss=loss, progress=False)
+    assert len(res.layer_logs) == finetuned.config.num_hidden_layers
+    for log in res.layer_logs:  # the benign batches trained; the malicious ones carried no term
+        assert log["last_mse"] > 0 and "last_kl_ben" in log and "last_kl_mal" not in log
+
+
 def _save(model, tok, path):
     model.save_pretrained(path)
     tok.save_pretrained(path)

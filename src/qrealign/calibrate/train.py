@@ -137,7 +137,10 @@ def _optimise(parts: list[Learnable], step: Step, batches: list[CalibBatch], cfg
                 if not torch.isfinite(value):
                     raise NonFiniteLoss(f"non-finite loss at {where}, epoch {epoch}; {saved}")
                 opt.zero_grad(set_to_none=True)
-                value.backward()
+                # A batch no term reaches (malicious rows with lam 0 and no reconstruction on them)
+                # has no gradient: it teaches nothing, and AdamW skips parameters without one.
+                if value.requires_grad:
+                    value.backward()
                 factor = lr_factor(cfg.lr_schedule, steps, total_steps)
                 for g, lr in zip(opt.param_groups, base_lrs):
                     g["lr"] = lr * factor
