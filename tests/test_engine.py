@@ -79,8 +79,9 @@ def test_changed_config_does_not_resume(calib_set, tmp_path):
 
 def test_resuming_and_setting_aside_a_checkpoint_are_said(calib_set, tmp_path, capsys):
     """A resumed run says where it continues; a checkpoint of other settings is set aside, not
-    deleted (one mistyped flag used to delete hours of blocks), and says so; moved back, the run
-    that made it resumes from it."""
+    deleted (one mistyped flag used to delete hours of blocks), and says so; the run that made it,
+    started again, takes it back and resumes, even after the mistyped run wrote blocks of its own
+    (which are set aside in their turn, in their own folder)."""
     cfg, ckpt = CalibConfig(epochs=1), tmp_path / "ckpt"
     _interrupt_after_first_block(calib_set, cfg, ckpt)
     model, tok = tiny_model("llama", seed=0, num_hidden_layers=3)
@@ -91,16 +92,21 @@ def test_resuming_and_setting_aside_a_checkpoint_are_said(calib_set, tmp_path, c
     ckpt = tmp_path / "other"
     _interrupt_after_first_block(calib_set, cfg, ckpt)
     other = CalibConfig(epochs=1, lr_let=5e-3)
-    with pytest.raises(KeyboardInterrupt):  # the mistyped run, stopped at once
+    with pytest.raises(KeyboardInterrupt):  # the mistyped run, stopped after its first block
         _run(calib_set, other, checkpoint_dir=ckpt, progress=True, on_block_end=_stop)
     err = capsys.readouterr().err
-    stale = tmp_path / "other.stale"
-    assert "set aside in" in err and str(stale) in err
-    assert (stale / "state.json").is_file() and (stale / "block_0000.safetensors").is_file()
-    for f in stale.iterdir():  # moved back: the first settings resume
-        f.replace(ckpt / f.name)
-    _, _, resumed = _run(calib_set, cfg, checkpoint_dir=ckpt)
-    assert resumed.resumed_blocks == 1
+    first_aside = [p for p in tmp_path.iterdir() if p.name.startswith("other.stale-")]
+    assert len(first_aside) == 1 and "set aside in" in err and str(first_aside[0]) in err
+    assert (first_aside[0] / "state.json").is_file() and (first_aside[0] / "block_0000.safetensors").is_file()
+    assert (ckpt / "state.json").is_file()  # the mistyped run's own block
+
+    _, _, resumed = _run(calib_set, cfg, checkpoint_dir=ckpt, progress=True)  # the first settings again
+    err = capsys.readouterr().err
+    assert resumed.resumed_blocks == 1 and "taken back" in err
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("other.stale-")]
+    assert len(aside) == 1 and aside != first_aside  # the mistyped run's block, kept for it
+    _, _, mistyped = _run(calib_set, other, checkpoint_dir=aside[0].parent / "other")
+    assert mistyped.resumed_blocks == 1
 
 
 def _stop(i):
@@ -461,6 +467,29 @@ def test_two_runs_on_one_checkpoint_are_refused(calib_set, tmp_path):
     assert result.resumed_blocks == 0
 
 
+def test_the_checkpoint_stays_locked_until_the_finished_run_is_saved_and_cleared(calib_set, tmp_path, monkeypatch):
+    """quantize(out=...) saves the run and deletes its checkpoint under the same lock as the
+    calibration: a second copy of the command started in between is refused, instead of replaying
+    a checkpoint that is being deleted under it."""
+    from qrealign.calibrate import api
+
+    out, ckpt = tmp_path / "run", tmp_path / ".run.checkpoint"
+    refused = []
+
+    def save_while_another_starts(*args, **kwargs):
+        model, tok = tiny_model("llama", seed=0, num_hidden_layers=3)
+        with pytest.raises(QrealignError, match="another run is calibrating with the checkpoint") as exc:
+            calibrate(model, tok, calib_set, "W4A8", CalibConfig(epochs=1), checkpoint_dir=ckpt, progress=False)
+        refused.append(exc.value)
+        return save_quantized(*args, **kwargs)
+
+    save_quantized = api.save_quantized
+    monkeypatch.setattr(api, "save_quantized", save_while_another_starts)
+    model, tok = tiny_model("llama", seed=0, num_hidden_layers=3)
+    api.quantize(model, tok, calib_set, "W4A8", CalibConfig(epochs=1), out=out, progress=False)
+    assert len(refused) == 1 and (out / "qrealign.json").is_file() and not ckpt.exists()
+
+
 def test_a_checkpoint_records_the_code_of_the_runs_start(calib_set, tmp_path, monkeypatch):
     """The package edited on disk while blocks train: every checkpoint state still names the code
     read when the run started (the code that is running), so a resume never joins blocks of two
@@ -500,7 +529,8 @@ def test_a_checkpoint_made_by_other_code_is_set_aside(calib_set, tmp_path, capsy
     capsys.readouterr()
     _, _, run = _run(calib_set, cfg, checkpoint_dir=ckpt, progress=True)
     assert run.resumed_blocks == 0 and "made by other code" in capsys.readouterr().err
-    assert (tmp_path / "ckpt.stale" / engine.CHECKPOINT_STATE).is_file()
+    aside = engine._stale_dir(ckpt, state["fingerprint"], "0" * 16)
+    assert aside.name.startswith("ckpt.stale-") and (aside / engine.CHECKPOINT_STATE).is_file()
 
     ckpt = tmp_path / "older"
     _interrupt_after_first_block(calib_set, cfg, ckpt)

@@ -10,7 +10,7 @@ from ..quant.scheme import Scheme, get_scheme
 from ..utils import FINGERPRINT_VERSION, check_out_dir, model_fingerprint
 from .artifact import META_FILE, save_quantized
 from .data import CalibrationSet
-from .engine import CalibConfig, CalibResult, calibrate, remove_checkpoint
+from .engine import CalibConfig, CalibResult, _calibrate, checkpoint_lock, remove_checkpoint
 from .losses import BlockLoss
 
 
@@ -56,38 +56,41 @@ def quantize(
     if checkpoint_dir and out is not None:
         check_checkpoint_dir(ckpt, out)
     t0 = time.time()
-    result = calibrate(model, tokenizer, calibration, scheme, cfg, loss=loss, checkpoint_dir=ckpt,
-                       device=device, progress=progress, model_fp=fingerprint)
-    if out is not None:
-        from ..evaluate.overlap import provenance_entry
+    # Held through the save and the checkpoint's removal: a second copy of the command started
+    # meanwhile must not replay a checkpoint that is being deleted (`calibrate` is `_calibrate` in this lock).
+    with checkpoint_lock(ckpt):
+        result = _calibrate(model, tokenizer, calibration, scheme, cfg, loss, ckpt, device, progress, None,
+                            fingerprint)
+        if out is not None:
+            from ..evaluate.overlap import provenance_entry
 
-        extra = dict(extra_metadata or {})
-        # other prompts that shaped the run (e.g. the probes' training prompts) join the calibration's
-        more_provenance = extra.pop("provenance", None) or {}
-        metadata = {
-            "source": source,
-            "adapter": adapter,
-            "parent": source,
-            "model_fingerprint": fingerprint,
-            "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),  # what the fingerprint hashed
-            "fingerprint_version": FINGERPRINT_VERSION,
-            "model_type": model.config.model_type,
-            "method": cfg.method,
-            "scheme": scheme.to_dict(),
-            "config": cfg.to_dict(),
-            "loss": repr(loss) if loss is not None else "ReconstructionLoss()",
-            "run_fingerprint": result.fingerprint,
-            "calibration": {"split": calibration.split, "n": len(calibration.prompts),
-                            "malicious_ratio": calibration.malicious_ratio},
-            "provenance": {**provenance_entry("calibration", calibration.records(), calibration.split),
-                           **more_provenance},
-            "layers": result.layer_logs,
-            "seconds": round(time.time() - t0, 2),
-            **extra,
-        }
-        save_quantized(out, result.params, metadata)
-        if ckpt is not None:
-            remove_checkpoint(ckpt)
+            extra = dict(extra_metadata or {})
+            # other prompts that shaped the run (e.g. the probes' training prompts) join the calibration's
+            more_provenance = extra.pop("provenance", None) or {}
+            metadata = {
+                "source": source,
+                "adapter": adapter,
+                "parent": source,
+                "model_fingerprint": fingerprint,
+                "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),  # what the fingerprint hashed
+                "fingerprint_version": FINGERPRINT_VERSION,
+                "model_type": model.config.model_type,
+                "method": cfg.method,
+                "scheme": scheme.to_dict(),
+                "config": cfg.to_dict(),
+                "loss": repr(loss) if loss is not None else "ReconstructionLoss()",
+                "run_fingerprint": result.fingerprint,
+                "calibration": {"split": calibration.split, "n": len(calibration.prompts),
+                                "malicious_ratio": calibration.malicious_ratio},
+                "provenance": {**provenance_entry("calibration", calibration.records(), calibration.split),
+                               **more_provenance},
+                "layers": result.layer_logs,
+                "seconds": round(time.time() - t0, 2),
+                **extra,
+            }
+            save_quantized(out, result.params, metadata)
+            if ckpt is not None:
+                remove_checkpoint(ckpt)
     return result
 
 

@@ -91,8 +91,8 @@ class CalibConfig:
     lr_round: float = 5e-3
     weight_decay: float = 0.0
     # The learning rates over each optimisation (a block's, or a joint stage's): None = constant
-    # (OmniQuant); "cosine" = decayed to 0 by its last step (`train.lr_factor`), which makes the
-    # result depend less on the order of the batches (docs/experiments.md §33).
+    # (OmniQuant); "cosine" = half a cosine from 1 toward 0 over its steps (`train.lr_factor`), which
+    # makes the result depend less on the order of the batches (docs/experiments.md §33).
     lr_schedule: str | None = None
     max_length: int | None = 256
     padding_side: str = "left"
@@ -346,10 +346,8 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
     # Read once, at the start: the code that runs is the code imported now, even if the package
     # is edited or upgraded on disk while the blocks train (checkpoints must not claim newer code).
     code = _calibration_code()
-    done, saved_logs = _resume_point(ckpt, fingerprint, code,
+    done, saved_logs = _resume_point(ckpt, fingerprint, code, num_layers, joint_from,
                                      say=(lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else None)
-    if joint_from is not None and joint_from < done < num_layers:
-        done = joint_from  # a joint stage is checkpointed whole: a part of it (a lost file) is trained again
 
     # A batch needs the FP stream only if some layer's loss reads its FP target, or (a joint
     # stage) its blocks need FP inputs before any quantized stream reaches them.
@@ -661,34 +659,53 @@ def _load_block(ckpt: Path, layer: int, block, let) -> None:
         raise QrealignError(f"checkpoint file {path} is unreadable ({exc}); delete {ckpt} to start the run over") from None
 
 
-def _resume_point(ckpt: Path | None, fingerprint: str, code: str, say: Callable[[str], None] | None = None
-                  ) -> tuple[int, list[dict]]:
+def _resume_point(ckpt: Path | None, fingerprint: str, code: str, num_layers: int, joint_from: int | None = None,
+                  say: Callable[[str], None] | None = None) -> tuple[int, list[dict]]:
     """Blocks already calibrated with these exact settings (their checkpoint) and their training
     logs, said out loud: a resumed run, and a checkpoint set aside because a setting changed, are
-    both news to a user. A checkpoint of other settings is moved aside, not deleted: one mistyped
-    flag must not destroy hours of blocks."""
-    if ckpt is None or not (ckpt / CHECKPOINT_STATE).is_file():
+    both news to a user. A checkpoint of other settings is moved aside, not deleted, into a folder
+    of its own settings (`_stale_dir`): one mistyped flag must not destroy hours of blocks, nor
+    a second one, and the run that made it, started again, takes it back and resumes."""
+    if ckpt is None:
         return 0, []
-    state = read_json(ckpt / CHECKPOINT_STATE)
-    other_code = state.get("code", code) != code  # older checkpoints did not record it: not compared
-    if state.get("fingerprint") != fingerprint or other_code:
-        stale = ckpt.with_name(f"{ckpt.name}.stale")
-        remove_checkpoint(stale)
-        _move_checkpoint(ckpt, stale)
+    if (ckpt / CHECKPOINT_STATE).is_file():
+        state = read_json(ckpt / CHECKPOINT_STATE)
+        other_code = state.get("code", code) != code  # older checkpoints did not record it: not compared
+        if state.get("fingerprint") != fingerprint or other_code:
+            stale = _stale_dir(ckpt, str(state.get("fingerprint")), str(state.get("code", "")))
+            remove_checkpoint(stale)  # an older copy of those same settings' blocks
+            _move_checkpoint(ckpt, stale)
+            if say:
+                made = "by other code (qrealign's calibration modules changed)" if other_code else \
+                    "with other settings or inputs"
+                say(f"[calibrate] the checkpoint in {ckpt} was made {made} "
+                    f"({state.get('completed_blocks', 0)} blocks): set aside in {stale} (the run that made it "
+                    "takes it back when it is started again)")
+    if not (ckpt / CHECKPOINT_STATE).is_file():
+        mine = _stale_dir(ckpt, fingerprint, code)
+        if not (mine / CHECKPOINT_STATE).is_file():
+            return 0, []
+        _move_checkpoint(mine, ckpt)
+        remove_checkpoint(mine)
         if say:
-            made = "by other code (qrealign's calibration modules changed)" if other_code else \
-                "with other settings or inputs"
-            say(f"[calibrate] the checkpoint in {ckpt} was made {made} "
-                f"({state.get('completed_blocks', 0)} blocks): set aside in {stale} (the run that made it resumes "
-                "if its files are moved back); starting at block 0")
-        return 0, []
+            say(f"[calibrate] this run's checkpoint had been set aside in {mine}: taken back")
+        state = read_json(ckpt / CHECKPOINT_STATE)
     done = int(state.get("completed_blocks", 0))
     missing = next((i for i in range(done) if not _block_file(ckpt, i).is_file()), None)
     if missing is not None:  # a hand-deleted or lost block file: redo from there instead of failing
         done = missing
+    if joint_from is not None and joint_from < done < num_layers:
+        done = joint_from  # a joint stage is checkpointed whole: a part of it (a lost file) is trained again
     if say and done:
         say(f"[calibrate] resuming from {ckpt}: blocks 0-{done - 1} done, continuing at block {done}")
     return done, list(state.get("logs") or [])[:done]
+
+
+def _stale_dir(ckpt: Path, fingerprint: str, code: str) -> Path:
+    """Where a checkpoint of these settings is set aside: one folder per settings, so setting a
+    second run aside never overwrites the first's blocks."""
+    key = hashlib.sha256(f"{fingerprint}\n{code}".encode()).hexdigest()[:12]
+    return ckpt.with_name(f"{ckpt.name}.stale-{key}")
 
 
 def _move_checkpoint(src: Path, dst: Path) -> None:
