@@ -607,3 +607,14 @@ def test_calibration_labels_other_than_0_and_1_are_refused(labels):
 
     with pytest.raises(QrealignError, match="must be 0 .benign. or 1 .malicious."):
         CalibrationSet(["a", "b", "c"], labels)
+
+
+def test_calibration_ids_must_name_every_prompt():
+    """records() pairs ids with prompts: a short or long id list would mislabel the provenance."""
+    from qrealign.calibrate.data import CalibrationSet
+    from qrealign.errors import QrealignError
+
+    assert CalibrationSet(["a", "b"], [0, 1], ["x", "y"]).ids == ["x", "y"]
+    for ids in (["x"], ["x", "y", "z"]):
+        with pytest.raises(QrealignError, match="ids and prompts differ in length"):
+            CalibrationSet(["a", "b"], [0, 1], ids)

@@ -35,6 +35,8 @@ class CalibrationSet:
             raise QrealignError(f"calibration labels must be 0 (benign) or 1 (malicious), got {bad[:3]}")
         if not self.ids:
             self.ids = [f"calib-{i}" for i in range(len(self.prompts))]
+        elif len(self.ids) != len(self.prompts):  # records() would pair them up wrongly
+            raise QrealignError(f"calibration ids and prompts differ in length ({len(self.ids)} vs {len(self.prompts)})")
 
     def records(self) -> list[SimpleNamespace]:
         """(id, text) records, the shape provenance and overlap checks read."""

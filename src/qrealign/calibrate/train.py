@@ -92,9 +92,11 @@ Step = Callable[[int], tuple[torch.Tensor, dict]]  # batch number -> (loss, logs
 
 def lr_factor(schedule: str | None, step: int, total: int) -> float:
     """The learning rate's multiplier at optimiser step `step` of `total` (0-based). "cosine":
-    from 1 down to 0 over the run, so the last steps average over many batches' gradients
-    instead of following the last few (with a constant rate and small batches, the learned
-    parameters depend on the batches' order). None: constant (OmniQuant)."""
+    half a cosine from 1 at step 0 toward 0 at step `total` (the last step, `total - 1`, runs at
+    (1 - cos(pi / total)) / 2 of the rate: 0.15 with 4 steps, 1e-5 with 500), so the
+    last steps average over many batches' gradients instead of following the last few (with a
+    constant rate and small batches, the learned parameters depend on the batches' order). None:
+    constant (OmniQuant)."""
     if schedule is None:
         return 1.0
     if schedule == "cosine":
