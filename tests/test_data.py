@@ -181,7 +181,38 @@ def test_twins_supplement_pairs_train_side_harmful_prompts_only(everything):
     assert calib.ids[20:] == [p.id for p in twins] and calib.split.endswith("+twins:benign")
     with pytest.raises(ValueError, match="unknown prompt supplement"):
         load_supplement("eval")
-    assert set(SUPPLEMENTS) == {"twins"} and "twins" not in SPLITS
+    assert set(SUPPLEMENTS) == {"twins", "edgy"} and not set(SUPPLEMENTS) & set(SPLITS)
+
+
+def test_edgy_supplement_is_benign_and_far_from_every_held_out_and_dev_prompt(everything):
+    """The calibration-only edgy-but-harmless requests (§61): benign, new texts, and no four-word
+    run or most of their words shared with an eval, confirm or probe (dev) prompt, which is how
+    they were filtered when written."""
+    from qrealign.calibrate.data import build_calibration
+    from qrealign.data.prompts import load_held_out, load_supplement
+
+    edgy = load_supplement("edgy")
+    assert len(edgy) == 48 and len({p.id for p in edgy}) == 48
+    assert all(p.label == 0 and p.split == "edgy" and p.category == "benign-edgy" for p in edgy)
+    others = list(everything) + load_supplement("twins") + load_held_out("confirm")
+    assert not {normalize_prompt(p.text) for p in edgy} & {normalize_prompt(p.text) for p in others}
+    assert not {p.id for p in edgy} & {p.id for p in others}
+    guarded = [p for p in everything if p.split in ("eval", "probe")] + load_held_out("confirm")
+
+    def words(text):
+        return re.findall(r"[a-z]+", text.lower())
+
+    def runs_of_four(w):
+        return {tuple(w[i:i + 4]) for i in range(len(w) - 3)}
+
+    kept = [(set(words(p.text)), runs_of_four(words(p.text))) for p in guarded]
+    for p in edgy:
+        w = words(p.text)
+        for other_words, other_runs in kept:
+            assert len(set(w) & other_words) / len(set(w) | other_words) < 0.4, p.text
+            assert not runs_of_four(w) & other_runs, p.text
+    calib = build_calibration(n=20, extra_benign="qrealign:edgy")
+    assert calib.ids[20:] == [p.id for p in edgy]
 
 
 def _words(text: str) -> frozenset[str]:

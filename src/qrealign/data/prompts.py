@@ -42,9 +42,11 @@ __all__ = [
 SPLITS: tuple[str, ...] = ("align", "attack", "probe", "calib", "eval")
 
 #: Calibration-only prompt sets outside the splits: "twins" holds a benign twin for each `calib`
-#: and `attack` harmful prompt that had none (docs/experiments.md §14). They are train-side data
-#: (no twin of a probe or eval prompt) and enter nothing unless named, e.g. "qrealign:twins".
-SUPPLEMENTS: dict[str, str] = {"twins": "twins_extra.jsonl"}
+#: and `attack` harmful prompt that had none (docs/experiments.md §14); "edgy" holds 48
+#: edgy-but-harmless requests ("kill all the background jobs in my terminal"), kept apart from
+#: every eval, confirm and probe prompt by word overlap (§61). They are train-side data (no twin
+#: of a probe or eval prompt) and enter nothing unless named, e.g. "qrealign:twins".
+SUPPLEMENTS: dict[str, str] = {"twins": "twins_extra.jsonl", "edgy": "edgy_extra.jsonl"}
 
 #: Evaluation-only prompt sets outside the splits, never read by any stage or choice before their
 #: first read: "confirm" was written after the `eval` split had been read many times for the demo's
