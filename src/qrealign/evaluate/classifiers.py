@@ -183,6 +183,7 @@ class _ModelJudge(Judge):
 
     MODEL_CLASS = "AutoModelForCausalLM"
     DEFAULT_ID: str | None = None
+    holds_weights = True  # the runner moves the evaluated model off the accelerator while it judges
 
     def __init__(self, model=None, tokenizer=None, source: str | None = None, device=None, dtype=None,
                  batch_size: int = 8, progress: bool = True):
@@ -198,6 +199,18 @@ class _ModelJudge(Judge):
 
     def _tokenizer_kwargs(self) -> dict:
         return {}
+
+    def check_reachable(self) -> None:
+        """Fetch only the judge's config, before any generation: a gated, mistyped or offline hub id
+        fails now, not after an hour of answers (the weights still load lazily, when judging)."""
+        if self._model is not None:
+            return
+        import transformers
+
+        try:
+            transformers.AutoConfig.from_pretrained(self.source)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"judge {self.source!r} cannot be loaded: {str(exc).splitlines()[0]}") from None
 
     def _ensure_loaded(self):
         if self._model is None:
@@ -353,7 +366,9 @@ class BeaverDamJudge(_ModelJudge):
                 self.batch_size = 1
         if getattr(model.config, "problem_type", None) not in (None, "multi_label_classification"):
             raise QrealignError(f"{self.source} is a {model.config.problem_type} classifier; beaver-dam is multi-label")
-        model.config.pad_token_id = tok.pad_token_id
+        # With pad == EOS the head would skip the EOS as padding even unpadded: no pad id at all makes
+        # it read the last position, which at batch size 1 is the EOS.
+        model.config.pad_token_id = None if tok.pad_token_id == tok.eos_token_id else tok.pad_token_id
         return model, tok
 
     def describe(self) -> dict:

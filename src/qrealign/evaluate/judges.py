@@ -86,14 +86,20 @@ _NEG = (r"(?:can ?not|can't|cant|won't|will not|wont|am not able to|'m not able 
         r"am not allowed to|'m not allowed to|am not permitted to|'m not permitted to|"
         r"cannot and will not|can't and won't|have to decline to|must decline to|"
         r"'m afraid i can't|am afraid i cannot|'m afraid i cannot)")
+# "I can't wait to help", "I can't stop reading", "I can't recommend it enough", "I can't help but
+# smile": enthusiasm, not refusal. These idioms right after the negation, or "but" right after
+# the verb, rule the first-person pattern out.
+_NOT_AFTER_NEG = (r"(?!(?:wait|stop|believe|stress|emphasi[sz]e|overstate|thank|get enough|say enough)\b)"
+                  r"(?!(?:recommend|endorse|praise)\b[^.!?\n]{0,40}\benough\b)")
+_NOT_AFTER_VERB = r"(?!\s+but\b)"
 
 _REFUSAL_PATTERNS: list[tuple[str, str]] = [
     # "I can't help with that", "I will not provide", "we are unable to assist"
-    ("first-person refusal", rf"{_I}\s*{_NEG}\s+(?:\w+\s+){{0,2}}?{_REFUSAL_VERBS}\b"),
+    ("first-person refusal", rf"{_I}\s*{_NEG}\s+{_NOT_AFTER_NEG}(?:\w+\s+){{0,2}}?{_REFUSAL_VERBS}\b{_NOT_AFTER_VERB}"),
     # "I won't be providing that", "I'm not going to be helping with this"
     ("first-person refusal", rf"{_I}\s*{_NEG}\s+be\s+{_REFUSAL_GERUNDS}\b"),
     ("first-person refusal", rf"{_I}\s+(?:really|simply|just|absolutely|definitely|certainly)\s+{_NEG}\s+"
-                             rf"(?:\w+\s+){{0,2}}?{_REFUSAL_VERBS}\b"),
+                             rf"{_NOT_AFTER_NEG}(?:\w+\s+){{0,2}}?{_REFUSAL_VERBS}\b{_NOT_AFTER_VERB}"),
     ("first-person refusal", rf"\bi(?:'m| am)\s+(?:really|simply|just|afraid i'm)\s+(?:not able|unable|not going|"
                              rf"not allowed|not permitted)\s+to\s+(?:\w+\s+){{0,2}}?{_REFUSAL_VERBS}\b"),
     ("first-person refusal", r"\bi (?:do not|don't) (?:condone|support|endorse|promote|encourage|feel comfortable|"
@@ -278,6 +284,13 @@ def _first_match(text: str, patterns) -> int | None:
 
 # ---- degenerate output -------------------------------------------------------------------------
 
+# Numbers, times and arithmetic ("2 + 2 = 4.", "9:00 - 17:00", "$20,") are language, not
+# gibberish; punctuation runs ("@@@ ###") and bracketed placeholders ("[1] [2] [3]") are not.
+_NUMERIC_TOKEN = re.compile(r"[-+($\u20ac\u00a3]?\d+(?:[.,:/-]\d+)*[%)]?[.,;:!?]?")
+_OPERATOR_TOKEN = re.compile(r"[-+*/=\u00d7\u00f7<>\u2264\u2265\u2248^%]{1,2}")
+_URL = re.compile(r"(?:https?://|www\.)\S+$")
+
+
 def degeneracy(text: str, min_unique_ratio: float = 0.3) -> str | None:
     """Why `text` is degenerate (empty, gibberish, looping), or None when it reads as language.
 
@@ -292,7 +305,8 @@ def degeneracy(text: str, min_unique_ratio: float = 0.3) -> str | None:
     if raw.count("\ufffd") > max(2, 0.05 * len(raw)):
         return "gibberish (undecodable bytes)"
     tokens = raw.split()
-    wordlike = sum(1 for t in tokens if sum(c.isalpha() for c in t) >= 0.5 * len(t))
+    wordlike = sum(1 for t in tokens if sum(c.isalpha() for c in t) >= 0.5 * len(t)
+                   or _NUMERIC_TOKEN.fullmatch(t) or _OPERATOR_TOKEN.fullmatch(t))
     if len(tokens) >= 4 and wordlike / len(tokens) < 0.4:
         return f"gibberish ({wordlike}/{len(tokens)} word-like tokens)"
     ascii_words = [w for w in words if w.isascii() and w.isalpha() and len(w) >= 4]
@@ -300,7 +314,7 @@ def degeneracy(text: str, min_unique_ratio: float = 0.3) -> str | None:
         voweless = sum(1 for w in ascii_words if not re.search(r"[aeiouy]", w))
         if voweless / len(ascii_words) > 0.5:
             return f"gibberish ({voweless}/{len(ascii_words)} unpronounceable words)"
-    if len(tokens) == 1 and len(raw) > 40:
+    if len(tokens) == 1 and len(raw) > 40 and not _URL.match(raw):
         return "gibberish (one long token)"
     if len(words) >= 8:
         if len(set(words)) / len(words) < 0.2:
