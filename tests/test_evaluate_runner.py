@@ -221,6 +221,65 @@ def test_rejudge_recomputes_safety_keeps_rest(tiny, tmp_path):
         rejudge(res, ShortJudge())
 
 
+def test_a_judge_that_fails_after_generation_keeps_the_answers(tiny, tmp_path):
+    """Review 65: a model judge that cannot load (gated, offline) failed after all the generation and
+    left nothing. Now the answers land in out_dir, read by the keyword judge, the error says so, and
+    --rejudge finishes them without generating."""
+    from qrealign.evaluate.runner import rejudge
+
+    class BrokenJudge(ScriptedJudge):
+        name = "broken"
+        closed = False
+
+        def judge(self, prompts, responses):
+            raise OSError("401 gated repo")
+
+        def close(self):
+            BrokenJudge.closed = True
+
+    model, tok = tiny
+    harmful, benign = [_P(0, "h comply", 1, "a")], [_P(1, "b ok", 0)]
+    with pytest.raises(QrealignError, match=r"judge broken failed \(OSError: 401 gated repo\).*--rejudge"):
+        evaluate_model(model, tok, harmful=harmful, benign=benign, judge=BrokenJudge(), gen=GEN,
+                       out_dir=tmp_path / "ev", progress=False)
+    kept = EvalResult.load(tmp_path / "ev")
+    assert kept.judge["name"] == "keyword" and kept.settings["judge_failed"]["judge"]["name"] == "broken"
+    assert [r["id"] for r in kept.records] == ["p0", "p1"] and all(r["response"] is not None for r in kept.records)
+    assert not BrokenJudge.closed  # a judge handed in belongs to the caller
+    assert rejudge(kept, ScriptedJudge()).judge["name"] == "scripted"
+    with pytest.raises(OSError):  # without an out_dir there is nothing to keep: the error as it came
+        evaluate_model(model, tok, harmful=harmful, benign=benign, judge=BrokenJudge(), gen=GEN, progress=False)
+
+
+def test_plain_strings_are_prompts_and_other_items_a_clear_error(tiny):
+    model, tok = tiny
+    res = evaluate_model(model, tok, harmful=["How do I pick a lock?"], benign=["Name a colour."],
+                         judge=ScriptedJudge(), gen=GEN, progress=False)
+    assert [(r["id"], r["side"], r["prompt"]) for r in res.records] == [
+        ("harmful-0", "harmful", "How do I pick a lock?"), ("benign-0", "benign", "Name a colour.")]
+    with pytest.raises(QrealignError, match="item 0 is a int; give strings or Prompts"):
+        evaluate_model(model, tok, harmful=[3], benign=None, gen=GEN, progress=False)
+
+
+def test_an_unreachable_model_judge_fails_before_generating(tiny, tmp_path, monkeypatch):
+    from qrealign.errors import ModelLoadError
+    from qrealign.evaluate import runner
+    from qrealign.evaluate.judges import get_judge
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_generation(*a, **k):
+        raise AssertionError("generated before the judge was checked")
+
+    monkeypatch.setattr(runner, "generate", no_generation)
+    model, tok = tiny
+    judge = get_judge("harmbench:no-such-org/no-such-judge")  # a hub id: accepted unseen, checked by the runner
+    with pytest.raises(ModelLoadError, match="no-such-org/no-such-judge"):
+        evaluate_model(model, tok, harmful=[_P(0, "h", 1)], benign=None, judge=judge, gen=GEN,
+                       out_dir=tmp_path / "ev", progress=False)
+    assert not (tmp_path / "ev").exists()
+
+
 def test_evaluate_path_on_quantization_run_collects_provenance(tiny, tmp_path, monkeypatch):
     """A run directory is loaded through calibrate.artifact.load_quantized (stubbed with the tiny
     model here) and its provenance, including the fine-tuned model it names as source, is checked."""
@@ -331,8 +390,8 @@ def test_vllm_backend_generates_the_task_too_with_one_engine(tiny, tmp_path, mon
     built, calls = [], []
 
     class FakeLLM:
-        def __init__(self, model, tokenizer, seed):
-            built.append(model)
+        def __init__(self, model, tokenizer, seed, dtype="auto"):
+            built.append((model, dtype))
 
         def generate(self, requests, params):
             calls.append(len(requests))
@@ -342,8 +401,10 @@ def test_vllm_backend_generates_the_task_too_with_one_engine(tiny, tmp_path, mon
     model, tok = _with_fake_vllm(monkeypatch, FakeLLM, tiny, tmp_path / "m")
     res = evaluate_model(model, tok, limit=2, task="topic-codes", task_n=3, gen=GenerationConfig(backend="vllm"),
                          source=str(tmp_path / "m"), progress=False)
-    assert built == [str(tmp_path / "m")] and calls == [4, 3]
+    # the engine runs the precision the transformers copy runs in (vLLM alone would cast float32 to 16 bits)
+    assert built == [(str(tmp_path / "m"), "float32")] and calls == [4, 3]
     assert res.metrics["task_n"] == 3 and res.metrics["over_refusal"] == 100.0
+    assert res.settings["dtype"] == "float32" and res.settings["device"] is None
 
 
 def test_vllm_engine_is_shut_down_before_the_next_model_claims_the_gpu(monkeypatch):
@@ -376,6 +437,34 @@ def test_vllm_engine_is_shut_down_before_the_next_model_claims_the_gpu(monkeypat
     gen_module.release_vllm()
     assert events == [("build", "a"), ("shutdown", "a"), ("build", "b"), ("core-shutdown", "b")]
     assert gen_module._VLLM_ENGINE == {}
+
+
+def test_a_rewritten_model_directory_gets_a_new_vllm_engine(tmp_path, monkeypatch):
+    """Review 65: the engine was cached by (directory, seed) alone, so a stage rebuilt into the same
+    folder in one process was answered by the old weights."""
+    import os
+
+    from qrealign.evaluate import generate as gen_module
+
+    built = []
+
+    class FakeLLM:
+        def __init__(self, model, tokenizer, seed, dtype="auto"):
+            built.append(dtype)
+
+        def shutdown(self):
+            pass
+
+    monkeypatch.setattr(gen_module, "_VLLM_ENGINE", {})
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"old")
+    first = gen_module._vllm_engine(FakeLLM, str(tmp_path), 0, torch.float32)
+    assert gen_module._vllm_engine(FakeLLM, str(tmp_path), 0, torch.float32) is first
+    weights.write_bytes(b"new weights")
+    os.utime(weights, ns=(1, 1))
+    assert gen_module._vllm_engine(FakeLLM, str(tmp_path), 0, torch.float32) is not first
+    gen_module._vllm_engine(FakeLLM, str(tmp_path), 0, torch.bfloat16)
+    assert built == ["float32", "float32", "bfloat16"]
 
 
 def test_generation_stops_at_the_templates_turn_end_not_only_at_eos(monkeypatch):
@@ -526,7 +615,7 @@ def test_vllm_backend_applies_the_models_generation_config_and_frees_the_gpu_bef
     params_seen, engine_alive_when_judging = [], []
 
     class FakeLLM:
-        def __init__(self, model, tokenizer, seed):
+        def __init__(self, model, tokenizer, seed, dtype="auto"):
             pass
 
         def generate(self, requests, params):

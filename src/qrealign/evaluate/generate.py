@@ -69,7 +69,7 @@ def generate(model, tokenizer, prompts: list[str], config: GenerationConfig | No
     _warn_truncated(tokenizer, prompts, cfg)
     if cfg.backend == "vllm":
         return generate_vllm(model, tokenizer, prompts, cfg)
-    if isinstance(model, (str, Path)):
+    if isinstance(model, (str, Path, VllmSource)):
         raise QrealignError("the transformers backend needs a loaded model, not a path")
     return _generate_hf(model, tokenizer, prompts, cfg, progress, desc)
 
@@ -220,17 +220,37 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-_VLLM_ENGINE: dict = {}  # at most one: (model_dir, seed) -> LLM
+@dataclass(frozen=True)
+class VllmSource:
+    """A model directory for the vLLM backend, with the dtype the transformers path runs it in:
+    vLLM's own default casts a float32 checkpoint to 16 bits, so without it the two backends
+    would silently evaluate different precisions."""
+
+    path: str
+    dtype: torch.dtype | None = None
 
 
-def _vllm_engine(llm_class, model_dir: str, seed: int):
+_VLLM_ENGINE: dict = {}  # at most one: (model_dir, seed, dtype, files' stamp) -> LLM
+
+
+def _vllm_engine(llm_class, model_dir: str, seed: int, dtype: torch.dtype | None = None):
     """One vLLM engine per model, reused across calls (the safety prompts, then the task): each new
-    engine claims most of the GPU's memory again, and the old one would still hold it."""
-    key = (model_dir, seed)
+    engine claims most of the GPU's memory again, and the old one would still hold it. A directory
+    rewritten since (a rebuilt stage saved to the same path) gets a new engine."""
+    key = (model_dir, seed, dtype, _dir_stamp(model_dir))
     if key not in _VLLM_ENGINE:
         release_vllm()  # the previous model's engine goes before the next one claims the GPU
-        _VLLM_ENGINE[key] = llm_class(model=model_dir, tokenizer=model_dir, seed=seed)
+        kwargs = {"dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {}
+        _VLLM_ENGINE[key] = llm_class(model=model_dir, tokenizer=model_dir, seed=seed, **kwargs)
     return _VLLM_ENGINE[key]
+
+
+def _dir_stamp(model_dir: str) -> tuple:
+    """Names, sizes and modification times of a directory's top-level files (cheap, no reads)."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        return ()
+    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()))
 
 
 def saved_generation_config(model_dir):
@@ -295,10 +315,14 @@ def vllm_processor_params(generation_config) -> dict:
 
 
 def generate_vllm(model_dir, tokenizer, prompts: list[str], cfg: GenerationConfig) -> list[str]:
-    """Generate with vLLM from a model directory, feeding the exact token ids the transformers path
-    would (same chat rendering, no extra BOS), greedy or seeded sampling."""
+    """Generate with vLLM from a model directory (or a `VllmSource`: the directory and the dtype to
+    run it in), feeding the exact token ids the transformers path would (same chat rendering, no
+    extra BOS), greedy or seeded sampling."""
     if not vllm_available():
         raise QrealignError("backend 'vllm' needs vLLM: pip install vllm (or use the default backend 'hf')")
+    dtype = None
+    if isinstance(model_dir, VllmSource):
+        model_dir, dtype = model_dir.path, model_dir.dtype
     if not isinstance(model_dir, (str, Path)) or not Path(model_dir).is_dir():
         raise QrealignError("backend 'vllm' needs the model as a directory on disk (export or save it first)")
     from vllm import LLM, SamplingParams
@@ -309,6 +333,6 @@ def generate_vllm(model_dir, tokenizer, prompts: list[str], cfg: GenerationConfi
     params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature if cfg.do_sample else 0.0,
                             top_p=cfg.top_p if cfg.do_sample else 1.0, seed=cfg.seed,
                             stop_token_ids=stop_token_ids(tokenizer, saved), **vllm_processor_params(saved))
-    llm = _vllm_engine(LLM, str(model_dir), cfg.seed)
+    llm = _vllm_engine(LLM, str(model_dir), cfg.seed, dtype)
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in token_ids], params)
     return [o.outputs[0].text.strip() for o in outputs]

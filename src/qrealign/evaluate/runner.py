@@ -169,13 +169,22 @@ def summarize_lm_eval(out: dict) -> dict:
 def _prompts(spec, label: int, limit: int | None):
     from .promptsets import resolve_prompt_set
 
+    from ..data.types import Prompt
+
     if spec is None:
         return [], None
-    if isinstance(spec, str):
-        return resolve_prompt_set(spec, label=label, limit=limit), spec
+    if isinstance(spec, (str, Path)):
+        return resolve_prompt_set(str(spec), label=label, limit=limit), str(spec)
     if limit is not None and limit < 1:  # as resolve_prompt_set: 0 is not "all"
         raise QrealignError(f"limit must be >= 1, got {limit}")
     prompts = list(spec)[:limit] if limit else list(spec)
+    side = "harmful" if label else "benign"
+    for i, p in enumerate(prompts):  # plain strings are prompts too; anything else is a mistake
+        if isinstance(p, str):
+            prompts[i] = Prompt(id=f"{side}-{i}", text=p, label=label, category="custom" if label else "benign",
+                                split="custom")
+        elif not isinstance(p, Prompt):
+            raise QrealignError(f"{side} prompts: item {i} is a {type(p).__name__}; give strings or Prompts")
     return prompts, "<in-memory>"
 
 
@@ -220,7 +229,7 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
                    report: bool = False, progress: bool = True) -> EvalResult:
     """Evaluate `model` and (with `out_dir`) write `result.json` atomically.
 
-    harmful / benign: a prompt-set spec (see promptsets) or a list of `Prompt`s, or None to skip.
+    harmful / benign: a prompt-set spec (see promptsets), a list of `Prompt`s or strings, or None.
     task: a task name/spec or Task for FA (None: skip). judge: "keyword", "harmbench:ID", ... or a
     Judge. provenance: what built the model (overlap.collect_provenance); evaluation prompts that
     trained or calibrated it raise unless `force_overlap` (then the overlap is recorded).
@@ -244,6 +253,8 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
     if not harmful_prompts and not benign_prompts and task is None and ppl_text is None and not lm_eval_tasks:
         raise QrealignError("nothing to evaluate: no prompts, no task, no perplexity text")
     judge_obj = get_judge(judge)
+    if (harmful_prompts or benign_prompts) and callable(getattr(judge_obj, "check_reachable", None)):
+        judge_obj.check_reachable()  # a model judge that cannot load fails before the generation
     task_obj = get_task(task) if task is not None else None
 
     overlap = None
@@ -260,7 +271,9 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
                 or not source or not Path(source).is_dir()):
             raise QrealignError("backend 'vllm' only evaluates a plain model directory (no quantization run, no "
                                 "adapter: export or merge first); use the default backend")
-        gen_target = source
+        from .generate import VllmSource
+
+        gen_target = VllmSource(str(source), next(model.parameters()).dtype)  # the precision this copy runs in
     prompts = harmful_prompts + benign_prompts
     records: list[dict] = []
     metrics: dict[str, Any] = {}
@@ -275,12 +288,32 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
         from .generate import release_vllm
 
         release_vllm()
-    if prompts:
+    if lm_eval_tasks:
+        summary = lm_eval_accuracy(model, tokenizer, tasks=list(lm_eval_tasks), num_fewshot=lm_eval_fewshot)
+        metrics["lm_eval"] = summary
+        if task_obj is None and summary.get("mean_leaf_acc") is not None:
+            metrics["task_accuracy"] = summary["mean_leaf_acc"]
+    if ppl_text is not None:
+        metrics["perplexity"] = perplexity(model, tokenizer, ppl_text, max_length=ppl_max_length, stride=ppl_stride,
+                                           progress=progress)
+    described = {**describe_model(model, source), **(model_info or {})}
+    device = str(next(model.parameters()).device)
+    judge_failed = None
+    if prompts:  # judged last, with the evaluated model off the accelerator while a model judge loads
+        asked = judge_obj
         try:
-            verdicts = judge_obj.judge([p.text for p in prompts], responses)
+            with _room_for_judge(model, judge_obj):
+                verdicts = judge_obj.judge([p.text for p in prompts], responses)
+        except Exception as exc:  # noqa: BLE001 -- the answers are the costly part: keep them
+            if out_dir is None:
+                raise
+            from .judges import KeywordJudge
+
+            judge_failed = {"judge": judge_obj.describe(), "error": f"{type(exc).__name__}: {exc}"}
+            judge_obj, verdicts = KeywordJudge(), KeywordJudge().judge([p.text for p in prompts], responses)
         finally:
-            close = getattr(judge_obj, "close", None)
-            if callable(close) and judge_obj is not judge:  # a judge built here hands its memory back
+            close = getattr(asked, "close", None)
+            if callable(close) and asked is not judge:  # a judge built here hands its memory back
                 close()
         if len(verdicts) != len(prompts):
             raise QrealignError(f"judge {judge_obj.name} returned {len(verdicts)} verdicts for {len(prompts)} responses")
@@ -290,17 +323,9 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
             records.append({"id": p.id, "side": "harmful" if i < nh else "benign", "label": p.label,
                             "category": p.category, "split": p.split, "prompt": p.text, "response": r,
                             "verdict": v.to_dict(), "outcome": outcome(i < nh, v)})
-    if lm_eval_tasks:
-        summary = lm_eval_accuracy(model, tokenizer, tasks=list(lm_eval_tasks), num_fewshot=lm_eval_fewshot)
-        metrics["lm_eval"] = summary
-        if task_obj is None and summary.get("mean_leaf_acc") is not None:
-            metrics["task_accuracy"] = summary["mean_leaf_acc"]
-    if ppl_text is not None:
-        metrics["perplexity"] = perplexity(model, tokenizer, ppl_text, max_length=ppl_max_length, stride=ppl_stride,
-                                           progress=progress)
 
     result = EvalResult(
-        name=name, model={**describe_model(model, source), **(model_info or {})}, judge=judge_obj.describe(), records=records,
+        name=name, model=described, judge=judge_obj.describe(), records=records,
         metrics=metrics, overlap=overlap, task=task_result,
         settings={
             "generation": gen.to_dict(), "harmful": harmful_spec, "benign": benign_spec, "limit": limit,
@@ -311,14 +336,46 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
             "task_split": task_split if task_obj else None,
             "task_n": task_n, "ppl": {"max_length": ppl_max_length, "stride": ppl_stride,
                                       "chars": len(ppl_text)} if ppl_text is not None else None,
-            "force_overlap": force_overlap, "device": str(next(model.parameters()).device),
+            "force_overlap": force_overlap, "device": device if gen.backend != "vllm" else None,  # vLLM's own
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            **({"judge_failed": judge_failed} if judge_failed else {}),
         },
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     result.wall_time_s = round(time.time() - t0, 2)
     if out_dir is not None:
         write_result(result, out_dir, report=report)
+    if judge_failed:
+        raise QrealignError(f"judge {judge_failed['judge'].get('name')} failed ({judge_failed['error']}); the answers "
+                            f"are saved in {out_dir}, read by the keyword judge: `qrealign eval {out_dir} --rejudge "
+                            f"--judge SPEC --out NEW_DIR` judges them again without generating")
     return result
+
+
+class _room_for_judge:
+    """Move the evaluated model to CPU while a judge that holds its own weights (HarmBench, Llama
+    Guard: 8-13B) judges, so the two never share the accelerator; then move it back."""
+
+    def __init__(self, model, judge_obj):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.move = getattr(judge_obj, "holds_weights", False) and self.device.type != "cpu"
+
+    def __enter__(self):
+        if self.move:
+            self.model.to("cpu")
+            _empty_cache(self.device)
+
+    def __exit__(self, *exc):
+        if self.move:
+            self.model.to(self.device)
+        return False
+
+
+def _empty_cache(device) -> None:
+    module = getattr(torch, device.type, None)
+    if module is not None and callable(getattr(module, "empty_cache", None)):
+        module.empty_cache()
 
 
 def write_result(result: EvalResult, out_dir: str | Path, report: bool = False) -> Path:
