@@ -103,6 +103,24 @@ def test_an_adapter_that_added_tokens_grows_the_base_embeddings_first(tmp_path):
         assert torch.allclose(peft_model(**ids).logits, merged(**ids).logits, atol=1e-5)
 
 
+def test_a_mistyped_adapter_fails_before_the_base_weights_load(tmp_path, monkeypatch):
+    import transformers
+
+    from qrealign.errors import ModelLoadError
+    from qrealign.models.load import load_model
+
+    model, tok = tiny_model("llama")
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+
+    def no_weights(*a, **k):
+        raise AssertionError("read the base weights before checking the adapter")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    with pytest.raises(ModelLoadError, match="not a PEFT adapter directory"):
+        load_model(str(tmp_path / "base"), adapter=str(tmp_path / "atack"))
+
+
 def test_adapter_for_another_base_is_rejected(tmp_path):
     base, tok = tiny_model("llama")
     base.save_pretrained(tmp_path / "base")

@@ -196,7 +196,8 @@ class AGNewsTask(HubTask):
 
 # ---- GSM8K ---------------------------------------------------------------------------------
 
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+# Commas only as thousands separators: "1,234" is one number, "1,2,3" three.
+_NUMBER = re.compile(r"-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 _FINAL = re.compile(r"the final answer is\s*:?\s*", re.IGNORECASE)
 
 

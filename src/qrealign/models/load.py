@@ -198,6 +198,8 @@ def load_model(
 
     src = resolve_source(source)
     target = resolve_device(device)  # a missing GPU fails before gigabytes are read
+    if adapter is not None:
+        check_adapter_dir(adapter)  # ... and so does a mistyped adapter path
     if offload is not None:  # (reads a local snapshot's config itself)
         model = _load_offloaded(src, adapter, offload, resolve_dtype(dtype), target, trust_remote_code)
         return _finish(model, src, None, padding_side)
