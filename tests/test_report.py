@@ -247,20 +247,21 @@ def test_a_row_without_task_accuracy_meets_nothing_and_wins_nothing():
     assert not standings(no_task, "attacked FP", "aligned FP", ["Q"])[0].meets
 
 
-def test_paired_task_delta_matches_the_paired_t_interval():
-    import statistics
-
-    from qrealign.evaluate.metrics import paired_task_delta
+def test_paired_task_delta_and_its_agresti_min_interval():
+    from qrealign.evaluate.metrics import PairedDelta, paired_task_delta
 
     a = [1, 1, 1, 0, 0, 1, 0, 1, 1, 0]
     b = [1, 0, 1, 0, 1, 1, 0, 0, 1, 0]
     rec = lambda xs: [{"id": f"t{i}", "correct": bool(x)} for i, x in enumerate(xs)]
     p = paired_task_delta(rec(a), list(reversed(rec(b))))  # paired by id, not by position
     assert (p.n, p.lost, p.gained) == (10, 2, 1) and p.delta == pytest.approx(-10.0)
-    d = [y - x for x, y in zip(a, b)]
-    half = 1.96 * statistics.stdev(d) / len(d) ** 0.5
+    # Agresti & Min (2005): 0.5 added to each of the four cells (here b = 2 lost, c = 1 gained, n = 10),
+    # then the Wald interval for matched proportions: (c - b)/n +- z sqrt((b + c) - (c - b)^2/n) / n
     lo, hi = p.interval()
-    assert lo == pytest.approx(100 * (statistics.mean(d) - half)) and hi == pytest.approx(100 * (statistics.mean(d) + half))
+    assert lo == pytest.approx(100 * (-1 / 12 - 1.96 * (4 - 1 / 12) ** 0.5 / 12))
+    assert hi == pytest.approx(100 * (-1 / 12 + 1.96 * (4 - 1 / 12) ** 0.5 / 12))
+    # nothing flipped on 200 items: not the plain Wald interval's (0, 0)
+    assert PairedDelta(200, 0, 0).interval() == pytest.approx((-1.96 / 2.02, 1.96 / 2.02))
     with pytest.raises(QrealignError, match="different items"):
         paired_task_delta(rec(a), rec(b)[:9])
     with pytest.raises(QrealignError, match="duplicate"):

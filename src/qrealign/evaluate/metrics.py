@@ -120,7 +120,9 @@ def safety_metrics(harmful: Sequence[Verdict], benign: Sequence[Verdict],
 class PairedDelta:
     """Accuracy of B minus accuracy of A on the same items, in points, with the items each side
     got right alone. Quantization flips answers both ways, so the net change hides how many items
-    moved; the 95 % interval is the normal one for the mean of the paired differences."""
+    moved. The 95 % interval is Agresti and Min's (2005): the Wald interval for matched proportions
+    with half an item added to each cell of the 2x2 table. The plain Wald interval is (0, 0) when
+    nothing flipped and too narrow with few flips, which is where a quantized model usually sits."""
 
     n: int
     lost: int  # right under A, wrong under B
@@ -131,10 +133,10 @@ class PairedDelta:
         return 100.0 * (self.gained - self.lost) / self.n
 
     def interval(self, z: float = 1.96) -> tuple[float, float]:
-        mean = (self.gained - self.lost) / self.n
-        var = ((self.gained + self.lost) / self.n - mean * mean) * self.n / max(self.n - 1, 1)
-        half = z * math.sqrt(max(var, 0.0) / self.n)
-        return 100.0 * (mean - half), 100.0 * (mean + half)
+        lost, gained, n = self.lost + 0.5, self.gained + 0.5, self.n + 2
+        centre = (gained - lost) / n
+        half = z * math.sqrt(max(gained + lost - (gained - lost) ** 2 / n, 0.0)) / n
+        return 100.0 * (centre - half), 100.0 * (centre + half)
 
 
 def paired_task_delta(records_a: Sequence[dict], records_b: Sequence[dict]) -> PairedDelta:
