@@ -278,6 +278,12 @@ def test_an_unreachable_model_judge_fails_before_generating(tiny, tmp_path, monk
         evaluate_model(model, tok, harmful=[_P(0, "h", 1)], benign=None, judge=judge, gen=GEN,
                        out_dir=tmp_path / "ev", progress=False)
     assert not (tmp_path / "ev").exists()
+    # the CLI checks it before it even loads the model to evaluate
+    from qrealign.cli import main
+
+    monkeypatch.setattr("qrealign.cli.eval_cmd._check_inputs", no_generation)
+    assert main(["eval", "whatever", "--judge", "llamaguard:no-such-org/no-such-guard", "--out",
+                 str(tmp_path / "cli")]) == 2
 
 
 def test_evaluate_path_on_quantization_run_collects_provenance(tiny, tmp_path, monkeypatch):
