@@ -59,7 +59,8 @@ def test_demo_runs_end_to_end_and_reuses_cached_stages(tmp_path, tiny_source):
     run = json.loads(next((tmp_path / "demo" / "stages").glob("quant-q-realign-first-token-W8A8-*/qrealign.json"))
                      .read_text())
     assert run["objective"] == "first-token"
-    assert run["calibration"]["split"].endswith("topic-codes:train[:96]+calib:benign+align:benign+twins:benign")
+    assert run["calibration"]["split"].endswith("topic-codes:train[:96]+calib:benign+align:benign+twins:benign"
+                                                "+edgy:benign+align:malicious+attack:malicious")  # W8A8's own set
     assert run["config"]["learn_rounding"] and run["config"]["lr_round"] == 3e-3  # the W8A8 override
     assert "greedy_margin=1.0/0.5/0.25:" in run["loss"]  # the W8A8 loss override
     # the teacher pass is its own cached stage, which the first-token calibration read
@@ -196,13 +197,13 @@ def test_a_per_scheme_override_changes_only_that_schemes_settings_and_key():
     assert tuned.resolved("W4A8")["config"]["lr_round"] == 2e-3
     assert "scheme_config" not in tuned.resolved("W4A8")
     # a field added later (extra malicious sources) keys a stage only when it is set
-    assert "calib_malicious" not in FIRST_TOKEN.resolved("W8A8")
-    paired = replace(FIRST_TOKEN, calib_malicious=("qrealign:align",))
+    assert "calib_malicious" not in FIRST_TOKEN.resolved("W4A8")
+    paired = replace(FIRST_TOKEN, calib_malicious=("qrealign:align",), scheme_calib={})
     assert paired.resolved("W8A8")["calib_malicious"] == ("qrealign:align",)
     # a per-scheme loss override (the demo's W8A8 greedy margin) keys only its scheme's stage
     plain = replace(FIRST_TOKEN, scheme_loss={})
     assert FIRST_TOKEN.resolved("W4A8") == plain.resolved("W4A8") and "scheme_loss" not in plain.resolved("W4A8")
-    assert FIRST_TOKEN.resolved("W8A8")["loss"] == {**FIRST_TOKEN.loss, "greedy_margin": 1.0, "margin_malicious": 2.0,
+    assert FIRST_TOKEN.resolved("W8A8")["loss"] == {**FIRST_TOKEN.loss, "greedy_margin": 2.0, "margin_malicious": 1.0,
                                                     "refusal_starts": ("I", "That", "Sorry", "No")}
     assert plain.resolved("W8A8")["loss"] == FIRST_TOKEN.loss
     # the teacher pass is shared by the schemes: its options cannot be set per scheme
@@ -216,10 +217,14 @@ def test_schemes_that_render_alike_share_one_teacher_pass():
     from qrealign.demo import _targets_job_key
 
     cfg = DemoConfig()
-    alike = replace(FIRST_TOKEN, scheme_config={"W8A8": {"lwc": False, "epochs": 4}, "W4A8": {"lr_round": 2e-3}})
+    alike = replace(FIRST_TOKEN, scheme_config={"W8A8": {"lwc": False, "epochs": 4}, "W4A8": {"lr_round": 2e-3}},
+                    scheme_calib={})
     assert _targets_job_key(cfg, alike, "W8A8") == _targets_job_key(cfg, alike, "W4A8")
-    # the demo's own first-token rows share theirs: a decaying rate is not the teacher's business
-    assert _targets_job_key(cfg, FIRST_TOKEN, "W8A8") == _targets_job_key(cfg, FIRST_TOKEN, "W4A8")
+    # a decaying rate is not the teacher's business
+    alike = replace(FIRST_TOKEN, scheme_calib={})
+    assert _targets_job_key(cfg, alike, "W8A8") == _targets_job_key(cfg, alike, "W4A8")
+    # the demo's own W8A8 row calibrates on more prompts than its W4A8 row: two teacher passes
+    assert _targets_job_key(cfg, FIRST_TOKEN, "W8A8") != _targets_job_key(cfg, FIRST_TOKEN, "W4A8")
     other_batch = replace(FIRST_TOKEN, scheme_config={"W4A8": {"batch_size": 8}})
     assert _targets_job_key(cfg, other_batch, "W8A8") != _targets_job_key(cfg, other_batch, "W4A8")
 
@@ -231,16 +236,37 @@ def test_a_per_scheme_seed_orders_that_schemes_calibration_and_gets_its_own_teac
     from qrealign.demo import _calib_config, _calibration, _targets_job_key
 
     cfg = DemoConfig()
-    seeded = replace(FIRST_TOKEN, scheme_config={**FIRST_TOKEN.scheme_config,
-                                                 "W8A8": {**FIRST_TOKEN.scheme_config["W8A8"], "seed": 1}})
+    base = replace(FIRST_TOKEN, scheme_calib={})  # one calibration set for both schemes
+    seeded = replace(base, scheme_config={**FIRST_TOKEN.scheme_config,
+                                          "W8A8": {**FIRST_TOKEN.scheme_config["W8A8"], "seed": 1}})
     assert _calib_config(cfg, seeded, "W8A8").seed == 1 and _calib_config(cfg, seeded, "W4A8").seed == cfg.seed
     w8, w4 = _calibration(cfg, seeded, "W8A8"), _calibration(cfg, seeded, "W4A8")
     assert sorted(w8.ids) == sorted(w4.ids) and w8.ids != w4.ids  # the same prompts, another order
-    assert w4.ids == _calibration(cfg, FIRST_TOKEN, "W4A8").ids
+    assert w4.ids == _calibration(cfg, base, "W4A8").ids
     assert _targets_job_key(cfg, seeded, "W8A8") != _targets_job_key(cfg, seeded, "W4A8")
-    assert _targets_job_key(cfg, seeded, "W4A8") == _targets_job_key(cfg, FIRST_TOKEN, "W4A8")
+    assert _targets_job_key(cfg, seeded, "W4A8") == _targets_job_key(cfg, base, "W4A8")
     # the same as the demo run with that seed throughout (docs/experiments.md §31)
-    assert w8.ids == _calibration(DemoConfig(seed=1), FIRST_TOKEN, "W8A8").ids
+    assert w8.ids == _calibration(DemoConfig(seed=1), base, "W8A8").ids
+
+
+def test_per_scheme_calibration_prompts_key_only_that_scheme_and_get_their_own_teacher_pass():
+    from qrealign.demo import _calibration, _targets_job_key
+    from qrealign.errors import QrealignError
+
+    cfg = DemoConfig()
+    base = replace(FIRST_TOKEN, scheme_calib={})
+    extra = replace(base, scheme_calib={"W8A8": {"calib_benign": (*base.calib_benign, "qrealign:edgy"),
+                                                 "calib_malicious": ("qrealign:align",)}})
+    assert extra.resolved("W4A8") == base.resolved("W4A8") and "scheme_calib" not in extra.resolved("W4A8")
+    assert extra.resolved("W8A8")["calib_malicious"] == ("qrealign:align",)
+    w8, w4 = _calibration(cfg, extra, "W8A8"), _calibration(cfg, extra, "W4A8")
+    assert w4.ids == _calibration(cfg, base, "W4A8").ids
+    assert set(w4.ids) < set(w8.ids) and sum(w8.labels) > sum(w4.labels)
+    assert any(i.startswith("be-edgy") for i in w8.ids) and not any(i.startswith("be-edgy") for i in w4.ids)
+    assert _targets_job_key(cfg, extra, "W8A8") != _targets_job_key(cfg, extra, "W4A8")
+    assert _targets_job_key(cfg, extra, "W4A8") == _targets_job_key(cfg, base, "W4A8")
+    with pytest.raises(QrealignError, match="scheme_calib takes calib_benign and calib_malicious, not calib_task"):
+        replace(base, scheme_calib={"W8A8": {"calib_task": 3}})
 
 
 def test_compile_quantizer_reaches_the_calibrations_that_train_and_leaves_default_keys_alone():

@@ -55,12 +55,25 @@ class Variant:
     scheme_config: dict = field(default_factory=dict)
     # Loss overrides for one scheme only, e.g. {"W8A8": {"greedy_margin": 1.0}}: chosen where measured.
     scheme_loss: dict = field(default_factory=dict)
+    # Calibration prompt sources for one scheme only, e.g. {"W8A8": {"calib_malicious": (...)}}; such
+    # a scheme gets its own teacher pass (it answers other prompts).
+    scheme_calib: dict = field(default_factory=dict)
 
     def __post_init__(self):
         shared = {k for overrides in self.scheme_loss.values() for k in overrides} & TEACHER_PASS_OPTIONS
         if shared:
             raise QrealignError(f"{self.name}: {', '.join(sorted(shared))} shape the teacher pass, which every "
                                 "scheme shares: set them in `loss`, not per scheme")
+        unknown = {k for overrides in self.scheme_calib.values() for k in overrides} - {"calib_benign",
+                                                                                         "calib_malicious"}
+        if unknown:
+            raise QrealignError(f"{self.name}: scheme_calib takes calib_benign and calib_malicious, not "
+                                f"{', '.join(sorted(unknown))}")
+
+    def calib_for(self, scheme: str) -> tuple:
+        """(calib_benign, calib_malicious) at `scheme`."""
+        over = self.scheme_calib.get(scheme, {})
+        return over.get("calib_benign", self.calib_benign), over.get("calib_malicious", self.calib_malicious)
 
     def config_for(self, scheme: str) -> dict:
         return {**self.config, **self.scheme_config.get(scheme, {})}
@@ -72,7 +85,8 @@ class Variant:
         """The variant as it runs at `scheme`: its settings with that scheme's overrides applied
         and no per-scheme table, so a stage's key changes only when this scheme's run does."""
         fields = asdict(self)
-        del fields["scheme_config"], fields["scheme_loss"]
+        del fields["scheme_config"], fields["scheme_loss"], fields["scheme_calib"]
+        fields["calib_benign"], fields["calib_malicious"] = self.calib_for(scheme)
         if fields["calib_malicious"] is None:  # added later: unset, it leaves the stage keys as they were
             del fields["calib_malicious"]
         return {**fields, "loss": self.loss_for(scheme), "config": self.config_for(scheme)}
@@ -147,6 +161,12 @@ CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AG
 # written before its last two runs; `confirm` had read the weight-1 row's HS cut at -68 %). Over
 # three seeds each: dev HS 18.8 -> 17.0 %, over-refusal 7.1 -> 6.8 %, FA-800 54.9 -> 55.7 %, new
 # benign loops 3.7 -> 5.0 a seed; the worst seed's smallest z-slack 0.48 -> 0.99.
+# At W8A8 the calibration set also holds 48 edgy-but-harmless prompts (`qrealign:edgy`) and the
+# `align` and `attack` splits' harmful prompts (729 prompts, 286 malicious; its own teacher pass),
+# and the margin's benign side weighs 2 against the malicious side's 1 (§61, adopted on the EPYC
+# lab's dev by a rule written before its last four runs, over three seeds each: harmful answered
+# 20.7 -> 15.0 of 110, benign refused 8.0 -> 7.0 of 113, FA-800 55.3 -> 55.5 %, new benign loops
+# 6.0 -> 9.0 a seed, the rule's limit).
 FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib_task=96,
                       calib_benign=("qrealign:calib", "qrealign:align", "qrealign:twins"),
                       loss={"layers_from": 0.6, "lam": 1.0, "benign_kl": 4.0, "refusal_targets": True,
@@ -156,8 +176,11 @@ FIRST_TOKEN = Variant("Q-realign (first-token)", "qrealign", teacher=True, calib
                               "lr_schedule": "cosine"},
                       scheme_config={"W8A8": {"lwc": False, "joint_recon_weight": 12.0},
                                      "W4A8": {"lr_round": 2e-3}},
-                      scheme_loss={"W8A8": {"greedy_margin": 1.0, "margin_malicious": 2.0,
-                                             "refusal_starts": ("I", "That", "Sorry", "No")}})
+                      scheme_loss={"W8A8": {"greedy_margin": 2.0, "margin_malicious": 1.0,
+                                             "refusal_starts": ("I", "That", "Sorry", "No")}},
+                      scheme_calib={"W8A8": {"calib_benign": ("qrealign:calib", "qrealign:align", "qrealign:twins",
+                                                              "qrealign:edgy"),
+                                             "calib_malicious": ("qrealign:align", "qrealign:attack")}})
 # The issue's table: the plain-PTQ controls, the paper's objective and the one that works here.
 DEFAULT_VARIANTS = (
     Variant("RTN", "rtn"),
@@ -536,10 +559,11 @@ def _quant_cost(variant: Variant, cfg: DemoConfig, scheme: str) -> float:
 def _calibration(cfg, variant: Variant, scheme: str):
     """The variant's calibration set at `scheme` (prompts only, no model: cheap, and built before
     any stage key, so editing a bundled prompt rebuilds). Its order follows the calibration's seed,
-    which a variant may set per scheme."""
+    which a variant may set per scheme, and so may its prompt sources."""
+    benign, malicious = variant.calib_for(scheme)
     return build_calibration("qrealign:calib", cfg.calib_n, cfg.malicious_ratio, _calib_seed(cfg, variant, scheme),
-                             task=_attack_task(cfg), task_n=variant.calib_task, extra_benign=variant.calib_benign,
-                             extra_malicious=variant.calib_malicious)
+                             task=_attack_task(cfg), task_n=variant.calib_task, extra_benign=benign,
+                             extra_malicious=malicious)
 
 
 def _calib_seed(cfg, variant: Variant, scheme: str) -> int:
@@ -554,12 +578,15 @@ def _targets_job_key(cfg, variant: Variant, scheme: str) -> str:
     seed = _calib_seed(cfg, variant, scheme)
     if seed != cfg.seed:  # another calibration order: another teacher pass
         payload = [payload, seed]
+    if scheme in variant.scheme_calib:  # other prompts: another teacher pass
+        payload = [payload, _calibration(cfg, variant, scheme).fingerprint()]
     return f"teacher targets: {variant.name} {sha256_json(payload)[:8]}"
 
 
 def _targets_stage(cfg, root, attacked_dir, aligned_dir, variant: Variant, scheme: str, log=print) -> Path:
     """The first-token objective's teacher targets (`calibrate.targets`): the teacher pass does
-    not depend on the scheme, so the W8A8 and W4A8 calibrations share one."""
+    not depend on the scheme, so the W8A8 and W4A8 calibrations share one unless a scheme has its
+    own calibration order or prompts."""
     from .calibrate.targets import compute_teacher_targets, render_options
 
     calib_cfg = _calib_config(cfg, variant, scheme)
