@@ -198,11 +198,11 @@ def load_model(
 
     src = resolve_source(source)
     target = resolve_device(device)  # a missing GPU fails before gigabytes are read
-    if adapter is not None:
-        check_adapter_dir(adapter)  # ... and so does a mistyped adapter path
     if offload is not None:  # (reads a local snapshot's config itself)
         model = _load_offloaded(src, adapter, offload, resolve_dtype(dtype), target, trust_remote_code)
         return _finish(model, src, None, padding_side)
+    if adapter is not None:
+        check_adapter_dir(adapter)  # ... and so does a mistyped adapter path
     hub_config = _read_config(src, trust_remote_code) if src.kind == "hub" else None  # config first, no weight
     kwargs: dict = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
     if src.gguf_file:
