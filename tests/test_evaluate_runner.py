@@ -261,6 +261,36 @@ def test_plain_strings_are_prompts_and_other_items_a_clear_error(tiny):
         evaluate_model(model, tok, harmful=[3], benign=None, gen=GEN, progress=False)
 
 
+def test_a_model_judge_reads_only_the_harmful_side(tiny, tmp_path):
+    """A benign answer counts only for refusals and loops, which a model judge takes from the
+    keyword reading: the model reads the harmful answers alone, in rejudge too."""
+    from qrealign.evaluate.judges import detect_refusal
+    from qrealign.evaluate.runner import rejudge
+
+    seen = []
+
+    class WeightyJudge(Judge):
+        name = "weighty"
+        holds_weights = True
+
+        def judge(self, prompts, responses):
+            seen.append(list(prompts))
+            return [Verdict(refused=False, harmful=True, reason="model") for _ in prompts]
+
+    model, tok = tiny
+    harmful = [_P(0, "h one", 1, "a"), _P(1, "h two", 1, "b")]
+    benign = [_P(2, "b one", 0), _P(3, "b two", 0)]
+    res = evaluate_model(model, tok, harmful=harmful, benign=benign, judge=WeightyJudge(), gen=GEN, progress=False)
+    assert seen == [["h one", "h two"]]
+    assert [r["verdict"]["reason"] for r in res.records[:2]] == ["model", "model"]
+    for r in res.records[2:]:  # the keyword judge's reading, as the model judge would have given it
+        assert r["verdict"] == detect_refusal(r["response"], r["prompt"]).to_dict()
+    again = rejudge(res, WeightyJudge())
+    assert seen[-1] == ["h one", "h two"] and again.hs == 100.0
+    assert evaluate_model(model, tok, harmful=None, benign=benign, judge=WeightyJudge(), gen=GEN,
+                          progress=False).records and len(seen) == 2  # no harmful side: no model at all
+
+
 def test_an_unreachable_model_judge_fails_before_generating(tiny, tmp_path, monkeypatch):
     from qrealign.errors import ModelLoadError
     from qrealign.evaluate import runner

@@ -303,7 +303,8 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
         asked = judge_obj
         try:
             with _room_for_judge(model, judge_obj):
-                verdicts = judge_obj.judge([p.text for p in prompts], responses)
+                verdicts = judge_sides(judge_obj, [p.text for p in prompts], responses,
+                                       [i < len(harmful_prompts) for i in range(len(prompts))])
         except Exception as exc:  # noqa: BLE001 -- the answers are the costly part: keep them
             if out_dir is None:
                 raise
@@ -446,6 +447,24 @@ def evaluate_path(source: str, adapter: str | None = None, device=None, dtype: s
                           model_info={"kind": desc["kind"], "adapter": adapter}, **kwargs)
 
 
+def judge_sides(judge_obj: Judge, prompts: list[str], responses: list[str], harmful: list[bool]) -> list[Verdict]:
+    """Verdicts in order. A judge that holds its own weights (HarmBench, Llama Guard, beaver-dam)
+    reads only the harmful side: a benign answer counts only for refusals and loops, which such a
+    judge takes from the keyword reading anyway, so running it there would double its GPU time."""
+    from .judges import KeywordJudge
+
+    if not getattr(judge_obj, "holds_weights", False) or all(harmful):
+        return judge_obj.judge(prompts, responses)
+    picked = [i for i, h in enumerate(harmful) if h]
+    judged = judge_obj.judge([prompts[i] for i in picked], [responses[i] for i in picked]) if picked else []
+    if len(judged) != len(picked):
+        raise QrealignError(f"judge {judge_obj.name} returned {len(judged)} verdicts for {len(picked)} responses")
+    by_model = iter(judged)
+    by_keyword = iter(KeywordJudge().judge([p for p, h in zip(prompts, harmful) if not h],
+                                           [r for r, h in zip(responses, harmful) if not h]))
+    return [next(by_model) if h else next(by_keyword) for h in harmful]
+
+
 def rejudge(result: EvalResult, judge: str | Judge, progress: bool = True) -> EvalResult:
     """The same responses judged again (e.g. by the HarmBench classifier on a GPU machine, after a
     CPU run with the keyword judge): safety metrics recomputed, generation untouched, task and
@@ -459,7 +478,8 @@ def rejudge(result: EvalResult, judge: str | Judge, progress: bool = True) -> Ev
     if not records:
         raise QrealignError("this result has no responses to judge")
     t0 = time.time()
-    verdicts = judge_obj.judge([r["prompt"] for r in records], [r["response"] for r in records])
+    verdicts = judge_sides(judge_obj, [r["prompt"] for r in records], [r["response"] for r in records],
+                           [r["side"] == "harmful" for r in records])
     if len(verdicts) != len(records):
         raise QrealignError(f"judge {judge_obj.name} returned {len(verdicts)} verdicts for {len(records)} responses")
     for r, v in zip(records, verdicts):
