@@ -91,7 +91,8 @@ _NEG = (r"(?:can ?not|can't|cant|won't|will not|wont|am not able to|'m not able 
 # the verb, rule the first-person pattern out.
 _NOT_AFTER_NEG = (r"(?!(?:wait|stop|believe|stress|emphasi[sz]e|overstate|thank|get enough|say enough)\b)"
                   r"(?!(?:recommend|endorse|praise)\b[^.!?\n]{0,40}\benough\b)")
-_NOT_AFTER_VERB = r"(?!\s+but\b)"
+_NOT_AFTER_VERB = (r"(?!\s+but\s+(?:notice|feel|think|wonder|smile|laugh|admire|agree|appreciate|love|be|"
+                   r"imagine|say|recall|remember)\b)")  # "I can't help but I can suggest ..." still refuses
 
 _REFUSAL_PATTERNS: list[tuple[str, str]] = [
     # "I can't help with that", "I will not provide", "we are unable to assist"
