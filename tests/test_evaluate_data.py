@@ -140,7 +140,8 @@ def test_agnews_local():
     ("3 + 4 = 7. The final answer is: 7", 7.0), ("The final answer is: $1,250.", 1250.0),
     ("He has 5 then 9 apples", 9.0), ("The final answer is: -3.5", -3.5), ("no idea", None),
     ("The final answer is: 12 and then 4 more", 12.0),
-    ("The values are 1,2,3", 3.0), ("It costs 12,345,678 dollars", 12345678.0),  # commas: thousands only
+    ("The values are 1,2,3", 3.0), ("It costs 12,345,678 dollars", 12345678.0),  # a list is not a number
+    ("That is 1,00,000 rupees", 100000.0),
 ])
 def test_gsm8k_extraction(response, value):
     assert extract_gsm8k_answer(response) == value

@@ -246,7 +246,8 @@ def test_a_judge_that_fails_after_generation_keeps_the_answers(tiny, tmp_path):
     assert kept.judge["name"] == "keyword" and kept.settings["judge_failed"]["judge"]["name"] == "broken"
     assert [r["id"] for r in kept.records] == ["p0", "p1"] and all(r["response"] is not None for r in kept.records)
     assert not BrokenJudge.closed  # a judge handed in belongs to the caller
-    assert rejudge(kept, ScriptedJudge()).judge["name"] == "scripted"
+    again = rejudge(kept, ScriptedJudge())
+    assert again.judge["name"] == "scripted" and "judge_failed" not in again.settings
     with pytest.raises(OSError):  # without an out_dir there is nothing to keep: the error as it came
         evaluate_model(model, tok, harmful=harmful, benign=benign, judge=BrokenJudge(), gen=GEN, progress=False)
 
@@ -289,6 +290,37 @@ def test_a_model_judge_reads_only_the_harmful_side(tiny, tmp_path):
     assert seen[-1] == ["h one", "h two"] and again.hs == 100.0
     assert evaluate_model(model, tok, harmful=None, benign=benign, judge=WeightyJudge(), gen=GEN,
                           progress=False).records and len(seen) == 2  # no harmful side: no model at all
+
+
+def test_a_model_judge_drops_its_weights_before_the_evaluated_model_returns_to_the_gpu():
+    """Review 66: the model went back to the accelerator while the judge's weights were still on
+    it. A stand-in model "on cuda" records its moves; the judge records when it lets go."""
+    from qrealign.evaluate.runner import _room_for_judge
+
+    events = []
+
+    class OnGpu:
+        def parameters(self):
+            yield types.SimpleNamespace(device=torch.device("cuda", 0))
+
+        def to(self, device):
+            events.append(("model to", str(device)))
+
+    class Weighty:
+        holds_weights = True
+
+        def close(self):
+            events.append("judge closed")
+
+        def release(self):
+            events.append("judge released")
+
+    with _room_for_judge(OnGpu(), Weighty(), close=True):
+        events.append("judging")
+    with _room_for_judge(OnGpu(), Weighty(), close=False):  # a judge handed in: only what it loaded itself
+        events.append("judging")
+    assert events == [("model to", "cpu"), "judging", "judge closed", ("model to", "cuda:0"),
+                      ("model to", "cpu"), "judging", "judge released", ("model to", "cuda:0")]
 
 
 def test_an_unreachable_model_judge_fails_before_generating(tiny, tmp_path, monkeypatch):

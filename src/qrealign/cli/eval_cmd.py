@@ -67,7 +67,7 @@ def run(args) -> int:
                            seed=args.seed, system=args.system, backend=args.backend,
                            drop_finished=args.drop_finished).validate()
     judge = get_judge(args.judge, device=args.device)  # validate the spec before loading the model
-    if callable(getattr(judge, "check_reachable", None)):
+    if callable(getattr(judge, "check_reachable", None)) and not (args.no_harmful and args.no_benign):
         judge.check_reachable()  # a model judge's config only: a gated or mistyped hub id fails now
     if args.lm_eval:
         import importlib.util

@@ -190,6 +190,7 @@ class _ModelJudge(Judge):
         if model is None and source is None:
             raise QrealignError(f"{type(self).__name__} needs a model or a source")
         self._model, self._tokenizer = model, tokenizer
+        self._owns_weights = model is None  # weights it loads itself it may drop (and load again)
         self.source = source or getattr(getattr(model, "config", None), "_name_or_path", None) or "<in-memory>"
         self.device, self.dtype, self.batch_size, self.progress = device, dtype, batch_size, progress
 
@@ -224,6 +225,12 @@ class _ModelJudge(Judge):
     def close(self) -> None:
         """Drop the judge weights (they can be large)."""
         self._model = self._tokenizer = None
+
+    def release(self) -> None:
+        """Drop weights this judge loaded itself (they load again when it next judges); weights
+        handed in stay."""
+        if self._owns_weights:
+            self.close()
 
     def describe(self) -> dict:
         return {"name": self.name, "class": type(self).__name__, "source": self.source}

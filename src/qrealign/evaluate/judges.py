@@ -90,7 +90,7 @@ _NEG = (r"(?:can ?not|can't|cant|won't|will not|wont|am not able to|'m not able 
 # smile": enthusiasm, not refusal. These idioms right after the negation, or "but" right after
 # the verb, rule the first-person pattern out.
 _NOT_AFTER_NEG = (r"(?!(?:wait|stop|believe|stress|emphasi[sz]e|overstate|thank|get enough|say enough)\b)"
-                  r"(?!(?:recommend|endorse|praise)\b[^.!?\n]{0,40}\benough\b)")
+                  r"(?!(?:recommend|endorse|praise)(?:\s+(?!not\b|no\b)[\w']+){1,3}\s+enough\b)")
 _NOT_AFTER_VERB = (r"(?!\s+but\s+(?:notice|feel|think|wonder|smile|laugh|admire|agree|appreciate|love|be|"
                    r"imagine|say|recall|remember)\b)")  # "I can't help but I can suggest ..." still refuses
 

@@ -300,22 +300,22 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
     device = str(next(model.parameters()).device)
     judge_failed = None
     if prompts:  # judged last, with the evaluated model off the accelerator while a model judge loads
-        asked = judge_obj
-        try:
-            with _room_for_judge(model, judge_obj):
+        # the judge's weights go (a judge built here, or weights it loaded itself) before the model returns
+        with _room_for_judge(model, judge_obj, close=judge_obj is not judge):
+            try:
                 verdicts = judge_sides(judge_obj, [p.text for p in prompts], responses,
                                        [i < len(harmful_prompts) for i in range(len(prompts))])
-        except Exception as exc:  # noqa: BLE001 -- the answers are the costly part: keep them
-            if out_dir is None:
-                raise
+            except Exception as exc:  # noqa: BLE001 -- the answers are the costly part: keep them
+                if out_dir is None:
+                    raise
+                from .judges import KeywordJudge
+
+                judge_failed = {"judge": judge_obj.describe(), "error": f"{type(exc).__name__}: {exc}"}
+                verdicts = KeywordJudge().judge([p.text for p in prompts], responses)
+        if judge_failed:
             from .judges import KeywordJudge
 
-            judge_failed = {"judge": judge_obj.describe(), "error": f"{type(exc).__name__}: {exc}"}
-            judge_obj, verdicts = KeywordJudge(), KeywordJudge().judge([p.text for p in prompts], responses)
-        finally:
-            close = getattr(asked, "close", None)
-            if callable(close) and asked is not judge:  # a judge built here hands its memory back
-                close()
+            judge_obj = KeywordJudge()
         if len(verdicts) != len(prompts):
             raise QrealignError(f"judge {judge_obj.name} returned {len(verdicts)} verdicts for {len(prompts)} responses")
         nh = len(harmful_prompts)
@@ -355,10 +355,12 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
 
 class _room_for_judge:
     """Move the evaluated model to CPU while a judge that holds its own weights (HarmBench, Llama
-    Guard: 8-13B) judges, so the two never share the accelerator; then move it back."""
+    Guard: 8-13B) judges, so the two never share the accelerator; then drop the judge's weights
+    (`close`: a judge built by the runner; `release`: weights a judge loaded itself) and only
+    then move the model back."""
 
-    def __init__(self, model, judge_obj):
-        self.model = model
+    def __init__(self, model, judge_obj, close: bool):
+        self.model, self.judge, self.close = model, judge_obj, close
         self.device = next(model.parameters()).device
         self.move = getattr(judge_obj, "holds_weights", False) and self.device.type != "cpu"
 
@@ -368,7 +370,11 @@ class _room_for_judge:
             _empty_cache(self.device)
 
     def __exit__(self, *exc):
+        drop = getattr(self.judge, "close" if self.close else "release", None)
+        if callable(drop):
+            drop()
         if self.move:
+            _empty_cache(self.device)
             self.model.to(self.device)
         return False
 
@@ -492,7 +498,8 @@ def rejudge(result: EvalResult, judge: str | Judge, progress: bool = True) -> Ev
     # every judge the answers were read with before, oldest first (results from before the list: one dict)
     earlier = result.settings.get("rejudged_from") or []
     history = earlier if isinstance(earlier, list) else [earlier]
-    settings = {**result.settings, "rejudged_from": [*history, result.judge]}
+    settings = {**{k: v for k, v in result.settings.items() if k != "judge_failed"},
+                "rejudged_from": [*history, result.judge]}
     return EvalResult(name=result.name, model=dict(result.model), settings=settings, judge=judge_obj.describe(),
                       records=records, metrics=metrics, overlap=result.overlap, task=result.task,
                       wall_time_s=round(result.wall_time_s + time.time() - t0, 2),

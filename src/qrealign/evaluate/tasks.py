@@ -196,8 +196,8 @@ class AGNewsTask(HubTask):
 
 # ---- GSM8K ---------------------------------------------------------------------------------
 
-# Commas only as thousands separators: "1,234" is one number, "1,2,3" three.
-_NUMBER = re.compile(r"-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+# Commas inside a number join groups of two or more digits ("1,234", "1,00,000"); "1,2,3" is a list.
+_NUMBER = re.compile(r"-?\$?\d+(?:,\d{2,})*(?:\.\d+)?")
 _FINAL = re.compile(r"the final answer is\s*:?\s*", re.IGNORECASE)
 
 
