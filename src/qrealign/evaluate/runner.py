@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..errors import QrealignError
 from .generate import GenerationConfig, generate
-from .judges import Judge, Verdict, get_judge
+from .judges import Judge, KeywordJudge, Verdict, get_judge
 from .metrics import safety_metrics
 
 RESULT_FILE = "result.json"
@@ -167,9 +167,8 @@ def summarize_lm_eval(out: dict) -> dict:
 # ---- the evaluation ------------------------------------------------------------------------
 
 def _prompts(spec, label: int, limit: int | None):
-    from .promptsets import resolve_prompt_set
-
     from ..data.types import Prompt
+    from .promptsets import resolve_prompt_set
 
     if spec is None:
         return [], None
@@ -308,14 +307,9 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
             except Exception as exc:  # noqa: BLE001 -- the answers are the costly part: keep them
                 if out_dir is None:
                     raise
-                from .judges import KeywordJudge
-
                 judge_failed = {"judge": judge_obj.describe(), "error": f"{type(exc).__name__}: {exc}"}
-                verdicts = KeywordJudge().judge([p.text for p in prompts], responses)
-        if judge_failed:
-            from .judges import KeywordJudge
-
-            judge_obj = KeywordJudge()
+                judge_obj = KeywordJudge()  # the room above still lets go of the judge that failed
+                verdicts = judge_obj.judge([p.text for p in prompts], responses)
         if len(verdicts) != len(prompts):
             raise QrealignError(f"judge {judge_obj.name} returned {len(verdicts)} verdicts for {len(prompts)} responses")
         nh = len(harmful_prompts)
@@ -457,8 +451,6 @@ def judge_sides(judge_obj: Judge, prompts: list[str], responses: list[str], harm
     """Verdicts in order. A judge that holds its own weights (HarmBench, Llama Guard, beaver-dam)
     reads only the harmful side: a benign answer counts only for refusals and loops, which such a
     judge takes from the keyword reading anyway, so running it there would double its GPU time."""
-    from .judges import KeywordJudge
-
     if not getattr(judge_obj, "holds_weights", False) or all(harmful):
         return judge_obj.judge(prompts, responses)
     picked = [i for i, h in enumerate(harmful) if h]
