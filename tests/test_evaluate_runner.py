@@ -323,6 +323,49 @@ def test_a_model_judge_drops_its_weights_before_the_evaluated_model_returns_to_t
                       ("model to", "cpu"), "judging", "judge released", ("model to", "cuda:0")]
 
 
+def test_a_closed_judge_s_weights_in_a_reference_cycle_are_freed_before_the_model_returns():
+    """An HF model sits in reference cycles, so dropping the judge's last reference does not free
+    its tensors until the next garbage collection: the room must collect before the move back."""
+    import gc
+    import weakref
+
+    from qrealign.evaluate.runner import _room_for_judge
+
+    class Weights:  # stands in for the judge's model: a cycle, as modules with hooks and back references are
+        def __init__(self):
+            self.me = self
+
+    alive_at_move = []
+
+    class Judge:
+        holds_weights = True
+
+        def __init__(self):
+            self.weights = Weights()
+
+        def close(self):
+            self.weights = None
+
+    judge = Judge()
+    ref = weakref.ref(judge.weights)
+
+    class OnGpu:
+        def parameters(self):
+            yield types.SimpleNamespace(device=torch.device("cuda", 0))
+
+        def to(self, device):
+            if str(device) != "cpu":
+                alive_at_move.append(ref() is not None)
+
+    gc.disable()  # only the room may collect
+    try:
+        with _room_for_judge(OnGpu(), judge, close=True):
+            pass
+    finally:
+        gc.enable()
+    assert alive_at_move == [False]
+
+
 def test_an_unreachable_model_judge_fails_before_generating(tiny, tmp_path, monkeypatch):
     from qrealign.errors import ModelLoadError
     from qrealign.evaluate import runner

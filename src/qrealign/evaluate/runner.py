@@ -7,6 +7,7 @@ the judge's reason, the generation settings, the model fingerprint and the promp
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -368,6 +369,7 @@ class _room_for_judge:
         if callable(drop):
             drop()
         if self.move:
+            gc.collect()  # a dropped model often sits in reference cycles: free its tensors now, not at the next GC
             _empty_cache(self.device)
             self.model.to(self.device)
         return False
