@@ -391,6 +391,21 @@ def test_an_unreachable_model_judge_fails_before_generating(tiny, tmp_path, monk
                  str(tmp_path / "cli")]) == 2
 
 
+def test_a_model_judge_fetches_its_config_once(monkeypatch):
+    """The CLI checks a judge before loading the evaluated model and the runner checks it again for
+    library callers: the second check must not go back to the hub."""
+    import transformers
+
+    from qrealign.evaluate.judges import get_judge
+
+    fetched = []
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda source, **k: fetched.append(source))
+    judge = get_judge("harmbench:some-org/some-judge")
+    judge.check_reachable()
+    judge.check_reachable()
+    assert fetched == ["some-org/some-judge"]
+
+
 def test_evaluate_path_on_quantization_run_collects_provenance(tiny, tmp_path, monkeypatch):
     """A run directory is loaded through calibrate.artifact.load_quantized (stubbed with the tiny
     model here) and its provenance, including the fine-tuned model it names as source, is checked."""

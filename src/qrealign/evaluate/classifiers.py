@@ -204,14 +204,15 @@ class _ModelJudge(Judge):
     def check_reachable(self) -> None:
         """Fetch only the judge's config, before any generation: a gated, mistyped or offline hub id
         fails now, not after an hour of answers (the weights still load lazily, when judging)."""
-        if self._model is not None:
-            return
+        if self._model is not None or getattr(self, "_reachable", False):
+            return  # the CLI checks before it loads the evaluated model, the runner again for library callers
         import transformers
 
         try:
             transformers.AutoConfig.from_pretrained(self.source)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"judge {self.source!r} cannot be loaded: {str(exc).splitlines()[0]}") from None
+        self._reachable = True
 
     def _ensure_loaded(self):
         if self._model is None:
