@@ -162,6 +162,9 @@ def test_lm_eval_summary_and_missing_package(tiny):
     s = summarize_lm_eval(out)
     assert s["mean_leaf_acc"] == pytest.approx(40.0)  # (0.6 + 0.2) / 2, acc_norm preferred
     assert s["paper_mean"] == pytest.approx(100 * (0.5 + 0.6 + 0.2) / 3)  # the authors' average, group row included
+    assert s["mean_item_acc"] is None  # no sample counts: no weighted mean is made up
+    out["n-samples"] = {"mmlu_a": {"original": 300, "effective": 300}, "mmlu_b": {"original": 100, "effective": 100}}
+    assert summarize_lm_eval(out)["mean_item_acc"] == pytest.approx(100 * (0.6 * 300 + 0.2 * 100) / 400)  # 50.0
     import importlib.util
 
     if importlib.util.find_spec("lm_eval") is None:
@@ -434,7 +437,7 @@ def test_evaluate_path_on_quantization_run_collects_provenance(tiny, tmp_path, m
 
 def test_lm_eval_wiring_with_a_stub_harness(tiny, monkeypatch):
     """The lm-eval path with a stand-in `lm_eval` module: the model object is handed to HFLM and the
-    leaf-task mean becomes the FA."""
+    item-weighted leaf accuracy becomes the FA (MMLU's subjects differ in size)."""
     import sys
     import types
 
@@ -448,7 +451,8 @@ def test_lm_eval_wiring_with_a_stub_harness(tiny, monkeypatch):
     def simple_evaluate(model, tasks, num_fewshot, limit):
         seen.update(tasks=tasks, fewshot=num_fewshot)
         return {"results": {"mmlu": {"acc,none": 0.3}, "mmlu_x": {"acc,none": 0.25}, "mmlu_y": {"acc,none": 0.35}},
-                "groups": {"mmlu": {}}}
+                "groups": {"mmlu": {}}, "n-samples": {"mmlu_x": {"original": 100, "effective": 100},
+                                                      "mmlu_y": {"original": 300, "effective": 300}}}
 
     lm_eval = types.ModuleType("lm_eval")
     lm_eval.simple_evaluate = simple_evaluate
@@ -460,7 +464,7 @@ def test_lm_eval_wiring_with_a_stub_harness(tiny, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval.models.huggingface", hf)
     res = evaluate_model(model, tok, harmful=None, benign=None, lm_eval_tasks=["mmlu"], progress=False)
     assert seen["model"] is model and seen["tasks"] == ["mmlu"] and seen["fewshot"] == 5
-    assert res.fa == pytest.approx(30.0) and res.settings["task"] == "lm-eval:mmlu"
+    assert res.fa == pytest.approx(32.5) and res.settings["task"] == "lm-eval:mmlu"  # (25 + 105) / 400, not 30
 
 
 @pytest.mark.slow

@@ -135,9 +135,11 @@ def lm_eval_accuracy(model, tokenizer, tasks: Sequence[str] = ("mmlu",), num_few
                      batch_size: int = 4, limit: int | float | None = None) -> dict:
     """MMLU etc. through lm-evaluation-harness on the in-memory model (fake-quantized included).
 
-    Returns {"tasks": {name: {metric: value}}, "mean_leaf_acc": mean acc_norm/acc over leaf
-    tasks, "paper_mean": the Q-realign script's unweighted mean over *every* results entry
-    (group rows included)}. Needs `pip install lm-eval` (and hub access for the task data)."""
+    Returns {"tasks": {name: {metric: value}}, "mean_item_acc": acc_norm/acc over leaf tasks
+    weighted by their evaluated items (MMLU's usual number: 14,042 questions, not 57 subjects
+    alike; None without lm-eval's sample counts), "mean_leaf_acc": the same, one vote per leaf task,
+    "paper_mean": the Q-realign script's unweighted mean over *every* results entry (group rows
+    included)}. Needs `pip install lm-eval` (and hub access for the task data)."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -160,8 +162,13 @@ def summarize_lm_eval(out: dict) -> dict:
 
     per = {name: {k: v for k, v in m.items() if isinstance(v, (int, float))} for name, m in results.items()}
     all_acc = [a for m in results.values() if (a := acc(m)) is not None]
-    leaf = [a for name, m in results.items() if name not in groups and (a := acc(m)) is not None]
-    return {"tasks": per, "mean_leaf_acc": 100 * sum(leaf) / len(leaf) if leaf else None,
+    leaves = {name: a for name, m in results.items() if name not in groups and (a := acc(m)) is not None}
+    leaf = list(leaves.values())
+    counts = {name: (out.get("n-samples") or {}).get(name, {}).get("effective") for name in leaves}
+    weighted = None
+    if leaves and all(isinstance(n, int) and n > 0 for n in counts.values()):
+        weighted = 100 * sum(a * counts[name] for name, a in leaves.items()) / sum(counts.values())
+    return {"tasks": per, "mean_item_acc": weighted, "mean_leaf_acc": 100 * sum(leaf) / len(leaf) if leaf else None,
             "paper_mean": 100 * sum(all_acc) / len(all_acc) if all_acc else None}
 
 
@@ -235,7 +242,7 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
     trained or calibrated it raise unless `force_overlap` (then the overlap is recorded).
     limit: first n prompts of each side; task_n: first n task examples; model_info: extra facts
     about the model for result.json (kind, adapter, ...). lm_eval_tasks: lm-evaluation-harness
-    tasks (e.g. ["mmlu"]); their leaf-task mean accuracy is the FA when no `task` is given."""
+    tasks (e.g. ["mmlu"]); their item-weighted accuracy (else the leaf-task mean) is the FA when no `task` is given."""
     from ..data.prompts import prompt_set_fingerprint
     from ..models.offload import require_resident
     from ..utils import check_out_dir
@@ -291,8 +298,9 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
     if lm_eval_tasks:
         summary = lm_eval_accuracy(model, tokenizer, tasks=list(lm_eval_tasks), num_fewshot=lm_eval_fewshot)
         metrics["lm_eval"] = summary
-        if task_obj is None and summary.get("mean_leaf_acc") is not None:
-            metrics["task_accuracy"] = summary["mean_leaf_acc"]
+        fa = summary["mean_item_acc"] if summary.get("mean_item_acc") is not None else summary.get("mean_leaf_acc")
+        if task_obj is None and fa is not None:
+            metrics["task_accuracy"] = fa
     if ppl_text is not None:
         metrics["perplexity"] = perplexity(model, tokenizer, ppl_text, max_length=ppl_max_length, stride=ppl_stride,
                                            progress=progress)
