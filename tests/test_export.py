@@ -286,7 +286,9 @@ def test_export_never_replaces_a_directory_that_is_not_an_export(runs, tmp_path)
     assert json.loads((out / "config.json").read_text())["qrealign_export"]["dtype"] == "bfloat16"
 
 
-def test_zero_point_outside_the_stored_range_is_refused():
+def test_a_same_sign_row_exports_with_its_zero_point_among_the_codes():
+    """A row that never reaches 0 used to get a zero point outside the int8 codes, which export had
+    to refuse; its range now holds 0 (review 67), as compressed-tensors' observers make it."""
     from qrealign.export.codes import linear_codes
     from qrealign.quant.qlinear import QuantLinear
 
@@ -302,8 +304,9 @@ def test_zero_point_outside_the_stored_range_is_refused():
     assert torch.equal(codes.dequantized, q.weight_quantizer(q.weight))
     with torch.no_grad():
         q.weight.copy_(torch.tensor([[1.0, 1.5, 2.0, 3.0], [-2.0, -1.0, 1.0, 0.25]]))  # row 0 never reaches 0
-    with pytest.raises(ExportError, match="zero point"):
-        linear_codes("bad", q, scheme.weights)
+    codes = linear_codes("same sign", q, scheme.weights)
+    assert codes.zero_point[0, 0].item() == -128 and codes.scale[0, 0].item() == pytest.approx(3 / 255)
+    assert torch.equal(codes.dequantized, q.weight_quantizer(q.weight))
 
 
 def test_cli_export_card_and_eval_loading(runs, tmp_path, capsys):

@@ -105,6 +105,62 @@ def test_schemes_are_data_and_round_trip():
         QuantArgs(1)
 
 
+def test_scheme_options_that_would_change_nothing_are_refused_and_w4a16_is_grouped_by_any_name():
+    """Review 67: `W4A16-wsym` ran per-channel while the W4A16 presets are g128, options with no
+    effect passed silently, and bad dict schemes failed with a bare KeyError or a tensor error."""
+    for name in ("W4A16", "W4A16-sym", "W4A16-wsym", "W3A16"):
+        w = get_scheme(name).weights
+        assert (w.strategy, w.group_size) == ("group", 128), name
+    assert get_scheme("W8A16").weights.strategy == "channel"  # 8-bit weight-only stays per-channel
+    assert get_scheme("W4A16-g64-wsym").weights.group_size == 64
+    for bad, match in (("W4A16-asym-act", "A16 keeps them FP"), ("W8A8-asym-act", "asymmetric already"),
+                       ("W8A8-sym-wsym", "-sym already does"), ("W16A8-wsym", "W16 keeps them FP")):
+        with pytest.raises(QrealignError, match=match):
+            get_scheme(bad)
+    for kwargs, match in (({"strategy": "group", "group_size": -128}, "positive integer"),
+                          ({"strategy": "group", "group_size": 2.5}, "positive integer"),
+                          ({"strategy": "channel", "group_size": 64}, "applies to strategy 'group'")):
+        with pytest.raises(QrealignError, match=match):
+            QuantArgs(4, **kwargs)
+    with pytest.raises(QrealignError, match="needs 'name'"):
+        Scheme.from_dict({"weights": {"num_bits": 8}, "activations": None})
+
+
+def test_an_asymmetric_weight_range_holds_zero_so_same_sign_groups_keep_their_precision():
+    """Review 67: a same-sign small group put the scale and zero point at their clamps and every
+    weight dequantized to one wrong number (and export refused the zero point). A weight range
+    now holds 0, as compressed-tensors' observers do; one that holds it already is unchanged."""
+    from qrealign.quant.quantizer import fake_quant, qparams
+
+    w = torch.tensor([[0.30, 0.3004, -1.0, -1.05]])
+    q = WeightQuantizer(QuantArgs(8, strategy="group", group_size=2), w.shape, lwc=False)
+    out = q(w)
+    step = torch.tensor([[0.3004, 0.3004, 1.05, 1.05]]) / 255
+    assert ((out - w).abs() <= step / 2 + 1e-7).all()
+    scale, zero = q.params(w)
+    assert ((zero >= 0) & (zero <= 255)).all()  # a code, as a checkpoint stores it
+    # a range with both signs: the old formula, bit for bit and in gradient
+    args = QuantArgs(8)
+    torch.manual_seed(0)
+    y = torch.randn(16, 64, requires_grad=True)
+    lo, hi = y.amin(dim=-1, keepdim=True), y.amax(dim=-1, keepdim=True)
+    old_scale = ((hi - lo) / 255).clamp(1e-5, 1e4)
+    old_zero = (-lo / old_scale).clamp(-1e4, 1e4).round().detach()
+    scale, zero = qparams(lo, hi, args, hold_zero=True)
+    assert torch.equal(scale, old_scale) and torch.equal(zero, old_zero)
+    g_new = torch.autograd.grad(fake_quant(y, scale, zero, args).square().sum(), y, retain_graph=True)[0]
+    g_old = torch.autograd.grad(fake_quant(y, old_scale, old_zero, args).square().sum(), y)[0]
+    assert torch.equal(g_new, g_old)
+    # LWC factors that cross on a same-sign row (min shrunk less than max) no longer invert the range
+    w = torch.tensor([[-1.0, -1.05, -1.1, -1.02]])
+    q = WeightQuantizer(QuantArgs(8), w.shape, lwc=True)
+    with torch.no_grad():
+        q.lowbound_factor.fill_(0.0)  # xmin -> 0.5 x -1.1 = -0.55, above xmax = -1.0: an inverted range
+        q.upbound_factor.fill_(20.0)
+    scale, zero = q.params(w)
+    assert scale.item() == pytest.approx(0.55 / 255, rel=1e-5) and zero.item() == 255
+
+
 def test_lwc_init_sets_the_initial_clipping():
     w = torch.tensor([[-1.0, 2.0]])
     q = WeightQuantizer(QuantArgs(8), w.shape, lwc=True, init=8.0)

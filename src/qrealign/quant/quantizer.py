@@ -30,9 +30,20 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
 
-def qparams(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+def qparams(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs,
+            hold_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero point for a range. Gradients flow through the scale (as in
-    OmniQuant); the zero point is rounded without STE."""
+    OmniQuant); the zero point is rounded without STE.
+
+    `hold_zero` widens an asymmetric range to hold 0, as compressed-tensors' observers do: its
+    checkpoints store a weight's zero point among the codes, and a same-sign row or small group
+    (or a row whose LWC factors crossed) would otherwise get a zero point outside them, or a scale
+    and zero point at their clamps that dequantize to garbage (review 67). Ranges that hold 0
+    already (every per-channel row of a real model) are unchanged, bit for bit and in gradient.
+    Dynamic per-token activations keep the plain range, as vLLM's asymmetric int8 kernel does
+    (its zero point is an int32 and may lie outside the codes)."""
+    if not args.symmetric and hold_zero:
+        xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
     if args.symmetric:
         absmax = torch.maximum(xmax.abs(), xmin.abs())
         scale = (absmax / args.qmax).clamp(SCALE_MIN, SCALE_MAX)
@@ -69,7 +80,7 @@ def _weight_qparams(g: torch.Tensor, up: torch.Tensor | None, low: torch.Tensor 
     if up is not None:
         xmax = torch.sigmoid(up) * xmax
         xmin = torch.sigmoid(low) * xmin
-    return qparams(xmin, xmax, args)
+    return qparams(xmin, xmax, args, hold_zero=True)
 
 
 def _weight_fake_quant(g: torch.Tensor, up: torch.Tensor | None, low: torch.Tensor | None,
@@ -83,7 +94,10 @@ def _per_token_fake_quant(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     """Per-token dynamic fake quantization, training path (gradients through the range). The
     scale and the codes are computed in float32 whatever the input's dtype: serving engines
     (vLLM's int8 kernels) read bf16 activations and do this arithmetic in float32, and in bf16 a
-    few per cent of the codes (a third, asymmetric) would land one to three steps off."""
+    few per cent of the codes (a third, asymmetric) would land one to three steps off. The
+    dequantized value is then cast back to the input's dtype, and bf16 cannot hold code x scale
+    for large codes: up to half a step off the grid (review 67), where an int8 kernel is exact.
+    A bf16 evaluation is therefore close to, not equal to, the exported model; float32 is exact."""
     xf = x.float()
     scale, zero = qparams(xf.amin(dim=-1, keepdim=True), xf.amax(dim=-1, keepdim=True), args)
     return fake_quant(xf, scale, zero, args).to(x.dtype)
@@ -213,7 +227,7 @@ class ActQuantizer(nn.Module):
             if self.static_min is None:
                 raise RuntimeError("static activation quantizer used before observing calibration data")
             xmin, xmax = self.static_min, self.static_max
-        scale, zero = qparams(xmin, xmax, self.args)
+        scale, zero = qparams(xmin, xmax, self.args, hold_zero=True)  # a static scale is a checkpoint's too
         return fake_quant(x, scale, zero, self.args)
 
 

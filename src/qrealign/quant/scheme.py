@@ -27,8 +27,13 @@ class QuantArgs:
             raise QrealignError(f"num_bits must be in [2, 16], got {self.num_bits}")
         if self.strategy not in ("channel", "group", "token", "tensor"):
             raise QrealignError(f"unknown strategy {self.strategy!r}")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+                                            or self.group_size < 1):
+            raise QrealignError(f"group_size must be a positive integer, got {self.group_size!r}")
         if self.strategy == "group" and not self.group_size:
             raise QrealignError("strategy 'group' needs a group_size")
+        if self.strategy != "group" and self.group_size is not None:  # it would be ignored without a word
+            raise QrealignError(f"group_size {self.group_size} applies to strategy 'group', not {self.strategy!r}")
         if not self.symmetric and self.num_bits > 13:  # the zero point is clamped to +-1e4 (as OmniQuant)
             raise QrealignError(f"asymmetric {self.num_bits}-bit quantization is not supported (its zero point "
                                 "would leave the +-1e4 range it is kept in); use at most 13 bits or symmetric")
@@ -71,6 +76,8 @@ class Scheme:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Scheme":
+        if not isinstance(d, dict) or "name" not in d:
+            raise QrealignError(f"a scheme given as data needs 'name', 'weights' and 'activations' keys, got {d!r}")
         return cls(d["name"],
                    QuantArgs(**d["weights"]) if d.get("weights") else None,
                    QuantArgs(**d["activations"]) if d.get("activations") else None)
@@ -98,6 +105,10 @@ PRESETS: dict[str, Scheme] = {
     "W8A8-sym": Scheme("W8A8-sym", _w(8, sym=True), _a(8, sym=True)),
     "W4A16-sym": Scheme("W4A16-sym", _w(4, group=128, sym=True), None),
 }
+
+# Weight-only schemes of at most 4 bits are grouped unless the name says -g<N>: per-channel 4-bit
+# weights without the activations' bits to spare lose too much (GPTQ, AWQ and the presets use 128).
+_WEIGHT_ONLY_GROUP = 128
 
 _PATTERN = re.compile(r"^W(\d+)A(\d+)((?:-(?:g\d+|sym|wsym|asym-act))*)$", re.IGNORECASE)
 
@@ -136,7 +147,17 @@ def get_scheme(spec: str | dict | Scheme) -> Scheme:
     if group and int(group[1]) < 1:
         raise QrealignError(f"scheme {spec!r}: the group size must be >= 1 (leave -g out for per-channel)")
     sym = "-sym" in suffix.replace("-asym-act", "")
-    weights = _w(wbits, int(group[1]) if group else None, sym=sym or "-wsym" in suffix) if wbits < 16 else None
+    # options that would change nothing are refused, not ignored
+    if "-wsym" in suffix and (wbits == 16 or sym):
+        raise QrealignError(f"scheme {spec!r}: -wsym makes the weights symmetric; "
+                            + ("W16 keeps them FP" if wbits == 16 else "-sym already does"))
+    if "-asym-act" in suffix and (abits == 16 or not sym):
+        raise QrealignError(f"scheme {spec!r}: -asym-act keeps the activations asymmetric under -sym; "
+                            + ("A16 keeps them FP" if abits == 16 else "without -sym they are asymmetric already"))
+    group_size = int(group[1]) if group else None
+    if group_size is None and abits == 16 and wbits <= 4:  # as the W4A16 presets: weight-only 4-bit is grouped
+        group_size = _WEIGHT_ONLY_GROUP
+    weights = _w(wbits, group_size, sym=sym or "-wsym" in suffix) if wbits < 16 else None
     acts = _a(abits, sym=sym and "-asym-act" not in suffix) if abits < 16 else None
     return Scheme(f"W{wbits}A{abits}{suffix}", weights, acts)
 
