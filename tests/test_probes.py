@@ -194,6 +194,43 @@ def test_unusable_layers_marked():
     assert strict.usable_layers == [] and "logit" in strict.metrics[0].reason
 
 
+def test_a_chance_probe_on_unbalanced_classes_is_not_usable():
+    """Review 67: with classes 4:1 a probe that calls (nearly) everything the majority class passed
+    the plain-accuracy gate. Pure noise, 400 vs 100 samples: balanced accuracy and AUC say chance."""
+    rng = np.random.default_rng(0)
+    pos, neg = rng.normal(size=(1, 400, 32)), rng.normal(size=(1, 100, 32))
+    for kwargs in ({"method": "direction", "threshold": "best"}, {"class_weight": None}):
+        probes = fit_probes(pos, neg, progress=False, **kwargs)
+        m = probes.metrics[0]
+        assert not m.usable and ("balanced accuracy" in m.reason or "AUC" in m.reason), (kwargs, m)
+        assert m.bal_acc < 0.75 and m.auc < 0.75
+    planted_pos, planted_neg, _ = planted(rng, layers=1)
+    good = fit_probes(planted_pos, planted_neg, progress=False)
+    assert good.metrics[0].usable and good.metrics[0].bal_acc > 0.9 and good.metrics[0].converged is True
+
+
+def test_an_unconverged_solver_is_recorded_and_reported():
+    """Review 67: saga on raw features can stop at max_iter with a dense "L1" probe; that was silent."""
+    rng = np.random.default_rng(1)
+    pos, neg, _ = planted(rng, layers=1)
+    pos[..., 0] += 800.0  # a massive-activation channel, as in real decoders
+    neg[..., 0] += 800.0
+    with pytest.warns(UserWarning, match="stopped at max_iter=3 before converging on layers \\[0\\]"):
+        probes = fit_probes(pos, neg, progress=False, solver="saga", standardize=False, max_iter=3, cv=0)
+    assert probes.metrics[0].converged is False
+    loaded = LayerMetrics.from_json(probes.metrics[0].to_json())
+    assert loaded.converged is False and loaded.bal_acc == probes.metrics[0].bal_acc
+    assert fit_probes(pos, neg, progress=False, method="direction", cv=0).metrics[0].converged is None
+
+
+def test_layer_ids_must_be_distinct_and_non_negative():
+    rng = np.random.default_rng(2)
+    pos, neg, _ = planted(rng, layers=2)
+    for layers in ([-1, 1], [1, 1]):
+        with pytest.raises(QrealignError, match="distinct block indices"):
+            fit_probes(pos, neg, progress=False, layers=layers, num_layers=3)
+
+
 # --- storage ---------------------------------------------------------------------------------
 def test_save_load_round_trip(tmp_path):
     rng = np.random.default_rng(5)
@@ -260,6 +297,8 @@ def test_paper_target_on_tiny_model():
         model.get_input_embeddings().weight.mul_(50.0)
     harmful, benign = _prompt_sets()
     probes = fit_paper_probes(model, tok, harmful, benign, split="probe", progress=False, cv=3)
+    left = fit_paper_probes(model, tok, harmful, benign, split="probe", progress=False, cv=3, padding_side="left")
+    assert torch.allclose(left.w, probes.w, atol=1e-5)  # review 67: padding_side reached fit_probes and failed there
     assert probes.target == "paper" and probes.w.shape == (2, 64)
     assert probes.data["n_matched_benign"] == 24 and probes.data["provenance"]["probes"]["n"] == 54
     assert probes.metrics[1].acc_matched is not None and probes.metrics[1].acc > 0.9

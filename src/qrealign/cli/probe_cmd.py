@@ -14,8 +14,8 @@ DESCRIPTION = (
     "'paper' = L1 logistic regression, harmful vs benign prompts on the aligned MODEL (paper §3.1); "
     "'contrast' = L1 logistic regression, MODEL's (aligned) vs --finetuned model's states on the same "
     "harmful prompts; 'refusal-direction' = difference of means (harmful vs benign, or aligned vs "
-    "fine-tuned when --finetuned is given). Layers whose held-out accuracy is below --min-accuracy "
-    "are marked unusable for the quantizer."
+    "fine-tuned when --finetuned is given). Layers whose held-out accuracy, balanced accuracy, AUC or "
+    "cross-validated accuracy is below --min-accuracy are marked unusable for the quantizer."
 )
 
 
@@ -51,7 +51,8 @@ def add_arguments(parser) -> None:
                         help="k-fold cross-validated accuracy, required (with the held-out one) for a layer to be usable "
                              "(default 5; 0 = off)")
     parser.add_argument("--min-accuracy", type=float, default=0.75,
-                        help="held-out accuracy below which a layer is marked unusable (default 0.75)")
+                        help="held-out accuracy (plain, balanced, AUC, cross-validated) below which a layer is marked "
+                             "unusable (default 0.75)")
     parser.add_argument("--max-abs-logit", type=float, default=30.0,
                         help="mean |held-out logit| above which a layer is marked unusable (default 30)")
     parser.add_argument("--system", help="system prompt for the chat template (default: the model's own)")

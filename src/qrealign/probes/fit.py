@@ -119,12 +119,19 @@ def _auc(z_pos: np.ndarray, z_neg: np.ndarray) -> float:
 
 def layer_metrics(layer: int, w: np.ndarray, b: float, pos: np.ndarray, neg: np.ndarray, split: Split,
                   matched_neg: np.ndarray | None = None, min_accuracy: float = DEFAULT_MIN_ACCURACY,
-                  max_abs_logit: float = DEFAULT_MAX_ABS_LOGIT, cv_acc: float | None = None) -> LayerMetrics:
-    """Held-out quality of one raw-space probe (w, b), and whether the quantizer may use it."""
+                  max_abs_logit: float = DEFAULT_MAX_ABS_LOGIT, cv_acc: float | None = None,
+                  converged: bool | None = None) -> LayerMetrics:
+    """Held-out quality of one raw-space probe (w, b), and whether the quantizer may use it.
+
+    The gate reads the balanced accuracy and the AUC, not only the plain accuracy: with classes
+    4:1 a probe that calls everything the majority class has accuracy 0.8 (review 67). On a
+    balanced hold-out the balanced accuracy is the accuracy."""
     z_pos, z_neg = pos @ w + b, neg @ w + b
     te_p, te_n = z_pos[split.test_pos], z_neg[split.test_neg]
     tr_p, tr_n = z_pos[split.train_pos], z_neg[split.train_neg]
     acc = float(((te_p > 0).sum() + (te_n <= 0).sum()) / (len(te_p) + len(te_n)))
+    bal_acc = float(0.5 * ((te_p > 0).mean() + (te_n <= 0).mean()))
+    auc = _auc(te_p, te_n)
     train_acc = float(((tr_p > 0).sum() + (tr_n <= 0).sum()) / (len(tr_p) + len(tr_n)))
     acc_matched = None
     if matched_neg is not None:
@@ -138,6 +145,10 @@ def layer_metrics(layer: int, w: np.ndarray, b: float, pos: np.ndarray, neg: np.
         reasons.append("non-finite weights")
     if acc < min_accuracy:
         reasons.append(f"held-out accuracy {acc:.2f} < {min_accuracy:.2f}")
+    if bal_acc < min_accuracy <= acc:
+        reasons.append(f"held-out balanced accuracy {bal_acc:.2f} < {min_accuracy:.2f}")
+    if auc < min_accuracy:
+        reasons.append(f"held-out AUC {auc:.2f} < {min_accuracy:.2f}")
     if cv_acc is not None and cv_acc < min_accuracy:
         reasons.append(f"cross-validated accuracy {cv_acc:.2f} < {min_accuracy:.2f}")
     if mean_abs > max_abs_logit:
@@ -145,7 +156,8 @@ def layer_metrics(layer: int, w: np.ndarray, b: float, pos: np.ndarray, neg: np.
     if not np.any(w):
         reasons.append("all weights zero")
     return LayerMetrics(
-        layer=layer, fitted=True, acc=acc, train_acc=train_acc, auc=_auc(te_p, te_n), acc_matched=acc_matched,
+        layer=layer, fitted=True, acc=acc, train_acc=train_acc, auc=auc, bal_acc=bal_acc, converged=converged,
+        acc_matched=acc_matched,
         nnz=int(np.count_nonzero(w)), w_norm=float(np.linalg.norm(w)), fisher=fisher_ratio(pos, neg),
         cv_acc=cv_acc, logit_pos=float(te_p.mean()), logit_neg=float(te_n.mean()),
         n_train=len(split.train_pos) + len(split.train_neg), n_test=len(te_p) + len(te_n),
@@ -181,12 +193,15 @@ def fold_standardization(w_std: np.ndarray, b_std: float, mu: np.ndarray, sd: np
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, C: float = 1.0, standardize: bool = True,
                  solver: str = "liblinear", max_iter: int = 2000, class_weight: str | None = "balanced",
-                 seed: int = 0) -> tuple[np.ndarray, float]:
+                 seed: int = 0, info: dict | None = None) -> tuple[np.ndarray, float]:
     """One L1 logistic regression; returns raw-space (w, b).
 
     `liblinear` is the default (50x faster than `saga` at d=576 and converges exactly); it
     penalises the intercept as a synthetic feature, so `intercept_scaling` is raised to make that
-    penalty negligible. `saga` (the authors' solver) is available for faithfulness."""
+    penalty negligible. `saga` (the authors' solver) is available for faithfulness; on raw
+    features with a massive-activation channel it can stop at `max_iter`, not sparse yet. sklearn's
+    warning is silenced because it would repeat per fold: `info`, when given, receives
+    `converged` and `n_iter`, and `fit_probes` records and reports them per layer."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
@@ -205,6 +220,9 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, C: float = 1.0, standardize: bool
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", FutureWarning)
         clf.fit(xs, y)
+    if info is not None:
+        n_iter = int(np.max(clf.n_iter_))
+        info.update(n_iter=n_iter, converged=n_iter < max_iter)
     return fold_standardization(clf.coef_[0].astype(np.float64), float(clf.intercept_[0]), mu, sd)
 
 
@@ -218,7 +236,9 @@ def _sklearn_version() -> tuple[int, int]:
 def fit_direction(pos: np.ndarray, neg: np.ndarray, threshold: str = "midpoint") -> tuple[np.ndarray, float]:
     """Dense difference-of-means direction, scaled so that logits are in units of the pooled
     within-class standard deviation of the projection (a margin of 1 = one spread), with the
-    threshold at the midpoint of the projected class means or at the best training accuracy."""
+    threshold at the midpoint of the projected class means or at the best training balanced
+    accuracy (plain accuracy would put the cut past every sample of the smaller class when the
+    classes are unbalanced and barely separated)."""
     diff = pos.mean(0) - neg.mean(0)
     norm = np.linalg.norm(diff)
     if norm == 0:
@@ -235,8 +255,8 @@ def fit_direction(pos: np.ndarray, neg: np.ndarray, threshold: str = "midpoint")
     zp, zn = pp / spread, pn / spread
     cands = np.unique(np.concatenate([zp, zn]))
     cuts = np.concatenate([[cands[0] - 1.0], 0.5 * (cands[1:] + cands[:-1]), [cands[-1] + 1.0]])
-    correct = (zp[None, :] > cuts[:, None]).sum(1) + (zn[None, :] <= cuts[:, None]).sum(1)
-    best = np.flatnonzero(correct == correct.max())
+    correct = (zp[None, :] > cuts[:, None]).mean(1) + (zn[None, :] <= cuts[:, None]).mean(1)
+    best = np.flatnonzero(np.isclose(correct, correct.max(), rtol=0, atol=1e-12))
     cut = cuts[best[np.argmin(np.abs(cuts[best] - mid))]]  # ties: the cut closest to the midpoint
     return w, float(-cut)
 
@@ -271,6 +291,8 @@ def fit_probes(features_pos, features_neg, C: float = 1.0, standardize: bool = T
     num_layers = num_layers if num_layers is not None else max(layers) + 1
     if max(layers) >= num_layers:
         raise QrealignError(f"layer {max(layers)} >= num_layers {num_layers}")
+    if min(layers) < 0 or len(set(layers)) != len(layers):  # a -1 or a repeat would overwrite another row
+        raise QrealignError(f"layer ids must be distinct block indices >= 0, got {layers}")
     split = split_indices(pos.shape[1], neg.shape[1], test_size, seed, groups_pos, groups_neg)
     matched = None if matched_neg is None else np.asarray(matched_neg, dtype=bool)
     if matched is not None and len(matched) != neg.shape[1]:
@@ -281,17 +303,21 @@ def fit_probes(features_pos, features_neg, C: float = 1.0, standardize: bool = T
     metrics = [LayerMetrics(layer=l, fitted=False, reason="not fitted") for l in range(num_layers)]
     folds = cv_folds(pos.shape[1], neg.shape[1], cv, seed, groups_pos, groups_neg) if cv and cv > 1 else []
 
-    def fit_one(p: np.ndarray, n: np.ndarray, sp: Split) -> tuple[np.ndarray, float]:
+    def fit_one(p: np.ndarray, n: np.ndarray, sp: Split, info: dict | None = None) -> tuple[np.ndarray, float]:
         if method == "direction":
             return fit_direction(p[sp.train_pos], n[sp.train_neg], threshold=threshold)
         x = np.concatenate([p[sp.train_pos], n[sp.train_neg]])
         y = np.concatenate([np.ones(len(sp.train_pos)), np.zeros(len(sp.train_neg))])
         return fit_logistic(x, y, C=C, standardize=standardize, solver=solver, max_iter=max_iter,
-                            class_weight=class_weight, seed=seed)
+                            class_weight=class_weight, seed=seed, info=info)
 
+    unconverged = []
     for row, layer in enumerate(tqdm(layers, desc=f"fitting {method} probes", unit="layer", disable=not progress)):
         p, n = pos[row], neg[row]
-        w, b = fit_one(p, n, split)
+        info: dict = {}
+        w, b = fit_one(p, n, split, info)
+        if info.get("converged") is False:
+            unconverged.append(layer)
         cv_acc = None
         if folds:
             correct = total = 0
@@ -301,7 +327,12 @@ def fit_probes(features_pos, features_neg, C: float = 1.0, standardize: bool = T
                 total += len(sp.test_pos) + len(sp.test_neg)
             cv_acc = correct / total
         w_all[layer], b_all[layer] = w, b
-        metrics[layer] = layer_metrics(layer, w, b, p, n, split, matched, min_accuracy, max_abs_logit, cv_acc)
+        metrics[layer] = layer_metrics(layer, w, b, p, n, split, matched, min_accuracy, max_abs_logit, cv_acc,
+                                       converged=info.get("converged"))
+    if unconverged:
+        warnings.warn(f"the {solver} solver stopped at max_iter={max_iter} before converging on layers {unconverged} "
+                      "(recorded per layer as converged=False): its L1 weights are not sparse yet; raise max_iter or "
+                      "standardize the features", stacklevel=2)
 
     settings = {"method": method, "test_size": test_size, "seed": seed, "cv_folds": len(folds), "min_accuracy": min_accuracy,
                 "max_abs_logit": max_abs_logit, "grouped_split": groups_pos is not None or groups_neg is not None}

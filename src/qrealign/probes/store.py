@@ -40,6 +40,8 @@ class LayerMetrics:
     acc: float = float("nan")  # held-out accuracy at threshold 0
     train_acc: float = float("nan")
     auc: float = float("nan")  # held-out ROC AUC (threshold-free)
+    bal_acc: float = float("nan")  # held-out balanced accuracy: the mean of the two classes' recalls
+    converged: bool | None = None  # the L1 solver stopped before max_iter (None: no iterative solver)
     acc_matched: float | None = None  # held-out accuracy on class 1 + matched class-0 twins only
     cv_acc: float | None = None  # k-fold cross-validated accuracy over all samples (same grouping)
     nnz: int = 0  # non-zero weights

@@ -89,12 +89,12 @@ def _prompt_data(split: str | None, **classes: Sequence) -> dict[str, Any]:
 
 
 def _capture_kwargs(kwargs: dict) -> dict:
-    keys = ("batch_size", "device", "system", "max_length", "progress")
+    keys = ("batch_size", "device", "system", "max_length", "padding_side", "progress")
     return {k: kwargs[k] for k in keys if k in kwargs}
 
 
 def _fit_kwargs(kwargs: dict) -> dict:
-    keys = ("batch_size", "device", "system", "max_length")
+    keys = ("batch_size", "device", "system", "max_length", "padding_side")
     return {k: v for k, v in kwargs.items() if k not in keys}
 
 
