@@ -68,3 +68,38 @@ def test_registry_skips_qk_where_a_head_norm_breaks_it():
     for model_type, has_qk in [("llama", True), ("qwen3", False), ("gemma3_text", False), ("gemma2", True)]:
         model, _ = tiny_model(model_type)
         assert ("qk" in block_pairs(model)) is has_qk
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "llama"])
+def test_a_folded_gemma_norm_stays_float32_in_a_bf16_block(model_type):
+    """Review 67: LET folded into Gemma's (1 + w) norm stores (1 + w) / s - 1, near -1 for a large s,
+    and casting the block back to bf16 lost a few to tens of per cent of that channel's multiplier.
+    Those norms now stay float32 (Gemma computes them in float32 anyway); other norms are cast."""
+    from qrealign.quant.let import cast_keeping_folded_norms
+
+    model, block, x, kw = _block_and_inputs(model_type)
+    spec = get_arch(model)
+    let = LETParams(spec, block, head_layout(model.config), tuple(block_pairs(model)), False)
+    with torch.no_grad():
+        for p in let.scales.values():
+            p.copy_(10 + 30 * torch.rand_like(p))  # SmoothQuant-sized scales
+        let.fold_(block)
+        ref = block_output(block(x, **kw)).clone()
+        exact = {pair.smooth: block.get_submodule(pair.smooth).weight.clone() for pair in spec.smooth_pairs}
+        cast_keeping_folded_norms(block, spec, torch.bfloat16)
+        norm_dtypes = {block.get_submodule(name).weight.dtype for name in exact}
+        half = lambda v: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else (  # noqa: E731
+            tuple(half(t) for t in v) if isinstance(v, tuple) else v)
+        kw16 = {k: half(v) if k == "position_embeddings" else v for k, v in kw.items()}  # the mask stays float32
+        out = block_output(block(x.bfloat16(), **kw16)).float()
+    assert block.get_submodule(spec.linears[0]).weight.dtype == torch.bfloat16
+    if spec.norm_offset:
+        assert norm_dtypes == {torch.float32}
+        assert all(torch.equal(block.get_submodule(n).weight, w) for n, w in exact.items())
+        # what a plain bf16 cast of the norm would have done to its multiplier (1 + w)
+        w = next(iter(exact.values()))
+        lost = ((w.bfloat16().float() + 1) - (w + 1)).abs() / (w + 1).abs()
+        assert lost.max() > 0.01
+    else:
+        assert norm_dtypes == {torch.bfloat16}
+    assert torch.isfinite(out).all() and (out - ref).norm() / ref.norm() < 0.05

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from ..errors import IncompatibleArtifact
 from ..models.registry import get_arch, get_blocks, head_layout
-from ..quant.let import LETParams
+from ..quant.let import LETParams, cast_keeping_folded_norms
 from ..quant.qlinear import QuantLinear, wrap_linears
 from ..quant.scheme import Scheme, get_scheme
 from ..utils import (atomic_dir, fingerprint_matches, read_json, resolve_device, resolve_dtype,
@@ -110,7 +110,7 @@ def apply_block_quant_params(model, i: int, scheme: Scheme, params: dict[str, to
             if isinstance(m, QuantLinear):
                 m.freeze()
     if dtype != torch.float32 and freeze:
-        block.to(dtype)
+        cast_keeping_folded_norms(block, spec, dtype)
 
 
 def _rope_invariant(params, prefix, layout) -> bool:

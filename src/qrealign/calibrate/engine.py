@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..errors import QrealignError
 from ..models.offload import offloaded
 from ..models.registry import block_pairs, block_types, get_arch, get_blocks, head_layout
-from ..quant.let import LETParams
+from ..quant.let import LETParams, cast_keeping_folded_norms
 from ..quant.qlinear import QuantLinear, wrap_linears
 from ..quant.quantizer import check_compiler
 from ..quant.scheme import Scheme, get_scheme
@@ -537,7 +537,8 @@ def _to_compute(model: nn.Module, i: int, dev: torch.device) -> Callable[[], Non
     block = get_blocks(model)[i]
     orig_device, orig_dtype = next(block.parameters()).device, next(block.parameters()).dtype
     block.to(dev, torch.float32)
-    return lambda: block.to(orig_device, orig_dtype)
+    spec = get_arch(model)
+    return lambda: cast_keeping_folded_norms(block, spec, orig_dtype, orig_device)
 
 
 def _has_safety_term(loss, layer: int) -> bool:
