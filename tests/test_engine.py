@@ -583,6 +583,35 @@ def test_cosine_schedule_sets_each_steps_learning_rate_and_keys_the_run(calib_se
     assert all(lrs == list(bases) for lrs in seen) and const.fingerprint != run.fingerprint
 
 
+@pytest.mark.parametrize("model_type", ["gemma2", "llama"])
+def test_folded_gemma_norms_stay_float32_after_calibration_and_reload(calib_set, tmp_path, model_type):
+    """Review 67, through the real paths: the engine puts each block back in bf16 and the reload
+    folds and casts the same way; Gemma's LET-folded (1 + w) norms stay float32 and equal in both,
+    other norms follow the model's dtype."""
+    from qrealign.models import load_model
+    from qrealign.models.registry import get_arch, get_blocks
+
+    model, tok = tiny_model(model_type, seed=4, num_hidden_layers=2)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    model, tok = load_model(str(tmp_path / "m"), dtype="bfloat16")
+    quantize(model, tok, calib_set, "W8A8", CalibConfig(epochs=1, batch_size=4), out=tmp_path / "run", progress=False)
+    fresh, _, _ = load_quantized(tmp_path / "run", dtype="bfloat16")
+    spec = get_arch(model)
+    want = torch.float32 if spec.norm_offset else torch.bfloat16
+    for m in (model, fresh):
+        for block in get_blocks(m):
+            for pair in spec.smooth_pairs:
+                assert block.get_submodule(pair.smooth).weight.dtype == want
+            assert block.get_submodule(spec.linears[0]).weight.dtype == torch.bfloat16
+    for a, b in zip(get_blocks(model), get_blocks(fresh)):
+        for pair in spec.smooth_pairs:
+            assert torch.equal(a.get_submodule(pair.smooth).weight, b.get_submodule(pair.smooth).weight)
+    ids = tok(["hello there"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(fresh(**ids).logits).all()
+
+
 @pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "llama", "qwen2"])
 def test_a_bf16_model_calibrates_whatever_its_norm_returns(calib_set, model_type):
     """Blocks compute in float32; Gemma's norm returns its input's dtype, so a bf16 model's block-0
