@@ -24,7 +24,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--task", help="task for FA: topic-codes, sst2, agnews, gsm8k (NAME:PATH for local files)")
     parser.add_argument("--task-n", type=int, help="first N task examples (default: the whole test split)")
     parser.add_argument("--lm-eval", help="comma-separated lm-evaluation-harness tasks, e.g. mmlu (needs lm-eval "
-                                          "and hub access); their mean accuracy is the FA when --task is not given")
+                                          "and hub access); their accuracy over all items (MMLU's usual number, subjects weighted "
+                                          "by size) is the FA when --task is not given")
     parser.add_argument("--lm-eval-fewshot", type=int, default=5)
     parser.add_argument("--judge", default="keyword",
                         help="keyword | harmbench:PATH_OR_ID | llamaguard:PATH_OR_ID | beaverdam:PATH_OR_ID")
