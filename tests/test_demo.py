@@ -269,6 +269,35 @@ def test_per_scheme_calibration_prompts_key_only_that_scheme_and_get_their_own_t
         replace(base, scheme_calib={"W8A8": {"calib_task": 3}})
 
 
+def test_a_per_scheme_calibration_equal_to_the_base_one_is_one_teacher_job():
+    """Review 68: the job key added the calibration whenever a scheme had its own sources, the
+    stage key only what they contain; equal prompts were two jobs building one stage at once."""
+    from qrealign.demo import _targets_job_key
+
+    cfg = DemoConfig()
+    same = replace(FIRST_TOKEN, scheme_calib={"W8A8": {"calib_benign": FIRST_TOKEN.calib_benign}})
+    assert _targets_job_key(cfg, same, "W8A8") == _targets_job_key(cfg, same, "W4A8")
+
+
+def test_row_mistakes_are_refused_before_any_stage_runs():
+    """Review 68: an unknown method ran as reconstruction-only under its own label; a qrealign row
+    with neither probes nor teacher, twin names or sweep labels, and extra-scheme names that match no
+    variant failed or vanished only after the align, attack and probe stages."""
+    from qrealign.demo import DEFAULT_VARIANTS, Variant
+    from qrealign.errors import QrealignError
+
+    rtn = DEFAULT_VARIANTS[0]
+    for bad, match in (({"variants": (Variant("GPTQ", "gptq"),)}, "unknown method 'gptq'"),
+                       ({"variants": (Variant("mine", "qrealign"),)}, "needs a probe target"),
+                       ({"variants": (rtn, rtn)}, "must be distinct: RTN"),
+                       ({"attack_sweep": (0.1, 0.1000001)}, "differ in their labels"),
+                       ({"extra_scheme_variants": ("rtn",)}, "names no variant: 'rtn'"),
+                       ({"variants": ()}, "at least one variant")):
+        with pytest.raises(QrealignError, match=match):
+            DemoConfig(**bad)
+    DemoConfig(schemes=("W8A8",), variants=(rtn,))  # one scheme: the extra-scheme names are not read
+
+
 def test_compile_quantizer_reaches_the_calibrations_that_train_and_leaves_default_keys_alone():
     from qrealign.demo import DEFAULT_VARIANTS, DemoConfig, _calib_config
 

@@ -269,6 +269,7 @@ class DemoConfig:
                 raise QrealignError(f"{name} must be >= {low}, got {value}")
         if not 0.0 <= self.malicious_ratio <= 1.0:
             raise QrealignError(f"malicious_ratio must be in [0, 1], got {self.malicious_ratio}")
+        self._check_rows()
         self.also_eval = tuple(self.also_eval)
         names = [eval_set_name(spec) for spec in self.also_eval]
         if len(set(names)) != len(names) or "eval" in names:
@@ -291,6 +292,34 @@ class DemoConfig:
             if importlib.util.find_spec("compressed_tensors") is None:  # not after the hour before the export
                 raise QrealignError("export: the compressed-tensors library is not installed "
                                     "(pip install 'qrealign[export]')")
+
+
+    def _check_rows(self) -> None:
+        """The rows' mistakes, up front (review 68): each surfaced only after the align, attack and
+        probe stages, as a bare KeyError, a "duplicate job keys", or a row silently dropped or
+        mislabelled (an unknown method ran as reconstruction-only under its own name)."""
+        names = [v.name for v in self.variants]
+        if not names:
+            raise QrealignError("the demo needs at least one variant")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise QrealignError(f"variant names are row labels and must be distinct: {', '.join(twice)}")
+        for v in self.variants:
+            if v.method not in VARIANT_METHODS:
+                raise QrealignError(f"variant {v.name!r}: unknown method {v.method!r}; one of {', '.join(VARIANT_METHODS)}")
+            if v.method == "qrealign" and not v.probes and not v.teacher:
+                raise QrealignError(f"variant {v.name!r}: a qrealign row needs a probe target (probes=...) or the "
+                                    "teacher's first token (teacher=True)")
+        labels = [f"{r:g}" for r in self.attack_sweep]
+        if len(set(labels)) != len(labels):
+            raise QrealignError(f"attack_sweep ratios must differ in their labels (p={', p='.join(labels)})")
+        unknown = [n for n in self.extra_scheme_variants if n not in names]
+        if len(self.schemes) > 1 and unknown:
+            raise QrealignError(f"extra_scheme_variants names no variant: {', '.join(map(repr, unknown))}; "
+                                f"variants: {', '.join(map(repr, names))}")
+
+
+VARIANT_METHODS = ("rtn", "omniquant", "qrealign")
 
 
 def quantized_rows(cfg: DemoConfig) -> list[tuple[Variant, str]]:
@@ -409,13 +438,12 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
              for spec in cfg.also_eval}
 
     from .report import write_report
-    from .report.verdict import export_lines, standings, verdict_lines
+    from .report.verdict import export_lines, verdict_for
 
     # Which safety objective wins at the main scheme, against the paper's bar.
     candidates = [f"{v.name} {cfg.schemes[0]}" for v in cfg.variants if v.method == "qrealign"]
-    verdict = verdict_lines(standings(results, "attacked FP", "aligned FP", candidates))
-    extra_verdicts = {name: verdict_lines(standings(rows, "attacked FP", "aligned FP", candidates))
-                      for name, rows in extra.items()}
+    verdict = verdict_for(results, "attacked FP", "aligned FP", candidates)
+    extra_verdicts = {name: verdict_for(rows, "attacked FP", "aligned FP", candidates) for name, rows in extra.items()}
     for name in extra:
         verdict = [*verdict, "", f"The same rows on the held-out set `{name}`: [{name}/report.md]({name}/report.md) "
                                  f"({_outcome_line(extra_verdicts[name])})"]
@@ -573,13 +601,10 @@ def _calib_seed(cfg, variant: Variant, scheme: str) -> int:
 def _targets_job_key(cfg, variant: Variant, scheme: str) -> str:
     from .calibrate.targets import render_options
 
-    render = render_options(_calib_config(cfg, variant, scheme))
-    payload = _jsonable(render)
-    seed = _calib_seed(cfg, variant, scheme)
-    if seed != cfg.seed:  # another calibration order: another teacher pass
-        payload = [payload, seed]
-    if scheme in variant.scheme_calib:  # other prompts: another teacher pass
-        payload = [payload, _calibration(cfg, variant, scheme).fingerprint()]
+    # What the stage's key reads (`_targets_stage`), no less: two schemes whose teacher passes are
+    # one stage must be one job, or both lanes build it at once (review 68).
+    calib_cfg = _calib_config(cfg, variant, scheme)
+    payload = [_jsonable(render_options(calib_cfg)), calib_cfg.seed, _calibration(cfg, variant, scheme).fingerprint()]
     return f"teacher targets: {variant.name} {sha256_json(payload)[:8]}"
 
 
@@ -764,7 +789,7 @@ def _eval_data_fingerprint(cfg, prompt_set: str | None = None) -> str:
 
 def _outcome_line(verdict: list[str]) -> str:
     """The verdict's last line (who wins, or that none reaches the bar), without its emphasis."""
-    return verdict[-1].replace("**", "").rstrip(".") if verdict else "no verdict: the rows it needs are missing"
+    return verdict[-1].replace("**", "").rstrip(".")
 
 
 def _slug(name: str) -> str:
