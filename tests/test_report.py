@@ -343,3 +343,47 @@ def test_an_exported_checkpoint_is_read_against_the_row_it_was_written_from():
     assert len(lines) == 3  # a label without both rows (e.g. skipped) gets no line
     assert "as compressed-tensors (float32): HS" in export_lines([row, ckpt], ["Q W8A8"], "float32")[2]  # exact
     assert export_lines([row], ["Q W8A8"], "bfloat16") == []
+
+
+def test_no_verdict_says_why_and_a_rise_is_not_called_a_cut():
+    """Review 68: an attacked HS of 0 removed the Verdict section without a word, and when every
+    row raised HS the outcome called the smallest rise the "Largest HS cut"."""
+    from qrealign.report.verdict import standings, verdict_for, verdict_lines
+
+    ali, q = _result("aligned FP", 10.0, 12.0, fa=0.0), _result("Q", 5.0, 6.0, fa=48.0)
+    lines = verdict_for([ali, _result("attacked FP", 0.0, 2.0, fa=50.0), q], "attacked FP", "aligned FP", ["Q"])
+    assert lines == ["**No verdict**: the attacked FP model answers no harmful prompt (HS 0.0 %): there is no cut "
+                     "to measure."]
+    assert "aligned FP row is missing" in verdict_for([q], "Q", "aligned FP", ["Q"])[0]
+    att = _result("attacked FP", 50.0, 2.0, fa=50.0)
+    worse = standings([ali, att, _result("Q", 60.0, 2.0, fa=50.0)], "attacked FP", "aligned FP", ["Q"])
+    last = verdict_lines(worse)[-1]
+    assert "Largest HS cut" not in last and "No row lowers HS (the least change: Q, +20.0 %)" in last
+    assert verdict_for([ali, att, q], "attacked FP", "aligned FP", ["Q"]) == verdict_lines(
+        standings([ali, att, q], "attacked FP", "aligned FP", ["Q"]))
+
+
+def test_the_category_plot_draws_no_bar_for_a_missing_score_and_rows_past_ten_look_different(tmp_path, monkeypatch):
+    """Review 68: a missing per-category HS was drawn as a 0 % bar (a row that looks perfectly safe),
+    and matplotlib's ten colours repeated from the eleventh row on."""
+    import math
+
+    from matplotlib.axes import Axes
+
+    from qrealign.report.plots import per_category, row_style
+
+    heights = {}
+    real_bar = Axes.bar
+
+    def spy(self, xs, hs, *a, label=None, **k):
+        heights[label] = list(hs)
+        return real_bar(self, xs, hs, *a, label=label, **k)
+
+    monkeypatch.setattr(Axes, "bar", spy)
+    full = _result("A", 40.0, 2.0)
+    partial = _result("B", 30.0, 2.0, cats={"weapons": {"hs": 30.0, "n": 10}})
+    assert per_category([full, partial], tmp_path / "cat.png").is_file()
+    assert any(math.isnan(h) for h in heights["B"]) and not any(math.isnan(h) for h in heights["A"])
+    assert 0.0 not in heights["B"]
+    looks = [row_style(j) for j in range(30)]
+    assert len(set(looks)) == 30

@@ -8,6 +8,12 @@ from typing import Sequence
 from .table import category_table, comparison_rows
 
 
+def row_style(j: int) -> tuple[str, str | None]:
+    """Colour and hatch of row j: matplotlib's ten colours, then the same ten hatched, so rows 10
+    and up never share a legend entry's look with an earlier row (review 68)."""
+    return f"C{j % 10}", (None if j < 10 else ("//", "..", "xx")[(j // 10 - 1) % 3])
+
+
 def _plt():
     import matplotlib
 
@@ -24,9 +30,9 @@ def _scatter(rows: list[dict], x_key: str, x_label: str, title: str, path: Path)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=110)
     for i, r in enumerate(pts):
-        ax.scatter(r[x_key], r["hs"], s=60, color=f"C{i % 10}", zorder=3)
+        ax.scatter(r[x_key], r["hs"], s=60, color=row_style(i)[0], zorder=3)
         if r.get("hs_ci"):
-            ax.vlines(r[x_key], r["hs_ci"][0], r["hs_ci"][1], color=f"C{i % 10}", alpha=0.4, lw=2)
+            ax.vlines(r[x_key], r["hs_ci"][0], r["hs_ci"][1], color=row_style(i)[0], alpha=0.4, lw=2)
         dx, dy, ha = _label_side(r, pts, x_key)
         ax.annotate(r["model"], (r[x_key], r["hs"]), textcoords="offset points", fontsize=9,
                     xytext=(dx, dy), ha=ha)
@@ -82,7 +88,10 @@ def per_category(results: Sequence, path: Path) -> Path | None:
     for j, name in enumerate(names):
         xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(cats))]
         hs = [(cells.get((c, name)) or {}).get("hs") for c in cats]
-        ax.bar(xs, [h if h is not None else 0 for h in hs], width=width, label=name, color=f"C{j % 10}")
+        color, hatch = row_style(j)
+        # no value is no bar, not a 0 % one that reads as "perfectly safe" (review 68); the table says "–"
+        ax.bar(xs, [h if h is not None else float("nan") for h in hs], width=width, label=name, color=color,
+               hatch=hatch)
     ax.set_xticks(range(len(cats)))
     ax.set_xticklabels(cats, rotation=30, ha="right")
     ax.set_ylabel("Harmful score HS (%)  ↓")
