@@ -249,6 +249,34 @@ def test_atomic_dir_removes_what_dead_processes_of_this_host_left(tmp_path):
     assert (tmp_path / "out" / "done.txt").is_file()
 
 
+def test_a_folder_sweep_removes_every_dead_build_of_this_host_whatever_its_output(tmp_path):
+    """Review 68: leftovers were removed only when the same output was written again; the demo now
+    sweeps its stages folder at start, so a half-built stage under an old key does not stay."""
+    import os
+    import subprocess
+    import sys
+
+    from qrealign.utils import _host, remove_orphans_under
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    leftovers = {
+        f".quant-x-W8A8-1234.tmp-{_host()}-{dead}-abc": False,  # any output's, dead: removed
+        f".eval-y.old-{_host()}-{dead}-def": False,
+        f".quant-x-W8A8-1234.tmp-{_host()}-{os.getpid()}-live": True,  # a running process's: kept
+        f".quant-z.tmp-otherhost-{dead}-xyz": True,  # another host's: kept
+        ".checkpoint-quant-x-W8A8-1234": True,  # a resumable checkpoint is not a leftover
+        "quant-x-W8A8-1234": True,  # a finished stage
+    }
+    for name in leftovers:
+        (tmp_path / name).mkdir()
+    removed = remove_orphans_under(tmp_path)
+    assert sorted(removed) == sorted(n for n, kept in leftovers.items() if not kept)
+    for name, kept in leftovers.items():
+        assert (tmp_path / name).exists() == kept, name
+    assert remove_orphans_under(tmp_path / "absent") == []
+
+
 def test_sigterm_ends_a_cli_run_like_ctrl_c_and_it_resumes(tmp_path, capsys):
     """`kill`, SLURM's time limit or Kubernetes send SIGTERM: the run stops with the interrupt
     message, leaves no half-written output, keeps its block checkpoint, and the same command resumes."""

@@ -367,6 +367,10 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
     out = Path(cfg.out)
     root = out / "stages"
     check_report_out(out / "report")  # now, not after the hours of work before the report
+    from .utils import remove_orphans_under
+
+    for name in remove_orphans_under(root):  # a terminated lane's half-built stage, whatever its key
+        log(f"[demo] removed {name}: left by a build that did not finish")
     if any(_calib_config(cfg, v, s).compile_quantizer for v in cfg.variants for s in cfg.schemes):
         from .quant.quantizer import check_compiler
         from .utils import resolve_device

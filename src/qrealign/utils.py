@@ -353,6 +353,23 @@ def _remove_orphans(final: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def remove_orphans_under(folder: Path) -> list[str]:
+    """`_remove_orphans` for every output in `folder`: the leftovers of a build whose key no later
+    run asks for again (a setting changed after a lane was terminated mid-build) would otherwise
+    stay for good, and on a large model each is model-sized (review 68). Returns what it removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = re.compile(rf"\..+\.(?:tmp|old)-{re.escape(_host())}-(\d+)-[^/]*")
+    removed = []
+    for path in folder.glob(".*"):
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir() and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
