@@ -293,7 +293,6 @@ class DemoConfig:
                 raise QrealignError("export: the compressed-tensors library is not installed "
                                     "(pip install 'qrealign[export]')")
 
-
     def _check_rows(self) -> None:
         """The rows' mistakes, up front (review 68): each surfaced only after the align, attack and
         probe stages, as a bare KeyError, a "duplicate job keys", or a row silently dropped or
