@@ -287,9 +287,10 @@ def test_row_mistakes_are_refused_before_any_stage_runs():
     from qrealign.errors import QrealignError
 
     rtn = DEFAULT_VARIANTS[0]
-    for bad, match in (({"variants": (Variant("GPTQ", "gptq"),)}, "unknown method 'gptq'"),
-                       ({"variants": (Variant("mine", "qrealign"),)}, "needs a probe target"),
-                       ({"variants": (rtn, rtn)}, "must be distinct: RTN"),
+    for args, match in ((("GPTQ", "gptq"), "unknown method 'gptq'"), (("mine", "qrealign"), "needs a probe target")):
+        with pytest.raises(QrealignError, match=match):  # a variant checks itself, wherever it is used
+            DemoConfig(variants=(Variant(*args),))
+    for bad, match in (({"variants": (rtn, rtn)}, "must be distinct: RTN"),
                        ({"attack_sweep": (0.1, 0.1000001)}, "differ in their labels"),
                        ({"extra_scheme_variants": ("rtn",)}, "names no variant: 'rtn'"),
                        ({"variants": ()}, "at least one variant")):
