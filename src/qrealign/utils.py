@@ -346,11 +346,7 @@ def _remove_orphans(final: Path) -> None:
     """Temporary siblings of `final` left by processes of this host that no longer run: a
     SIGKILL, the OOM killer or a terminated demo lane skips the cleanup above. Another host's
     (a shared filesystem) and a running process's are left alone."""
-    pattern = re.compile(rf"\.{re.escape(final.name)}\.(?:tmp|old)-{re.escape(_host())}-(\d+)-[^/]*")
-    for path in final.parent.glob(f".{glob.escape(final.name)}.*"):
-        match = pattern.fullmatch(path.name)
-        if match and not _pid_alive(int(match.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
+    _remove_dead_builds(final.parent, re.escape(final.name), f".{glob.escape(final.name)}.*")
 
 
 def remove_orphans_under(folder: Path) -> list[str]:
@@ -358,11 +354,15 @@ def remove_orphans_under(folder: Path) -> list[str]:
     run asks for again (a setting changed after a lane was terminated mid-build) would otherwise
     stay for good, and on a large model each is model-sized (review 68). Returns what it removed."""
     folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    pattern = re.compile(rf"\..+\.(?:tmp|old)-{re.escape(_host())}-(\d+)-[^/]*")
+    return _remove_dead_builds(folder, ".+", ".*") if folder.is_dir() else []
+
+
+def _remove_dead_builds(folder: Path, name: str, candidates: str) -> list[str]:
+    """Remove `atomic_dir`'s temporary folders in `folder` (of outputs matching the regex `name`;
+    `candidates` a glob that narrows the listing) whose process of this host is gone."""
+    pattern = re.compile(rf"\.{name}\.(?:tmp|old)-{re.escape(_host())}-(\d+)-[^/]*")
     removed = []
-    for path in folder.glob(".*"):
+    for path in folder.glob(candidates):
         match = pattern.fullmatch(path.name)
         if match and path.is_dir() and not _pid_alive(int(match.group(1))):
             shutil.rmtree(path, ignore_errors=True)

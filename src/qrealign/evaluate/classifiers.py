@@ -191,6 +191,7 @@ class _ModelJudge(Judge):
             raise QrealignError(f"{type(self).__name__} needs a model or a source")
         self._model, self._tokenizer = model, tokenizer
         self._owns_weights = model is None  # weights it loads itself it may drop (and load again)
+        self._reachable = False  # its config was fetched once (check_reachable)
         self.source = source or getattr(getattr(model, "config", None), "_name_or_path", None) or "<in-memory>"
         self.device, self.dtype, self.batch_size, self.progress = device, dtype, batch_size, progress
 
@@ -204,7 +205,7 @@ class _ModelJudge(Judge):
     def check_reachable(self) -> None:
         """Fetch only the judge's config, before any generation: a gated, mistyped or offline hub id
         fails now, not after an hour of answers (the weights still load lazily, when judging)."""
-        if self._model is not None or getattr(self, "_reachable", False):
+        if self._model is not None or self._reachable:
             return  # the CLI checks before it loads the evaluated model, the runner again for library callers
         import transformers
 
