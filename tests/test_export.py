@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,6 +186,48 @@ def test_symmetric_weights_reexpress_an_asymmetric_run_and_say_so(runs, tmp_path
     model, _ = load_model(out)
     diff = (_logits(model, tok) - _logits(ref, tok)).abs().max()
     assert 0 < diff < 0.1  # a different grid, close to the calibrated one
+
+
+def test_symmetric_weights_say_that_learned_rounding_is_dropped(runs, tmp_path):
+    """The rounding offsets choose floor or ceil on the calibrated grid; re-quantizing on the
+    symmetric grid cannot keep them, and the export says so where the user reads (review 69). A
+    same-grid export keeps them in its codes, and its card says that."""
+    run = runs("W8A8", rounding=True)
+    result = export_compressed_tensors(run, tmp_path / "sym", dtype="float32", symmetric_weights=True,
+                                       progress=False)
+    assert any("learned rounding discarded" in d for d in result.plan.deviations)
+    card = (tmp_path / "sym" / "README.md").read_text()
+    assert "learned rounding discarded" in card and "is in the integer codes" not in card
+    kept = export_compressed_tensors(run, tmp_path / "same", dtype="float32", progress=False)
+    assert not any("rounding" in d for d in kept.plan.deviations)
+    assert "learned rounding (floor or ceil, chosen per weight) is in the integer codes" in \
+        (tmp_path / "same" / "README.md").read_text()
+    plain = export_compressed_tensors(runs("W8A8"), tmp_path / "plain", dtype="float32", symmetric_weights=True,
+                                      progress=False)  # nothing learned to drop: no such line
+    assert not any("rounding" in d for d in plain.plan.deviations)
+
+
+def test_without_the_library_export_and_load_fail_clearly_before_any_work(runs, tmp_path, monkeypatch, capsys):
+    """compressed-tensors is an optional extra: `qrealign export` used to load the model and compute
+    every code, then end in a ModuleNotFoundError traceback; loading an export, in an ImportError."""
+    import sys
+
+    import qrealign.export.compressed as compressed
+    from qrealign.cli import main
+    from qrealign.errors import ModelLoadError
+    from qrealign.models import load_model
+
+    run = runs("W8A8-sym")
+    export = tmp_path / "export"
+    export_compressed_tensors(run, export, progress=False)
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)  # as if not installed
+    monkeypatch.setattr(compressed, "load_run_source", lambda *a, **k: pytest.fail("loaded before the check"))
+    out = tmp_path / "out"
+    assert main(["export", str(run), "--out", str(out)]) == 2
+    assert "pip install 'qrealign[export]'" in capsys.readouterr().err
+    _no_output(out)
+    with pytest.raises(ModelLoadError, match=r"compressed-tensors checkpoint\): the compressed-tensors library"):
+        load_model(export)
 
 
 def test_plan_refuses_what_compressed_tensors_engines_cannot_run():
@@ -493,3 +536,8 @@ def test_a_run_moved_with_its_base_still_exports(tmp_path):
     after = before.rename(tmp_path / "after")
     result = export_compressed_tensors(after / "run", tmp_path / "export", dtype="float32", progress=False)
     assert result.plan.matches_calibration and (tmp_path / "export" / "config.json").is_file()
+    # its size is compared with the base it was built from, and the export names where that is now
+    assert result.sizes["source_bytes"] and result.sizes["ratio_vs_source"]
+    meta = json.loads((tmp_path / "export" / "qrealign.json").read_text())
+    assert Path(meta["source_model"]).resolve() == (after / "fp").resolve()
+    assert Path(meta["source_model_recorded"]).resolve() == (before / "fp").resolve()

@@ -296,11 +296,9 @@ class DemoConfig:
             if not [row for row in quantized_rows(self) if _exported(*row)]:
                 raise QrealignError("export: no Q-realign row runs at a scheme with a compressed-tensors form "
                                     f"(W8A8 or weight-only, e.g. W4A16); schemes here: {', '.join(self.schemes)}")
-            import importlib.util
+            from .export.plan import require_compressed_tensors
 
-            if importlib.util.find_spec("compressed_tensors") is None:  # not after the hour before the export
-                raise QrealignError("export: the compressed-tensors library is not installed "
-                                    "(pip install 'qrealign[export]')")
+            require_compressed_tensors("export", QrealignError)  # not after the hour before the export
 
     def _check_rows(self) -> None:
         """The rows' mistakes, up front (review 68): each surfaced only after the align, attack and

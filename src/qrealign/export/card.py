@@ -60,6 +60,8 @@ def describe(plan: ExportPlan, calib_config: dict | None = None) -> list[str]:
             parts.append("the learned clipping (LWC) is baked into the weight scales")
         learned = ("Q-realign's " + " and ".join(parts) + ", so no extra operator runs.") if parts else \
             "No learned transformation was used."
+        if cfg.get("learn_rounding") and not any("learned rounding discarded" in d for d in plan.deviations):
+            learned += " The learned rounding (floor or ceil, chosen per weight) is in the integer codes."
     return [
         "Every linear layer inside the decoder blocks (attention q/k/v/o and the MLP projections) stores "
         "integer weights; embeddings, norms and lm_head stay in " + plan.dtype + ".",
@@ -115,7 +117,8 @@ def render_card(meta: dict, plan: ExportPlan, sizes: dict, card_table: str | Non
         f"n = {calib.get('n', prov.get('n'))}, malicious ratio {_ratio(calib.get('malicious_ratio'))}",
         f"- scheme as calibrated: `{plan.scheme.name}`; run fingerprint `{meta.get('run_fingerprint')}`",
         "- the ids and text hashes of every prompt that built this model are in `qrealign.json` "
-        "(`provenance`), so evaluations can check for train/test overlap",
+        "(`provenance`), so evaluations can check for train/test overlap; that file also names the "
+        "local paths of the run and its models: edit or drop it before publishing if they are private",
         "",
         "## Size",
         "",

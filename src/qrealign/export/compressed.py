@@ -14,7 +14,7 @@ the calibrated fake-quant weight bit for bit.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ from ..utils import atomic_dir, available_memory, check_out_dir, read_json, reso
 from .card import shareable_source
 from .codes import LinearCodes, linear_codes
 from .compat import tokenizer_with_legacy_keys, with_legacy_keys
-from .plan import ExportError, ExportPlan, plan_export
+from .plan import ExportError, ExportPlan, plan_export, require_compressed_tensors
 
 EXPORT_FORMAT_VERSION = 1
 _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
@@ -72,6 +72,7 @@ def export_compressed_tensors(
     from .stream import check_streamable, write_streamed
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    require_compressed_tensors("export")
     if dtype not in _DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32")
     meta = read_quantized_metadata(run_dir)
@@ -83,6 +84,11 @@ def export_compressed_tensors(
         _check_memory(source)
     _check_out_dir(out_dir)
     params = _load_params(run_dir)
+    if plan.weights != plan.scheme.weights and any(k.rsplit(".", 1)[-1] == "rounding" for k in params):
+        # the offsets choose floor or ceil on the calibrated grid: on another grid they mean nothing
+        plan = replace(plan, deviations=plan.deviations + (
+            "learned rounding discarded (its offsets belong to the calibrated grid; calibrate a -sym scheme to "
+            "keep it)",))
 
     # checked in the dtype it was calibrated in, then computed in float32 as calibration did
     model, tokenizer, _ = load_run_source(meta, "float32", device="cpu", offload=offload, run_dir=run_dir)
@@ -99,7 +105,7 @@ def export_compressed_tensors(
             norm_error = _write_checkpoint(model, tokenizer, plan, codes, tmp)
         else:
             norm_error = write_streamed(model, tokenizer, plan, params, tmp, progress)
-        sizes = _sizes(tmp, meta["source"], n_params)
+        sizes = _sizes(tmp, source, n_params)
         block = {**plan.to_dict(), "source": shareable_source(meta["source"]),
                  "run_fingerprint": meta.get("run_fingerprint")}
         config = with_legacy_keys(read_json(tmp / "config.json"))  # engines on transformers 4 read it too
@@ -107,7 +113,7 @@ def export_compressed_tensors(
         write_json(tmp / "config.json", config)
         if (tmp / "tokenizer_config.json").exists():
             write_json(tmp / "tokenizer_config.json", tokenizer_with_legacy_keys(read_json(tmp / "tokenizer_config.json")))
-        write_json(tmp / "qrealign.json", {**_export_metadata(run_dir, meta, plan, sizes),
+        write_json(tmp / "qrealign.json", {**_export_metadata(run_dir, meta, plan, sizes, source),
                                            "norm_storage_max_rel_error": norm_error})
         (tmp / "README.md").write_text(render_card(meta, plan, sizes, card_table))
         _shareable(tmp)
@@ -327,10 +333,12 @@ def _shareable(directory: Path) -> None:
             f.chmod(0o666 & ~mask)
 
 
-def _export_metadata(run_dir: Path, meta: dict, plan: ExportPlan, sizes: dict) -> dict:
+def _export_metadata(run_dir: Path, meta: dict, plan: ExportPlan, sizes: dict, source: str) -> dict:
     """qrealign.json of the export. Provenance is copied flat from the run's whole chain, so the
     evaluation overlap check still works when the export travels without the run; the run and
-    source are named under keys the provenance walker does not follow (no duplicate stages)."""
+    source are named under keys the provenance walker does not follow (no duplicate stages).
+    `source` is where the base was loaded from (a run that moved with its base finds it anew),
+    the run's recorded path beside it when that moved. These are local paths: the card says so."""
     from ..evaluate.overlap import collect_provenance
 
     return {
@@ -338,7 +346,8 @@ def _export_metadata(run_dir: Path, meta: dict, plan: ExportPlan, sizes: dict) -
         "format_version": EXPORT_FORMAT_VERSION,
         "format": "compressed-tensors",
         "quantization_run": str(run_dir.resolve()),
-        "source_model": meta.get("source"),
+        "source_model": source,
+        **({"source_model_recorded": meta.get("source")} if meta.get("source") != source else {}),
         "merged_adapter": meta.get("adapter"),
         "model_type": meta.get("model_type"),
         "method": meta.get("method"),

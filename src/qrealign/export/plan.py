@@ -27,6 +27,15 @@ class ExportError(QrealignError):
     """The run cannot be exported as asked (inexpressible scheme, unreadable run, bad output path)."""
 
 
+def require_compressed_tensors(what: str, error: type[Exception] = ExportError) -> None:
+    """compressed-tensors is an optional extra (`qrealign[export]`): say so before the model loads,
+    not as a traceback after every code is computed (review 69)."""
+    import importlib.util
+
+    if importlib.util.find_spec("compressed_tensors") is None:
+        raise error(f"{what}: the compressed-tensors library is not installed (pip install 'qrealign[export]')")
+
+
 @dataclass(frozen=True)
 class ExportPlan:
     scheme: Scheme                  # as calibrated

@@ -210,6 +210,9 @@ def load_model(
     # a qrealign export or another compressed-tensors checkpoint, local or on the hub: run it as engines do
     compressed = _compressed_checkpoint(src, hub_config)
     if compressed is not None:
+        from ..export.plan import require_compressed_tensors
+
+        require_compressed_tensors(f"cannot load model {src.name} (a compressed-tensors checkpoint)", ModelLoadError)
         kwargs.update(compressed.load_kwargs())
     try:
         with warnings.catch_warnings():
