@@ -94,6 +94,7 @@ def test_eval_reads_its_prompt_sets_task_and_out_before_loading(model_dir, tmp_p
     (["--no-harmful", "--no-benign"], "nothing to evaluate"),
     (["--judge", "harmbench:./no-such-judge"], "no-such-judge does not exist"),
     (["--backend", "vllm", "--drop-finished"], "--drop-finished is the transformers backend's"),
+    (["--lm-eval-fewshot", "0"], "--lm-eval-fewshot needs --lm-eval"),  # used to be dropped without a word
 ])
 def test_eval_checks_what_failed_after_the_load_or_the_generation(model_dir, tmp_path, capsys, monkeypatch,
                                                                    extra, message):
@@ -120,6 +121,12 @@ def test_eval_vllm_checks_come_before_the_load(model_dir, tmp_path, capsys, monk
     for model, more in ((run, []), (model_dir, ["--adapter", str(tmp_path / "lora")]), ("smollm2-135m", [])):
         assert main(["eval", str(model), "--backend", "vllm", *more, *out]) == 2
         assert "only evaluates a plain model directory" in capsys.readouterr().err
+    # an export is what vLLM serves, but not in float32 (the default --dtype): said before the load
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "qrealign.json").write_text(json.dumps({"kind": "export"}))
+    assert main(["eval", str(export), "--backend", "vllm", *out]) == 2
+    assert "pass --dtype bfloat16" in capsys.readouterr().err
 
 
 def test_rejudge_refuses_options_it_would_ignore(tmp_path, capsys):
@@ -131,6 +138,26 @@ def test_rejudge_refuses_options_it_would_ignore(tmp_path, capsys):
     (tmp_path / "precious" / "notes.txt").write_text("mine")
     assert main(["eval", str(earlier), "--rejudge", "--out", str(tmp_path / "precious")]) == 2
     assert "not an earlier output" in capsys.readouterr().err
+
+
+def test_rejudge_takes_the_debug_switch(model_dir, tmp_path):
+    """--debug asks for tracebacks; --rejudge used to refuse it as an eval option it would ignore
+    (review 69), so the user got a traceback about asking for one."""
+    earlier = tmp_path / "ev"
+    assert main(["eval", str(model_dir), "--limit", "1", "--max-new-tokens", "2", "--out", str(earlier)]) == 0
+    assert main(["eval", str(earlier), "--rejudge", "--debug", "--out", str(tmp_path / "again")]) == 0
+    assert main(["--debug", "eval", str(earlier), "--rejudge", "--out", str(tmp_path / "again2")]) == 0
+
+
+@pytest.mark.parametrize("command", ["align", "attack"])
+def test_full_fine_tuning_refuses_the_lora_options_it_would_drop(model_dir, tmp_path, capsys, monkeypatch, command):
+    import qrealign.finetune.stage as stage
+
+    monkeypatch.setattr(stage, "finetune_stage", lambda *a, **k: pytest.fail("trained before the check"))
+    out = ["--out", str(tmp_path / "ft")]
+    assert main([command, str(model_dir), "--full", "--lora-targets", "q_proj", "--lora-r", "4", *out]) == 2
+    assert "--full fine-tunes every weight and reads no --lora-r, --lora-targets" in capsys.readouterr().err
+    assert not (tmp_path / "ft").exists()
 
 
 def test_eval_refuses_one_prompt_on_both_sides(model_dir, tmp_path, capsys):

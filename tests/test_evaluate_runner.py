@@ -537,6 +537,38 @@ def test_vllm_backend_generates_the_task_too_with_one_engine(tiny, tmp_path, mon
     assert res.settings["dtype"] == "float32" and res.settings["device"] is None
 
 
+def test_vllm_backend_runs_an_export_in_its_16_bit_dtype(tiny, tmp_path, monkeypatch):
+    """A compressed-tensors export is a directory vLLM loads itself (review 69: every export was
+    refused once exports got their own kind); vLLM runs it in 16 bits only, so a float32 copy is
+    refused with the flag to pass, and a bfloat16 one reaches the engine in bfloat16."""
+    import types
+
+    built = []
+
+    class FakeLLM:
+        def __init__(self, model, tokenizer, seed, dtype="auto"):
+            built.append((model, dtype))
+
+        def generate(self, requests, params):
+            out = types.SimpleNamespace(text="I can't help with that.")
+            return [types.SimpleNamespace(outputs=[out]) for _ in requests]
+
+    model, tok = _with_fake_vllm(monkeypatch, FakeLLM, tiny, tmp_path / "exp")
+    info = {"kind": "export", "source": str(tmp_path / "exp"), "adapter": None}
+    with pytest.raises(QrealignError, match="16 bits only"):
+        evaluate_model(model, tok, limit=1, gen=GenerationConfig(backend="vllm"), source=str(tmp_path / "exp"),
+                       model_info=info, progress=False)
+    assert built == []
+    import copy
+
+    res = evaluate_model(copy.deepcopy(model).to(torch.bfloat16), tok, limit=1, gen=GenerationConfig(backend="vllm"),
+                         source=str(tmp_path / "exp"), model_info=info, progress=False)
+    assert built == [(str(tmp_path / "exp"), "bfloat16")] and res.metrics["n_harmful"] == 1
+    with pytest.raises(QrealignError, match="only evaluates a plain model directory or an export"):
+        evaluate_model(model, tok, limit=1, gen=GenerationConfig(backend="vllm"), source=str(tmp_path / "exp"),
+                       model_info={**info, "kind": "quantized"}, progress=False)
+
+
 def test_vllm_engine_is_shut_down_before_the_next_model_claims_the_gpu(monkeypatch):
     """Replacing the cached engine shuts the old one down (its memory lives in the engine core, not
     in the Python object) before the next is built; the same model reuses its engine."""

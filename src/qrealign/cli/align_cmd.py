@@ -32,7 +32,7 @@ def run(args) -> int:
     from ..finetune.cli_args import run_stage, sft_config_from_args
     from ..finetune.config import AlignConfig
 
-    config = AlignConfig(sft=sft_config_from_args(args), benign_ratio=args.benign_ratio,
+    config = AlignConfig(sft=sft_config_from_args(args, AlignConfig().sft), benign_ratio=args.benign_ratio,
                          answer_tokens=args.answer_tokens, n_harmful=args.n_harmful, n_benign=args.n_benign,
                          seed=args.seed)
     return run_stage("align", args, config)

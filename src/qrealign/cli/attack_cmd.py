@@ -33,5 +33,5 @@ def run(args) -> int:
     from ..finetune.config import AttackConfig
 
     config = AttackConfig(poison_ratio=args.poison_ratio, n_task=args.n_task, task=args.task,
-                          sft=sft_config_from_args(args), seed=args.seed)
+                          sft=sft_config_from_args(args, AttackConfig().sft), seed=args.seed)
     return run_stage("attack", args, config)

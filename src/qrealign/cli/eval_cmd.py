@@ -4,6 +4,7 @@ perplexity; writes result.json plus a one-model report (table and plots)."""
 from __future__ import annotations
 
 COMMAND = "eval"
+LM_EVAL_FEWSHOT = 5
 ORDER = 30
 HELP = "evaluate a model (FP, fine-tuned or a quantization run): HS, over-refusal, FA, PPL"
 DESCRIPTION = (HELP + ". Prompt sets: qrealign:eval:harmful|benign (bundled, held out), qrealign:confirm:harmful|benign "
@@ -26,7 +27,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lm-eval", help="comma-separated lm-evaluation-harness tasks, e.g. mmlu (needs lm-eval "
                                           "and hub access); their accuracy over all items (MMLU's usual number, subjects weighted "
                                           "by size) is the FA when --task is not given")
-    parser.add_argument("--lm-eval-fewshot", type=int, default=5)
+    parser.add_argument("--lm-eval-fewshot", type=int, default=LM_EVAL_FEWSHOT,
+                        help="few-shot examples per --lm-eval task (default: %(default)s)")
     parser.add_argument("--judge", default="keyword",
                         help="keyword | harmbench:PATH_OR_ID | llamaguard:PATH_OR_ID | beaverdam:PATH_OR_ID")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -99,11 +101,13 @@ def _check_inputs(args) -> None:
     the generation)."""
     from pathlib import Path
 
+    import torch
+
     from ..errors import QrealignError
     from ..evaluate.promptsets import resolve_prompt_set
     from ..evaluate.runner import RESULT_FILE
     from ..evaluate.tasks import get_task
-    from ..utils import check_out_dir, read_json
+    from ..utils import check_out_dir, read_json, resolve_dtype
 
     check_out_dir(args.out, RESULT_FILE)
     for spec, label, off in ((args.harmful, 1, args.no_harmful), (args.benign, 0, args.no_benign)):
@@ -111,6 +115,8 @@ def _check_inputs(args) -> None:
             resolve_prompt_set(spec, label, args.limit)
     if args.no_harmful and args.no_benign and not (args.task or args.ppl_text or args.lm_eval):
         raise QrealignError("nothing to evaluate: --no-harmful and --no-benign, and no --task, --ppl-text or --lm-eval")
+    if args.lm_eval_fewshot != LM_EVAL_FEWSHOT and not args.lm_eval:
+        raise QrealignError("--lm-eval-fewshot needs --lm-eval (which harness tasks to run)")
     if args.task_n is not None and not args.task:
         raise QrealignError("--task-n needs --task (which task's examples to count)")
     if args.task_n is not None and args.task_n < 1:
@@ -127,8 +133,11 @@ def _check_inputs(args) -> None:
         marker = Path(args.model) / "qrealign.json"
         kind = read_json(marker).get("kind") if marker.is_file() else None
         if args.adapter or not Path(args.model).is_dir() or kind == "quantized":
-            raise QrealignError("--backend vllm only evaluates a plain model directory (no quantization run, no "
-                                "adapter: export or merge first); use the default backend")
+            raise QrealignError("--backend vllm only evaluates a plain model directory or an export (no "
+                                "quantization run, no adapter: export or merge first); use the default backend")
+        if kind == "export" and resolve_dtype(args.dtype) == torch.float32:  # vLLM refuses it, after the load
+            raise QrealignError("--backend vllm runs a compressed-tensors export in 16 bits only: pass --dtype "
+                                "bfloat16 (or float16, or auto for the export's own)")
 
 
 #: What --rejudge reads besides MODEL (the earlier eval output), --out and --judge.
@@ -144,7 +153,8 @@ def _rejudge(args) -> int:
     from ._options import changed_options
 
     defaults = vars(build_parser().parse_args(["eval", "M", "--out", "O"]))
-    ignored = sorted(changed_options(args, defaults, keep=REJUDGE_READS | {"command"}))
+    # --debug is the top-level switch for tracebacks, not an eval option: --rejudge takes it too
+    ignored = sorted(changed_options(args, defaults, keep=REJUDGE_READS | {"command", "debug"}))
     if ignored:  # --limit 10 re-judged every answer; the saved answers are what they are
         raise QrealignError(f"--rejudge judges the saved answers again and reads no {', '.join(ignored)}")
     check_out_dir(args.out, RESULT_FILE)  # before a model judge reads every answer

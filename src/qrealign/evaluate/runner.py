@@ -273,14 +273,20 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
     if gen.backend == "vllm":
         # vLLM reloads the weights from disk: only right for an unmodified model directory. A
         # fake-quantized model or a merged adapter would silently be evaluated as the FP model.
+        # A compressed-tensors export is such a directory: vLLM reads its integer weights itself.
         info = model_info or {}
-        if (getattr(model.config, "qrealign_quant_run", None) or info.get("kind", "fp") != "fp" or info.get("adapter")
+        kind = info.get("kind", "fp")
+        if (getattr(model.config, "qrealign_quant_run", None) or kind not in ("fp", "export") or info.get("adapter")
                 or not source or not Path(source).is_dir()):
-            raise QrealignError("backend 'vllm' only evaluates a plain model directory (no quantization run, no "
-                                "adapter: export or merge first); use the default backend")
+            raise QrealignError("backend 'vllm' only evaluates a plain model directory or an export (no "
+                                "quantization run, no adapter: export or merge first); use the default backend")
+        dtype = next(model.parameters()).dtype  # the precision this copy runs in
+        if kind == "export" and dtype == torch.float32:
+            raise QrealignError("vLLM runs a compressed-tensors export in 16 bits only: load it in bfloat16 or "
+                                "float16 (`--dtype bfloat16`), or use the default backend")
         from .generate import VllmSource
 
-        gen_target = VllmSource(str(source), next(model.parameters()).dtype)  # the precision this copy runs in
+        gen_target = VllmSource(str(source), dtype)
     prompts = harmful_prompts + benign_prompts
     records: list[dict] = []
     metrics: dict[str, Any] = {}

@@ -40,7 +40,18 @@ def add_sft_arguments(parser: argparse.ArgumentParser, defaults: SFTConfig) -> N
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def sft_config_from_args(args: argparse.Namespace) -> SFTConfig:
+def sft_config_from_args(args: argparse.Namespace, defaults: SFTConfig) -> SFTConfig:
+    """The SFT config the flags ask for; `defaults` is the command's own (what --help showed)."""
+    if args.full:  # the LoRA options would be read by nothing: an error, not silently dropped
+        from ..errors import QrealignError
+
+        targets = defaults.target_modules
+        unread = {"--lora-r": (args.lora_r, defaults.lora_r), "--lora-alpha": (args.lora_alpha, defaults.lora_alpha),
+                  "--lora-dropout": (args.lora_dropout, defaults.lora_dropout),
+                  "--lora-targets": (args.lora_targets, targets if isinstance(targets, str) else ",".join(targets))}
+        changed = [flag for flag, (given, default) in unread.items() if given != default]
+        if changed:
+            raise QrealignError(f"--full fine-tunes every weight and reads no {', '.join(changed)} (LoRA options)")
     return SFTConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                      lora=not args.full, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                      lora_dropout=args.lora_dropout, target_modules=args.lora_targets, seed=args.seed,
