@@ -541,7 +541,7 @@ def test_vllm_backend_runs_an_export_in_its_16_bit_dtype(tiny, tmp_path, monkeyp
     """A compressed-tensors export is a directory vLLM loads itself (review 69: every export was
     refused once exports got their own kind); vLLM runs it in 16 bits only, so a float32 copy is
     refused with the flag to pass, and a bfloat16 one reaches the engine in bfloat16."""
-    import types
+    import copy
 
     built = []
 
@@ -559,8 +559,6 @@ def test_vllm_backend_runs_an_export_in_its_16_bit_dtype(tiny, tmp_path, monkeyp
         evaluate_model(model, tok, limit=1, gen=GenerationConfig(backend="vllm"), source=str(tmp_path / "exp"),
                        model_info=info, progress=False)
     assert built == []
-    import copy
-
     res = evaluate_model(copy.deepcopy(model).to(torch.bfloat16), tok, limit=1, gen=GenerationConfig(backend="vllm"),
                          source=str(tmp_path / "exp"), model_info=info, progress=False)
     assert built == [(str(tmp_path / "exp"), "bfloat16")] and res.metrics["n_harmful"] == 1
