@@ -364,3 +364,19 @@ def test_compiling_without_a_cpp_compiler_is_one_line_before_any_work(monkeypatc
     check_compiler("cuda")  # not checked there
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "g++")
     check_compiler("cpu")
+
+
+def test_compiling_without_the_python_headers_is_one_line_before_any_work(monkeypatch, tmp_path):
+    """The compiled CPU kernels are Python extensions (#include <Python.h>): a machine with g++ but
+    without python3-dev failed at the first compiled step, after the lab (review 70)."""
+    import torch._inductor.cpp_builder as cpp_builder
+
+    from qrealign.errors import QrealignError
+    from qrealign.quant.quantizer import check_compiler
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "g++")
+    monkeypatch.setattr(cpp_builder, "_get_python_include_dirs", lambda: [str(tmp_path)])
+    with pytest.raises(QrealignError, match=r"needs the Python headers \(Python.h\)"):
+        check_compiler("cpu")
+    (tmp_path / "Python.h").write_text("/* present */\n")
+    check_compiler("cpu")

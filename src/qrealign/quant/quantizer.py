@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import weakref
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -122,6 +124,25 @@ def check_compiler(device) -> None:
         raise QrealignError("compile_quantizer (--compile-quantizer; the demo's first-token rows) runs torch.compile, "
                             "which needs a C++ compiler on CPU: install g++ or clang++ (Debian/Ubuntu: apt install "
                             "g++) or point CXX at one") from None
+    # Its CPU kernels are built as Python extensions (#include <Python.h>): the headers too (review 70).
+    if not any((Path(d) / "Python.h").is_file() for d in _python_include_dirs()):
+        raise QrealignError("compile_quantizer (--compile-quantizer; the demo's first-token rows) runs torch.compile, "
+                            "which on CPU builds Python extensions and needs the Python headers (Python.h): install "
+                            "them (Debian/Ubuntu: apt install python3-dev)")
+
+
+def _python_include_dirs() -> list[str]:
+    """Where torch's C++ builder looks for Python.h (its own rule when this torch has it)."""
+    import sysconfig
+    import warnings
+
+    try:
+        from torch._inductor.cpp_builder import _get_python_include_dirs
+    except ImportError:
+        return [sysconfig.get_path("include")]
+    with warnings.catch_warnings():  # it warns when the header is missing: we raise instead
+        warnings.simplefilter("ignore")
+        return _get_python_include_dirs()
 
 
 def _compiled(name: str, fn):
