@@ -172,7 +172,8 @@ CONTRAST = Variant("Q-realign (contrast probe)", "qrealign", "contrast", loss=AG
 # benign loops 3.7 -> 5.0 a seed; the worst seed's smallest z-slack 0.48 -> 0.99.
 # At W8A8 the calibration set also holds 48 edgy-but-harmless prompts (`qrealign:edgy`) and the
 # `align` and `attack` splits' harmful prompts (729 prompts, 286 malicious; its own teacher pass),
-# and the margin's benign side weighs 2 against the malicious side's 1 (§61, adopted on the EPYC
+# and the margin weighs 2 with its malicious side at 1 relative to it, so both sides weigh 2 where
+# the benign side weighed 1 before (§61, adopted on the EPYC
 # lab's dev by a rule written before its last four runs, over three seeds each: harmful answered
 # 20.7 -> 15.0 of 110, benign refused 8.0 -> 7.0 of 113, FA-800 55.3 -> 55.5 %, new benign loops
 # 6.0 -> 9.0 a seed, the rule's limit).
