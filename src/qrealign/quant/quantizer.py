@@ -14,7 +14,6 @@ round(w / s + V) - round(w / s) in {-1, 0, 1}, and stored as int8.
 from __future__ import annotations
 
 import weakref
-
 from pathlib import Path
 
 import torch
