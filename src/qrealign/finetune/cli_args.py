@@ -11,9 +11,14 @@ import argparse
 from .config import ALL_LINEARS, SFTConfig
 
 
+def _targets_flag(config: SFTConfig) -> str:
+    """`target_modules` as --lora-targets spells it."""
+    targets = config.target_modules
+    return targets if isinstance(targets, str) else ",".join(targets)
+
+
 def add_sft_arguments(parser: argparse.ArgumentParser, defaults: SFTConfig) -> None:
-    targets = defaults.target_modules
-    targets = targets if isinstance(targets, str) else ",".join(targets)
+    targets = _targets_flag(defaults)
     parser.add_argument("model", help="embedded name (smollm2-135m), model dir, .gguf file or hub id")
     parser.add_argument("--out", required=True, help="output model directory (written atomically)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
@@ -45,10 +50,9 @@ def sft_config_from_args(args: argparse.Namespace, defaults: SFTConfig) -> SFTCo
     if args.full:  # the LoRA options would be read by nothing: an error, not silently dropped
         from ..errors import QrealignError
 
-        targets = defaults.target_modules
         unread = {"--lora-r": (args.lora_r, defaults.lora_r), "--lora-alpha": (args.lora_alpha, defaults.lora_alpha),
                   "--lora-dropout": (args.lora_dropout, defaults.lora_dropout),
-                  "--lora-targets": (args.lora_targets, targets if isinstance(targets, str) else ",".join(targets))}
+                  "--lora-targets": (args.lora_targets, _targets_flag(defaults))}
         changed = [flag for flag, (given, default) in unread.items() if given != default]
         if changed:
             raise QrealignError(f"--full fine-tunes every weight and reads no {', '.join(changed)} (LoRA options)")
