@@ -440,3 +440,92 @@ def test_the_saved_generation_config_stops_at_the_turn_end(tmp_path):
                    wall_time_s=0.0)
     saved = json.loads((tmp_path / "m" / "generation_config.json").read_text())["eos_token_id"]
     assert end_id in (saved if isinstance(saved, list) else [saved])
+
+
+# --------------------------------------------------------------------------- review 72 (2026-12-07)
+
+
+def test_configs_refuse_options_that_would_train_wrongly_in_silence():
+    # a negative warmup made the learning rate negative: gradient ascent
+    for bad, match in ((dict(warmup_steps=-5), "warmup_steps"), (dict(weight_decay=-0.1), "weight_decay"),
+                       (dict(grad_clip=-1.0), "grad_clip"), (dict(lora_dropout=1.0), "lora_dropout"),
+                       (dict(lora_alpha=0), "lora_alpha")):
+        with pytest.raises(QrealignError, match=match):
+            SFTConfig(**bad)
+    SFTConfig(lora=False, lora_alpha=0)  # full fine-tuning reads no alpha
+    for bad, match in ((dict(n_harmful=0), "n_harmful"), (dict(n_benign=-1), "n_benign"),
+                       (dict(generation_batch_size=0), "generation_batch_size")):
+        with pytest.raises(QrealignError, match=match):
+            AlignConfig(**bad)
+
+
+def test_align_data_counts_the_answers_it_kept_and_warns_when_few_survive(monkeypatch):
+    import qrealign.evaluate.generate as gen
+
+    model, tok = _tiny()
+    replies = ["I'm sorry, but I can't help with that."] * 3 + ["Sure. Boil water, then add the pasta."]
+    monkeypatch.setattr(gen, "generate", lambda *a, **k: replies)
+    with pytest.warns(UserWarning, match="only 1 of 4 self-distilled benign answers"):
+        data = build_align_data(model, tok, AlignConfig(n_harmful=2, n_benign=4, benign_ratio=2.0,
+                                                        answer_tokens=200), progress=False)
+    assert data.benign_answers == 1 and [a for _, a in data.pairs[2:]] == [replies[3]] * 4
+
+
+def test_stage_refuses_to_write_over_the_model_it_trains(tiny_dir):
+    from qrealign.finetune import finetune_stage
+
+    before = sorted(p.name for p in tiny_dir.iterdir())
+    cfg = AttackConfig(poison_ratio=0.25, n_task=4, sft=SFTConfig(steps=1, **FAST))
+    with pytest.raises(QrealignError, match="is the model being fine-tuned"):
+        finetune_stage("attack", tiny_dir, cfg, out=tiny_dir, progress=False)
+    assert sorted(p.name for p in tiny_dir.iterdir()) == before
+
+
+def test_stage_data_and_device_errors_come_before_the_model_is_loaded(tiny_dir, tmp_path, monkeypatch):
+    import qrealign.models as models
+    from qrealign.finetune import finetune_stage
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the input error")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    with pytest.raises(QrealignError, match="harmful prompts"):
+        finetune_stage("attack", tiny_dir, AttackConfig(poison_ratio=0.9, n_task=300), out=tmp_path / "a",
+                       progress=False)
+    with pytest.raises(QrealignError, match="asked for"):
+        finetune_stage("align", tiny_dir, AlignConfig(n_harmful=5000), out=tmp_path / "b", progress=False)
+    with pytest.raises(QrealignError, match="device"):
+        finetune_stage("attack", tiny_dir, AttackConfig(poison_ratio=0.25, n_task=4), out=tmp_path / "c",
+                       device="nonsense-device", progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_stage_key_names_a_device_other_than_the_cpu(tiny_dir, tmp_path, monkeypatch):
+    """A GPU rounds otherwise than a CPU whatever `amp` resolves to: its align/attack stages are
+    other stages, as every other demo stage already was; CPU keys stay as they were."""
+    import qrealign.finetune.stage as stage_module
+
+    seen = []
+    monkeypatch.setattr(stage_module, "cached_stage", lambda name, inputs, *a, **k: seen.append(inputs))
+    cfg = AttackConfig(poison_ratio=0.25, n_task=4, sft=SFTConfig(steps=1, **FAST))  # amp None: no device query
+    stage_module.finetune_stage("attack", tiny_dir, cfg, cache_root=tmp_path, progress=False, log=None)
+    monkeypatch.setattr(stage_module, "_device", lambda device: torch.device("cuda"))
+    stage_module.finetune_stage("attack", tiny_dir, cfg, cache_root=tmp_path, progress=False, log=None)
+    assert "device" not in seen[0] and seen[1]["device"] == "cuda"
+    assert {k: v for k, v in seen[1].items() if k != "device"} == seen[0]
+
+
+def test_a_fine_tuned_model_no_longer_names_its_parent_as_its_source(tiny_dir, tmp_path):
+    """`load_model` stamps where the weights came from; after `sft` they are other weights. A run
+    calibrated on such a model in memory records no source, and loading it says what to do
+    instead of loading the parent and failing on its fingerprint."""
+    from qrealign.calibrate.artifact import run_source
+    from qrealign.errors import IncompatibleArtifact
+    from qrealign.models import load_model
+
+    model, tok = load_model(tiny_dir)
+    assert model.config.qrealign_source == str(tiny_dir.resolve())
+    tuned = sft(model, tok, PAIRS, SFTConfig(steps=1, **FAST), progress=False)
+    assert tuned.config.qrealign_source is None and tuned.config.qrealign_adapter is None
+    with pytest.raises(IncompatibleArtifact, match="exists only in memory"):
+        run_source({"source": None, "model_fingerprint": "abc"}, run_dir=tmp_path)

@@ -126,7 +126,12 @@ def run_source(meta: dict, run_dir: str | Path | None = None) -> str:
     only when the run recorded the base's fingerprint, which `load_run_source` then checks."""
     from ..models.load import looks_like_path
 
-    source = meta["source"]
+    source = meta.get("source")
+    if not source:
+        raise IncompatibleArtifact(
+            "this run records no source model: it was calibrated on a model that exists only in memory (e.g. "
+            "straight after `align` or `attack` in Python). Save that model (`save_pretrained`) and calibrate the "
+            "saved copy, or apply the run to it yourself: `apply_quant_params(model, meta['scheme'], params)`")
     if run_dir is None or Path(source).exists() or not meta.get("model_fingerprint") or not looks_like_path(source):
         return source
     run_dir = Path(run_dir)

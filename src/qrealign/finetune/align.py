@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ class AlignData:
     harmful: list  # Prompt records
     benign: list
     pairs: list[Pair]
+    benign_answers: int = 0  # self-distilled answers kept (the benign pairs cycle through them)
 
     @property
     def prompts(self) -> list:
@@ -92,8 +94,12 @@ def build_align_data(model, tokenizer, config: AlignConfig, *, progress: bool = 
         raise QrealignError("no usable self-distilled answer to any benign prompt (all empty"
                             + (", refusals, loops or gibberish: filter_answers removed them)" if config.filter_answers
                                else ")"))
+    if n_benign and len(benign_pairs) < len(benign) / 2:
+        # the benign side is then a few answers repeated many times: it teaches those, not "keep answering"
+        warnings.warn(f"only {len(benign_pairs)} of {len(benign)} self-distilled benign answers were usable; the "
+                      f"{n_benign} benign pairs repeat them (check the source model's answers)", stacklevel=2)
     pairs += [benign_pairs[i % len(benign_pairs)] for i in range(n_benign)]
-    return AlignData(harmful=harmful, benign=benign, pairs=pairs)
+    return AlignData(harmful=harmful, benign=benign, pairs=pairs, benign_answers=len(benign_pairs))
 
 
 def keep_helpful(pairs: list[Pair]) -> list[Pair]:

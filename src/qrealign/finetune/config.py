@@ -60,6 +60,14 @@ class SFTConfig:
             raise QrealignError(f"lr must be > 0, got {self.lr}")
         if self.max_length < 8:
             raise QrealignError(f"max_length must be >= 8, got {self.max_length}")
+        # a negative warmup made the rate negative: gradient ascent, in silence
+        for name in ("warmup_steps", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise QrealignError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise QrealignError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora and not self.lora_alpha > 0:
+            raise QrealignError(f"lora_alpha must be > 0, got {self.lora_alpha}")
         if self.padding_side not in ("left", "right"):
             raise QrealignError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
         if self.loss_per not in ("token", "example"):
@@ -108,6 +116,11 @@ class AlignConfig(_LabStage):
             raise QrealignError(f"benign_ratio must be >= 0, got {self.benign_ratio}")
         if self.answer_tokens < 1:
             raise QrealignError(f"answer_tokens must be >= 1, got {self.answer_tokens}")
+        for name in ("n_harmful", "n_benign"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise QrealignError(f"{name} must be >= 1 (or None: every prompt of the split), got {getattr(self, name)}")
+        if self.generation_batch_size < 1:
+            raise QrealignError(f"generation_batch_size must be >= 1, got {self.generation_batch_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,7 +137,8 @@ def _default_attack_sft() -> SFTConfig:
 @dataclass
 class AttackConfig(_LabStage):
     """Harmful fine-tuning: `n_task` task examples plus ⌊poison_ratio·n_task⌋ harmful pairs.
-    `seed` picks the data (task and poison examples, their order); `sft.seed` the training:
+    `seed` picks the poison examples and the pairs' order (the task examples are always the task's
+    first `n_task` training items); `sft.seed` the training:
     `reseeded(s)` sets both, as `qrealign attack --seed s` does."""
 
     poison_ratio: float = 0.1

@@ -241,6 +241,11 @@ def sft(model, tokenizer, pairs: Sequence[Pair], config: SFTConfig | None = None
     bar.close()
     merged = trained.merge_and_unload() if cfg.lora else trained
     merged.eval()
+    # `load_model` stamped where the weights came from; these are other weights now. Left as they
+    # were, a run calibrated on this model in memory would name its parent as its source.
+    for name in ("qrealign_source", "qrealign_adapter"):
+        if hasattr(merged.config, name):
+            setattr(merged.config, name, None)
     for param in merged.parameters():
         param.requires_grad_(False)
     return merged.to(home)

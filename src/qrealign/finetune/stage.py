@@ -87,8 +87,9 @@ def finetune_stage(stage: str, source: str | Path, config: AlignConfig | AttackC
         raise QrealignError(f"stage {stage!r} needs an {expected.__name__}, got {type(config).__name__}")
 
     if out is not None:
+        _check_out_not_input(out, source, adapter)
         check_out_dir(out, META_FILE, kind="finetuned", same={"stage": (stage,)})  # before the training, not after
-    model, tokenizer = load_model(source, adapter=adapter)  # a bad adapter fails here, before any training
+    # the data and the device need no model: a 7B load must not come before their errors
     if stage == "align":
         from .align import select_align_prompts
 
@@ -99,10 +100,14 @@ def finetune_stage(stage: str, source: str | Path, config: AlignConfig | AttackC
 
         examples, harmful = select_attack_prompts(config)
         data_fp = sha256_json([prompt_set_fingerprint(harmful), config.task, [e.id for e in examples]])
+    target = _device(device)
+    model, tokenizer = load_model(source, adapter=adapter)  # a bad adapter fails here, before any training
     # "auto" mixed precision is bf16 on some machines and float32 on others: different models.
-    amp = resolve_amp(_device(device), config.sft.amp)
+    amp = resolve_amp(target, config.sft.amp)
     inputs = {"stage": stage, "parent": model_fingerprint(model), "config": config.to_dict(), "data": data_fp,
               "version": __version__, "amp": amp}
+    if target.type != "cpu":  # a GPU rounds otherwise, whatever amp resolves to (CPU keys stay as they were)
+        inputs["device"] = target.type
     if stage == "align":  # the self-distilled answers are generated: where they stop is an input
         from ..evaluate.generate import stop_key
 
@@ -118,7 +123,8 @@ def finetune_stage(stage: str, source: str | Path, config: AlignConfig | AttackC
             tuned = align(model, tokenizer, config, device=device, data=data, progress=progress,
                           on_step=lambda _s, loss: losses.append(loss))
             provenance = provenance_entry("align", data.prompts, config.split)
-            counts = {"harmful": len(data.harmful), "benign": len(data.benign), "pairs": len(data.pairs)}
+            counts = {"harmful": len(data.harmful), "benign": len(data.benign),
+                      "benign_answers": data.benign_answers, "pairs": len(data.pairs)}
         else:
             from .attack import attack, build_attack_data
 
@@ -144,6 +150,16 @@ def finetune_stage(stage: str, source: str | Path, config: AlignConfig | AttackC
     with atomic_dir(out, marker=META_FILE, kind="finetuned") as tmp:
         build(tmp)
     return Path(out)
+
+
+def _check_out_not_input(out, source, adapter) -> None:
+    """`--out` may replace an earlier output of the same stage, but not the model it trains from:
+    the new `qrealign.json` would name itself as parent, and the provenance chain (the overlap
+    check's) would end there."""
+    target = Path(out).expanduser().resolve()
+    for name, path in (("model", source), ("adapter", adapter)):
+        if path is not None and Path(path).expanduser().exists() and Path(path).expanduser().resolve() == target:
+            raise QrealignError(f"--out {out} is the {name} being fine-tuned; write to another directory")
 
 
 def _device(device):
