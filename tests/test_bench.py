@@ -225,3 +225,24 @@ def test_decode_bench_compares_generate_and_drop_finished_on_dev_prompts(tmp_pat
     by_len = [lengths[0], lengths[2], lengths[1]]  # order "a", "cc", "bbbb"
     assert own == sum(lengths)
     assert computed == max(by_len[:2]) * 2 + by_len[2]
+
+
+def test_the_benchmarks_behaviour_reads_a_sample_across_harm_categories(monkeypatch):
+    """The eval file is ordered by harm category: its first 20 harmful prompts were weapons and
+    cybercrime only (review 72)."""
+    import qrealign.evaluate.runner as runner
+    from qrealign import bench
+
+    seen = {}
+
+    class Result:
+        metrics = {"harmful_score": 0.0, "over_refusal": 0.0, "n_harmful": 20, "n_benign": 20}
+
+    def fake(model, tok, harmful=None, benign=None, **kwargs):
+        seen.update(harmful=harmful, benign=benign, kwargs=kwargs)
+        return Result()
+
+    monkeypatch.setattr(runner, "evaluate_model", fake)
+    bench._behaviour(None, None, 20, 2)
+    assert len(seen["harmful"]) == 20 and len(seen["benign"]) == 20
+    assert len({p.category for p in seen["harmful"]}) >= 6 and "limit" not in seen["kwargs"]

@@ -649,3 +649,20 @@ def test_calibration_ids_must_name_every_prompt():
     for ids in (["x"], ["x", "y", "z"]):
         with pytest.raises(QrealignError, match="ids and prompts differ in length"):
             CalibrationSet(["a", "b"], [0, 1], ids)
+
+
+def test_eval_prompts_stay_clear_of_every_training_side_prompt(everything):
+    """The eval split was written beside the training-side splits; only exact duplicates were
+    checked until review 72, which found the closest pair at a word-set Jaccard of exactly 0.50
+    (an eval harmful prompt against an attack poison prompt). This keeps later edits from adding
+    a real paraphrase: none may come closer than that pair."""
+    from qrealign.data.prompts import load_supplement
+
+    evaluation = [p for p in everything if p.split == "eval"]
+    train_side = [p for p in everything if p.split != "eval"] + load_supplement("twins") + load_supplement("edgy")
+    assert len(evaluation) >= 200 and len(train_side) > 500
+    old = [_words(p.text) for p in train_side]
+    for p in evaluation:
+        w = _words(p.text)
+        closest = max(len(w & o) / len(w | o) for o in old)
+        assert closest <= 0.5, p.text

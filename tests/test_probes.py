@@ -588,3 +588,26 @@ def test_the_probe_option_table_holds_the_parsers_defaults():
     args = build_parser().parse_args(["probe", "M", "--out", "O"])
     assert {name: getattr(args, name) for name in TARGET_DEFAULTS} == TARGET_DEFAULTS
     assert set().union(*TARGET_READS.values()) == set(TARGET_DEFAULTS)
+
+
+def test_a_probe_prompt_file_holding_held_out_prompts_is_warned_about(tmp_path):
+    """Calibration refuses such files; probes only warned for `--split eval`, so a file with eval or
+    confirm prompts went through and the realigned run was refused by `qrealign eval` hours later."""
+    from qrealign.cli.probe_cmd import load_prompt_classes
+    from qrealign.data.prompts import load_held_out, load_prompts
+
+    held = [load_prompts(split="eval", label=1)[0].text, load_held_out("confirm", label=0)[0].text]
+    mine = tmp_path / "mine.jsonl"
+    rows = [{"prompt": held[0], "label": 1}, {"prompt": held[1], "label": 0},
+            {"prompt": "how do I pick a lock I do not own", "label": 1}, {"prompt": "bake some bread", "label": 0}]
+    mine.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match="1 in qrealign's held-out confirm set, 1 in qrealign's held-out eval set"):
+        harmful, benign, split = load_prompt_classes(None, str(mine), None)
+    assert split == "custom" and len(harmful) == 2 and len(benign) == 2
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("".join(json.dumps(r) + "\n" for r in rows[2:]))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_prompt_classes(None, str(clean), None)

@@ -213,11 +213,17 @@ def _label(r: dict) -> str:
 
 
 def _behaviour(model, tok, eval_n: int, task_n: int) -> dict:
-    """HS / over-refusal on the first `eval_n` eval prompts per side (fewer where the split has
-    fewer: the counts evaluated are recorded), and topic-codes accuracy."""
+    """HS / over-refusal on `eval_n` eval prompts per side (fewer where the split has fewer: the
+    counts evaluated are recorded), and topic-codes accuracy. The prompts are a seeded sample
+    across the file (`limited_classes`): the file is ordered by harm category, and its first 20
+    harmful prompts were two categories (review 72)."""
+    from .cli.probe_cmd import limited_classes
+    from .data.prompts import load_prompts
     from .evaluate.runner import evaluate_model
 
-    metrics = evaluate_model(model, tok, task="topic-codes", task_n=task_n, limit=eval_n, progress=False).metrics
+    harmful, benign = limited_classes(load_prompts(split="eval", label=1), load_prompts(split="eval", label=0), eval_n)
+    metrics = evaluate_model(model, tok, harmful=harmful, benign=benign, task="topic-codes", task_n=task_n,
+                             progress=False).metrics
     return {"harmful_score": metrics["harmful_score"], "over_refusal": metrics["over_refusal"],
             "task_accuracy": metrics.get("task_accuracy"), "n": eval_n,
             "n_harmful": metrics["n_harmful"], "n_benign": metrics["n_benign"]}

@@ -37,7 +37,7 @@ def add_arguments(parser) -> None:
                         help="batch of the project's schedule (default: CalibConfig's, 4)")
     parser.add_argument("--eval", type=int, default=d["eval_n"], dest="eval_n",
                         help="also evaluate both results: HS / over-refusal on up to N held-out prompts per side "
-                             "+ task accuracy")
+                             "(a seeded sample across the harm categories) + task accuracy")
     parser.add_argument("--device", default=d["device"])
     parser.add_argument("--steps", type=int, default=d["steps"], help="with --sft-precision: timed steps per precision")
     parser.add_argument("--out", default=None,

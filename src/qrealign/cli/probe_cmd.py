@@ -140,9 +140,29 @@ def load_prompt_classes(split: str | None, path: str | None, limit: int | None, 
     benign = [p for p in prompts if p.label == 0]
     if limit is not None:
         harmful, benign = limited_classes(harmful, benign, limit, seed)
+    if path:
+        warn_held_out_prompts(harmful + benign, path)
     if not harmful:
         raise QrealignError(f"no harmful prompts in {path or 'split ' + repr(split)}")
     return harmful, benign, ("custom" if path else split)
+
+
+def warn_held_out_prompts(prompts, source) -> None:
+    """Probes fit on held-out prompts make every run realigned with them fail `qrealign eval` on
+    that set (its overlap check reads the probes' provenance), hours later: said now, as for
+    `--split eval`. Calibration refuses such files outright; probes only warn, since a user may
+    fit them for analysis."""
+    import warnings
+    from collections import Counter
+
+    from ..data.prompts import held_out_texts, normalize_prompt
+
+    held = held_out_texts()
+    hits = Counter(held[t] for t in (normalize_prompt(getattr(p, "text", p)) for p in prompts) if t in held)
+    if hits:
+        sets = ", ".join(f"{n} in qrealign's held-out {name} set" for name, n in sorted(hits.items()))
+        warnings.warn(f"{source}: {sets}: a model realigned with these probes will be refused by `qrealign eval` "
+                      "on that set", stacklevel=2)
 
 
 def limited_classes(harmful: list, benign: list, limit: int, seed: int = 0) -> tuple[list, list]:
