@@ -623,3 +623,72 @@ def test_realign_cli_saves_teacher_targets_and_reuses_them_at_another_scheme(tmp
                 "--teacher", teacher_dir, "--save-targets", str(tmp_path / "again"), "--out", str(out), *bad]
         assert main(args) == 2
         assert not (tmp_path / "bad").exists() and not (tmp_path / "again").exists()
+
+
+# --------------------------------------------------------------------------- review 71 (2026-12-07): real scale
+
+
+def test_the_teacher_is_loaded_in_the_models_dtype_and_answers_on_the_compute_device(tmp_path, monkeypatch):
+    """A float32 teacher beside a bf16 7B model doubled the host memory of the teacher pass, and
+    its refusal answers were generated where it lay (the CPU) rather than on the GPU."""
+    import qrealign.calibrate.behaviour as behaviour
+    import qrealign.models as models
+    from qrealign.calibrate.targets import compute_teacher_targets
+
+    finetuned, tok = tiny_model("llama", seed=0)
+    teacher_dir = _save(tiny_model("llama", seed=1)[0], tok, tmp_path / "aligned")
+    finetuned = finetuned.to(torch.bfloat16)
+    loads, devices = [], []
+    real_load = models.load_model
+
+    def load(*a, **k):
+        loads.append(k.get("dtype"))
+        return real_load(*a, **k)
+
+    def refuses(aligned, tokenizer, prompts, config, max_new_tokens=64, device=None, progress=False):
+        devices.append(device)
+        return [True] * len(prompts)
+
+    monkeypatch.setattr(models, "load_model", load)
+    monkeypatch.setattr(behaviour, "teacher_refuses", refuses)
+    compute_teacher_targets(finetuned, tok, teacher_dir, _calib(), CalibConfig(batch_size=4), refusals=True)
+    assert loads == [torch.bfloat16]
+    assert devices == [torch.device("cpu")]  # resolved: on a GPU machine, the GPU
+
+
+def test_a_tail_that_does_not_fit_the_gpu_is_refused_before_the_teacher_pass(monkeypatch):
+    import qrealign.calibrate.behaviour as behaviour
+
+    model, _ = tiny_model("llama", num_hidden_layers=4)
+    blocks = list(model.model.layers)
+    copies, block = behaviour.tail_bytes(model, 1)
+    per_block = sum(p.numel() * 4 for p in blocks[1].parameters())
+    head = sum(p.numel() * 4 for m in (model.model.norm, model.lm_head) for p in m.parameters())
+    assert copies == 2 * per_block + head and block == per_block  # blocks 2 and 3 and the head, float32
+    monkeypatch.setattr(behaviour, "resolve_device", lambda device=None: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (copies + 6 * block, 10 ** 12))
+    with pytest.raises(QrealignError, match="layers_from=0.85"):
+        behaviour.check_tail_fits(model, 1, "cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * (copies + 6 * block), 10 ** 12))
+    behaviour.check_tail_fits(model, 1, "cuda")  # room enough
+    monkeypatch.setattr(behaviour, "resolve_device", lambda device=None: torch.device("cpu"))
+    behaviour.check_tail_fits(model, 0, "cpu")  # the CPU path copies nothing
+
+
+def test_realign_checks_the_tail_from_its_first_safety_block(monkeypatch):
+    import qrealign.calibrate.behaviour as behaviour
+    from qrealign.realign import realign
+
+    seen = []
+
+    def check(model, first, device=None):
+        seen.append(first)
+        raise QrealignError("stop here")
+
+    monkeypatch.setattr(behaviour, "check_tail_fits", check)
+    finetuned, tok = tiny_model("llama", seed=0, num_hidden_layers=4)
+    teacher, _ = tiny_model("llama", seed=1, num_hidden_layers=4)
+    for kw, first in ((dict(layers=(3, 2)), 2), ({}, 0)):
+        with pytest.raises(QrealignError, match="stop here"):
+            realign(finetuned, tok, teacher=teacher, calibration=_calib(), progress=False, **kw)
+        assert seen[-1] == first

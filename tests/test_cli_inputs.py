@@ -4,6 +4,7 @@
 import json
 
 import pytest
+import torch
 
 import qrealign.models
 from qrealign.cli import main
@@ -196,3 +197,29 @@ def test_demo_export_takes_an_optional_dtype_and_refuses_others(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--export", "int8"])
     assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+def test_quantize_holds_the_model_in_the_dtype_asked_for(model_dir, tmp_path):
+    """`--dtype bfloat16` halves host memory at 7B (review 71: the CLI always loaded float32); the
+    run records the dtype and reloads in it."""
+    from qrealign.calibrate import load_quantized
+    from qrealign.utils import read_json
+
+    out = tmp_path / "run"
+    assert main(["quantize", str(model_dir), "--method", "rtn", "--n", "8", "--device", "cpu", "--dtype", "bfloat16",
+                 "--out", str(out)]) == 0
+    assert read_json(out / "qrealign.json")["model_dtype"] == "bfloat16"
+    model, _, _ = load_quantized(out, dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_a_model_spread_over_devices_by_accelerate_is_refused():
+    from qrealign.calibrate.engine import check_unquantized
+    from qrealign.errors import QrealignError
+
+    model, _ = tiny_model("llama", seed=0, num_hidden_layers=2)
+    model.hf_device_map = {"": 0}  # one device: nothing moves behind the engine's back
+    check_unquantized(model)
+    model.hf_device_map = {"model.layers.0": 0, "model.layers.1": "cpu"}
+    with pytest.raises(QrealignError, match="device_map"):
+        check_unquantized(model)

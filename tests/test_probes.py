@@ -590,6 +590,20 @@ def test_the_probe_option_table_holds_the_parsers_defaults():
     assert set().union(*TARGET_READS.values()) == set(TARGET_DEFAULTS)
 
 
+def test_a_model_held_away_from_the_capture_device_runs_block_by_block(monkeypatch):
+    """Review 71: `qrealign probe --device cuda` moved the whole float32 model to the GPU (30 GB
+    at 7B); held on the CPU, the states are now captured one block on the device at a time."""
+    import qrealign.probes.capture as capture
+
+    seen = []
+    monkeypatch.setattr(capture, "_capture_block_major", lambda *a, **k: seen.append(a[5]) or "block-major")
+    model, tok = tiny_model("llama")
+    assert capture.capture_last_token_states(model, tok, ["hi there"], device=torch.device("cuda"),
+                                             progress=False) == "block-major"
+    states = capture.capture_last_token_states(model, tok, ["hi there"], device="cpu", progress=False)
+    assert isinstance(states, torch.Tensor) and seen == [torch.device("cuda")]  # on its own device: in memory
+
+
 def test_a_probe_prompt_file_holding_held_out_prompts_is_warned_about(tmp_path):
     """Calibration refuses such files; probes only warned for `--split eval`, so a file with eval or
     confirm prompts went through and the realigned run was refused by `qrealign eval` hours later."""

@@ -361,7 +361,8 @@ def test_compiling_without_a_cpp_compiler_is_one_line_before_any_work(monkeypatc
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
     with pytest.raises(QrealignError, match="needs a C\\+\\+ compiler on CPU"):
         check_compiler("cpu")
-    check_compiler("cuda")  # not checked there
+    monkeypatch.setattr("qrealign.quant.quantizer._has_triton", lambda: True)
+    check_compiler("cuda")  # the C++ compiler is not checked there (Triton is)
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "g++")
     check_compiler("cpu")
 
@@ -380,3 +381,13 @@ def test_compiling_without_the_python_headers_is_one_line_before_any_work(monkey
         check_compiler("cpu")
     (tmp_path / "Python.h").write_text("/* present */\n")
     check_compiler("cpu")
+
+
+def test_compiling_on_cuda_without_triton_is_one_line_before_any_work(monkeypatch):
+    import qrealign.quant.quantizer as quantizer
+
+    monkeypatch.setattr(quantizer, "_has_triton", lambda: False)
+    with pytest.raises(QrealignError, match="Triton"):
+        quantizer.check_compiler("cuda")
+    monkeypatch.setattr(quantizer, "_has_triton", lambda: True)
+    quantizer.check_compiler("cuda")

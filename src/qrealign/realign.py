@@ -98,7 +98,7 @@ def realign(
                                     response_tokens=response_tokens, **loss_options)
     if isinstance(probes, (str, Path)):
         probes = load_probes(probes)
-    probes.check_compatible(model)
+    model_fp = probes.check_compatible(model)["fingerprint"]  # hashed once: seconds at 7B
     config = config or CalibConfig()
     check_probe_system(probes, config.system)
     active = safety_layers(probes, loss_options.get("layers"), layers_from)
@@ -113,7 +113,7 @@ def realign(
                                              "usable_layers": probes.usable_layers}, "safety_layers": list(active)}
     parents = getattr(probes, "parents", None)
     return quantize(model, tokenizer, calibration, scheme, config, out=out, loss=loss,
-                    device=device, progress=progress, checkpoint_dir=checkpoint_dir,
+                    device=device, progress=progress, checkpoint_dir=checkpoint_dir, model_fp=model_fp,
                     extra_metadata={**meta, "probe_parents": parents() if callable(parents) else None,
                                     # the probes' own prompts count for the overlap check too
                                     "provenance": (getattr(probes, "data", None) or {}).get("provenance") or {}})
@@ -171,7 +171,7 @@ def layers_from_fraction(num_layers: int, fraction: float) -> tuple[int, ...]:
 def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config, out, device, progress,
                          checkpoint_dir, layers_from, refusals=False, save_targets=None, response_tokens=1,
                          **loss_options) -> CalibResult:
-    from .calibrate.behaviour import (WEIGHT_FIELDS, FirstTokenLoss, ModelTail, refusal_start_ids,
+    from .calibrate.behaviour import (WEIGHT_FIELDS, FirstTokenLoss, ModelTail, check_tail_fits, refusal_start_ids,
                                       unused_margin_options)
     from .calibrate.losses import check_weights
     from .models.offload import offloaded
@@ -187,6 +187,7 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
         raise QrealignError("with offload='disk' choose the safety blocks (layers= or layers_from=, e.g. "
                             "layers_from=0.85; CLI --layers-from): the first-token objective holds FP copies of "
                             "every block after the first safety block in memory, all blocks by default")
+    check_tail_fits(model, min(layers) if layers else 0, device)  # before the teacher pass, not at block 0
     cfg = config or CalibConfig()
     calibration = calibration or build_calibration()
     starts = loss_options.pop("refusal_starts", None) or None

@@ -159,6 +159,42 @@ class ModelTail:
                 self.copies[j] = block
 
 
+def tail_bytes(model: nn.Module, first: int) -> tuple[int, int]:
+    """(bytes of what ModelTail copies to the compute device from safety block `first` on: the
+    blocks after it and the head; bytes of one block in float32, as the engine trains it)."""
+    blocks = list(get_blocks(model))
+    head = LogitHead(model)
+
+    def size(modules, dtype_bytes=None):
+        return sum(p.numel() * (dtype_bytes or p.element_size()) for m in modules for p in m.parameters())
+
+    return size(blocks[first + 1:]) + size((head.norm, head.head)), size(blocks[first:first + 1], 4)
+
+
+def check_tail_fits(model: nn.Module, first: int, device=None) -> None:
+    """With the first-token objective, each safety block's step runs the FP blocks after it, which
+    `ModelTail` copies to the GPU: with every block under the term (the default) that is most of
+    the model, an out-of-memory at block 0 for a 7B model on a 24 GB GPU (review 71). Said before
+    the teacher pass, with the way out. A rough bound: the copies, and the block being trained at
+    about six float32 copies of its weights (the weights, their fake-quantized forms and what
+    autograd keeps for them)."""
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        return
+    blocks = get_blocks(model)
+    if all(same_device(next(b.parameters()).device, dev) for b in list(blocks)[first + 1:]):
+        return  # the model is on the device already: nothing is copied
+    copies, block = tail_bytes(model, first)
+    need = copies + 6 * block
+    free, _total = torch.cuda.mem_get_info(dev)
+    if need > 0.9 * free:
+        gib = 2 ** 30
+        raise QrealignError(f"the first-token objective from block {first} on holds copies of the {len(blocks) - first - 1} "
+                            f"blocks after it and the head on {dev} (about {need / gib:.1f} GiB with the block being "
+                            f"trained); {free / gib:.1f} GiB are free. Put the safety term on later blocks only "
+                            "(layers_from=0.85; CLI --layers-from 0.85) or load the model in bfloat16 (--dtype bfloat16)")
+
+
 @torch.no_grad()
 def next_token_logprobs(model: nn.Module, tokenizer, calib: CalibrationSet, config, device=None,
                         responses=None, positions: int = 1) -> torch.Tensor:
@@ -200,10 +236,14 @@ def _last_logits(model, batch, device, positions: int = 1) -> torch.Tensor:
 
 def _blockwise_last_logits(model, batches, home, device, positions: int = 1) -> list[torch.Tensor]:
     """`_last_logits` of every batch, block-major on `device` (one read of an offloaded model, one
-    move of each block of a model held elsewhere); the embeddings and the head run at `home`."""
+    move of each block of a model held elsewhere); the embeddings run at `home`, the head on
+    `device` (a copy when the model's is elsewhere: on a CPU, a 7B model's 152k-vocabulary head
+    took each batch's longest matmul, review 71)."""
     inputs = [record_block_inputs(model, b.enc.input_ids, b.enc.attention_mask, b.position_ids, home)
               for b in batches]
     head = LogitHead(model)
+    if not same_device(head.device, device):
+        head = head.copy_to(device)
     return [head.at(h, b.enc.last_index, positions) for h, b in zip(run_blocks(model, inputs, device), batches)]
 
 

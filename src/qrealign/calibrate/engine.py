@@ -605,6 +605,12 @@ def check_unquantized(model: nn.Module) -> None:
         raise QrealignError("this model is already (partly) quantized: a quantize/realign call on it was interrupted, "
                             "or it is a loaded quantized run. Load the FP model again and repeat the call (an "
                             "interrupted run resumes from its checkpoint)")
+    placed = getattr(model, "hf_device_map", None) or {}
+    if len(set(placed.values())) > 1 or "disk" in placed.values():
+        raise QrealignError("this model was loaded with a device_map that spreads it over devices (accelerate's "
+                            "hooks move tensors behind the engine's back): load it on the CPU instead "
+                            "(qrealign.load_model, or offload='disk' when it exceeds CPU memory); the engine "
+                            "onloads one block at a time")
 
 
 def _token_digest(batches: list[CalibBatch]) -> str:

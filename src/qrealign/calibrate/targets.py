@@ -195,8 +195,9 @@ def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationS
     # an absolute path for a directory, so the overlap check finds the teacher from anywhere
     source = (parent_string(teacher) if isinstance(teacher, (str, Path))
               else getattr(teacher.config, "qrealign_source", None))
-    if isinstance(teacher, (str, Path)):  # offloaded like the model: it is as large
-        teacher, _ = load_model(str(teacher), offload="disk" if on_disk else None)
+    if isinstance(teacher, (str, Path)):  # offloaded like the model, and in its dtype: it is as large
+        teacher, _ = load_model(str(teacher), offload="disk" if on_disk else None,
+                                dtype=next(model.parameters()).dtype)
     diff = architecture_difference(teacher, model)
     if diff:
         raise QrealignError(f"the teacher must be the aligned version of the same architecture (teacher vs model: "
@@ -207,8 +208,9 @@ def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationS
     if refusals:
         asked = [p for p, m in zip(calibration.prompts, malicious.tolist()) if m]
         refused = torch.zeros_like(malicious)
-        refused[malicious] = torch.tensor(teacher_refuses(teacher, tokenizer, asked, config, device=device,
-                                                          progress=progress))
+        # on the compute device: a 7B teacher's greedy answers on a CPU take an hour
+        refused[malicious] = torch.tensor(teacher_refuses(teacher, tokenizer, asked, config,
+                                                          device=resolve_device(device), progress=progress))
         meta["refusal_targets"] = {"malicious": len(asked), "answered_replaced": int((malicious & ~refused).sum())}
     responses = mask = None
     if response_tokens > 1:  # position 0 comes from the same greedy passes

@@ -20,6 +20,10 @@ def add_common(parser) -> None:
                              "at a time (models larger than CPU RAM; not with --adapter or GGUF; realign --teacher: "
                              "the teacher is offloaded too and the blocks after the first safety block are held in "
                              "memory)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="the dtype the model (and a --teacher) is held in: float32 (default); bfloat16 halves "
+                             "host memory at 7B and up. Each block is calibrated in float32 on the compute device "
+                             "either way; the run records the dtype and is reloaded in it")
     parser.add_argument("--out", required=True, help="output run directory (written atomically)")
     parser.add_argument("--scheme", default="W8A8", help="W8A8 (default), W4A8, W4A4, W8A16, W4A16, W8A8-sym, W4A16-sym, or "
                         "W<b>A<b>[-g<N>][-sym|-wsym][-asym-act] (b: 2..16, 16 = not quantized)")
@@ -128,7 +132,7 @@ def prepare(args, method: str):
                               extra_malicious=args.calib_malicious)
     check_run_out(args.out, realign=getattr(args, "command", None) == "realign")  # before the model loads
     check_scheme_fits(scheme, args.model)
-    model, tokenizer = load_model(args.model, adapter=args.adapter, offload=args.offload)
+    model, tokenizer = load_model(args.model, adapter=args.adapter, offload=args.offload, dtype=args.dtype)
     return model, tokenizer, scheme, config, calib
 
 

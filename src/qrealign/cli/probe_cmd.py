@@ -205,13 +205,18 @@ def run(args) -> int:
 
         warnings.warn("fitting probes on the held-out 'eval' split: a model realigned with them will be refused "
                       "by `qrealign eval` on that split (its overlap check sees the probes' prompts)", stacklevel=1)
-    model, tokenizer = load_model(args.model, adapter=args.adapter, dtype=args.dtype, device=device,
+    # Capturing states runs block by block on `device` from a model held on the CPU: a 7B model (two
+    # for the contrast target) moved to the GPU whole would not fit a 24 GB card. The refusal
+    # direction generates answers first, which needs the whole model where it runs.
+    home = device if args.target == "refusal-direction" or args.offload else "cpu"
+    model, tokenizer = load_model(args.model, adapter=args.adapter, dtype=args.dtype, device=home,
                                   offload=args.offload)
     finetuned = None
     if args.finetuned:
-        finetuned, _ = load_model(args.finetuned, adapter=args.finetuned_adapter, dtype=args.dtype, device=device,
+        finetuned, _ = load_model(args.finetuned, adapter=args.finetuned_adapter, dtype=args.dtype, device=home,
                                   offload=args.offload)
     kwargs = dict(layers=parse_layers(args.layers), split=split, source=args.model, batch_size=args.batch_size,
+                  device=device,
                   system=args.system, max_length=args.max_length, test_size=args.test_size, seed=args.seed, cv=args.cv,
                   min_accuracy=args.min_accuracy, max_abs_logit=args.max_abs_logit)
     if args.target == "refusal-direction":

@@ -23,6 +23,7 @@ from ..errors import QrealignError
 from ..models.chat import encode_prompts
 from ..models.offload import offloaded
 from ..models.registry import get_blocks
+from ..utils import same_device
 
 
 class _StopForward(Exception):
@@ -93,7 +94,10 @@ def capture_last_token_states(
         raise QrealignError("no prompts to capture states for")
     blocks = get_blocks(model)
     layer_ids = resolve_layers(layers, len(blocks))
-    if offloaded(model) is not None:
+    # block by block unless the model is where it runs: a disk-offloaded model, or one held on the
+    # CPU and run on a GPU (moving a 7B float32 model there whole would not fit a 24 GB card)
+    if offloaded(model) is not None or (device is not None and not same_device(torch.device(device),
+                                                                               _model_device(model))):
         return _capture_block_major(model, tokenizer, prompts, layer_ids, batch_size, device, system, max_length,
                                     padding_side, progress)
     row_of = {layer: i for i, layer in enumerate(layer_ids)}
@@ -156,9 +160,10 @@ def capture_last_token_states(
 @torch.no_grad()
 def _capture_block_major(model, tokenizer, prompts, layer_ids, batch_size, device, system, max_length,
                          padding_side, progress) -> torch.Tensor:
-    """`capture_last_token_states` for a disk-offloaded model: every batch enters block 0, then the
-    blocks run one at a time over all batches (on `device`, default where the model was loaded),
-    so the checkpoint is read once. The states equal the in-memory capture's."""
+    """`capture_last_token_states` for a disk-offloaded model, or one held away from `device`:
+    every batch enters block 0, then the blocks run one at a time over all batches (on `device`,
+    default where the model was loaded), so the checkpoint is read once and the device holds one
+    block. The states equal the in-memory capture's."""
     from ..calibrate.capture import record_block_inputs, run_blocks
 
     home = model.get_input_embeddings().weight.device

@@ -111,7 +111,12 @@ def check_compiler(device) -> None:
     """`torch.compile` on CPU builds C++ kernels; without a compiler it fails at the first compiled
     step, after all the work before it (a demo's lab). Checked up front instead; there is no
     fallback to eager, which would be another run (the switch is in the fingerprint)."""
-    if torch.device(device).type != "cpu":  # GPU kernels are Triton's
+    if torch.device(device).type == "cuda":  # GPU kernels are Triton's
+        if not _has_triton():
+            raise QrealignError("compile_quantizer (--compile-quantizer) runs torch.compile, whose CUDA kernels need "
+                                "Triton: install it (pip install triton) or drop the option")
+        return
+    if torch.device(device).type != "cpu":
         return
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
@@ -128,6 +133,14 @@ def check_compiler(device) -> None:
         raise QrealignError("compile_quantizer (--compile-quantizer; the demo's first-token rows) runs torch.compile, "
                             "which on CPU builds Python extensions and needs the Python headers (Python.h): install "
                             "them (Debian/Ubuntu: apt install python3-dev)")
+
+
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # another torch layout: the compile itself will say
+        return True
+    return has_triton()
 
 
 def _python_include_dirs() -> list[str]:
