@@ -666,10 +666,10 @@ def test_a_tail_that_does_not_fit_the_gpu_is_refused_before_the_teacher_pass(mon
     head = sum(p.numel() * 4 for m in (model.model.norm, model.lm_head) for p in m.parameters())
     assert copies == 2 * per_block + head and block == per_block  # blocks 2 and 3 and the head, float32
     monkeypatch.setattr(behaviour, "resolve_device", lambda device=None: torch.device("cuda"))
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (copies + 6 * block, 10 ** 12))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (copies + 7 * block, 10 ** 12))
     with pytest.raises(QrealignError, match="layers_from=0.85"):
         behaviour.check_tail_fits(model, 1, "cuda")
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * (copies + 6 * block), 10 ** 12))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * (copies + 7 * block), 10 ** 12))
     behaviour.check_tail_fits(model, 1, "cuda")  # room enough
     monkeypatch.setattr(behaviour, "resolve_device", lambda device=None: torch.device("cpu"))
     behaviour.check_tail_fits(model, 0, "cpu")  # the CPU path copies nothing
