@@ -800,3 +800,27 @@ def test_vllm_backend_applies_the_models_generation_config_and_frees_the_gpu_bef
     with pytest.raises(QrealignError, match="no_repeat_ngram_size=3, which backend 'vllm' cannot apply"):
         evaluate_model(model, tok, limit=2, gen=GenerationConfig(backend="vllm"), source=str(tmp_path / "m"),
                        progress=False)
+
+
+def test_task_items_that_trained_the_model_are_refused_like_prompts():
+    """The attack and the calibration train on task prompts; only the safety prompts were checked
+    against the model's provenance (review 72). A task item that trained the model is refused
+    before any generation, and recorded with --force-overlap."""
+    import pytest
+
+    from qrealign.errors import QrealignError
+    from qrealign.evaluate.overlap import provenance_entry
+    from qrealign.evaluate.runner import evaluate_model
+    from qrealign.evaluate.tasks import get_task
+    from qrealign.models.tiny import tiny_model
+
+    model, tok = tiny_model("llama")
+    items = get_task("topic-codes").load("test", n=3)
+    leaked = provenance_entry("attack-task", [items[1].prompt], "topic-codes:train")
+    with pytest.raises(QrealignError, match="task prompts overlap.*1 of 3 used by stage 'attack-task'"):
+        evaluate_model(model, tok, harmful=None, benign=None, task="topic-codes", task_n=3, provenance=leaked,
+                       progress=False)
+    clean = provenance_entry("attack-task", [items[1].prompt + " (another item)"], "topic-codes:train")
+    result = evaluate_model(model, tok, harmful=None, benign=None, task="topic-codes", task_n=3, provenance=clean,
+                            progress=False)
+    assert result.metrics["task_n"] == 3

@@ -268,6 +268,13 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
     if provenance:
         res = check_overlap(harmful_prompts + benign_prompts, provenance, force=force_overlap)
         overlap = res.to_dict()
+        if task_obj is not None:
+            # the task items too: the attack and the calibration train on task prompts, and a task
+            # whose splits met would score FA on trained items (review 72)
+            items = [e.prompt for e in task_obj.load(task_split, n=task_n)]
+            task_res = check_overlap(items, provenance, force=force_overlap, what="task")
+            if task_res.by_stage:
+                overlap["task"] = task_res.to_dict()
 
     gen_target = model
     if gen.backend == "vllm":
