@@ -555,6 +555,10 @@ def test_cli_analyze_adapters_one_per_model(tmp_path, capsys):
     assert "2 models" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main(base + ["--adapters", f",{tmp_path / 'fp'}", "--out", str(tmp_path / "bad")]) == 2
     assert "not a PEFT adapter" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    # names that give one plot file ("a b" and "a_b" both write pca_a_b.png): refused, nothing written
+    clash = base[:-1] + ["a b,a_b", "--out", str(tmp_path / "bad")]
+    assert main(clash) == 2
+    assert "same plot file name" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_a_limited_probe_set_spans_the_categories_and_keeps_twins():

@@ -195,11 +195,12 @@ def analyze(models: dict[str, ModelSpec], probes: ProbeSet, harmful: Sequence, b
         plots.plot_fisher_curves(analyses, tmp / "fisher.png")
         limits = plots.pca_limits(analyses)
         for a in analyses:
-            plots.plot_pca_grid(a, tmp / f"pca_{_safe(a.name)}.png", limits=limits)
+            plots.plot_pca_grid(a, tmp / f"pca_{plot_stem(a.name)}.png", limits=limits)
         plots.plot_pca_compare(analyses, tmp / "pca_compare.png", limits=limits)
     report["out_dir"] = str(out_dir)
     return report
 
 
-def _safe(name: str) -> str:
+def plot_stem(name: str) -> str:
+    """A model's display name as it appears in its plot's file name."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
