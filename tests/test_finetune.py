@@ -529,3 +529,11 @@ def test_a_fine_tuned_model_no_longer_names_its_parent_as_its_source(tiny_dir, t
     assert tuned.config.qrealign_source is None and tuned.config.qrealign_adapter is None
     with pytest.raises(IncompatibleArtifact, match="exists only in memory"):
         run_source({"source": None, "model_fingerprint": "abc"}, run_dir=tmp_path)
+
+
+def test_a_lora_merge_into_half_precision_weights_is_warned_about():
+    """Full fine-tuning refuses 16-bit weights; LoRA trains its adapter in float32 but its merge
+    into bf16 weights rounds small deltas away, which went unsaid (review 72)."""
+    model, tok = tiny_model("llama", seed=0, dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="merged into bfloat16 weights"):
+        sft(model, tok, PAIRS, SFTConfig(steps=1, **FAST), progress=False)

@@ -196,6 +196,11 @@ def sft(model, tokenizer, pairs: Sequence[Pair], config: SFTConfig | None = None
         raise QrealignError(f"full fine-tuning needs float32 weights (the model is "
                             f"{str(next(model.parameters()).dtype).removeprefix('torch.')}: most small updates "
                             "would round away); load it in float32 or use LoRA")
+    if cfg.lora and next(model.parameters()).dtype != torch.float32:
+        # the adapter trains in float32, but its merge into 16-bit weights rounds small deltas away
+        warnings.warn(f"the LoRA adapter will be merged into {str(next(model.parameters()).dtype).removeprefix('torch.')} "
+                      "weights, which round away updates smaller than their precision: load the model in float32 to "
+                      "keep the whole fine-tune", stacklevel=2)
     warn_cut_pairs(tokenizer, pairs, cfg)
     target = resolve_device(device)
     model.to(target)
