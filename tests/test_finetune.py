@@ -537,3 +537,19 @@ def test_a_lora_merge_into_half_precision_weights_is_warned_about():
     model, tok = tiny_model("llama", seed=0, dtype=torch.bfloat16)
     with pytest.warns(UserWarning, match="merged into bfloat16 weights"):
         sft(model, tok, PAIRS, SFTConfig(steps=1, **FAST), progress=False)
+
+
+def test_an_interrupted_lora_run_leaves_the_callers_model_as_it_was():
+    """sft injects LoRA into the caller's model in place; a Ctrl-C or an error mid-training left
+    the adapter modules in it, in training mode (review 72)."""
+    model, tok = _tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def stop(step, loss):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sft(model, tok, PAIRS, SFTConfig(steps=3, lr=1e-2, **FAST), progress=False, on_step=stop)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and not model.training
+    assert all(torch.equal(after[k], v) for k, v in before.items())

@@ -185,7 +185,9 @@ def sft(model, tokenizer, pairs: Sequence[Pair], config: SFTConfig | None = None
     """Fine-tune `model` on `pairs` for `config.steps` optimizer steps; return the (merged) model.
 
     Batches are drawn from a seeded shuffle of the pairs, re-shuffled each epoch. The model comes
-    back in eval mode on the device it came from, with LoRA (if used) merged into its weights."""
+    back in eval mode on the device it came from, with LoRA (if used) merged into its weights. If
+    training stops on an error or an interrupt, a LoRA run leaves the model as it was; a full
+    fine-tune has changed its weights in place."""
     cfg = config or SFTConfig()
     if not pairs:
         raise QrealignError("no training pairs")
@@ -219,30 +221,38 @@ def sft(model, tokenizer, pairs: Sequence[Pair], config: SFTConfig | None = None
     scaler = torch.amp.GradScaler(target.type, enabled=resolve_amp(target, cfg.amp) == "float16")
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, unit="step")
     smoothed = math.nan
-    for step in bar:
-        batch_idx = []
-        while len(batch_idx) < min(cfg.batch_size, len(pairs)):
-            if not order:
-                order = list(range(len(pairs)))
-                rng.shuffle(order)
-            batch_idx.append(order.pop())
-        batch = collate(tokenizer, [pairs[i] for i in batch_idx], cfg.system, cfg.max_length,
-                        cfg.padding_side).to(target)
-        with autocast(target, cfg.amp):
-            loss = batch_loss(trained, batch, cfg.loss_per)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        schedule.step()
-        value = float(loss.detach())
-        smoothed = value if math.isnan(smoothed) else 0.9 * smoothed + 0.1 * value
-        bar.set_postfix(loss=f"{smoothed:.3f}")
-        if on_step is not None:
-            on_step(step, value)
+    try:
+        for step in bar:
+            batch_idx = []
+            while len(batch_idx) < min(cfg.batch_size, len(pairs)):
+                if not order:
+                    order = list(range(len(pairs)))
+                    rng.shuffle(order)
+                batch_idx.append(order.pop())
+            batch = collate(tokenizer, [pairs[i] for i in batch_idx], cfg.system, cfg.max_length,
+                            cfg.padding_side).to(target)
+            with autocast(target, cfg.amp):
+                loss = batch_loss(trained, batch, cfg.loss_per)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            value = float(loss.detach())
+            smoothed = value if math.isnan(smoothed) else 0.9 * smoothed + 0.1 * value
+            bar.set_postfix(loss=f"{smoothed:.3f}")
+            if on_step is not None:
+                on_step(step, value)
+    except BaseException:  # an error or Ctrl-C: the caller's model back where it was, in eval mode
+        bar.close()
+        if cfg.lora:  # and as it was: the adapter comes out, the base weights were never trained
+            trained.unload()
+        model.eval()
+        model.to(home)
+        raise
     bar.close()
     merged = trained.merge_and_unload() if cfg.lora else trained
     merged.eval()
