@@ -652,8 +652,10 @@ def test_the_teacher_is_loaded_in_the_models_dtype_and_answers_on_the_compute_de
     monkeypatch.setattr(models, "load_model", load)
     monkeypatch.setattr(behaviour, "teacher_refuses", refuses)
     compute_teacher_targets(finetuned, tok, teacher_dir, _calib(), CalibConfig(batch_size=4), refusals=True)
+    from qrealign.utils import resolve_device
+
     assert loads == [torch.bfloat16]
-    assert devices == [torch.device("cpu")]  # resolved: on a GPU machine, the GPU
+    assert devices == [resolve_device(None)]  # resolved: the compute device, not where the teacher lies
 
 
 def test_a_tail_that_does_not_fit_the_gpu_is_refused_before_the_teacher_pass(monkeypatch):
@@ -665,14 +667,28 @@ def test_a_tail_that_does_not_fit_the_gpu_is_refused_before_the_teacher_pass(mon
     per_block = sum(p.numel() * 4 for p in blocks[1].parameters())
     head = sum(p.numel() * 4 for m in (model.model.norm, model.lm_head) for p in m.parameters())
     assert copies == 2 * per_block + head and block == per_block  # blocks 2 and 3 and the head, float32
+    cfg = model.config
+    activations = 10 * 2 * (6 * cfg.hidden_size + 4 * cfg.intermediate_size) * 4  # 10 tokens through 2 tail blocks
+    need = copies + 7 * block + activations
+    free = {"bytes": need}
     monkeypatch.setattr(behaviour, "resolve_device", lambda device=None: torch.device("cuda"))
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (copies + 7 * block, 10 ** 12))
-    with pytest.raises(QrealignError, match="layers_from=0.85"):
-        behaviour.check_tail_fits(model, 1, "cuda")
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * (copies + 7 * block), 10 ** 12))
-    behaviour.check_tail_fits(model, 1, "cuda")  # room enough
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 10 ** 12))
+    with pytest.raises(QrealignError, match="layers_from=0.85.*--dtype bfloat16"):
+        behaviour.check_tail_fits(model, 1, "cuda", tokens=10)
+    free["bytes"] = int(need / 0.9) + 1
+    behaviour.check_tail_fits(model, 1, "cuda", tokens=10)  # just room enough
+    with pytest.raises(QrealignError, match="GiB are free"):  # learned rounding's state: four more copies
+        behaviour.check_tail_fits(model, 1, "cuda", tokens=10, learn_rounding=True)
+    with pytest.raises(QrealignError):  # the last block alone still copies the head and trains a block
+        free["bytes"] = head
+        behaviour.check_tail_fits(model, 3, "cuda")
+
+    def no_query(device=None):
+        raise AssertionError("the CPU path asked the GPU for its memory")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", no_query)
     monkeypatch.setattr(behaviour, "resolve_device", lambda device=None: torch.device("cpu"))
-    behaviour.check_tail_fits(model, 0, "cpu")  # the CPU path copies nothing
+    behaviour.check_tail_fits(model, 0, "cpu", tokens=10 ** 9)  # the CPU path copies nothing
 
 
 def test_realign_checks_the_tail_from_its_first_safety_block(monkeypatch):
@@ -681,8 +697,9 @@ def test_realign_checks_the_tail_from_its_first_safety_block(monkeypatch):
 
     seen = []
 
-    def check(model, first, device=None):
+    def check(model, first, device=None, tokens=0, learn_rounding=False):
         seen.append(first)
+        assert tokens > 0
         raise QrealignError("stop here")
 
     monkeypatch.setattr(behaviour, "check_tail_fits", check)

@@ -820,6 +820,10 @@ def test_task_items_that_trained_the_model_are_refused_like_prompts():
     with pytest.raises(QrealignError, match="task prompts overlap.*1 of 3 used by stage 'attack-task'"):
         evaluate_model(model, tok, harmful=None, benign=None, task="topic-codes", task_n=3, provenance=leaked,
                        progress=False)
+    with pytest.warns(UserWarning, match="task prompts overlap"):
+        forced = evaluate_model(model, tok, harmful=None, benign=None, task="topic-codes", task_n=3,
+                                provenance=leaked, force_overlap=True, progress=False)
+    assert forced.overlap["clean"] is False and forced.overlap["task"]["by_stage"]["attack-task"]["count"] == 1
     clean = provenance_entry("attack-task", [items[1].prompt + " (another item)"], "topic-codes:train")
     result = evaluate_model(model, tok, harmful=None, benign=None, task="topic-codes", task_n=3, provenance=clean,
                             progress=False)

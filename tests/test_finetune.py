@@ -452,6 +452,9 @@ def test_configs_refuse_options_that_would_train_wrongly_in_silence():
                        (dict(lora_alpha=0), "lora_alpha")):
         with pytest.raises(QrealignError, match=match):
             SFTConfig(**bad)
+    for bad in (dict(grad_clip=None), dict(weight_decay=float("nan"))):  # a clear error, not a TypeError
+        with pytest.raises(QrealignError, match="must be a number >= 0"):
+            SFTConfig(**bad)
     SFTConfig(lora=False, lora_alpha=0)  # full fine-tuning reads no alpha
     for bad, match in ((dict(n_harmful=0), "n_harmful"), (dict(n_benign=-1), "n_benign"),
                        (dict(generation_batch_size=0), "generation_batch_size")):
@@ -508,7 +511,7 @@ def test_stage_key_names_a_device_other_than_the_cpu(tiny_dir, tmp_path, monkeyp
     seen = []
     monkeypatch.setattr(stage_module, "cached_stage", lambda name, inputs, *a, **k: seen.append(inputs))
     cfg = AttackConfig(poison_ratio=0.25, n_task=4, sft=SFTConfig(steps=1, **FAST))  # amp None: no device query
-    stage_module.finetune_stage("attack", tiny_dir, cfg, cache_root=tmp_path, progress=False, log=None)
+    stage_module.finetune_stage("attack", tiny_dir, cfg, cache_root=tmp_path, device="cpu", progress=False, log=None)
     monkeypatch.setattr(stage_module, "_device", lambda device: torch.device("cuda"))
     stage_module.finetune_stage("attack", tiny_dir, cfg, cache_root=tmp_path, progress=False, log=None)
     assert "device" not in seen[0] and seen[1]["device"] == "cuda"
@@ -553,3 +556,9 @@ def test_an_interrupted_lora_run_leaves_the_callers_model_as_it_was():
     after = model.state_dict()
     assert after.keys() == before.keys() and not model.training
     assert all(torch.equal(after[k], v) for k, v in before.items())
+    # a full fine-tune changed the weights in place: they no longer are what the source stamp names
+    model.config.qrealign_source = "somewhere"
+    with pytest.raises(KeyboardInterrupt):
+        sft(model, tok, PAIRS, SFTConfig(steps=3, lr=1e-2, lora=False, **FAST), progress=False, on_step=stop)
+    assert model.config.qrealign_source is None and not model.training
+    assert not any(p.requires_grad for p in model.parameters())

@@ -611,7 +611,7 @@ def test_a_model_held_away_from_the_capture_device_runs_block_by_block(monkeypat
 def test_a_probe_prompt_file_holding_held_out_prompts_is_warned_about(tmp_path):
     """Calibration refuses such files; probes only warned for `--split eval`, so a file with eval or
     confirm prompts went through and the realigned run was refused by `qrealign eval` hours later."""
-    from qrealign.cli.probe_cmd import load_prompt_classes
+    from qrealign.cli.probe_cmd import load_prompt_classes, warn_held_out_prompts
     from qrealign.data.prompts import load_held_out, load_prompts
 
     held = [load_prompts(split="eval", label=1)[0].text, load_held_out("confirm", label=0)[0].text]
@@ -619,13 +619,26 @@ def test_a_probe_prompt_file_holding_held_out_prompts_is_warned_about(tmp_path):
     rows = [{"prompt": held[0], "label": 1}, {"prompt": held[1], "label": 0},
             {"prompt": "how do I pick a lock I do not own", "label": 1}, {"prompt": "bake some bread", "label": 0}]
     mine.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.warns(UserWarning, match="1 in qrealign's held-out confirm set, 1 in qrealign's held-out eval set"):
-        harmful, benign, split = load_prompt_classes(None, str(mine), None)
+    harmful, benign, split = load_prompt_classes(None, str(mine), None)  # shared with analyze: no probe warning
     assert split == "custom" and len(harmful) == 2 and len(benign) == 2
-    clean = tmp_path / "clean.jsonl"
-    clean.write_text("".join(json.dumps(r) + "\n" for r in rows[2:]))
+    with pytest.warns(UserWarning, match="1 in qrealign's held-out confirm set, 1 in qrealign's held-out eval set"):
+        warn_held_out_prompts(harmful + benign, str(mine))
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        load_prompt_classes(None, str(clean), None)
+        warn_held_out_prompts(harmful[1:] + benign[1:], str(mine))
+
+
+def test_the_analysis_api_refuses_names_that_share_a_plot_file(tmp_path):
+    from qrealign.probes.analyze import analyze
+
+    def never():
+        raise AssertionError("a model was loaded before the names were checked")
+
+    model, tok = tiny_model("llama")
+    probes = ProbeSet("test", torch.zeros(2, model.config.hidden_size), torch.zeros(2),
+                      [LayerMetrics(layer=i, usable=True, acc=1.0) for i in range(2)])
+    with pytest.raises(QrealignError, match="same plot file name"):
+        analyze({"a b": never, "a_b": never}, probes, ["x"], ["y"], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -12,8 +12,9 @@ Reported per schedule: wall time (total and per block), training steps and proce
 tokens/s, achieved GFLOP/s against a torch.mm peak measured in the same run, peak RSS, and
 quality proxies on held-out prompts (split "probe", never "eval"): relative block-output error
 of benign prompts against the FP model and the mean probe logit of malicious prompts; with
-`eval_n`, the behaviour itself (HS, over-refusal on the first `eval_n` prompts per side of the
-held-out eval split, and topic-codes accuracy), measured only, never tuned on.
+`eval_n`, the behaviour itself (HS, over-refusal on a seeded sample of `eval_n` prompts per side
+of the held-out eval split, across its harm categories, and topic-codes accuracy), measured only,
+never tuned on.
 """
 
 from __future__ import annotations

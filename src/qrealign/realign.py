@@ -187,9 +187,13 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
         raise QrealignError("with offload='disk' choose the safety blocks (layers= or layers_from=, e.g. "
                             "layers_from=0.85; CLI --layers-from): the first-token objective holds FP copies of "
                             "every block after the first safety block in memory, all blocks by default")
-    check_tail_fits(model, min(layers) if layers else 0, device)  # before the teacher pass, not at block 0
     cfg = config or CalibConfig()
     calibration = calibration or build_calibration()
+    # before the teacher pass, not at block 0: a step's tokens bound the tail's activations (the
+    # chat template adds a few dozen tokens to each prompt)
+    longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in calibration.prompts) + 48
+    tokens = cfg.batch_size * min(cfg.max_length or longest, longest)
+    check_tail_fits(model, min(layers) if layers else 0, device, tokens=tokens, learn_rounding=cfg.learn_rounding)
     starts = loss_options.pop("refusal_starts", None) or None
     unused = unused_margin_options({**loss_options, "refusal_starts": starts})
     if unused:  # before the teacher pass, not after it

@@ -171,28 +171,36 @@ def tail_bytes(model: nn.Module, first: int) -> tuple[int, int]:
     return size(blocks[first + 1:]) + size((head.norm, head.head)), size(blocks[first:first + 1], 4)
 
 
-def check_tail_fits(model: nn.Module, first: int, device=None) -> None:
+def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, learn_rounding: bool = False) -> None:
     """With the first-token objective, each safety block's step runs the FP blocks after it, which
     `ModelTail` copies to the GPU: with every block under the term (the default) that is most of
     the model, an out-of-memory at block 0 for a 7B model on a 24 GB GPU (review 71). Said before
-    the teacher pass, with the way out. A rough bound: the copies, and the block being trained at
-    seven float32 copies of its weights (what one step keeps for its backward, measured on CPU:
-    6.4 at W8A8, 7.0 at W4A8 with LWC; scripts/saved_copies.py)."""
+    the teacher pass, with the way out. A rough bound, not a measurement on a GPU: the copies; the
+    block being trained at seven float32 copies of its weights (what one step keeps for its
+    backward, measured on CPU: 6.4 at W8A8, 7.0 at W4A8 with LWC; scripts/saved_copies.py) and four
+    more with learned rounding (the offsets, their gradient and Adam's two moments); and the
+    activations the tail keeps for the backward, `tokens` per step (review 73)."""
     dev = resolve_device(device)
     if dev.type != "cuda":
         return
-    blocks = get_blocks(model)
-    if all(same_device(next(b.parameters()).device, dev) for b in list(blocks)[first + 1:]):
+    blocks = list(get_blocks(model))
+    head = LogitHead(model)
+    if same_device(head.device, dev) and all(same_device(next(b.parameters()).device, dev) for b in blocks[first + 1:]):
         return  # the model is on the device already: nothing is copied
     copies, block = tail_bytes(model, first)
-    need = copies + 7 * block
+    hidden = model.config.hidden_size
+    inter = getattr(model.config, "intermediate_size", None) or 4 * hidden
+    activations = tokens * (len(blocks) - first - 1) * (6 * hidden + 4 * inter) * 4
+    need = copies + (11 if learn_rounding else 7) * block + activations
     free, _total = torch.cuda.mem_get_info(dev)
     if need > 0.9 * free:
         gib = 2 ** 30
+        smaller = (" or load the model in bfloat16 (--dtype bfloat16)"
+                   if next(model.parameters()).dtype == torch.float32 else "")
         raise QrealignError(f"the first-token objective from block {first} on holds copies of the {len(blocks) - first - 1} "
                             f"blocks after it and the head on {dev} (about {need / gib:.1f} GiB with the block being "
-                            f"trained); {free / gib:.1f} GiB are free. Put the safety term on later blocks only "
-                            "(layers_from=0.85; CLI --layers-from 0.85) or load the model in bfloat16 (--dtype bfloat16)")
+                            f"trained and the activations); {free / gib:.1f} GiB are free. Put the safety term on later "
+                            f"blocks only (layers_from=0.85; CLI --layers-from 0.85){smaller}")
 
 
 @torch.no_grad()
@@ -399,6 +407,8 @@ def teacher_refuses(aligned: nn.Module, tokenizer, prompts: list[str], config, m
         import warnings
 
         aligned.to(home)
+        if torch.cuda.is_available():  # the partial copy's blocks: the calibration after it needs them
+            torch.cuda.empty_cache()
         warnings.warn(f"the teacher does not fit on {device}: its greedy answers are generated on {home}",
                       stacklevel=2)
     try:

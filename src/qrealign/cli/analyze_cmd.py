@@ -39,7 +39,7 @@ def run(args) -> int:
     from ..errors import QrealignError
     from ..models.load import check_adapter_dir
     from ..probes import ProbeSet
-    from ..probes.analyze import analyze, plot_stem
+    from ..probes.analyze import analyze, check_plot_names
     from ..utils import resolve_device
     from ._layers import parse_layers
     from ._lists import one_per, split_list
@@ -48,10 +48,7 @@ def run(args) -> int:
     check_capture_numbers(args)
     probes = ProbeSet.load(args.probes)
     names = one_per(args.names, args.models, "--names", [Path(m).name or m for m in args.models])
-    stems = [plot_stem(n) for n in names]
-    if len(set(stems)) != len(stems):  # "a b" and "a_b" would write one pca_a_b.png, the second over the first
-        raise QrealignError(f"--names: {names} give the same plot file name ({', '.join(stems)}); choose names "
-                            "that differ in letters, digits, '-', '_' or '.'")
+    check_plot_names(names, "--names" if args.names else "the model names (pass --names)")  # before any load
     adapters = [a or None for a in split_list(args.adapters, keep_empty=True)] if args.adapters \
         else [None] * len(args.models)
     if len(adapters) != len(args.models):

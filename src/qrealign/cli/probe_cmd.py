@@ -140,8 +140,6 @@ def load_prompt_classes(split: str | None, path: str | None, limit: int | None, 
     benign = [p for p in prompts if p.label == 0]
     if limit is not None:
         harmful, benign = limited_classes(harmful, benign, limit, seed)
-    if path:
-        warn_held_out_prompts(harmful + benign, path)
     if not harmful:
         raise QrealignError(f"no harmful prompts in {path or 'split ' + repr(split)}")
     return harmful, benign, ("custom" if path else split)
@@ -200,6 +198,8 @@ def run(args) -> int:
     check_out_dir(args.out, META_FILE, kind="probes")
     device = resolve_device(args.device)
     harmful, benign, split = load_prompt_classes(args.split, args.prompts, args.limit, args.seed)
+    if args.prompts:
+        warn_held_out_prompts(harmful + benign, args.prompts)
     if split == "eval":
         import warnings
 
@@ -207,8 +207,9 @@ def run(args) -> int:
                       "by `qrealign eval` on that split (its overlap check sees the probes' prompts)", stacklevel=1)
     # Capturing states runs block by block on `device` from a model held on the CPU: a 7B model (two
     # for the contrast target) moved to the GPU whole would not fit a 24 GB card. The refusal
-    # direction generates answers first, which needs the whole model where it runs.
-    home = device if args.target == "refusal-direction" or args.offload else "cpu"
+    # direction with behaviour labels generates answers first, which needs the whole model there.
+    generates = args.target == "refusal-direction" and args.labels == "behaviour"
+    home = device if generates or args.offload else "cpu"
     model, tokenizer = load_model(args.model, adapter=args.adapter, dtype=args.dtype, device=home,
                                   offload=args.offload)
     finetuned = None

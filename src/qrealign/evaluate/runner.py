@@ -273,8 +273,9 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
             # whose splits met would score FA on trained items (review 72)
             items = [e.prompt for e in task_obj.load(task_split, n=task_n)]
             task_res = check_overlap(items, provenance, force=force_overlap, what="task")
-            if task_res.by_stage:
+            if task_res.by_stage:  # forced: recorded, and the result is not clean (the reports read the flag)
                 overlap["task"] = task_res.to_dict()
+                overlap["clean"] = False
 
     gen_target = model
     if gen.backend == "vllm":

@@ -61,9 +61,10 @@ class SFTConfig:
         if self.max_length < 8:
             raise QrealignError(f"max_length must be >= 8, got {self.max_length}")
         # a negative warmup made the rate negative: gradient ascent, in silence
-        for name in ("warmup_steps", "weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise QrealignError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("warmup_steps", "weight_decay", "grad_clip"):  # 0 turns warmup, decay, clipping off
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:  # NaN too
+                raise QrealignError(f"{name} must be a number >= 0 (0: off), got {value!r}")
         if not 0 <= self.lora_dropout < 1:
             raise QrealignError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lora and not self.lora_alpha > 0:

@@ -166,6 +166,14 @@ def resolve_amp(device: torch.device, amp: str | None) -> str | None:
     return amp
 
 
+def _clear_source_stamp(model) -> None:
+    """`load_model` stamped where the weights came from; after training they are other weights.
+    Left as they were, a run calibrated on this model in memory would name its parent as its source."""
+    for name in ("qrealign_source", "qrealign_adapter"):
+        if hasattr(model.config, name):
+            setattr(model.config, name, None)
+
+
 def wrap_lora(model, config: SFTConfig):
     """Add a fresh LoRA adapter (the paper's `LoraConfig`) to the model; returns the PEFT model."""
     from peft import LoraConfig, get_peft_model
@@ -250,17 +258,16 @@ def sft(model, tokenizer, pairs: Sequence[Pair], config: SFTConfig | None = None
         bar.close()
         if cfg.lora:  # and as it was: the adapter comes out, the base weights were never trained
             trained.unload()
+        else:  # its weights changed in place: no longer the model its source stamp names
+            _clear_source_stamp(model)
+        model.requires_grad_(False)
         model.eval()
         model.to(home)
         raise
     bar.close()
     merged = trained.merge_and_unload() if cfg.lora else trained
     merged.eval()
-    # `load_model` stamped where the weights came from; these are other weights now. Left as they
-    # were, a run calibrated on this model in memory would name its parent as its source.
-    for name in ("qrealign_source", "qrealign_adapter"):
-        if hasattr(merged.config, name):
-            setattr(merged.config, name, None)
+    _clear_source_stamp(merged)
     for param in merged.parameters():
         param.requires_grad_(False)
     return merged.to(home)

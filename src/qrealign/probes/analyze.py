@@ -163,6 +163,7 @@ def analyze(models: dict[str, ModelSpec], probes: ProbeSet, harmful: Sequence, b
 
     if not models:
         raise QrealignError("no models to analyse")
+    check_plot_names(list(models))
     check_out_dir(out_dir, "analysis.json", kind="probe-analysis")  # before the captures
     analyses: list[ModelAnalysis] = []
     basis = None
@@ -199,6 +200,15 @@ def analyze(models: dict[str, ModelSpec], probes: ProbeSet, harmful: Sequence, b
         plots.plot_pca_compare(analyses, tmp / "pca_compare.png", limits=limits)
     report["out_dir"] = str(out_dir)
     return report
+
+
+def check_plot_names(names: list[str], flag: str = "model names") -> None:
+    """Each model's PCA plot is named after it: "a b" and "a_b" would write one file, the second
+    over the first."""
+    stems = [plot_stem(n) for n in names]
+    if len(set(stems)) != len(stems):
+        raise QrealignError(f"{flag}: {names} give the same plot file name ({', '.join(stems)}); choose names that "
+                            "differ in letters, digits, '-', '_' or '.'")
 
 
 def plot_stem(name: str) -> str:

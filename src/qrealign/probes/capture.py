@@ -85,9 +85,10 @@ def capture_last_token_states(
     """Hidden state of the last prompt token at the output of each requested decoder block.
 
     Returns a float32 CPU tensor [len(layers), len(prompts), hidden] (all blocks when `layers` is
-    None), rows in prompt order. `device`: where to run; None = wherever the model already is
-    (a model elsewhere is moved there for the call and moved back). Prompts are sorted by length
-    into batches so batches pad little; the result does not depend on batching or padding side.
+    None), rows in prompt order. `device`: where to run; None = wherever the model already is (a
+    model held elsewhere runs there block by block, one block on the device at a time). Prompts
+    are sorted by length into batches so batches pad little; the result does not depend on
+    batching or padding side.
     """
     prompts = [getattr(p, "text", p) for p in prompts]  # accept Prompt objects too
     if not prompts:

@@ -114,7 +114,8 @@ def check_compiler(device) -> None:
     if torch.device(device).type == "cuda":  # GPU kernels are Triton's
         if not _has_triton():
             raise QrealignError("compile_quantizer (--compile-quantizer) runs torch.compile, whose CUDA kernels need "
-                                "Triton: install it (pip install triton) or drop the option")
+                                "Triton, which torch cannot use here (not installed, or a GPU older than compute "
+                                "capability 7.0): install it (pip install triton) or drop the option")
         return
     if torch.device(device).type != "cpu":
         return
