@@ -564,7 +564,7 @@ def test_cli_analyze_adapters_one_per_model(tmp_path, capsys):
 def test_a_limited_probe_set_spans_the_categories_and_keeps_twins():
     """`--limit N` on the bundled split (ordered by harm category): not the first N (one or two
     categories) but a seeded sample across it, each kept harmful prompt's twin on the benign side."""
-    from qrealign.cli.probe_cmd import limited_classes
+    from qrealign.data.prompts import limited_classes
     from qrealign.data.prompts import load_prompts
 
     prompts = load_prompts(split="probe")

@@ -218,8 +218,7 @@ def _behaviour(model, tok, eval_n: int, task_n: int) -> dict:
     counts evaluated are recorded), and topic-codes accuracy. The prompts are a seeded sample
     across the file (`limited_classes`): the file is ordered by harm category, and its first 20
     harmful prompts were two categories (review 72)."""
-    from .cli.probe_cmd import limited_classes
-    from .data.prompts import load_prompts
+    from .data.prompts import limited_classes, load_prompts
     from .evaluate.runner import evaluate_model
 
     harmful, benign = limited_classes(load_prompts(split="eval", label=1), load_prompts(split="eval", label=0), eval_n)

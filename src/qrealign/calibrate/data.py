@@ -202,10 +202,9 @@ def _refuse_held_out_prompts(spec: str, prompts) -> None:
     """A user file holding prompts of a bundled held-out set (the eval split, `HELD_OUT_SETS`)
     would make every later evaluation on it refuse to run (the overlap check): say so now, before
     hours of calibration."""
-    from ..data.prompts import held_out_texts, normalize_prompt
+    from ..data.prompts import held_out_matches
 
-    held_out = held_out_texts()
-    found = [(p.text, held_out[normalize_prompt(p.text)]) for p in prompts if normalize_prompt(p.text) in held_out]
+    found = held_out_matches(prompts)
     if found:
         sets = " and ".join(f"{name} split" if name == "eval" else f"{name} set" for name in sorted({n for _, n in found}))
         raise QrealignError(f"calibration set {spec!r}: {len(found)} of its prompts are in qrealign's held-out {sets} "

@@ -126,7 +126,7 @@ def check_capture_numbers(args) -> None:
 def load_prompt_classes(split: str | None, path: str | None, limit: int | None, seed: int = 0):
     """(harmful, benign, split name) from a prompt file or the bundled split; with `limit`, a
     seeded sample of each class (`limited_classes`)."""
-    from ..data.prompts import load_prompt_file, load_prompts
+    from ..data.prompts import limited_classes, load_prompt_file, load_prompts
     from ..errors import QrealignError
 
     if limit is not None and limit < 1:
@@ -153,35 +153,13 @@ def warn_held_out_prompts(prompts, source) -> None:
     import warnings
     from collections import Counter
 
-    from ..data.prompts import held_out_texts, normalize_prompt
+    from ..data.prompts import held_out_matches
 
-    held = held_out_texts()
-    hits = Counter(held[t] for t in (normalize_prompt(getattr(p, "text", p)) for p in prompts) if t in held)
+    hits = Counter(name for _text, name in held_out_matches(prompts))
     if hits:
         sets = ", ".join(f"{n} in qrealign's held-out {name} set" for name, n in sorted(hits.items()))
         warnings.warn(f"{source}: {sets}: a model realigned with these probes will be refused by `qrealign eval` "
                       "on that set", stacklevel=2)
-
-
-def limited_classes(harmful: list, benign: list, limit: int, seed: int = 0) -> tuple[list, list]:
-    """At most `limit` prompts per class, in file order. The bundled files are ordered by harm
-    category, so the first N would fit a quick probe on one or two categories: the harmful side is
-    a seeded sample across the file, and the benign side takes the kept prompts' twins first (the
-    matched-accuracy metric needs them), then a seeded sample of the rest."""
-    import random
-
-    rng = random.Random(seed)
-
-    def sample(items: list, n: int) -> list:
-        keep = set(rng.sample(range(len(items)), n)) if n < len(items) else set(range(len(items)))
-        return [p for i, p in enumerate(items) if i in keep]
-
-    harmful = sample(harmful, limit)
-    twins = {getattr(p, "twin", None) for p in harmful} - {None}
-    first = [p for p in benign if getattr(p, "id", None) in twins][:limit]
-    rest = sample([p for p in benign if getattr(p, "id", None) not in twins], limit - len(first))
-    chosen = {id(p) for p in first + rest}
-    return harmful, [p for p in benign if id(p) in chosen]
 
 
 def run(args) -> int:

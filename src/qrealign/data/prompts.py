@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import random
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -30,6 +31,8 @@ __all__ = [
     "load_supplement",
     "load_held_out",
     "held_out_texts",
+    "held_out_matches",
+    "limited_classes",
     "load_twin_pairs",
     "load_prompt_file",
     "prompt_set_fingerprint",
@@ -173,6 +176,33 @@ def held_out_texts() -> dict[str, str]:
     for name in HELD_OUT_SETS:
         out.update({normalize_prompt(p.text): name for p in load_held_out(name)})
     return out
+
+
+def held_out_matches(prompts) -> list[tuple[str, str]]:
+    """(text, held-out set name) for each of `prompts` (records or strings) whose text is in a
+    bundled held-out set (`held_out_texts`): what calibration refuses and probe fitting warns of."""
+    held_out = held_out_texts()
+    texts = (getattr(p, "text", p) for p in prompts)
+    return [(t, held_out[normalize_prompt(t)]) for t in texts if normalize_prompt(t) in held_out]
+
+
+def limited_classes(harmful: list, benign: list, limit: int, seed: int = 0) -> tuple[list, list]:
+    """At most `limit` prompts per class, in file order. The bundled files are ordered by harm
+    category, so the first N would fit a quick probe on one or two categories: the harmful side is
+    a seeded sample across the file, and the benign side takes the kept prompts' twins first (the
+    matched-accuracy metric needs them), then a seeded sample of the rest."""
+    rng = random.Random(seed)
+
+    def sample(items: list, n: int) -> list:
+        keep = set(rng.sample(range(len(items)), n)) if n < len(items) else set(range(len(items)))
+        return [p for i, p in enumerate(items) if i in keep]
+
+    harmful = sample(harmful, limit)
+    twins = {getattr(p, "twin", None) for p in harmful} - {None}
+    first = [p for p in benign if getattr(p, "id", None) in twins][:limit]
+    rest = sample([p for p in benign if getattr(p, "id", None) not in twins], limit - len(first))
+    chosen = {id(p) for p in first + rest}
+    return harmful, [p for p in benign if id(p) in chosen]
 
 
 # --------------------------------------------------------------------------- user files
