@@ -691,15 +691,55 @@ def test_a_tail_that_does_not_fit_the_gpu_is_refused_before_the_teacher_pass(mon
     behaviour.check_tail_fits(model, 0, "cpu", tokens=10 ** 9)  # the CPU path copies nothing
 
 
+def test_the_joint_stage_counts_every_trained_block_and_the_calibration_streams(monkeypatch):
+    """--joint-safety trains every safety block on the GPU at once (review 71: about 90 GB over 14
+    blocks of a 7B model): the check counts each block's training state, not one block's, plus the
+    hidden-state streams over the whole calibration set; and it counts them for a model already
+    on the GPU, whose float32 training state is not."""
+    import qrealign.calibrate.behaviour as behaviour
+
+    model, _ = tiny_model("llama", num_hidden_layers=4)
+    copies, block = behaviour.tail_bytes(model, 1)
+    head = copies - 2 * block  # float32 tiny model: the copies are blocks 2-3 and the head
+    cfg = model.config
+    per_token = (6 * cfg.hidden_size + 4 * cfg.intermediate_size) * 4
+    joint_need = head + 3 * 7 * block + 10 * 3 * per_token + 5 * 100 * cfg.hidden_size * 4  # 3 blocks, 5 streams
+    free = {"bytes": int(joint_need / 0.9) + 1}
+    monkeypatch.setattr(behaviour, "resolve_device", lambda device=None: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 10 ** 12))
+    behaviour.check_tail_fits(model, 1, "cuda", tokens=10, joint=True, total_tokens=100)  # just room enough
+    free["bytes"] = joint_need
+    with pytest.raises(QrealignError, match="trains the 3 blocks from block 1 on together.*without --joint-safety"):
+        behaviour.check_tail_fits(model, 1, "cuda", tokens=10, joint=True, total_tokens=100)
+    # the joint need is more than the per-block one: the same memory lets the block-by-block form pass
+    behaviour.check_tail_fits(model, 1, "cuda", tokens=10, total_tokens=100)
+    with pytest.raises(QrealignError):  # learned rounding: eleven copies per joint block
+        free["bytes"] = int(joint_need / 0.9) + 1
+        behaviour.check_tail_fits(model, 1, "cuda", tokens=10, joint=True, total_tokens=100, learn_rounding=True)
+    # FP targets kept in CPU memory (offload_targets): one stream on the GPU, four fewer
+    free["bytes"] = int((joint_need - 4 * 100 * cfg.hidden_size * 4) / 0.9) + 1
+    behaviour.check_tail_fits(model, 1, "cuda", tokens=10, joint=True, total_tokens=100, offload_targets=True)
+    with pytest.raises(QrealignError):
+        behaviour.check_tail_fits(model, 1, "cuda", tokens=10, joint=True, total_tokens=100)
+
+    # a model already on the GPU: no copies, but the joint training state is still counted
+    monkeypatch.setattr(behaviour, "same_device", lambda a, b: True)
+    free["bytes"] = head  # room for nothing the block-by-block form would copy
+    behaviour.check_tail_fits(model, 1, "cuda", tokens=10, total_tokens=100)
+    with pytest.raises(QrealignError, match="joint_safety"):
+        behaviour.check_tail_fits(model, 1, "cuda", tokens=10, joint=True, total_tokens=100)
+
+
 def test_realign_checks_the_tail_from_its_first_safety_block(monkeypatch):
     import qrealign.calibrate.behaviour as behaviour
     from qrealign.realign import realign
 
     seen = []
 
-    def check(model, first, device=None, tokens=0, learn_rounding=False):
+    def check(model, first, device=None, tokens=0, learn_rounding=False, joint=False, total_tokens=0,
+              offload_targets=False):
         seen.append(first)
-        assert tokens > 0
+        assert 0 < tokens <= total_tokens  # one step's tokens; the whole calibration set's
         raise QrealignError("stop here")
 
     monkeypatch.setattr(behaviour, "check_tail_fits", check)
@@ -709,3 +749,68 @@ def test_realign_checks_the_tail_from_its_first_safety_block(monkeypatch):
         with pytest.raises(QrealignError, match="stop here"):
             realign(finetuned, tok, teacher=teacher, calibration=_calib(), progress=False, **kw)
         assert seen[-1] == first
+
+
+def test_a_resumed_teacher_run_reads_its_teacher_pass_back_from_the_checkpoint(tmp_path, monkeypatch):
+    """review 71: a resumed `realign --teacher` ran its teacher pass again (minutes at 7B). The
+    pass is kept in the run's checkpoint; the resumed run reads it back, gives the uninterrupted
+    run to the bit, and the finished run clears it. Another teacher is another pass."""
+    import qrealign.calibrate.behaviour as behaviour
+    import qrealign.calibrate.engine as engine
+    from safetensors.torch import load_file
+
+    from qrealign.calibrate.engine import CHECKPOINT_TARGETS
+    from qrealign.models import load_model
+    from qrealign.realign import realign
+    from qrealign.utils import read_json
+
+    finetuned, tok = tiny_model("llama", seed=0, num_hidden_layers=3)
+    teacher_dir = _save(tiny_model("llama", seed=1, num_hidden_layers=3)[0], tok, tmp_path / "aligned")
+    other_teacher = _save(tiny_model("llama", seed=2, num_hidden_layers=3)[0], tok, tmp_path / "other")
+    finetuned_dir = _save(finetuned, tok, tmp_path / "finetuned")
+    cfg = CalibConfig(epochs=1, batch_size=2)
+    kw = dict(calibration=_calib(), scheme="W8A8", config=cfg, progress=False, layers=(1, 2), response_tokens=2)
+    passes = []
+    response_targets = behaviour.response_targets
+    monkeypatch.setattr(behaviour, "response_targets", lambda *a, **k: passes.append(1) or response_targets(*a, **k))
+
+    realign(load_model(finetuned_dir)[0], tok, teacher=teacher_dir, out=tmp_path / "whole", **kw)
+    assert len(passes) == 1 and not (tmp_path / ".whole.checkpoint").exists()
+
+    trained, write_state = [], engine._write_state
+
+    def interrupt_after_block_0(ckpt, fingerprint, code, completed, logs):
+        write_state(ckpt, fingerprint, code, completed, logs)
+        trained.append(completed - 1)
+        if completed == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_write_state", interrupt_after_block_0)
+    out, ckpt = tmp_path / "run", tmp_path / ".run.checkpoint"
+    with pytest.raises(KeyboardInterrupt):
+        realign(load_model(finetuned_dir)[0], tok, teacher=teacher_dir, out=out, **kw)
+    assert len(passes) == 2 and (ckpt / CHECKPOINT_TARGETS / "targets.safetensors").is_file()
+
+    resumed = realign(load_model(finetuned_dir)[0], tok, teacher=teacher_dir, out=out, **kw)
+    assert len(passes) == 2  # read back, not run again
+    assert resumed.resumed_blocks == 1 and trained == [0, 1, 2]
+    a, b = read_json(tmp_path / "whole" / "qrealign.json"), read_json(out / "qrealign.json")
+    assert a["run_fingerprint"] == b["run_fingerprint"] and a["teacher"] == b["teacher"]
+    pa, pb = (load_file(str(d / "quant_params.safetensors")) for d in (tmp_path / "whole", out))
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert not ckpt.exists()  # the finished run clears its checkpoint, the teacher pass with it
+
+    # the same checkpoint with another teacher (or another model) is another pass
+    trained.clear()
+    with pytest.raises(KeyboardInterrupt):
+        realign(load_model(finetuned_dir)[0], tok, teacher=teacher_dir, out=tmp_path / "run2", **kw)
+    assert len(passes) == 3
+    monkeypatch.setattr(engine, "_write_state", write_state)
+    realign(load_model(finetuned_dir)[0], tok, teacher=other_teacher, out=tmp_path / "run2", **kw)
+    assert len(passes) == 4
+    assert read_json(tmp_path / "run2" / "qrealign.json")["teacher"]["source"].endswith("other")
+    # a checkpoint folder inside the output is refused before the pass writes its copy there
+    with pytest.raises(QrealignError, match="separate folders"):
+        realign(load_model(finetuned_dir)[0], tok, teacher=teacher_dir, out=tmp_path / "run3",
+                checkpoint_dir=tmp_path / "run3" / "ckpt", **kw)
+    assert len(passes) == 4 and not (tmp_path / "run3").exists()

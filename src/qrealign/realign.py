@@ -18,7 +18,7 @@ import math
 import warnings
 from pathlib import Path
 
-from .calibrate.api import quantize
+from .calibrate.api import checkpoint_path, quantize
 from .calibrate.data import CalibrationSet, build_calibration
 from .calibrate.engine import CalibConfig, CalibResult
 from .calibrate.safety import SafetyLoss
@@ -89,9 +89,11 @@ def realign(
     check_unquantized(model)  # before the teacher pass, which would read a half-quantized model
     check_response_tokens(response_tokens)
     if out is not None:  # before the teacher pass or the probes' checks: a bad --out must waste nothing
-        from .calibrate.api import check_run_out
+        from .calibrate.api import check_checkpoint_dir, check_run_out
 
         check_run_out(out, realign=True)
+        if checkpoint_dir:  # and before the teacher pass writes its copy there
+            check_checkpoint_dir(Path(checkpoint_dir), Path(out))
     if teacher is not None:
         return _realign_first_token(model, tokenizer, teacher, calibration, scheme, config, out, device, progress,
                                     checkpoint_dir, layers_from, refusals=refusal_targets, save_targets=save_targets,
@@ -192,8 +194,10 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
     # before the teacher pass, not at block 0: a step's tokens bound the tail's activations (the
     # chat template adds a few dozen tokens to each prompt)
     longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in calibration.prompts) + 48
-    tokens = cfg.batch_size * min(cfg.max_length or longest, longest)
-    check_tail_fits(model, min(layers) if layers else 0, device, tokens=tokens, learn_rounding=cfg.learn_rounding)
+    per_prompt = min(cfg.max_length or longest, longest)
+    check_tail_fits(model, min(layers) if layers else 0, device, tokens=cfg.batch_size * per_prompt,
+                    learn_rounding=cfg.learn_rounding, joint=cfg.joint_safety,
+                    total_tokens=len(calibration.prompts) * per_prompt, offload_targets=cfg.offload_targets)
     starts = loss_options.pop("refusal_starts", None) or None
     unused = unused_margin_options({**loss_options, "refusal_starts": starts})
     if unused:  # before the teacher pass, not after it
@@ -214,8 +218,8 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
             if out is not None and Path(save_targets).resolve() == Path(out).resolve():
                 raise QrealignError("save_targets must be another directory than the run's out")
         targets = compute_teacher_targets(model, tokenizer, teacher, calibration, cfg, refusals=refusals,
-                                          response_tokens=response_tokens,
-                                          device=device, progress=progress)
+                                          response_tokens=response_tokens, device=device, progress=progress,
+                                          checkpoint=checkpoint_path(out, checkpoint_dir))
         if save_targets:
             targets.save(save_targets)
     active = layers if layers is not None else tuple(range(num_layers))

@@ -52,7 +52,7 @@ def quantize(
     out = Path(out) if out else None
     if out is not None:
         check_run_out(out, realign=(extra_metadata or {}).get("method") == "qrealign")  # before calibrating
-    ckpt = Path(checkpoint_dir) if checkpoint_dir else (out.with_name(f".{out.name}.checkpoint") if out else None)
+    ckpt = checkpoint_path(out, checkpoint_dir)
     if checkpoint_dir and out is not None:
         check_checkpoint_dir(ckpt, out)
     t0 = time.time()
@@ -92,6 +92,13 @@ def quantize(
             if ckpt is not None:
                 remove_checkpoint(ckpt)
     return result
+
+
+def checkpoint_path(out: str | Path | None, checkpoint_dir: str | Path | None) -> Path | None:
+    """Where a run checkpoints: `checkpoint_dir`, else the sibling `.<out>.checkpoint`, else nowhere."""
+    if checkpoint_dir:
+        return Path(checkpoint_dir)
+    return Path(out).with_name(f".{Path(out).name}.checkpoint") if out else None
 
 
 def check_checkpoint_dir(ckpt: Path, out: Path) -> None:

@@ -171,7 +171,8 @@ def tail_bytes(model: nn.Module, first: int) -> tuple[int, int]:
     return size(blocks[first + 1:]) + size((head.norm, head.head)), size(blocks[first:first + 1], 4)
 
 
-def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, learn_rounding: bool = False) -> None:
+def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, learn_rounding: bool = False,
+                    joint: bool = False, total_tokens: int = 0, offload_targets: bool = False) -> None:
     """With the first-token objective, each safety block's step runs the FP blocks after it, which
     `ModelTail` copies to the GPU: with every block under the term (the default) that is most of
     the model, an out-of-memory at block 0 for a 7B model on a 24 GB GPU (review 71). Said before
@@ -179,28 +180,51 @@ def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, 
     block being trained at seven float32 copies of its weights (what one step keeps for its
     backward, measured on CPU: 6.4 at W8A8, 7.0 at W4A8 with LWC; scripts/saved_copies.py) and four
     more with learned rounding (the offsets, their gradient and Adam's two moments); and the
-    activations the tail keeps for the backward, `tokens` per step (review 73)."""
+    activations the tail keeps for the backward, `tokens` per step (review 73).
+
+    `joint` (CalibConfig.joint_safety): no FP tail, but every safety block trains at once, each
+    with those seven (eleven) copies, and the activations of all of them; counted even when the
+    model is on the device already (its float32 training state is not). The hidden-state streams
+    over the whole calibration set (`total_tokens`): the quantized one, and unless
+    `offload_targets` the FP input and each trained block's FP target (every joint block's at once)."""
     dev = resolve_device(device)
     if dev.type != "cuda":
         return
     blocks = list(get_blocks(model))
     head = LogitHead(model)
-    if same_device(head.device, dev) and all(same_device(next(b.parameters()).device, dev) for b in blocks[first + 1:]):
+    on_device = same_device(head.device, dev) and all(same_device(next(b.parameters()).device, dev)
+                                                      for b in blocks[first + 1:])
+    if on_device and not joint:
         return  # the model is on the device already: nothing is copied
     copies, block = tail_bytes(model, first)
+    per_block = 11 if learn_rounding else 7
     hidden = model.config.hidden_size
     inter = getattr(model.config, "intermediate_size", None) or 4 * hidden
-    activations = tokens * (len(blocks) - first - 1) * (6 * hidden + 4 * inter) * 4
-    need = copies + (11 if learn_rounding else 7) * block + activations
+    per_token = (6 * hidden + 4 * inter) * 4
+    if joint:
+        trained = len(blocks) - first
+        head_copy = 0 if on_device else copies - sum(p.numel() * p.element_size() for b in blocks[first + 1:]
+                                                     for p in b.parameters())
+        streams = 1 if offload_targets else trained + 2
+        need = head_copy + trained * per_block * block + tokens * trained * per_token + \
+            streams * total_tokens * hidden * 4
+        what = (f"the joint stage (joint_safety) trains the {trained} blocks from block {first} on together on "
+                f"{dev}, each with its float32 training state (about {need / 2 ** 30:.1f} GiB with the activations)")
+        way_out = "Put the safety term on later blocks only (layers_from=0.85; CLI --layers-from 0.85) or leave " \
+                  "joint_safety off (CLI: without --joint-safety)"
+    else:
+        streams = 1 if offload_targets else 3
+        need = copies + per_block * block + tokens * (len(blocks) - first - 1) * per_token + \
+            streams * total_tokens * hidden * 4
+        what = (f"the first-token objective from block {first} on holds copies of the {len(blocks) - first - 1} "
+                f"blocks after it and the head on {dev} (about {need / 2 ** 30:.1f} GiB with the block being "
+                f"trained and the activations)")
+        way_out = "Put the safety term on later blocks only (layers_from=0.85; CLI --layers-from 0.85)"
     free, _total = torch.cuda.mem_get_info(dev)
     if need > 0.9 * free:
-        gib = 2 ** 30
         smaller = (" or load the model in bfloat16 (--dtype bfloat16)"
                    if next(model.parameters()).dtype == torch.float32 else "")
-        raise QrealignError(f"the first-token objective from block {first} on holds copies of the {len(blocks) - first - 1} "
-                            f"blocks after it and the head on {dev} (about {need / gib:.1f} GiB with the block being "
-                            f"trained and the activations); {free / gib:.1f} GiB are free. Put the safety term on later "
-                            f"blocks only (layers_from=0.85; CLI --layers-from 0.85){smaller}")
+        raise QrealignError(f"{what}; {free / 2 ** 30:.1f} GiB are free. {way_out}{smaller}")
 
 
 @torch.no_grad()

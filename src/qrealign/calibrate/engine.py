@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,7 +38,8 @@ from ..quant.let import LETParams, cast_keeping_folded_norms
 from ..quant.qlinear import QuantLinear, wrap_linears
 from ..quant.quantizer import check_compiler
 from ..quant.scheme import Scheme, get_scheme
-from ..utils import model_fingerprint, read_json, resolve_device, save_tensors, sha256_json, write_json
+from ..utils import (model_fingerprint, read_json, remove_orphans_under, resolve_device, save_tensors, sha256_json,
+                     write_json)
 from .capture import block_output, capture_block_inputs, move_kwargs
 from .data import CalibBatch, CalibrationSet, make_batches
 from .losses import BlockLoss, ReconstructionLoss
@@ -624,6 +626,9 @@ def _token_digest(batches: list[CalibBatch]) -> str:
 
 CHECKPOINT_STATE = "state.json"
 LOCK_FILE = ".lock"
+# The first-token objective's teacher pass, kept beside the blocks: a resumed run reads it back
+# instead of running it again (`targets.compute_teacher_targets(checkpoint=...)`).
+CHECKPOINT_TARGETS = "teacher-targets"
 
 
 def _block_file(ckpt: Path, layer: int) -> Path:
@@ -731,6 +736,8 @@ def remove_checkpoint(ckpt: Path) -> None:
     for pattern in ("block_*.safetensors", ".block_*.safetensors.tmp", LOCK_FILE):
         for f in ckpt.glob(pattern):
             f.unlink(missing_ok=True)
+    shutil.rmtree(ckpt / CHECKPOINT_TARGETS, ignore_errors=True)
+    remove_orphans_under(ckpt)  # a teacher-pass copy whose writer died mid-write; a live writer's stays
     try:
         ckpt.rmdir()
     except OSError:  # other files: left alone

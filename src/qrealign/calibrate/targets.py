@@ -15,6 +15,7 @@ in-place pass by float rounding only, and a reuse warns.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from ..errors import IncompatibleArtifact, QrealignError
 from ..utils import atomic_dir, read_json, save_tensors, write_json
 from .data import CalibrationSet
+from .engine import CHECKPOINT_TARGETS
 
 TENSOR_FILE = "targets.safetensors"
 META_FILE = "qrealign.json"
@@ -173,13 +175,20 @@ def where_computed(model, device=None) -> dict:
 
 
 def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationSet, config, refusals: bool = False,
-                            device=None, progress: bool = False, response_tokens: int = 1) -> TeacherTargets:
+                            device=None, progress: bool = False, response_tokens: int = 1,
+                            checkpoint: str | Path | None = None) -> TeacherTargets:
     """The first-token objective's targets for `model` (the fine-tuned model, before it is
     quantized) with `teacher` (the aligned model: a model or anything `load_model` reads; an
     offloaded `model` gets an offloaded teacher). `refusals`: the malicious prompts the teacher
     answers take the mean refusal distribution (`behaviour.refusal_targets`). `response_tokens`
     K > 1: targets at the first K response positions along forced greedy starts
-    (`behaviour.response_targets`: one greedy pass per model with the KV cache)."""
+    (`behaviour.response_targets`: one greedy pass per model with the KV cache).
+
+    `checkpoint` (a run's checkpoint folder): the targets are kept there, and an interrupted run
+    started again reads them back instead of running the pass again (two forwards over the
+    calibration set and a generation: minutes at 7B), when they are what this pass would compute:
+    the same teacher (its weights' fingerprint), model, calibration set, rendering, options and
+    device type. Anything else is computed again and replaces them."""
     from ..models import load_model
     from ..models.offload import offloaded
     from ..finetune.stage import parent_string
@@ -203,6 +212,14 @@ def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationS
         raise QrealignError(f"the teacher must be the aligned version of the same architecture (teacher vs model: "
                             f"{diff})")
     meta = {"source": source, "fingerprint": model_fingerprint(teacher)}
+    kept_at = Path(checkpoint) / CHECKPOINT_TARGETS if checkpoint is not None else None
+    model_fp = model_fingerprint(model)
+    kept = _kept_targets(kept_at, meta, model_fp, tokenizer, calibration, config, refusals, response_tokens,
+                         where_computed(model, device))
+    if kept is not None:
+        if progress:
+            print(f"[realign] the teacher pass is read back from {kept_at} (an interrupted run's)", file=sys.stderr)
+        return kept
     malicious = torch.tensor(calibration.labels, dtype=torch.bool)
     refused = None  # without refusal targets every malicious row follows the teacher
     if refusals:
@@ -224,6 +241,27 @@ def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationS
         targets = first_token_targets(teacher, model, tokenizer, calibration, config, device=resolve_device(device))
         if refused is not None:
             targets = refusal_targets(targets, malicious, refused)
-    return TeacherTargets(targets, meta, model_fingerprint(model), calibration.fingerprint(), render_options(config),
-                          where_computed(model, device), responses, mask,
-                          prompt_tokens_digest(tokenizer, calibration, config))
+    computed = TeacherTargets(targets, meta, model_fp, calibration.fingerprint(), render_options(config),
+                              where_computed(model, device), responses, mask,
+                              prompt_tokens_digest(tokenizer, calibration, config))
+    if kept_at is not None:
+        computed.save(kept_at)
+    return computed
+
+
+def _kept_targets(path: Path | None, teacher_meta: dict, model_fp: str, tokenizer, calibration, config,
+                  refusals: bool, response_tokens: int, computed_on: dict) -> TeacherTargets | None:
+    """A checkpoint's teacher pass, if it is what this pass would compute; else None (and the pass
+    runs). On the same device type only: elsewhere an in-place pass differs by float rounding."""
+    if path is None or not is_targets_dir(path):
+        return None
+    try:
+        kept = TeacherTargets.load(path)
+        if (kept.teacher_meta.get("fingerprint"), kept.teacher_meta.get("source")) != \
+                (teacher_meta["fingerprint"], teacher_meta["source"]) or kept.computed_on != computed_on:
+            return None
+        kept.check(model_fp, calibration, config, refusals=refusals, computed_on=computed_on,
+                   response_tokens=response_tokens, tokenizer=tokenizer)
+    except (QrealignError, IncompatibleArtifact, OSError, KeyError, ValueError):
+        return None  # unreadable, or another run's: computed again
+    return kept
