@@ -402,6 +402,13 @@ def test_learned_rounding_trains_snaps_to_steps_and_round_trips(calib_set, tmp_p
     ids = tok(["hello world"], return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(model(**ids).logits, fresh(**ids).logits, atol=1e-5)
+    # frozen weights hold the offsets: the models keep no weight-sized offset tensor per linear
+    from qrealign.quant.qlinear import QuantLinear
+
+    for m in (*model.modules(), *fresh.modules()):
+        if isinstance(m, QuantLinear):
+            assert m.frozen and m.weight_quantizer.rounding is None
+            assert not any("rounding" in name for name, _ in m.named_parameters())
 
 
 def test_learned_rounding_alone_beats_round_to_nearest(calib_set):

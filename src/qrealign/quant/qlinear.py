@@ -43,9 +43,15 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def freeze(self) -> None:
-        """Replace the weight by its fake-quantized value (the learned clipping applied)."""
+        """Replace the weight by its fake-quantized value (the learned clipping applied).
+
+        Learned rounding offsets are dropped then: they are in the frozen weight (and, for a run
+        being saved, in its int8 parameters already), and kept they would cost one weight-sized
+        tensor per linear for the rest of the model's life (a 7B model's size again in bf16)."""
         if self.weight_quantizer is not None and not self.frozen:
             self.weight.copy_(self.weight_quantizer(self.weight.float()).to(self.weight.dtype))
+            if self.weight_quantizer.rounding is not None:
+                self.weight_quantizer.rounding = None
         self.frozen = True
 
     def extra_repr(self) -> str:
