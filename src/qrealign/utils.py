@@ -220,10 +220,16 @@ def write_text(path: str | Path, text: str) -> None:
 
 def save_tensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
     """safetensors' `save_file` with a normal file's mode: it creates the file 0600, so another
-    user or a serving container could not read a run, probes or an export shard."""
+    user or a serving container could not read a run, probes or an export shard. Tensors that lie
+    on disk (`tensorfiles.TensorFiles`) are written one at a time instead of loaded all at once."""
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata=metadata)
+    from .tensorfiles import TensorFiles, save_streaming
+
+    if isinstance(tensors, TensorFiles):
+        save_streaming(tensors, path, metadata)
+    else:
+        save_file(tensors, str(path), metadata=metadata)
     os.chmod(path, 0o666 & ~_umask())
 
 

@@ -89,6 +89,9 @@ def quantize(
                 **extra,
             }
             save_quantized(out, result.params, metadata)
+            from .artifact import read_params
+
+            result.params = read_params(out)  # the checkpoint's block files go next
             if ckpt is not None:
                 remove_checkpoint(ckpt)
     return result

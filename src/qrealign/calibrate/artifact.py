@@ -11,13 +11,13 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..errors import IncompatibleArtifact
 from ..models.registry import get_arch, get_blocks, head_layout
 from ..quant.let import LETParams, cast_keeping_folded_norms
 from ..quant.qlinear import QuantLinear, wrap_linears
 from ..quant.scheme import Scheme, get_scheme
+from ..tensorfiles import TensorFiles
 from ..utils import (atomic_dir, fingerprint_matches, read_json, resolve_device, resolve_dtype,
                      save_tensors, write_json)
 from .engine import apply_block_params
@@ -36,8 +36,11 @@ def save_quantized(out_dir: str | Path, params: dict[str, torch.Tensor], metadat
         # can move and the run still finds its base (`run_source`).
         meta["source_relative"] = os.path.relpath(Path(source).resolve(), Path(out_dir).resolve())
     with atomic_dir(out_dir, marker=META_FILE, kind="quantized") as tmp:
-        save_tensors({k: v.contiguous() for k, v in params.items()} or {"_empty": torch.zeros(1)},
-                     tmp / PARAMS_FILE)
+        if isinstance(params, TensorFiles) and len(params):  # read from disk one at a time, not all at once
+            save_tensors(params, tmp / PARAMS_FILE)
+        else:
+            save_tensors({k: v.contiguous() for k, v in params.items()} or {"_empty": torch.zeros(1)},
+                         tmp / PARAMS_FILE)
         write_json(tmp / META_FILE, meta)
         for name, blob in (extra_files or {}).items():
             (tmp / name).write_bytes(blob)
@@ -54,6 +57,18 @@ def read_quantized_metadata(path: str | Path) -> dict:
     if not (path / PARAMS_FILE).is_file():
         raise IncompatibleArtifact(f"{path}: {PARAMS_FILE} is missing")
     return meta
+
+
+def read_params(run_dir: str | Path) -> TensorFiles:
+    """A run's learned parameters, each read from its file when asked for: with learned rounding
+    they are one int8 per weight (about 69 GB for 70B), not to be held at once."""
+    path = Path(run_dir) / PARAMS_FILE
+    try:
+        params = TensorFiles([path])
+    except Exception as exc:  # safetensors raises its own error types for every corruption
+        raise IncompatibleArtifact(f"{path} is corrupt ({exc})") from None
+    params.drop("_empty")
+    return params
 
 
 def apply_quant_params(model, scheme: str | Scheme | dict, params: dict[str, torch.Tensor],
@@ -167,11 +182,7 @@ def load_quantized(path: str | Path, device: str | torch.device | None = "cpu", 
     """(model, tokenizer, metadata) for a quantization run directory."""
     path = Path(path)
     meta = read_quantized_metadata(path)
-    try:
-        params = load_file(str(path / PARAMS_FILE))
-    except Exception as exc:
-        raise IncompatibleArtifact(f"{path / PARAMS_FILE} is corrupt ({exc})") from None
-    params.pop("_empty", None)
+    params = read_params(path)
     want = resolve_dtype(dtype)
     # Loaded in the dtype it was calibrated in (on the CPU when it is cast afterwards), checked there.
     same = not isinstance(want, torch.dtype) or str(want).removeprefix("torch.") == meta.get("model_dtype", "float32")

@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from safetensors.torch import load_file
@@ -38,6 +38,7 @@ from ..quant.let import LETParams, cast_keeping_folded_norms
 from ..quant.qlinear import QuantLinear, wrap_linears
 from ..quant.quantizer import check_compiler
 from ..quant.scheme import Scheme, get_scheme
+from ..tensorfiles import TensorFiles
 from ..utils import (model_fingerprint, read_json, remove_orphans_under, resolve_device, save_tensors, sha256_json,
                      write_json)
 from .capture import block_output, capture_block_inputs, move_kwargs
@@ -218,7 +219,7 @@ class CalibConfig:
 
 @dataclass
 class CalibResult:
-    params: dict[str, torch.Tensor]
+    params: Mapping[str, torch.Tensor]  # a TensorFiles: with a checkpoint, read from disk when asked for
     fingerprint: str
     layer_logs: list[dict] = field(default_factory=list)
     seconds: float = 0.0
@@ -371,7 +372,9 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
         q_in.append(hidden.to(dev))
         run.kwargs.append({t: move_kwargs(kw, dev) for t, kw in inputs.kwargs_by_type.items()})
 
-    params: dict[str, torch.Tensor] = {}
+    # With a checkpoint, a block's parameters stay in its file until the run is saved: learned
+    # rounding is one int8 per weight (about 69 GB for 70B) and would otherwise pile up in memory.
+    params = TensorFiles()
     logs: list[dict] = []
     # Resumed blocks are replayed, not trained: the bar starts after them so its rate (and ETA)
     # is the trained blocks'.
@@ -420,7 +423,7 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
                 _save_block(ckpt, i, part.block, part.let)
                 _write_state(ckpt, fingerprint, code, i + 1, logs + [log])
 
-        params.update(_block_params(i, part.block, part.let))
+        _record_params(params, ckpt, i, part)
         q_in = _finish_block(run, part, q_in, log)
         fp_in = part.fp_out
         put_back()
@@ -489,7 +492,7 @@ def _joint_start(cfg: CalibConfig, loss, num_layers: int) -> int | None:
     return active[0]
 
 
-def _joint_stage(run: _Run, first: int, fp_in: list, q_in: list, params: dict, logs: list,
+def _joint_stage(run: _Run, first: int, fp_in: list, q_in: list, params: TensorFiles, logs: list,
                  finished: Callable[[dict], None]) -> None:
     """Blocks first..L-1 quantized and trained together (`CalibConfig.joint_safety`): all of them
     on the compute device at once, each with its FP target on the FP stream; checkpointed whole,
@@ -520,13 +523,23 @@ def _joint_stage(run: _Run, first: int, fp_in: list, q_in: list, params: dict, l
         _write_state(run.ckpt, run.fingerprint, run.code, run.num_layers, logs + block_logs)  # then the stage counts as done
     for k, (part, block_log, put_back) in enumerate(zip(chain, block_logs, put_backs)):
         t1 = time.time()
-        params.update(_block_params(part.layer, part.block, part.let))
+        _record_params(params, run.ckpt, part.layer, part)
         q_in = _finish_block(run, part, q_in, block_log)
         put_back()
         # the stage's FP pass and training count as its first block's: the blocks' seconds still
         # add up to the run's
         block_log["seconds"] = round(time.time() - t1 + (log["joint_seconds"] if k == 0 else 0.0), 3)
         finished(block_log)
+
+
+def _record_params(params: TensorFiles, ckpt: Path | None, layer: int, part: Learnable) -> None:
+    """Block `layer`'s learned parameters into the run's: its checkpoint file (saved or resumed
+    from, the same tensors) where there is one, else the tensors themselves."""
+    if ckpt is not None and _block_file(ckpt, layer).is_file():
+        params.add_file(_block_file(ckpt, layer))
+        params.drop("_empty")  # the placeholder of a block with nothing learned
+    else:
+        params.update(_block_params(layer, part.block, part.let))
 
 
 def _to_compute(model: nn.Module, i: int, dev: torch.device) -> Callable[[], None]:

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibrate.artifact import PARAMS_FILE, apply_quant_params, load_run_source, read_quantized_metadata, run_source
-from ..errors import IncompatibleArtifact
+from ..calibrate.artifact import (apply_quant_params, load_run_source, read_params, read_quantized_metadata,
+                                  run_source)
 from ..quant.qlinear import QuantLinear
 from ..quant.scheme import get_scheme
 from ..utils import atomic_dir, available_memory, check_out_dir, read_json, resolve_dtype, write_json
@@ -83,7 +83,7 @@ def export_compressed_tensors(
     else:
         _check_memory(source)
     _check_out_dir(out_dir)
-    params = _load_params(run_dir)
+    params = read_params(run_dir)
     if plan.weights != plan.scheme.weights and any(k.rsplit(".", 1)[-1] == "rounding" for k in params):
         # the offsets choose floor or ceil on the calibrated grid: on another grid they mean nothing
         plan = replace(plan, deviations=plan.deviations + (
@@ -145,15 +145,6 @@ def _check_out_dir(out_dir: Path) -> None:
     check_out_dir(out_dir, "qrealign.json", kind="export", what="a qrealign export", error=ExportError)
 
 
-def _load_params(run_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        params = load_file(str(run_dir / PARAMS_FILE))
-    except Exception as exc:  # safetensors raises its own error types for every corruption
-        raise IncompatibleArtifact(f"{run_dir / PARAMS_FILE} is corrupt ({exc})") from None
-    params.pop("_empty", None)
-    return params
 
 
 def _check_shapes(model, plan: ExportPlan) -> None:

@@ -1,0 +1,101 @@
+"""Learned parameters that stay on disk until read (`qrealign.tensorfiles`): the streaming writer
+gives files safetensors reads back exactly, and a checkpointed run holds no parameter tensor in
+memory until it is saved (learned rounding is one int8 per weight: about 69 GB at 70B)."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from qrealign.calibrate.api import quantize
+from qrealign.calibrate.engine import CalibConfig, calibrate
+from qrealign.models.tiny import tiny_model
+from qrealign.tensorfiles import TensorFiles, save_streaming
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a.f32": torch.randn(3, 5, generator=g),
+        "b.bf16": torch.randn(7, generator=g).to(torch.bfloat16),
+        "c.f16": torch.randn(2, 2, 2, generator=g).to(torch.float16),
+        "d.i8": torch.randint(-1, 2, (4, 6), generator=g).to(torch.int8),
+        "e.i64": torch.arange(5),
+        "f.bool": torch.tensor([True, False, True]),
+        "g.scalar": torch.tensor(2.5),
+        "h.empty": torch.zeros(0, 4),
+        "i.u8": torch.tensor([0, 255], dtype=torch.uint8),
+    }
+
+
+def test_the_streaming_writer_gives_what_safetensors_reads_back_exactly(tmp_path):
+    tensors = _tensors()
+    save_streaming(tensors, tmp_path / "streamed.safetensors", metadata={"format": "pt"})
+    back = load_file(str(tmp_path / "streamed.safetensors"))
+    assert back.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
+    with safe_open(str(tmp_path / "streamed.safetensors"), framework="pt") as handle:
+        assert handle.metadata() == {"format": "pt"}
+    # from a TensorFiles (read one at a time from another file) too, with held tensors replacing
+    save_file(tensors, str(tmp_path / "source.safetensors"))
+    lazy = TensorFiles([tmp_path / "source.safetensors"], tensors={"a.f32": torch.ones(1)})
+    save_streaming(lazy, tmp_path / "again.safetensors")
+    again = load_file(str(tmp_path / "again.safetensors"))
+    assert torch.equal(again["a.f32"], torch.ones(1)) and torch.equal(again["b.bf16"], tensors["b.bf16"])
+    with pytest.raises(TypeError, match="no safetensors code"):
+        save_streaming({"x": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "bad.safetensors")
+
+
+def test_tensor_files_read_on_access_and_say_dtype_and_shape_without_reading(tmp_path):
+    tensors = _tensors()
+    save_file(tensors, str(tmp_path / "one.safetensors"))
+    save_file({"a.f32": torch.zeros(1), "z": torch.ones(2)}, str(tmp_path / "two.safetensors"))
+    lazy = TensorFiles([tmp_path / "one.safetensors", tmp_path / "two.safetensors"])
+    assert len(lazy) == len(tensors) + 1 and "z" in lazy and "nope" not in lazy
+    assert torch.equal(lazy["a.f32"], torch.zeros(1))  # the later file's entry replaces the earlier's
+    assert torch.equal(lazy["d.i8"], tensors["d.i8"])
+    assert lazy.dtype_and_shape("b.bf16") == (torch.bfloat16, [7])
+    assert lazy.dtype_and_shape("g.scalar") == (torch.float32, [])
+    assert not lazy._held  # nothing was kept in memory by reading
+    lazy.drop("z")
+    lazy.drop("never there")
+    assert "z" not in lazy
+    with pytest.raises(KeyError):
+        lazy["z"]
+
+
+def test_a_checkpointed_run_keeps_its_parameters_on_disk_and_saves_the_same_run(calib_set, tmp_path):
+    cfg = CalibConfig(epochs=1, batch_size=3, learn_rounding=True, lr_round=0.1)
+    model, tok = tiny_model("llama", seed=0, num_hidden_layers=3)
+    in_memory = calibrate(model, tok, calib_set, "W4A8", cfg, progress=False)
+    model, tok = tiny_model("llama", seed=0, num_hidden_layers=3)
+    on_disk = calibrate(model, tok, calib_set, "W4A8", cfg, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    assert isinstance(on_disk.params, TensorFiles) and not on_disk.params._held  # only file references
+    assert any(".round." in k for k in on_disk.params)
+    assert on_disk.params.keys() == in_memory.params.keys()
+    assert all(torch.equal(on_disk.params[k], in_memory.params[k]) for k in in_memory.params)
+
+    # quantize(out=...): the saved file is streamed from the block files, and the result's
+    # parameters are read from it once the checkpoint is gone
+    model, tok = tiny_model("llama", seed=0, num_hidden_layers=3)
+    saved = quantize(model, tok, calib_set, "W4A8", cfg, out=tmp_path / "run", progress=False)
+    assert not (tmp_path / ".run.checkpoint").exists() and not saved.params._held
+    written = load_file(str(tmp_path / "run" / "quant_params.safetensors"))
+    assert written.keys() == in_memory.params.keys()
+    assert all(torch.equal(written[k], in_memory.params[k]) and torch.equal(saved.params[k], written[k])
+               for k in written)
+
+
+def test_a_run_with_nothing_learned_still_saves_a_readable_file(calib_set, tmp_path):
+    from qrealign.calibrate.artifact import apply_quant_params, read_params
+
+    model, tok = tiny_model("llama", seed=0, num_hidden_layers=2)
+    result = quantize(model, tok, calib_set, "W8A8", CalibConfig(method="rtn"), out=tmp_path / "rtn",
+                      progress=False)
+    assert len(result.params) == 0 and len(read_params(tmp_path / "rtn")) == 0  # the placeholder is not a parameter
+    rebuilt, _ = tiny_model("llama", seed=0, num_hidden_layers=2)
+    apply_quant_params(rebuilt, "W8A8", read_params(tmp_path / "rtn"))
+    ids = tok(["hello world"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**ids).logits, rebuilt(**ids).logits)
