@@ -33,6 +33,17 @@ def test_the_streaming_writer_gives_what_safetensors_reads_back_exactly(tmp_path
     save_streaming(tensors, tmp_path / "streamed.safetensors", metadata={"format": "pt"})
     back = load_file(str(tmp_path / "streamed.safetensors"))
     assert back.keys() == tensors.keys()
+    # save_file's own bytes (its order: larger dtypes first, then names; so every tensor starts
+    # at a multiple of its element size)
+    save_file(tensors, str(tmp_path / "reference.safetensors"), metadata={"format": "pt"})
+    assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+    header_len = int.from_bytes((tmp_path / "streamed.safetensors").read_bytes()[:8], "little")
+    assert header_len % 8 == 0
+    import json
+
+    header = json.loads((tmp_path / "streamed.safetensors").read_bytes()[8:8 + header_len])
+    for k, v in tensors.items():
+        assert header[k]["data_offsets"][0] % v.element_size() == 0, k
     for k, v in tensors.items():
         assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
     with safe_open(str(tmp_path / "streamed.safetensors"), framework="pt") as handle:
@@ -43,6 +54,8 @@ def test_the_streaming_writer_gives_what_safetensors_reads_back_exactly(tmp_path
     save_streaming(lazy, tmp_path / "again.safetensors")
     again = load_file(str(tmp_path / "again.safetensors"))
     assert torch.equal(again["a.f32"], torch.ones(1)) and torch.equal(again["b.bf16"], tensors["b.bf16"])
+    with pytest.raises(TypeError, match="strings to strings"):
+        save_streaming(tensors, tmp_path / "bad.safetensors", metadata={"epochs": 2})
     with pytest.raises(TypeError, match="no safetensors code"):
         save_streaming({"x": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "bad.safetensors")
 
@@ -58,6 +71,13 @@ def test_tensor_files_read_on_access_and_say_dtype_and_shape_without_reading(tmp
     assert lazy.dtype_and_shape("b.bf16") == (torch.bfloat16, [7])
     assert lazy.dtype_and_shape("g.scalar") == (torch.float32, [])
     assert not lazy._held  # nothing was kept in memory by reading
+    # a snapshot: the same path written again, or removed, does not change what it reads
+    save_file({"a.f32": torch.full((1,), 7.0), "z": torch.zeros(2)}, str(tmp_path / "two.tmp"))
+    (tmp_path / "two.tmp").replace(tmp_path / "two.safetensors")
+    assert torch.equal(lazy["z"], torch.ones(2))
+    (tmp_path / "one.safetensors").unlink()
+    assert torch.equal(lazy["d.i8"], tensors["d.i8"])
+    assert lazy.to_dict().keys() == set(tensors) | {"z"}
     lazy.drop("z")
     lazy.drop("never there")
     assert "z" not in lazy

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterator
@@ -22,14 +23,26 @@ _CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torc
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
           torch.bool: "BOOL"}
 _DTYPES = {code: dtype for dtype, code in _CODES.items()}
+# safetensors' own order (its Rust `Dtype` enum, smallest first): `save_file` writes the largest
+# first, then by name, which aligns every tensor to its element size. The same order here gives
+# the same bytes as `save_file` (tested).
+_RANK = {dtype: rank for rank, dtype in enumerate((torch.bool, torch.uint8, torch.int8, torch.int16, torch.float16,
+                                                   torch.bfloat16, torch.int32, torch.float32, torch.float64,
+                                                   torch.int64))}
 
 
 class TensorFiles(Mapping):
     """Named tensors, each held in memory (`update`) or read from the safetensors file it lies in
-    (`add_file`) when asked for. A later entry of a name replaces an earlier one."""
+    (`add_file`) when asked for. A later entry of a name replaces an earlier one.
+
+    A snapshot: each file stays open (memory-mapped, nothing read until asked for), so a file a
+    later run replaces or removes at the same path (a checkpoint folder used again, an `--out`
+    written again) does not change what this mapping reads; POSIX keeps an open file's data until
+    it is closed, which happens when the mapping is dropped. Not picklable (it holds open files):
+    `to_dict()` reads everything into memory."""
 
     def __init__(self, files: tuple = (), tensors: Mapping | None = None):
-        self._where: dict[str, Path] = {}
+        self._where: dict[str, object] = {}  # name -> the open safetensors handle it is read from
         self._held: dict[str, torch.Tensor] = {}
         for path in files:
             self.add_file(path)
@@ -39,11 +52,10 @@ class TensorFiles(Mapping):
     def add_file(self, path: str | Path) -> None:
         from safetensors import safe_open
 
-        path = Path(path)
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                self._held.pop(key, None)
-                self._where[key] = path
+        handle = safe_open(str(path), framework="pt")  # kept open: the snapshot (not a `with`)
+        for key in handle.keys():
+            self._held.pop(key, None)
+            self._where[key] = handle
 
     def update(self, tensors: Mapping) -> None:
         for key, value in tensors.items():
@@ -58,22 +70,19 @@ class TensorFiles(Mapping):
     def __getitem__(self, key: str) -> torch.Tensor:
         if key in self._held:
             return self._held[key]
-        from safetensors import safe_open
-
-        path = self._where[key]  # KeyError for an unknown name, as a dict
-        with safe_open(str(path), framework="pt") as handle:
-            return handle.get_tensor(key)
+        return self._where[key].get_tensor(key)  # KeyError for an unknown name, as a dict
 
     def dtype_and_shape(self, key: str) -> tuple[torch.dtype, list[int]]:
         """Without reading the tensor's data."""
         if key in self._held:
             t = self._held[key]
             return t.dtype, list(t.shape)
-        from safetensors import safe_open
+        part = self._where[key].get_slice(key)
+        return _DTYPES[part.get_dtype()], list(part.get_shape())
 
-        with safe_open(str(self._where[key]), framework="pt") as handle:
-            part = handle.get_slice(key)
-            return _DTYPES[part.get_dtype()], list(part.get_shape())
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor, read into memory (e.g. for `safetensors.torch.save_file` or pickling)."""
+        return {key: self[key] for key in self}
 
     def __iter__(self) -> Iterator[str]:
         yield from self._held
@@ -88,20 +97,24 @@ class TensorFiles(Mapping):
 
 def save_streaming(tensors: Mapping, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write `tensors` as one safetensors file, reading (for a `TensorFiles`: loading) one tensor at
-    a time. The layout is the format's: an 8-byte little-endian header length, a JSON header of
-    dtype, shape and byte offsets (padded with spaces to a multiple of 8), then the tensors' bytes
-    back to back in header order (sorted by name). Readers (safetensors, vLLM) see no difference
-    from `safetensors.torch.save_file`'s output but the order."""
-    names = sorted(tensors)
+    a time. The layout is the format's and `safetensors.torch.save_file`'s: an 8-byte
+    little-endian header length, a JSON header of dtype, shape and byte offsets (padded with
+    spaces to a multiple of 8), then the tensors' bytes back to back in header order (`_RANK`)."""
+    if sys.byteorder != "little":  # the format is little-endian; a view of native bytes is not, there
+        raise NotImplementedError("save_streaming writes little-endian hosts' bytes only")
+    if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError("safetensors metadata maps strings to strings")
     info = tensors.dtype_and_shape if isinstance(tensors, TensorFiles) else (
         lambda k: (tensors[k].dtype, list(tensors[k].shape)))
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    layout = {name: info(name) for name in tensors}
+    names = sorted(layout, key=lambda k: (-_RANK.get(layout[k][0], -1), k))
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     offset = 0
     for name in names:
-        dtype, shape = info(name)
+        dtype, shape = layout[name]
         if dtype not in _CODES:
             raise TypeError(f"{name}: {dtype} has no safetensors code")
-        size = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        size = _numel(shape) * _itemsize(dtype)
         header[name] = {"dtype": _CODES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -113,9 +126,13 @@ def save_streaming(tensors: Mapping, path: str | Path, metadata: dict[str, str] 
             t = tensors[name].detach().to("cpu").contiguous().reshape(-1)
             expected = header[name]["data_offsets"]
             data = t.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-            if data.numel() != expected[1] - expected[0]:  # a file that changed under a TensorFiles
+            if data.numel() != expected[1] - expected[0]:  # a guard: the header was made from these tensors
                 raise ValueError(f"{name}: {data.numel()} bytes, the header says {expected[1] - expected[0]}")
             f.write(data.numpy().data)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _numel(shape: list[int]) -> int:
