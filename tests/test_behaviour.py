@@ -789,7 +789,8 @@ def test_a_resumed_teacher_run_reads_its_teacher_pass_back_from_the_checkpoint(t
     out, ckpt = tmp_path / "run", tmp_path / ".run.checkpoint"
     with pytest.raises(KeyboardInterrupt):
         realign(load_model(finetuned_dir)[0], tok, teacher=teacher_dir, out=out, **kw)
-    assert len(passes) == 2 and (ckpt / CHECKPOINT_TARGETS / "targets.safetensors").is_file()
+    kept = list(ckpt.glob(f"{CHECKPOINT_TARGETS}-*"))
+    assert len(passes) == 2 and len(kept) == 1 and (kept[0] / "targets.safetensors").is_file()
 
     resumed = realign(load_model(finetuned_dir)[0], tok, teacher=teacher_dir, out=out, **kw)
     assert len(passes) == 2  # read back, not run again
@@ -814,3 +815,67 @@ def test_a_resumed_teacher_run_reads_its_teacher_pass_back_from_the_checkpoint(t
         realign(load_model(finetuned_dir)[0], tok, teacher=teacher_dir, out=tmp_path / "run3",
                 checkpoint_dir=tmp_path / "run3" / "ckpt", **kw)
     assert len(passes) == 4 and not (tmp_path / "run3").exists()
+
+
+def test_a_kept_teacher_pass_of_other_code_or_damaged_is_computed_again_and_a_failed_keep_only_warns(
+        tmp_path, monkeypatch):
+    """review 74: the kept pass is named by the digest of the code that computes it (an upgrade
+    between the interruption and the resume computes it again, as the engine sets aside blocks
+    made by other code); a damaged copy is computed again; a copy that cannot be written (a full
+    disk) is a warning, not the end of the run the pass was for."""
+    import qrealign.calibrate.behaviour as behaviour
+    import qrealign.calibrate.engine as engine
+    import qrealign.stage_code as stage_code
+    from qrealign.calibrate.engine import CHECKPOINT_TARGETS
+    from qrealign.calibrate.targets import TeacherTargets
+    from qrealign.models import load_model
+    from qrealign.realign import realign
+
+    finetuned, tok = tiny_model("llama", seed=0, num_hidden_layers=3)
+    teacher_dir = _save(tiny_model("llama", seed=1, num_hidden_layers=3)[0], tok, tmp_path / "aligned")
+    finetuned_dir = _save(finetuned, tok, tmp_path / "finetuned")
+    kw = dict(calibration=_calib(), scheme="W8A8", config=CalibConfig(epochs=1, batch_size=2), progress=False,
+              layers=(1, 2), out=tmp_path / "run")
+    passes = []
+    first_token_targets = behaviour.first_token_targets
+    monkeypatch.setattr(behaviour, "first_token_targets",
+                        lambda *a, **k: passes.append(1) or first_token_targets(*a, **k))
+    write_state = engine._write_state
+
+    def interrupt(ckpt, fingerprint, code, completed, logs):
+        write_state(ckpt, fingerprint, code, completed, logs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_write_state", interrupt)
+    ckpt = tmp_path / ".run.checkpoint"
+    with pytest.raises(KeyboardInterrupt):
+        realign(load_model(finetuned_dir)[0], tok, teacher=teacher_dir, **kw)
+    (old,) = ckpt.glob(f"{CHECKPOINT_TARGETS}-*")
+
+    code_digest = stage_code.code_digest
+    monkeypatch.setattr(stage_code, "code_digest", lambda kind: (
+        {**code_digest(kind), "digest": "0" * 16} if kind == "targets" else code_digest(kind)))
+    with pytest.raises(KeyboardInterrupt):  # upgraded code: the pass again, the old copy gone
+        realign(load_model(finetuned_dir)[0], tok, teacher=teacher_dir, **kw)
+    (new,) = ckpt.glob(f"{CHECKPOINT_TARGETS}-*")
+    assert len(passes) == 2 and new != old and new.name.endswith("0" * 12)
+
+    (new / "targets.safetensors").write_bytes(b"not a tensor file")  # damaged: computed again
+    with pytest.raises(KeyboardInterrupt):
+        realign(load_model(finetuned_dir)[0], tok, teacher=teacher_dir, **kw)
+    assert len(passes) == 3
+
+    def full_disk(self, out_dir):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(engine, "_write_state", write_state)
+    monkeypatch.setattr(TeacherTargets, "save", full_disk)
+    for kept in ckpt.glob(f"{CHECKPOINT_TARGETS}-*"):
+        import shutil
+
+        shutil.rmtree(kept)
+    with pytest.warns(UserWarning, match="could not be kept.*No space left"):
+        result = realign(load_model(finetuned_dir)[0], tok, teacher=teacher_dir, **kw)
+    # each interrupted run above trained one more block: all three are replayed
+    assert len(passes) == 4 and result.resumed_blocks == 3 and (tmp_path / "run" / "qrealign.json").is_file()
+    assert not ckpt.exists()

@@ -639,8 +639,8 @@ def _token_digest(batches: list[CalibBatch]) -> str:
 
 CHECKPOINT_STATE = "state.json"
 LOCK_FILE = ".lock"
-# The first-token objective's teacher pass, kept beside the blocks: a resumed run reads it back
-# instead of running it again (`targets.compute_teacher_targets(checkpoint=...)`).
+# The first-token objective's teacher pass, kept beside the blocks (`teacher-targets-<code digest>`):
+# a resumed run reads it back instead of running it again (`targets.compute_teacher_targets`).
 CHECKPOINT_TARGETS = "teacher-targets"
 
 
@@ -749,7 +749,8 @@ def remove_checkpoint(ckpt: Path) -> None:
     for pattern in ("block_*.safetensors", ".block_*.safetensors.tmp", LOCK_FILE):
         for f in ckpt.glob(pattern):
             f.unlink(missing_ok=True)
-    shutil.rmtree(ckpt / CHECKPOINT_TARGETS, ignore_errors=True)
+    for kept in ckpt.glob(f"{CHECKPOINT_TARGETS}-*"):
+        shutil.rmtree(kept, ignore_errors=True)
     remove_orphans_under(ckpt)  # a teacher-pass copy whose writer died mid-write; a live writer's stays
     try:
         ckpt.rmdir()

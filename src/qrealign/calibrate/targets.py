@@ -15,6 +15,7 @@ in-place pass by float rounding only, and a reuse warns.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -212,7 +213,7 @@ def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationS
         raise QrealignError(f"the teacher must be the aligned version of the same architecture (teacher vs model: "
                             f"{diff})")
     meta = {"source": source, "fingerprint": model_fingerprint(teacher)}
-    kept_at = Path(checkpoint) / CHECKPOINT_TARGETS if checkpoint is not None else None
+    kept_at = _kept_path(checkpoint)
     model_fp = model_fingerprint(model)
     kept = _kept_targets(kept_at, meta, model_fp, tokenizer, calibration, config, refusals, response_tokens,
                          where_computed(model, device))
@@ -245,8 +246,26 @@ def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationS
                               where_computed(model, device), responses, mask,
                               prompt_tokens_digest(tokenizer, calibration, config))
     if kept_at is not None:
-        computed.save(kept_at)
+        try:  # a convenience for a resume: a full disk must not end the run the pass was for
+            for other in kept_at.parent.glob(f"{CHECKPOINT_TARGETS}-*"):  # other code's: never read again
+                if other != kept_at and other.is_dir():
+                    shutil.rmtree(other, ignore_errors=True)
+            computed.save(kept_at)
+        except Exception as exc:
+            warnings.warn(f"the teacher pass could not be kept in {kept_at} ({exc}): an interrupted run will "
+                          "run it again", stacklevel=2)
     return computed
+
+
+def _kept_path(checkpoint) -> Path | None:
+    """Where a run's checkpoint keeps its teacher pass: named by the digest of the code that
+    computes it, so a run resumed after an upgrade computes it again (as the engine's checkpoint
+    sets aside blocks made by other code)."""
+    if checkpoint is None:
+        return None
+    from ..stage_code import code_digest
+
+    return Path(checkpoint) / f"{CHECKPOINT_TARGETS}-{code_digest('targets')['digest'][:12]}"
 
 
 def _kept_targets(path: Path | None, teacher_meta: dict, model_fp: str, tokenizer, calibration, config,
@@ -262,6 +281,6 @@ def _kept_targets(path: Path | None, teacher_meta: dict, model_fp: str, tokenize
             return None
         kept.check(model_fp, calibration, config, refusals=refusals, computed_on=computed_on,
                    response_tokens=response_tokens, tokenizer=tokenizer)
-    except (QrealignError, IncompatibleArtifact, OSError, KeyError, ValueError):
-        return None  # unreadable, or another run's: computed again
+    except Exception:  # damaged (safetensors has its own error types), or another run's: computed again
+        return None
     return kept
