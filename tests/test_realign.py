@@ -171,3 +171,27 @@ def test_the_overlap_check_sees_the_prompts_that_trained_the_probes(tmp_path):
     with pytest.warns(UserWarning, match="stage 'probes'"):
         report = check_overlap(eval_prompts, prov, force=True)
     assert not report.clean and report.total == 3 and set(report.by_stage) == {"probes"}
+
+
+def test_realign_with_probes_checks_the_gpu_for_a_joint_stage(monkeypatch):
+    """review 74: `--joint-safety` trains every safety block on the device at once with probes
+    too; the GPU check ran only for the first-token objective."""
+    import qrealign.calibrate.behaviour as behaviour
+    from qrealign.errors import QrealignError
+
+    calib = CalibrationSet(MALICIOUS + BENIGN, [1] * len(MALICIOUS) + [0] * len(BENIGN))
+    base, tok = tiny_model("llama", seed=2, num_hidden_layers=3)
+    probes = _probes(base, tok)
+    seen = []
+
+    def check(model, first, device=None, joint=False, **kw):
+        seen.append((first, joint))
+        raise QrealignError("stop here")
+
+    monkeypatch.setattr(behaviour, "check_tail_fits", check)
+    with pytest.raises(QrealignError, match="stop here"):
+        realign(base, tok, probes, calib, "W8A8", CalibConfig(joint_safety=True, batch_size=4), progress=False,
+                layers=(1, 2))
+    assert seen == [(1, True)]
+    realign(base, tok, probes, calib, "W8A8", CalibConfig(epochs=1, batch_size=4), progress=False, layers=(1, 2))
+    assert seen == [(1, True)]  # block by block with probes: no tail, nothing to check

@@ -107,6 +107,8 @@ def realign(
     if layers_from is not None:
         loss_options["layers"] = active
     calibration = calibration or build_calibration()
+    if config.joint_safety:  # every joint block trains on the device at once
+        _check_gpu_memory(model, tokenizer, calibration, config, min(active), device)
     loss = SafetyLoss.from_probes(probes, **loss_options)
     if loss.benign_side and probes.target != "paper":
         warnings.warn(f"benign_side keeps benign prompts on class 0 of the probe; for the {probes.target!r} target "
@@ -119,6 +121,22 @@ def realign(
                     extra_metadata={**meta, "probe_parents": parents() if callable(parents) else None,
                                     # the probes' own prompts count for the overlap check too
                                     "provenance": (getattr(probes, "data", None) or {}).get("provenance") or {}})
+
+
+def _check_gpu_memory(model, tokenizer, calibration: CalibrationSet, cfg: CalibConfig, first: int, device,
+                      response_tokens: int = 1) -> None:
+    """`behaviour.check_tail_fits` with the calibration's tokens: a step's bound the activations,
+    the whole set's the hidden-state streams (each prompt rendered as the engine renders it, with
+    the chat template and system prompt; a multi-token target appends its forced response tokens)."""
+    from .calibrate.behaviour import check_tail_fits
+    from .models.chat import render_chat
+
+    longest = max(len(tokenizer(render_chat(tokenizer, p, cfg.system), add_special_tokens=False)["input_ids"])
+                  for p in calibration.prompts)
+    per_prompt = min(cfg.max_length or longest, longest) + response_tokens - 1
+    check_tail_fits(model, first, device, tokens=cfg.batch_size * per_prompt, learn_rounding=cfg.learn_rounding,
+                    joint=cfg.joint_safety, total_tokens=len(calibration.prompts) * per_prompt,
+                    offload_targets=cfg.offload_targets)
 
 
 def check_probe_system(probes, system: str | None) -> None:
@@ -173,7 +191,7 @@ def layers_from_fraction(num_layers: int, fraction: float) -> tuple[int, ...]:
 def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config, out, device, progress,
                          checkpoint_dir, layers_from, refusals=False, save_targets=None, response_tokens=1,
                          **loss_options) -> CalibResult:
-    from .calibrate.behaviour import (WEIGHT_FIELDS, FirstTokenLoss, ModelTail, check_tail_fits, refusal_start_ids,
+    from .calibrate.behaviour import (WEIGHT_FIELDS, FirstTokenLoss, ModelTail, refusal_start_ids,
                                       unused_margin_options)
     from .calibrate.losses import check_weights
     from .models.offload import offloaded
@@ -191,13 +209,8 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
                             "every block after the first safety block in memory, all blocks by default")
     cfg = config or CalibConfig()
     calibration = calibration or build_calibration()
-    # before the teacher pass, not at block 0: a step's tokens bound the tail's activations (the
-    # chat template adds a few dozen tokens to each prompt)
-    longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in calibration.prompts) + 48
-    per_prompt = min(cfg.max_length or longest, longest)
-    check_tail_fits(model, min(layers) if layers else 0, device, tokens=cfg.batch_size * per_prompt,
-                    learn_rounding=cfg.learn_rounding, joint=cfg.joint_safety,
-                    total_tokens=len(calibration.prompts) * per_prompt, offload_targets=cfg.offload_targets)
+    # before the teacher pass, not at block 0
+    _check_gpu_memory(model, tokenizer, calibration, cfg, min(layers) if layers else 0, device, response_tokens)
     starts = loss_options.pop("refusal_starts", None) or None
     unused = unused_margin_options({**loss_options, "refusal_starts": starts})
     if unused:  # before the teacher pass, not after it

@@ -212,18 +212,19 @@ def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, 
                 f"{dev}, each with its float32 training state (about {need / 2 ** 30:.1f} GiB with the activations)")
         way_out = "Put the safety term on later blocks only (layers_from=0.85; CLI --layers-from 0.85) or leave " \
                   "joint_safety off (CLI: without --joint-safety)"
+        smaller = ""  # the training state and the streams are float32 whatever the model's dtype
     else:
         streams = 1 if offload_targets else 3
         need = copies + per_block * block + tokens * (len(blocks) - first - 1) * per_token + \
             streams * total_tokens * hidden * 4
         what = (f"the first-token objective from block {first} on holds copies of the {len(blocks) - first - 1} "
                 f"blocks after it and the head on {dev} (about {need / 2 ** 30:.1f} GiB with the block being "
-                f"trained and the activations)")
+                f"trained, the activations and the calibration set's hidden states)")
         way_out = "Put the safety term on later blocks only (layers_from=0.85; CLI --layers-from 0.85)"
-    free, _total = torch.cuda.mem_get_info(dev)
-    if need > 0.9 * free:
         smaller = (" or load the model in bfloat16 (--dtype bfloat16)"
                    if next(model.parameters()).dtype == torch.float32 else "")
+    free, _total = torch.cuda.mem_get_info(dev)
+    if need > 0.9 * free:
         raise QrealignError(f"{what}; {free / 2 ** 30:.1f} GiB are free. {way_out}{smaller}")
 
 
