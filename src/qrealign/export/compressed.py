@@ -78,13 +78,14 @@ def export_compressed_tensors(
     meta = read_quantized_metadata(run_dir)
     plan = plan_export(get_scheme(meta["scheme"]), _DTYPES[dtype], symmetric_weights, symmetric_activations)
     source = run_source(meta, run_dir)  # a run that moved with its base (a renamed demo folder) finds it
+    params = read_params(run_dir)  # the file's header only: each tensor is read when its block asks
+    rounding = any(k.rsplit(".", 1)[-1] == "rounding" for k in params)
     if offload is not None:
         check_streamable(run_dir, meta, offload, source)
     else:
-        _check_memory(source)
+        _check_memory(source, rounding)
     _check_out_dir(out_dir)
-    params = read_params(run_dir)
-    if plan.weights != plan.scheme.weights and any(k.rsplit(".", 1)[-1] == "rounding" for k in params):
+    if plan.weights != plan.scheme.weights and rounding:
         # the offsets choose floor or ceil on the calibrated grid: on another grid they mean nothing
         plan = replace(plan, deviations=plan.deviations + (
             "learned rounding discarded (its offsets belong to the calibrated grid; calibrate a -sym scheme to "
@@ -122,18 +123,26 @@ def export_compressed_tensors(
 
 # ---- steps ---------------------------------------------------------------------------------
 
-def _check_memory(source: str) -> None:
+def _check_memory(source: str, rounding: bool = False) -> None:
     """An export in memory holds the whole model in float32 (codes are computed as calibration ran);
     refuse, before loading, a model whose float32 weights alone exceed the RAM available, where the
-    kernel would kill the process halfway: the streamed export reads one block at a time."""
+    kernel would kill the process halfway: the streamed export reads one block at a time. With
+    learned rounding each quantized linear also holds its offsets, a float32 tensor the size of its
+    weight, until its codes are computed (review 74)."""
     from ..models.load import load_skeleton
+    from ..models.registry import get_blocks
 
     available = available_memory()
     if available is None:
         return
-    need = 4 * sum(p.numel() for p in load_skeleton(source).parameters())
+    skeleton = load_skeleton(source)
+    need = 4 * sum(p.numel() for p in skeleton.parameters())
+    if rounding:
+        need += 4 * sum(m.weight.numel() for block in get_blocks(skeleton) for m in block.modules()
+                        if isinstance(m, nn.Linear))
     if need > available:
-        raise ExportError(f"exporting in memory holds the model in float32, {need / 2**30:.1f} GiB, and "
+        what = " and learned rounding's offsets" if rounding else ""
+        raise ExportError(f"exporting in memory holds the model{what} in float32, {need / 2**30:.1f} GiB, and "
                           f"{available / 2**30:.1f} GiB of RAM is available: export with --offload disk "
                           "(offload='disk'), which holds one block at a time")
 
