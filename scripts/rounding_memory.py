@@ -1,8 +1,9 @@
 """What a learned-rounding run keeps in host memory once its blocks are done (review 71: about
 69 GB at 70B). A random Llama of 16 blocks at width 1024 (about 180 M weights in its linears),
 quantized at W4A8 with learned rounding and no training epochs (the memory does not depend on
-them), saved to a temporary folder. Prints the bytes the run's result holds in memory, the bytes
-the calibrated model's quantized linears hold beside their weights, and the process's peak RSS.
+them), calibrated with a checkpoint folder as `quantize(out=...)` does (the engine's own result,
+before `quantize` writes the run). Prints the bytes the result holds in memory, the bytes the
+calibrated model's quantized linears hold beside their weights, and the process's peak RSS.
 
 Run: PYTHONPATH=src python scripts/rounding_memory.py"""
 
@@ -12,9 +13,8 @@ from pathlib import Path
 
 import torch
 
-from qrealign.calibrate.api import quantize
 from qrealign.calibrate.data import CalibrationSet
-from qrealign.calibrate.engine import CalibConfig
+from qrealign.calibrate.engine import CalibConfig, calibrate
 from qrealign.models.tiny import tiny_model
 from qrealign.quant.qlinear import QuantLinear
 
@@ -30,7 +30,7 @@ def main() -> None:
     calib = CalibrationSet([f"tell me something about topic number {i} please" for i in range(4)], [1, 0] * 2)
     cfg = CalibConfig(epochs=0, batch_size=2, learn_rounding=True, let=False, lwc=False)
     with tempfile.TemporaryDirectory() as tmp:
-        result = quantize(model, tok, calib, "W4A8", cfg, out=Path(tmp) / "run", progress=False)
+        result = calibrate(model, tok, calib, "W4A8", cfg, checkpoint_dir=Path(tmp) / "ckpt", progress=False)
         held = getattr(result.params, "_held", result.params)  # a TensorFiles holds only what is not on disk
         result_bytes = sum(t.numel() * t.element_size() for t in held.values())
         beside = sum(p.numel() * p.element_size() for m in model.modules() if isinstance(m, QuantLinear)
