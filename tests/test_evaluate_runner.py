@@ -828,3 +828,33 @@ def test_task_items_that_trained_the_model_are_refused_like_prompts():
     result = evaluate_model(model, tok, harmful=None, benign=None, task="topic-codes", task_n=3, provenance=clean,
                             progress=False)
     assert result.metrics["task_n"] == 3
+
+
+def test_a_task_split_that_does_not_exist_fails_before_any_answer_is_generated(monkeypatch):
+    """The task's examples are loaded once, before the safety prompts are answered: a bad split
+    used to fail only after every harmful and benign answer had been generated (minutes at 7B),
+    and with provenance the examples were loaded twice."""
+    import qrealign.evaluate.runner as runner
+    import qrealign.evaluate.tasks as tasks
+    from qrealign.models.tiny import tiny_model
+
+    model, tok = tiny_model("llama")
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("answers were generated before the task was loaded")
+
+    monkeypatch.setattr(runner, "generate", no_generation)
+    with pytest.raises(QrealignError, match="topic-codes"):
+        runner.evaluate_model(model, tok, limit=2, task="topic-codes", task_split="no-such-split", task_n=3,
+                              progress=False)
+    monkeypatch.undo()
+    loads = []
+    task = tasks.get_task("topic-codes")
+    original = type(task).load
+    monkeypatch.setattr(type(task), "load", lambda self, *a, **k: loads.append(1) or original(self, *a, **k))
+    from qrealign.evaluate.overlap import provenance_entry
+
+    clean = provenance_entry("attack-task", ["a prompt no task item is"], "topic-codes:train")
+    result = runner.evaluate_model(model, tok, harmful=None, benign=None, task="topic-codes", task_n=3,
+                                   provenance=clean, progress=False)
+    assert result.metrics["task_n"] == 3 and loads == [1]  # once: the overlap check and the scoring share it

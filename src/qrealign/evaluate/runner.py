@@ -247,7 +247,7 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
     from ..models.offload import require_resident
     from ..utils import check_out_dir
     from .overlap import check_overlap
-    from .tasks import get_task, task_accuracy
+    from .tasks import get_task, load_examples, task_accuracy
 
     require_resident(model, "evaluation")  # before the fingerprint reads the whole checkpoint
     if out_dir is not None:
@@ -263,6 +263,8 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
     if (harmful_prompts or benign_prompts) and callable(getattr(judge_obj, "check_reachable", None)):
         judge_obj.check_reachable()  # a model judge that cannot load fails before the generation
     task_obj = get_task(task) if task is not None else None
+    # loaded once, before anything is generated: a bad split fails in a second, not after the answers
+    task_examples = load_examples(task_obj, task_split, task_n) if task_obj is not None else None
 
     overlap = None
     if provenance:
@@ -271,8 +273,7 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
         if task_obj is not None:
             # the task items too: the attack and the calibration train on task prompts, and a task
             # whose splits met would score FA on trained items (review 72)
-            items = [e.prompt for e in task_obj.load(task_split, n=task_n)]
-            task_res = check_overlap(items, provenance, force=force_overlap, what="task")
+            task_res = check_overlap([e.prompt for e in task_examples], provenance, force=force_overlap, what="task")
             if task_res.by_stage:  # forced: recorded, and the result is not clean (the reports read the flag)
                 overlap["task"] = task_res.to_dict()
                 overlap["clean"] = False
@@ -302,7 +303,7 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
     task_result = None
     if task_obj is not None:
         task_result = task_accuracy(gen_target, tokenizer, task_obj, split=task_split, n=task_n, gen=gen,
-                                    progress=progress)
+                                    progress=progress, examples=task_examples)
         metrics["task_accuracy"] = task_result["accuracy"]
         metrics["task_n"] = task_result["n"]
     if gen.backend == "vllm":  # every answer is in: the engine's GPU memory goes before a model judge loads

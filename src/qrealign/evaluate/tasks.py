@@ -285,14 +285,8 @@ def get_task(spec: str | Task) -> Task:
 
 # ---- accuracy ------------------------------------------------------------------------------
 
-def task_accuracy(model, tokenizer, task: Task | str, split: str = "test", n: int | None = None,
-                  gen=None, progress: bool = True) -> dict:
-    """FA: generate for `n` examples of `split` and score them. Returns {"accuracy" (percent),
-    "n", "correct", "task", "split", "records"} with one record per example."""
-    from dataclasses import replace
-
-    from .generate import GenerationConfig, generate
-
+def load_examples(task: Task | str, split: str = "test", n: int | None = None) -> list[TaskExample]:
+    """`n` examples of the task's `split`, or a clear error (an unknown split, none there)."""
     task = get_task(task)
     try:
         examples = task.load(split, n)
@@ -300,6 +294,20 @@ def task_accuracy(model, tokenizer, task: Task | str, split: str = "test", n: in
         raise QrealignError(f"{task.name}: {exc}") from None
     if not examples:
         raise QrealignError(f"task {task.name} split {split!r} has no examples")
+    return examples
+
+
+def task_accuracy(model, tokenizer, task: Task | str, split: str = "test", n: int | None = None,
+                  gen=None, progress: bool = True, examples: Sequence[TaskExample] | None = None) -> dict:
+    """FA: generate for `n` examples of `split` and score them. Returns {"accuracy" (percent),
+    "n", "correct", "task", "split", "records"} with one record per example. `examples`: those
+    `load_examples` gave already (an evaluation loads them before generating anything)."""
+    from dataclasses import replace
+
+    from .generate import GenerationConfig, generate
+
+    task = get_task(task)
+    examples = list(examples) if examples is not None else load_examples(task, split, n)
     cfg = replace(gen or GenerationConfig(), max_new_tokens=task.max_new_tokens)
     responses = generate(model, tokenizer, [e.prompt for e in examples], cfg, progress=progress,
                          desc=f"task {task.name}")
