@@ -25,6 +25,10 @@ def _tensors():
         "g.scalar": torch.tensor(2.5),
         "h.empty": torch.zeros(0, 4),
         "i.u8": torch.tensor([0, 255], dtype=torch.uint8),
+        "j.f64": torch.randn(3, generator=g).double(),
+        "k.i16": torch.tensor([-3, 7], dtype=torch.int16),
+        "l.i32": torch.tensor([[1, -2], [3, 4]], dtype=torch.int32),
+        "m.non-ascii é": torch.ones(2),
     }
 
 
@@ -78,6 +82,13 @@ def test_tensor_files_read_on_access_and_say_dtype_and_shape_without_reading(tmp
     (tmp_path / "one.safetensors").unlink()
     assert torch.equal(lazy["d.i8"], tensors["d.i8"])
     assert lazy.to_dict().keys() == set(tensors) | {"z"}
+    # a file cut short in place after it was opened: a clear error (a memory map would crash)
+    save_file(tensors, str(tmp_path / "three.safetensors"))
+    cut = TensorFiles([tmp_path / "three.safetensors"])
+    with open(tmp_path / "three.safetensors", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(OSError, match="cut short after it was opened"):
+        cut.to_dict()
     lazy.drop("z")
     lazy.drop("never there")
     assert "z" not in lazy

@@ -10,6 +10,7 @@ writes the standard safetensors format from such a mapping without holding more 
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
 from collections.abc import Mapping
@@ -25,24 +26,70 @@ _CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torc
 _DTYPES = {code: dtype for dtype, code in _CODES.items()}
 # safetensors' own order (its Rust `Dtype` enum, smallest first): `save_file` writes the largest
 # first, then by name, which aligns every tensor to its element size. The same order here gives
-# the same bytes as `save_file` (tested).
+# the same bytes as `save_file` (tested; metadata, which `save_file` orders at random, is sorted).
 _RANK = {dtype: rank for rank, dtype in enumerate((torch.bool, torch.uint8, torch.int8, torch.int16, torch.float16,
                                                    torch.bfloat16, torch.int32, torch.float32, torch.float64,
                                                    torch.int64))}
+
+
+class _OpenFile:
+    """One safetensors file held open by its descriptor and read with `pread`: the data of the
+    file as it was when opened, even after it is replaced or removed at its path (POSIX keeps an
+    open file's data), and a clear error, not a crash, if it is cut short in place (a memory map
+    would raise SIGBUS there)."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self.fd = os.open(self.path, os.O_RDONLY)
+        try:
+            size = os.fstat(self.fd).st_size
+            head = os.pread(self.fd, 8, 0)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
+            if 8 + n > size:
+                raise ValueError(f"{self.path}: a header of {n} bytes in a file of {size}")
+            self.header = json.loads(os.pread(self.fd, n, 8))
+            self.header.pop("__metadata__", None)
+            self.base = 8 + n
+            for key, entry in self.header.items():
+                start, end = entry["data_offsets"]
+                if entry["dtype"] not in _DTYPES or not 0 <= start <= end <= size - self.base:
+                    raise ValueError(f"{self.path}: tensor {key} lies outside the file or has an unknown dtype")
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def dtype_and_shape(self, key: str) -> tuple[torch.dtype, list[int]]:
+        entry = self.header[key]
+        return _DTYPES[entry["dtype"]], list(entry["shape"])
+
+    def read(self, key: str) -> torch.Tensor:
+        dtype, shape = self.dtype_and_shape(key)
+        start, end = self.header[key]["data_offsets"]
+        if end == start:
+            return torch.empty(shape, dtype=dtype)
+        data = os.pread(self.fd, end - start, self.base + start)
+        if len(data) != end - start:
+            raise OSError(f"{self.path} was cut short after it was opened (tensor {key}): it is being rewritten "
+                          "in place; read the run again")
+        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+
+    def __del__(self):
+        fd = getattr(self, "fd", None)
+        if fd is not None:
+            os.close(fd)
 
 
 class TensorFiles(Mapping):
     """Named tensors, each held in memory (`update`) or read from the safetensors file it lies in
     (`add_file`) when asked for. A later entry of a name replaces an earlier one.
 
-    A snapshot: each file stays open (memory-mapped, nothing read until asked for), so a file a
+    A snapshot: each file stays open (`_OpenFile`, nothing read until asked for), so a file a
     later run replaces or removes at the same path (a checkpoint folder used again, an `--out`
-    written again) does not change what this mapping reads; POSIX keeps an open file's data until
-    it is closed, which happens when the mapping is dropped. Not picklable (it holds open files):
-    `to_dict()` reads everything into memory."""
+    written again) does not change what this mapping reads; the files close when the mapping is
+    dropped. Not picklable (it holds open files): `to_dict()` reads everything into memory."""
 
     def __init__(self, files: tuple = (), tensors: Mapping | None = None):
-        self._where: dict[str, object] = {}  # name -> the open safetensors handle it is read from
+        self._where: dict[str, _OpenFile] = {}
         self._held: dict[str, torch.Tensor] = {}
         for path in files:
             self.add_file(path)
@@ -50,12 +97,10 @@ class TensorFiles(Mapping):
             self.update(tensors)
 
     def add_file(self, path: str | Path) -> None:
-        from safetensors import safe_open
-
-        handle = safe_open(str(path), framework="pt")  # kept open: the snapshot (not a `with`)
-        for key in handle.keys():
+        opened = _OpenFile(path)
+        for key in opened.header:
             self._held.pop(key, None)
-            self._where[key] = handle
+            self._where[key] = opened
 
     def update(self, tensors: Mapping) -> None:
         for key, value in tensors.items():
@@ -70,15 +115,14 @@ class TensorFiles(Mapping):
     def __getitem__(self, key: str) -> torch.Tensor:
         if key in self._held:
             return self._held[key]
-        return self._where[key].get_tensor(key)  # KeyError for an unknown name, as a dict
+        return self._where[key].read(key)  # KeyError for an unknown name, as a dict
 
     def dtype_and_shape(self, key: str) -> tuple[torch.dtype, list[int]]:
         """Without reading the tensor's data."""
         if key in self._held:
             t = self._held[key]
             return t.dtype, list(t.shape)
-        part = self._where[key].get_slice(key)
-        return _DTYPES[part.get_dtype()], list(part.get_shape())
+        return self._where[key].dtype_and_shape(key)
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor, read into memory (e.g. for `safetensors.torch.save_file` or pickling)."""
@@ -117,7 +161,7 @@ def save_streaming(tensors: Mapping, path: str | Path, metadata: dict[str, str] 
         size = _numel(shape) * _itemsize(dtype)
         header[name] = {"dtype": _CODES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     blob += b" " * (-len(blob) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
