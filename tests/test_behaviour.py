@@ -737,9 +737,9 @@ def test_realign_checks_the_tail_from_its_first_safety_block(monkeypatch):
     seen = []
 
     def check(model, first, device=None, tokens=0, learn_rounding=False, joint=False, total_tokens=0,
-              offload_targets=False):
-        seen.append(first)
-        assert 0 < tokens <= total_tokens  # one step's tokens; the whole calibration set's
+              offload_targets=False, head=True):
+        assert head  # the first-token objective reads the output through the head
+        seen.append((first, tokens, total_tokens))
         raise QrealignError("stop here")
 
     monkeypatch.setattr(behaviour, "check_tail_fits", check)
@@ -748,7 +748,21 @@ def test_realign_checks_the_tail_from_its_first_safety_block(monkeypatch):
     for kw, first in ((dict(layers=(3, 2)), 2), ({}, 0)):
         with pytest.raises(QrealignError, match="stop here"):
             realign(finetuned, tok, teacher=teacher, calibration=_calib(), progress=False, **kw)
-        assert seen[-1] == first
+        assert seen[-1][0] == first
+    # the tokens: each prompt as the engine renders it (chat template), plus the forced response
+    # tokens of a multi-token target; or exactly pad_to (review 75)
+    from qrealign.models.chat import render_chat
+
+    rendered = max(len(tok(render_chat(tok, p), add_special_tokens=False)["input_ids"]) for p in PROMPTS)
+    cfg = CalibConfig(batch_size=2)
+    with pytest.raises(QrealignError, match="stop here"):
+        realign(finetuned, tok, teacher=teacher, calibration=_calib(), config=cfg, progress=False, layers=(3,),
+                response_tokens=4)
+    assert seen[-1] == (3, 2 * (rendered + 3), 4 * (rendered + 3)) and rendered > max(len(p.split()) for p in PROMPTS)
+    with pytest.raises(QrealignError, match="stop here"):
+        realign(finetuned, tok, teacher=teacher, calibration=_calib(), config=CalibConfig(batch_size=2, pad_to=64),
+                progress=False, layers=(3,))
+    assert seen[-1] == (3, 2 * 64, 4 * 64)
 
 
 def test_a_resumed_teacher_run_reads_its_teacher_pass_back_from_the_checkpoint(tmp_path, monkeypatch):
@@ -815,6 +829,17 @@ def test_a_resumed_teacher_run_reads_its_teacher_pass_back_from_the_checkpoint(t
         realign(load_model(finetuned_dir)[0], tok, teacher=teacher_dir, out=tmp_path / "run3",
                 checkpoint_dir=tmp_path / "run3" / "ckpt", **kw)
     assert len(passes) == 4 and not (tmp_path / "run3").exists()
+    # a user's own folder of a similar name in a shared checkpoint folder is left alone (review 75);
+    # the engine recognises a kept pass by its kind, which is the folder's prefix
+    from qrealign.calibrate.targets import KIND
+
+    assert KIND == CHECKPOINT_TARGETS
+    shared = tmp_path / "work"
+    mine = shared / f"{CHECKPOINT_TARGETS}-70b"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    realign(load_model(finetuned_dir)[0], tok, teacher=teacher_dir, out=tmp_path / "run4", checkpoint_dir=shared, **kw)
+    assert (mine / "notes.txt").is_file() and not list(shared.glob("block_*"))
 
 
 def test_a_kept_teacher_pass_of_other_code_or_damaged_is_computed_again_and_a_failed_keep_only_warns(

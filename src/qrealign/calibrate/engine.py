@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import shutil
 import sys
 import time
@@ -740,6 +741,23 @@ def _move_checkpoint(src: Path, dst: Path) -> None:
         f.replace(dst / f.name)
 
 
+def kept_teacher_passes(ckpt: Path) -> list[Path]:
+    """The teacher passes a run kept in `ckpt` (`teacher-targets-<12 hex digits>` holding teacher
+    targets): nothing else, so a user's own folder of a similar name beside them is never removed.
+    (Read here, not through `targets.is_targets_dir`: importing `targets` would make every stage
+    that reads a run depend on the teacher pass's code.)"""
+    pattern = re.compile(rf"{re.escape(CHECKPOINT_TARGETS)}-[0-9a-f]{{12}}")
+    kept = []
+    for d in ckpt.glob(f"{CHECKPOINT_TARGETS}-*"):
+        try:
+            kind = read_json(d / "qrealign.json").get("kind") if pattern.fullmatch(d.name) else None
+        except (OSError, ValueError, AttributeError):  # not ours, or unreadable
+            continue
+        if kind == CHECKPOINT_TARGETS:  # targets.KIND: the folder's prefix is its kind
+            kept.append(d)
+    return kept
+
+
 def remove_checkpoint(ckpt: Path) -> None:
     """Delete what the engine wrote in `ckpt` (state first, then block files) and the folder if
     nothing else is in it. Never the whole folder: a user's checkpoint_dir may hold other files."""
@@ -749,7 +767,7 @@ def remove_checkpoint(ckpt: Path) -> None:
     for pattern in ("block_*.safetensors", ".block_*.safetensors.tmp", LOCK_FILE):
         for f in ckpt.glob(pattern):
             f.unlink(missing_ok=True)
-    for kept in ckpt.glob(f"{CHECKPOINT_TARGETS}-*"):
+    for kept in kept_teacher_passes(ckpt):
         shutil.rmtree(kept, ignore_errors=True)
     remove_orphans_under(ckpt)  # a teacher-pass copy whose writer died mid-write; a live writer's stays
     try:

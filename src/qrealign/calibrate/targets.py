@@ -26,7 +26,7 @@ import torch
 from ..errors import IncompatibleArtifact, QrealignError
 from ..utils import atomic_dir, read_json, save_tensors, write_json
 from .data import CalibrationSet
-from .engine import CHECKPOINT_TARGETS
+from .engine import CHECKPOINT_TARGETS, kept_teacher_passes
 
 TENSOR_FILE = "targets.safetensors"
 META_FILE = "qrealign.json"
@@ -247,8 +247,8 @@ def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationS
                               prompt_tokens_digest(tokenizer, calibration, config))
     if kept_at is not None:
         try:  # a convenience for a resume: a full disk must not end the run the pass was for
-            for other in kept_at.parent.glob(f"{CHECKPOINT_TARGETS}-*"):  # other code's: never read again
-                if other != kept_at and other.is_dir():
+            for other in kept_teacher_passes(kept_at.parent):  # other code's: never read again
+                if other != kept_at:
                     shutil.rmtree(other, ignore_errors=True)
             computed.save(kept_at)
         except Exception as exc:
