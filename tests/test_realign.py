@@ -185,13 +185,13 @@ def test_realign_with_probes_checks_the_gpu_for_a_joint_stage(monkeypatch):
     seen = []
 
     def check(model, first, device=None, joint=False, **kw):
-        seen.append((first, joint))
+        seen.append((first, joint, kw["head"]))
         raise QrealignError("stop here")
 
     monkeypatch.setattr(behaviour, "check_tail_fits", check)
     with pytest.raises(QrealignError, match="stop here"):
         realign(base, tok, probes, calib, "W8A8", CalibConfig(joint_safety=True, batch_size=4), progress=False,
                 layers=(1, 2))
-    assert seen == [(1, True)]
+    assert seen == [(1, True, False)]  # probes read block outputs: no head copy
     realign(base, tok, probes, calib, "W8A8", CalibConfig(epochs=1, batch_size=4), progress=False, layers=(1, 2))
-    assert seen == [(1, True)]  # block by block with probes: no tail, nothing to check
+    assert seen == [(1, True, False)]  # block by block with probes: no tail, nothing to check

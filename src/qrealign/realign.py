@@ -108,7 +108,7 @@ def realign(
         loss_options["layers"] = active
     calibration = calibration or build_calibration()
     if config.joint_safety:  # every joint block trains on the device at once
-        _check_gpu_memory(model, tokenizer, calibration, config, min(active), device)
+        _check_gpu_memory(model, tokenizer, calibration, config, min(active), device, head=False)
     loss = SafetyLoss.from_probes(probes, **loss_options)
     if loss.benign_side and probes.target != "paper":
         warnings.warn(f"benign_side keeps benign prompts on class 0 of the probe; for the {probes.target!r} target "
@@ -124,19 +124,23 @@ def realign(
 
 
 def _check_gpu_memory(model, tokenizer, calibration: CalibrationSet, cfg: CalibConfig, first: int, device,
-                      response_tokens: int = 1) -> None:
+                      response_tokens: int = 1, head: bool = True) -> None:
     """`behaviour.check_tail_fits` with the calibration's tokens: a step's bound the activations,
     the whole set's the hidden-state streams (each prompt rendered as the engine renders it, with
-    the chat template and system prompt; a multi-token target appends its forced response tokens)."""
+    the chat template and system prompt, or `pad_to` long; a multi-token target appends its forced
+    response tokens)."""
     from .calibrate.behaviour import check_tail_fits
     from .models.chat import render_chat
 
-    longest = max(len(tokenizer(render_chat(tokenizer, p, cfg.system), add_special_tokens=False)["input_ids"])
-                  for p in calibration.prompts)
-    per_prompt = min(cfg.max_length or longest, longest) + response_tokens - 1
+    if cfg.pad_to is not None:  # every row exactly that long
+        per_prompt = cfg.pad_to + response_tokens - 1
+    else:
+        longest = max(len(tokenizer(render_chat(tokenizer, p, cfg.system), add_special_tokens=False)["input_ids"])
+                      for p in calibration.prompts)
+        per_prompt = min(cfg.max_length or longest, longest) + response_tokens - 1
     check_tail_fits(model, first, device, tokens=cfg.batch_size * per_prompt, learn_rounding=cfg.learn_rounding,
                     joint=cfg.joint_safety, total_tokens=len(calibration.prompts) * per_prompt,
-                    offload_targets=cfg.offload_targets)
+                    offload_targets=cfg.offload_targets, head=head)
 
 
 def check_probe_system(probes, system: str | None) -> None:

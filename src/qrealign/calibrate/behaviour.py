@@ -172,7 +172,8 @@ def tail_bytes(model: nn.Module, first: int) -> tuple[int, int]:
 
 
 def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, learn_rounding: bool = False,
-                    joint: bool = False, total_tokens: int = 0, offload_targets: bool = False) -> None:
+                    joint: bool = False, total_tokens: int = 0, offload_targets: bool = False,
+                    head: bool = True) -> None:
     """With the first-token objective, each safety block's step runs the FP blocks after it, which
     `ModelTail` copies to the GPU: with every block under the term (the default) that is most of
     the model, an out-of-memory at block 0 for a 7B model on a 24 GB GPU (review 71). Said before
@@ -186,7 +187,8 @@ def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, 
     with those seven (eleven) copies, and the activations of all of them; counted even when the
     model is on the device already (its float32 training state is not). The hidden-state streams
     over the whole calibration set (`total_tokens`): the quantized one, and unless
-    `offload_targets` the FP input and each trained block's FP target (every joint block's at once)."""
+    `offload_targets` the FP input and each trained block's FP target (every joint block's at once).
+    `head`: the objective reads the output (the first-token objective copies the head; probes do not)."""
     dev = resolve_device(device)
     if dev.type != "cuda":
         return
@@ -203,7 +205,7 @@ def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, 
     per_token = (6 * hidden + 4 * inter) * 4
     if joint:
         trained = len(blocks) - first
-        head_copy = 0 if on_device else copies - sum(p.numel() * p.element_size() for b in blocks[first + 1:]
+        head_copy = 0 if on_device or not head else copies - sum(p.numel() * p.element_size() for b in blocks[first + 1:]
                                                      for p in b.parameters())
         streams = 1 if offload_targets else trained + 2
         need = head_copy + trained * per_block * block + tokens * trained * per_token + \
