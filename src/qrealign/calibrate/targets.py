@@ -188,8 +188,8 @@ def compute_teacher_targets(model, tokenizer, teacher, calibration: CalibrationS
     `checkpoint` (a run's checkpoint folder): the targets are kept there, and an interrupted run
     started again reads them back instead of running the pass again (two forwards over the
     calibration set and a generation: minutes at 7B), when they are what this pass would compute:
-    the same teacher (its weights' fingerprint), model, calibration set, rendering, options and
-    device type. Anything else is computed again and replaces them."""
+    the same code (`_kept_path`), teacher (its weights' fingerprint), model, calibration set,
+    rendering, options and device type. Anything else is computed again and replaces them."""
     from ..models import load_model
     from ..models.offload import offloaded
     from ..finetune.stage import parent_string
