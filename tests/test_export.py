@@ -292,9 +292,9 @@ def test_export_in_memory_that_cannot_fit_is_refused_before_loading(runs, tmp_pa
 
 
 def test_the_in_memory_check_counts_learned_rounding_offsets(runs, monkeypatch):
-    """review 74: with learned rounding every quantized linear holds a float32 offset tensor the
-    size of its weight until its codes are computed; a check that counted the weights only
-    passed exports the kernel then killed."""
+    """review 74: with learned rounding every quantized linear holds its offsets until its codes
+    are computed (one int8 per weight); a check that counted the weights only passed exports the
+    kernel could then kill."""
     import qrealign.export.compressed as compressed
     from qrealign.calibrate.artifact import read_quantized_metadata, run_source
     from qrealign.models.load import load_skeleton
@@ -304,11 +304,11 @@ def test_the_in_memory_check_counts_learned_rounding_offsets(runs, monkeypatch):
     source = run_source(read_quantized_metadata(run), run)
     skeleton = load_skeleton(source)
     weights = 4 * sum(p.numel() for p in skeleton.parameters())
-    offsets = 4 * sum(m.weight.numel() for b in get_blocks(skeleton) for m in b.modules()
-                      if isinstance(m, torch.nn.Linear))
+    offsets = sum(m.weight.numel() for b in get_blocks(skeleton) for m in b.modules()
+                  if isinstance(m, torch.nn.Linear))  # one int8 each
     monkeypatch.setattr(compressed, "available_memory", lambda: weights + offsets // 2)
     compressed._check_memory(source)  # the weights alone fit
-    with pytest.raises(ExportError, match="the model and learned rounding's offsets in float32"):
+    with pytest.raises(ExportError, match=r"in float32 \(and learned rounding's int8 offsets\)"):
         compressed._check_memory(source, rounding=True)
 
 

@@ -391,3 +391,29 @@ def test_compiling_on_cuda_without_triton_is_one_line_before_any_work(monkeypatc
         quantizer.check_compiler("cuda")
     monkeypatch.setattr(quantizer, "_has_triton", lambda: True)
     quantizer.check_compiler("cuda")
+
+
+def test_snapped_rounding_offsets_held_as_int8_give_the_same_codes():
+    """An exporter only computes codes: offsets held as int8 take a byte per weight instead of
+    four (review 74: an in-memory export held a float32 copy of every weight), to the same codes."""
+    from qrealign.quant.quantizer import WeightQuantizer
+    from qrealign.quant.scheme import get_scheme
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 32)
+    q = WeightQuantizer(get_scheme("W4A16-g16").weights, w.shape, lwc=True, rounding=True)
+    with torch.no_grad():
+        q.rounding.uniform_(-0.5, 0.5)
+    q.snap_rounding_(w)
+    before, fake_before = q.codes(w), q(w)
+    q.rounding_as_int8_()
+    assert q.rounding.dtype == torch.int8 and "rounding" in dict(q.named_buffers())
+    assert "rounding" not in dict(q.named_parameters())
+    after = q.codes(w)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert torch.equal(q(w), fake_before)  # the fake-quantized weight too
+    unsnapped = WeightQuantizer(get_scheme("W4A16-g16").weights, w.shape, lwc=True, rounding=True)
+    with torch.no_grad():
+        unsnapped.rounding.fill_(0.3)
+    with pytest.raises(ValueError, match="not whole steps"):
+        unsnapped.rounding_as_int8_()

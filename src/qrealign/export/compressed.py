@@ -127,8 +127,8 @@ def _check_memory(source: str, rounding: bool = False) -> None:
     """An export in memory holds the whole model in float32 (codes are computed as calibration ran);
     refuse, before loading, a model whose float32 weights alone exceed the RAM available, where the
     kernel would kill the process halfway: the streamed export reads one block at a time. With
-    learned rounding each quantized linear also holds its offsets, a float32 tensor the size of its
-    weight, until its codes are computed (review 74)."""
+    learned rounding each quantized linear also holds its offsets, one int8 per weight, until its
+    codes are computed (review 74)."""
     from ..models.load import load_skeleton
     from ..models.registry import get_blocks
 
@@ -138,11 +138,11 @@ def _check_memory(source: str, rounding: bool = False) -> None:
     skeleton = load_skeleton(source)
     need = 4 * sum(p.numel() for p in skeleton.parameters())
     if rounding:
-        need += 4 * sum(m.weight.numel() for block in get_blocks(skeleton) for m in block.modules()
-                        if isinstance(m, nn.Linear))
+        need += sum(m.weight.numel() for block in get_blocks(skeleton) for m in block.modules()
+                    if isinstance(m, nn.Linear))
     if need > available:
-        what = " and learned rounding's offsets" if rounding else ""
-        raise ExportError(f"exporting in memory holds the model{what} in float32, {need / 2**30:.1f} GiB, and "
+        what = " (and learned rounding's int8 offsets)" if rounding else ""
+        raise ExportError(f"exporting in memory holds the model in float32{what}, {need / 2**30:.1f} GiB, and "
                           f"{available / 2**30:.1f} GiB of RAM is available: export with --offload disk "
                           "(offload='disk'), which holds one block at a time")
 

@@ -216,6 +216,18 @@ class WeightQuantizer(nn.Module):
         return quantize_int(self._grouped(w), scale, zero, self.args, self.rounding), scale, zero
 
     @torch.no_grad()
+    def rounding_as_int8_(self) -> None:
+        """Hold snapped offsets (-1 / 0 / +1 steps, as a run stores them) as an int8 buffer: one byte
+        per weight instead of four for an exporter that only computes codes. The same codes: the
+        grid adds the offset in float32 either way."""
+        if isinstance(self.rounding, nn.Parameter):
+            steps = self.rounding.detach().to(torch.int8)
+            if not torch.equal(steps.float(), self.rounding.detach().float()):
+                raise ValueError("learned rounding offsets are not whole steps (snap them first)")
+            del self.rounding
+            self.register_buffer("rounding", steps)
+
+    @torch.no_grad()
     def clamp_rounding_(self) -> None:
         if self.rounding is not None:
             self.rounding.clamp_(-0.5, 0.5)
