@@ -10,6 +10,7 @@ writes the standard safetensors format from such a mapping without holding more 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import sys
@@ -158,7 +159,7 @@ def save_streaming(tensors: Mapping, path: str | Path, metadata: dict[str, str] 
         dtype, shape = layout[name]
         if dtype not in _CODES:
             raise TypeError(f"{name}: {dtype} has no safetensors code")
-        size = _numel(shape) * _itemsize(dtype)
+        size = math.prod(shape) * dtype.itemsize
         header[name] = {"dtype": _CODES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
@@ -173,14 +174,3 @@ def save_streaming(tensors: Mapping, path: str | Path, metadata: dict[str, str] 
             if data.numel() != expected[1] - expected[0]:  # a guard: the header was made from these tensors
                 raise ValueError(f"{name}: {data.numel()} bytes, the header says {expected[1] - expected[0]}")
             f.write(data.numpy().data)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -36,11 +36,9 @@ def save_quantized(out_dir: str | Path, params: dict[str, torch.Tensor], metadat
         # can move and the run still finds its base (`run_source`).
         meta["source_relative"] = os.path.relpath(Path(source).resolve(), Path(out_dir).resolve())
     with atomic_dir(out_dir, marker=META_FILE, kind="quantized") as tmp:
-        if isinstance(params, TensorFiles) and len(params):  # read from disk one at a time, not all at once
-            save_tensors(params, tmp / PARAMS_FILE)
-        else:
-            save_tensors({k: v.contiguous() for k, v in params.items()} or {"_empty": torch.zeros(1)},
-                         tmp / PARAMS_FILE)
+        # a TensorFiles is written from disk one tensor at a time (`save_tensors`), not loaded whole
+        tensors = params if isinstance(params, TensorFiles) else {k: v.contiguous() for k, v in params.items()}
+        save_tensors(tensors if len(tensors) else {"_empty": torch.zeros(1)}, tmp / PARAMS_FILE)
         write_json(tmp / META_FILE, meta)
         for name, blob in (extra_files or {}).items():
             (tmp / name).write_bytes(blob)

@@ -159,16 +159,20 @@ class ModelTail:
                 self.copies[j] = block
 
 
+def _bytes(modules, dtype_bytes: int | None = None) -> int:
+    return sum(p.numel() * (dtype_bytes or p.element_size()) for m in modules for p in m.parameters())
+
+
+def _head_bytes(model: nn.Module) -> int:
+    head = LogitHead(model)
+    return _bytes((head.norm, head.head))
+
+
 def tail_bytes(model: nn.Module, first: int) -> tuple[int, int]:
     """(bytes of what ModelTail copies to the compute device from safety block `first` on: the
     blocks after it and the head; bytes of one block in float32, as the engine trains it)."""
     blocks = list(get_blocks(model))
-    head = LogitHead(model)
-
-    def size(modules, dtype_bytes=None):
-        return sum(p.numel() * (dtype_bytes or p.element_size()) for m in modules for p in m.parameters())
-
-    return size(blocks[first + 1:]) + size((head.norm, head.head)), size(blocks[first:first + 1], 4)
+    return _bytes(blocks[first + 1:]) + _head_bytes(model), _bytes(blocks[first:first + 1], 4)
 
 
 def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, learn_rounding: bool = False,
@@ -205,8 +209,7 @@ def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, 
     per_token = (6 * hidden + 4 * inter) * 4
     if joint:
         trained = len(blocks) - first
-        head_copy = 0 if on_device or not head else copies - sum(p.numel() * p.element_size() for b in blocks[first + 1:]
-                                                     for p in b.parameters())
+        head_copy = 0 if on_device or not head else _head_bytes(model)
         streams = 1 if offload_targets else trained + 2
         need = head_copy + trained * per_block * block + tokens * trained * per_token + \
             streams * total_tokens * hidden * 4

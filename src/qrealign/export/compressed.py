@@ -154,8 +154,6 @@ def _check_out_dir(out_dir: Path) -> None:
     check_out_dir(out_dir, "qrealign.json", kind="export", what="a qrealign export", error=ExportError)
 
 
-
-
 def _check_shapes(model, plan: ExportPlan) -> None:
     """Groups must tile every quantized linear's input (before anything is built on them)."""
     from ..models.registry import get_arch, get_blocks

@@ -50,8 +50,7 @@ class QuantLinear(nn.Module):
         tensor per linear for the rest of the model's life (a 7B model's size again in bf16)."""
         if self.weight_quantizer is not None and not self.frozen:
             self.weight.copy_(self.weight_quantizer(self.weight.float()).to(self.weight.dtype))
-            if self.weight_quantizer.rounding is not None:
-                self.weight_quantizer.rounding = None
+            self.weight_quantizer.rounding = None
         self.frozen = True
 
     def extra_repr(self) -> str:
