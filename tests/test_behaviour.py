@@ -3,6 +3,7 @@ and the engine hands the loss what it needs."""
 
 import copy
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -722,12 +723,36 @@ def test_the_joint_stage_counts_every_trained_block_and_the_calibration_streams(
     with pytest.raises(QrealignError):
         behaviour.check_tail_fits(model, 1, "cuda", tokens=10, joint=True, total_tokens=100)
 
+    # recompute: a joint block keeps its weights and its input; the other six copies and the
+    # activations are one block's at a time. The refusal above names it, with what it would need.
+    free["bytes"] = joint_need
+    again = head + (3 * 1 + 6) * block + 10 * (3 * cfg.hidden_size * 4 + per_token) + 5 * 100 * cfg.hidden_size * 4
+    with pytest.raises(QrealignError, match=f"--recompute.*about {again / 2 ** 30:.1f} GiB"):
+        behaviour.check_tail_fits(model, 1, "cuda", tokens=10, joint=True, total_tokens=100)
+    free["bytes"] = int(again / 0.9) + 1
+    behaviour.check_tail_fits(model, 1, "cuda", tokens=10, joint=True, total_tokens=100, recompute=True)
+    with pytest.raises(QrealignError, match="GiB are free. Put the safety term"):  # on already: no such advice
+        free["bytes"] = again
+        behaviour.check_tail_fits(model, 1, "cuda", tokens=10, joint=True, total_tokens=100, recompute=True)
+
     # a model already on the GPU: no copies, but the joint training state is still counted
     monkeypatch.setattr(behaviour, "same_device", lambda a, b: True)
     free["bytes"] = head  # room for nothing the block-by-block form would copy
     behaviour.check_tail_fits(model, 1, "cuda", tokens=10, total_tokens=100)
     with pytest.raises(QrealignError, match="joint_safety"):
         behaviour.check_tail_fits(model, 1, "cuda", tokens=10, joint=True, total_tokens=100)
+
+
+def test_the_gpu_check_renders_nothing_for_a_cpu_run():
+    """The check counts tokens for a GPU's free memory; on a CPU it returns before rendering the
+    calibration set (thousands of prompts at the users' scale)."""
+    from qrealign.realign import _check_gpu_memory
+
+    def no_tokenizer(*args, **kwargs):
+        raise AssertionError("rendered for a CPU run")
+
+    model, _ = tiny_model("llama", num_hidden_layers=2)
+    _check_gpu_memory(model, no_tokenizer, CalibrationSet(["a", "b"], [0, 1]), CalibConfig(), 0, "cpu")
 
 
 def test_realign_checks_the_tail_from_its_first_safety_block(monkeypatch):
@@ -737,12 +762,13 @@ def test_realign_checks_the_tail_from_its_first_safety_block(monkeypatch):
     seen = []
 
     def check(model, first, device=None, tokens=0, learn_rounding=False, joint=False, total_tokens=0,
-              offload_targets=False, head=True):
+              offload_targets=False, head=True, recompute=False):
         assert head  # the first-token objective reads the output through the head
         seen.append((first, tokens, total_tokens))
         raise QrealignError("stop here")
 
     monkeypatch.setattr(behaviour, "check_tail_fits", check)
+    monkeypatch.setattr(sys.modules["qrealign.realign"], "_on_gpu", lambda device: True)  # the check: GPUs only
     finetuned, tok = tiny_model("llama", seed=0, num_hidden_layers=4)
     teacher, _ = tiny_model("llama", seed=1, num_hidden_layers=4)
     for kw, first in ((dict(layers=(3, 2)), 2), ({}, 0)):

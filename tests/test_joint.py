@@ -208,17 +208,21 @@ def test_cli_realign_joint_safety_and_the_commands_without_a_safety_term(tmp_pat
         tok.save_pretrained(tmp_path / name)
     common = [str(tmp_path / "finetuned"), "--n", "8", "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
     rc = main(["realign", *common, "--teacher", str(tmp_path / "aligned"), "--layers-from", "0.5", "--joint-safety",
-               "--offload-targets", "--lr-schedule", "cosine", "--joint-recon-weight", "2", "--out",
+               "--offload-targets", "--recompute", "--lr-schedule", "cosine", "--joint-recon-weight", "2", "--out",
                str(tmp_path / "run")])
     assert rc == 0
     meta = read_quantized_metadata(tmp_path / "run")
     assert meta["config"]["joint_safety"] is True and meta["config"]["offload_targets"] is True
+    assert meta["config"]["recompute"] is True
     assert meta["config"]["joint_recon_weight"] == 2.0
     assert meta["config"]["lr_schedule"] == "cosine"
     assert [log.get("joint_blocks") for log in meta["layers"]][2] == [2, 3]
     # plain quantization has no safety term to train jointly: refused before anything is written
     assert main(["quantize", *common, "--joint-safety", "--out", str(tmp_path / "q")]) == 2
     assert "only realign" in capsys.readouterr().err and not (tmp_path / "q").exists()
+    assert main(["realign", *common, "--teacher", str(tmp_path / "aligned"), "--recompute", "--out",
+                 str(tmp_path / "r")]) == 2  # nothing to recompute block by block
+    assert "needs joint_safety" in capsys.readouterr().err and not (tmp_path / "r").exists()
     # a safety term that stops before the last block cannot be trained as one stage
     assert main(["realign", *common, "--teacher", str(tmp_path / "aligned"), "--layers", "1-2", "--joint-safety",
                  "--out", str(tmp_path / "gap")]) == 2
@@ -241,3 +245,31 @@ def test_offloaded_targets_change_nothing_learned(joint, monkeypatch):
     assert all(torch.equal(kept.params[k], offloaded.params[k]) for k in kept.params)
     assert "offload_targets" not in CalibConfig().to_dict()  # off: existing run keys unchanged
     assert "offload_targets" not in CalibConfig(offload_targets=True).fingerprint_dict()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_recomputed_joint_blocks_learn_the_same_parameters(compiled, monkeypatch):
+    """`recompute` keeps only each joint block's input for the backward and runs the block again
+    there (activation checkpointing): every block of the chain goes through the checkpoint, and
+    the learned parameters and the logged losses are the uninterrupted run's, bit for bit, eager
+    and with the compiled fake-quantizers. It decides nothing learned: not in the fingerprint,
+    and off leaves existing run keys as they were."""
+    from qrealign.calibrate import train
+
+    kept, _ = _run(True, compile_quantizer=compiled)
+    calls = []
+    real = train.checkpoint
+    monkeypatch.setattr(train, "checkpoint", lambda fn, *a, **k: calls.append(a[0]) or real(fn, *a, **k))
+    again, model = _run(True, compile_quantizer=compiled, recompute=True)
+    assert calls and {id(block) for block in calls} == {id(model.model.layers[i]) for i in (2, 3)}
+    assert kept.fingerprint == again.fingerprint
+    assert kept.params.keys() == again.params.keys()
+    assert all(torch.equal(kept.params[k], again.params[k]) for k in kept.params)
+    assert kept.layer_logs[2]["last_kl_mal"] == again.layer_logs[2]["last_kl_mal"]
+    assert "recompute" not in CalibConfig().to_dict()
+    assert "recompute" not in CalibConfig(joint_safety=True, recompute=True).fingerprint_dict()
+
+
+def test_recompute_without_a_joint_stage_is_refused():
+    with pytest.raises(QrealignError, match="recompute.*needs joint_safety"):
+        CalibConfig(recompute=True)

@@ -1,6 +1,8 @@
 """Q-realign end to end on a tiny model: the safety term moves malicious prompts across the
 probe, which reconstruction-only calibration does not; runs resume like the engine's."""
 
+import sys
+
 import pytest
 import torch
 
@@ -189,6 +191,7 @@ def test_realign_with_probes_checks_the_gpu_for_a_joint_stage(monkeypatch):
         raise QrealignError("stop here")
 
     monkeypatch.setattr(behaviour, "check_tail_fits", check)
+    monkeypatch.setattr(sys.modules["qrealign.realign"], "_on_gpu", lambda device: True)  # the check: GPUs only
     with pytest.raises(QrealignError, match="stop here"):
         realign(base, tok, probes, calib, "W8A8", CalibConfig(joint_safety=True, batch_size=4), progress=False,
                 layers=(1, 2))

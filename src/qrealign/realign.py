@@ -132,6 +132,8 @@ def _check_gpu_memory(model, tokenizer, calibration: CalibrationSet, cfg: CalibC
     from .calibrate.behaviour import check_tail_fits
     from .models.chat import render_chat
 
+    if not _on_gpu(device):  # the check reads a GPU's free memory: nothing to count elsewhere
+        return
     if cfg.pad_to is not None:  # every row exactly that long
         per_prompt = cfg.pad_to + response_tokens - 1
     else:
@@ -140,7 +142,13 @@ def _check_gpu_memory(model, tokenizer, calibration: CalibrationSet, cfg: CalibC
         per_prompt = min(cfg.max_length or longest, longest) + response_tokens - 1
     check_tail_fits(model, first, device, tokens=cfg.batch_size * per_prompt, learn_rounding=cfg.learn_rounding,
                     joint=cfg.joint_safety, total_tokens=len(calibration.prompts) * per_prompt,
-                    offload_targets=cfg.offload_targets, head=head)
+                    offload_targets=cfg.offload_targets, head=head, recompute=cfg.recompute)
+
+
+def _on_gpu(device) -> bool:
+    from .utils import resolve_device
+
+    return resolve_device(device).type == "cuda"
 
 
 def check_probe_system(probes, system: str | None) -> None:

@@ -177,7 +177,7 @@ def tail_bytes(model: nn.Module, first: int) -> tuple[int, int]:
 
 def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, learn_rounding: bool = False,
                     joint: bool = False, total_tokens: int = 0, offload_targets: bool = False,
-                    head: bool = True) -> None:
+                    head: bool = True, recompute: bool = False) -> None:
     """With the first-token objective, each safety block's step runs the FP blocks after it, which
     `ModelTail` copies to the GPU: with every block under the term (the default) that is most of
     the model, an out-of-memory at block 0 for a 7B model on a 24 GB GPU (review 71). Said before
@@ -192,7 +192,9 @@ def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, 
     model is on the device already (its float32 training state is not). The hidden-state streams
     over the whole calibration set (`total_tokens`): the quantized one, and unless
     `offload_targets` the FP input and each trained block's FP target (every joint block's at once).
-    `head`: the objective reads the output (the first-token objective copies the head; probes do not)."""
+    `head`: the objective reads the output (the first-token objective copies the head; probes do not).
+    `recompute` (CalibConfig.recompute): a joint block keeps its weights (and rounding state) and its
+    input for the backward; the rest of those copies and activations exist for one block at a time."""
     dev = resolve_device(device)
     if dev.type != "cuda":
         return
@@ -211,12 +213,21 @@ def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, 
         trained = len(blocks) - first
         head_copy = 0 if on_device or not head else _head_bytes(model)
         streams = 1 if offload_targets else trained + 2
-        need = head_copy + trained * per_block * block + tokens * trained * per_token + \
-            streams * total_tokens * hidden * 4
+        fixed = head_copy + streams * total_tokens * hidden * 4
+
+        def joint_need(again: bool) -> int:
+            if not again:
+                return fixed + trained * per_block * block + tokens * trained * per_token
+            held = per_block - 6  # the weights, and the rounding state; the other six for one block
+            return fixed + (trained * held + 6) * block + tokens * (trained * hidden * 4 + per_token)
+        need = joint_need(recompute)
         what = (f"the joint stage (joint_safety) trains the {trained} blocks from block {first} on together on "
                 f"{dev}, each with its float32 training state (about {need / 2 ** 30:.1f} GiB with the activations)")
         way_out = "Put the safety term on later blocks only (layers_from=0.85; CLI --layers-from 0.85) or leave " \
                   "joint_safety off (CLI: without --joint-safety)"
+        if not recompute:
+            way_out = (f"Add recompute=True (CLI --recompute: the same numbers, one more forward pass per step; "
+                       f"about {joint_need(True) / 2 ** 30:.1f} GiB), put" + way_out[3:])
         smaller = ""  # the training state and the streams are float32 whatever the model's dtype
     else:
         streams = 1 if offload_targets else 3

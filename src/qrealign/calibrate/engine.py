@@ -52,9 +52,9 @@ METHODS = ("rtn", "omniquant")
 ROUNDING = "weight_quantizer.rounding"
 # CalibConfig fields that change what is logged or where tensors wait, not what is learned: left
 # out of the run fingerprint (a run resumes across them)
-NOT_LEARNED = ("measure_init_loss", "offload_targets")
+NOT_LEARNED = ("measure_init_loss", "offload_targets", "recompute")
 ADDED_OFF = ("compile_quantizer", "plain_epochs", "joint_safety", "offload_targets", "lr_schedule",
-             "joint_recon_weight")  # later CalibConfig fields, left out of to_dict() while off
+             "joint_recon_weight", "recompute")  # later CalibConfig fields, left out of to_dict() while off
 
 
 # The smoothing pairs the registry can name (`models.registry.block_pairs`): norm -> q/k/v ("qkv"),
@@ -145,6 +145,11 @@ class CalibConfig:
     # steps by one host-to-device copy of the batch's target; block by block it frees two streams'
     # worth (the block's FP input and its FP output).
     offload_targets: bool = False
+    # Run each joint block again in the backward instead of keeping what its backward reads
+    # (activation checkpointing, `train.Learnable.forward`): a step then holds that state for one
+    # block instead of all of them, about six float32 copies of each further block's weights
+    # (scripts/recompute_memory.py), for one more forward pass per step. The same numbers.
+    recompute: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -178,6 +183,9 @@ class CalibConfig:
             if not self.joint_safety:
                 raise QrealignError("joint_recon_weight weighs the joint stage's reconstruction: it needs "
                                     "joint_safety")
+        if self.recompute and not self.joint_safety:
+            raise QrealignError("recompute runs the joint stage's blocks again in its backward (block by block, one "
+                                "block's backward state is all a step holds already): it needs joint_safety")
         if self.lr_schedule not in (None, "cosine"):
             raise QrealignError(f"lr_schedule must be None (constant) or 'cosine', got {self.lr_schedule!r}")
         if self.autocast not in ("auto", "off", "bf16"):
@@ -507,7 +515,7 @@ def _joint_stage(run: _Run, first: int, fp_in: list, q_in: list, params: TensorF
             fp_in.clear()  # block first-1's FP outputs (the caller's list): read, no longer needed
         fp_in = chain[-1].fp_out
     step = joint_step(chain, q_in, run.batches, run.masks, run.loss, run.num_layers, run.amp, all_kw=run.kwargs,
-                      recon_weight=run.cfg.joint_recon_weight)
+                      recon_weight=run.cfg.joint_recon_weight, recompute=run.cfg.recompute)
     log = {"layer": first, "joint_blocks": [first, run.num_layers - 1]}
     if run.cfg.measure_init_loss:
         log["loss_init"] = mean_loss(step, run.batches)

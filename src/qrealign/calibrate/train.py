@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..errors import QrealignError
@@ -61,7 +62,13 @@ class Learnable:
     kw: list  # per batch: the block's kwargs (its attention type's)
     fp_out: list  # per batch: the FP block output (None where no sample reads it)
 
-    def forward(self, x, b: int, amp: str | None):
+    def forward(self, x, b: int, amp: str | None, recompute: bool = False):
+        """`recompute` (CalibConfig.recompute): keep only the block's input for the backward and
+        run the block again there, so a chain of blocks holds what its backward needs (the
+        weights' fake-quantized and LET-transformed copies, the attention's intermediates) for
+        one block at a time. The same operations on the same tensors: the same gradients."""
+        if recompute and torch.is_grad_enabled():
+            return checkpoint(block_forward, self.block, self.let, x, self.kw[b], amp, use_reentrant=False)
         return block_forward(self.block, self.let, x, self.kw[b], amp)
 
 
@@ -230,7 +237,7 @@ def check_recon_weight(loss: BlockLoss, recon_weight: float | None) -> None:
 
 
 def joint_step(chain: list[Learnable], q_in, batches, masks, loss: BlockLoss, num_layers: int, amp,
-               all_kw=None, recon_weight: float | None = None) -> Step:
+               all_kw=None, recon_weight: float | None = None, recompute: bool = False) -> Step:
     """The mean of the chain's blocks' losses on batch b, each block fed by the quantized blocks
     before it in the chain (not by FP ones), its output scored against its own FP target.
 
@@ -238,7 +245,8 @@ def joint_step(chain: list[Learnable], q_in, batches, masks, loss: BlockLoss, nu
     after the last block: per block it would be the same number (each block's tail is the
     quantized chain after it), so the mean of the blocks' losses is the mean of their
     reconstruction terms plus that term once. `recon_weight` (None: 1) scales that mean (and only
-    with an output term: without one every part of the step is reconstruction)."""
+    with an output term: without one every part of the step is reconstruction). `recompute`: each
+    block's backward state is rebuilt when the backward reaches it (`Learnable.forward`)."""
     check_recon_weight(loss, recon_weight)
     reads_output = hasattr(loss, "output_term")
     recon_scale = 1.0 if recon_weight is None else recon_weight
@@ -246,7 +254,7 @@ def joint_step(chain: list[Learnable], q_in, batches, masks, loss: BlockLoss, nu
     def step(b):
         h, terms, logs = q_in[b], [], {}
         for part in chain:
-            h = part.forward(h, b, amp)
+            h = part.forward(h, b, amp, recompute)
             inp = loss_inputs(part.fp_out[b], h, batches[b], masks[b], part.layer, num_layers,
                               all_kw[b] if all_kw else None)
             if reads_output:

@@ -9,7 +9,7 @@ CALIB_TASK_N = 48  # task prompts --calib-task adds when --calib-task-n is not g
 TRAINING_DEFAULTS = {"epochs": 2, "epoch_schedule": "constant", "plain_epochs": None, "lr_let": 1e-3,
                      "lr_lwc": 1e-2, "no_let": False, "no_lwc": False, "lwc_init": 4.0, "learn_rounding": False,
                      "lr_round": 5e-3, "lr_schedule": "constant", "rope_invariant_qk": False, "autocast": "auto",
-                     "compile_quantizer": False, "offload_targets": False}
+                     "compile_quantizer": False, "offload_targets": False, "recompute": False}
 
 
 def add_common(parser) -> None:
@@ -85,6 +85,11 @@ def add_common(parser) -> None:
     parser.add_argument("--offload-targets", action="store_true",
                         help="keep the FP targets in CPU memory and copy each batch's to the device for its step "
                              "(same numbers; frees ~1 GB of device memory per joint block at 7B); not in the fingerprint")
+    parser.add_argument("--recompute", action="store_true",
+                        help="with --joint-safety: run each joint block again in the backward instead of keeping "
+                             "what its backward reads (same numbers, one more forward pass per step; about five "
+                             "float32 copies of a block's weights less per joint block: ~4 GB each at 7B); not in "
+                             "the fingerprint")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--system", default=None,
                         help="system prompt the calibration prompts are rendered with (default: none; with --probes "
@@ -103,7 +108,8 @@ def engine_config(args, method: str):
                        autocast=args.autocast, compile_quantizer=args.compile_quantizer,
                        plain_epochs=args.plain_epochs, joint_safety=args.joint_safety,
                        joint_recon_weight=args.joint_recon_weight,
-                       offload_targets=args.offload_targets, system=args.system, seed=args.seed,
+                       offload_targets=args.offload_targets, recompute=args.recompute, system=args.system,
+                       seed=args.seed,
                        lr_schedule=None if args.lr_schedule == "constant" else args.lr_schedule)
 
 
