@@ -40,6 +40,7 @@ from ..utils import kv_cache_argument, resolve_device, same_device, tensor_diges
 from .capture import block_output, move_kwargs, record_block_inputs, run_blocks
 from .data import CalibrationSet, make_batches
 from .losses import LossInputs, SafetyGate, check_weights
+from .memory import TRAINING_COPIES, block_state_copies, per_token_bytes
 
 
 class LogitHead:
@@ -205,10 +206,9 @@ def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, 
     if on_device and not joint:
         return  # the model is on the device already: nothing is copied
     copies, block = tail_bytes(model, first)
-    per_block = 11 if learn_rounding else 7
+    per_block = block_state_copies(learn_rounding)
     hidden = model.config.hidden_size
-    inter = getattr(model.config, "intermediate_size", None) or 4 * hidden
-    per_token = (6 * hidden + 4 * inter) * 4
+    per_token = per_token_bytes(model)
     if joint:
         trained = len(blocks) - first
         head_copy = 0 if on_device or not head else _head_bytes(model)
@@ -218,8 +218,9 @@ def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, 
         def joint_need(again: bool) -> int:
             if not again:
                 return fixed + trained * per_block * block + tokens * trained * per_token
-            held = per_block - 6  # the weights, and the rounding state; the other six for one block
-            return fixed + (trained * held + 6) * block + tokens * (trained * hidden * 4 + per_token)
+            again = TRAINING_COPIES - 1  # what a backward keeps beyond the weights: one block's at a time
+            return fixed + (trained * (per_block - again) + again) * block + \
+                tokens * (trained * hidden * 4 + per_token)
         need = joint_need(recompute)
         what = (f"the joint stage (joint_safety) trains the {trained} blocks from block {first} on together on "
                 f"{dev}, each with its float32 training state (about {need / 2 ** 30:.1f} GiB with the activations)")

@@ -44,6 +44,7 @@ from ..utils import (model_fingerprint, read_json, remove_orphans_under, resolve
                      write_json)
 from .capture import block_output, capture_block_inputs, move_kwargs
 from .data import CalibBatch, CalibrationSet, make_batches
+from .memory import check_block_fits
 from .losses import BlockLoss, ReconstructionLoss
 from .train import (NonFiniteLoss, Learnable, block_step, check_recon_weight, guard_init, joint_step,  # noqa: F401
                     mean_loss, snap_rounding, train_block, train_jointly)
@@ -347,6 +348,7 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
     batches = make_batches(tokenizer, calib, cfg.batch_size, cfg.max_length, cfg.padding_side, cfg.system,
                            group_by_label=cfg.group_by_label, pad_to=cfg.pad_to,
                            responses=forced.tolist() if forced is not None else None)
+    check_block_fits(model, dev, cfg, batches)  # before the FP pass and any training
     fingerprint = sha256_json({
         "model": model_fp or model_fingerprint(model), "scheme": scheme.to_dict(),
         "config": {**cfg.fingerprint_dict(), "autocast": "bf16" if amp else "off"},
