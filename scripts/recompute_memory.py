@@ -15,7 +15,7 @@ import sys
 import torch
 
 SHAPE = dict(num_hidden_layers=6, hidden_size=1024, intermediate_size=2816, num_attention_heads=16,
-             num_key_value_heads=16)
+             num_key_value_heads=16, head_dim=64)  # a real block's proportions: q/k/v/o 1024 x 1024
 JOINT = (2, 3, 4, 5)
 
 

@@ -250,7 +250,7 @@ def test_offloaded_targets_change_nothing_learned(joint, monkeypatch):
 @pytest.mark.parametrize("compiled", [False, True])
 def test_recomputed_joint_blocks_learn_the_same_parameters(compiled, monkeypatch):
     """`recompute` keeps only each joint block's input for the backward and runs the block again
-    there (activation checkpointing): every block of the chain goes through the checkpoint, and
+    there (activation checkpointing): every block of the chain but the last goes through the checkpoint, and
     the learned parameters and the logged losses are the uninterrupted run's, bit for bit, eager
     and with the compiled fake-quantizers. It decides nothing learned: not in the fingerprint,
     and off leaves existing run keys as they were."""
@@ -261,7 +261,9 @@ def test_recomputed_joint_blocks_learn_the_same_parameters(compiled, monkeypatch
     real = train.checkpoint
     monkeypatch.setattr(train, "checkpoint", lambda fn, *a, **k: calls.append(a[0]) or real(fn, *a, **k))
     again, model = _run(True, compile_quantizer=compiled, recompute=True)
-    assert calls and {id(block) for block in calls} == {id(model.model.layers[i]) for i in (2, 3)}
+    # blocks 2-3 train jointly: block 2 is recomputed; block 3's backward comes first, right after
+    # its forward, so recomputing it would free nothing
+    assert calls and {id(block) for block in calls} == {id(model.model.layers[2])}
     assert kept.fingerprint == again.fingerprint
     assert kept.params.keys() == again.params.keys()
     assert all(torch.equal(kept.params[k], again.params[k]) for k in kept.params)
@@ -271,5 +273,24 @@ def test_recomputed_joint_blocks_learn_the_same_parameters(compiled, monkeypatch
 
 
 def test_recompute_without_a_joint_stage_is_refused():
-    with pytest.raises(QrealignError, match="recompute.*needs joint_safety"):
+    with pytest.raises(QrealignError, match="joint stage only: it needs joint_safety"):
         CalibConfig(recompute=True)
+
+
+def test_the_engines_memory_check_counts_the_joint_stage_whole(monkeypatch):
+    """A joint stage holds every joint block's training state at once: the engine's GPU check is
+    told how many (a Python-API run has no other check)."""
+    from qrealign.calibrate import engine
+
+    seen = []
+
+    def check(model, dev, cfg, batches, joint_blocks=0, learns=True):
+        seen.append(joint_blocks)
+        raise QrealignError("stop here")
+
+    monkeypatch.setattr(engine, "check_block_fits", check)
+    with pytest.raises(QrealignError, match="stop here"):
+        _run(True)  # the safety term on blocks 2-3 of 4
+    with pytest.raises(QrealignError, match="stop here"):
+        _run(False)
+    assert seen == [2, 0]

@@ -40,7 +40,7 @@ from ..utils import kv_cache_argument, resolve_device, same_device, tensor_diges
 from .capture import block_output, move_kwargs, record_block_inputs, run_blocks
 from .data import CalibrationSet, make_batches
 from .losses import LossInputs, SafetyGate, check_weights
-from .memory import TRAINING_COPIES, block_state_copies, per_token_bytes
+from .memory import block_state_copies, free_bytes, joint_stage_bytes, per_token_bytes
 
 
 class LogitHead:
@@ -194,8 +194,10 @@ def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, 
     over the whole calibration set (`total_tokens`): the quantized one, and unless
     `offload_targets` the FP input and each trained block's FP target (every joint block's at once).
     `head`: the objective reads the output (the first-token objective copies the head; probes do not).
-    `recompute` (CalibConfig.recompute): a joint block keeps its weights (and rounding state) and its
-    input for the backward; the rest of those copies and activations exist for one block at a time."""
+    `recompute` (CalibConfig.recompute): a joint block keeps its weights (and rounding state), its
+    input and its loss terms (about three hidden-wide vectors a token) for the backward; five of the
+    seven copies and the rest of the activations exist for one block at a time. The ways out it names
+    are not checked against the free memory, but for recompute, which is named where it alone fits."""
     dev = resolve_device(device)
     if dev.type != "cuda":
         return
@@ -216,19 +218,12 @@ def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, 
         fixed = head_copy + streams * total_tokens * hidden * 4
 
         def joint_need(again: bool) -> int:
-            if not again:
-                return fixed + trained * per_block * block + tokens * trained * per_token
-            again = TRAINING_COPIES - 1  # what a backward keeps beyond the weights: one block's at a time
-            return fixed + (trained * (per_block - again) + again) * block + \
-                tokens * (trained * hidden * 4 + per_token)
+            return fixed + joint_stage_bytes(block, trained, per_block, tokens, per_token, hidden, again)
         need = joint_need(recompute)
         what = (f"the joint stage (joint_safety) trains the {trained} blocks from block {first} on together on "
                 f"{dev}, each with its float32 training state (about {need / 2 ** 30:.1f} GiB with the activations)")
         way_out = "Put the safety term on later blocks only (layers_from=0.85; CLI --layers-from 0.85) or leave " \
                   "joint_safety off (CLI: without --joint-safety)"
-        if not recompute:
-            way_out = (f"Add recompute=True (CLI --recompute: the same numbers, one more forward pass per step; "
-                       f"about {joint_need(True) / 2 ** 30:.1f} GiB), put" + way_out[3:])
         smaller = ""  # the training state and the streams are float32 whatever the model's dtype
     else:
         streams = 1 if offload_targets else 3
@@ -240,8 +235,15 @@ def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, 
         way_out = "Put the safety term on later blocks only (layers_from=0.85; CLI --layers-from 0.85)"
         smaller = (" or load the model in bfloat16 (--dtype bfloat16)"
                    if next(model.parameters()).dtype == torch.float32 else "")
-    free, _total = torch.cuda.mem_get_info(dev)
+    free = free_bytes(dev)
     if need > 0.9 * free:
+        if joint and not recompute:
+            again = joint_need(True)
+            if again <= 0.9 * free:
+                way_out = (f"Add recompute=True (CLI --recompute: the same numbers, a step runs the joint blocks "
+                           f"twice; about {again / 2 ** 30:.1f} GiB), put" + way_out[3:])
+            else:
+                way_out += f"; recompute=True alone (CLI --recompute) would still need about {again / 2 ** 30:.1f} GiB"
         raise QrealignError(f"{what}; {free / 2 ** 30:.1f} GiB are free. {way_out}{smaller}")
 
 

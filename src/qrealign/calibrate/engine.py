@@ -148,8 +148,9 @@ class CalibConfig:
     offload_targets: bool = False
     # Run each joint block again in the backward instead of keeping what its backward reads
     # (activation checkpointing, `train.Learnable.forward`): a step then holds that state for one
-    # block instead of all of them, about six float32 copies of each further block's weights
-    # (scripts/recompute_memory.py), for one more forward pass per step. The same numbers.
+    # block instead of all of them, about five float32 copies of each further block's weights
+    # (scripts/recompute_memory.py), for one more forward pass of every joint block but the last per
+    # step. The same numbers.
     recompute: bool = False
 
     def __post_init__(self):
@@ -185,8 +186,8 @@ class CalibConfig:
                 raise QrealignError("joint_recon_weight weighs the joint stage's reconstruction: it needs "
                                     "joint_safety")
         if self.recompute and not self.joint_safety:
-            raise QrealignError("recompute runs the joint stage's blocks again in its backward (block by block, one "
-                                "block's backward state is all a step holds already): it needs joint_safety")
+            raise QrealignError("recompute runs the joint stage's blocks again in its backward; it applies to the "
+                                "joint stage only: it needs joint_safety")
         if self.lr_schedule not in (None, "cosine"):
             raise QrealignError(f"lr_schedule must be None (constant) or 'cosine', got {self.lr_schedule!r}")
         if self.autocast not in ("auto", "off", "bf16"):
@@ -348,7 +349,10 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
     batches = make_batches(tokenizer, calib, cfg.batch_size, cfg.max_length, cfg.padding_side, cfg.system,
                            group_by_label=cfg.group_by_label, pad_to=cfg.pad_to,
                            responses=forced.tolist() if forced is not None else None)
-    check_block_fits(model, dev, cfg, batches)  # before the FP pass and any training
+    learns = cfg.method != "rtn" and any(cfg.epochs_for(i, num_layers, safety=_has_safety_term(loss, i))
+                                         for i in range(num_layers))
+    check_block_fits(model, dev, cfg, batches, learns=learns,  # before the FP pass and any training
+                     joint_blocks=num_layers - joint_from if joint_from is not None else 0)
     fingerprint = sha256_json({
         "model": model_fp or model_fingerprint(model), "scheme": scheme.to_dict(),
         "config": {**cfg.fingerprint_dict(), "autocast": "bf16" if amp else "off"},

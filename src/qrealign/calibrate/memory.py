@@ -1,4 +1,4 @@
-"""Will a calibration step fit the GPU? A rough bound said before the work, with the way out.
+"""Will a calibration fit the GPU? A rough bound said before the work, with the way out.
 
 A block trains in float32 on the compute device whatever the model's dtype, and a step keeps
 several copies of its weights for the backward; the calibration set's hidden states wait there
@@ -21,6 +21,10 @@ from ..models.registry import get_blocks
 # gradient and AdamW's two moments).
 TRAINING_COPIES = 7
 ROUNDING_COPIES = 4
+# Copies a joint block no longer keeps with `recompute` (the block runs again in the backward):
+# measured 4.8 and 5.9 per joint block beyond the first (scripts/recompute_memory.py); the block
+# being recomputed holds them again, one block at a time.
+RECOMPUTE_FREES = 5
 
 
 def block_state_copies(learn_rounding: bool) -> int:
@@ -30,39 +34,86 @@ def block_state_copies(learn_rounding: bool) -> int:
 def per_token_bytes(model: nn.Module) -> int:
     """Float32 activations one block keeps per token for its backward (review 73's estimate:
     about six hidden-wide and four MLP-wide vectors)."""
-    hidden = model.get_input_embeddings().embedding_dim
+    hidden = model.config.hidden_size
     inter = getattr(model.config, "intermediate_size", None) or 4 * hidden
     return (6 * hidden + 4 * inter) * 4
 
 
 def block_bytes(model: nn.Module) -> int:
-    """The largest decoder block in float32 (blocks of one model may differ: MoE, hybrid)."""
+    """The largest decoder block in float32."""
     return max(sum(p.numel() for p in block.parameters()) for block in get_blocks(model)) * 4
 
 
-def check_block_fits(model: nn.Module, dev: torch.device, cfg, batches) -> None:
-    """Block by block (the engine's form), one block's training state and one step's activations,
-    plus the hidden-state streams over the whole calibration set (the quantized one and, unless
-    `offload_targets`, the FP input and the FP target), against the GPU's free memory, which
-    already excludes a model held there. `cfg`: a CalibConfig; `batches`: its CalibBatches."""
-    if dev.type != "cuda" or cfg.method == "rtn":
-        return
-    copies = block_state_copies(cfg.learn_rounding)
-    block = block_bytes(model)
-    hidden = model.get_input_embeddings().embedding_dim
-    step_tokens = max(b.enc.attention_mask.numel() for b in batches)
-    all_tokens = sum(b.enc.attention_mask.numel() for b in batches)
-    streams = 1 if cfg.offload_targets else 3
-    need = copies * block + step_tokens * per_token_bytes(model) + streams * all_tokens * hidden * 4
+def joint_stage_bytes(block: int, trained: int, copies: int, step_tokens: int, per_token: int, hidden: int,
+                      recompute: bool) -> int:
+    """A joint stage's training state and one step's activations: every joint block's at once, or
+    with `recompute` each block's weights, rounding state, input and loss terms (about three
+    hidden-wide vectors a token) plus one block's backward state at a time."""
+    if not recompute:
+        return trained * copies * block + step_tokens * trained * per_token
+    return (trained * (copies - RECOMPUTE_FREES) + RECOMPUTE_FREES) * block + \
+        step_tokens * (trained * 3 * hidden * 4 + per_token)
+
+
+def free_bytes(dev: torch.device) -> int:
+    """What a run can still allocate: the driver's free memory plus what PyTorch's caching
+    allocator holds but does not use (a teacher moved onto the GPU and back leaves its blocks
+    cached; the allocator reuses them, `mem_get_info` counts them as taken)."""
     free, _total = torch.cuda.mem_get_info(dev)
-    if need <= 0.9 * free:
+    return free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+
+
+def check_block_fits(model: nn.Module, dev: torch.device, cfg, batches, joint_blocks: int = 0,
+                     learns: bool = True) -> None:
+    """The engine's check before its FP pass. Block by block: one block's training state and one
+    step's activations; a joint stage of `joint_blocks` blocks: all of theirs (`joint_stage_bytes`);
+    plus the hidden-state streams over the whole calibration set (the quantized one and, unless
+    `offload_targets`, the FP input and each trained block's FP target). Against the GPU's free
+    memory, which already excludes a model held there. `cfg`: a CalibConfig; `batches`: its
+    CalibBatches; `learns`: whether any block trains (the engine's reading of its epochs and loss);
+    a run that trains nothing is not checked. The ways out named are those that alone make it fit."""
+    if dev.type != "cuda" or not learns or not (cfg.let or cfg.lwc or cfg.learn_rounding):
         return
-    ways = [] if cfg.offload_targets else ["keep the FP targets in CPU memory (--offload-targets)"]
-    if cfg.learn_rounding:
-        ways.append(f"leave learned rounding off ({ROUNDING_COPIES} copies of the block less)")
-    ways.append("use a smaller --batch-size or --max-length, or a GPU with more memory")
+    block = block_bytes(model)
+    hidden = model.config.hidden_size
+    step_tokens = max(b.enc.attention_mask.numel() for b in batches)
+    one_row = max(b.enc.attention_mask.shape[1] for b in batches)  # batch size 1
+    stream = sum(b.enc.attention_mask.numel() for b in batches) * hidden * 4
+    trained = max(1, joint_blocks)
+
+    def need(rounding=cfg.learn_rounding, offload=cfg.offload_targets, recompute=cfg.recompute, tokens=step_tokens):
+        streams = 1 if offload else trained + 2
+        state = (joint_stage_bytes(block, trained, block_state_copies(rounding), tokens, per_token_bytes(model),
+                                   hidden, recompute) if joint_blocks
+                 else block_state_copies(rounding) * block + tokens * per_token_bytes(model))
+        return state + streams * stream
+
+    limit = 0.9 * free_bytes(dev)
+    total = need()
+    if total <= limit:
+        return
+    levers = {"offload": (not cfg.offload_targets, "keep the FP targets in CPU memory (--offload-targets)"),
+              "rounding": (cfg.learn_rounding, "leave learned rounding off"),
+              "recompute": (bool(joint_blocks) and not cfg.recompute,
+                            "recompute the joint blocks in the backward (--recompute)"),
+              "tokens": (one_row < step_tokens, "use a smaller --batch-size")}
+    settings = {"offload": {"offload": True}, "rounding": {"rounding": False}, "recompute": {"recompute": True},
+                "tokens": {"tokens": one_row}}
+    usable = [k for k, (on, _) in levers.items() if on]
+    ways = [levers[k][1] for k in usable if need(**settings[k]) <= limit]  # each alone makes it fit
+    together = need(**{a: b for k in usable for a, b in settings[k].items()})
+    if ways:
+        fix = f"To fit: {'; or '.join(ways)}; or use a GPU with more memory"
+    elif len(usable) > 1 and together <= limit:
+        fix = f"No one setting makes it fit; together they do: {'; '.join(levers[k][1] for k in usable)}"
+    else:
+        fix = (f"Use a GPU with more memory (with every setting that saves memory here: about "
+               f"{together / 2 ** 30:.1f} GiB)")
+    what = (f"the joint stage's {joint_blocks} blocks each hold their" if joint_blocks else "one block holds its")
+    copies = block_state_copies(cfg.learn_rounding)
+    held = (f"{copies} copies of {block / 2 ** 30:.2f} GiB, {RECOMPUTE_FREES} of them one block at a time"
+            if joint_blocks and cfg.recompute else f"{copies} copies of {block / 2 ** 30:.2f} GiB")
     raise QrealignError(
-        f"calibrating one block on {dev} holds about {need / 2 ** 30:.1f} GiB: its float32 training state "
-        f"({copies} copies of {block / 2 ** 30:.2f} GiB{', learned rounding included' if cfg.learn_rounding else ''}), "
-        f"one step's activations and the calibration set's hidden states; {free / 2 ** 30:.1f} GiB are free. "
-        f"To fit: {'; '.join(ways)}")
+        f"calibrating on {dev} needs about {total / 2 ** 30:.1f} GiB: {what} float32 training state ({held}"
+        f"{', learned rounding included' if cfg.learn_rounding else ''}), beside one step's activations and "
+        f"the calibration set's hidden states; {limit / 0.9 / 2 ** 30:.1f} GiB are free. {fix}")

@@ -246,7 +246,7 @@ def joint_step(chain: list[Learnable], q_in, batches, masks, loss: BlockLoss, nu
     quantized chain after it), so the mean of the blocks' losses is the mean of their
     reconstruction terms plus that term once. `recon_weight` (None: 1) scales that mean (and only
     with an output term: without one every part of the step is reconstruction). `recompute`: each
-    block's backward state is rebuilt when the backward reaches it (`Learnable.forward`)."""
+    block's backward state but the last's is rebuilt when the backward reaches it (`Learnable.forward`)."""
     check_recon_weight(loss, recon_weight)
     reads_output = hasattr(loss, "output_term")
     recon_scale = 1.0 if recon_weight is None else recon_weight
@@ -254,7 +254,8 @@ def joint_step(chain: list[Learnable], q_in, batches, masks, loss: BlockLoss, nu
     def step(b):
         h, terms, logs = q_in[b], [], {}
         for part in chain:
-            h = part.forward(h, b, amp, recompute)
+            # the last block's backward comes first, right after its forward: recomputing it frees nothing
+            h = part.forward(h, b, amp, recompute and part is not chain[-1])
             inp = loss_inputs(part.fp_out[b], h, batches[b], masks[b], part.layer, num_layers,
                               all_kw[b] if all_kw else None)
             if reads_output:
