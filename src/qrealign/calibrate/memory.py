@@ -22,7 +22,7 @@ from ..models.registry import get_blocks
 TRAINING_COPIES = 7
 ROUNDING_COPIES = 4
 # Copies a joint block no longer keeps with `recompute` (the block runs again in the backward):
-# measured 4.8 and 5.9 per joint block beyond the first (scripts/recompute_memory.py); the block
+# measured 4.8 and 5.8 per recomputed block (scripts/recompute_memory.py, two runs); the block
 # being recomputed holds them again, one block at a time.
 RECOMPUTE_FREES = 5
 
