@@ -44,8 +44,8 @@ from ..utils import (model_fingerprint, read_json, remove_orphans_under, resolve
                      write_json)
 from .capture import block_output, capture_block_inputs, move_kwargs
 from .data import CalibBatch, CalibrationSet, make_batches
-from .memory import check_block_fits
 from .losses import BlockLoss, ReconstructionLoss
+from .memory import check_block_fits
 from .train import (NonFiniteLoss, Learnable, block_step, check_recon_weight, guard_init, joint_step,  # noqa: F401
                     mean_loss, snap_rounding, train_block, train_jointly)
 

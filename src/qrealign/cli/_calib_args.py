@@ -87,9 +87,9 @@ def add_common(parser) -> None:
                              "(same numbers; frees ~1 GB of device memory per joint block at 7B); not in the fingerprint")
     parser.add_argument("--recompute", action="store_true",
                         help="with --joint-safety: run each joint block again in the backward instead of keeping "
-                             "what its backward reads (same numbers, one more forward pass per step; about five "
-                             "float32 copies of a block's weights less per joint block: ~4 GB each at 7B); not in "
-                             "the fingerprint")
+                             "what its backward reads (same numbers; a step runs every joint block but the last "
+                             "twice; about five float32 copies of a block's weights less per joint block: ~4 GB each "
+                             "at 7B); not in the fingerprint")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--system", default=None,
                         help="system prompt the calibration prompts are rendered with (default: none; with --probes "
