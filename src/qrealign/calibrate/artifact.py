@@ -118,14 +118,13 @@ def apply_block_quant_params(model, i: int, scheme: Scheme, params: dict[str, to
         raise IncompatibleArtifact(f"quantization parameters do not fit layer {i}: {exc}") from None
     if let is not None:
         let.fold_(block)
-    if not freeze:  # an exporter computes codes: the offsets need a byte per weight, not a float
-        for m in block.modules():
-            if isinstance(m, QuantLinear) and m.weight_quantizer is not None:
-                m.weight_quantizer.rounding_as_int8_()
-    if freeze:
-        for m in block.modules():
-            if isinstance(m, QuantLinear):
-                m.freeze()
+    for m in block.modules():
+        if not isinstance(m, QuantLinear):
+            continue
+        if freeze:
+            m.freeze()
+        elif m.weight_quantizer is not None:  # an exporter computes codes: a byte per offset, not a float
+            m.weight_quantizer.rounding_as_int8_()
     if dtype != torch.float32 and freeze:
         cast_keeping_folded_norms(block, spec, dtype)
 

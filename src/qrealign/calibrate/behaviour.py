@@ -40,7 +40,7 @@ from ..utils import kv_cache_argument, resolve_device, same_device, tensor_diges
 from .capture import block_output, move_kwargs, record_block_inputs, run_blocks
 from .data import CalibrationSet, make_batches
 from .losses import LossInputs, SafetyGate, check_weights
-from .memory import block_state_copies, free_bytes, joint_stage_bytes, per_token_bytes
+from .memory import block_state_copies, free_bytes, joint_stage_bytes, param_bytes, per_token_bytes
 
 
 class LogitHead:
@@ -160,20 +160,16 @@ class ModelTail:
                 self.copies[j] = block
 
 
-def _bytes(modules, dtype_bytes: int | None = None) -> int:
-    return sum(p.numel() * (dtype_bytes or p.element_size()) for m in modules for p in m.parameters())
-
-
 def _head_bytes(model: nn.Module) -> int:
     head = LogitHead(model)
-    return _bytes((head.norm, head.head))
+    return param_bytes((head.norm, head.head))
 
 
 def tail_bytes(model: nn.Module, first: int) -> tuple[int, int]:
     """(bytes of what ModelTail copies to the compute device from safety block `first` on: the
     blocks after it and the head; bytes of one block in float32, as the engine trains it)."""
     blocks = list(get_blocks(model))
-    return _bytes(blocks[first + 1:]) + _head_bytes(model), _bytes(blocks[first:first + 1], 4)
+    return param_bytes(blocks[first + 1:]) + _head_bytes(model), param_bytes(blocks[first:first + 1], 4)
 
 
 def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, learn_rounding: bool = False,

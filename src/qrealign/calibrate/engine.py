@@ -349,8 +349,7 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
     batches = make_batches(tokenizer, calib, cfg.batch_size, cfg.max_length, cfg.padding_side, cfg.system,
                            group_by_label=cfg.group_by_label, pad_to=cfg.pad_to,
                            responses=forced.tolist() if forced is not None else None)
-    learns = cfg.method != "rtn" and any(cfg.epochs_for(i, num_layers, safety=_has_safety_term(loss, i))
-                                         for i in range(num_layers))
+    learns = any(cfg.epochs_for(i, num_layers, safety=_has_safety_term(loss, i)) for i in range(num_layers))
     check_block_fits(model, dev, cfg, batches, learns=learns,  # before the FP pass and any training
                      joint_blocks=num_layers - joint_from if joint_from is not None else 0)
     fingerprint = sha256_json({

@@ -39,9 +39,14 @@ def per_token_bytes(model: nn.Module) -> int:
     return (6 * hidden + 4 * inter) * 4
 
 
+def param_bytes(modules, dtype_bytes: int | None = None) -> int:
+    """The parameters of `modules` in their own dtype, or at `dtype_bytes` each."""
+    return sum(p.numel() * (dtype_bytes or p.element_size()) for m in modules for p in m.parameters())
+
+
 def block_bytes(model: nn.Module) -> int:
     """The largest decoder block in float32."""
-    return max(sum(p.numel() for p in block.parameters()) for block in get_blocks(model)) * 4
+    return max(param_bytes([block], 4) for block in get_blocks(model))
 
 
 def joint_stage_bytes(block: int, trained: int, copies: int, step_tokens: int, per_token: int, hidden: int,
@@ -92,20 +97,18 @@ def check_block_fits(model: nn.Module, dev: torch.device, cfg, batches, joint_bl
     total = need()
     if total <= limit:
         return
-    levers = {"offload": (not cfg.offload_targets, "keep the FP targets in CPU memory (--offload-targets)"),
-              "rounding": (cfg.learn_rounding, "leave learned rounding off"),
-              "recompute": (bool(joint_blocks) and not cfg.recompute,
-                            "recompute the joint blocks in the backward (--recompute)"),
-              "tokens": (one_row < step_tokens, "use a smaller --batch-size")}
-    settings = {"offload": {"offload": True}, "rounding": {"rounding": False}, "recompute": {"recompute": True},
-                "tokens": {"tokens": one_row}}
-    usable = [k for k, (on, _) in levers.items() if on]
-    ways = [levers[k][1] for k in usable if need(**settings[k]) <= limit]  # each alone makes it fit
-    together = need(**{a: b for k in usable for a, b in settings[k].items()})
+    levers = [(text, change) for usable, text, change in (  # the settings that save memory here
+        (not cfg.offload_targets, "keep the FP targets in CPU memory (--offload-targets)", {"offload": True}),
+        (cfg.learn_rounding, "leave learned rounding off", {"rounding": False}),
+        (bool(joint_blocks) and not cfg.recompute, "recompute the joint blocks in the backward (--recompute)",
+         {"recompute": True}),
+        (one_row < step_tokens, "use a smaller --batch-size", {"tokens": one_row})) if usable]
+    ways = [text for text, change in levers if need(**change) <= limit]  # each alone makes it fit
+    together = need(**{k: v for _, change in levers for k, v in change.items()})
     if ways:
         fix = f"To fit: {'; or '.join(ways)}; or use a GPU with more memory"
-    elif len(usable) > 1 and together <= limit:
-        fix = f"No one setting makes it fit; together they do: {'; '.join(levers[k][1] for k in usable)}"
+    elif len(levers) > 1 and together <= limit:
+        fix = f"No one setting makes it fit; together they do: {'; '.join(text for text, _ in levers)}"
     else:
         fix = (f"Use a GPU with more memory (with every setting that saves memory here: about "
                f"{together / 2 ** 30:.1f} GiB)")
