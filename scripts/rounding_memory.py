@@ -2,12 +2,14 @@
 69 GB at 70B). A random Llama of 16 blocks at width 1024 (about 180 M weights in its linears),
 quantized at W4A8 with learned rounding and no training epochs (the memory does not depend on
 them), calibrated with a checkpoint folder as `quantize(out=...)` does (the engine's own result,
-before `quantize` writes the run). Prints the bytes the result holds in memory, the bytes the
+before `quantize` writes the run), or with `--no-checkpoint` as an API call without `out` or
+`checkpoint_dir` (its blocks' parameters in unlinked temporary files). Prints the bytes the result holds in memory, the bytes the
 calibrated model's quantized linears hold beside their weights, and the process's peak RSS.
 
-Run: PYTHONPATH=src python scripts/rounding_memory.py"""
+Run: PYTHONPATH=src python scripts/rounding_memory.py [--no-checkpoint]"""
 
 import resource
+import sys
 import tempfile
 from pathlib import Path
 
@@ -30,7 +32,8 @@ def main() -> None:
     calib = CalibrationSet([f"tell me something about topic number {i} please" for i in range(4)], [1, 0] * 2)
     cfg = CalibConfig(epochs=0, batch_size=2, learn_rounding=True, let=False, lwc=False)
     with tempfile.TemporaryDirectory() as tmp:
-        result = calibrate(model, tok, calib, "W4A8", cfg, checkpoint_dir=Path(tmp) / "ckpt", progress=False)
+        ckpt = None if "--no-checkpoint" in sys.argv[1:] else Path(tmp) / "ckpt"
+        result = calibrate(model, tok, calib, "W4A8", cfg, checkpoint_dir=ckpt, progress=False)
         held = getattr(result.params, "_held", result.params)  # a TensorFiles holds only what is not on disk
         result_bytes = sum(t.numel() * t.element_size() for t in held.values())
         beside = sum(p.numel() * p.element_size() for m in model.modules() if isinstance(m, QuantLinear)

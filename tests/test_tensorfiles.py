@@ -2,6 +2,8 @@
 gives files safetensors reads back exactly, and a checkpointed run holds no parameter tensor in
 memory until it is saved (learned rounding is one int8 per weight: about 69 GB at 70B)."""
 
+import tempfile
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -96,10 +98,17 @@ def test_tensor_files_read_on_access_and_say_dtype_and_shape_without_reading(tmp
         lazy["z"]
 
 
-def test_a_checkpointed_run_keeps_its_parameters_on_disk_and_saves_the_same_run(calib_set, tmp_path):
+def test_a_checkpointed_run_keeps_its_parameters_on_disk_and_saves_the_same_run(calib_set, tmp_path, monkeypatch):
     cfg = CalibConfig(epochs=1, batch_size=3, learn_rounding=True, lr_round=0.1)
     model, tok = tiny_model("llama", seed=0, num_hidden_layers=3)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))
     in_memory = calibrate(model, tok, calib_set, "W4A8", cfg, progress=False)
+    # without a checkpoint, a block with rounding offsets waits in an unlinked temporary file, not
+    # in memory, and leaves nothing behind
+    assert isinstance(in_memory.params, TensorFiles) and not in_memory.params._held
+    assert any(".round." in k for k in in_memory.params) and not list(spill.iterdir())
     model, tok = tiny_model("llama", seed=0, num_hidden_layers=3)
     on_disk = calibrate(model, tok, calib_set, "W4A8", cfg, progress=False, checkpoint_dir=tmp_path / "ckpt")
     assert isinstance(on_disk.params, TensorFiles) and not on_disk.params._held  # only file references

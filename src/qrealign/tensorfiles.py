@@ -14,6 +14,7 @@ import math
 import os
 import struct
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterator
@@ -107,6 +108,19 @@ class TensorFiles(Mapping):
         for key, value in tensors.items():
             self._where.pop(key, None)
             self._held[key] = value
+
+    def spill(self, tensors: Mapping) -> None:
+        """Hold `tensors` in a temporary file, not in memory: written, opened, then unlinked at once,
+        so the space goes back when the mapping is dropped (or the process ends, however it ends)
+        and nothing is left behind. For what would otherwise sit in host memory twice (learned
+        rounding of a run without a checkpoint). Where: the system's temp folder (`TMPDIR`)."""
+        fd, path = tempfile.mkstemp(prefix="qrealign-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            save_streaming(tensors, path)
+            self.add_file(path)
+        finally:
+            os.unlink(path)
 
     def drop(self, key: str) -> None:
         """Forget `key` (e.g. a file's placeholder entry); no error if it is not there."""

@@ -548,12 +548,18 @@ def _joint_stage(run: _Run, first: int, fp_in: list, q_in: list, params: TensorF
 
 def _record_params(params: TensorFiles, ckpt: Path | None, layer: int, part: Learnable) -> None:
     """Block `layer`'s learned parameters into the run's: its checkpoint file (saved or resumed
-    from, the same tensors) where there is one, else the tensors themselves."""
+    from, the same tensors) where there is one, else the tensors themselves, in an unlinked
+    temporary file for a block with learned rounding (one int8 per weight, which the model's frozen
+    weights already hold)."""
     if ckpt is not None and _block_file(ckpt, layer).is_file():
         params.add_file(_block_file(ckpt, layer))
         params.drop("_empty")  # the placeholder of a block with nothing learned
+        return
+    tensors = _block_params(layer, part.block, part.let)
+    if any(".round." in k for k in tensors):
+        params.spill(tensors)
     else:
-        params.update(_block_params(layer, part.block, part.let))
+        params.update(tensors)
 
 
 def _to_compute(model: nn.Module, i: int, dev: torch.device) -> Callable[[], None]:
