@@ -819,10 +819,10 @@ def test_a_resumed_teacher_run_reads_its_teacher_pass_back_from_the_checkpoint(t
     pass is kept in the run's checkpoint; the resumed run reads it back, gives the uninterrupted
     run to the bit, and the finished run clears it. Another teacher is another pass."""
     import qrealign.calibrate.behaviour as behaviour
-    import qrealign.calibrate.engine as engine
+    import qrealign.calibrate.checkpoints as checkpoints
     from safetensors.torch import load_file
 
-    from qrealign.calibrate.engine import CHECKPOINT_TARGETS
+    from qrealign.calibrate.checkpoints import CHECKPOINT_TARGETS
     from qrealign.models import load_model
     from qrealign.realign import realign
     from qrealign.utils import read_json
@@ -840,7 +840,7 @@ def test_a_resumed_teacher_run_reads_its_teacher_pass_back_from_the_checkpoint(t
     realign(load_model(finetuned_dir)[0], tok, teacher=teacher_dir, out=tmp_path / "whole", **kw)
     assert len(passes) == 1 and not (tmp_path / ".whole.checkpoint").exists()
 
-    trained, write_state = [], engine._write_state
+    trained, write_state = [], checkpoints.write_state
 
     def interrupt_after_block_0(ckpt, fingerprint, code, completed, logs):
         write_state(ckpt, fingerprint, code, completed, logs)
@@ -848,7 +848,7 @@ def test_a_resumed_teacher_run_reads_its_teacher_pass_back_from_the_checkpoint(t
         if completed == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "_write_state", interrupt_after_block_0)
+    monkeypatch.setattr(checkpoints, "write_state", interrupt_after_block_0)
     out, ckpt = tmp_path / "run", tmp_path / ".run.checkpoint"
     with pytest.raises(KeyboardInterrupt):
         realign(load_model(finetuned_dir)[0], tok, teacher=teacher_dir, out=out, **kw)
@@ -869,7 +869,7 @@ def test_a_resumed_teacher_run_reads_its_teacher_pass_back_from_the_checkpoint(t
     with pytest.raises(KeyboardInterrupt):
         realign(load_model(finetuned_dir)[0], tok, teacher=teacher_dir, out=tmp_path / "run2", **kw)
     assert len(passes) == 3
-    monkeypatch.setattr(engine, "_write_state", write_state)
+    monkeypatch.setattr(checkpoints, "write_state", write_state)
     realign(load_model(finetuned_dir)[0], tok, teacher=other_teacher, out=tmp_path / "run2", **kw)
     assert len(passes) == 4
     assert read_json(tmp_path / "run2" / "qrealign.json")["teacher"]["source"].endswith("other")
@@ -898,9 +898,9 @@ def test_a_kept_teacher_pass_of_other_code_or_damaged_is_computed_again_and_a_fa
     made by other code); a damaged copy is computed again; a copy that cannot be written (a full
     disk) is a warning, not the end of the run the pass was for."""
     import qrealign.calibrate.behaviour as behaviour
-    import qrealign.calibrate.engine as engine
+    import qrealign.calibrate.checkpoints as checkpoints
     import qrealign.stage_code as stage_code
-    from qrealign.calibrate.engine import CHECKPOINT_TARGETS
+    from qrealign.calibrate.checkpoints import CHECKPOINT_TARGETS
     from qrealign.calibrate.targets import TeacherTargets
     from qrealign.models import load_model
     from qrealign.realign import realign
@@ -914,13 +914,13 @@ def test_a_kept_teacher_pass_of_other_code_or_damaged_is_computed_again_and_a_fa
     first_token_targets = behaviour.first_token_targets
     monkeypatch.setattr(behaviour, "first_token_targets",
                         lambda *a, **k: passes.append(1) or first_token_targets(*a, **k))
-    write_state = engine._write_state
+    write_state = checkpoints.write_state
 
     def interrupt(ckpt, fingerprint, code, completed, logs):
         write_state(ckpt, fingerprint, code, completed, logs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "_write_state", interrupt)
+    monkeypatch.setattr(checkpoints, "write_state", interrupt)
     ckpt = tmp_path / ".run.checkpoint"
     with pytest.raises(KeyboardInterrupt):
         realign(load_model(finetuned_dir)[0], tok, teacher=teacher_dir, **kw)
@@ -942,7 +942,7 @@ def test_a_kept_teacher_pass_of_other_code_or_damaged_is_computed_again_and_a_fa
     def full_disk(self, out_dir):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(engine, "_write_state", write_state)
+    monkeypatch.setattr(checkpoints, "write_state", write_state)
     monkeypatch.setattr(TeacherTargets, "save", full_disk)
     for kept in ckpt.glob(f"{CHECKPOINT_TARGETS}-*"):
         import shutil

@@ -464,7 +464,7 @@ def test_plain_epochs_apply_where_the_loss_has_no_safety_term(calib_set):
 def test_two_runs_on_one_checkpoint_are_refused(calib_set, tmp_path):
     """The same command started twice would write each other's blocks; the second one stops at
     once, and the lock goes with the first run (a killed run leaves none behind)."""
-    from qrealign.calibrate.engine import checkpoint_lock
+    from qrealign.calibrate.checkpoints import checkpoint_lock
 
     with checkpoint_lock(tmp_path):
         model, tok = tiny_model("llama", seed=0, num_hidden_layers=3)
@@ -504,10 +504,10 @@ def test_a_checkpoint_records_the_code_of_the_runs_start(calib_set, tmp_path, mo
     import itertools
     import json
 
-    from qrealign.calibrate import engine
+    from qrealign.calibrate import checkpoints
 
     versions = (f"code-{k}" for k in itertools.count())
-    monkeypatch.setattr(engine, "_calibration_code", lambda: next(versions))
+    monkeypatch.setattr(checkpoints, "calibration_code", lambda: next(versions))
 
     def stop_after_second(i):
         if i == 1:
@@ -516,7 +516,7 @@ def test_a_checkpoint_records_the_code_of_the_runs_start(calib_set, tmp_path, mo
     ckpt = tmp_path / "ckpt"
     with pytest.raises(KeyboardInterrupt):
         _run(calib_set, CalibConfig(epochs=1), checkpoint_dir=ckpt, on_block_end=stop_after_second)
-    state = json.loads((ckpt / engine.CHECKPOINT_STATE).read_text())
+    state = json.loads((ckpt / checkpoints.CHECKPOINT_STATE).read_text())
     assert state["completed_blocks"] == 2 and state["code"] == "code-0"
 
 
@@ -526,24 +526,24 @@ def test_a_checkpoint_made_by_other_code_is_set_aside(calib_set, tmp_path, capsy
     from before it existed, still resumes)."""
     import json
 
-    from qrealign.calibrate import engine
+    from qrealign.calibrate import checkpoints
 
     cfg, ckpt = CalibConfig(epochs=1), tmp_path / "ckpt"
     _interrupt_after_first_block(calib_set, cfg, ckpt)
-    state = json.loads((ckpt / engine.CHECKPOINT_STATE).read_text())
-    assert state["code"] == engine._calibration_code()
-    (ckpt / engine.CHECKPOINT_STATE).write_text(json.dumps({**state, "code": "0" * 16}))
+    state = json.loads((ckpt / checkpoints.CHECKPOINT_STATE).read_text())
+    assert state["code"] == checkpoints.calibration_code()
+    (ckpt / checkpoints.CHECKPOINT_STATE).write_text(json.dumps({**state, "code": "0" * 16}))
     capsys.readouterr()
     _, _, run = _run(calib_set, cfg, checkpoint_dir=ckpt, progress=True)
     assert run.resumed_blocks == 0 and "made by other code" in capsys.readouterr().err
-    aside = engine._stale_dir(ckpt, state["fingerprint"], "0" * 16)
-    assert aside.name.startswith("ckpt.stale-") and (aside / engine.CHECKPOINT_STATE).is_file()
+    aside = checkpoints.stale_dir(ckpt, state["fingerprint"], "0" * 16)
+    assert aside.name.startswith("ckpt.stale-") and (aside / checkpoints.CHECKPOINT_STATE).is_file()
 
     ckpt = tmp_path / "older"
     _interrupt_after_first_block(calib_set, cfg, ckpt)
-    state = json.loads((ckpt / engine.CHECKPOINT_STATE).read_text())
+    state = json.loads((ckpt / checkpoints.CHECKPOINT_STATE).read_text())
     del state["code"]
-    (ckpt / engine.CHECKPOINT_STATE).write_text(json.dumps(state))
+    (ckpt / checkpoints.CHECKPOINT_STATE).write_text(json.dumps(state))
     _, _, run = _run(calib_set, cfg, checkpoint_dir=ckpt)
     assert run.resumed_blocks == 1
 

@@ -33,6 +33,11 @@ def test_a_kind_digests_the_modules_its_entries_import_and_no_workflow_module():
         assert module in quant
     assert "finetune/sft.py" in kind_sources("align") and "finetune/sft.py" not in kind_sources("eval")
     assert "evaluate/generate.py" in kind_sources("eval")
+    # a teacher pass reads the checkpoint folder's layout, not the block trainer: editing the engine
+    # must not flag every cached teacher pass as built by other code
+    targets = kind_sources("targets")
+    assert "calibrate/checkpoints.py" in targets and "calibrate/behaviour.py" in targets
+    assert not {"calibrate/engine.py", "calibrate/train.py"} & set(targets)
     # an unknown kind takes every module that is not workflow
     assert "finetune/sft.py" in kind_sources("mystery") and "demo.py" not in kind_sources("mystery")
 

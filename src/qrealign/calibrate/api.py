@@ -10,7 +10,8 @@ from ..quant.scheme import Scheme, get_scheme
 from ..utils import FINGERPRINT_VERSION, check_out_dir, model_fingerprint
 from .artifact import META_FILE, save_quantized
 from .data import CalibrationSet
-from .engine import CalibConfig, CalibResult, _calibrate, checkpoint_lock, remove_checkpoint
+from .checkpoints import checkpoint_lock, remove_checkpoint
+from .engine import CalibConfig, CalibResult, _calibrate
 from .losses import BlockLoss
 
 

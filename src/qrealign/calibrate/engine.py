@@ -12,15 +12,14 @@ After every block its learned parameters are checkpointed; a run with the same f
 
 With `CalibConfig.joint_safety` the blocks that carry a safety term (a run to the last block)
 are instead quantized and trained together after the others, one pass through all of them per
-step (`train.train_jointly`), and checkpointed as one stage. The training loops are in `train.py`.
+step (`train.train_jointly`), and checkpointed as one stage. The training loops are in `train.py`,
+the checkpoint folder's layout and resume rules in `checkpoints.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import re
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,6 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -40,8 +38,8 @@ from ..quant.qlinear import QuantLinear, wrap_linears
 from ..quant.quantizer import check_compiler
 from ..quant.scheme import Scheme, get_scheme
 from ..tensorfiles import TensorFiles
-from ..utils import (model_fingerprint, read_json, remove_orphans_under, resolve_device, save_tensors, sha256_json,
-                     write_json)
+from ..utils import model_fingerprint, resolve_device, sha256_json
+from . import checkpoints
 from .capture import block_output, capture_block_inputs, move_kwargs
 from .data import CalibBatch, CalibrationSet, make_batches
 from .losses import BlockLoss, ReconstructionLoss
@@ -252,35 +250,9 @@ def calibrate(
 ) -> CalibResult:
     """Quantize `model` in place, block by block. Returns the learned parameters.
     `model_fp`: the model's `model_fingerprint` if the caller already has it (see `quantize`)."""
-    with checkpoint_lock(Path(checkpoint_dir) if checkpoint_dir else None):
+    with checkpoints.checkpoint_lock(Path(checkpoint_dir) if checkpoint_dir else None):
         return _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, device, progress,
                           on_block_end, model_fp)
-
-
-@contextlib.contextmanager
-def checkpoint_lock(ckpt: Path | None):
-    """One run per checkpoint: the same command started twice (two terminals, a re-submitted job)
-    would write each other's blocks, or set the other's aside. Released when the run ends or dies
-    (an OS lock on an open file, so a killed run leaves no stale lock)."""
-    if ckpt is None:
-        yield
-        return
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no lock
-        yield
-        return
-    ckpt.mkdir(parents=True, exist_ok=True)
-    with open(ckpt / LOCK_FILE, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise QrealignError(f"another run is calibrating with the checkpoint {ckpt} (the same --out); wait for "
-                                "it to finish or stop it first") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclass
@@ -301,7 +273,7 @@ class _Run:
     kwargs: list[dict]  # per batch: the blocks' kwargs by attention type
     ckpt: Path | None
     fingerprint: str
-    code: str  # `_calibration_code()` at the run's start, recorded in every checkpoint state
+    code: str  # `checkpoints.calibration_code()` at the run's start, recorded in every checkpoint state
     progress: bool
 
     @property
@@ -362,8 +334,8 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     # Read once, at the start: the code that runs is the code imported now, even if the package
     # is edited or upgraded on disk while the blocks train (checkpoints must not claim newer code).
-    code = _calibration_code()
-    done, saved_logs = _resume_point(ckpt, fingerprint, code, num_layers, joint_from,
+    code = checkpoints.calibration_code()
+    done, saved_logs = checkpoints.resume_point(ckpt, fingerprint, code, num_layers, joint_from,
                                      say=(lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else None)
 
     # A batch needs the FP stream only if some layer's loss reads its FP target, or (a joint
@@ -415,7 +387,7 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
         # 3. Train (or restore from the checkpoint).
         log = {"layer": i}
         if i < done:
-            _load_block(ckpt, i, part.block, part.let)
+            checkpoints.read_block(ckpt, i, lambda t: apply_block_params(i, part.block, part.let, t))
             # the training log as the interrupted run wrote it (its training seconds included; the
             # output error is measured again, the replay's time goes to replay_seconds)
             log.update({k: v for k, v in saved_logs[i].items() if k != "q_mse"} if i < len(saved_logs) else {})
@@ -434,8 +406,8 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
             log.update(snap_rounding(part.block, part.let))
             if ckpt is not None:
                 log["seconds"] = round(time.time() - t0, 3)  # training time; replaced below by the block's total
-                _save_block(ckpt, i, part.block, part.let)
-                _write_state(ckpt, fingerprint, code, i + 1, logs + [log])
+                checkpoints.save_block(ckpt, i, _block_params(i, part.block, part.let))
+                checkpoints.write_state(ckpt, fingerprint, code, i + 1, logs + [log])
 
         _record_params(params, ckpt, i, part)
         q_in = _finish_block(run, part, q_in, log)
@@ -533,8 +505,8 @@ def _joint_stage(run: _Run, first: int, fp_in: list, q_in: list, params: TensorF
     log["joint_seconds"] = round(time.time() - t0, 3)
     if run.ckpt is not None:
         for part in chain:
-            _save_block(run.ckpt, part.layer, part.block, part.let)
-        _write_state(run.ckpt, run.fingerprint, run.code, run.num_layers, logs + block_logs)  # then the stage counts as done
+            checkpoints.save_block(run.ckpt, part.layer, _block_params(part.layer, part.block, part.let))
+        checkpoints.write_state(run.ckpt, run.fingerprint, run.code, run.num_layers, logs + block_logs)  # then the stage counts as done
     for k, (part, block_log, put_back) in enumerate(zip(chain, block_logs, put_backs)):
         t1 = time.time()
         _record_params(params, run.ckpt, part.layer, part)
@@ -551,8 +523,8 @@ def _record_params(params: TensorFiles, ckpt: Path | None, layer: int, part: Lea
     from, the same tensors) where there is one, else the tensors themselves, in an unlinked
     temporary file for a block with learned rounding (one int8 per weight, which the model's frozen
     weights already hold)."""
-    if ckpt is not None and _block_file(ckpt, layer).is_file():
-        params.add_file(_block_file(ckpt, layer))
+    if ckpt is not None and checkpoints.block_file(ckpt, layer).is_file():
+        params.add_file(checkpoints.block_file(ckpt, layer))
         params.drop("_empty")  # the placeholder of a block with nothing learned
         return
     tensors = _block_params(layer, part.block, part.let)
@@ -655,141 +627,3 @@ def _token_digest(batches: list[CalibBatch]) -> str:
             h.update(str(tuple(t.shape)).encode())
             h.update(t.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-CHECKPOINT_STATE = "state.json"
-LOCK_FILE = ".lock"
-# The first-token objective's teacher pass, kept beside the blocks (`teacher-targets-<code digest>`):
-# a resumed run reads it back instead of running it again (`targets.compute_teacher_targets`).
-CHECKPOINT_TARGETS = "teacher-targets"
-
-
-def _block_file(ckpt: Path, layer: int) -> Path:
-    return ckpt / f"block_{layer:04d}.safetensors"
-
-
-def _save_block(ckpt: Path, layer: int, block, let) -> None:
-    """The block's learned parameters. A block counts as done only once `_write_state` says so (a
-    kill between the two leaves a block file the state does not count: harmless)."""
-    ckpt.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in _block_params(layer, block, let).items()}
-    tmp = ckpt / f".block_{layer:04d}.safetensors.tmp"
-    save_tensors(tensors or {"_empty": torch.zeros(1)}, tmp)
-    tmp.replace(_block_file(ckpt, layer))
-
-
-def _write_state(ckpt: Path, fingerprint: str, code: str, completed: int, logs: list[dict]) -> None:
-    """Blocks 0..completed-1 are done; `logs`: their training logs, so a resumed run's metadata
-    keeps them; `code`: the digest of the code that calibrated them (`_calibration_code()` read
-    at the run's start, not now: the files on disk may have changed since)."""
-    write_json(ckpt / CHECKPOINT_STATE, {"fingerprint": fingerprint, "completed_blocks": completed, "logs": logs,
-                                         "code": code})
-
-
-def _calibration_code() -> str:
-    """The digest of the modules that decide a calibration's numbers. The fingerprint holds the
-    inputs, not the code: without this, a run resumed after an upgrade would join blocks
-    calibrated by two code versions."""
-    from ..stage_code import code_digest
-
-    return code_digest("quant")["digest"]
-
-
-def _load_block(ckpt: Path, layer: int, block, let) -> None:
-    path = _block_file(ckpt, layer)
-    try:
-        tensors = load_file(str(path))
-        apply_block_params(layer, block, let, tensors)
-    except Exception as exc:
-        raise QrealignError(f"checkpoint file {path} is unreadable ({exc}); delete {ckpt} to start the run over") from None
-
-
-def _resume_point(ckpt: Path | None, fingerprint: str, code: str, num_layers: int, joint_from: int | None = None,
-                  say: Callable[[str], None] | None = None) -> tuple[int, list[dict]]:
-    """Blocks already calibrated with these exact settings (their checkpoint) and their training
-    logs, said out loud: a resumed run, and a checkpoint set aside because a setting changed, are
-    both news to a user. A checkpoint of other settings is moved aside, not deleted, into a folder
-    of its own settings (`_stale_dir`): one mistyped flag must not destroy hours of blocks, nor
-    a second one, and the run that made it, started again, takes it back and resumes."""
-    if ckpt is None:
-        return 0, []
-    if (ckpt / CHECKPOINT_STATE).is_file():
-        state = read_json(ckpt / CHECKPOINT_STATE)
-        other_code = state.get("code", code) != code  # older checkpoints did not record it: not compared
-        if state.get("fingerprint") != fingerprint or other_code:
-            stale = _stale_dir(ckpt, str(state.get("fingerprint")), str(state.get("code", "")))
-            remove_checkpoint(stale)  # an older copy of those same settings' blocks
-            _move_checkpoint(ckpt, stale)
-            if say:
-                made = "by other code (qrealign's calibration modules changed)" if other_code else \
-                    "with other settings or inputs"
-                say(f"[calibrate] the checkpoint in {ckpt} was made {made} "
-                    f"({state.get('completed_blocks', 0)} blocks): set aside in {stale} (the run that made it "
-                    "takes it back when it is started again)")
-    if not (ckpt / CHECKPOINT_STATE).is_file():
-        mine = _stale_dir(ckpt, fingerprint, code)
-        if not (mine / CHECKPOINT_STATE).is_file():
-            return 0, []
-        _move_checkpoint(mine, ckpt)
-        remove_checkpoint(mine)
-        if say:
-            say(f"[calibrate] this run's checkpoint had been set aside in {mine}: taken back")
-        state = read_json(ckpt / CHECKPOINT_STATE)
-    done = int(state.get("completed_blocks", 0))
-    missing = next((i for i in range(done) if not _block_file(ckpt, i).is_file()), None)
-    if missing is not None:  # a hand-deleted or lost block file: redo from there instead of failing
-        done = missing
-    if joint_from is not None and joint_from < done < num_layers:
-        done = joint_from  # a joint stage is checkpointed whole: a part of it (a lost file) is trained again
-    if say and done:
-        say(f"[calibrate] resuming from {ckpt}: blocks 0-{done - 1} done, continuing at block {done}")
-    return done, list(state.get("logs") or [])[:done]
-
-
-def _stale_dir(ckpt: Path, fingerprint: str, code: str) -> Path:
-    """Where a checkpoint of these settings is set aside: one folder per settings, so setting a
-    second run aside never overwrites the first's blocks."""
-    key = hashlib.sha256(f"{fingerprint}\n{code}".encode()).hexdigest()[:12]
-    return ckpt.with_name(f"{ckpt.name}.stale-{key}")
-
-
-def _move_checkpoint(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    (src / CHECKPOINT_STATE).replace(dst / CHECKPOINT_STATE)  # first: src no longer counts as a checkpoint
-    for f in src.glob("block_*.safetensors"):
-        f.replace(dst / f.name)
-
-
-def kept_teacher_passes(ckpt: Path) -> list[Path]:
-    """The teacher passes a run kept in `ckpt` (`teacher-targets-<12 hex digits>` holding teacher
-    targets): nothing else, so a user's own folder of a similar name beside them is never removed.
-    (Read here, not through `targets.is_targets_dir`: importing `targets` would make every stage
-    that reads a run depend on the teacher pass's code.)"""
-    pattern = re.compile(rf"{re.escape(CHECKPOINT_TARGETS)}-[0-9a-f]{{12}}")
-    kept = []
-    for d in ckpt.glob(f"{CHECKPOINT_TARGETS}-*"):
-        try:
-            kind = read_json(d / "qrealign.json").get("kind") if pattern.fullmatch(d.name) else None
-        except (OSError, ValueError, AttributeError):  # not ours, or unreadable
-            continue
-        if kind == CHECKPOINT_TARGETS:  # targets.KIND: the folder's prefix is its kind
-            kept.append(d)
-    return kept
-
-
-def remove_checkpoint(ckpt: Path) -> None:
-    """Delete what the engine wrote in `ckpt` (state first, then block files) and the folder if
-    nothing else is in it. Never the whole folder: a user's checkpoint_dir may hold other files."""
-    if not ckpt.is_dir():
-        return
-    (ckpt / CHECKPOINT_STATE).unlink(missing_ok=True)
-    for pattern in ("block_*.safetensors", ".block_*.safetensors.tmp", LOCK_FILE):
-        for f in ckpt.glob(pattern):
-            f.unlink(missing_ok=True)
-    for kept in kept_teacher_passes(ckpt):
-        shutil.rmtree(kept, ignore_errors=True)
-    remove_orphans_under(ckpt)  # a teacher-pass copy whose writer died mid-write; a live writer's stays
-    try:
-        ckpt.rmdir()
-    except OSError:  # other files: left alone
-        pass

@@ -26,7 +26,7 @@ import torch
 from ..errors import IncompatibleArtifact, QrealignError
 from ..utils import atomic_dir, read_json, save_tensors, write_json
 from .data import CalibrationSet
-from .engine import CHECKPOINT_TARGETS, kept_teacher_passes
+from .checkpoints import CHECKPOINT_TARGETS, kept_teacher_passes
 
 TENSOR_FILE = "targets.safetensors"
 META_FILE = "qrealign.json"
