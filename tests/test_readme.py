@@ -21,9 +21,13 @@ def test_readme_calibration_examples_build():
                     and node.func.id == "build_calibration"):
                 calls.append(ast.Expression(node))
     assert len(calls) >= 2, "the README's calibration examples moved; update this test"
+    from qrealign.recipes import get_recipe
+
     for expr in calls:
-        calib = eval(compile(expr, "README.md", "eval"), {"build_calibration": build_calibration})
-        assert isinstance(calib, CalibrationSet) and len(calib.prompts) > 0
+        for scheme in ("W8A8", "W4A8"):  # `s`: the README's recipe settings at each scheme
+            names = {"build_calibration": build_calibration, "s": get_recipe("first-token").at(scheme)}
+            calib = eval(compile(expr, "README.md", "eval"), names)
+            assert isinstance(calib, CalibrationSet) and len(calib.prompts) > 0
 
 
 def test_readme_python_calls_match_the_signatures():
@@ -54,7 +58,7 @@ def test_readme_python_calls_match_the_signatures():
                 continue
             seen.add(name)
             args = [None] * len(node.args)
-            kwargs = {k.arg: None for k in node.keywords}
+            kwargs = {k.arg: None for k in node.keywords if k.arg is not None}  # not a `**settings`
             signature = inspect.signature(functions[name])
             signature.bind(*args, **kwargs)  # raises TypeError on a mismatch
             if name == "realign":  # its **loss_options go to the loss: they must be its fields

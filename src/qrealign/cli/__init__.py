@@ -35,11 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = {}
     for module in _command_modules():
         p = sub.add_parser(module.COMMAND, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP))
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _defaults_from=getattr(module, "defaults_from", None))
+        commands[module.COMMAND] = p
+    parser.command_parsers = commands  # for `defaults_from`: a command's defaults that depend on its arguments
     return parser
 
 
@@ -53,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     if not debug:
         _quiet_libraries()
+    try:
+        args = _with_command_defaults(parser, args, argv)
+    except QrealignError as exc:
+        if debug:
+            raise
+        print(f"qrealign: error: {exc}", file=sys.stderr)
+        return 2
     restore = _terminate_as_interrupt()
     try:
         if getattr(args, "device", None) is not None:  # a typo or a missing GPU fails before any model loads
@@ -76,6 +86,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         restore()
+
+
+def _with_command_defaults(parser, args, argv):
+    """A command may take defaults from its own arguments (`realign --recipe`): they become the
+    command's defaults and the line is parsed again, so a flag given on it still wins."""
+    hook = getattr(args, "_defaults_from", None)
+    extra = hook(args) if hook is not None else None
+    if not extra:
+        return args
+    parser.command_parsers[args.command].set_defaults(**extra)
+    return parser.parse_args(argv)
 
 
 def _terminate_as_interrupt():

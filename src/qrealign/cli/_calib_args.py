@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 
 CALIB_TASK_N = 48  # task prompts --calib-task adds when --calib-task-n is not given
 # Options that set how blocks train, with their defaults: `--method rtn` trains nothing, so any
@@ -59,7 +61,7 @@ def add_common(parser) -> None:
     parser.add_argument("--no-lwc", action="store_true", help="disable learnable weight clipping")
     parser.add_argument("--lwc-init", type=float, default=d["lwc_init"],
                         help="initial clipping logit: sigmoid(4) = 0.982 of the range (OmniQuant); larger = closer to RTN")
-    parser.add_argument("--learn-rounding", action="store_true",
+    parser.add_argument("--learn-rounding", action=argparse.BooleanOptionalAction, default=False,
                         help="also learn each weight's rounding direction (AutoRound-style; one int8 per weight "
                              "in the run): the largest lever of the safety objectives, docs/experiments.md §6")
     parser.add_argument("--lr-round", type=float, default=d["lr_round"], help="learning rate of the rounding offsets")
@@ -70,10 +72,10 @@ def add_common(parser) -> None:
     parser.add_argument("--autocast", choices=["auto", "off", "bf16"], default=d["autocast"],
                         help="bf16 autocast of the block forward while training: auto = on CUDA below 8 bits "
                              "(OmniQuant), off = full precision; recorded in the run's fingerprint")
-    parser.add_argument("--compile-quantizer", action="store_true",
+    parser.add_argument("--compile-quantizer", action=argparse.BooleanOptionalAction, default=False,
                         help="fuse the weight and activation fake-quantizers with torch.compile while training (needs a C++ "
                              "compiler on CPU); faster steps, last-bit differences; recorded in the fingerprint")
-    parser.add_argument("--joint-safety", action="store_true",
+    parser.add_argument("--joint-safety", action=argparse.BooleanOptionalAction, default=False,
                         help="realign: train the blocks with the safety term (a run to the last block, e.g. "
                              "--layers-from) together, one pass through all of them per step, instead of one at a "
                              "time; with --teacher this removes the tail of later blocks each step runs "

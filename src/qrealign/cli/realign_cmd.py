@@ -3,6 +3,8 @@ with --teacher, the aligned model's first response token)."""
 
 from __future__ import annotations
 
+import argparse
+
 COMMAND = "realign"
 ORDER = 11
 HELP = "Q-realign: quantize a fine-tuned model with a safety loss (probes or first-token teacher)"
@@ -13,6 +15,11 @@ def add_arguments(parser) -> None:
     from ._calib_args import add_common
 
     add_common(parser)
+    parser.add_argument("--recipe", choices=sorted(RECIPE_NAMES),
+                        help="with --teacher: a named setting at --scheme as the defaults of every option it sets "
+                             "(a flag given here still wins; --calib-benign/--calib-malicious add to its sources; "
+                             "with --calib-task, its number of task prompts): first-token = the demo's measured row "
+                             "(qrealign/recipes.py; chosen on SmolLM2-135M, at W8A8 and W4A8)")
     parser.add_argument("--probes", help="probe directory (qrealign probe) fit on the aligned model")
     parser.add_argument("--teacher", help="instead of --probes: the aligned model; the safety term is then the KL to "
                                           "its first response token on malicious prompts (calibrate.behaviour). "
@@ -22,7 +29,7 @@ def add_arguments(parser) -> None:
                         help="with --teacher: also write the teacher's targets to DIR, for reuse at another scheme")
     parser.add_argument("--benign-kl", type=float, default=0.0,
                         help="with --teacher: weight of the KL to the fine-tuned model's first token on benign prompts")
-    parser.add_argument("--refusal-targets", action="store_true",
+    parser.add_argument("--refusal-targets", action=argparse.BooleanOptionalAction, default=False,
                         help="with --teacher: malicious calibration prompts the teacher itself answers (its greedy "
                              "reply, keyword-judged) take the mean first token of the ones it refuses")
     parser.add_argument("--response-tokens", type=int, default=1, metavar="K",
@@ -57,6 +64,38 @@ def add_arguments(parser) -> None:
 
 
 PROBE_ONLY = {"margin": 0.0, "hinge": False, "benign_side": 0.0}
+RECIPE_NAMES = ("first-token",)  # recipes.RECIPES' names (not imported for the parser: a test keeps them equal)
+INVERTED = {"lwc": "no_lwc", "let": "no_let"}  # CalibConfig fields whose flag switches them off
+
+
+def defaults_from(args) -> dict:
+    """`--recipe NAME`: its settings at --scheme as this command's defaults (cli `_with_command_defaults`)."""
+    if not getattr(args, "recipe", None):
+        return {}
+    from ..errors import QrealignError
+    from ..recipes import get_recipe
+
+    recipe = get_recipe(args.recipe)
+    if recipe.teacher and args.teacher is None:
+        raise QrealignError(f"--recipe {recipe.name} is a first-token setting: give --teacher ALIGNED_MODEL "
+                            "(not --probes)")
+    settings = recipe.at(args.scheme)
+    out = {}
+    for key, value in settings.config.items():
+        if key in INVERTED:
+            key, value = INVERTED[key], not value
+        out[key] = value
+    for key, value in settings.loss.items():
+        out[key] = ",".join(value) if key == "refusal_starts" else value
+    out["calib_benign"] = list(settings.calib_benign) or None
+    out["calib_malicious"] = list(settings.calib_malicious) or None
+    if args.calib_task:
+        out["calib_task_n"] = settings.calib_task_n
+    unknown = sorted(set(out) - set(vars(args)))
+    if unknown:
+        raise QrealignError(f"recipe {recipe.name}: {', '.join(unknown)} {'has' if len(unknown) == 1 else 'have'} "
+                            "no realign flag")
+    return out
 
 
 def run(args) -> int:

@@ -1,0 +1,112 @@
+"""Named realign settings (`qrealign.recipes`): the demo's first-token row and `realign --recipe
+first-token` read one definition, so the command a user runs calibrates what the demo measured."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from qrealign import demo
+from qrealign.calibrate.behaviour import MARGIN_DEFAULTS
+from qrealign.cli import main
+from qrealign.cli import realign_cmd
+from qrealign.errors import QrealignError
+from qrealign.recipes import FIRST_TOKEN, RECIPES, get_recipe
+
+
+def test_the_demo_row_is_the_recipe_at_each_measured_scheme():
+    variant = demo.FIRST_TOKEN
+    assert realign_cmd.RECIPE_NAMES == tuple(RECIPES)
+    for scheme in ("W8A8", "W4A8", "W4A16"):
+        settings = FIRST_TOKEN.at(scheme)
+        assert settings.config == variant.config_for(scheme) and settings.loss == variant.loss_for(scheme)
+        benign, malicious = variant.calib_for(scheme)
+        assert settings.calib_benign == tuple(benign) and settings.calib_malicious == tuple(malicious or ())
+        assert settings.calib_task_n == variant.calib_task
+    # the per-scheme choices stay at their scheme ("w8a8" names W8A8; W4A16 was never measured)
+    assert FIRST_TOKEN.at("w8a8").config["lwc"] is False and "lwc" not in FIRST_TOKEN.at("W4A8").config
+    assert FIRST_TOKEN.at("W4A16").config == FIRST_TOKEN.config and FIRST_TOKEN.at("W4A16").loss == FIRST_TOKEN.loss
+    with pytest.raises(QrealignError, match="unknown recipe 'fast'; one of first-token"):
+        get_recipe("fast")
+
+
+@pytest.fixture
+def captured(monkeypatch, tmp_path):
+    """`qrealign realign` up to the calibration: the model load and `realign` itself replaced by
+    recorders, so a test reads the settings the command would calibrate with."""
+    import importlib
+
+    import qrealign.models
+
+    realign_module = importlib.import_module("qrealign.realign")  # `qrealign.realign` is the function
+    calls = {}
+    monkeypatch.setattr(qrealign.models, "load_model", lambda *a, **k: ("model", "tokenizer"))
+    monkeypatch.setattr(realign_cmd, "_check_teacher", lambda teacher: None)
+
+    def fake_realign(model, tokenizer, *args, **kwargs):
+        calls.update(kwargs)
+        return SimpleNamespace(layer_logs=[{"q_mse": 0.0}], seconds=0.0)
+
+    monkeypatch.setattr(realign_module, "realign", fake_realign)
+
+    def run(*flags):
+        calls.clear()
+        code = main(["realign", "attacked", "--teacher", "aligned", "--out", str(tmp_path / "run"), *flags])
+        return code, dict(calls)
+    return run
+
+
+def test_realign_with_the_recipe_calibrates_as_the_demo_row(captured):
+    cfg = demo.DemoConfig()
+    for scheme in ("W8A8", "W4A8"):
+        code, call = captured("--recipe", "first-token", "--scheme", scheme, "--calib-task", "topic-codes")
+        assert code == 0
+        assert call["config"].to_dict() == demo._calib_config(cfg, demo.FIRST_TOKEN, scheme).to_dict(), scheme
+        assert call["calibration"].fingerprint() == demo._calibration(cfg, demo.FIRST_TOKEN, scheme).fingerprint()
+        loss = demo.FIRST_TOKEN.loss_for(scheme)
+        # the command passes the greedy margin's options that differ from their defaults
+        assert {k: call.get(k, MARGIN_DEFAULTS.get(k)) for k in loss} == loss, scheme
+        assert call["scheme"].name == scheme
+
+
+def test_a_flag_on_the_command_line_wins_over_the_recipe(captured):
+    code, call = captured("--recipe", "first-token", "--epochs", "2", "--lr-round", "5e-3", "--benign-kl", "1",
+                          "--calib-benign", "qrealign:probe")
+    assert code == 0
+    config = call["config"]
+    assert (config.epochs, config.lr_round, config.lwc, config.joint_safety) == (2, 5e-3, False, True)
+    assert call["benign_kl"] == 1.0 and call["greedy_margin"] == 2.0
+    # a setting the recipe switches on can be switched off
+    off = captured("--recipe", "first-token", "--scheme", "W4A8", "--no-refusal-targets", "--no-learn-rounding",
+                   "--no-joint-safety", "--epochs", "2")[1]
+    assert off["refusal_targets"] is False
+    assert (off["config"].learn_rounding, off["config"].joint_safety) == (False, False)
+    # a source given here joins the recipe's (the recipe's twins and edgy prompts are still there)
+    plain = captured("--recipe", "first-token")[1]["calibration"]
+    assert set(plain.ids) < set(call["calibration"].ids)
+    # no task given: the recipe adds no task prompts (it cannot know your task); with one, 96
+    assert not any(i.startswith("topic-") for i in plain.ids)
+    with_task = captured("--recipe", "first-token", "--calib-task", "topic-codes")[1]["calibration"]
+    assert sum(i.startswith("topic-") for i in with_task.ids) == 96
+
+
+def test_the_recipe_refuses_a_probe_run_and_unknown_names(captured, capsys, tmp_path):
+    assert main(["realign", "attacked", "--probes", "p", "--recipe", "first-token", "--out", str(tmp_path / "r")]) == 2
+    assert "--recipe first-token is a first-token setting: give --teacher" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["realign", "attacked", "--teacher", "t", "--recipe", "fast", "--out", str(tmp_path / "r")])
+
+
+def test_every_recipe_setting_is_an_option_realign_and_calib_config_take():
+    import dataclasses
+    import inspect
+
+    import qrealign
+    from qrealign.calibrate import CalibConfig
+    from qrealign.calibrate.behaviour import FirstTokenLoss
+
+    takes = set(inspect.signature(qrealign.realign).parameters) | {f.name for f in dataclasses.fields(FirstTokenLoss)}
+    for recipe in RECIPES.values():
+        for scheme in ("W8A8", "W4A8", *recipe.schemes):
+            settings = recipe.at(scheme)
+            assert set(settings.loss) <= takes, (recipe.name, scheme)
+            assert CalibConfig(**settings.config).joint_safety is settings.config.get("joint_safety", False)
