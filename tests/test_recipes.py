@@ -109,4 +109,25 @@ def test_every_recipe_setting_is_an_option_realign_and_calib_config_take():
         for scheme in ("W8A8", "W4A8", *recipe.schemes):
             settings = recipe.at(scheme)
             assert set(settings.loss) <= takes, (recipe.name, scheme)
-            assert CalibConfig(**settings.config).joint_safety is settings.config.get("joint_safety", False)
+            # every config key is a CalibConfig field it keeps (the constructor validates the combination)
+            kept = CalibConfig(**settings.config).to_dict()
+            assert all(kept[k] == v for k, v in settings.config.items()), (recipe.name, scheme)
+
+
+def test_switching_a_recipe_setting_off_takes_the_settings_that_need_it_along(captured, capsys):
+    # W8A8's joint reconstruction weight needs the joint stage, its margin options the margin,
+    # its depth fraction no --layers: each goes with the setting the user switched off or replaced
+    code, call = captured("--recipe", "first-token", "--no-joint-safety")
+    assert code == 0 and call["config"].joint_safety is False and call["config"].joint_recon_weight is None
+    code, call = captured("--recipe", "first-token", "--greedy-margin", "0")
+    assert code == 0 and "greedy_margin" not in call and "refusal_starts" not in call
+    code, call = captured("--recipe", "first-token", "--layers", "1-2")
+    assert code == 0 and call["layers"] == [1, 2] and call["layers_from"] is None
+    # --lwc undoes the recipe's --no-lwc at W8A8
+    assert captured("--recipe", "first-token", "--lwc")[1]["config"].lwc is True
+    assert captured("--recipe", "first-token")[1]["config"].lwc is False
+    # an unmeasured scheme and a missing task are said, not silent
+    capsys.readouterr()
+    assert captured("--recipe", "first-token", "--scheme", "W4A16")[0] == 0
+    err = capsys.readouterr().err
+    assert "measured at W8A8 and W4A8; at W4A16 it gives its base settings" in err and "--calib-task TASK" in err

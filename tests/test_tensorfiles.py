@@ -109,6 +109,21 @@ def test_a_checkpointed_run_keeps_its_parameters_on_disk_and_saves_the_same_run(
     # in memory, and leaves nothing behind
     assert isinstance(in_memory.params, TensorFiles) and not in_memory.params._held
     assert any(".round." in k for k in in_memory.params) and not list(spill.iterdir())
+    # it holds open files: a copy would share their descriptors, so copying says how instead
+    import copy
+    import pickle
+
+    for duplicate in (pickle.dumps, copy.deepcopy):
+        with pytest.raises(TypeError, match="holds an open file: call to_dict"):
+            duplicate(in_memory.params)
+    # a temp folder that cannot take them: kept in memory, with a warning, and the run goes on
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    model, tok = tiny_model("llama", seed=0, num_hidden_layers=3)
+    with pytest.warns(UserWarning, match="kept in memory"):
+        held = calibrate(model, tok, calib_set, "W4A8", cfg, progress=False)
+    assert held.params._held.keys() == in_memory.params.keys()
+    assert all(torch.equal(held.params[k], in_memory.params[k]) for k in held.params)
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))
     model, tok = tiny_model("llama", seed=0, num_hidden_layers=3)
     on_disk = calibrate(model, tok, calib_set, "W4A8", cfg, progress=False, checkpoint_dir=tmp_path / "ckpt")
     assert isinstance(on_disk.params, TensorFiles) and not on_disk.params._held  # only file references

@@ -15,6 +15,7 @@ import os
 import struct
 import sys
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterator
@@ -75,6 +76,10 @@ class _OpenFile:
                           "in place; read the run again")
         return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
 
+    def __getstate__(self):
+        # a copy would hold the same descriptor number and close it under the original
+        raise TypeError(f"a TensorFiles reading {self.path} holds an open file: call to_dict() to copy or pickle it")
+
     def __del__(self):
         fd = getattr(self, "fd", None)
         if fd is not None:
@@ -111,16 +116,24 @@ class TensorFiles(Mapping):
 
     def spill(self, tensors: Mapping) -> None:
         """Hold `tensors` in a temporary file, not in memory: written, opened, then unlinked at once,
-        so the space goes back when the mapping is dropped (or the process ends, however it ends)
-        and nothing is left behind. For what would otherwise sit in host memory twice (learned
-        rounding of a run without a checkpoint). Where: the system's temp folder (`TMPDIR`)."""
-        fd, path = tempfile.mkstemp(prefix="qrealign-", suffix=".safetensors")
-        os.close(fd)
+        so the space goes back when the mapping is dropped (or the process ends) and nothing is
+        left behind (but by a kill during the write). For what would otherwise sit in host memory
+        twice (learned rounding of a run without a checkpoint). Where: the system's temp folder
+        (`TMPDIR`; on a tmpfs that is memory again). A folder that cannot take it (full, read-only,
+        no `pread`) keeps them in memory instead, with a warning: the run goes on."""
+        path = None
         try:
+            fd, path = tempfile.mkstemp(prefix="qrealign-", suffix=".safetensors")
+            os.close(fd)
             save_streaming(tensors, path)
             self.add_file(path)
+        except (OSError, AttributeError, NotImplementedError) as exc:  # AttributeError: no os.pread
+            warnings.warn(f"could not hold learned parameters in a temporary file ({exc}); kept in memory "
+                          "(set TMPDIR to a folder with room, or pass a checkpoint folder)", stacklevel=2)
+            self.update(tensors)
         finally:
-            os.unlink(path)
+            if path is not None and os.path.exists(path):
+                os.unlink(path)
 
     def drop(self, key: str) -> None:
         """Forget `key` (e.g. a file's placeholder entry); no error if it is not there."""

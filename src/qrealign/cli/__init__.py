@@ -89,14 +89,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _with_command_defaults(parser, args, argv):
-    """A command may take defaults from its own arguments (`realign --recipe`): they become the
-    command's defaults and the line is parsed again, so a flag given on it still wins."""
+    """A command may take defaults from its own arguments (`realign --recipe`): the hook gets the
+    parsed arguments and the options given on the line; what it returns becomes the command's
+    defaults and the line is parsed again, so a flag given on it still wins."""
     hook = getattr(args, "_defaults_from", None)
-    extra = hook(args) if hook is not None else None
+    if hook is None:
+        return args
+    sub = parser.command_parsers[args.command]
+    extra = hook(args, _given(sub, args, argv))
     if not extra:
         return args
-    parser.command_parsers[args.command].set_defaults(**extra)
+    sub.set_defaults(**extra)
     return parser.parse_args(argv)
+
+
+def _given(sub, args, argv) -> set[str]:
+    """The options set on the command line (a flag repeating its default included): the command's
+    part of the line parsed again into a namespace where every option is None already, which
+    argparse leaves alone where nothing on the line sets it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    probe = argparse.Namespace(**{dest: None for dest in vars(args)})
+    sub.parse_args(argv[argv.index(args.command) + 1:], namespace=probe)  # only --debug may come before it
+    return {dest for dest, value in vars(probe).items() if value is not None}
 
 
 def _terminate_as_interrupt():

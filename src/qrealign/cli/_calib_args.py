@@ -58,7 +58,11 @@ def add_common(parser) -> None:
     parser.add_argument("--lr-let", type=float, default=d["lr_let"])
     parser.add_argument("--lr-lwc", type=float, default=d["lr_lwc"])
     parser.add_argument("--no-let", action="store_true", help="disable learnable equivalent transformation")
+    parser.add_argument("--let", dest="no_let", action="store_false", default=False,
+                        help="learnable equivalent transformation on (the default; undoes a --recipe's --no-let)")
     parser.add_argument("--no-lwc", action="store_true", help="disable learnable weight clipping")
+    parser.add_argument("--lwc", dest="no_lwc", action="store_false", default=False,
+                        help="learnable weight clipping on (the default; undoes a --recipe's --no-lwc)")
     parser.add_argument("--lwc-init", type=float, default=d["lwc_init"],
                         help="initial clipping logit: sigmoid(4) = 0.982 of the range (OmniQuant); larger = closer to RTN")
     parser.add_argument("--learn-rounding", action=argparse.BooleanOptionalAction, default=False,

@@ -18,8 +18,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--recipe", choices=sorted(RECIPE_NAMES),
                         help="with --teacher: a named setting at --scheme as the defaults of every option it sets "
                              "(a flag given here still wins; --calib-benign/--calib-malicious add to its sources; "
-                             "with --calib-task, its number of task prompts): first-token = the demo's measured row "
-                             "(qrealign/recipes.py; chosen on SmolLM2-135M, at W8A8 and W4A8)")
+                             "with --calib-task, its number of task prompts; --no-joint-safety, --layers and "
+                             "--greedy-margin 0 take the settings that need them along): first-token = the demo's "
+                             "measured row (qrealign/recipes.py; chosen on SmolLM2-135M, at W8A8 and W4A8)")
     parser.add_argument("--probes", help="probe directory (qrealign probe) fit on the aligned model")
     parser.add_argument("--teacher", help="instead of --probes: the aligned model; the safety term is then the KL to "
                                           "its first response token on malicious prompts (calibrate.behaviour). "
@@ -68,18 +69,31 @@ RECIPE_NAMES = ("first-token",)  # recipes.RECIPES' names (not imported for the 
 INVERTED = {"lwc": "no_lwc", "let": "no_let"}  # CalibConfig fields whose flag switches them off
 
 
-def defaults_from(args) -> dict:
-    """`--recipe NAME`: its settings at --scheme as this command's defaults (cli `_with_command_defaults`)."""
+def defaults_from(args, given: set[str]) -> dict:
+    """`--recipe NAME`: its settings at --scheme as this command's defaults (cli `_with_command_defaults`);
+    `given`: the options on the command line. A setting that only applies with another one the
+    user switched off or replaced goes with it."""
     if not getattr(args, "recipe", None):
         return {}
+    import sys
+
+    from ..calibrate.behaviour import MARGIN_DEFAULTS
     from ..errors import QrealignError
+    from ..quant.scheme import get_scheme
     from ..recipes import get_recipe
 
     recipe = get_recipe(args.recipe)
     if recipe.teacher and args.teacher is None:
         raise QrealignError(f"--recipe {recipe.name} is a first-token setting: give --teacher ALIGNED_MODEL "
                             "(not --probes)")
-    settings = recipe.at(args.scheme)
+    scheme = get_scheme(args.scheme).name
+    if scheme not in recipe.schemes:
+        print(f"qrealign: note: --recipe {recipe.name} was measured at {' and '.join(recipe.schemes)}; at {scheme} "
+              "it gives its base settings", file=sys.stderr)
+    if recipe.calib_task_n and not args.calib_task:
+        print(f"qrealign: note: --recipe {recipe.name} calibrates on {recipe.calib_task_n} of your task's prompts "
+              "with --calib-task TASK; without it the calibration set holds none", file=sys.stderr)
+    settings = recipe.at(scheme)
     out = {}
     for key, value in settings.config.items():
         if key in INVERTED:
@@ -91,6 +105,13 @@ def defaults_from(args) -> dict:
     out["calib_malicious"] = list(settings.calib_malicious) or None
     if args.calib_task:
         out["calib_task_n"] = settings.calib_task_n
+    if "joint_safety" in given and not args.joint_safety:
+        out.pop("joint_recon_weight", None)
+    if "layers" in given:
+        out.pop("layers_from", None)
+    if "greedy_margin" in given and not args.greedy_margin:
+        for key in MARGIN_DEFAULTS:
+            out.pop(key, None)
     unknown = sorted(set(out) - set(vars(args)))
     if unknown:
         raise QrealignError(f"recipe {recipe.name}: {', '.join(unknown)} {'has' if len(unknown) == 1 else 'have'} "
