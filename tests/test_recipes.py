@@ -131,3 +131,23 @@ def test_switching_a_recipe_setting_off_takes_the_settings_that_need_it_along(ca
     assert captured("--recipe", "first-token", "--scheme", "W4A16")[0] == 0
     err = capsys.readouterr().err
     assert "measured at W8A8 and W4A8; at W4A16 it gives its base settings" in err and "--calib-task TASK" in err
+
+
+def test_the_demo_report_gives_the_first_token_rows_as_one_command(tmp_path, monkeypatch):
+    import shlex
+
+    from qrealign.cli import build_parser
+
+    monkeypatch.chdir(tmp_path)  # stage folders under the working folder are shown relative to it
+    attacked, aligned = tmp_path / "stages" / "attack-1", tmp_path / "stages" / "align-1"
+    lines = demo._recipe_lines(demo.DemoConfig(), aligned, attacked)
+    command = lines[-1].split("`")[-2]
+    assert command == ("qrealign realign stages/attack-1 --teacher stages/align-1 --recipe first-token "
+                       "--calib-task topic-codes --scheme W8A8 --out DIR")
+    args = build_parser().parse_args(shlex.split(command)[1:])  # a line the CLI takes
+    assert (args.recipe, args.calib_task, args.scheme) == ("first-token", "topic-codes", "W8A8")
+    # the demo's own calibration options that the command would not default to are on the line
+    seeded = demo._recipe_lines(demo.DemoConfig(seed=2, calib_n=100), aligned, attacked)[-1]
+    assert "--seed 2 --n 100 --out DIR" in seeded
+    no_row = demo.DemoConfig(variants=demo.DEFAULT_VARIANTS[:3], extra_scheme_variants=("RTN",))
+    assert demo._recipe_lines(no_row, aligned, attacked) == []

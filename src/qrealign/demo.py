@@ -376,6 +376,7 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> Path:
     for name in extra:
         verdict = [*verdict, "", f"The same rows on the held-out set `{name}`: [{name}/report.md]({name}/report.md) "
                                  f"({_outcome_line(extra_verdicts[name])})"]
+    verdict = [*verdict, *_recipe_lines(cfg, aligned_dir, attacked_dir)]
     if exported:  # the shipped checkpoint against the model it was written from (after the outcome lines)
         verdict = [*verdict, "", *export_lines(results, exported, cfg.export_dtype)]
         extra_verdicts = {name: [*lines, "", *export_lines(extra[name], exported, cfg.export_dtype)]
@@ -629,6 +630,29 @@ def _export_stage(cfg, root, label: str, run_dir, log=print) -> Path:
         export_compressed_tensors(run_dir, tmp, dtype=cfg.export_dtype, progress=False)
 
     return cached_stage(f"export-{_slug(label)}", inputs, root, build, log=log, rebuild_changed=cfg.rebuild_changed, upstream=(run_dir,))
+
+
+def _recipe_lines(cfg: DemoConfig, aligned_dir, attacked_dir) -> list[str]:
+    """The report's pointer from the first-token rows to the one command that calibrates them (a
+    user's next step is their own model): where the table has the recipe's row, with the demo's
+    calibration options that differ from the command's defaults."""
+    if FIRST_TOKEN not in cfg.variants:
+        return []
+    extra = "".join(f" {flag} {value}" for flag, value, default in (
+        ("--seed", cfg.seed, 0), ("--n", cfg.calib_n, None), ("--malicious-ratio", cfg.malicious_ratio, 0.75))
+        if value != default)
+    attacked_dir, aligned_dir = (_from_cwd(p) for p in (attacked_dir, aligned_dir))
+    return ["", f"The `{FIRST_TOKEN.name}` rows as one command (the same settings; on your own model, your "
+                f"fine-tuned and aligned models and your task's name): `qrealign realign {attacked_dir} --teacher "
+                f"{aligned_dir} --recipe {_RECIPE.name} --calib-task {_attack_task(cfg)} --scheme {cfg.schemes[0]}"
+                f"{extra} --out DIR`"]
+
+
+def _from_cwd(path) -> str:
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _calib_config(cfg: DemoConfig, variant: Variant, scheme: str) -> CalibConfig:
