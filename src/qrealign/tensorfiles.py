@@ -123,11 +123,13 @@ class TensorFiles(Mapping):
         no `pread`) keeps them in memory instead, with a warning: the run goes on."""
         path = None
         try:
+            if not hasattr(os, "pread"):  # what reads it back (`_OpenFile`) is POSIX only
+                raise OSError("no os.pread on this platform")
             fd, path = tempfile.mkstemp(prefix="qrealign-", suffix=".safetensors")
             os.close(fd)
             save_streaming(tensors, path)
             self.add_file(path)
-        except (OSError, AttributeError, NotImplementedError) as exc:  # AttributeError: no os.pread
+        except (OSError, NotImplementedError) as exc:  # NotImplementedError: a big-endian host
             warnings.warn(f"could not hold learned parameters in a temporary file ({exc}); kept in memory "
                           "(set TMPDIR to a folder with room, or pass a checkpoint folder)", stacklevel=2)
             self.update(tensors)
