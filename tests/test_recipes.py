@@ -27,6 +27,11 @@ def test_the_demo_row_is_the_recipe_at_each_measured_scheme():
     assert FIRST_TOKEN.at("W4A16").config == FIRST_TOKEN.config and FIRST_TOKEN.at("W4A16").loss == FIRST_TOKEN.loss
     with pytest.raises(QrealignError, match="unknown recipe 'fast'; one of first-token"):
         get_recipe("fast")
+    # one recipe is shared by every caller: it cannot be edited in place, and what it hands out is a copy
+    with pytest.raises(TypeError):
+        FIRST_TOKEN.schemes["W8A8"]["config"]["lwc"] = True
+    FIRST_TOKEN.at("W8A8").config["epochs"] = 99
+    assert FIRST_TOKEN.at("W8A8").config["epochs"] == 4
 
 
 @pytest.fixture

@@ -11,7 +11,9 @@ SmolLM2's refusal openings; each must be one token of your tokenizer (the run sa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from .errors import QrealignError
 from .quant.scheme import get_scheme
@@ -31,6 +33,11 @@ class Recipe:
     schemes: dict = field(default_factory=dict)
     teacher: bool = True  # the first-token objective: realign(..., teacher=ALIGNED)
 
+    def __post_init__(self):
+        # read-only all the way down: every caller shares one recipe, and the demo's stage keys read it
+        for name in ("loss", "config", "schemes"):
+            object.__setattr__(self, name, _read_only(getattr(self, name)))
+
     def per_scheme(self, kind: str) -> dict:
         """{scheme: overrides} for one kind ("config", "loss" or "calib")."""
         return {scheme: dict(over[kind]) for scheme, over in self.schemes.items() if kind in over}
@@ -44,6 +51,12 @@ class Recipe:
                               calib_task_n=self.calib_task_n,
                               calib_benign=tuple(calib.get("calib_benign", self.calib_benign)),
                               calib_malicious=tuple(calib.get("calib_malicious", self.calib_malicious) or ()))
+
+
+def _read_only(value):
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _read_only(v) for k, v in value.items()})
+    return value
 
 
 @dataclass(frozen=True)
