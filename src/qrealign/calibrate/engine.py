@@ -528,7 +528,7 @@ def _record_params(params: TensorFiles, ckpt: Path | None, layer: int, part: Lea
         params.drop("_empty")  # the placeholder of a block with nothing learned
         return
     tensors = _block_params(layer, part.block, part.let)
-    if any(".round." in k for k in tensors):
+    if any(k.startswith(f"layers.{layer}.round.") for k in tensors):
         params.spill(tensors)
     else:
         params.update(tensors)
