@@ -40,7 +40,8 @@ from ..utils import kv_cache_argument, resolve_device, same_device, tensor_diges
 from .capture import block_output, move_kwargs, record_block_inputs, run_blocks
 from .data import CalibrationSet, make_batches
 from .losses import LossInputs, SafetyGate, check_weights
-from .memory import block_state_copies, free_bytes, joint_stage_bytes, param_bytes, per_token_bytes
+from .memory import (block_state_copies, free_bytes, joint_stage_bytes, param_bytes, per_token_bytes,
+                     stream_bytes)
 
 
 class LogitHead:
@@ -210,8 +211,7 @@ def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, 
     if joint:
         trained = len(blocks) - first
         head_copy = 0 if on_device or not head else _head_bytes(model)
-        streams = 1 if offload_targets else trained + 2
-        fixed = head_copy + streams * total_tokens * hidden * 4
+        fixed = head_copy + stream_bytes(trained, offload_targets, total_tokens, hidden)
 
         def joint_need(again: bool) -> int:
             return fixed + joint_stage_bytes(block, trained, per_block, tokens, per_token, hidden, again)
@@ -222,9 +222,8 @@ def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, 
                   "joint_safety off (CLI: without --joint-safety)"
         smaller = ""  # the training state and the streams are float32 whatever the model's dtype
     else:
-        streams = 1 if offload_targets else 3
         need = copies + per_block * block + tokens * (len(blocks) - first - 1) * per_token + \
-            streams * total_tokens * hidden * 4
+            stream_bytes(1, offload_targets, total_tokens, hidden)
         what = (f"the first-token objective from block {first} on holds copies of the {len(blocks) - first - 1} "
                 f"blocks after it and the head on {dev} (about {need / 2 ** 30:.1f} GiB with the block being "
                 f"trained, the activations and the calibration set's hidden states)")

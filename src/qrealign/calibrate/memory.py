@@ -60,6 +60,14 @@ def joint_stage_bytes(block: int, trained: int, copies: int, step_tokens: int, p
         step_tokens * (trained * 3 * hidden * 4 + per_token)
 
 
+def stream_bytes(trained: int, offload_targets: bool, total_tokens: int, hidden: int) -> int:
+    """The float32 hidden states a calibration keeps over the whole calibration set: the quantized
+    stream and, unless `offload_targets`, the FP input and each of the `trained` blocks' FP targets
+    (a joint stage's all at once; one block by block)."""
+    streams = 1 if offload_targets else trained + 2
+    return streams * total_tokens * hidden * 4
+
+
 def free_bytes(dev: torch.device) -> int:
     """What a run can still allocate: the driver's free memory plus what PyTorch's caching
     allocator holds but does not use (a teacher moved onto the GPU and back leaves its blocks
@@ -83,15 +91,14 @@ def check_block_fits(model: nn.Module, dev: torch.device, cfg, batches, joint_bl
     hidden = model.config.hidden_size
     step_tokens = max(b.enc.attention_mask.numel() for b in batches)
     one_row = max(b.enc.attention_mask.shape[1] for b in batches)  # batch size 1
-    stream = sum(b.enc.attention_mask.numel() for b in batches) * hidden * 4
+    all_tokens = sum(b.enc.attention_mask.numel() for b in batches)
     trained = max(1, joint_blocks)
+    per_token = per_token_bytes(model)
 
     def need(rounding=cfg.learn_rounding, offload=cfg.offload_targets, recompute=cfg.recompute, tokens=step_tokens):
-        streams = 1 if offload else trained + 2
-        state = (joint_stage_bytes(block, trained, block_state_copies(rounding), tokens, per_token_bytes(model),
-                                   hidden, recompute) if joint_blocks
-                 else block_state_copies(rounding) * block + tokens * per_token_bytes(model))
-        return state + streams * stream
+        state = (joint_stage_bytes(block, trained, block_state_copies(rounding), tokens, per_token, hidden, recompute)
+                 if joint_blocks else block_state_copies(rounding) * block + tokens * per_token)
+        return state + stream_bytes(trained, offload, all_tokens, hidden)
 
     limit = 0.9 * free_bytes(dev)
     total = need()
