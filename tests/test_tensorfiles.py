@@ -154,3 +154,14 @@ def test_a_run_with_nothing_learned_still_saves_a_readable_file(calib_set, tmp_p
     ids = tok(["hello world"], return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(model(**ids).logits, rebuilt(**ids).logits)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_file_that_fails_to_open_closes_its_descriptor_once(tmp_path):
+    import gc
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((10 ** 6).to_bytes(8, "little") + b"{}")  # a header longer than the file
+    with pytest.raises(ValueError, match="a header of 1000000 bytes"):
+        TensorFiles([bad])
+    gc.collect()  # a second close of the same number would surface here as an unraisable error

@@ -58,7 +58,8 @@ class _OpenFile:
                 if entry["dtype"] not in _DTYPES or not 0 <= start <= end <= size - self.base:
                     raise ValueError(f"{self.path}: tensor {key} lies outside the file or has an unknown dtype")
         except BaseException:
-            os.close(self.fd)
+            fd, self.fd = self.fd, None  # closed once: `__del__` must not close the number again
+            os.close(fd)
             raise
 
     def dtype_and_shape(self, key: str) -> tuple[torch.dtype, list[int]]:
