@@ -165,3 +165,41 @@ def test_a_file_that_fails_to_open_closes_its_descriptor_once(tmp_path):
     with pytest.raises(ValueError, match="a header of 1000000 bytes"):
         TensorFiles([bad])
     gc.collect()  # a second close of the same number would surface here as an unraisable error
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_spilled_file_is_unlinked_before_it_is_written(tmp_path, monkeypatch):
+    # a kill during the write must leave nothing behind: while any tensor is read for writing,
+    # the temp folder is already empty, and what the mapping reads back is what was given
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))
+    seen = []
+
+    class Watched(dict):
+        def __getitem__(self, key):
+            seen.append(sorted(p.name for p in spill.iterdir()))
+            return super().__getitem__(key)
+
+    given = _tensors()
+    held = TensorFiles()
+    held.spill(Watched(given))
+    assert seen and all(names == [] for names in seen)
+    assert not held._held and held.keys() == given.keys()
+    assert all(torch.equal(held[k], given[k]) and held[k].dtype == given[k].dtype for k in given)
+    # a write that fails half way (a full disk: the third read of a tensor, after the two of the
+    # header's layout) closes the descriptor once, keeps the tensors in memory with a warning, and
+    # leaves nothing behind
+    reads = {}
+
+    class FullDisk(dict):
+        def __getitem__(self, key):
+            reads[key] = reads.get(key, 0) + 1
+            if key == "j.f64" and reads[key] == 3:
+                raise OSError(28, "No space left on device")
+            return super().__getitem__(key)
+
+    kept = TensorFiles()
+    with pytest.warns(UserWarning, match="No space left on device.*kept in memory"):
+        kept.spill(FullDisk(given))
+    assert reads["j.f64"] == 3 and kept._held.keys() == given.keys() and not list(spill.iterdir())

@@ -41,9 +41,10 @@ class _OpenFile:
     open file's data), and a clear error, not a crash, if it is cut short in place (a memory map
     would raise SIGBUS there)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, fd: int | None = None):
+        """`fd`: a descriptor already open on the file (it may be unlinked); this object owns it."""
         self.path = str(path)
-        self.fd = os.open(self.path, os.O_RDONLY)
+        self.fd = os.open(self.path, os.O_RDONLY) if fd is None else fd
         try:
             size = os.fstat(self.fd).st_size
             head = os.pread(self.fd, 8, 0)
@@ -105,7 +106,9 @@ class TensorFiles(Mapping):
             self.update(tensors)
 
     def add_file(self, path: str | Path) -> None:
-        opened = _OpenFile(path)
+        self._add_opened(_OpenFile(path))
+
+    def _add_opened(self, opened: _OpenFile) -> None:
         for key in opened.header:
             self._held.pop(key, None)
             self._where[key] = opened
@@ -116,27 +119,30 @@ class TensorFiles(Mapping):
             self._held[key] = value
 
     def spill(self, tensors: Mapping) -> None:
-        """Hold `tensors` in a temporary file, not in memory: written, opened, then unlinked at once,
-        so the space goes back when the mapping is dropped (or the process ends) and nothing is
-        left behind (but by a kill during the write). For what would otherwise sit in host memory
-        twice (learned rounding of a run without a checkpoint). Where: the system's temp folder
-        (`TMPDIR`; on a tmpfs that is memory again). A folder that cannot take it (full, read-only,
-        no `pread`) keeps them in memory instead, with a warning: the run goes on."""
-        path = None
+        """Hold `tensors` in a temporary file, not in memory: the file is unlinked as soon as it is
+        created and written and read through its descriptor, so the space goes back when the mapping
+        is dropped or the process ends, a kill included, and nothing is left behind. For what would
+        otherwise sit in host memory twice (learned rounding of a run without a checkpoint). Where:
+        the system's temp folder (`TMPDIR`; on a tmpfs that is memory again). A folder that cannot
+        take it (full, read-only, no `pread`) keeps them in memory instead, with a warning: the run
+        goes on."""
+        fd = None
         try:
             if not hasattr(os, "pread"):  # what reads it back (`_OpenFile`) is POSIX only
                 raise OSError("no os.pread on this platform")
             fd, path = tempfile.mkstemp(prefix="qrealign-", suffix=".safetensors")
-            os.close(fd)
-            save_streaming(tensors, path)
-            self.add_file(path)
+            os.unlink(path)  # from here on only the descriptor holds the file
+            with os.fdopen(os.dup(fd), "wb") as f:
+                _write_streaming(tensors, f)
+            owned, fd = fd, None  # `_OpenFile` owns the descriptor now, and closes it if it fails
+            self._add_opened(_OpenFile(path, owned))
         except (OSError, NotImplementedError) as exc:  # NotImplementedError: a big-endian host
             warnings.warn(f"could not hold learned parameters in a temporary file ({exc}); kept in memory "
                           "(set TMPDIR to a folder with room, or pass a checkpoint folder)", stacklevel=2)
             self.update(tensors)
         finally:
-            if path is not None and os.path.exists(path):
-                os.unlink(path)
+            if fd is not None:
+                os.close(fd)
 
     def drop(self, key: str) -> None:
         """Forget `key` (e.g. a file's placeholder entry); no error if it is not there."""
@@ -175,6 +181,12 @@ def save_streaming(tensors: Mapping, path: str | Path, metadata: dict[str, str] 
     a time. The layout is the format's and `safetensors.torch.save_file`'s: an 8-byte
     little-endian header length, a JSON header of dtype, shape and byte offsets (padded with
     spaces to a multiple of 8), then the tensors' bytes back to back in header order (`_RANK`)."""
+    with open(path, "wb") as f:
+        _write_streaming(tensors, f, metadata)
+
+
+def _write_streaming(tensors: Mapping, f, metadata: dict[str, str] | None = None) -> None:
+    """`save_streaming` into a binary file object open for writing at its start."""
     if sys.byteorder != "little":  # the format is little-endian; a view of native bytes is not, there
         raise NotImplementedError("save_streaming writes little-endian hosts' bytes only")
     if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -194,13 +206,12 @@ def save_streaming(tensors: Mapping, path: str | Path, metadata: dict[str, str] 
         offset += size
     blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name in names:
-            t = tensors[name].detach().to("cpu").contiguous().reshape(-1)
-            expected = header[name]["data_offsets"]
-            data = t.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-            if data.numel() != expected[1] - expected[0]:  # a guard: the header was made from these tensors
-                raise ValueError(f"{name}: {data.numel()} bytes, the header says {expected[1] - expected[0]}")
-            f.write(data.numpy().data)
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for name in names:
+        t = tensors[name].detach().to("cpu").contiguous().reshape(-1)
+        expected = header[name]["data_offsets"]
+        data = t.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        if data.numel() != expected[1] - expected[0]:  # a guard: the header was made from these tensors
+            raise ValueError(f"{name}: {data.numel()} bytes, the header says {expected[1] - expected[0]}")
+        f.write(data.numpy().data)
