@@ -712,7 +712,7 @@ def test_the_joint_stage_counts_every_trained_block_and_the_calibration_streams(
     _no_cached_memory(monkeypatch)
     behaviour.check_tail_fits(model, 1, "cuda", tokens=10, joint=True, total_tokens=100)  # just room enough
     free["bytes"] = joint_need
-    with pytest.raises(QrealignError, match="trains the 3 blocks from block 1 on together.*without --joint-safety"):
+    with pytest.raises(QrealignError, match="trains the 3 blocks from block 1 on together.*joint_safety off \\(CLI --no-joint-safety\\)"):
         behaviour.check_tail_fits(model, 1, "cuda", tokens=10, joint=True, total_tokens=100)
     # the joint need is more than the per-block one: the same memory lets the block-by-block form pass
     behaviour.check_tail_fits(model, 1, "cuda", tokens=10, total_tokens=100)

@@ -223,3 +223,30 @@ def test_a_model_spread_over_devices_by_accelerate_is_refused():
     model.hf_device_map = {"model.layers.0": 0, "model.layers.1": "cpu"}
     with pytest.raises(QrealignError, match="device_map"):
         check_unquantized(model)
+
+
+def test_every_flag_a_message_names_exists():
+    # a message that tells the user which flag to give must name one that some command has: every
+    # `--flag` in the package's string literals (docstrings aside) is an option of a qrealign
+    # command, or another tool's
+    import argparse
+    import ast
+    import re
+    from pathlib import Path
+
+    from qrealign.cli import build_parser
+
+    flags = {"--no-deps", "--s"}  # pip's, in install hints; a matplotlib line style
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags.update(s for a in sub._actions for s in a.option_strings)
+    unknown = []
+    for path in Path(qrealign.models.__file__).parents[1].rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        docs = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+                unknown += [f"{path.name}: {m}" for m in re.findall(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*",
+                                                                   node.value) if m not in flags]
+    assert len(flags) > 100 and unknown == []

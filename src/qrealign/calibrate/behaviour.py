@@ -219,7 +219,7 @@ def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, 
         what = (f"the joint stage (joint_safety) trains the {trained} blocks from block {first} on together on "
                 f"{dev}, each with its float32 training state (about {need / 2 ** 30:.1f} GiB with the activations)")
         way_out = "Put the safety term on later blocks only (layers_from=0.85; CLI --layers-from 0.85) or leave " \
-                  "joint_safety off (CLI: without --joint-safety)"
+                  "joint_safety off (CLI --no-joint-safety)"
         smaller = ""  # the training state and the streams are float32 whatever the model's dtype
     else:
         need = copies + per_block * block + tokens * (len(blocks) - first - 1) * per_token + \

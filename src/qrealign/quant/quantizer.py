@@ -115,7 +115,8 @@ def check_compiler(device) -> None:
         if not _has_triton():
             raise QrealignError("compile_quantizer (--compile-quantizer) runs torch.compile, whose CUDA kernels need "
                                 "Triton, which torch cannot use here (not installed, or a GPU older than compute "
-                                "capability 7.0): install it (pip install triton) or drop the option")
+                                "capability 7.0): install it (pip install triton) or switch the option off (CLI "
+                                "--no-compile-quantizer)")
         return
     if torch.device(device).type != "cpu":
         return
