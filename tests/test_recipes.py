@@ -156,3 +156,14 @@ def test_the_demo_report_gives_the_first_token_rows_as_one_command(tmp_path, mon
     assert "--seed 2 --n 100 --out DIR" in seeded
     no_row = demo.DemoConfig(variants=demo.DEFAULT_VARIANTS[:3], extra_scheme_variants=("RTN",))
     assert demo._recipe_lines(no_row, aligned, attacked) == []
+
+
+def test_a_comma_inside_a_refusal_start_passes_the_command_line(captured):
+    # '\,' is a comma inside a token; a recipe's tokens go through the flag's text and back unchanged
+    tokens = ["I", "No,", ",", " a,b", "Sorry"]
+    assert realign_cmd.split_tokens(realign_cmd.join_tokens(tokens)) == tokens
+    assert realign_cmd.split_tokens("I,That") == ["I", "That"]
+    code, call = captured("--greedy-margin", "1", "--refusal-starts", "I,No\\,,\\,")
+    assert code == 0 and call["refusal_starts"] == ("I", "No,", ",")
+    code, call = captured("--recipe", "first-token")
+    assert code == 0 and call["refusal_starts"] == FIRST_TOKEN.at("W8A8").loss["refusal_starts"]

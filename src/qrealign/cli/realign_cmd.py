@@ -4,6 +4,7 @@ with --teacher, the aligned model's first response token)."""
 from __future__ import annotations
 
 import argparse
+import re
 
 COMMAND = "realign"
 ORDER = 11
@@ -49,8 +50,8 @@ def add_arguments(parser) -> None:
                              "(docs/experiments.md §49)")
     parser.add_argument("--refusal-starts", default=None, metavar="TOK,TOK",
                         help="with --greedy-margin: the tokens that begin a refusal, comma-separated, each one "
-                             "token (e.g. 'I,That,Sorry,No'); default: the teacher's greedy first tokens on malicious "
-                             "prompts")
+                             "token (e.g. 'I,That,Sorry,No'; a comma inside a token as '\\,'); default: the "
+                             "teacher's greedy first tokens on malicious prompts")
     parser.add_argument("--lam", type=float, default=1.0, help="weight of the safety term (paper: 1)")
     parser.add_argument("--margin", type=float, default=0.0, help="push malicious logits past this margin")
     parser.add_argument("--hinge", action="store_true", help="hinge instead of softplus: stop once past the margin")
@@ -100,7 +101,7 @@ def defaults_from(args, given: set[str]) -> dict:
             key, value = INVERTED[key], not value
         out[key] = value
     for key, value in settings.loss.items():
-        out[key] = ",".join(value) if key == "refusal_starts" else value
+        out[key] = join_tokens(value) if key == "refusal_starts" else value
     out["calib_benign"] = list(settings.calib_benign) or None
     out["calib_malicious"] = list(settings.calib_malicious) or None
     if args.calib_task:
@@ -173,6 +174,16 @@ def run(args) -> int:
 
 
 
+def split_tokens(text: str) -> list[str]:
+    """'I,No' -> ['I', 'No']; a comma inside a token is written '\\,' ('No\\,' -> ['No,'])."""
+    return [part.replace("\\,", ",") for part in re.split(r"(?<!\\),", text)]
+
+
+def join_tokens(tokens) -> str:
+    """The inverse of `split_tokens` (a recipe's tokens as the flag's default)."""
+    return ",".join(t.replace(",", "\\,") for t in tokens)
+
+
 def _margin_options(args) -> dict:
     """The greedy-margin options the user set (none: the loss is unchanged)."""
     from ..calibrate.behaviour import MARGIN_DEFAULTS, unused_margin_options
@@ -183,7 +194,7 @@ def _margin_options(args) -> dict:
         if key != "refusal_starts" and getattr(args, key) != default:
             options[key] = getattr(args, key)
     if args.refusal_starts is not None:
-        starts = tuple(t for t in args.refusal_starts.split(",") if t)  # not stripped: " I" is another token
+        starts = tuple(t for t in split_tokens(args.refusal_starts) if t)  # not stripped: " I" is another token
         if not starts:
             raise QrealignError("--refusal-starts: give at least one token, e.g. 'I,That,Sorry,No'")
         options["refusal_starts"] = starts
