@@ -65,3 +65,42 @@ def test_readme_python_calls_match_the_signatures():
                 extra = set(kwargs) - set(signature.parameters)
                 assert extra <= loss_fields, f"realign(..., {sorted(extra - loss_fields)}) is no loss option"
     assert {"realign", "load_model", "CalibConfig", "load_quantized", "build_calibration"} <= seen
+
+
+def test_readme_command_lines_parse():
+    """Every full `qrealign ...` command the README and docs/scale.md show (one with its `--out`;
+    shorter mentions in the prose are not commands) parses with today's CLI: a renamed flag or a
+    dropped choice fails here; `a|b` is tried with each choice, and `[optional]` parts are left out."""
+    import contextlib
+    import io
+    import shlex
+
+    from qrealign.cli import build_parser
+
+    text = README.read_text(encoding="utf-8") + (README.parent / "docs" / "scale.md").read_text(encoding="utf-8")
+    lines = re.findall(r"`(qrealign [^`]+)`", text)
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        lines += [line.split("#")[0] for line in block.replace("\\\n", " ").splitlines()]
+    commands = []
+    for line in lines:
+        line = " ".join(re.sub(r"\[[^\]]*\]", " ", line.replace("\\|", "|")).split())  # [optional] parts left out
+        if not line.startswith("qrealign ") or "--out" not in line or any(m in line for m in ("...", "…")):
+            continue
+        words = line.split(" ")
+        choices = next(((i, w.split("|")) for i, w in enumerate(words) if "|" in w), None)
+        if choices is None:
+            commands.append(line)
+        else:  # `--method rtn|omniquant`: each choice
+            i, options = choices
+            commands += [" ".join([*words[:i], option, *words[i + 1:]]) for option in options]
+    parser = build_parser()
+    for command in commands:
+        errors = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(errors):
+                parser.parse_args(shlex.split(command)[1:])
+        except SystemExit:
+            raise AssertionError(f"README: `{command}` does not parse: {errors.getvalue().strip()}") from None
+    assert len(commands) >= 15 and any("--method omniquant" in c for c in commands) \
+        and any("--target refusal-direction" in c for c in commands), \
+        "the README's commands moved; update this test"
