@@ -227,6 +227,31 @@ def test_cli_realign_joint_safety_and_the_commands_without_a_safety_term(tmp_pat
     assert main(["realign", *common, "--teacher", str(tmp_path / "aligned"), "--layers", "1-2", "--joint-safety",
                  "--out", str(tmp_path / "gap")]) == 2
     assert "without a gap" in capsys.readouterr().err and not (tmp_path / "gap").exists()
+    assert not (tmp_path / ".gap.checkpoint").exists()  # refused before the teacher pass, which it would hold
+
+
+def test_first_token_settings_that_cannot_work_fail_before_the_teacher_pass(monkeypatch):
+    # the teacher pass is the first-token run's first long step (minutes at 135 M, more at 7B):
+    # a safety range the joint stage cannot train, or a compiler the run cannot use, is said before it
+    import importlib
+
+    import qrealign.quant.quantizer as quantizer
+    from qrealign import realign
+
+    module = importlib.import_module("qrealign.realign")  # `qrealign.realign` is the function
+    monkeypatch.setattr(module, "compute_teacher_targets",
+                        lambda *a, **k: pytest.fail("the teacher pass ran before the check"))
+    finetuned, aligned, tok = _models()
+    with pytest.raises(QrealignError, match="without a gap"):
+        realign(finetuned, tok, teacher=aligned, calibration=CALIB, config=CalibConfig(joint_safety=True),
+                layers=(1, 2), progress=False)
+
+    def no_compiler(device, demo=False):
+        raise QrealignError("needs a C++ compiler (stand-in)")
+    monkeypatch.setattr(quantizer, "check_compiler", no_compiler)
+    with pytest.raises(QrealignError, match="stand-in"):
+        realign(finetuned, tok, teacher=aligned, calibration=CALIB, config=CalibConfig(compile_quantizer=True),
+                layers_from=0.5, progress=False)
 
 
 @pytest.mark.parametrize("joint", [False, True])

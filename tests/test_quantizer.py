@@ -359,8 +359,11 @@ def test_compiling_without_a_cpp_compiler_is_one_line_before_any_work(monkeypatc
         raise RuntimeError("InvalidCxxCompiler")
 
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
-    with pytest.raises(QrealignError, match="needs a C\\+\\+ compiler on CPU"):
+    with pytest.raises(QrealignError, match="needs a C\\+\\+ compiler on CPU.*CLI --no-compile-quantizer"):
         check_compiler("cpu")
+    with pytest.raises(QrealignError, match="measured with it: it has no switch there") as raised:
+        check_compiler("cpu", demo=True)  # the demo's first-token rows have no switch to name
+    assert "--no-compile-quantizer" not in str(raised.value)
     monkeypatch.setattr("qrealign.quant.quantizer._has_triton", lambda: True)
     check_compiler("cuda")  # the C++ compiler is not checked there (Triton is)
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "g++")
@@ -377,7 +380,7 @@ def test_compiling_without_the_python_headers_is_one_line_before_any_work(monkey
 
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "g++")
     monkeypatch.setattr(cpp_builder, "_get_python_include_dirs", lambda: [str(tmp_path)])
-    with pytest.raises(QrealignError, match=r"needs the Python headers \(Python.h\)"):
+    with pytest.raises(QrealignError, match=r"needs the Python headers \(Python.h\).*CLI --no-compile-quantizer"):
         check_compiler("cpu")
     (tmp_path / "Python.h").write_text("/* present */\n")
     check_compiler("cpu")
@@ -387,7 +390,7 @@ def test_compiling_on_cuda_without_triton_is_one_line_before_any_work(monkeypatc
     import qrealign.quant.quantizer as quantizer
 
     monkeypatch.setattr(quantizer, "_has_triton", lambda: False)
-    with pytest.raises(QrealignError, match="Triton.*switch the option off \\(CLI --no-compile-quantizer\\)"):
+    with pytest.raises(QrealignError, match="Triton.*switch the option off \\(CLI --no-compile-quantizer;"):
         quantizer.check_compiler("cuda")
     monkeypatch.setattr(quantizer, "_has_triton", lambda: True)
     quantizer.check_compiler("cuda")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .calibrate.api import checkpoint_path, quantize
 from .calibrate.data import CalibrationSet, build_calibration
-from .calibrate.engine import CalibConfig, CalibResult
+from .calibrate.engine import CalibConfig, CalibResult, check_joint_run
 from .calibrate.safety import SafetyLoss
 from .calibrate.targets import KIND as TARGETS_KIND
 from .calibrate.targets import META_FILE as TARGETS_META
@@ -207,7 +207,8 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
                                       unused_margin_options)
     from .calibrate.losses import check_weights
     from .models.offload import offloaded
-    from .utils import check_out_dir, model_fingerprint
+    from .quant.quantizer import check_compiler
+    from .utils import check_out_dir, model_fingerprint, resolve_device
 
     on_disk = offloaded(model) is not None
     num_layers = model.config.num_hidden_layers
@@ -221,7 +222,11 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
                             "every block after the first safety block in memory, all blocks by default")
     cfg = config or CalibConfig()
     calibration = calibration or build_calibration()
-    # before the teacher pass, not at block 0
+    # before the teacher pass, not at block 0 (or at the joint stage, or the first compiled step)
+    if cfg.joint_safety and cfg.method != "rtn":
+        check_joint_run(layers if layers is not None else range(num_layers), num_layers)
+    if cfg.compile_quantizer and cfg.method != "rtn":
+        check_compiler(resolve_device(device))
     _check_gpu_memory(model, tokenizer, calibration, cfg, min(layers) if layers else 0, device, response_tokens)
     starts = loss_options.pop("refusal_starts", None) or None
     unused = unused_margin_options({**loss_options, "refusal_starts": starts})

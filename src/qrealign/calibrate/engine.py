@@ -472,10 +472,17 @@ def _joint_start(cfg: CalibConfig, loss, num_layers: int) -> int | None:
     if not active:
         raise QrealignError("joint_safety trains the blocks with a safety term together, and this loss has none "
                             "(plain reconstruction): leave joint_safety off")
+    check_joint_run(active, num_layers)
+    return active[0]
+
+
+def check_joint_run(active, num_layers: int) -> None:
+    """`joint_safety` trains the safety blocks as one stage after the others: they must be the
+    last blocks, without a gap (realign checks this before its teacher pass too)."""
+    active = sorted(active)
     if active != list(range(active[0], num_layers)):
         raise QrealignError(f"joint_safety needs the safety term on the last blocks without a gap (a run "
-                            f"{active[0]}-{num_layers - 1}); this loss has it on {active}")
-    return active[0]
+                            f"{active[0]}-{num_layers - 1}, e.g. --layers-from); this loss has it on {active}")
 
 
 def _joint_stage(run: _Run, first: int, fp_in: list, q_in: list, params: TensorFiles, logs: list,

@@ -107,16 +107,19 @@ def _per_token_fake_quant(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
 _COMPILED: dict = {}
 
 
-def check_compiler(device) -> None:
+def check_compiler(device, demo: bool = False) -> None:
     """`torch.compile` on CPU builds C++ kernels; without a compiler it fails at the first compiled
     step, after all the work before it (a demo's lab). Checked up front instead; there is no
-    fallback to eager, which would be another run (the switch is in the fingerprint)."""
+    fallback to eager, which would be another run (the switch is in the fingerprint). `demo`: the
+    demo's first-token rows, measured compiled, have no switch to name."""
+    way_out = (" (the demo's first-token rows were measured with it: it has no switch there)" if demo else
+               ", or switch the option off (CLI --no-compile-quantizer; another run: last-bit differences)")
+    what = "compile_quantizer (--compile-quantizer; the demo's first-token rows) runs torch.compile, "
     if torch.device(device).type == "cuda":  # GPU kernels are Triton's
         if not _has_triton():
-            raise QrealignError("compile_quantizer (--compile-quantizer) runs torch.compile, whose CUDA kernels need "
-                                "Triton, which torch cannot use here (not installed, or a GPU older than compute "
-                                "capability 7.0): install it (pip install triton) or switch the option off (CLI "
-                                "--no-compile-quantizer)")
+            raise QrealignError(what + "whose CUDA kernels need Triton, which torch cannot use here (not installed, "
+                                "or a GPU older than compute capability 7.0): install it (pip install triton)"
+                                + way_out)
         return
     if torch.device(device).type != "cpu":
         return
@@ -127,14 +130,12 @@ def check_compiler(device) -> None:
     try:
         get_cpp_compiler()
     except Exception:
-        raise QrealignError("compile_quantizer (--compile-quantizer; the demo's first-token rows) runs torch.compile, "
-                            "which needs a C++ compiler on CPU: install g++ or clang++ (Debian/Ubuntu: apt install "
-                            "g++) or point CXX at one") from None
+        raise QrealignError(what + "which needs a C++ compiler on CPU: install g++ or clang++ (Debian/Ubuntu: apt "
+                            "install g++) or point CXX at one" + way_out) from None
     # Its CPU kernels are built as Python extensions (#include <Python.h>): the headers too (review 70).
     if not any((Path(d) / "Python.h").is_file() for d in _python_include_dirs()):
-        raise QrealignError("compile_quantizer (--compile-quantizer; the demo's first-token rows) runs torch.compile, "
-                            "which on CPU builds Python extensions and needs the Python headers (Python.h): install "
-                            "them (Debian/Ubuntu: apt install python3-dev)")
+        raise QrealignError(what + "which on CPU builds Python extensions and needs the Python headers (Python.h): "
+                            "install them (Debian/Ubuntu: apt install python3-dev)" + way_out)
 
 
 def _has_triton() -> bool:
