@@ -44,7 +44,9 @@ def captured(monkeypatch, tmp_path):
 
     realign_module = importlib.import_module("qrealign.realign")  # `qrealign.realign` is the function
     calls = {}
-    monkeypatch.setattr(qrealign.models, "load_model", lambda *a, **k: ("model", "tokenizer"))
+    # a tokenizer for which every refusal start is one token (the recipe's are SmolLM2's)
+    one_token_each = SimpleNamespace(encode=lambda text, add_special_tokens=True: [len(text)])
+    monkeypatch.setattr(qrealign.models, "load_model", lambda *a, **k: ("model", one_token_each))
     monkeypatch.setattr(realign_cmd, "_check_teacher", lambda teacher: None)
 
     def fake_realign(model, tokenizer, *args, **kwargs):
@@ -167,3 +169,21 @@ def test_a_comma_inside_a_refusal_start_passes_the_command_line(captured):
     assert code == 0 and call["refusal_starts"] == ("I", "No,", ",")
     code, call = captured("--recipe", "first-token")
     assert code == 0 and call["refusal_starts"] == FIRST_TOKEN.at("W8A8").loss["refusal_starts"]
+
+
+def test_a_recipes_refusal_starts_on_another_tokenizer_say_where_they_came_from(captured, monkeypatch, capsys):
+    # the recipe's starts are SmolLM2's openings; on a tokenizer where "That" is several tokens the
+    # user, who gave none, is told the recipe set them and what to give instead
+    import qrealign.models
+
+    from qrealign.models.tiny import tiny_model
+
+    _, bytes_tok = tiny_model("llama", num_hidden_layers=2)
+    monkeypatch.setattr(qrealign.models, "load_model", lambda *a, **k: ("model", bytes_tok))
+    code, call = captured("--recipe", "first-token")
+    err = capsys.readouterr().err
+    assert code == 2 and call == {}
+    assert "is 4 tokens for this tokenizer" in err and "--recipe first-token sets --refusal-starts" in err
+    # starts the user gave are the user's: left to realign's own check and its plain error
+    code, call = captured("--recipe", "first-token", "--refusal-starts", "That")
+    assert code == 0 and call["refusal_starts"] == ("That",)

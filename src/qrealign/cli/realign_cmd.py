@@ -117,6 +117,7 @@ def defaults_from(args, given: set[str]) -> dict:
     if unknown:
         raise QrealignError(f"recipe {recipe.name}: {', '.join(unknown)} {'has' if len(unknown) == 1 else 'have'} "
                             "no realign flag")
+    out["from_recipe"] = tuple(sorted(set(out) - given))  # for errors about a value the user did not give
     return out
 
 
@@ -145,6 +146,8 @@ def run(args) -> int:
         _check_teacher(args.teacher)
         _check_teacher_options(args, layers)
         model, tokenizer, scheme, config, calib = prepare(args, "omniquant")
+        if "refusal_starts" in margin and "refusal_starts" in getattr(args, "from_recipe", ()):
+            _check_recipe_starts(tokenizer, margin["refusal_starts"], args.recipe)
         # FirstTokenLoss defaults: normalised MSE without the sink token, malicious prompts reconstructed too.
         options = {} if args.sink_weight is None else {"sink_weight": args.sink_weight}
         options.update(margin)
@@ -172,6 +175,20 @@ def run(args) -> int:
     summary(result, args.out)
     return 0
 
+
+
+def _check_recipe_starts(tokenizer, starts, recipe: str) -> None:
+    """A recipe's refusal starts are SmolLM2's openings: on another tokenizer the error must say
+    where they came from (the user gave none)."""
+    from ..calibrate.behaviour import refusal_start_ids
+    from ..errors import QrealignError
+
+    try:
+        refusal_start_ids(tokenizer, starts)
+    except QrealignError as exc:
+        raise QrealignError(f"{exc}. --recipe {recipe} sets --refusal-starts to SmolLM2's refusal openings "
+                            f"({join_tokens(starts)}): give your tokenizer's, each one token, with --refusal-starts, "
+                            "or drop the greedy margin with --greedy-margin 0") from None
 
 
 def split_tokens(text: str) -> list[str]:
