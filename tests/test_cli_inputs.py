@@ -250,3 +250,37 @@ def test_every_flag_a_message_names_exists():
                 unknown += [f"{path.name}: {m}" for m in re.findall(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*",
                                                                    node.value) if m not in flags]
     assert len(flags) > 100 and unknown == []
+
+
+@pytest.mark.parametrize("extra, message", [
+    # options a switch turns off are not read: said, not silently recorded (review 79)
+    (["--lr-round", "0.5"], "--lr-round is read only with --learn-rounding, which is off here"),
+    (["--no-lwc", "--lwc-init", "2"], "--lwc-init is read only with --lwc"),
+    (["--no-lwc", "--lr-lwc", "0.5", "--lwc-init", "2"], "--lr-lwc, --lwc-init are read only with --lwc"),
+    (["--no-let", "--rope-invariant-qk"], "--rope-invariant-qk is read only with --let"),
+    (["--method", "rtn", "--recompute"], "--method rtn trains nothing"),  # the rtn rule first
+])
+def test_options_a_switch_leaves_unread_are_refused_in_flags(model_dir, tmp_path, capsys, no_load, extra, message):
+    assert main(["quantize", str(model_dir), "--out", str(tmp_path / "q"), *extra]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+def test_a_recipe_setting_the_user_switches_off_takes_its_options_along():
+    # --recipe first-token sets --learn-rounding with its --lr-round, and --lr-let with LET on:
+    # --no-learn-rounding / --no-let take those along instead of calling them unread; and a joint
+    # stage the recipe set says how to turn it off
+    from qrealign.cli import _with_command_defaults, build_parser
+    from qrealign.cli._calib_args import check_flags
+    from qrealign.errors import QrealignError
+
+    def parsed(*flags):
+        parser = build_parser()  # one per command line, as in a process
+        argv = ["realign", "M", "--teacher", "T", "--out", "O", "--recipe", "first-token", *flags]
+        return _with_command_defaults(parser, parser.parse_args(argv), argv)
+    for flags in ((), ("--no-learn-rounding",), ("--no-let",), ("--lwc",)):
+        check_flags(parsed(*flags), "omniquant")
+    assert parsed("--no-learn-rounding").lr_round == 5e-3 and parsed().lr_round == 1e-2
+    with pytest.raises(QrealignError, match="set by --recipe; --no-joint-safety turns it off"):
+        check_flags(parsed("--epoch-schedule", "paper", "--epochs", "6"), "omniquant")
+    with pytest.raises(QrealignError, match="--lr-round is read only with --learn-rounding"):  # given: the user's
+        check_flags(parsed("--no-learn-rounding", "--lr-round", "0.1"), "omniquant")

@@ -222,7 +222,11 @@ def test_cli_realign_joint_safety_and_the_commands_without_a_safety_term(tmp_pat
     assert "only realign" in capsys.readouterr().err and not (tmp_path / "q").exists()
     assert main(["realign", *common, "--teacher", str(tmp_path / "aligned"), "--recompute", "--out",
                  str(tmp_path / "r")]) == 2  # nothing to recompute block by block
-    assert "needs joint_safety" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    assert "--recompute applies to the joint stage only: add --joint-safety" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    # quantize has no joint stage: said in flags, not sent round to a --joint-safety it refuses (review 79)
+    assert main(["quantize", *common, "--recompute", "--out", str(tmp_path / "q")]) == 2
+    assert "that is realign's (--joint-safety): drop it here" in capsys.readouterr().err
     # a safety term that stops before the last block cannot be trained as one stage
     assert main(["realign", *common, "--teacher", str(tmp_path / "aligned"), "--layers", "1-2", "--joint-safety",
                  "--out", str(tmp_path / "gap")]) == 2

@@ -136,8 +136,8 @@ def prepare(args, method: str):
         raise QrealignError(f"{args.model} is a qrealign export (integer weights): quantizing it again would "
                             "quantize twice; start from the model its run was calibrated on")
     scheme = get_scheme(args.scheme)
+    check_flags(args, method)  # in flags, before the engine's config says it in field names
     config = engine_config(args, method)
-    check_flags(args, method)
     calib = build_calibration(args.calib, args.n, args.malicious_ratio, args.seed,
                               task=args.calib_task, task_n=(args.calib_task_n or CALIB_TASK_N) if args.calib_task else 0,
                               extra_benign=args.calib_benign,
@@ -165,6 +165,30 @@ def check_flags(args, method: str) -> None:
         if trained:
             raise QrealignError(f"{', '.join(trained)} set(s) calibration training, and --method rtn trains nothing: "
                                 "drop it, or use --method omniquant")
+    for switch, off, dependents, flag in SWITCHED:
+        if getattr(args, switch) == off:
+            unread = changed_options(args, {k: TRAINING_DEFAULTS[k] for k in dependents})
+            if unread:
+                raise QrealignError(f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} read only with {flag}, "
+                                    f"which is off here: drop {'it' if len(unread) == 1 else 'them'}, or give {flag}")
+    joint = "--joint-safety" + (" (set by --recipe; --no-joint-safety turns it off)"
+                                if "joint_safety" in getattr(args, "from_recipe", ()) else "")
+    if args.joint_safety and args.epoch_schedule != "constant":
+        raise QrealignError(f"--epoch-schedule {args.epoch_schedule} sets each block's epochs, and {joint} trains the "
+                            "safety blocks together: drop one")
+    realign = getattr(args, "command", None) == "realign"
+    for name in ("recompute", "joint_recon_weight"):
+        if getattr(args, name) not in (False, None) and not args.joint_safety:
+            flag = "--" + name.replace("_", "-")
+            raise QrealignError(f"{flag} applies to the joint stage only: " +
+                                ("add --joint-safety" if realign else "that is realign's (--joint-safety): drop it here"))
+
+
+# Options read only while a switch is on: (switch, its "off" value, the options it gates, the flag
+# that turns it on).
+SWITCHED = (("learn_rounding", False, ("lr_round",), "--learn-rounding"),
+            ("no_lwc", True, ("lr_lwc", "lwc_init"), "--lwc"),
+            ("no_let", True, ("lr_let", "rope_invariant_qk"), "--let"))
 
 
 def check_scheme_fits(scheme, model: str) -> None:

@@ -82,6 +82,7 @@ def defaults_from(args, given: set[str]) -> dict:
     from ..errors import QrealignError
     from ..quant.scheme import get_scheme
     from ..recipes import get_recipe
+    from ._calib_args import SWITCHED
 
     recipe = get_recipe(args.recipe)
     if recipe.teacher and args.teacher is None:
@@ -110,6 +111,10 @@ def defaults_from(args, given: set[str]) -> dict:
         out.pop("joint_recon_weight", None)
     if "layers" in given:
         out.pop("layers_from", None)
+    for switch, off, dependents, _ in SWITCHED:  # e.g. --no-learn-rounding takes the recipe's --lr-round along
+        if switch in given and getattr(args, switch) == off:
+            for key in dependents:
+                out.pop(key, None)
     if "greedy_margin" in given and not args.greedy_margin:
         for key in MARGIN_DEFAULTS:
             out.pop(key, None)
