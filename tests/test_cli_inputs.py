@@ -8,6 +8,7 @@ import torch
 
 import qrealign.models
 from qrealign.cli import main
+from qrealign.errors import QrealignError
 from qrealign.models.tiny import tiny_model
 
 
@@ -284,3 +285,23 @@ def test_a_recipe_setting_the_user_switches_off_takes_its_options_along():
         check_flags(parsed("--epoch-schedule", "paper", "--epochs", "6"), "omniquant")
     with pytest.raises(QrealignError, match="--lr-round is read only with --learn-rounding"):  # given: the user's
         check_flags(parsed("--no-learn-rounding", "--lr-round", "0.1"), "omniquant")
+
+
+def test_lora_targets_that_name_no_module_fail_before_the_self_distillation(model_dir, tmp_path, capsys, monkeypatch):
+    # align generates answers to every benign prompt first (minutes on SmolLM2): a mistyped
+    # --lora-targets failed only after it, with a raw tuple (review 79)
+    import importlib
+
+    align = importlib.import_module("qrealign.finetune.align")  # the package exports the function too
+    monkeypatch.setattr(align, "build_align_data", lambda *a, **k: pytest.fail("generated before the check"))
+    assert main(["align", str(model_dir), "--lora-targets", "q_proj,foo", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "LoRA targets foo name no module of this model (--lora-targets); its linear layers:" in err
+    assert "q_proj" in err.split("linear layers:")[1] and not (tmp_path / "a").exists()
+    from qrealign.finetune.sft import SFTConfig, check_lora_targets
+
+    model, _ = tiny_model("llama", num_hidden_layers=1)
+    check_lora_targets(model, SFTConfig(target_modules=("q_proj", "mlp.down_proj")))  # PEFT's suffix rule
+    check_lora_targets(model, SFTConfig(target_modules="all-linear"))
+    with pytest.raises(QrealignError, match="LoRA targets q_pro name no module"):
+        check_lora_targets(model, SFTConfig(target_modules=("q_pro",)))

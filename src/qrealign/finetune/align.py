@@ -21,7 +21,7 @@ import torch
 
 from ..errors import QrealignError
 from .config import AlignConfig
-from .sft import Pair, sft
+from .sft import Pair, check_lora_targets, sft
 
 
 @dataclass
@@ -120,6 +120,7 @@ def align(model, tokenizer, config: AlignConfig | None = None, *, device: str | 
     from ..utils import resolve_device
 
     cfg = config or AlignConfig()
+    check_lora_targets(model, cfg.sft)  # not after the self-distillation
     if data is None:
         home = next(model.parameters()).device
         model.to(resolve_device(device))

@@ -174,6 +174,21 @@ def _clear_source_stamp(model) -> None:
             setattr(model.config, name, None)
 
 
+def check_lora_targets(model, config: SFTConfig) -> None:
+    """Before anything slow (align's self-distillation): LoRA's `target_modules` must name modules
+    of this model, by PEFT's rule (a name is a module's last dotted parts; "all-linear", the one
+    string SFTConfig keeps, always matches)."""
+    if not config.lora or isinstance(config.target_modules, str):
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in config.target_modules if not any(name == t or name.endswith("." + t) for name in names)]
+    if missing:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, torch.nn.Linear)})
+        raise QrealignError(f"LoRA targets {', '.join(missing)} name no module of this model (--lora-targets); its "
+                            f"linear layers: {', '.join(leaves)}")
+
+
 def wrap_lora(model, config: SFTConfig):
     """Add a fresh LoRA adapter (the paper's `LoraConfig`) to the model; returns the PEFT model."""
     from peft import LoraConfig, get_peft_model

@@ -22,7 +22,7 @@ from ..evaluate.overlap import META_FILE, provenance_entry
 from ..stages import cached_stage
 from ..utils import atomic_dir, check_out_dir, model_fingerprint, sha256_json, write_json
 from .config import AlignConfig, AttackConfig
-from .sft import resolve_amp
+from .sft import check_lora_targets, resolve_amp
 
 
 def save_finetuned(model, tokenizer, out_dir: str | Path, *, stage: str, parent: str, config: dict,
@@ -112,6 +112,8 @@ def finetune_stage(stage: str, source: str | Path, config: AlignConfig | AttackC
         from ..evaluate.generate import stop_key
 
         inputs.update(stop_key(tokenizer, getattr(model, "generation_config", None)))
+
+    check_lora_targets(model, config.sft)  # a typo fails now, not after align's self-distillation
 
     def build(tmp: Path) -> None:
         losses: list[float] = []

@@ -163,6 +163,10 @@ _GGUF_ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qw
                             "gemma2": "gemma2", "gemma3": "gemma3_text"}
 
 
+# The files a Hugging Face tokenizer loads from (fast, sentencepiece, BPE vocabulary).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def load_tokenizer(source: str | Path | ModelSource, padding_side: str = "left"):
     from transformers import AutoTokenizer
 
@@ -171,7 +175,13 @@ def load_tokenizer(source: str | Path | ModelSource, padding_side: str = "left")
     try:
         tokenizer = AutoTokenizer.from_pretrained(src.path, **kwargs)
     except (OSError, ValueError) as exc:  # ValueError: a directory without tokenizer files
-        raise ModelLoadError(f"cannot load tokenizer for {src.name}: {str(exc).splitlines()[0]}") from None
+        folder = Path(src.path)
+        if folder.is_dir() and not src.gguf_file and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            raise ModelLoadError(f"cannot load tokenizer for {src.name}: the folder has none of "
+                                 f"{', '.join(TOKENIZER_FILES)}; save the tokenizer beside the weights "
+                                 "(tokenizer.save_pretrained(DIR))") from None
+        said = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise ModelLoadError(f"cannot load tokenizer for {src.name}: {said}") from None
     tokenizer.padding_side = padding_side
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
