@@ -256,7 +256,11 @@ def test_held_out_sets_never_enter_calibration(tmp_path):
     from qrealign.errors import QrealignError
     from qrealign.evaluate.promptsets import resolve_prompt_set
 
-    for spec in ("qrealign:confirm",):
+    # an unknown name lists what calibration takes: the splits but eval, and the supplements (review 79)
+    with pytest.raises(QrealignError, match="unknown prompt set 'foo'; for calibration: qrealign:align, "
+                       "qrealign:attack, qrealign:probe, qrealign:calib, qrealign:twins, qrealign:edgy, or a file"):
+        build_calibration("qrealign:foo", n=20)
+    for spec in ("qrealign:confirm", "qrealign:eval"):
         with pytest.raises(QrealignError, match="held out"):
             build_calibration(spec, n=20)
         with pytest.raises(QrealignError, match="held out"):

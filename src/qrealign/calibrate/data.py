@@ -180,7 +180,7 @@ def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malici
 
 def _load_spec(spec: str) -> tuple[list, str]:
     """(prompts, split name) of "qrealign:<split>" or a prompt file."""
-    from ..data.prompts import HELD_OUT_SETS, SUPPLEMENTS, load_prompt_file, load_prompts, load_supplement
+    from ..data.prompts import HELD_OUT_SETS, SPLITS, SUPPLEMENTS, load_prompt_file, load_prompts, load_supplement
 
     try:
         if spec.startswith("qrealign:"):
@@ -189,6 +189,10 @@ def _load_spec(spec: str) -> tuple[list, str]:
                 raise ValueError(f"the {split} set is held out: it never enters calibration")
             if split in SUPPLEMENTS:
                 return load_supplement(split), split
+            if split not in SPLITS:  # the calibration names: the splits but eval, and the supplements
+                names = [name for name in (*SPLITS, *SUPPLEMENTS) if name != "eval"]
+                raise ValueError(f"unknown prompt set {split!r}; for calibration: "
+                                 f"{', '.join('qrealign:' + n for n in names)}, or a file")
             return load_prompts(split=split), split
         prompts = load_prompt_file(spec)
     except (ValueError, OSError) as exc:

@@ -31,7 +31,8 @@ def add_common(parser) -> None:
                         "W<b>A<b>[-g<N>][-sym|-wsym][-asym-act] (b: 2..16, 16 = not quantized)")
     parser.add_argument("--calib", default="qrealign:calib",
                         help="calibration prompts: qrealign:<split> (default qrealign:calib) or a JSON/JSONL/CSV file with "
-                             "prompt,label; --calib-benign also takes qrealign:twins (more harmful/benign twins)")
+                             "prompt,label; --calib-benign also takes qrealign:twins (benign twins of the calib and "
+                             "attack splits' harmful prompts) and qrealign:edgy (edgy-but-harmless prompts)")
     parser.add_argument("--n", type=int, default=None, help="number of calibration prompts (default: as many as the ratio allows)")
     parser.add_argument("--malicious-ratio", type=float, default=0.75, help="share of malicious prompts (paper 0.75)")
     parser.add_argument("--calib-task", default=None,
@@ -98,8 +99,8 @@ def add_common(parser) -> None:
                              "at 7B); not in the fingerprint")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--system", default=None,
-                        help="system prompt the calibration prompts are rendered with (default: none; with --probes "
-                             "it must be the one the probes were fit with)")
+                        help="system prompt the calibration prompts are rendered with (default: the chat template's "
+                             "own; with --probes it must be the one the probes were fit with)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="compute device (default: best available)")
 
