@@ -97,6 +97,7 @@ def test_resuming_and_setting_aside_a_checkpoint_are_said(calib_set, tmp_path, c
     err = capsys.readouterr().err
     first_aside = [p for p in tmp_path.iterdir() if p.name.startswith("other.stale-")]
     assert len(first_aside) == 1 and "set aside in" in err and str(first_aside[0]) in err
+    assert "1 set aside beside this run" in err and "MiB: delete the ones you no longer need" in err
     assert (first_aside[0] / "state.json").is_file() and (first_aside[0] / "block_0000.safetensors").is_file()
     assert (ckpt / "state.json").is_file()  # the mistyped run's own block
 
@@ -635,3 +636,24 @@ def test_let_pairs_that_would_switch_smoothing_off_in_silence_are_refused(pairs,
     with pytest.raises(QrealignError, match=message):
         CalibConfig(let_pairs=pairs)
     assert CalibConfig(let_pairs=["qkv", "out"]).let_pairs == ("qkv", "out")
+
+
+def test_a_run_that_fails_before_its_first_block_leaves_no_checkpoint_folder(calib_set, tmp_path, monkeypatch):
+    # a pre-flight failure (here the compiler check) left `.<out>.checkpoint/.lock` behind (review 79);
+    # a folder the run did not create, or one holding a finished block, stays
+    import qrealign.calibrate.engine as engine
+
+    def no_compiler(device, demo=False):
+        raise QrealignError("no compiler (stand-in)")
+    monkeypatch.setattr(engine, "check_compiler", no_compiler)
+    model, tok = tiny_model("llama", seed=0, num_hidden_layers=2)
+    with pytest.raises(QrealignError, match="stand-in"):
+        quantize(model, tok, calib_set, "W4A8", CalibConfig(epochs=1, compile_quantizer=True), out=tmp_path / "run",
+                 progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with pytest.raises(QrealignError, match="stand-in"):
+        calibrate(model, tok, calib_set, "W4A8", CalibConfig(epochs=1, compile_quantizer=True), checkpoint_dir=mine,
+                  progress=False)
+    assert mine.is_dir()

@@ -39,6 +39,7 @@ def checkpoint_lock(ckpt: Path | None):
     except ImportError:  # pragma: no cover - not POSIX: no lock
         yield
         return
+    created = not ckpt.exists()
     ckpt.mkdir(parents=True, exist_ok=True)
     with open(ckpt / LOCK_FILE, "w") as handle:
         try:
@@ -49,7 +50,20 @@ def checkpoint_lock(ckpt: Path | None):
         try:
             yield
         finally:
+            if created:  # a run that failed before its first block leaves no folder of its own
+                _remove_if_only_the_lock(ckpt)
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove_if_only_the_lock(ckpt: Path) -> None:
+    """Called holding the lock: a folder that holds nothing but it (no block, no teacher pass) is
+    removed, not left hidden beside the output."""
+    try:
+        if {p.name for p in ckpt.iterdir()} == {LOCK_FILE}:
+            (ckpt / LOCK_FILE).unlink()
+            ckpt.rmdir()
+    except OSError:  # gone already (a finished run clears it) or taken meanwhile: nothing to do
+        pass
 
 
 def block_file(ckpt: Path, layer: int) -> Path:
@@ -112,9 +126,11 @@ def resume_point(ckpt: Path | None, fingerprint: str, code: str, num_layers: int
             if say:
                 made = "by other code (qrealign's calibration modules changed)" if other_code else \
                     "with other settings or inputs"
+                aside = sorted(ckpt.parent.glob(f"{ckpt.name}.stale-*"))
                 say(f"[calibrate] the checkpoint in {ckpt} was made {made} "
-                    f"({state.get('completed_blocks', 0)} blocks): set aside in {stale} (the run that made it "
-                    "takes it back when it is started again)")
+                    f"({state.get('completed_blocks', 0)} blocks, {_mib(stale):.0f} MiB): set aside in {stale} (the run "
+                    f"that made it takes it back when it is started again; {len(aside)} set aside beside this run, "
+                    f"{sum(_mib(d) for d in aside):.0f} MiB: delete the ones you no longer need)")
     if not (ckpt / CHECKPOINT_STATE).is_file():
         mine = stale_dir(ckpt, fingerprint, code)
         if not (mine / CHECKPOINT_STATE).is_file():
@@ -133,6 +149,10 @@ def resume_point(ckpt: Path | None, fingerprint: str, code: str, num_layers: int
     if say and done:
         say(f"[calibrate] resuming from {ckpt}: blocks 0-{done - 1} done, continuing at block {done}")
     return done, list(state.get("logs") or [])[:done]
+
+
+def _mib(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2 ** 20
 
 
 def stale_dir(ckpt: Path, fingerprint: str, code: str) -> Path:
