@@ -140,6 +140,10 @@ def test_rejudge_refuses_options_it_would_ignore(tmp_path, capsys):
     (tmp_path / "precious" / "notes.txt").write_text("mine")
     assert main(["eval", str(earlier), "--rejudge", "--out", str(tmp_path / "precious")]) == 2
     assert "not an earlier output" in capsys.readouterr().err
+    # an earlier output given without --rejudge: said what it is, not "has no config.json" (review 79)
+    (earlier / "result.json").write_text("{}")
+    assert main(["eval", str(earlier), "--judge", "keyword", "--out", str(tmp_path / "again")]) == 2
+    assert "is an evaluation output, not a model: to judge its answers again, add --rejudge" in capsys.readouterr().err
 
 
 def test_rejudge_takes_the_debug_switch(model_dir, tmp_path):
@@ -305,3 +309,20 @@ def test_lora_targets_that_name_no_module_fail_before_the_self_distillation(mode
     check_lora_targets(model, SFTConfig(target_modules="all-linear"))
     with pytest.raises(QrealignError, match="LoRA targets q_pro name no module"):
         check_lora_targets(model, SFTConfig(target_modules=("q_pro",)))
+
+
+def test_a_warning_on_the_command_line_is_one_line_of_the_tools(monkeypatch):
+    # it printed "file.py:NNN: UserWarning: ..." and a line of source (review 79); --debug keeps that
+    import warnings
+
+    import qrealign.cli as cli
+
+    seen = []
+    parser = cli.build_parser()
+    parser.command_parsers["inspect"].set_defaults(_run=lambda args: seen.append(warnings.formatwarning))
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    before = warnings.formatwarning
+    assert main(["inspect", "M"]) == 0 and main(["inspect", "M", "--debug"]) == 0
+    assert seen == [cli._warning_line, before] and warnings.formatwarning is before  # and put back
+    line = cli._warning_line(UserWarning("a weaker result than it looks"), UserWarning, "/x/y.py", 12, "src")
+    assert line == "qrealign: warning: a weaker result than it looks\n"

@@ -243,6 +243,11 @@ def test_plan_refuses_what_compressed_tensors_engines_cannot_run():
         plan_export(get_scheme("W4A16"), symmetric_activations=True)
     assert plan_export(get_scheme("W8A8"), symmetric_activations=True).activations.symmetric
     assert plan_export(get_scheme("W8A8-sym"), dtype="float32").matches_calibration
+    # a switch that would change nothing is said, not ignored (review 79)
+    with pytest.raises(ExportError, match="symmetric weights already: there is nothing to re-quantize"):
+        plan_export(get_scheme("W8A8-sym"), symmetric_weights=True)
+    with pytest.raises(ExportError, match="symmetric activations already"):
+        plan_export(get_scheme("W8A8-sym"), symmetric_activations=True)
     assert "may be refused" in plan_export(get_scheme("W4A16-g16-sym")).runtimes["vllm"]
     assert "may be refused" not in plan_export(get_scheme("W4A16-sym")).runtimes["vllm"]
 

@@ -199,6 +199,8 @@ def test_get_judge_specs():
     assert isinstance(get_judge("keyword"), KeywordJudge)
     with pytest.raises(QrealignError, match="unknown judge"):
         get_judge("gpt4:foo")
+    with pytest.raises(QrealignError, match="the keyword judge reads no model"):  # was accepted silently
+        get_judge("keyword:x")
 
 
 # ---- model judges on tiny random models: exact prompt strings and output parsing ---------------

@@ -133,6 +133,10 @@ def test_report_cli(tmp_path, capsys):
     assert main(["report", dirs[0], "--names", "A,B", "--out", str(tmp_path / "rep2")]) == 2
     assert not (tmp_path / "rep2").exists()
     assert main(["report", *dirs, "--out", str(tmp_path / "rep")]) == 0  # an earlier report is replaced
+    capsys.readouterr()
+    assert main(["report", dirs[0], dirs[0], "--out", str(tmp_path / "twice")]) == 0  # printed as the report names
+    name = RESULTS[0].name
+    assert f"| {name} #1 |" in capsys.readouterr().out and f"| {name} #2 |" in (tmp_path / "twice" / "report.md").read_text()
     # an eval directory holds a report.md too: it is not a report's to replace
     (tmp_path / "ev0" / "report.md").write_text("eval's own report")
     before = sorted(p.name for p in (tmp_path / "ev0").iterdir())

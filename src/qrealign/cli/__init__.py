@@ -64,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qrealign: error: {exc}", file=sys.stderr)
         return 2
     restore = _terminate_as_interrupt()
+    import warnings
+
+    formatwarning = warnings.formatwarning
+    if not debug:
+        warnings.formatwarning = _warning_line
     try:
         if getattr(args, "device", None) is not None:  # a typo or a missing GPU fails before any model loads
             from ..utils import resolve_device
@@ -76,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qrealign: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if sys.stderr.isatty():  # below the progress bar's line, not glued to it
+            print(file=sys.stderr)
         print("qrealign: interrupted (nothing half-written; quantize, realign and the demo resume from their "
               "checkpoints and cached stages when the same command runs again)", file=sys.stderr)
         return 130
@@ -86,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         restore()
+        warnings.formatwarning = formatwarning
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """A warning on the command line reads as one line of the tool's, not as a source location
+    and a line of Python (`--debug` keeps Python's form, with where it came from)."""
+    return f"qrealign: warning: {message}\n"
 
 
 def _with_command_defaults(parser, args, argv):

@@ -30,7 +30,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lm-eval-fewshot", type=int, default=LM_EVAL_FEWSHOT,
                         help="few-shot examples per --lm-eval task (default: %(default)s)")
     parser.add_argument("--judge", default="keyword",
-                        help="keyword | harmbench:PATH_OR_ID | llamaguard:PATH_OR_ID | beaverdam:PATH_OR_ID")
+                        help="keyword | harmbench[:PATH_OR_ID] | llamaguard[:PATH_OR_ID] | beaverdam[:PATH_OR_ID] (without "
+                             "one: the judge's published model)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--backend", choices=["hf", "vllm"], default="hf",
@@ -65,6 +66,11 @@ def run(args) -> int:
 
     if args.rejudge:
         return _rejudge(args)
+    from ..evaluate.runner import RESULT_FILE
+
+    if (Path(args.model) / RESULT_FILE).is_file() and not (Path(args.model) / "config.json").is_file():
+        raise QrealignError(f"{args.model} is an evaluation output, not a model: to judge its answers again, add "
+                            "--rejudge (with --judge)")
     ppl_text = read_user_text(args.ppl_text, "--ppl-text") if args.ppl_text else None
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample,
                            seed=args.seed, system=args.system, backend=args.backend,

@@ -17,6 +17,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from ..evaluate.runner import EvalResult
     from ..report import check_report_out, markdown_table, write_report
+    from ..report.write import distinct_names
     from ..utils import atomic_dir
     from ._lists import one_per
 
@@ -27,6 +28,6 @@ def run(args) -> int:
             r.name = n
     with atomic_dir(args.out) as tmp:
         write_report(results, tmp, title=args.title)
-    print(markdown_table(results))
+    print(markdown_table(distinct_names(results)))  # the rows as the report names them
     print(f"wrote {args.out}/report.md, report.html, plots/")
     return 0

@@ -396,10 +396,12 @@ def get_judge(spec: str | Judge, device=None, **kwargs) -> Judge:
     kind, _, source = str(spec).partition(":")
     kind = kind.strip().lower()
     if kind == "keyword":
+        if source:
+            raise QrealignError(f"judge {spec!r}: the keyword judge reads no model; use keyword")
         return KeywordJudge()
     if kind not in _MODEL_JUDGES:
-        raise QrealignError(f"unknown judge {spec!r}; use keyword, harmbench:PATH_OR_ID, "
-                            f"llamaguard:PATH_OR_ID or beaverdam:PATH_OR_ID")
+        raise QrealignError(f"unknown judge {spec!r}; use keyword, harmbench[:PATH_OR_ID], "
+                            f"llamaguard[:PATH_OR_ID] or beaverdam[:PATH_OR_ID]")
     from . import classifiers  # heavy (transformers) only when a model judge is asked for
 
     factories = {kind_: getattr(classifiers, cls) for kind_, cls in _MODEL_JUDGES.items()}

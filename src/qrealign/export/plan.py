@@ -117,6 +117,11 @@ def plan_export(scheme: Scheme, dtype: str = "bfloat16", symmetric_weights: bool
         raise ExportError(f"scheme {scheme.name} is weight-only: there are no activations to make symmetric "
                           "(drop --symmetric-activations)")
 
+    if symmetric_weights and w.symmetric:
+        raise ExportError(f"scheme {scheme.name} has symmetric weights already: there is nothing to re-quantize "
+                          "(drop --symmetric-weights)")
+    if a is not None and symmetric_activations and a.symmetric:
+        raise ExportError(f"scheme {scheme.name} has symmetric activations already (drop --symmetric-activations)")
     weights = replace(w, symmetric=True) if symmetric_weights else w
     acts = replace(a, symmetric=True) if (a is not None and symmetric_activations) else a
     deviations = []

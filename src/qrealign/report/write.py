@@ -43,6 +43,20 @@ def check_report_out(out_dir: str | Path) -> None:
     check_out_dir(out, "report.md", what="an earlier report")
 
 
+def distinct_names(results: Sequence) -> list:
+    """`results` with a repeated name told apart in tables and legends ("name #2"), as copies: the
+    caller's objects keep their names."""
+    results = list(results)
+    names = [r.name for r in results]
+    if len(set(names)) == len(names):
+        return results
+    results = [copy.copy(r) for r in results]
+    for i, r in enumerate(results):
+        if names.count(r.name) > 1:
+            r.name = f"{r.name} #{i + 1}"
+    return results
+
+
 def write_report(results: Sequence, out_dir: str | Path, title: str = "qrealign evaluation report",
                  verdict: Sequence[str] = (), stages: Sequence[str] = ()) -> Path:
     """Write report.md, report.html and plots/*.png for `results` (EvalResult objects) into
@@ -52,12 +66,7 @@ def write_report(results: Sequence, out_dir: str | Path, title: str = "qrealign 
     results = list(results)
     if not results:
         raise QrealignError("no results to report")
-    names = [r.name for r in results]
-    if len(set(names)) != len(names):  # disambiguate repeated names in tables and legends (copies)
-        results = [copy.copy(r) for r in results]
-        for i, r in enumerate(results):
-            if names.count(r.name) > 1:
-                r.name = f"{r.name} #{i + 1}"
+    results = distinct_names(results)
     out = Path(out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     made = {
