@@ -326,3 +326,24 @@ def test_a_warning_on_the_command_line_is_one_line_of_the_tools(monkeypatch):
     assert seen == [cli._warning_line, before] and warnings.formatwarning is before  # and put back
     line = cli._warning_line(UserWarning("a weaker result than it looks"), UserWarning, "/x/y.py", 12, "src")
     assert line == "qrealign: warning: a weaker result than it looks\n"
+
+
+@pytest.mark.parametrize("extra, message", [
+    # the library's checks name its parameters; on the command line they read as the flags (review 79)
+    (["--batch-size", "0"], "qrealign: error: --batch-size must be >= 1, got 0"),
+    (["--max-length", "0"], "qrealign: error: --max-length must be >= 1"),
+    (["--malicious-ratio", "2"], "qrealign: error: --malicious-ratio must be in [0, 1], got 2.0"),
+])
+def test_errors_on_the_command_line_name_flags_not_parameters(model_dir, tmp_path, capsys, no_load, extra, message):
+    assert main(["quantize", str(model_dir), "--out", str(tmp_path / "q"), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_message_that_names_the_flag_already_is_left_alone():
+    from qrealign.cli import build_parser, in_flags
+
+    parser = build_parser()
+    args = parser.parse_args(["realign", "M", "--teacher", "T", "--out", "O"])
+    said = "put the term on later blocks (layers_from=0.85; CLI --layers-from 0.85), or lower batch_size"
+    assert in_flags(said, parser, args) == said.replace("batch_size", "--batch-size")
+    assert in_flags("my_model_dir has no batch_sizes", parser, args) == "my_model_dir has no batch_sizes"

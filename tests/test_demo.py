@@ -166,7 +166,7 @@ def test_demo_config_rejects_a_bad_attack_sweep_up_front(tmp_path):
 
     with pytest.MonkeyPatch.context() as mp:  # an optional extra: missing, it fails now, not after the lab
         mp.setitem(sys.modules, "compressed_tensors", None)
-        with pytest.raises(QrealignError, match=r"pip install 'qrealign\[export\]'"):
+        with pytest.raises(QrealignError, match=r"pip install -e '\.\[export\]'"):
             DemoConfig(out=str(tmp_path / "demo"), export_dtype="bfloat16")
     assert not (tmp_path / "demo").exists()
     # a lower-case name is the preset, so the variants' per-scheme settings apply to it

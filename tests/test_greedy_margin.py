@@ -172,8 +172,8 @@ def test_margin_options_are_refused_where_they_mean_nothing(tmp_path):
     (["--probes", "P", "--greedy-margin", "1"], "apply to --teacher only"),
     # the loss weights and the safety layers too (NaN used to pass the range check and fail at a training step)
     (["--teacher", "M", "--lam", "nan"], "lam must be a finite number >= 0, got nan"),
-    (["--teacher", "M", "--benign-kl", "-1"], "benign_kl must be a finite number >= 0"),
-    (["--teacher", "M", "--greedy-margin", "1", "--margin-tau", "0"], "margin_tau must be a finite number > 0"),
+    (["--teacher", "M", "--benign-kl", "-1"], "--benign-kl must be a finite number >= 0"),
+    (["--teacher", "M", "--greedy-margin", "1", "--margin-tau", "0"], "--margin-tau must be a finite number > 0"),
     (["--teacher", "M", "--layers", "5"], "not blocks of this 2-block model"),
     (["--teacher", "M", "--layers", "1", "--layers-from", "0.5"], "not both"),
     (["--teacher", "M", "--layers-from", "1.5"], "must be in [0, 1)"),

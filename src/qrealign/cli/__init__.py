@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except QrealignError as exc:
         if debug:
             raise
-        print(f"qrealign: error: {exc}", file=sys.stderr)
+        print(f"qrealign: error: {in_flags(str(exc), parser, args)}", file=sys.stderr)
         return 2
     restore = _terminate_as_interrupt()
     import warnings
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except QrealignError as exc:
         if debug:
             raise
-        print(f"qrealign: error: {exc}", file=sys.stderr)
+        print(f"qrealign: error: {in_flags(str(exc), parser, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if sys.stderr.isatty():  # below the progress bar's line, not glued to it
@@ -94,6 +94,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         restore()
         warnings.formatwarning = formatwarning
+
+
+def in_flags(message: str, parser, args) -> str:
+    """The library speaks its parameters' names (`batch_size must be >= 1`); on the command line the
+    same option is a flag (`--batch-size`). Each snake_case option name of this command in the
+    message becomes its flag, unless the message names the flag already."""
+    import re
+
+    sub = parser.command_parsers.get(getattr(args, "command", None))
+    if sub is None:
+        return message
+    for action in sub._actions:
+        flags = [f for f in action.option_strings if f.startswith("--")]
+        if "_" not in action.dest or not flags or flags[0] in message:
+            continue
+        message = re.sub(rf"(?<![\w-]){action.dest}(?![\w-])", flags[0], message)
+    return message
 
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:
