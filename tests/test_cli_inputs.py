@@ -36,7 +36,7 @@ def no_load(monkeypatch):
     (["--method", "rtn", "--epochs", "10", "--lr-lwc", "0.1", "--no-let"],
      "--epochs, --lr-lwc, --no-let set(s) calibration training"),
     (["--method", "rtn", "--lr-schedule", "cosine"], "--lr-schedule set(s) calibration training"),
-    (["--scheme", "W4A16-g48"], "group size 48 does not divide"),
+    (["--scheme", "W4A16-g48"], "group size 48 does not divide this model's input width 64; use a scheme whose group divides it, e.g. -g64 in the scheme's name"),
 ])
 def test_quantize_flags_checked_before_loading(model_dir, tmp_path, capsys, no_load, extra, message):
     assert main(["quantize", str(model_dir), "--out", str(tmp_path / "run"), *extra]) == 2

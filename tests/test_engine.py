@@ -144,6 +144,12 @@ def test_calibrating_a_half_quantized_model_again_is_refused(calib_set, tmp_path
     with pytest.raises(QrealignError, match="already .partly. quantized"):
         calibrate(model, tok, calib_set, "W4A8", cfg, checkpoint_dir=tmp_path, progress=False)
     assert (tmp_path / "state.json").is_file()  # the checkpoint is still there for a fresh model
+    # the commoner case: a second call on the model a finished call quantized in place (review 79)
+    done, tok = tiny_model("llama", seed=0, num_hidden_layers=2)
+    calibrate(done, tok, calib_set, "W4A8", CalibConfig(method="rtn"), progress=False)
+    with pytest.raises(QrealignError, match="the result of an earlier call .finished or interrupted.*Load the FP "
+                                            "model again for each call"):
+        calibrate(done, tok, calib_set, "W8A8", CalibConfig(method="rtn"), progress=False)
 
 
 def test_another_chat_template_does_not_resume(calib_set, tmp_path):

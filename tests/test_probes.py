@@ -274,7 +274,10 @@ def test_check_compatible():
     with pytest.raises(IncompatibleArtifact, match="hidden size 32"):
         wide.check_compatible(model)
     deep = ProbeSet("paper", torch.zeros(3, 64), torch.zeros(3), ok.metrics + ok.metrics[:1])
-    with pytest.raises(IncompatibleArtifact, match="3 decoder blocks"):
+    with pytest.raises(IncompatibleArtifact, match="3 decoder blocks, this model has 2"):
+        deep.check_compatible(model)
+    model.config.qrealign_source = "runs/attacked"  # analyze checks several models: the message says which
+    with pytest.raises(IncompatibleArtifact, match=r"3 decoder blocks, this model \(runs/attacked\) has 2"):
         deep.check_compatible(model)
 
 

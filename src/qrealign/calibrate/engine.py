@@ -616,9 +616,10 @@ def check_unquantized(model: nn.Module) -> None:
     quantized already: calibrating either again would quantize twice, under a new fingerprint that
     also misses the interrupted run's checkpoint."""
     if getattr(model.config, "qrealign_quant_run", None) or any(isinstance(m, QuantLinear) for m in model.modules()):
-        raise QrealignError("this model is already (partly) quantized: a quantize/realign call on it was interrupted, "
-                            "or it is a loaded quantized run. Load the FP model again and repeat the call (an "
-                            "interrupted run resumes from its checkpoint)")
+        raise QrealignError("this model is already (partly) quantized: quantize/realign quantize the model they "
+                            "are given in place, so it is the result of an earlier call (finished or interrupted) "
+                            "or a loaded quantized run. Load the FP model again for each call (an interrupted run "
+                            "resumes from its checkpoint)")
     placed = getattr(model, "hf_device_map", None) or {}
     if len(set(placed.values())) > 1 or "disk" in placed.values():
         raise QrealignError("this model was loaded with a device_map that spreads it over devices (accelerate's "

@@ -137,13 +137,16 @@ class ProbeSet:
 
         hidden = getattr(model.config, "hidden_size", None)
         num_layers = len(get_blocks(model))
+        # which model, where several are checked (analyze)
+        who = getattr(model.config, "qrealign_source", None) or getattr(model.config, "_name_or_path", None)
+        this = f"this model ({who})" if who else "this model"
         if hidden != self.hidden_size:
             raise IncompatibleArtifact(
                 f"probes were fit on hidden size {self.hidden_size} "
-                f"({self.model.get('source') or self.model.get('model_type', '?')}), this model has {hidden}")
+                f"({self.model.get('source') or self.model.get('model_type', '?')}), {this} has {hidden}")
         if num_layers != self.num_layers:
             raise IncompatibleArtifact(
-                f"probes cover {self.num_layers} decoder blocks, this model has {num_layers}")
+                f"probes cover {self.num_layers} decoder blocks, {this} has {num_layers}")
         model_type = getattr(model.config, "model_type", None)
         type_match = self.model.get("model_type") in (None, model_type)
         if not type_match:

@@ -183,8 +183,8 @@ class WeightQuantizer(nn.Module):
             fits = [g for g in (256, 128, 64, 32) if in_features % g == 0]
             raise QrealignError(f"weight group size {args.group_size} does not divide this model's input width "
                                 f"{in_features}; use a scheme whose group divides it"
-                                + (f": add -g{fits[0]} to the scheme name (W4A16 -> W4A16-g{fits[0]}, "
-                                   f"W4A8 -> W4A8-g{fits[0]})" if fits else ""))
+                                + (f", e.g. -g{fits[0]} in the scheme's name (W4A16-g{fits[0]}; a name's -gN sets "
+                                   "the group, W4A16 alone is -g128)" if fits else ""))
         rows = out_features * (in_features // args.group_size if args.strategy == "group" else 1)
         self.lwc = lwc
         if lwc:
