@@ -650,6 +650,7 @@ def test_calibration_ids_must_name_every_prompt():
     from qrealign.errors import QrealignError
 
     assert CalibrationSet(["a", "b"], [0, 1], ["x", "y"]).ids == ["x", "y"]
+    assert len(CalibrationSet(["a", "b", "c"], [0, 1, 1])) == 3  # its prompts (review 79)
     for ids in (["x"], ["x", "y", "z"]):
         with pytest.raises(QrealignError, match="ids and prompts differ in length"):
             CalibrationSet(["a", "b"], [0, 1], ids)

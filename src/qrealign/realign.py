@@ -106,7 +106,7 @@ def realign(
     active = safety_layers(probes, loss_options.get("layers"), layers_from)
     if layers_from is not None:
         loss_options["layers"] = active
-    calibration = calibration or build_calibration()
+    calibration = calibration if calibration is not None else build_calibration()
     if config.joint_safety:  # every joint block trains on the device at once
         _check_gpu_memory(model, tokenizer, calibration, config, min(active), device, head=False)
     loss = SafetyLoss.from_probes(probes, **loss_options)
@@ -221,7 +221,7 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
                             "layers_from=0.85; CLI --layers-from): the first-token objective holds FP copies of "
                             "every block after the first safety block in memory, all blocks by default")
     cfg = config or CalibConfig()
-    calibration = calibration or build_calibration()
+    calibration = calibration if calibration is not None else build_calibration()
     # before the teacher pass, not at block 0 (or at the joint stage, or the first compiled step)
     if cfg.joint_safety and cfg.method != "rtn":
         check_joint_run(layers if layers is not None else range(num_layers), num_layers)

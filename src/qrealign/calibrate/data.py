@@ -38,6 +38,9 @@ class CalibrationSet:
         elif len(self.ids) != len(self.prompts):  # records() would pair them up wrongly
             raise QrealignError(f"calibration ids and prompts differ in length ({len(self.ids)} vs {len(self.prompts)})")
 
+    def __len__(self) -> int:
+        return len(self.prompts)
+
     def records(self) -> list[SimpleNamespace]:
         """(id, text) records, the shape provenance and overlap checks read."""
         return [SimpleNamespace(id=i, text=t) for i, t in zip(self.ids, self.prompts)]
