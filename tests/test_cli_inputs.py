@@ -289,6 +289,11 @@ def test_a_recipe_setting_the_user_switches_off_takes_its_options_along():
         check_flags(parsed("--epoch-schedule", "paper", "--epochs", "6"), "omniquant")
     with pytest.raises(QrealignError, match="--lr-round is read only with --learn-rounding"):  # given: the user's
         check_flags(parsed("--no-learn-rounding", "--lr-round", "0.1"), "omniquant")
+    # the recipe switched LWC off at W8A8, not the user: said so (review 80)
+    with pytest.raises(QrealignError, match=r"--lwc-init is read only with --lwc, which is off here \(--recipe "
+                                            r"first-token turns it off at --scheme W8A8\): drop it, or give --lwc"):
+        check_flags(parsed("--lwc-init", "2"), "omniquant")
+    check_flags(parsed("--lwc-init", "2", "--lwc"), "omniquant")
 
 
 def test_lora_targets_that_name_no_module_fail_before_the_self_distillation(model_dir, tmp_path, capsys, monkeypatch):
@@ -347,3 +352,22 @@ def test_a_message_that_names_the_flag_already_is_left_alone():
     said = "put the term on later blocks (layers_from=0.85; CLI --layers-from 0.85), or lower batch_size"
     assert in_flags(said, parser, args) == said.replace("batch_size", "--batch-size")
     assert in_flags("my_model_dir has no batch_sizes", parser, args) == "my_model_dir has no batch_sizes"
+
+
+def test_flags_are_not_written_into_the_users_paths(tmp_path, capsys):
+    # review 80: an --out folder named batch_size was reported as .../--batch-size
+    from qrealign.cli import build_parser, in_flags
+
+    taken = tmp_path / "batch_size"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("not a run")
+    assert main(["quantize", "M", "--out", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert str(taken) in err and "--batch-size" not in err
+    parser = build_parser()
+    args = parser.parse_args(["quantize", "M", "--out", "O", "--calib", "/data/max_length.jsonl"])
+    assert in_flags("prompt file not found: /data/max_length.jsonl", parser, args).endswith("/data/max_length.jsonl")
+    assert in_flags("see runs/task_n.json and x.max_length", parser, args) == "see runs/task_n.json and x.max_length"
+    # a flag that merely starts with another's name does not count as naming it
+    args = parser.parse_args(["realign", "M", "--teacher", "T", "--out", "O"])
+    assert in_flags("calib_task needs a task (--calib-task-n 5 was given)", parser, args).startswith("--calib-task ")

@@ -257,8 +257,9 @@ def test_held_out_sets_never_enter_calibration(tmp_path):
     from qrealign.evaluate.promptsets import resolve_prompt_set
 
     # an unknown name lists what calibration takes: the splits but eval, and the supplements (review 79)
-    with pytest.raises(QrealignError, match="unknown prompt set 'foo'; for calibration: qrealign:align, "
-                       "qrealign:attack, qrealign:probe, qrealign:calib, qrealign:twins, qrealign:edgy, or a file"):
+    with pytest.raises(QrealignError, match=r"unknown prompt set 'foo'; for calibration: qrealign:align, "
+                       r"qrealign:attack, qrealign:probe, qrealign:calib, or a file \(benign prompts only, for "
+                       r"--calib-benign: qrealign:twins, qrealign:edgy\)"):
         build_calibration("qrealign:foo", n=20)
     for spec in ("qrealign:confirm", "qrealign:eval"):
         with pytest.raises(QrealignError, match="held out"):

@@ -224,7 +224,7 @@ def test_without_the_library_export_and_load_fail_clearly_before_any_work(runs, 
     monkeypatch.setattr(compressed, "load_run_source", lambda *a, **k: pytest.fail("loaded before the check"))
     out = tmp_path / "out"
     assert main(["export", str(run), "--out", str(out)]) == 2
-    assert "pip install -e '.[export]'; ./run installs it" in capsys.readouterr().err
+    assert "pip install 'qrealign[export]', or in a checkout pip install -e '.[export]'" in capsys.readouterr().err
     _no_output(out)
     with pytest.raises(ModelLoadError, match=r"compressed-tensors checkpoint\): the compressed-tensors library"):
         load_model(export)

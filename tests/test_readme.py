@@ -70,7 +70,9 @@ def test_readme_python_calls_match_the_signatures():
 def test_readme_command_lines_parse():
     """Every full `qrealign ...` command the README and docs/scale.md show (one with its `--out`;
     shorter mentions in the prose are not commands) parses with today's CLI: a renamed flag or a
-    dropped choice fails here; `a|b` is tried with each choice, and `[optional]` parts are left out."""
+    dropped choice fails here, and quantize/realign lines also pass the flag rules checked before a
+    model loads (a recipe's defaults applied); `a|b` is tried with each choice, and `[optional]`
+    parts are left out."""
     import contextlib
     import io
     import shlex
@@ -93,14 +95,20 @@ def test_readme_command_lines_parse():
         else:  # `--method rtn|omniquant`: each choice
             i, options = choices
             commands += [" ".join([*words[:i], option, *words[i + 1:]]) for option in options]
-    parser = build_parser()
+    from qrealign.cli import _with_command_defaults
+    from qrealign.cli._calib_args import check_flags
+
     for command in commands:
         errors = io.StringIO()
+        argv = shlex.split(command)[1:]
+        parser = build_parser()  # one per command line, as in a process (a recipe sets its defaults)
         try:
             with contextlib.redirect_stderr(errors):
-                parser.parse_args(shlex.split(command)[1:])
+                args = _with_command_defaults(parser, parser.parse_args(argv), argv)
         except SystemExit:
             raise AssertionError(f"README: `{command}` does not parse: {errors.getvalue().strip()}") from None
+        if args.command in ("quantize", "realign"):  # and passes the flag rules checked before the load
+            check_flags(args, getattr(args, "method", "omniquant"))
     assert len(commands) >= 15 and any("--method omniquant" in c for c in commands) \
         and any("--target refusal-direction" in c for c in commands), \
         "the README's commands moved; update this test"

@@ -162,13 +162,20 @@ def test_the_demo_report_gives_the_first_token_rows_as_one_command(tmp_path, mon
 
 def test_a_comma_inside_a_refusal_start_passes_the_command_line(captured):
     # '\,' is a comma inside a token; a recipe's tokens go through the flag's text and back unchanged
-    tokens = ["I", "No,", ",", " a,b", "Sorry"]
+    tokens = ["I", "No,", ",", " a,b", "Sorry", "a\\", "\\,"]  # a backslash too (review 80)
     assert realign_cmd.split_tokens(realign_cmd.join_tokens(tokens)) == tokens
     assert realign_cmd.split_tokens("I,That") == ["I", "That"]
     code, call = captured("--greedy-margin", "1", "--refusal-starts", "I,No\\,,\\,")
     assert code == 0 and call["refusal_starts"] == ("I", "No,", ",")
     code, call = captured("--recipe", "first-token")
     assert code == 0 and call["refusal_starts"] == FIRST_TOKEN.at("W8A8").loss["refusal_starts"]
+
+
+def test_an_empty_refusal_start_is_refused_not_dropped(captured, capsys):
+    # an unquoted No\, reaches the program as "No," (the shell took the backslash): the empty last
+    # token used to be dropped, and the run went on without the token meant (review 80)
+    code, call = captured("--greedy-margin", "1", "--refusal-starts", "I,No,")
+    assert code == 2 and call == {} and "has an empty token; quote a comma inside a token" in capsys.readouterr().err
 
 
 def test_a_recipes_refusal_starts_on_another_tokenizer_say_where_they_came_from(captured, monkeypatch, capsys):

@@ -7,6 +7,7 @@ trains blocks (`stage_code` follows imports: an engine edit would flag every cac
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import re
 import shutil
@@ -41,7 +42,12 @@ def checkpoint_lock(ckpt: Path | None):
         return
     created = not ckpt.exists()
     ckpt.mkdir(parents=True, exist_ok=True)
-    with open(ckpt / LOCK_FILE, "w") as handle:
+    try:
+        handle = open(ckpt / LOCK_FILE, "w")
+    except FileNotFoundError:  # the run before it removed its empty folder just now: take it again
+        ckpt.mkdir(parents=True, exist_ok=True)
+        handle = open(ckpt / LOCK_FILE, "w")
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -56,8 +62,9 @@ def checkpoint_lock(ckpt: Path | None):
 
 
 def _remove_if_only_the_lock(ckpt: Path) -> None:
-    """Called holding the lock: a folder that holds nothing but it (no block, no teacher pass) is
-    removed, not left hidden beside the output."""
+    """Called holding the lock: a folder this run created (its own `.<out>.checkpoint`, or a
+    `checkpoint_dir` that did not exist) that holds nothing but the lock (no block, no teacher
+    pass) is removed, not left hidden beside the output."""
     try:
         if {p.name for p in ckpt.iterdir()} == {LOCK_FILE}:
             (ckpt / LOCK_FILE).unlink()
@@ -126,7 +133,7 @@ def resume_point(ckpt: Path | None, fingerprint: str, code: str, num_layers: int
             if say:
                 made = "by other code (qrealign's calibration modules changed)" if other_code else \
                     "with other settings or inputs"
-                aside = sorted(ckpt.parent.glob(f"{ckpt.name}.stale-*"))
+                aside = sorted(ckpt.parent.glob(f"{glob.escape(ckpt.name)}.stale-*"))
                 say(f"[calibrate] the checkpoint in {ckpt} was made {made} "
                     f"({state.get('completed_blocks', 0)} blocks, {_mib(stale):.0f} MiB): set aside in {stale} (the run "
                     f"that made it takes it back when it is started again; {len(aside)} set aside beside this run, "
@@ -152,7 +159,17 @@ def resume_point(ckpt: Path | None, fingerprint: str, code: str, num_layers: int
 
 
 def _mib(folder: Path) -> float:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2 ** 20
+    """Best effort, for a message: a folder another run removes meanwhile counts what is left."""
+    total = 0
+    try:
+        for path in folder.rglob("*"):
+            try:
+                total += path.stat().st_size if path.is_file() else 0
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return total / 2 ** 20
 
 
 def stale_dir(ckpt: Path, fingerprint: str, code: str) -> Path:

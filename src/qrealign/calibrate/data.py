@@ -193,9 +193,10 @@ def _load_spec(spec: str) -> tuple[list, str]:
             if split in SUPPLEMENTS:
                 return load_supplement(split), split
             if split not in SPLITS:  # the calibration names: the splits but eval, and the supplements
-                names = [name for name in (*SPLITS, *SUPPLEMENTS) if name != "eval"]
+                names = [name for name in SPLITS if name != "eval"]
                 raise ValueError(f"unknown prompt set {split!r}; for calibration: "
-                                 f"{', '.join('qrealign:' + n for n in names)}, or a file")
+                                 f"{', '.join('qrealign:' + n for n in names)}, or a file (benign prompts only, "
+                                 f"for --calib-benign: {', '.join('qrealign:' + n for n in SUPPLEMENTS)})")
             return load_prompts(split=split), split
         prompts = load_prompt_file(spec)
     except (ValueError, OSError) as exc:

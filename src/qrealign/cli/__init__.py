@@ -98,18 +98,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def in_flags(message: str, parser, args) -> str:
     """The library speaks its parameters' names (`batch_size must be >= 1`); on the command line the
-    same option is a flag (`--batch-size`). Each snake_case option name of this command in the
-    message becomes its flag, unless the message names the flag already."""
+    same option is a flag (`--batch-size`). Each snake_case option name of this command that stands
+    as a word of the message (not inside a path, a file name or a value the user gave) becomes its
+    flag, unless the message names that flag already."""
     import re
 
     sub = parser.command_parsers.get(getattr(args, "command", None))
     if sub is None:
         return message
+    # the user's own values (an --out path named batch_size, a prompt file) are left as typed
+    given = sorted({v for v in vars(args).values() if isinstance(v, str) and len(v) > 2}, key=len, reverse=True)
+    masked = {f"\x00{i}\x00": value for i, value in enumerate(given)}
+    for key, value in masked.items():
+        message = message.replace(value, key)
     for action in sub._actions:
         flags = [f for f in action.option_strings if f.startswith("--")]
-        if "_" not in action.dest or not flags or flags[0] in message:
+        if "_" not in action.dest or not flags or re.search(rf"{re.escape(flags[0])}(?![\w-])", message):
             continue
-        message = re.sub(rf"(?<![\w-]){action.dest}(?![\w-])", flags[0], message)
+        message = re.sub(rf"(?<![\w./\\-]){action.dest}(?![\w/-]|\.\w)", flags[0], message)
+    for key, value in masked.items():
+        message = message.replace(key, value)
     return message
 
 

@@ -170,8 +170,11 @@ def check_flags(args, method: str) -> None:
         if getattr(args, switch) == off:
             unread = changed_options(args, {k: TRAINING_DEFAULTS[k] for k in dependents})
             if unread:
+                why = (f" (--recipe {args.recipe} turns it off at --scheme {args.scheme})"
+                       if switch in getattr(args, "from_recipe", ()) else "")
                 raise QrealignError(f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} read only with {flag}, "
-                                    f"which is off here: drop {'it' if len(unread) == 1 else 'them'}, or give {flag}")
+                                    f"which is off here{why}: drop {'it' if len(unread) == 1 else 'them'}, or give "
+                                    f"{flag}")
     joint = "--joint-safety" + (" (set by --recipe; --no-joint-safety turns it off)"
                                 if "joint_safety" in getattr(args, "from_recipe", ()) else "")
     if args.joint_safety and args.epoch_schedule != "constant":

@@ -19,8 +19,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--recipe", choices=sorted(RECIPE_NAMES),
                         help="with --teacher: a named setting at --scheme as the defaults of every option it sets "
                              "(a flag given here still wins; --calib-benign/--calib-malicious add to its sources; "
-                             "with --calib-task, its number of task prompts; --no-joint-safety, --layers and "
-                             "--greedy-margin 0 take the settings that need them along): first-token = the demo's "
+                             "with --calib-task, its number of task prompts; --no-joint-safety, --no-learn-rounding, "
+                             "--no-let, --layers and --greedy-margin 0 take the settings that need them along): first-token = the demo's "
                              "measured row (qrealign/recipes.py; chosen on SmolLM2-135M, at W8A8 and W4A8)")
     parser.add_argument("--probes", help="probe directory (qrealign probe) fit on the aligned model")
     parser.add_argument("--teacher", help="instead of --probes: the aligned model; the safety term is then the KL to "
@@ -50,7 +50,7 @@ def add_arguments(parser) -> None:
                              "(docs/experiments.md §49)")
     parser.add_argument("--refusal-starts", default=None, metavar="TOK,TOK",
                         help="with --greedy-margin: the tokens that begin a refusal, comma-separated, each one "
-                             "token (e.g. 'I,That,Sorry,No'; a comma inside a token as '\\,'); default: the "
+                             "token (e.g. 'I,That,Sorry,No'; a comma inside a token as '\\,', quoted); default: the "
                              "teacher's greedy first tokens on malicious prompts")
     parser.add_argument("--lam", type=float, default=1.0, help="weight of the safety term (paper: 1)")
     parser.add_argument("--margin", type=float, default=0.0, help="push malicious logits past this margin")
@@ -197,13 +197,24 @@ def _check_recipe_starts(tokenizer, starts, recipe: str) -> None:
 
 
 def split_tokens(text: str) -> list[str]:
-    """'I,No' -> ['I', 'No']; a comma inside a token is written '\\,' ('No\\,' -> ['No,'])."""
-    return [part.replace("\\,", ",") for part in re.split(r"(?<!\\),", text)]
+    """'I,No' -> ['I', 'No']; a comma inside a token is written '\\,' and a backslash '\\\\'
+    ('No\\,' -> ['No,'])."""
+    tokens, current, chars = [], [], iter(text)
+    for char in chars:
+        if char == "\\":
+            escaped = next(chars, None)
+            current.append("\\" if escaped is None else escaped if escaped in ",\\" else "\\" + escaped)
+        elif char == ",":
+            tokens.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    return [*tokens, "".join(current)]
 
 
 def join_tokens(tokens) -> str:
     """The inverse of `split_tokens` (a recipe's tokens as the flag's default)."""
-    return ",".join(t.replace(",", "\\,") for t in tokens)
+    return ",".join(t.replace("\\", "\\\\").replace(",", "\\,") for t in tokens)
 
 
 def _margin_options(args) -> dict:
@@ -216,9 +227,12 @@ def _margin_options(args) -> dict:
         if key != "refusal_starts" and getattr(args, key) != default:
             options[key] = getattr(args, key)
     if args.refusal_starts is not None:
-        starts = tuple(t for t in split_tokens(args.refusal_starts) if t)  # not stripped: " I" is another token
-        if not starts:
+        starts = tuple(split_tokens(args.refusal_starts))  # not stripped: " I" is another token
+        if not any(starts):
             raise QrealignError("--refusal-starts: give at least one token, e.g. 'I,That,Sorry,No'")
+        if not all(starts):  # e.g. an unquoted No\, whose backslash the shell took: a token lost in silence
+            raise QrealignError(f"--refusal-starts {args.refusal_starts!r} has an empty token; quote a comma "
+                                "inside a token: --refusal-starts 'I,No\\,'")
         options["refusal_starts"] = starts
     unused = unused_margin_options(options)
     if unused:

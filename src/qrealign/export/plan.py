@@ -33,8 +33,8 @@ def require_compressed_tensors(what: str, error: type[Exception] = ExportError) 
     import importlib.util
 
     if importlib.util.find_spec("compressed_tensors") is None:
-        raise error(f"{what}: the compressed-tensors library is not installed (in a checkout: pip "
-                    "install -e '.[export]'; ./run installs it)")
+        raise error(f"{what}: the compressed-tensors library is not installed: pip install "
+                    "'qrealign[export]', or in a checkout pip install -e '.[export]' (./run installs it)")
 
 
 @dataclass(frozen=True)

@@ -176,11 +176,11 @@ def load_tokenizer(source: str | Path | ModelSource, padding_side: str = "left")
         tokenizer = AutoTokenizer.from_pretrained(src.path, **kwargs)
     except (OSError, ValueError) as exc:  # ValueError: a directory without tokenizer files
         folder = Path(src.path)
+        said = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         if folder.is_dir() and not src.gguf_file and not any((folder / f).is_file() for f in TOKENIZER_FILES):
             raise ModelLoadError(f"cannot load tokenizer for {src.name}: the folder has none of "
                                  f"{', '.join(TOKENIZER_FILES)}; save the tokenizer beside the weights "
-                                 "(tokenizer.save_pretrained(DIR))") from None
-        said = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+                                 f"(tokenizer.save_pretrained(DIR)) (transformers: {said})") from None
         raise ModelLoadError(f"cannot load tokenizer for {src.name}: {said}") from None
     tokenizer.padding_side = padding_side
     if tokenizer.pad_token is None:
