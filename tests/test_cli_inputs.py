@@ -243,6 +243,7 @@ def test_every_flag_a_message_names_exists():
 
     flags = {"--no-deps", "--s"}  # pip's, in install hints; a matplotlib line style
     for action in build_parser()._actions:
+        flags.update(action.option_strings)  # the top-level ones (--version, --debug)
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
                 flags.update(s for a in sub._actions for s in a.option_strings)

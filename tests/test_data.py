@@ -672,3 +672,32 @@ def test_eval_prompts_stay_clear_of_every_training_side_prompt(everything):
         w = _words(p.text)
         closest = max(len(w & o) / len(w | o) for o in old)
         assert closest <= 0.5, p.text
+
+
+def test_a_task_adds_its_prompts_in_the_api_as_on_the_command_line(tmp_path):
+    # build_calibration(task=...) added nothing unless task_n was given; the CLI's --calib-task adds
+    # 48 (review 81). task_n=0 still means none (the demo's rows without task prompts pass it)
+    from pathlib import Path
+
+    from qrealign.calibrate.data import CALIB_TASK_N, build_calibration
+    from qrealign.cli._calib_args import CALIB_TASK_N as CLI_TASK_N
+    from qrealign.errors import QrealignError
+
+    plain = build_calibration()
+    assert CALIB_TASK_N == CLI_TASK_N == 48
+    assert len(build_calibration(task="topic-codes")) == len(plain) + CALIB_TASK_N
+    assert len(build_calibration(task="topic-codes", task_n=0)) == len(plain)
+    with pytest.raises(QrealignError, match="task_n=5 adds a task's prompts: name the task"):
+        build_calibration(task_n=5)
+    # a Path names a file as its string does
+    file = tmp_path / "calib.jsonl"
+    file.write_text('{"prompt": "How do I bake bread?", "label": 0}\n{"prompt": "Write malware for me", "label": 1}\n')
+    assert build_calibration(Path(file), malicious_ratio=None).prompts == build_calibration(str(file), malicious_ratio=None).prompts
+
+
+def test_the_evaluation_api_is_importable_from_its_package():
+    from qrealign.calibrate import build_calibration, quantize  # noqa: F401
+    from qrealign.evaluate import EvalResult, GenerationConfig, evaluate_model, evaluate_path  # noqa: F401
+    with pytest.raises(AttributeError):
+        from qrealign import evaluate
+        evaluate.no_such_name  # noqa: B018

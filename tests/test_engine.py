@@ -663,3 +663,28 @@ def test_a_run_that_fails_before_its_first_block_leaves_no_checkpoint_folder(cal
         calibrate(model, tok, calib_set, "W4A8", CalibConfig(epochs=1, compile_quantizer=True), checkpoint_dir=mine,
                   progress=False)
     assert mine.is_dir()
+
+
+def test_a_model_loaded_with_plain_transformers_gives_a_loadable_run(calib_set, tmp_path):
+    # review 81: only qrealign.load_model recorded where the weights came from, so a run of a model
+    # loaded with AutoModelForCausalLM could not be loaded back, and nothing said so when it was written
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    model, tok = tiny_model("llama", seed=0, num_hidden_layers=2)
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        quantize(loaded, tok, calib_set, "W8A8", CalibConfig(method="rtn"), out=tmp_path / "run", progress=False)
+    rebuilt, _, meta = load_quantized(tmp_path / "run")
+    assert meta["source"] == str((tmp_path / "base").resolve())
+    ids = tok(["hello world"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(rebuilt(**ids).logits, loaded(**ids).logits)
+    # a model built in memory: the run is written, and said up front not to be loadable
+    memory, tok = tiny_model("llama", seed=0, num_hidden_layers=2)
+    with pytest.warns(UserWarning, match="records no folder it was loaded from"):
+        quantize(memory, tok, calib_set, "W8A8", CalibConfig(method="rtn"), out=tmp_path / "mem", progress=False)

@@ -330,3 +330,19 @@ def test_a_base_model_without_a_template_still_starts_with_its_bos():
     assert render_chat(tok, "hi").startswith(tok.bos_token + "### User:\nhi")
     ids = encode_prompts(tok, ["hi"]).input_ids[0].tolist()
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1  # once, not twice
+
+
+@pytest.mark.parametrize("files, said", [
+    ({"qrealign.json": '{"kind": "quantized"}', "quant_params.safetensors": ""}, "it is a quantization run"),
+    ({"qrealign.json": '{"kind": "probes"}'}, "it is a probe set: realign --probes and analyze --probes take it"),
+    ({"result.json": "{}"}, "it is an evaluation: report takes it"),
+    ({"notes.txt": "mine"}, "not a Hugging Face model directory"),
+])
+def test_a_qrealign_output_passed_as_a_model_says_what_it_is(tmp_path, files, said):
+    # review 81: a run, probe or eval folder gave only "not a Hugging Face model directory"
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    with pytest.raises(ModelLoadError, match=said):
+        load_model(str(folder))

@@ -198,3 +198,24 @@ def test_realign_with_probes_checks_the_gpu_for_a_joint_stage(monkeypatch):
     assert seen == [(1, True, False)]  # probes read block outputs: no head copy
     realign(base, tok, probes, calib, "W8A8", CalibConfig(epochs=1, batch_size=4), progress=False, layers=(1, 2))
     assert seen == [(1, True, False)]  # block by block with probes: no tail, nothing to check
+
+
+def test_loss_options_the_objective_does_not_take_are_said_by_name(tmp_path):
+    # review 81: they were TypeErrors from SafetyLoss.__init__ (benign_kl with probes, a typo)
+    from qrealign import realign
+    from qrealign.calibrate.data import CalibrationSet
+    from qrealign.calibrate.engine import CalibConfig
+    from qrealign.errors import QrealignError
+    from qrealign.models.tiny import tiny_model
+
+    model, tok = tiny_model("llama", num_hidden_layers=2)
+    calib = CalibrationSet(["a", "b"], [0, 1])
+    with pytest.raises(QrealignError, match="benign_kl apply to the first-token objective .teacher=., not to this"):
+        realign(model, tok, tmp_path / "probes", calib, benign_kl=2.0)
+    with pytest.raises(QrealignError, match="unknown loss option.s. lamda; this objective takes layers, lam"):
+        realign(model, tok, tmp_path / "probes", calib, lamda=2.0)
+    with pytest.raises(QrealignError, match="benign_side apply to the probe loss .probes=."):
+        realign(model, tok, teacher=tmp_path / "teacher", calibration=calib, benign_side=1.0)
+    # RTN trains no loss: a run labelled Q-realign would be plain RTN
+    with pytest.raises(QrealignError, match="method='rtn' trains nothing"):
+        realign(model, tok, tmp_path / "probes", calib, config=CalibConfig(method="rtn"))

@@ -86,6 +86,10 @@ def realign(
                             "first-token objective (teacher=), not to probes")
     from .calibrate.engine import check_unquantized
 
+    _check_loss_options(loss_options, teacher=teacher is not None)
+    if config is not None and config.method == "rtn":
+        raise QrealignError("realign trains a safety loss, and method='rtn' trains nothing (the run would be plain "
+                            "RTN labelled Q-realign): use quantize(..., CalibConfig(method='rtn'))")
     check_unquantized(model)  # before the teacher pass, which would read a half-quantized model
     check_response_tokens(response_tokens)
     if out is not None:  # before the teacher pass or the probes' checks: a bad --out must waste nothing
@@ -149,6 +153,28 @@ def _on_gpu(device) -> bool:
     from .utils import resolve_device
 
     return resolve_device(device).type == "cuda"
+
+
+# What each objective's loss takes from `realign(**loss_options)` (the rest of its fields the
+# loss gets from the probes, the teacher pass or the engine).
+PROBE_OPTIONS = ("layers", "lam", "recon_on_malicious", "margin", "probe_loss", "normalize", "sink_weight",
+                 "benign_side", "benign_margin", "include_padding")
+TEACHER_OPTIONS = ("layers", "lam", "benign_kl", "recon_on_malicious", "normalize", "sink_weight", "include_padding",
+                   *FIRST_TOKEN_ONLY)
+
+
+def _check_loss_options(options: dict, teacher: bool) -> None:
+    """A loss option the chosen objective does not take is said by name, before any work (it was
+    a TypeError from the loss class's constructor, after the teacher pass or the probes' checks)."""
+    mine, other = (TEACHER_OPTIONS, PROBE_OPTIONS) if teacher else (PROBE_OPTIONS, TEACHER_OPTIONS)
+    unknown = sorted(set(options) - set(mine))
+    if not unknown:
+        return
+    elsewhere = [k for k in unknown if k in other]
+    if elsewhere:
+        where = "the probe loss (probes=)" if teacher else "the first-token objective (teacher=)"
+        raise QrealignError(f"{', '.join(elsewhere)} apply to {where}, not to this one")
+    raise QrealignError(f"unknown loss option(s) {', '.join(unknown)}; this objective takes {', '.join(mine)}")
 
 
 def check_probe_system(probes, system: str | None) -> None:

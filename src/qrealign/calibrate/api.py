@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 from ..errors import QrealignError
@@ -47,10 +48,14 @@ def quantize(
     7B model's weights in memory takes seconds; a run hashes them once)."""
     cfg = config or CalibConfig()
     scheme = get_scheme(scheme)
-    source = getattr(model.config, "qrealign_source", None)
-    adapter = getattr(model.config, "qrealign_adapter", None)
+    source, adapter = run_source(model)
     fingerprint = model_fp or model_fingerprint(model)
     out = Path(out) if out else None
+    if out is not None and source is None:
+        warnings.warn("this model records no folder it was loaded from (built or changed in memory): the run in "
+                      f"{out} will hold its parameters, but load_quantized, eval and export cannot rebuild it. Save "
+                      "the model (save_pretrained) and load it with qrealign.load_model to get a loadable run",
+                      stacklevel=2)
     if out is not None:
         check_run_out(out, realign=(extra_metadata or {}).get("method") == "qrealign")  # before calibrating
     ckpt = checkpoint_path(out, checkpoint_dir)
@@ -96,6 +101,20 @@ def quantize(
             if ckpt is not None:
                 remove_checkpoint(ckpt)
     return result
+
+
+def run_source(model) -> tuple[str | None, str | None]:
+    """(where the model's weights can be loaded again, its merged adapter): what `load_model`
+    recorded; for a model transformers loaded from a folder, that folder (the run's fingerprint
+    check, at load, says if its weights changed since); None for a model qrealign fine-tuned or
+    built in memory."""
+    config = model.config
+    if hasattr(config, "qrealign_source"):  # load_model's stamp (None once fine-tuned in memory)
+        return config.qrealign_source, getattr(config, "qrealign_adapter", None)
+    folder = getattr(config, "_name_or_path", "") or ""
+    if folder and (Path(folder) / "config.json").is_file():
+        return str(Path(folder).expanduser().resolve()), None
+    return None, None
 
 
 def checkpoint_path(out: str | Path | None, checkpoint_dir: str | Path | None) -> Path | None:

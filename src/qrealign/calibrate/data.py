@@ -107,8 +107,12 @@ def _cut(tokenizer, calib, order, batch_size, max_length, padding_side, system, 
     return batches
 
 
+# Task prompts `task` adds when `task_n` is not given (the CLI's --calib-task alike).
+CALIB_TASK_N = 48
+
+
 def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malicious_ratio: float | None = 0.75,
-                      seed: int = 0, task: str | None = None, task_n: int = 0,
+                      seed: int = 0, task: str | None = None, task_n: int | None = None,
                       extra_benign: str | Sequence[str] | None = None,
                       extra_malicious: str | Sequence[str] | None = None) -> CalibrationSet:
     """A labelled calibration set with a given malicious ratio (paper: 200 prompts, 0.75).
@@ -118,8 +122,9 @@ def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malici
     `prompt` and `label`). `n=None` takes as many as the ratio allows; `malicious_ratio=None`
     keeps the file's own mix.
 
-    `task`/`task_n`: append the first `task_n` prompts of that task's "train" split (the user's
-    own fine-tuning prompts) as benign samples, after the ratio is applied. The benign terms then
+    `task`/`task_n`: append the first `task_n` prompts (default `CALIB_TASK_N`, 48; 0: none) of
+    that task's "train" split (the user's own fine-tuning prompts) as benign samples, after the
+    ratio is applied. The benign terms then
     hold the fine-tuned behaviour on the task itself, not only on generic prompts.
 
     `extra_benign`: more sources (same forms as `spec`, one or a sequence) whose benign prompts are
@@ -129,10 +134,16 @@ def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malici
 
     `extra_malicious`: the same for harmful prompts (label 1), e.g. the harmful halves of benign
     twins added above, so that each topic shows both sides of the line (docs/experiments.md §22)."""
+    import os
     import random
 
     if n is not None and n < 1:
         raise QrealignError(f"calibration size n must be >= 1 (or None: the whole set), got {n}")
+    if task_n and not task:
+        raise QrealignError(f"task_n={task_n} adds a task's prompts: name the task (task=...)")
+    spec = os.fspath(spec)  # a Path names a file as its string does
+    extra_benign, extra_malicious = (os.fspath(x) if isinstance(x, os.PathLike) else x
+                                     for x in (extra_benign, extra_malicious))
     prompts, split = _load_spec(spec)
     harmful = [p for p in prompts if p.label == 1]
     benign = [p for p in prompts if p.label == 0]
@@ -172,8 +183,8 @@ def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malici
     if not chosen:
         raise QrealignError(f"calibration set {spec!r} is empty")
     calib = CalibrationSet([p.text for p in chosen], [p.label for p in chosen], [p.id for p in chosen], split)
-    if task and task_n:
-        calib = with_task_prompts(calib, task, task_n)
+    if task and (task_n is None or task_n):
+        calib = with_task_prompts(calib, task, CALIB_TASK_N if task_n is None else task_n)
     for source in [extra_benign] if isinstance(extra_benign, str) else extra_benign or ():
         calib = with_prompts(calib, source, label=0)
     for source in [extra_malicious] if isinstance(extra_malicious, str) else extra_malicious or ():

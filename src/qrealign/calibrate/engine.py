@@ -42,7 +42,7 @@ from ..utils import model_fingerprint, resolve_device, sha256_json
 from . import checkpoints
 from .capture import block_output, capture_block_inputs, move_kwargs
 from .data import CalibBatch, CalibrationSet, make_batches
-from .losses import BlockLoss, ReconstructionLoss
+from .losses import BlockLoss, ReconstructionLoss, SafetyGate
 from .memory import check_block_fits
 from .train import (NonFiniteLoss, Learnable, block_step, check_recon_weight, guard_init, joint_step,  # noqa: F401
                     mean_loss, snap_rounding, train_block, train_jointly)
@@ -364,7 +364,7 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
     logs: list[dict] = []
     # Resumed blocks are replayed, not trained: the bar starts after them so its rate (and ETA)
     # is the trained blocks'.
-    bar = tqdm(total=num_layers, initial=done, desc=f"{cfg.method} {scheme.name}", disable=not progress,
+    bar = tqdm(total=num_layers, initial=done, desc=f"{'qrealign' if isinstance(loss, SafetyGate) else cfg.method} {scheme.name}", disable=not progress,
                unit="block")
 
     def finished(log: dict) -> None:

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Recover the safety alignment of a fine-tuned LLM while quantizing it (Q-realign).",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"qrealign {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands = {}
     for module in _command_modules():

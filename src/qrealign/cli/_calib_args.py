@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 
-CALIB_TASK_N = 48  # task prompts --calib-task adds when --calib-task-n is not given
+CALIB_TASK_N = 48  # task prompts --calib-task adds without --calib-task-n: calibrate.data's (a test keeps them equal)
 # Options that set how blocks train, with their defaults: `--method rtn` trains nothing, so any
 # other value there is an error rather than a setting recorded in the run but never applied.
 TRAINING_DEFAULTS = {"epochs": 2, "epoch_schedule": "constant", "plain_epochs": None, "lr_let": 1e-3,

@@ -169,9 +169,8 @@ def resolve_amp(device: torch.device, amp: str | None) -> str | None:
 def _clear_source_stamp(model) -> None:
     """`load_model` stamped where the weights came from; after training they are other weights.
     Left as they were, a run calibrated on this model in memory would name its parent as its source."""
-    for name in ("qrealign_source", "qrealign_adapter"):
-        if hasattr(model.config, name):
-            setattr(model.config, name, None)
+    for name in ("qrealign_source", "qrealign_adapter"):  # set even where absent: not the folder it came from
+        setattr(model.config, name, None)
 
 
 def check_lora_targets(model, config: SFTConfig) -> None:

@@ -61,7 +61,7 @@ def resolve_source(source: str | Path) -> ModelSource:
             if len(ggufs) == 1:
                 _check_gguf(ggufs[0])
                 return ModelSource("gguf", str(path), gguf_file=ggufs[0].name, name=name)
-            raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
+            raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory{_what_it_is(path)}")
         _check_config(path / "config.json")
         _check_safetensors(path)
         return ModelSource("dir", str(path), name=name)
@@ -165,6 +165,29 @@ _GGUF_ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qw
 
 # The files a Hugging Face tokenizer loads from (fast, sentencepiece, BPE vocabulary).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+# What a qrealign output folder is, by its qrealign.json "kind", and what reads it.
+_OUTPUT_KINDS = {
+    "quantized": "a quantization run (its parameters only): load it with qrealign.calibrate.load_quantized; "
+                 "eval, export and analyze take it on the command line",
+    "probes": "a probe set: realign --probes and analyze --probes take it",
+    "eval": "an evaluation: report takes it, and eval --rejudge judges its answers again",
+}
+
+
+def _what_it_is(path: Path) -> str:
+    """For a folder qrealign wrote that is not a model: what it is and what reads it."""
+    for marker in ("qrealign.json", "result.json", "probes.json"):
+        if (path / marker).is_file():
+            try:
+                kind = json.loads((path / marker).read_text()).get("kind")
+            except (OSError, ValueError, AttributeError):
+                kind = None
+            kind = kind or {"result.json": "eval", "probes.json": "probes"}.get(marker)
+            if kind in _OUTPUT_KINDS:
+                return f"; it is {_OUTPUT_KINDS[kind]}"
+    return ""
 
 
 def load_tokenizer(source: str | Path | ModelSource, padding_side: str = "left"):
