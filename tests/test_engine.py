@@ -324,6 +324,11 @@ def test_a_run_that_moved_with_its_base_model_still_loads_and_only_onto_that_mod
     other_tok.save_pretrained(tmp_path / "b" / "base")
     with pytest.raises(IncompatibleArtifact, match="fingerprint mismatch"):
         load_quantized(tmp_path / "b" / "run")
+    # no base at all: said that a run folder holds only its parameters (review 81)
+    shutil.rmtree(tmp_path / "b" / "base")
+    with pytest.raises(IncompatibleArtifact, match="does not exist. A run folder holds only its quantization "
+                                                   "parameters: it needs the model it was calibrated on"):
+        load_quantized(tmp_path / "b" / "run")
 
 
 def test_static_activation_schemes_are_refused_before_calibrating(calib_set):
