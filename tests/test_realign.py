@@ -216,6 +216,15 @@ def test_loss_options_the_objective_does_not_take_are_said_by_name(tmp_path):
         realign(model, tok, tmp_path / "probes", calib, lamda=2.0)
     with pytest.raises(QrealignError, match="benign_side apply to the probe loss .probes=."):
         realign(model, tok, teacher=tmp_path / "teacher", calibration=calib, benign_side=1.0)
+    # the lists are the loss classes' own fields: a new option of a loss must be added there
+    from dataclasses import fields
+
+    from qrealign.calibrate.behaviour import FirstTokenLoss
+    from qrealign.calibrate.safety import SafetyLoss
+    from qrealign.realign import PROBE_OPTIONS, TEACHER_OPTIONS
+
+    assert set(PROBE_OPTIONS) <= {f.name for f in fields(SafetyLoss) if f.init}
+    assert set(TEACHER_OPTIONS) <= {f.name for f in fields(FirstTokenLoss) if f.init}
     # RTN trains no loss: a run labelled Q-realign would be plain RTN
     with pytest.raises(QrealignError, match="method='rtn' trains nothing"):
         realign(model, tok, tmp_path / "probes", calib, config=CalibConfig(method="rtn"))

@@ -48,7 +48,7 @@ def quantize(
     7B model's weights in memory takes seconds; a run hashes them once)."""
     cfg = config or CalibConfig()
     scheme = get_scheme(scheme)
-    source, adapter = run_source(model)
+    source, adapter = model_source(model)
     fingerprint = model_fp or model_fingerprint(model)
     out = Path(out) if out else None
     if out is not None and source is None:
@@ -103,7 +103,7 @@ def quantize(
     return result
 
 
-def run_source(model) -> tuple[str | None, str | None]:
+def model_source(model) -> tuple[str | None, str | None]:
     """(where the model's weights can be loaded again, its merged adapter): what `load_model`
     recorded; for a model transformers loaded from a folder, that folder (the run's fingerprint
     check, at load, says if its weights changed since); None for a model qrealign fine-tuned or

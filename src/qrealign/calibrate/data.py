@@ -124,8 +124,8 @@ def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malici
 
     `task`/`task_n`: append the first `task_n` prompts (default `CALIB_TASK_N`, 48; 0: none) of
     that task's "train" split (the user's own fine-tuning prompts) as benign samples, after the
-    ratio is applied. The benign terms then
-    hold the fine-tuned behaviour on the task itself, not only on generic prompts.
+    ratio is applied. The benign terms then hold the fine-tuned behaviour on the task itself, not
+    only on generic prompts.
 
     `extra_benign`: more sources (same forms as `spec`, one or a sequence) whose benign prompts are
     all appended too, last, each prompt once: more benign variety is what holds over-refusal down

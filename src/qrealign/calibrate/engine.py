@@ -364,7 +364,8 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
     logs: list[dict] = []
     # Resumed blocks are replayed, not trained: the bar starts after them so its rate (and ETA)
     # is the trained blocks'.
-    bar = tqdm(total=num_layers, initial=done, desc=f"{'qrealign' if isinstance(loss, SafetyGate) else cfg.method} {scheme.name}", disable=not progress,
+    label = "qrealign" if isinstance(loss, SafetyGate) else cfg.method  # a realign run is no plain omniquant
+    bar = tqdm(total=num_layers, initial=done, desc=f"{label} {scheme.name}", disable=not progress,
                unit="block")
 
     def finished(log: dict) -> None:

@@ -184,8 +184,8 @@ def check_flags(args, method: str) -> None:
     for name in ("recompute", "joint_recon_weight"):
         if getattr(args, name) not in (False, None) and not args.joint_safety:
             flag = "--" + name.replace("_", "-")
-            raise QrealignError(f"{flag} applies to the joint stage only: " +
-                                ("add --joint-safety" if realign else "that is realign's (--joint-safety): drop it here"))
+            way = "add --joint-safety" if realign else "that is realign's (--joint-safety): drop it here"
+            raise QrealignError(f"{flag} applies to the joint stage only: {way}")
 
 
 # Options read only while a switch is on: (switch, its "off" value, the options it gates, the flag

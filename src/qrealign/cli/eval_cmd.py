@@ -30,8 +30,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lm-eval-fewshot", type=int, default=LM_EVAL_FEWSHOT,
                         help="few-shot examples per --lm-eval task (default: %(default)s)")
     parser.add_argument("--judge", default="keyword",
-                        help="keyword | harmbench[:PATH_OR_ID] | llamaguard[:PATH_OR_ID] | beaverdam[:PATH_OR_ID] (without "
-                             "one: the judge's published model)")
+                        help="keyword | harmbench[:PATH_OR_ID] | llamaguard[:PATH_OR_ID] | "
+                             "beaverdam[:PATH_OR_ID] (without one: the judge's published model)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--backend", choices=["hf", "vllm"], default="hf",

@@ -4,7 +4,6 @@ with --teacher, the aligned model's first response token)."""
 from __future__ import annotations
 
 import argparse
-import re
 
 COMMAND = "realign"
 ORDER = 11
@@ -20,8 +19,9 @@ def add_arguments(parser) -> None:
                         help="with --teacher: a named setting at --scheme as the defaults of every option it sets "
                              "(a flag given here still wins; --calib-benign/--calib-malicious add to its sources; "
                              "with --calib-task, its number of task prompts; --no-joint-safety, --no-learn-rounding, "
-                             "--no-let, --layers and --greedy-margin 0 take the settings that need them along): first-token = the demo's "
-                             "measured row (qrealign/recipes.py; chosen on SmolLM2-135M, at W8A8 and W4A8)")
+                             "--no-let, --layers and --greedy-margin 0 take the settings that need them along): "
+                             "first-token = the demo's measured row (qrealign/recipes.py; chosen on SmolLM2-135M, at "
+                             "W8A8 and W4A8)")
     parser.add_argument("--probes", help="probe directory (qrealign probe) fit on the aligned model")
     parser.add_argument("--teacher", help="instead of --probes: the aligned model; the safety term is then the KL to "
                                           "its first response token on malicious prompts (calibrate.behaviour). "
