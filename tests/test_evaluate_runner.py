@@ -492,6 +492,25 @@ def test_vllm_backend_refuses_models_it_would_reload_wrongly(tiny):
                        model_info={"kind": "quantized"}, progress=False)
 
 
+def test_a_model_quantized_in_memory_is_not_evaluated_as_its_fp_source(tmp_path):
+    # review 81: after quantize(model) without a run folder, the result recorded the FP source and
+    # no kind, and the vLLM backend would have reloaded the FP weights from that folder
+    from qrealign.calibrate.api import quantize
+    from qrealign.calibrate.data import CalibrationSet
+    from qrealign.calibrate.engine import CalibConfig
+    from qrealign.evaluate.runner import describe_model
+    from qrealign.models.tiny import tiny_model
+
+    model, tok = tiny_model("llama", num_hidden_layers=2)
+    model.save_pretrained(tmp_path / "fp")
+    assert "kind" not in describe_model(model)  # an FP model: as before
+    quantize(model, tok, CalibrationSet(["a", "b"], [0, 1]), "W8A8", CalibConfig(method="rtn"), progress=False)
+    assert describe_model(model)["kind"] == "quantized in memory (no run folder)"
+    with pytest.raises(QrealignError, match="plain model directory"):
+        evaluate_model(model, tok, limit=1, gen=GenerationConfig(backend="vllm"), source=str(tmp_path / "fp"),
+                       progress=False)
+
+
 def _with_fake_vllm(monkeypatch, llm_class, tiny, model_dir):
     """A stand-in `vllm` module (LLM = `llm_class`, SamplingParams = its keyword arguments) and the
     tiny model saved to `model_dir`, which the vLLM backend reads: returns (model, tokenizer)."""

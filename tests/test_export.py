@@ -398,6 +398,14 @@ def test_cli_export_card_and_eval_loading(runs, tmp_path, capsys):
     assert desc["kind"] == "export" and provenance["calibration"]["n"] == 4  # integer weights, not FP
     assert model.config.model_type == "llama"
     capsys.readouterr()  # loading prints compressed-tensors progress bars
+    # in Python a Path names the file, as the CLI's --card-table does; a str is the Markdown itself (review 81)
+    from qrealign.export import export_compressed_tensors
+
+    export_compressed_tensors(runs("W8A8-sym"), tmp_path / "api", card_table=table)
+    assert "| export | 12.0 |" in (tmp_path / "api" / "README.md").read_text()
+    export_compressed_tensors(runs("W8A8-sym"), tmp_path / "api", card_table="| row | 1.0 |")
+    assert "| row | 1.0 |" in (tmp_path / "api" / "README.md").read_text()
+    capsys.readouterr()  # their progress bars
 
     assert main(["export", str(runs("W4A4", "rtn")), "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()

@@ -217,13 +217,23 @@ def describe_model(model, source: str | None = None) -> dict:
     from ..utils import model_fingerprint
 
     config = getattr(model, "config", None)
-    return {
+    described = {
         "source": source or getattr(config, "_name_or_path", None) or None,
         "fingerprint": model_fingerprint(model),
         "model_type": getattr(config, "model_type", None),
         "parameters": sum(p.numel() for p in model.parameters()),
         "quant_run": getattr(config, "qrealign_quant_run", None),
     }
+    if fake_quantized(model):  # else a model quantize() changed in memory reads as its FP source
+        described["kind"] = "quantized" if described["quant_run"] else "quantized in memory (no run folder)"
+    return described
+
+
+def fake_quantized(model) -> bool:
+    """Whether `model` runs qrealign's fake-quantized linears (a run loaded, or quantized in place)."""
+    from ..quant.qlinear import QuantLinear
+
+    return any(isinstance(m, QuantLinear) for m in model.modules())
 
 
 def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", benign: Any = "qrealign:eval:benign",
@@ -286,7 +296,7 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
         info = model_info or {}
         kind = info.get("kind", "fp")
         if (getattr(model.config, "qrealign_quant_run", None) or kind not in ("fp", "export") or info.get("adapter")
-                or not source or not Path(source).is_dir()):
+                or fake_quantized(model) or not source or not Path(source).is_dir()):
             raise QrealignError("backend 'vllm' only evaluates a plain model directory or an export (no "
                                 "quantization run, no adapter: export or merge first); use the default backend")
         dtype = next(model.parameters()).dtype  # the precision this copy runs in

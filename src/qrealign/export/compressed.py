@@ -55,7 +55,7 @@ def export_compressed_tensors(
     dtype: str = "bfloat16",
     symmetric_weights: bool = False,
     symmetric_activations: bool = False,
-    card_table: str | None = None,
+    card_table: str | os.PathLike | None = None,
     progress: bool = True,
     offload: str | None = None,
 ) -> ExportResult:
@@ -64,14 +64,19 @@ def export_compressed_tensors(
     dtype: storage dtype of everything that is not an integer code (embeddings, norms, lm_head,
     biases, scales); engines compute in bf16/fp16, float32 keeps the export bit-faithful to the
     float32 calibrated model. symmetric_weights / symmetric_activations: re-express an asymmetric
-    run symmetrically for engines that need it (inexact, recorded). card_table: Markdown
-    (e.g. a before/after evaluation table) for the model card. offload="disk": stream the export
+    run symmetrically for engines that need it (inexact, recorded). card_table: Markdown text,
+    or a path to a Markdown file (as the CLI's --card-table), e.g. a before/after evaluation
+    table, for the model card. offload="disk": stream the export
     one decoder block at a time (models larger than CPU RAM; see stream.py), same tensors and
     config. Nothing is written unless the whole export succeeds."""
     from .card import render_card
     from .stream import check_streamable, write_streamed
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if isinstance(card_table, os.PathLike):  # a file, as the CLI reads it; a str stays the text itself
+        from ..utils import read_user_text
+
+        card_table = read_user_text(card_table, "card_table")
     require_compressed_tensors("export")
     if dtype not in _DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32")
