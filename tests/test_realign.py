@@ -228,3 +228,21 @@ def test_loss_options_the_objective_does_not_take_are_said_by_name(tmp_path):
     # RTN trains no loss: a run labelled Q-realign would be plain RTN
     with pytest.raises(QrealignError, match="method='rtn' trains nothing"):
         realign(model, tok, tmp_path / "probes", calib, config=CalibConfig(method="rtn"))
+
+
+def test_probes_fit_on_held_out_prompts_are_said_before_calibrating():
+    # review 81: realign went through, and only eval refused the run later
+    from qrealign import realign
+    from qrealign.calibrate.data import CalibrationSet
+    from qrealign.data.prompts import load_prompts
+    from qrealign.errors import IncompatibleArtifact
+    from qrealign.evaluate.overlap import provenance_entry
+    from qrealign.models.tiny import tiny_model
+    from qrealign.probes.store import LayerMetrics, ProbeSet
+
+    eval_prompts = load_prompts(split="eval")[:3]
+    probes = ProbeSet("paper", torch.zeros(2, 32), torch.zeros(2), [LayerMetrics(layer=i) for i in range(2)],
+                      data={"provenance": provenance_entry("probes", eval_prompts, "eval")})
+    model, tok = tiny_model("llama", num_hidden_layers=2)  # hidden 64: the probes do not fit, after the warning
+    with pytest.warns(UserWarning, match=r"held-out sets \(3 of the eval set\)"), pytest.raises(IncompatibleArtifact):
+        realign(model, tok, probes, CalibrationSet(["a", "b"], [0, 1]))

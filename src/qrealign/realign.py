@@ -104,6 +104,7 @@ def realign(
                                     response_tokens=response_tokens, **loss_options)
     if isinstance(probes, (str, Path)):
         probes = load_probes(probes)
+    warn_held_out_probes(probes)
     model_fp = probes.check_compatible(model)["fingerprint"]  # hashed once: seconds at 7B
     config = config or CalibConfig()
     check_probe_system(probes, config.system)
@@ -175,6 +176,24 @@ def _check_loss_options(options: dict, teacher: bool) -> None:
         where = "the probe loss (probes=)" if teacher else "the first-token objective (teacher=)"
         raise QrealignError(f"{', '.join(elsewhere)} apply to {where}, not to this one")
     raise QrealignError(f"unknown loss option(s) {', '.join(unknown)}; this objective takes {', '.join(mine)}")
+
+
+def warn_held_out_probes(probes) -> None:
+    """Probes fit on held-out prompts pass their provenance on to the run, and `qrealign eval` on
+    that set then refuses it (its overlap check), after the whole calibration: said before it."""
+    from .data.prompts import HELD_OUT_SETS, load_held_out, load_prompts
+    from .evaluate.overlap import text_hash
+
+    used = {h for entry in (probes.data.get("provenance") or {}).values() if isinstance(entry, dict)
+            for h in entry.get("text_hashes") or ()}
+    if not used:
+        return
+    held_out = {"eval": load_prompts(split="eval"), **{name: load_held_out(name) for name in HELD_OUT_SETS}}
+    hits = {name: sum(text_hash(p.text) in used for p in prompts) for name, prompts in held_out.items()}
+    found = ", ".join(f"{n} of the {name} set" for name, n in hits.items() if n)
+    if found:
+        warnings.warn(f"these probes were fit on prompts of qrealign's held-out sets ({found}): `qrealign eval` on "
+                      "that set will refuse a model realigned with them", stacklevel=3)
 
 
 def check_probe_system(probes, system: str | None) -> None:
