@@ -701,3 +701,15 @@ def test_the_evaluation_api_is_importable_from_its_package():
     with pytest.raises(AttributeError):
         from qrealign import evaluate
         evaluate.no_such_name  # noqa: B018
+
+
+def test_paths_inside_source_lists_name_files_too(tmp_path):
+    from pathlib import Path
+
+    from qrealign.calibrate.data import build_calibration
+
+    file = tmp_path / "benign.jsonl"
+    file.write_text('{"prompt": "How do I repot a fern?", "label": 0}\n')
+    with_path = build_calibration(extra_benign=[Path(file)])  # review 82: a Path in a list raised AttributeError
+    assert "How do I repot a fern?" in with_path.prompts
+    assert with_path.prompts == build_calibration(extra_benign=[str(file)]).prompts

@@ -326,8 +326,10 @@ def test_a_run_that_moved_with_its_base_model_still_loads_and_only_onto_that_mod
         load_quantized(tmp_path / "b" / "run")
     # no base at all: said that a run folder holds only its parameters (review 81)
     shutil.rmtree(tmp_path / "b" / "base")
-    with pytest.raises(IncompatibleArtifact, match="does not exist. A run folder holds only its quantization "
-                                                   "parameters: it needs the model it was calibrated on"):
+    from qrealign.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="does not exist. A run folder holds only its quantization "
+                                             "parameters: it needs the model it was calibrated on"):
         load_quantized(tmp_path / "b" / "run")
 
 
@@ -689,6 +691,20 @@ def test_a_model_loaded_with_plain_transformers_gives_a_loadable_run(calib_set, 
     ids = tok(["hello world"], return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(rebuilt(**ids).logits, loaded(**ids).logits)
+    # a folder qrealign's fine-tuning wrote (its config.json says "qrealign_source": null) loads the same way
+    # (review 82), while the fine-tuned model in memory records nothing: it is other weights than its folder's
+    from qrealign.finetune.sft import _clear_source_stamp
+
+    _clear_source_stamp(loaded)
+    loaded.save_pretrained(tmp_path / "tuned")
+    tok.save_pretrained(tmp_path / "tuned")
+    from qrealign.calibrate.api import model_source
+
+    assert model_source(loaded) == (None, None)
+    reread = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
+    assert reread.config.qrealign_source is None and model_source(reread)[0] == str((tmp_path / "tuned").resolve())
+    assert model_source(type("M", (), {"config": type("C", (), {"_name_or_path": "org/model"})()})()) == \
+        ("org/model", None)  # a hub id transformers loaded
     # a model built in memory: the run is written, and said up front not to be loadable
     memory, tok = tiny_model("llama", seed=0, num_hidden_layers=2)
     with pytest.warns(UserWarning, match="records no folder it was loaded from"):

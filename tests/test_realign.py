@@ -210,11 +210,11 @@ def test_loss_options_the_objective_does_not_take_are_said_by_name(tmp_path):
 
     model, tok = tiny_model("llama", num_hidden_layers=2)
     calib = CalibrationSet(["a", "b"], [0, 1])
-    with pytest.raises(QrealignError, match="benign_kl apply to the first-token objective .teacher=., not to this"):
+    with pytest.raises(QrealignError, match="benign_kl applies to the first-token objective .teacher=., not to this"):
         realign(model, tok, tmp_path / "probes", calib, benign_kl=2.0)
     with pytest.raises(QrealignError, match="unknown loss option.s. lamda; this objective takes layers, lam"):
         realign(model, tok, tmp_path / "probes", calib, lamda=2.0)
-    with pytest.raises(QrealignError, match="benign_side apply to the probe loss .probes=."):
+    with pytest.raises(QrealignError, match="benign_side applies to the probe loss .probes=."):
         realign(model, tok, teacher=tmp_path / "teacher", calibration=calib, benign_side=1.0)
     # the lists are the loss classes' own fields: a new option of a loss must be added there
     from dataclasses import fields
@@ -223,8 +223,10 @@ def test_loss_options_the_objective_does_not_take_are_said_by_name(tmp_path):
     from qrealign.calibrate.safety import SafetyLoss
     from qrealign.realign import PROBE_OPTIONS, TEACHER_OPTIONS
 
-    assert set(PROBE_OPTIONS) <= {f.name for f in fields(SafetyLoss) if f.init}
-    assert set(TEACHER_OPTIONS) <= {f.name for f in fields(FirstTokenLoss) if f.init}
+    internal = {"w", "b", "usable", "probe_id", "_cache",  # from the probes, or the loss's own
+                "tail", "targets", "target_id", "responses", "response_mask", "_digest"}  # from the teacher pass
+    assert set(PROBE_OPTIONS) == {f.name for f in fields(SafetyLoss) if f.init} - internal
+    assert set(TEACHER_OPTIONS) == {f.name for f in fields(FirstTokenLoss) if f.init} - internal
     # RTN trains no loss: a run labelled Q-realign would be plain RTN
     with pytest.raises(QrealignError, match="method='rtn' trains nothing"):
         realign(model, tok, tmp_path / "probes", calib, config=CalibConfig(method="rtn"))

@@ -174,7 +174,8 @@ def _check_loss_options(options: dict, teacher: bool) -> None:
     elsewhere = [k for k in unknown if k in other]
     if elsewhere:
         where = "the probe loss (probes=)" if teacher else "the first-token objective (teacher=)"
-        raise QrealignError(f"{', '.join(elsewhere)} apply to {where}, not to this one")
+        raise QrealignError(f"{', '.join(elsewhere)} {'applies' if len(elsewhere) == 1 else 'apply'} to {where}, "
+                            "not to this one")
     raise QrealignError(f"unknown loss option(s) {', '.join(unknown)}; this objective takes {', '.join(mine)}")
 
 
@@ -184,7 +185,8 @@ def warn_held_out_probes(probes) -> None:
     from .data.prompts import HELD_OUT_SETS, load_held_out, load_prompts
     from .evaluate.overlap import text_hash
 
-    used = {h for entry in (probes.data.get("provenance") or {}).values() if isinstance(entry, dict)
+    used = {h for entry in ((getattr(probes, "data", None) or {}).get("provenance") or {}).values()
+            if isinstance(entry, dict)
             for h in entry.get("text_hashes") or ()}
     if not used:
         return

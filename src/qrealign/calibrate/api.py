@@ -105,15 +105,19 @@ def quantize(
 
 def model_source(model) -> tuple[str | None, str | None]:
     """(where the model's weights can be loaded again, its merged adapter): what `load_model`
-    recorded; for a model transformers loaded from a folder, that folder (the run's fingerprint
-    check, at load, says if its weights changed since); None for a model qrealign fine-tuned or
-    built in memory."""
+    recorded; else where transformers loaded it from (a folder, or a hub id), whose weights the
+    run's fingerprint check at load compares with the ones calibrated; None for a model built or
+    fine-tuned in memory (qrealign's fine-tuning clears both)."""
+    from ..models.load import looks_like_path
+
     config = model.config
-    if hasattr(config, "qrealign_source"):  # load_model's stamp (None once fine-tuned in memory)
+    if getattr(config, "qrealign_source", None):  # load_model's stamp
         return config.qrealign_source, getattr(config, "qrealign_adapter", None)
-    folder = getattr(config, "_name_or_path", "") or ""
-    if folder and (Path(folder) / "config.json").is_file():
-        return str(Path(folder).expanduser().resolve()), None
+    name = getattr(config, "_name_or_path", "") or ""
+    if name and (Path(name).expanduser() / "config.json").is_file():
+        return str(Path(name).expanduser().resolve()), None
+    if name and not looks_like_path(name) and not Path(name).exists():
+        return name, None  # a hub id
     return None, None
 
 

@@ -165,7 +165,7 @@ def load_run_source(meta: dict, dtype: str | None = None, device="cpu", offload:
     the dtype it was calibrated in and checked against the run's fingerprint (which hashes the
     weights' bits, so a bf16-calibrated run is checked in bf16). Runs that did not record their
     dtype were calibrated in float32 by the CLI; `dtype` is then tried too, for API runs in another one."""
-    from ..models.load import ModelLoadError, load_model
+    from ..models.load import ModelLoadError, load_model, looks_like_path
 
     source = run_source(meta, run_dir)
     recorded = meta.get("model_dtype")
@@ -175,10 +175,13 @@ def load_run_source(meta: dict, dtype: str | None = None, device="cpu", offload:
         try:
             model, tokenizer = load_model(source, adapter=meta.get("adapter"), dtype=name, device=device,
                                           offload=offload)
-        except ModelLoadError as exc:  # the base moved or is on another machine
-            raise IncompatibleArtifact(f"{exc}. A run folder holds only its quantization parameters: it needs the "
-                                       f"model it was calibrated on ({source}); put that model there, or beside the "
-                                       "run folder under the same name") from None
+        except ModelLoadError as exc:
+            if not (looks_like_path(source) and not Path(source).exists()):
+                raise
+            # the base moved or is on another machine
+            raise ModelLoadError(f"{exc}. A run folder holds only its quantization parameters: it needs the "
+                                 f"model it was calibrated on ({source}); put that model there, or beside the run "
+                                 "folder under the same name") from None
         if not expected or fingerprint_matches(model, expected, meta):
             return model, tokenizer, str(next(model.parameters()).dtype).removeprefix("torch.")
         del model

@@ -141,8 +141,9 @@ def build_calibration(spec: str = "qrealign:calib", n: int | None = None, malici
         raise QrealignError(f"calibration size n must be >= 1 (or None: the whole set), got {n}")
     if task_n and not task:
         raise QrealignError(f"task_n={task_n} adds a task's prompts: name the task (task=...)")
-    spec = os.fspath(spec)  # a Path names a file as its string does
-    extra_benign, extra_malicious = (os.fspath(x) if isinstance(x, os.PathLike) else x
+    spec = os.fspath(spec)  # a Path names a file as its string does, alone or in a sequence
+    extra_benign, extra_malicious = ([os.fspath(s) for s in x] if isinstance(x, (list, tuple)) else
+                                     os.fspath(x) if isinstance(x, os.PathLike) else x
                                      for x in (extra_benign, extra_malicious))
     prompts, split = _load_spec(spec)
     harmful = [p for p in prompts if p.label == 1]

@@ -74,9 +74,13 @@ def export_compressed_tensors(
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if isinstance(card_table, os.PathLike):  # a file, as the CLI reads it; a str stays the text itself
+        from ..errors import QrealignError
         from ..utils import read_user_text
 
-        card_table = read_user_text(card_table, "card_table")
+        try:
+            card_table = read_user_text(card_table, "card_table")
+        except QrealignError as exc:
+            raise ExportError(str(exc)) from None
     require_compressed_tensors("export")
     if dtype not in _DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32")

@@ -171,6 +171,7 @@ def _clear_source_stamp(model) -> None:
     Left as they were, a run calibrated on this model in memory would name its parent as its source."""
     for name in ("qrealign_source", "qrealign_adapter"):  # set even where absent: not the folder it came from
         setattr(model.config, name, None)
+    model.config._name_or_path = ""  # nor where transformers loaded it from (not saved in config.json)
 
 
 def check_lora_targets(model, config: SFTConfig) -> None:

@@ -173,6 +173,7 @@ _OUTPUT_KINDS = {
                  "eval, export and analyze take it on the command line",
     "probes": "a probe set: realign --probes and analyze --probes take it",
     "eval": "an evaluation: report takes it, and eval --rejudge judges its answers again",
+    "teacher-targets": "a teacher pass: realign --teacher takes it (for the calibration it was computed on)",
 }
 
 
