@@ -709,3 +709,11 @@ def test_a_model_loaded_with_plain_transformers_gives_a_loadable_run(calib_set, 
     memory, tok = tiny_model("llama", seed=0, num_hidden_layers=2)
     with pytest.warns(UserWarning, match="records no folder it was loaded from"):
         quantize(memory, tok, calib_set, "W8A8", CalibConfig(method="rtn"), out=tmp_path / "mem", progress=False)
+
+
+def test_a_calibration_that_is_not_a_calibration_set_is_said(calib_set):
+    # review 81: None or a list of strings gave "'NoneType' object has no attribute 'prompts'"
+    model, tok = tiny_model("llama", seed=0, num_hidden_layers=2)
+    for bad in (None, ["hello"]):
+        with pytest.raises(QrealignError, match="calibration must be a CalibrationSet .*build_calibration"):
+            quantize(model, tok, bad, "W8A8", CalibConfig(method="rtn"), progress=False)

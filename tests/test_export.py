@@ -575,3 +575,18 @@ def test_a_run_moved_with_its_base_still_exports(tmp_path):
     meta = json.loads((tmp_path / "export" / "qrealign.json").read_text())
     assert Path(meta["source_model"]).resolve() == (after / "fp").resolve()
     assert Path(meta["source_model_recorded"]).resolve() == (before / "fp").resolve()
+
+
+def test_inspect_says_an_export_is_quantized(runs, tmp_path, capsys):
+    # review 81: `inspect EXPORT` described it as a plain model
+    import json
+
+    from qrealign.cli import main
+    from qrealign.export import export_compressed_tensors
+
+    export_compressed_tensors(runs("W8A8-sym"), tmp_path / "ex")
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "ex")]) == 0
+    assert "quantized: a qrealign export, W8A8-sym compressed-tensors (int-quantized)" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "ex"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["export"]["scheme"] == "W8A8-sym"

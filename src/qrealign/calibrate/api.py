@@ -46,6 +46,9 @@ def quantize(
     (an interrupted run resumes there) and the finished run is written atomically to `out`.
     `model_fp`: the model's `model_fingerprint`, when the caller has just computed it (hashing a
     7B model's weights in memory takes seconds; a run hashes them once)."""
+    if not isinstance(calibration, CalibrationSet):  # else an AttributeError deep in the engine
+        raise QrealignError(f"calibration must be a CalibrationSet (qrealign.calibrate.build_calibration()), got "
+                            f"{type(calibration).__name__}")
     cfg = config or CalibConfig()
     scheme = get_scheme(scheme)
     source, adapter = model_source(model)

@@ -38,6 +38,9 @@ def run(args) -> int:
         "quantized_linears": list(spec.linears),
         "smoothing_pairs": {k: {"smooth": s, "balance": list(b)} for k, (s, b) in block_pairs(model).items()},
     }
+    exported = _export_facts(args.model)
+    if exported:
+        info["export"] = exported
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -50,4 +53,25 @@ def run(args) -> int:
         print(f"    {name:4s} {pair['smooth']} -> {', '.join(pair['balance'])}")
     if spec.notes:
         print(f"  notes: {spec.notes}")
+    if exported:
+        print(f"  quantized: a qrealign export, {exported['scheme']} {exported['format']} "
+              f"({exported['ct_format']}), from the run {exported['run']} ({exported['method']})")
     return 0
+
+
+def _export_facts(model: str) -> dict | None:
+    """A qrealign export is a model folder whose weights are integer codes: said, with its scheme."""
+    from pathlib import Path
+
+    from ..utils import read_json
+
+    marker = Path(model) / "qrealign.json"
+    try:
+        meta = read_json(marker) if marker.is_file() else None
+    except Exception:  # an unreadable marker: the folder is inspected as a model, as before
+        return None
+    if not isinstance(meta, dict) or meta.get("kind") != "export":
+        return None
+    export = meta.get("export") or {}
+    return {"scheme": export.get("scheme"), "format": export.get("format"), "ct_format": export.get("ct_format"),
+            "run": meta.get("quantization_run"), "method": meta.get("method")}
