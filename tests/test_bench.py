@@ -198,12 +198,14 @@ def test_bench_cli_dispatches_to_the_chosen_benchmark(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad", [["--sft-precision", "--steps", "0"], ["--lanes", "--n", "0"], ["--eval", "-1"],
-                                 ["--reference-epochs", "0"]])
+                                 ["--reference-epochs", "0"], ["--reference-epochs", "3"]])
 def test_bench_rejects_counts_that_would_fail_after_the_work(bad, tmp_path, capsys):
     from qrealign.cli import main
 
     assert main(["bench", *bad, "--out", str(tmp_path / "b")]) == 2
-    assert "must be >=" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    err = capsys.readouterr().err
+    assert "must be >=" in err and not (tmp_path / "b").exists()
+    assert "epoch_schedule" not in err  # the flag, not the engine's field (review 81)
 
 
 def test_decode_bench_compares_generate_and_drop_finished_on_dev_prompts(tmp_path):

@@ -76,6 +76,9 @@ def check_options(args, mode: str) -> None:
     for name in ("n", "steps", "reference_epochs", "default_epochs"):  # before any model loads
         if getattr(args, name) < 1:
             raise QrealignError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.reference_epochs < 6:  # in flags, before the engine says it in its own field names (review 81)
+        raise QrealignError(f"--reference-epochs must be >= 6: the authors' schedule trains the first half of the "
+                            f"blocks for epochs - 5 (paper: 10), got {args.reference_epochs}")
     if args.batch_size is not None and args.batch_size < 1:
         raise QrealignError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.eval_n < 0:
