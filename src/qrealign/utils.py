@@ -238,6 +238,16 @@ def read_json(path: str | Path) -> Any:
         return json.load(f)
 
 
+def read_marker(folder: str | Path, name: str = "qrealign.json") -> dict | None:
+    """A folder's JSON marker (what qrealign wrote there: its "kind" and facts), or None where it
+    has none or it is unreadable: for messages that describe a folder, never for a decision."""
+    try:
+        meta = read_json(Path(folder) / name)
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def check_out_dir(out_dir: str | Path, marker: str, kind: str | None = None,
                   what: str = "an earlier output of this command", error: type = QrealignError,
                   same: dict[str, tuple] | None = None) -> None:

@@ -133,11 +133,11 @@ def resume_point(ckpt: Path | None, fingerprint: str, code: str, num_layers: int
             if say:
                 made = "by other code (qrealign's calibration modules changed)" if other_code else \
                     "with other settings or inputs"
-                aside = sorted(ckpt.parent.glob(f"{glob.escape(ckpt.name)}.stale-*"))
+                sizes = {d: _mib(d) for d in ckpt.parent.glob(f"{glob.escape(ckpt.name)}.stale-*")}  # this one too
                 say(f"[calibrate] the checkpoint in {ckpt} was made {made} "
-                    f"({state.get('completed_blocks', 0)} blocks, {_mib(stale):.0f} MiB): set aside in {stale} (the run "
-                    f"that made it takes it back when it is started again; {len(aside)} set aside beside this run, "
-                    f"{sum(_mib(d) for d in aside):.0f} MiB: delete the ones you no longer need)")
+                    f"({state.get('completed_blocks', 0)} blocks, {sizes.get(stale, 0.0):.0f} MiB): set aside in "
+                    f"{stale} (the run that made it takes it back when it is started again; {len(sizes)} set aside "
+                    f"beside this run, {sum(sizes.values()):.0f} MiB: delete the ones you no longer need)")
     if not (ckpt / CHECKPOINT_STATE).is_file():
         mine = stale_dir(ckpt, fingerprint, code)
         if not (mine / CHECKPOINT_STATE).is_file():

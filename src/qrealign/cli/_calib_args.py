@@ -140,7 +140,7 @@ def prepare(args, method: str):
     check_flags(args, method)  # in flags, before the engine's config says it in field names
     config = engine_config(args, method)
     calib = build_calibration(args.calib, args.n, args.malicious_ratio, args.seed,
-                              task=args.calib_task, task_n=(args.calib_task_n or CALIB_TASK_N) if args.calib_task else 0,
+                              task=args.calib_task, task_n=args.calib_task_n,  # None: build_calibration's 48
                               extra_benign=args.calib_benign,
                               extra_malicious=args.calib_malicious)
     check_run_out(args.out, realign=getattr(args, "command", None) == "realign")  # before the model loads

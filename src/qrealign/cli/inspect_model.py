@@ -61,16 +61,10 @@ def run(args) -> int:
 
 def _export_facts(model: str) -> dict | None:
     """A qrealign export is a model folder whose weights are integer codes: said, with its scheme."""
-    from pathlib import Path
+    from ..utils import read_marker
 
-    from ..utils import read_json
-
-    marker = Path(model) / "qrealign.json"
-    try:
-        meta = read_json(marker) if marker.is_file() else None
-    except Exception:  # an unreadable marker: the folder is inspected as a model, as before
-        return None
-    if not isinstance(meta, dict) or meta.get("kind") != "export":
+    meta = read_marker(model)  # none, or unreadable: the folder is inspected as a model, as before
+    if meta is None or meta.get("kind") != "export":
         return None
     export = meta.get("export") or {}
     return {"scheme": export.get("scheme"), "format": export.get("format"), "ct_format": export.get("ct_format"),

@@ -179,16 +179,10 @@ _OUTPUT_KINDS = {
 
 def _what_it_is(path: Path) -> str:
     """For a folder qrealign wrote that is not a model: what it is and what reads it."""
-    for marker in ("qrealign.json", "result.json", "probes.json"):
-        if (path / marker).is_file():
-            try:
-                kind = json.loads((path / marker).read_text()).get("kind")
-            except (OSError, ValueError, AttributeError):
-                kind = None
-            kind = kind or {"result.json": "eval", "probes.json": "probes"}.get(marker)
-            if kind in _OUTPUT_KINDS:
-                return f"; it is {_OUTPUT_KINDS[kind]}"
-    return ""
+    from ..utils import read_marker
+
+    kind = (read_marker(path) or {}).get("kind") or ("eval" if (path / "result.json").is_file() else None)
+    return f"; it is {_OUTPUT_KINDS[kind]}" if kind in _OUTPUT_KINDS else ""
 
 
 def load_tokenizer(source: str | Path | ModelSource, padding_side: str = "left"):
