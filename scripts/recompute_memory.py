@@ -4,7 +4,11 @@ blocks train jointly on the first-token objective (W4A8, LWC, learned rounding, 
 options; one thread). The difference, in float32 copies of one block's weights, is what a 7B run on a GPU
 saves per joint block beyond the first (docs/performance.md).
 
-Run: PYTHONPATH=src python scripts/recompute_memory.py"""
+`tail`: block by block, what the first-token objective's FP tail keeps for its backward (every
+saved tensor, counted with a pack hook) with and without `recompute`, per tail block and token,
+against `memory.per_token_bytes`, the estimate the GPU check uses.
+
+Run: PYTHONPATH=src python scripts/recompute_memory.py [tail]"""
 
 import copy
 import json
@@ -45,7 +49,44 @@ def one_run(recompute: bool) -> dict:
     return {"recompute": recompute, "peak_rss": peak, "block_bytes": block, "param_sums": first, "joint_s": joint}
 
 
+def tail_bytes() -> None:
+    from qrealign.calibrate.behaviour import ModelTail
+    from qrealign.calibrate.capture import record_block_inputs
+    from qrealign.calibrate.memory import per_token_bytes
+    from qrealign.models.tiny import tiny_model
+
+    torch.set_num_threads(1)
+    model, _ = tiny_model("llama", seed=0, **SHAPE)
+    batch, length, tail_blocks = 4, 128, SHAPE["num_hidden_layers"] - 1
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
+    kwargs = record_block_inputs(model, ids, torch.ones_like(ids), torch.arange(length).expand(batch, -1),
+                                 torch.device("cpu")).kwargs_by_type
+    hidden = torch.randn(batch, length, SHAPE["hidden_size"], requires_grad=True)
+    tail = ModelTail(model)
+    tokens = batch * length
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    for recompute in (False, True):
+        saved = {}  # storage -> bytes: a tensor saved by several operations is held once
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in weights:  # a linear saves its weight too: the parameter itself, not a copy
+                saved[ptr] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            tail(hidden, 0, kwargs, torch.full((batch,), length - 1), recompute=recompute)
+        total = sum(saved.values())
+        print(f"recompute {'on ' if recompute else 'off'}: the tail's {tail_blocks} blocks and head keep "
+              f"{total / 2 ** 20:.1f} MiB for the backward beyond the weights, "
+              f"{total / tokens / tail_blocks / 1024:.1f} KiB per block and token")
+    print(f"memory.per_token_bytes (the check's estimate per block and token): {per_token_bytes(model) / 1024:.1f} KiB; "
+          f"a hidden-wide float32 vector {SHAPE['hidden_size'] * 4 / 1024:.1f} KiB")
+
+
 def main() -> None:
+    if sys.argv[1:] == ["tail"]:
+        tail_bytes()
+        return
     if len(sys.argv) > 1:
         print(json.dumps(one_run(sys.argv[1] == "on")))
         return

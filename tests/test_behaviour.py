@@ -759,6 +759,38 @@ def test_the_joint_stage_counts_every_trained_block_and_the_calibration_streams(
         behaviour.check_tail_fits(model, 1, "cuda", tokens=10, joint=True, total_tokens=100)
 
 
+def test_the_block_by_block_tail_names_recompute_where_it_alone_fits(monkeypatch):
+    """Block by block, a safety block's step keeps the activations of every FP block after it for
+    the backward; with recompute each one's input and one block's activations. The check counts
+    that, and names recompute as the way out where it alone would make the run fit."""
+    import qrealign.calibrate.behaviour as behaviour
+
+    model, _ = tiny_model("llama", num_hidden_layers=4)
+    T = 10_000  # tokens a step
+    copies, block = behaviour.tail_bytes(model, 1)
+    cfg = model.config
+    per_token = (6 * cfg.hidden_size + 4 * cfg.intermediate_size) * 4
+    streams = 3 * 100 * cfg.hidden_size * 4  # quantized, FP input, FP target
+    plain = copies + 7 * block + T * 2 * per_token + streams  # blocks 2-3 after block 1
+    again = copies + 7 * block + T * (2 * cfg.hidden_size * 4 + per_token) + streams
+    assert again < 0.9 * plain  # the activations dominate at this many tokens a step
+    free = {"bytes": int(again / 0.9) + 1}
+    monkeypatch.setattr(behaviour, "resolve_device", lambda device=None: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 10 ** 12))
+    _no_cached_memory(monkeypatch)
+    with pytest.raises(QrealignError, match=r"GiB are free. Add recompute=True \(CLI --recompute: the same numbers, "
+                                            r"a step runs the blocks after the trained one twice"):
+        behaviour.check_tail_fits(model, 1, "cuda", tokens=T, total_tokens=100)
+    behaviour.check_tail_fits(model, 1, "cuda", tokens=T, total_tokens=100, recompute=True)
+    with pytest.raises(QrealignError) as err:  # the count is tight; on already, not named
+        free["bytes"] = int(again / 0.9) - 1
+        behaviour.check_tail_fits(model, 1, "cuda", tokens=T, total_tokens=100, recompute=True)
+    assert "recompute" not in str(err.value)
+    free["bytes"] = again  # not enough even with it: said so
+    with pytest.raises(QrealignError, match=r"recompute=True alone \(CLI --recompute\) would still need"):
+        behaviour.check_tail_fits(model, 1, "cuda", tokens=T, total_tokens=100)
+
+
 def _no_cached_memory(monkeypatch, cached: int = 0):
     """The checks add what PyTorch's allocator caches but does not use to the driver's free memory
     (`calibrate.memory.free_bytes`); this CPU-only suite fakes both counters."""

@@ -10,7 +10,7 @@ import torch
 from qrealign.calibrate.api import quantize
 from qrealign.calibrate.artifact import apply_quant_params, read_quantized_metadata
 from qrealign.calibrate.behaviour import FirstTokenLoss, ModelTail, first_token_targets
-from qrealign.calibrate.capture import block_output, capture_block_inputs
+from qrealign.calibrate.capture import block_output, capture_block_inputs, record_block_inputs
 from qrealign.calibrate.data import CalibrationSet, make_batches
 from qrealign.calibrate.engine import CalibConfig, calibrate
 from qrealign.calibrate.losses import ReconstructionLoss, per_sample_mse
@@ -220,13 +220,15 @@ def test_cli_realign_joint_safety_and_the_commands_without_a_safety_term(tmp_pat
     # plain quantization has no safety term to train jointly: refused before anything is written
     assert main(["quantize", *common, "--joint-safety", "--out", str(tmp_path / "q")]) == 2
     assert "only realign" in capsys.readouterr().err and not (tmp_path / "q").exists()
-    assert main(["realign", *common, "--teacher", str(tmp_path / "aligned"), "--recompute", "--out",
-                 str(tmp_path / "r")]) == 2  # nothing to recompute block by block
-    assert "--recompute applies to the joint stage only: add --joint-safety" in capsys.readouterr().err
-    assert not (tmp_path / "r").exists()
-    # quantize has no joint stage: said in flags, not sent round to a --joint-safety it refuses (review 79)
+    # block by block the first-token objective's tail is what --recompute runs again
+    assert main(["realign", *common, "--teacher", str(tmp_path / "aligned"), "--layers-from", "0.5", "--recompute",
+                 "--out", str(tmp_path / "r")]) == 0
+    assert read_quantized_metadata(tmp_path / "r")["config"]["recompute"] is True
+    # quantize runs no blocks after the trained one: said in flags, not sent round to a --joint-safety it
+    # refuses (review 79)
     assert main(["quantize", *common, "--recompute", "--out", str(tmp_path / "q")]) == 2
-    assert "that is realign's (--joint-safety): drop it here" in capsys.readouterr().err
+    assert "that is realign's (--joint-safety, or --teacher block by block): drop it here" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
     # a safety term that stops before the last block cannot be trained as one stage
     assert main(["realign", *common, "--teacher", str(tmp_path / "aligned"), "--layers", "1-2", "--joint-safety",
                  "--out", str(tmp_path / "gap")]) == 2
@@ -301,9 +303,72 @@ def test_recomputed_joint_blocks_learn_the_same_parameters(compiled, monkeypatch
     assert "recompute" not in CalibConfig(joint_safety=True, recompute=True).fingerprint_dict()
 
 
-def test_recompute_without_a_joint_stage_is_refused():
-    with pytest.raises(QrealignError, match="joint stage only: it needs joint_safety"):
-        CalibConfig(recompute=True)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_recomputed_tail_learns_the_same_parameters_block_by_block(compiled, monkeypatch):
+    """Block by block, `recompute` runs the FP blocks after each safety block again in the
+    backward (`ModelTail.final_states`) instead of keeping their activations: every tail block
+    of every step goes through the checkpoint, and the learned parameters and logged losses are
+    the uninterrupted run's, bit for bit, with the same fingerprint."""
+    from qrealign.calibrate import behaviour
+
+    kept, _ = _run(False, layers=(1, 2, 3), compile_quantizer=compiled)
+    calls = []
+    real = behaviour.checkpoint
+    monkeypatch.setattr(behaviour, "checkpoint", lambda fn, *a, **k: calls.append(a[0]) or real(fn, *a, **k))
+    again, model = _run(False, layers=(1, 2, 3), compile_quantizer=compiled, recompute=True)
+    blocks = model.model.layers
+    # the tails of blocks 1 and 2 (blocks 2-3 and block 3); block 3 has none
+    assert calls and {id(b) for b in calls} == {id(blocks[2]), id(blocks[3])}
+    assert kept.fingerprint == again.fingerprint
+    assert all(torch.equal(kept.params[k], again.params[k]) for k in kept.params)
+    assert [log.get("last_kl_mal") for log in kept.layer_logs] == [log.get("last_kl_mal") for log in again.layer_logs]
+
+
+def test_a_recomputed_tail_keeps_less_for_its_backward():
+    """What the tail's autograd graph holds for the backward (every saved tensor but the weights,
+    each storage once, counted with a pack hook): with recompute, each tail block's input and the
+    head's few rows, far less than the blocks' activations; the logits and the input's gradient
+    unchanged."""
+    finetuned, _, _ = _models(layers=6)
+    tail = ModelTail(finetuned)
+    batch, length = 2, 7
+    hidden = torch.randn(batch, length, finetuned.config.hidden_size, requires_grad=True)
+    ids = torch.randint(0, finetuned.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
+    kwargs = record_block_inputs(finetuned, ids, torch.ones_like(ids), torch.arange(length).expand(batch, -1),
+                                 torch.device("cpu")).kwargs_by_type
+
+    weights = {p.untyped_storage().data_ptr() for p in finetuned.parameters()}
+
+    def run(recompute: bool):
+        saved = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights:  # a linear saves its weight: not a copy
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = tail(hidden, 0, kwargs, torch.full((batch,), length - 1), recompute=recompute)
+        grad, = torch.autograd.grad(logits.sum(), hidden)
+        return sum(saved.values()), logits, grad
+
+    plain, logits, grad = run(False)
+    light, logits2, grad2 = run(True)
+    assert torch.equal(logits, logits2) and torch.equal(grad, grad2)
+    inputs_only = 5 * batch * length * finetuned.config.hidden_size * 4  # blocks 1-5's inputs
+    head_rows = batch * (finetuned.config.hidden_size + 2 * finetuned.config.vocab_size) * 4  # norm in, logits
+    assert inputs_only <= light <= inputs_only + head_rows + 4096  # + the kwargs' small tensors
+    assert plain > 4 * light
+
+
+def test_recompute_with_nothing_to_run_again_is_refused():
+    """Neither a joint stage nor a loss that runs blocks after the trained one (a probe or plain
+    reconstruction): the engine says so before the FP pass (the config alone cannot know the loss)."""
+    finetuned, _, tok = _models()
+    CalibConfig(recompute=True)  # the loss decides
+    for loss in (ReconstructionLoss(), SafetyLoss(torch.zeros(4, finetuned.config.hidden_size), torch.zeros(4))):
+        with pytest.raises(QrealignError, match=f"{type(loss).__name__} runs neither: leave recompute off"):
+            calibrate(copy.deepcopy(finetuned), tok, CALIB, "W8A8", CalibConfig(recompute=True), loss=loss,
+                      progress=False)
 
 
 def test_the_engines_memory_check_counts_the_joint_stage_whole(monkeypatch):

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import QrealignError
 from ..models.offload import offloaded
@@ -41,7 +42,7 @@ from .capture import block_output, move_kwargs, record_block_inputs, run_blocks
 from .data import CalibrationSet, make_batches
 from .losses import LossInputs, SafetyGate, check_weights
 from .memory import (block_state_copies, free_bytes, joint_stage_bytes, param_bytes, per_token_bytes,
-                     stream_bytes)
+                     stream_bytes, tail_activation_bytes)
 
 
 class LogitHead:
@@ -87,6 +88,10 @@ class LogitHead:
         return other
 
 
+def _tail_block(block: nn.Module, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    return block_output(block(h, **kwargs))
+
+
 class ModelTail:
     """Blocks after `layer`, the final norm and the LM head of `model`, frozen: maps a block's
     output to the next-token logits at each row's last prompt token.
@@ -110,21 +115,28 @@ class ModelTail:
                 p.requires_grad_(False)
 
     def __call__(self, hidden: torch.Tensor, layer: int, kwargs_by_type: dict, last_index: torch.Tensor,
-                 positions: int = 1):
+                 positions: int = 1, recompute: bool = False):
         """[B, V] logits at `last_index`; with `positions` > 1, [B, positions, V] at `last_index + j`
-        (the forced response tokens' positions)."""
-        h = self.final_states(hidden, layer, kwargs_by_type)
+        (the forced response tokens' positions). `recompute`: see `final_states`."""
+        h = self.final_states(hidden, layer, kwargs_by_type, recompute)
         return self.head_for(h.device).at(h, last_index, positions).to(hidden.device)
 
-    def final_states(self, hidden: torch.Tensor, layer: int, kwargs_by_type: dict) -> torch.Tensor:
-        """Block `layer`'s output run through the blocks after it."""
+    def final_states(self, hidden: torch.Tensor, layer: int, kwargs_by_type: dict,
+                     recompute: bool = False) -> torch.Tensor:
+        """Block `layer`'s output run through the blocks after it. `recompute`
+        (CalibConfig.recompute) while gradients are on: each tail block keeps only its input for the
+        backward and runs again there (activation checkpointing), so a step holds one tail block's
+        activations at a time instead of all of them (about ten hidden-wide vectors a token per
+        block, `memory.per_token_bytes`): the same gradients, one more forward of the tail."""
         blocks = self._blocks_for(layer, hidden.device)
+        again = recompute and torch.is_grad_enabled()
         h = hidden
         for j in range(layer + 1, len(blocks)):
             block = blocks[j]
             p = next(block.parameters())
             kwargs = move_kwargs(kwargs_by_type[self.types[j]], p.device)  # the engine's are on its device
-            h = block_output(block(h.to(p.device, p.dtype), **kwargs))
+            h = h.to(p.device, p.dtype)
+            h = checkpoint(_tail_block, block, h, kwargs, use_reentrant=False) if again else _tail_block(block, h, kwargs)
         return h
 
     def head_for(self, device: torch.device) -> LogitHead:
@@ -193,8 +205,9 @@ def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, 
     `head`: the objective reads the output (the first-token objective copies the head; probes do not).
     `recompute` (CalibConfig.recompute): a joint block keeps its weights (and rounding state), its
     input and its loss terms (about three hidden-wide vectors a token) for the backward; five of the
-    seven copies and the rest of the activations exist for one block at a time. The ways out it names
-    are not checked against the free memory, but for recompute, which is named where it alone fits."""
+    seven copies and the rest of the activations exist for one block at a time; block by block, the
+    tail keeps each block's input and one block's activations at a time. The ways out it names are
+    not checked against the free memory, but for recompute, which is named where it alone fits."""
     dev = resolve_device(device)
     if dev.type != "cuda":
         return
@@ -222,8 +235,10 @@ def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, 
                   "joint_safety off (CLI --no-joint-safety)"
         smaller = ""  # the training state and the streams are float32 whatever the model's dtype
     else:
-        need = copies + per_block * block + tokens * (len(blocks) - first - 1) * per_token + \
-            stream_bytes(1, offload_targets, total_tokens, hidden)
+        def tail_need(again: bool) -> int:
+            return copies + per_block * block + stream_bytes(1, offload_targets, total_tokens, hidden) + \
+                tail_activation_bytes(tokens, len(blocks) - first - 1, per_token, hidden, again)
+        need = tail_need(recompute)
         what = (f"the first-token objective from block {first} on holds copies of the {len(blocks) - first - 1} "
                 f"blocks after it and the head on {dev} (about {need / 2 ** 30:.1f} GiB with the block being "
                 f"trained, the activations and the calibration set's hidden states)")
@@ -232,14 +247,16 @@ def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, 
                    if next(model.parameters()).dtype == torch.float32 else "")
     free = free_bytes(dev)
     if need > 0.9 * free:
-        if joint and not recompute:
-            again = joint_need(True)
+        way_out += smaller
+        if not recompute:
+            again = joint_need(True) if joint else tail_need(True)
+            twice = "the joint blocks" if joint else "the blocks after the trained one"
             if again <= 0.9 * free:
-                way_out = (f"Add recompute=True (CLI --recompute: the same numbers, a step runs the joint blocks "
+                way_out = (f"Add recompute=True (CLI --recompute: the same numbers, a step runs {twice} "
                            f"twice; about {again / 2 ** 30:.1f} GiB), put" + way_out[3:])
             else:
                 way_out += f"; recompute=True alone (CLI --recompute) would still need about {again / 2 ** 30:.1f} GiB"
-        raise QrealignError(f"{what}; {free / 2 ** 30:.1f} GiB are free. {way_out}{smaller}")
+        raise QrealignError(f"{what}; {free / 2 ** 30:.1f} GiB are free. {way_out}")
 
 
 @torch.no_grad()
@@ -605,8 +622,9 @@ class FirstTokenLoss(SafetyGate):
         if inp.index is None or inp.block_kwargs is None:
             raise QrealignError("FirstTokenLoss needs the calibration index and block kwargs in LossInputs")
         k = self.positions
-        logits = (self.tail(inp.q_out, inp.layer, inp.block_kwargs, inp.last_index) if k == 1 else
-                  self.tail(inp.q_out, inp.layer, inp.block_kwargs, inp.last_index, positions=k))
+        # a tail's options only where they are used: a stand-in tail takes the four arguments alone
+        options = {**({"positions": k} if k > 1 else {}), **({"recompute": True} if inp.recompute_tail else {})}
+        logits = self.tail(inp.q_out, inp.layer, inp.block_kwargs, inp.last_index, **options)
         teacher = self.targets[inp.index.cpu()].to(logits.device)
         logprobs = F.log_softmax(logits, dim=-1)
         kl = (teacher.exp() * (teacher - logprobs)).sum(dim=-1)  # [B] or [B, K]

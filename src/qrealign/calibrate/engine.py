@@ -148,7 +148,9 @@ class CalibConfig:
     # (activation checkpointing, `train.Learnable.forward`): a step then holds that state for one
     # block instead of all of them, about five float32 copies of each further block's weights
     # (scripts/recompute_memory.py), for one more forward pass of every joint block but the last per
-    # step. The same numbers.
+    # step. Block by block with the first-token objective, the same for the FP blocks after each
+    # safety block (`behaviour.ModelTail`): their activations, one block's at a time instead of the
+    # whole tail's. The same numbers. Refused where neither runs (a probe or reconstruction loss).
     recompute: bool = False
 
     def __post_init__(self):
@@ -183,9 +185,6 @@ class CalibConfig:
             if not self.joint_safety:
                 raise QrealignError("joint_recon_weight weighs the joint stage's reconstruction: it needs "
                                     "joint_safety")
-        if self.recompute and not self.joint_safety:
-            raise QrealignError("recompute runs the joint stage's blocks again in its backward; it applies to the "
-                                "joint stage only: it needs joint_safety")
         if self.lr_schedule not in (None, "cosine"):
             raise QrealignError(f"lr_schedule must be None (constant) or 'cosine', got {self.lr_schedule!r}")
         if self.autocast not in ("auto", "off", "bf16"):
@@ -312,6 +311,10 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
         check_compiler(dev)  # before the FP pass, not at the first training step
     num_layers = len(get_blocks(model))
     joint_from = _joint_start(cfg, loss, num_layers)
+    if cfg.recompute and cfg.method != "rtn" and joint_from is None and not hasattr(loss, "output_term"):
+        raise QrealignError(f"recompute runs blocks again in the backward: the joint stage's (joint_safety), or block "
+                            f"by block the FP blocks after each safety block that the first-token objective runs; "
+                            f"{type(loss).__name__} runs neither: leave recompute off")
     start_time = time.time()
 
     from .. import __version__
@@ -396,7 +399,8 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
         else:
             epochs = cfg.epochs_for(i, num_layers, safety=_has_safety_term(loss, i))
             guard = cfg.init_guard and epochs and part.let is not None
-            step = block_step(part, q_in, batches, masks, loss, num_layers, amp, all_kw=run.kwargs)
+            step = block_step(part, q_in, batches, masks, loss, num_layers, amp, all_kw=run.kwargs,
+                              recompute=cfg.recompute)
             # measured under the training's own precision: the guard compares like with like
             if cfg.measure_init_loss or guard:
                 log["loss_init"] = mean_loss(step, batches)

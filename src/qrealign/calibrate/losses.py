@@ -43,6 +43,9 @@ class LossInputs:
     # CalibrationSet, and the kwargs the decoder blocks take, by attention type.
     index: torch.Tensor | None = None
     block_kwargs: dict | None = None
+    # CalibConfig.recompute, block by block: a loss that runs the FP blocks after this one keeps
+    # only each one's input for the backward and runs it again there (the same gradients).
+    recompute_tail: bool = False
 
 
 class BlockLoss(Protocol):

@@ -60,6 +60,16 @@ def joint_stage_bytes(block: int, trained: int, copies: int, step_tokens: int, p
         step_tokens * (trained * 3 * hidden * 4 + per_token)
 
 
+def tail_activation_bytes(step_tokens: int, tail_blocks: int, per_token: int, hidden: int,
+                          recompute: bool) -> int:
+    """What a block-by-block first-token step's FP tail keeps for its backward: every tail
+    block's activations, or with `recompute` each one's input (one hidden-wide vector a token)
+    plus one block's activations at a time."""
+    if not recompute:
+        return step_tokens * tail_blocks * per_token
+    return step_tokens * (tail_blocks * hidden * 4 + per_token)
+
+
 def stream_bytes(trained: int, offload_targets: bool, total_tokens: int, hidden: int) -> int:
     """The float32 hidden states a calibration keeps over the whole calibration set: the quantized
     stream and, unless `offload_targets`, the FP input and each of the `trained` blocks' FP targets

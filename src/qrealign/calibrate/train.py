@@ -39,11 +39,12 @@ def block_forward(block, let, x, kw, amp: str | None):
         return block_output(functional_call(block, overrides, (x,), kw)).float()
 
 
-def loss_inputs(fp_out, q_out, batch: CalibBatch, mask, layer, num_layers, kwargs_by_type=None) -> LossInputs:
+def loss_inputs(fp_out, q_out, batch: CalibBatch, mask, layer, num_layers, kwargs_by_type=None,
+                recompute_tail: bool = False) -> LossInputs:
     dev = q_out.device
     fp_out = fp_out.to(dev) if fp_out is not None else None  # offload_targets: it waits in CPU memory
     return LossInputs(fp_out, q_out, batch.labels.to(dev), mask, batch.enc.last_index.to(dev), layer, num_layers,
-                      index=batch.index, block_kwargs=kwargs_by_type)
+                      index=batch.index, block_kwargs=kwargs_by_type, recompute_tail=recompute_tail)
 
 
 def rounding_linears(block: nn.Module) -> list[tuple[str, QuantLinear]]:
@@ -184,13 +185,16 @@ def _optimise(parts: list[Learnable], step: Step, batches: list[CalibBatch], cfg
             **{f"last_{k}": v / max(1, c) for k, (v, c) in parts_log.items()}}
 
 
-def block_step(part: Learnable, q_in, batches, masks, loss: BlockLoss, num_layers: int, amp, all_kw=None) -> Step:
+def block_step(part: Learnable, q_in, batches, masks, loss: BlockLoss, num_layers: int, amp, all_kw=None,
+               recompute: bool = False) -> Step:
     """One block's loss on batch b (OmniQuant): its quantized output on the quantized stream
-    against its FP output on the FP stream."""
+    against its FP output on the FP stream. `recompute` (CalibConfig.recompute): a loss that runs
+    the FP blocks after this one (the first-token objective's tail) runs each again in the backward
+    instead of keeping its activations."""
     def step(b):
         q_out = part.forward(q_in[b], b, amp)
         return loss(loss_inputs(part.fp_out[b], q_out, batches[b], masks[b], part.layer, num_layers,
-                                all_kw[b] if all_kw else None))
+                                all_kw[b] if all_kw else None, recompute_tail=recompute))
     return step
 
 

@@ -93,10 +93,11 @@ def add_common(parser) -> None:
                         help="keep the FP targets in CPU memory and copy each batch's to the device for its step "
                              "(same numbers; frees ~1 GB of device memory per joint block at 7B); not in the fingerprint")
     parser.add_argument("--recompute", action="store_true",
-                        help="with --joint-safety: run each joint block again in the backward instead of keeping "
-                             "what its backward reads (same numbers; a step runs every joint block but the last "
-                             "twice; about five float32 copies of a block's weights less per joint block: ~4 GB each "
-                             "at 7B); not in the fingerprint")
+                        help="realign: run blocks again in the backward instead of keeping what their backward "
+                             "reads (same numbers). With --joint-safety every joint block but the last (about five "
+                             "float32 copies of a block's weights less per joint block: ~4 GB each at 7B); with "
+                             "--teacher block by block, the FP blocks after each safety block (one block's "
+                             "activations at a time instead of the whole tail's); not in the fingerprint")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--system", default=None,
                         help="system prompt the calibration prompts are rendered with (default: the chat template's "
@@ -181,11 +182,14 @@ def check_flags(args, method: str) -> None:
         raise QrealignError(f"--epoch-schedule {args.epoch_schedule} sets each block's epochs, and {joint} trains the "
                             "safety blocks together: drop one")
     realign = getattr(args, "command", None) == "realign"
-    for name in ("recompute", "joint_recon_weight"):
-        if getattr(args, name) not in (False, None) and not args.joint_safety:
-            flag = "--" + name.replace("_", "-")
-            way = "add --joint-safety" if realign else "that is realign's (--joint-safety): drop it here"
-            raise QrealignError(f"{flag} applies to the joint stage only: {way}")
+    if args.joint_recon_weight is not None and not args.joint_safety:
+        way = "add --joint-safety" if realign else "that is realign's (--joint-safety): drop it here"
+        raise QrealignError(f"--joint-recon-weight applies to the joint stage only: {way}")
+    if args.recompute and not args.joint_safety and not getattr(args, "teacher", None):
+        # block by block only the first-token objective (--teacher) runs blocks after the trained one
+        way = ("add --joint-safety, or use --teacher (the first-token objective's tail)" if realign else
+               "that is realign's (--joint-safety, or --teacher block by block): drop it here")
+        raise QrealignError(f"--recompute runs blocks again in the backward, and this run has none to run: {way}")
 
 
 # Options read only while a switch is on: (switch, its "off" value, the options it gates, the flag
