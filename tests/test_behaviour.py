@@ -751,12 +751,18 @@ def test_the_joint_stage_counts_every_trained_block_and_the_calibration_streams(
     behaviour.check_tail_fits(model, 1, "cuda", tokens=10, joint=True, total_tokens=100)
     _no_cached_memory(monkeypatch)
 
-    # a model already on the GPU: no copies, but the joint training state is still counted
+    # a model already on the GPU: no copies, but the joint training state is still counted, and block
+    # by block the trained block's state, the tail's activations and the streams (review 83)
     monkeypatch.setattr(behaviour, "same_device", lambda a, b: True)
-    free["bytes"] = head  # room for nothing the block-by-block form would copy
+    in_place = 7 * block + 10 * 2 * per_token + 3 * 100 * cfg.hidden_size * 4
+    free["bytes"] = int(in_place / 0.9) + 1  # no room for the copies the model on the CPU would need
+    assert free["bytes"] < copies + in_place
     behaviour.check_tail_fits(model, 1, "cuda", tokens=10, total_tokens=100)
     with pytest.raises(QrealignError, match="joint_safety"):
         behaviour.check_tail_fits(model, 1, "cuda", tokens=10, joint=True, total_tokens=100)
+    free["bytes"] = in_place
+    with pytest.raises(QrealignError, match="from block 1 on runs the 2 blocks after it and the head on cuda"):
+        behaviour.check_tail_fits(model, 1, "cuda", tokens=10, total_tokens=100)
 
 
 def test_the_block_by_block_tail_names_recompute_where_it_alone_fits(monkeypatch):

@@ -297,6 +297,24 @@ def test_a_recipe_setting_the_user_switches_off_takes_its_options_along():
     check_flags(parsed("--lwc-init", "2", "--lwc"), "omniquant")
 
 
+def test_recompute_with_probes_block_by_block_is_refused_in_flags():
+    # --recompute runs blocks again in the backward: the joint stage's, or the first-token tail's
+    # (--teacher); a probe loss block by block runs none (review 83)
+    from qrealign.cli import _with_command_defaults, build_parser
+    from qrealign.cli._calib_args import check_flags
+    from qrealign.errors import QrealignError
+
+    def parsed(*flags):
+        parser = build_parser()
+        argv = ["realign", "M", "--out", "O", *flags]
+        return _with_command_defaults(parser, parser.parse_args(argv), argv)
+    with pytest.raises(QrealignError, match=r"--recompute runs blocks again in the backward, and this run has none "
+                                            r"to run: add --joint-safety, or use --teacher"):
+        check_flags(parsed("--probes", "P", "--recompute"), "omniquant")
+    check_flags(parsed("--probes", "P", "--recompute", "--joint-safety"), "omniquant")
+    check_flags(parsed("--teacher", "T", "--recompute"), "omniquant")
+
+
 def test_lora_targets_that_name_no_module_fail_before_the_self_distillation(model_dir, tmp_path, capsys, monkeypatch):
     # align generates answers to every benign prompt first (minutes on SmolLM2): a mistyped
     # --lora-targets failed only after it, with a raw tuple (review 79)

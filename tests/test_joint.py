@@ -356,19 +356,25 @@ def test_a_recomputed_tail_keeps_less_for_its_backward():
     assert torch.equal(logits, logits2) and torch.equal(grad, grad2)
     inputs_only = 5 * batch * length * finetuned.config.hidden_size * 4  # blocks 1-5's inputs
     head_rows = batch * (finetuned.config.hidden_size + 2 * finetuned.config.vocab_size) * 4  # norm in, logits
-    assert inputs_only <= light <= inputs_only + head_rows + 4096  # + the kwargs' small tensors
+    assert inputs_only <= light <= inputs_only + head_rows + 4096  # 4 KiB of slack for the head's small tensors
     assert plain > 4 * light
 
 
 def test_recompute_with_nothing_to_run_again_is_refused():
-    """Neither a joint stage nor a loss that runs blocks after the trained one (a probe or plain
-    reconstruction): the engine says so before the FP pass (the config alone cannot know the loss)."""
-    finetuned, _, tok = _models()
+    """Neither a joint stage nor a loss that runs blocks after the trained one (a probe, plain
+    reconstruction, the first-token term on the last block only): the engine says so before any
+    block calibrates (the config alone cannot know the loss)."""
+    finetuned, aligned, tok = _models()
     CalibConfig(recompute=True)  # the loss decides
-    for loss in (ReconstructionLoss(), SafetyLoss(torch.zeros(4, finetuned.config.hidden_size), torch.zeros(4))):
-        with pytest.raises(QrealignError, match=f"{type(loss).__name__} runs neither: leave recompute off"):
+    targets = first_token_targets(aligned, finetuned, tok, CALIB, CalibConfig())
+    last_only = FirstTokenLoss(ModelTail(finetuned), targets, layers=(3,))
+    for loss, name in ((ReconstructionLoss(), "ReconstructionLoss"), (SafetyLoss(torch.zeros(4, 64), torch.zeros(4)),
+                                                                      "SafetyLoss"),
+                       (last_only, r"FirstTokenLoss \(its term on no block before the last\)")):
+        with pytest.raises(QrealignError, match=f"{name} runs neither block by block: leave recompute off, or train "
+                                                 f"the safety blocks jointly"):
             calibrate(copy.deepcopy(finetuned), tok, CALIB, "W8A8", CalibConfig(recompute=True), loss=loss,
-                      progress=False)
+                      progress=False, on_block_end=lambda i: pytest.fail("a block calibrated before the refusal"))
 
 
 def test_the_engines_memory_check_counts_the_joint_stage_whole(monkeypatch):

@@ -215,9 +215,9 @@ def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, 
     head = LogitHead(model)
     on_device = same_device(head.device, dev) and all(same_device(next(b.parameters()).device, dev)
                                                       for b in blocks[first + 1:])
-    if on_device and not joint:
-        return  # the model is on the device already: nothing is copied
     copies, block = tail_bytes(model, first)
+    if on_device:  # the model is on the device already: nothing is copied (its tail's activations still count)
+        copies = 0
     per_block = block_state_copies(learn_rounding)
     hidden = model.config.hidden_size
     per_token = per_token_bytes(model)
@@ -239,12 +239,13 @@ def check_tail_fits(model: nn.Module, first: int, device=None, tokens: int = 0, 
             return copies + per_block * block + stream_bytes(1, offload_targets, total_tokens, hidden) + \
                 tail_activation_bytes(tokens, len(blocks) - first - 1, per_token, hidden, again)
         need = tail_need(recompute)
-        what = (f"the first-token objective from block {first} on holds copies of the {len(blocks) - first - 1} "
+        holds = "runs" if on_device else "holds copies of"
+        what = (f"the first-token objective from block {first} on {holds} the {len(blocks) - first - 1} "
                 f"blocks after it and the head on {dev} (about {need / 2 ** 30:.1f} GiB with the block being "
                 f"trained, the activations and the calibration set's hidden states)")
         way_out = "Put the safety term on later blocks only (layers_from=0.85; CLI --layers-from 0.85)"
         smaller = (" or load the model in bfloat16 (--dtype bfloat16)"
-                   if next(model.parameters()).dtype == torch.float32 else "")
+                   if next(model.parameters()).dtype == torch.float32 and not on_device else "")
     free = free_bytes(dev)
     if need > 0.9 * free:
         way_out += smaller

@@ -150,7 +150,9 @@ class CalibConfig:
     # (scripts/recompute_memory.py), for one more forward pass of every joint block but the last per
     # step. Block by block with the first-token objective, the same for the FP blocks after each
     # safety block (`behaviour.ModelTail`): their activations, one block's at a time instead of the
-    # whole tail's. The same numbers. Refused where neither runs (a probe or reconstruction loss).
+    # whole tail's. The same numbers. Refused where no block would run again: block by block with
+    # a loss that reads no output (probes, plain reconstruction), or whose term has no block after
+    # it (the term on the last block only).
     recompute: bool = False
 
     def __post_init__(self):
@@ -311,10 +313,12 @@ def _calibrate(model, tokenizer, calib, scheme, config, loss, checkpoint_dir, de
         check_compiler(dev)  # before the FP pass, not at the first training step
     num_layers = len(get_blocks(model))
     joint_from = _joint_start(cfg, loss, num_layers)
-    if cfg.recompute and cfg.method != "rtn" and joint_from is None and not hasattr(loss, "output_term"):
+    if cfg.recompute and cfg.method != "rtn" and joint_from is None and not _runs_a_tail(loss, num_layers):
         raise QrealignError(f"recompute runs blocks again in the backward: the joint stage's (joint_safety), or block "
                             f"by block the FP blocks after each safety block that the first-token objective runs; "
-                            f"{type(loss).__name__} runs neither: leave recompute off")
+                            f"{type(loss).__name__}{' (its term on no block before the last)' if hasattr(loss, 'output_term') else ''} "
+                            f"runs neither block by block: leave recompute off, or train the safety blocks jointly "
+                            f"(joint_safety)")
     start_time = time.time()
 
     from .. import __version__
@@ -466,6 +470,12 @@ def _finish_block(run: _Run, part: Learnable, q_in: list, log: dict) -> list:
                 for q, f, m in zip(q_in, part.fp_out, run.masks) if f is not None]
         log["q_mse"] = float(sum(errs) / len(errs)) if errs else float("nan")
     return q_in
+
+
+def _runs_a_tail(loss, num_layers: int) -> bool:
+    """Whether a block-by-block step of `loss` runs blocks after the trained one: a term read at
+    the output (`output_term`) on some block but the last."""
+    return hasattr(loss, "output_term") and any(_has_safety_term(loss, i) for i in range(num_layers - 1))
 
 
 def _joint_start(cfg: CalibConfig, loss, num_layers: int) -> int | None:

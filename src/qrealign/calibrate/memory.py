@@ -65,7 +65,7 @@ def tail_activation_bytes(step_tokens: int, tail_blocks: int, per_token: int, hi
     """What a block-by-block first-token step's FP tail keeps for its backward: every tail
     block's activations, or with `recompute` each one's input (one hidden-wide vector a token)
     plus one block's activations at a time."""
-    if not recompute:
+    if not recompute or not tail_blocks:
         return step_tokens * tail_blocks * per_token
     return step_tokens * (tail_blocks * hidden * 4 + per_token)
 
