@@ -577,6 +577,34 @@ def test_a_run_moved_with_its_base_still_exports(tmp_path):
     assert Path(meta["source_model_recorded"]).resolve() == (before / "fp").resolve()
 
 
+def test_inspect_describes_a_run_and_its_base_model(runs, tmp_path, capsys):
+    # a run holds parameters only: inspect says what the run is and describes the base it was
+    # calibrated on (it refused the folder as "no config.json")
+    import json
+    import shutil
+
+    from qrealign.cli import main
+
+    run = runs("W8A8")
+    capsys.readouterr()
+    assert main(["inspect", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"{run}: a qrealign quantization run (W8A8, omniquant), its learned parameters only" in out
+    assert "blocks calibrated" in out and "calibration: 4 prompts" in out
+    assert "LlamaForCausalLM" in out and "smoothing pairs" in out  # the base model's architecture
+    assert main(["inspect", str(run), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["run"]["scheme"] == "W8A8" and info["run"]["blocks"] == info["layers"]
+    assert Path(info["run"]["base"]).resolve() == (run.parent / "fp").resolve()
+    assert main(["inspect", str(run), "--adapter", str(tmp_path)]) == 2
+    assert "is a quantization run" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    (broken / "quant_params.safetensors").unlink()
+    assert main(["inspect", str(broken)]) == 2
+    assert "quant_params.safetensors is missing" in capsys.readouterr().err
+
+
 def test_inspect_says_an_export_is_quantized(runs, tmp_path, capsys):
     # review 81: `inspect EXPORT` described it as a plain model
     import json

@@ -170,7 +170,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 # What a qrealign output folder is, by its qrealign.json "kind", and what reads it.
 _OUTPUT_KINDS = {
     "quantized": "a quantization run (its parameters only): load it with qrealign.calibrate.load_quantized; "
-                 "eval, export and analyze take it on the command line",
+                 "eval, export, analyze and inspect take it on the command line",
     "probes": "a probe set: realign --probes and analyze --probes take it",
     "eval": "an evaluation: report takes it, and eval --rejudge judges its answers again",
     "teacher-targets": "a teacher pass: realign --teacher takes it (for the calibration it was computed on)",
