@@ -190,3 +190,20 @@ def test_a_local_task_file_with_wrong_types_or_encoding_is_a_clear_error(tmp_pat
     (d / "test.jsonl").write_bytes(json.dumps({"sentence": "caf\u00e9", "label": 1}).encode("utf-16"))
     with pytest.raises(QrealignError, match="test.jsonl: UTF-16 text .*save it as UTF-8"):
         get_task(f"sst2:{d}").load("test")
+
+
+def test_a_bundled_training_split_warns_once_for_both_sides(monkeypatch):
+    # evaluating on e.g. the `probe` split loads its harmful and its benign side apart: one warning,
+    # not two; the held-out `eval` split warns not at all
+    import warnings
+
+    from qrealign.evaluate import promptsets
+
+    monkeypatch.setattr(promptsets, "_WARNED_SPLITS", set())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        resolve_prompt_set("qrealign:probe:harmful", label=1)
+        resolve_prompt_set("qrealign:probe:benign", label=0)
+        resolve_prompt_set("qrealign:eval:harmful", label=1)
+    messages = [str(w.message) for w in seen]
+    assert len(messages) == 1 and "bundled 'probe' split" in messages[0] and "--force-overlap" in messages[0]

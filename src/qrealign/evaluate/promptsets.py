@@ -66,6 +66,9 @@ def resolve_prompt_set(spec: str, label: int | None = None, limit: int | None = 
 
 # ---- bundled -------------------------------------------------------------------------------
 
+_WARNED_SPLITS: set[str] = set()
+
+
 def _bundled(rest: str, label, root) -> list[Prompt]:
     from ..data.prompts import HELD_OUT_SETS, SPLITS, load_held_out, load_prompts
 
@@ -76,11 +79,13 @@ def _bundled(rest: str, label, root) -> list[Prompt]:
                             f"{', '.join((*SPLITS, *HELD_OUT_SETS))}; got qrealign:{rest}")
     if split in HELD_OUT_SETS:
         return load_held_out(split, label=_SIDE_LABELS[side])
-    if split != "eval":
+    if split != "eval" and split not in _WARNED_SPLITS:
         import warnings
 
-        warnings.warn(f"evaluating on the bundled {split!r} split: other stages train or calibrate on it; "
-                      f"the overlap check will refuse unless forced", stacklevel=3)
+        _WARNED_SPLITS.add(split)  # once a process: the harmful and the benign side of a split are two loads
+        warnings.warn(f"evaluating on the bundled {split!r} split: other stages train or calibrate on it; the "
+                      f"overlap check refuses it for a model whose lineage used those prompts (--force-overlap "
+                      f"evaluates anyway)")
     return load_prompts(split=split, label=_SIDE_LABELS[side])
 
 
