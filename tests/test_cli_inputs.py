@@ -97,6 +97,7 @@ def test_eval_reads_its_prompt_sets_task_and_out_before_loading(model_dir, tmp_p
     (["--judge", "harmbench:./no-such-judge"], "no-such-judge does not exist"),
     (["--backend", "vllm", "--drop-finished"], "--drop-finished is the transformers backend's"),
     (["--lm-eval-fewshot", "0"], "--lm-eval-fewshot needs --lm-eval"),  # used to be dropped without a word
+    (["--max-prompt-tokens", "0"], "--max-prompt-tokens must be >= 1"),
 ])
 def test_eval_checks_what_failed_after_the_load_or_the_generation(model_dir, tmp_path, capsys, monkeypatch,
                                                                    extra, message):
@@ -390,3 +391,13 @@ def test_flags_are_not_written_into_the_users_paths(tmp_path, capsys):
     # a flag that merely starts with another's name does not count as naming it
     args = parser.parse_args(["realign", "M", "--teacher", "T", "--out", "O"])
     assert in_flags("calib_task needs a task (--calib-task-n 5 was given)", parser, args).startswith("--calib-task ")
+
+
+def test_eval_takes_the_prompt_length_it_cuts_at(model_dir, tmp_path):
+    # the truncation warning said "raise max_prompt_tokens", which the CLI could not (review 84)
+    import json
+
+    out = tmp_path / "ev"
+    assert main(["eval", str(model_dir), "--limit", "1", "--max-new-tokens", "2", "--max-prompt-tokens", "100",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    assert json.loads((out / "result.json").read_text())["settings"]["generation"]["max_prompt_tokens"] == 100

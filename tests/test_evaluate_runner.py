@@ -877,3 +877,38 @@ def test_a_task_split_that_does_not_exist_fails_before_any_answer_is_generated(m
     result = runner.evaluate_model(model, tok, harmful=None, benign=None, task="topic-codes", task_n=3,
                                    provenance=clean, progress=False)
     assert result.metrics["task_n"] == 3 and loads == [1]  # once: the overlap check and the scoring share it
+
+
+def test_a_perplexity_past_a_float_or_a_failure_after_the_answers_keeps_them(tmp_path, monkeypatch):
+    """Perplexity and lm-eval run after every answer is generated (review 84): a model broken enough
+    that exp(mean NLL) overflows gets an infinite perplexity, written as strict JSON; a failure of
+    either is recorded and warned about, with the answers written (an API call without out_dir
+    still raises)."""
+    import copy
+    import json
+
+    from qrealign.evaluate import runner
+
+    model, tok = tiny_model("llama")
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.lm_head.weight.mul_(3000)
+    text = "The quick brown fox jumps over the lazy dog. " * 5
+    assert runner.perplexity(broken, tok, text) == math.inf
+    harmful, benign = [_P(0, "h comply", 1)], [_P(1, "b ok", 0)]
+    res = evaluate_model(broken, tok, harmful=harmful, benign=benign, judge=ScriptedJudge(), gen=GEN,
+                         out_dir=tmp_path / "inf", ppl_text=text, progress=False)
+    assert res.metrics["perplexity"] is None and res.metrics["perplexity_nonfinite"] == "inf"
+    json.loads((tmp_path / "inf" / "result.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("stand-in failure")
+    monkeypatch.setattr(runner, "perplexity", fails)
+    with pytest.warns(UserWarning, match="perplexity failed .*stand-in failure.*the answers and the other metrics"):
+        res = evaluate_model(model, tok, harmful=harmful, benign=benign, judge=ScriptedJudge(), gen=GEN,
+                             out_dir=tmp_path / "failed", ppl_text=text, progress=False)
+    assert res.metrics["perplexity_failed"] == "RuntimeError: stand-in failure" and len(res.records) == 2
+    assert EvalResult.load(tmp_path / "failed").metrics["perplexity_failed"]
+    with pytest.raises(RuntimeError, match="stand-in"):
+        evaluate_model(model, tok, harmful=harmful, benign=benign, judge=ScriptedJudge(), gen=GEN, ppl_text=text,
+                       progress=False)

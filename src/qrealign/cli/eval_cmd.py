@@ -32,7 +32,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--judge", default="keyword",
                         help="keyword | harmbench[:PATH_OR_ID] | llamaguard[:PATH_OR_ID] | "
                              "beaverdam[:PATH_OR_ID] (without one: the judge's published model)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64,
+                        help="answer length on the safety prompts (default: %(default)s); a --task uses its own "
+                             "(8 tokens for the classification tasks, 256 for gsm8k)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=512,
+                        help="rendered prompts longer than this are cut from the left, chat header included "
+                             "(warned); raise it for long prompt sets (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--backend", choices=["hf", "vllm"], default="hf",
                         help="generation backend; vllm needs `pip install vllm` and a plain model directory")
@@ -74,6 +79,7 @@ def run(args) -> int:
     ppl_text = read_user_text(args.ppl_text, "--ppl-text") if args.ppl_text else None
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample,
                            seed=args.seed, system=args.system, backend=args.backend,
+                           max_prompt_tokens=args.max_prompt_tokens,
                            drop_finished=args.drop_finished).validate()
     judge = get_judge(args.judge, device=args.device)  # validate the spec before loading the model
     if callable(getattr(judge, "check_reachable", None)) and not (args.no_harmful and args.no_benign):

@@ -44,6 +44,8 @@ class GenerationConfig:
             raise QrealignError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise QrealignError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_prompt_tokens < 1:
+            raise QrealignError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
         if self.backend not in BACKENDS:
             raise QrealignError(f"unknown generation backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
         if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
@@ -88,7 +90,8 @@ def _warn_truncated(tokenizer, prompts: list[str], cfg: GenerationConfig) -> Non
     if cut:
         warnings.warn(f"{len(cut)} of {len(prompts)} prompts are longer than max_prompt_tokens="
                       f"{cfg.max_prompt_tokens} once rendered (longest {max(cut)} tokens) and lose their start, "
-                      "chat header included; raise max_prompt_tokens to evaluate them whole", stacklevel=3)
+                      "chat header included; raise max_prompt_tokens (CLI --max-prompt-tokens) to evaluate them "
+                  "whole", stacklevel=3)
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
@@ -147,7 +150,9 @@ def greedy_processors(generation_config) -> list[str]:
 def _generate_hf(model, tokenizer, prompts, cfg: GenerationConfig, progress: bool, desc: str) -> list[str]:
     device = next(model.parameters()).device
     out: list[str | None] = [None] * len(prompts)  # filled batch by batch, in prompt order
-    kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
+    # num_beams=1: a model whose generation config asks for beam search decodes as vLLM and
+    # drop_finished do (review 84)
+    kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, num_beams=1,
                   pad_token_id=tokenizer.pad_token_id,
                   eos_token_id=stop_token_ids(tokenizer, getattr(model, "generation_config", None)))
     if cfg.do_sample:

@@ -126,7 +126,25 @@ def perplexity(model, tokenizer, text: str, max_length: int = 512, stride: int =
         prev_end = end
         if end == n:
             break
-    return math.exp(nll / count)
+    mean = nll / count
+    return math.inf if mean > 709.0 else math.exp(mean)  # exp overflows a float above ~709.78: a broken model
+
+
+def _after_answers(what: str, out_dir, metrics: dict, compute):
+    """A measurement that runs after every answer is generated (lm-eval, perplexity): with an
+    `out_dir`, a failure is recorded in the metrics (`<what>_failed`) and warned about instead of
+    losing the answers, the costly part; without one (an API call) it is raised."""
+    try:
+        return compute()
+    except Exception as exc:  # noqa: BLE001 -- as the judge's: keep the answers
+        if out_dir is None:
+            raise
+        import warnings
+
+        metrics[f"{what.replace('-', '_')}_failed"] = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"{what} failed ({type(exc).__name__}: {exc}); the answers and the other metrics are written, "
+                      f"without it", stacklevel=3)
+        return None
 
 
 # ---- lm-eval (optional) --------------------------------------------------------------------
@@ -321,14 +339,20 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
 
         release_vllm()
     if lm_eval_tasks:
-        summary = lm_eval_accuracy(model, tokenizer, tasks=list(lm_eval_tasks), num_fewshot=lm_eval_fewshot)
-        metrics["lm_eval"] = summary
-        fa = summary["mean_item_acc"] if summary.get("mean_item_acc") is not None else summary.get("mean_leaf_acc")
-        if task_obj is None and fa is not None:
-            metrics["task_accuracy"] = fa
+        summary = _after_answers("lm-eval", out_dir, metrics, lambda: lm_eval_accuracy(
+            model, tokenizer, tasks=list(lm_eval_tasks), num_fewshot=lm_eval_fewshot))
+        if summary is not None:
+            metrics["lm_eval"] = summary
+            fa = summary["mean_item_acc"] if summary.get("mean_item_acc") is not None else summary.get("mean_leaf_acc")
+            if task_obj is None and fa is not None:
+                metrics["task_accuracy"] = fa
     if ppl_text is not None:
-        metrics["perplexity"] = perplexity(model, tokenizer, ppl_text, max_length=ppl_max_length, stride=ppl_stride,
-                                           progress=progress)
+        ppl = _after_answers("perplexity", out_dir, metrics, lambda: perplexity(
+            model, tokenizer, ppl_text, max_length=ppl_max_length, stride=ppl_stride, progress=progress))
+        if ppl is not None and not math.isfinite(ppl):  # strict JSON has no NaN or Infinity
+            metrics["perplexity_nonfinite"] = str(ppl)
+            ppl = None
+        metrics["perplexity"] = ppl
     described = {**describe_model(model, source), **(model_info or {})}
     device = str(next(model.parameters()).device)
     judge_failed = None
@@ -520,7 +544,9 @@ def rejudge(result: EvalResult, judge: str | Judge, progress: bool = True) -> Ev
         r["outcome"] = outcome(r["side"] == "harmful", v)
     harmful = [(r, v) for r, v in zip(records, verdicts) if r["side"] == "harmful"]
     benign = [v for r, v in zip(records, verdicts) if r["side"] == "benign"]
-    metrics = {k: v for k, v in result.metrics.items() if k in ("task_accuracy", "task_n", "perplexity", "lm_eval")}
+    metrics = {k: v for k, v in result.metrics.items() if k in ("task_accuracy", "task_n", "perplexity", "lm_eval",
+                                                                "perplexity_nonfinite", "perplexity_failed",
+                                                                "lm_eval_failed")}
     metrics.update(safety_metrics([v for _, v in harmful], benign, [r.get("category") for r, _ in harmful]))
     # every judge the answers were read with before, oldest first (results from before the list: one dict)
     earlier = result.settings.get("rejudged_from") or []

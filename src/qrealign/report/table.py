@@ -30,6 +30,7 @@ def comparison_rows(results: Sequence) -> list[dict]:
             "over_refusal": m.get("over_refusal"), "degenerate": m.get("degenerate"),
             "degenerate_benign": m.get("degenerate_benign"), "fa": m.get("task_accuracy"),
             "task": (r.settings or {}).get("task"), "ppl": m.get("perplexity"),
+            "ppl_note": m.get("perplexity_nonfinite") or ("failed" if m.get("perplexity_failed") else None),
             "n_harmful": m.get("n_harmful", 0), "n_benign": m.get("n_benign", 0), "task_n": m.get("task_n"),
             "n_unjudged": m.get("n_harmful_unjudged") or 0,  # left out of HS and its interval
             "judge": (r.judge or {}).get("name"), "overlap": bool(r.overlap and not r.overlap.get("clean", True)),
@@ -47,7 +48,7 @@ def format_row(row: dict) -> dict[str, str]:
         "over_refusal": _fmt(row["over_refusal"]), "degenerate": _fmt(row["degenerate"]),
         "degenerate_benign": _fmt(row["degenerate_benign"]),
         "fa": _fmt(row["fa"]) + (f" ({row['task']}, n={row['task_n']})" if row["fa"] is not None else ""),
-        "ppl": _fmt(row["ppl"], 2), "n": f"{row['n_harmful']}/{row['n_benign']}"
+        "ppl": row.get("ppl_note") or _fmt(row["ppl"], 2), "n": f"{row['n_harmful']}/{row['n_benign']}"
              + (f" ({row['n_unjudged']} harmful unjudged)" if row.get("n_unjudged") else ""), "judge": row["judge"] or "–",
     }
 
