@@ -618,3 +618,50 @@ def test_inspect_says_an_export_is_quantized(runs, tmp_path, capsys):
     assert "quantized: a qrealign export, W8A8-sym compressed-tensors (int-quantized)" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "ex"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["export"]["scheme"] == "W8A8-sym"
+
+
+def test_a_missing_base_and_an_out_that_appears_during_the_export(runs, tmp_path, monkeypatch):
+    # review 85: a run whose base is gone says what to do (it said only "does not exist"); a folder
+    # created at --out while the model loaded is not swapped away with the user's files in it
+    import qrealign.export.compressed as compressed
+
+    run = tmp_path / "run"
+    shutil.copytree(runs("W8A8-sym"), run)
+    meta = json.loads((run / "qrealign.json").read_text())
+    moved = dict(meta, source=str(tmp_path / "gone"), source_relative=None)
+    (run / "qrealign.json").write_text(json.dumps(moved))
+    with pytest.raises(ExportError, match="gone does not exist. A run folder holds only its quantization "
+                                          "parameters: .*put that model there, or beside the run folder"):
+        export_compressed_tensors(run, tmp_path / "ex")
+    assert not (tmp_path / "ex").exists()
+
+    out = tmp_path / "late"
+    real = compressed.load_run_source
+
+    def load_while_a_user_writes(*args, **kwargs):
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(compressed, "load_run_source", load_while_a_user_writes)
+    with pytest.raises(ExportError, match="late"):
+        export_compressed_tensors(runs("W8A8-sym"), out)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_full_disk_is_one_line_not_a_traceback(monkeypatch, capsys):
+    import errno
+
+    from qrealign.cli import build_parser, main
+
+    parser = build_parser()
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/ex/model.safetensors")
+    monkeypatch.setattr("qrealign.cli.build_parser", lambda: parser)
+    parser.command_parsers["inspect"].set_defaults(_run=full)
+    assert main(["inspect", "M"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == ("qrealign: error: No space left on device: /data/ex/model.safetensors (nothing "
+                           "half-written; --debug shows the traceback)")
+    with pytest.raises(OSError):
+        main(["inspect", "M", "--debug"])

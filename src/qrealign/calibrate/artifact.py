@@ -159,6 +159,12 @@ def run_source(meta: dict, run_dir: str | Path | None = None) -> str:
     return source
 
 
+def base_needed(source: str) -> str:
+    """What to do when a run's base model is not where the run recorded it."""
+    return (f"A run folder holds only its quantization parameters: it needs the model it was calibrated on "
+            f"({source}); put that model there, or beside the run folder under the same name")
+
+
 def load_run_source(meta: dict, dtype: str | None = None, device="cpu", offload: str | None = None,
                     run_dir: str | Path | None = None):
     """(model, tokenizer, dtype name): the model a run was calibrated on (`run_source`), loaded in
@@ -178,10 +184,7 @@ def load_run_source(meta: dict, dtype: str | None = None, device="cpu", offload:
         except ModelLoadError as exc:
             if not (looks_like_path(source) and not Path(source).exists()):
                 raise
-            # the base moved or is on another machine
-            raise ModelLoadError(f"{exc}. A run folder holds only its quantization parameters: it needs the "
-                                 f"model it was calibrated on ({source}); put that model there, or beside the run "
-                                 "folder under the same name") from None
+            raise ModelLoadError(f"{exc}. {base_needed(source)}") from None  # the base moved or is elsewhere
         if not expected or fingerprint_matches(model, expected, meta):
             return model, tokenizer, str(next(model.parameters()).dtype).removeprefix("torch.")
         del model

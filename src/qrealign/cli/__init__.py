@@ -9,6 +9,7 @@ command never touches this file. User errors (`QrealignError`) print one line an
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import pkgutil
@@ -94,9 +95,21 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
+    except OSError as exc:
+        # The file system said no (disk full, read-only, permission): one line, not a traceback;
+        # outputs are written to a temporary folder and renamed, so none is left half-written.
+        if debug or exc.errno not in _FILE_SYSTEM_ERRORS:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"qrealign: error: {exc.strerror or exc}{where} (nothing half-written; --debug shows the traceback)",
+              file=sys.stderr)
+        return 1
     finally:
         restore()
         warnings.formatwarning = formatwarning
+
+
+_FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def in_flags(message: str, parser, args) -> str:

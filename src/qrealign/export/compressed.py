@@ -21,8 +21,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibrate.artifact import (apply_quant_params, load_run_source, read_params, read_quantized_metadata,
-                                  run_source)
+from ..calibrate.artifact import (apply_quant_params, base_needed, load_run_source, read_params,
+                                  read_quantized_metadata, run_source)
+from ..models.load import looks_like_path
 from ..quant.qlinear import QuantLinear
 from ..quant.scheme import get_scheme
 from ..utils import atomic_dir, available_memory, check_out_dir, read_json, resolve_dtype, write_json
@@ -87,6 +88,8 @@ def export_compressed_tensors(
     meta = read_quantized_metadata(run_dir)
     plan = plan_export(get_scheme(meta["scheme"]), _DTYPES[dtype], symmetric_weights, symmetric_activations)
     source = run_source(meta, run_dir)  # a run that moved with its base (a renamed demo folder) finds it
+    if looks_like_path(source) and not Path(source).exists():  # before the memory check reads its config
+        raise ExportError(f"the run's base model {source} does not exist. {base_needed(source)}")
     params = read_params(run_dir)  # the file's header only: each tensor is read when its block asks
     rounding = any(k.rsplit(".", 1)[-1] == "rounding" for k in params)
     if offload is not None:
@@ -110,6 +113,7 @@ def export_compressed_tensors(
         apply_quant_params(model, plan.scheme, params, freeze=False)
         codes = _replace_quant_linears(model, plan, progress)
 
+    _check_out_dir(out_dir)  # again: the load and the codes took minutes, and the swap replaces what is there
     with atomic_dir(out_dir) as tmp:
         if offload is None:
             norm_error = _write_checkpoint(model, tokenizer, plan, codes, tmp)
