@@ -200,6 +200,11 @@ def load_quantized(path: str | Path, device: str | torch.device | None = "cpu", 
     # Loaded in the dtype it was calibrated in (on the CPU when it is cast afterwards), checked there.
     same = not isinstance(want, torch.dtype) or str(want).removeprefix("torch.") == meta.get("model_dtype", "float32")
     model, tokenizer, calibrated = load_run_source(meta, dtype, device=device if same else "cpu", run_dir=path)
+    if not same and want == torch.float32:
+        # A run calibrated on a bf16 model, asked for in float32: its parameters apply to float32
+        # weights, as calibration computed its loss and as the export writes the codes; applied
+        # before the cast they would be rounded to bf16 first (logits 1e-2 apart, review 85).
+        model.float()
     apply_quant_params(model, meta["scheme"], params)
     if not same:
         if calibrated == "float32":
