@@ -41,7 +41,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--backend", choices=["hf", "vllm"], default="hf",
                         help="generation backend; vllm needs `pip install vllm` and a plain model directory")
-    parser.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-p 0.9) instead of greedy")
+    parser.add_argument("--sample", action="store_true",
+                        help="sample (temperature 0.7, top-p 0.9) instead of greedy; one seed for the whole run, so "
+                             "an answer also depends on the batch size and on the other prompts (--limit, the "
+                             "benign set): compare sampled runs only with the same settings")
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling")
     parser.add_argument("--drop-finished", action="store_true",
                         help="greedy only: a stopped answer leaves its batch, so later steps compute only the rows "
