@@ -607,6 +607,12 @@ def test_inspect_describes_a_run_and_its_base_model(runs, tmp_path, capsys):
     (broken / "quant_params.safetensors").unlink()
     assert main(["inspect", str(broken)]) == 2
     assert "quant_params.safetensors is missing" in capsys.readouterr().err
+    gone = tmp_path / "gone"  # a base that moved away: the loaders' hint
+    shutil.copytree(run, gone)
+    meta = json.loads((gone / "qrealign.json").read_text())
+    (gone / "qrealign.json").write_text(json.dumps(dict(meta, source=str(tmp_path / "nowhere"), source_relative=None)))
+    assert main(["inspect", str(gone)]) == 2
+    assert "put that model there, or beside the run folder" in capsys.readouterr().err
 
 
 def test_inspect_says_an_export_is_quantized(runs, tmp_path, capsys):

@@ -75,7 +75,10 @@ def run(args) -> int:
 def _run_facts(model: str) -> dict | None:
     """What a quantization run folder records about itself (None for anything else): its base
     model is what the rest of `inspect` describes, since the run holds parameters only."""
-    from ..calibrate.artifact import read_quantized_metadata
+    from pathlib import Path
+
+    from ..calibrate.artifact import base_needed, read_quantized_metadata, run_source
+    from ..models.load import looks_like_path
     from ..utils import read_marker
 
     marker = read_marker(model)
@@ -88,7 +91,10 @@ def _run_facts(model: str) -> dict | None:
     probes = meta.get("probes") or {}
     objective = meta.get("objective") or (f"{probes.get('target')} probes" if probes else None)
     layers = meta.get("layers") or []
-    return {"base": meta["source"], "adapter": meta.get("adapter"), "model_fingerprint": meta.get("model_fingerprint"),
+    base = run_source(meta, model)  # where the run's loaders find it (a run that moved with it: beside it)
+    if looks_like_path(base) and not Path(base).exists():
+        raise QrealignError(f"{model} is a quantization run whose base model {base} does not exist. {base_needed(base)}")
+    return {"base": base, "adapter": meta.get("adapter"), "model_fingerprint": meta.get("model_fingerprint"),
             "scheme": (meta.get("scheme") or {}).get("name"), "method": meta.get("method"), "objective": objective,
             "safety_layers": meta.get("safety_layers"), "blocks": len(layers), "seconds": meta.get("seconds"),
             "calibration": meta.get("calibration"), "run_fingerprint": meta.get("run_fingerprint")}
