@@ -91,7 +91,7 @@ def _warn_truncated(tokenizer, prompts: list[str], cfg: GenerationConfig) -> Non
         warnings.warn(f"{len(cut)} of {len(prompts)} prompts are longer than max_prompt_tokens="
                       f"{cfg.max_prompt_tokens} once rendered (longest {max(cut)} tokens) and lose their start, "
                       "chat header included; raise max_prompt_tokens (CLI --max-prompt-tokens) to evaluate them "
-                  "whole", stacklevel=3)
+                      "whole", stacklevel=3)
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
