@@ -123,6 +123,7 @@ def test_sst2_local():
     assert task.score("Positive.", ex[0]) and not task.score("negative", ex[0])
     assert task.score("The sentiment is negative, not positive.", ex[1])  # first label mentioned wins
     assert not task.score("I am not sure.", ex[0])
+    assert not task.score("The sentiment is not positive.", ex[0])  # review 84: it scored as positive
     assert len(task.load("test", n=2)) == 2
     with pytest.raises(QrealignError, match="no train.jsonl"):
         task.load("train")
@@ -134,6 +135,8 @@ def test_agnews_local():
     assert [e.answer for e in ex] == ["Business", "Sports", "Sci/Tech", "World"]
     assert task.score("Business", ex[0]) and task.score("sci/tech", ex[2]) and task.score("Technology", ex[2])
     assert task.score("This is about sports.", ex[1]) and not task.score("World news", ex[1])
+    assert not task.score("World\nSports\nBusiness\nSci/Tech", ex[3])  # the echoed list answers nothing (review 84)
+    assert task.score("Sports, not business.", ex[1])
 
 
 @pytest.mark.parametrize("response,value", [

@@ -123,14 +123,17 @@ class HubTask:
         return examples
 
 
-def _first_word(response: str, choices: dict[str, str]) -> str | None:
-    """The label whose pattern appears first in the response."""
-    best = None
+def _first_word(response: str, choices: dict[str, str], most: int | None = None) -> str | None:
+    """The label whose pattern appears first in the response; None where more than `most`
+    labels appear (a model that echoes the instruction's list of labels named no answer)."""
+    found = {}
     for label, pattern in choices.items():
         m = re.search(pattern, response, re.IGNORECASE)
-        if m and (best is None or m.start() < best[0]):
-            best = (m.start(), label)
-    return best[1] if best else None
+        if m:
+            found[label] = m.start()
+    if not found or (most is not None and len(found) > most):
+        return None
+    return min(found, key=found.get)
 
 
 # ---- SST-2 ---------------------------------------------------------------------------------
@@ -157,7 +160,8 @@ class SST2Task(HubTask):
                            id=str(row.get("idx", row.get("id", f"sst2-{split}-{index}"))))
 
     def score(self, response: str, example: TaskExample) -> bool:
-        return _first_word(response, {v: rf"\b{v}\b" for v in _SST2_LABELS.values()}) == example.answer
+        # "not positive" names no label (review 84: it scored as positive)
+        return _first_word(response, {v: rf"(?<!\bnot )\b{v}\b" for v in _SST2_LABELS.values()}) == example.answer
 
 
 def _class_index(label) -> int:
@@ -191,7 +195,7 @@ class AGNewsTask(HubTask):
                            id=str(row.get("id", f"agnews-{split}-{index}")))
 
     def score(self, response: str, example: TaskExample) -> bool:
-        return _first_word(response, _AGNEWS_PATTERNS) == example.answer
+        return _first_word(response, _AGNEWS_PATTERNS, most=2) == example.answer  # the echoed list of 4: none
 
 
 # ---- GSM8K ---------------------------------------------------------------------------------
