@@ -912,3 +912,39 @@ def test_a_perplexity_past_a_float_or_a_failure_after_the_answers_keeps_them(tmp
     with pytest.raises(RuntimeError, match="stand-in"):
         evaluate_model(model, tok, harmful=harmful, benign=benign, judge=ScriptedJudge(), gen=GEN, ppl_text=text,
                        progress=False)
+
+
+def test_vllm_backend_moves_the_transformers_copy_only_after_the_engine_lets_go(tiny, tmp_path, monkeypatch):
+    """review 84: with --ppl-text (or --lm-eval) the transformers copy was put on the GPU before
+    vLLM started, which claims most of its memory; it now waits on the CPU and moves to the
+    requested device once the engine is released, before perplexity runs."""
+    import types
+
+    import qrealign.evaluate.generate as gen_module
+    from qrealign.evaluate import runner
+
+    order = []
+
+    class FakeLLM:
+        def __init__(self, model, tokenizer, seed, dtype="auto"):
+            order.append("engine")
+
+        def generate(self, requests, params):
+            out = types.SimpleNamespace(text="I can't help with that.")
+            return [types.SimpleNamespace(outputs=[out]) for _ in requests]
+
+    model, tok = _with_fake_vllm(monkeypatch, FakeLLM, tiny, tmp_path / "m")
+    real_release = gen_module.release_vllm
+    monkeypatch.setattr(gen_module, "release_vllm", lambda: order.append("released") or real_release())
+    real_to = type(model).to
+
+    def to(self, *args, **kwargs):
+        order.append(("to", str(args[0]) if args else kwargs))
+        return real_to(self, *args, **kwargs)
+    monkeypatch.setattr(type(model), "to", to)
+    monkeypatch.setattr(runner, "perplexity", lambda *a, **k: order.append("perplexity") or 12.5)
+    res = evaluate_model(model, tok, limit=1, gen=GenerationConfig(backend="vllm"), source=str(tmp_path / "m"),
+                         ppl_text="hello hello", progress=False, after_generation_device="cpu")
+    assert res.metrics["perplexity"] == 12.5
+    # (a release also comes before the engine starts: any earlier engine goes first)
+    assert order[-4:] == ["engine", "released", ("to", "cpu"), "perplexity"]

@@ -94,8 +94,10 @@ def run(args) -> int:
             raise QrealignError("--lm-eval needs lm-evaluation-harness: pip install lm-eval")
     _check_inputs(args)  # before the model loads
     # With vLLM generating, the transformers copy only answers the checks (and perplexity or
-    # lm-eval when asked): keep it off the GPU that vLLM claims, unless those need it there.
-    hf_device = "cpu" if args.backend == "vllm" and ppl_text is None and not args.lm_eval else args.device
+    # lm-eval when asked): it waits on the CPU while vLLM holds the GPU, and goes to the device
+    # for those once the engine is released (review 84: loaded there first, vLLM could not start).
+    vllm = args.backend == "vllm"
+    hf_device = "cpu" if vllm else args.device
     model, tokenizer, provenance, desc = load_for_eval(args.model, adapter=args.adapter, device=hf_device,
                                                        dtype=args.dtype)
     name = args.name or Path(args.model.rstrip("/")).name or args.model
@@ -105,7 +107,7 @@ def run(args) -> int:
         ppl_text=ppl_text, out_dir=args.out, name=name, provenance=provenance, force_overlap=args.force_overlap,
         limit=args.limit, source=args.model, model_info=desc, report=True,
         lm_eval_tasks=split_list(args.lm_eval) or None,
-        lm_eval_fewshot=args.lm_eval_fewshot)
+        lm_eval_fewshot=args.lm_eval_fewshot, after_generation_device=args.device if vllm else None)
     _print_summary(result, args.out)
     return 0
 

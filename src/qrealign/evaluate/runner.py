@@ -261,7 +261,7 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
                    task_split: str = "test", task_n: int | None = None, ppl_max_length: int = 512,
                    ppl_stride: int = 256, source: str | None = None, model_info: dict | None = None,
                    lm_eval_tasks: Sequence[str] | None = None, lm_eval_fewshot: int = 5,
-                   report: bool = False, progress: bool = True) -> EvalResult:
+                   report: bool = False, progress: bool = True, after_generation_device=None) -> EvalResult:
     """Evaluate `model` and (with `out_dir`) write `result.json` atomically.
 
     harmful / benign: a prompt-set spec (see promptsets), a list of `Prompt`s or strings, or None.
@@ -270,7 +270,10 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
     trained or calibrated it raise unless `force_overlap` (then the overlap is recorded).
     limit: first n prompts of each side; task_n: first n task examples; model_info: extra facts
     about the model for result.json (kind, adapter, ...). lm_eval_tasks: lm-evaluation-harness
-    tasks (e.g. ["mmlu"]); their item-weighted accuracy (else the leaf-task mean) is the FA when no `task` is given."""
+    tasks (e.g. ["mmlu"]); their item-weighted accuracy (else the leaf-task mean) is the FA when no `task` is given.
+    after_generation_device (vLLM backend): where the transformers copy runs lm-eval and perplexity,
+    once the engine has let go of the GPU; the copy waits on the CPU until then, since vLLM claims
+    most of the GPU's memory at its start (review 84)."""
     from ..data.prompts import prompt_set_fingerprint
     from ..models.offload import require_resident
     from ..utils import check_out_dir
@@ -338,6 +341,10 @@ def evaluate_model(model, tokenizer, harmful: Any = "qrealign:eval:harmful", ben
         from .generate import release_vllm
 
         release_vllm()
+        if after_generation_device is not None and (lm_eval_tasks or ppl_text is not None):
+            from ..utils import resolve_device
+
+            model.to(resolve_device(after_generation_device))
     if lm_eval_tasks:
         summary = _after_answers("lm-eval", out_dir, metrics, lambda: lm_eval_accuracy(
             model, tokenizer, tasks=list(lm_eval_tasks), num_fewshot=lm_eval_fewshot))
