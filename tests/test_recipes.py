@@ -153,6 +153,7 @@ def test_the_demo_report_gives_the_first_token_rows_as_one_command(tmp_path, mon
                        "--calib-task topic-codes --scheme W8A8 --out DIR")
     args = build_parser().parse_args(shlex.split(command)[1:])  # a line the CLI takes
     assert (args.recipe, args.calib_task, args.scheme) == ("first-token", "topic-codes", "W8A8")
+    assert f"run from `{tmp_path}`, where the demo ran:" in lines[-1]  # relative paths say from where
     # the demo's own calibration options that the command would not default to are on the line
     seeded = demo._recipe_lines(demo.DemoConfig(seed=2, calib_n=100), aligned, attacked)[-1]
     assert "--seed 2 --n 100 --out DIR" in seeded
