@@ -251,6 +251,10 @@ def test_first_token_settings_that_cannot_work_fail_before_the_teacher_pass(monk
     with pytest.raises(QrealignError, match="without a gap"):
         realign(finetuned, tok, teacher=aligned, calibration=CALIB, config=CalibConfig(joint_safety=True),
                 layers=(1, 2), progress=False)
+    # recompute with the term on the last block only: nothing after it to run again (review 83)
+    with pytest.raises(QrealignError, match="on the last block only, which has none after it"):
+        realign(finetuned, tok, teacher=aligned, calibration=CALIB, config=CalibConfig(recompute=True),
+                layers=(3,), progress=False)
 
     def no_compiler(device, demo=False):
         raise QrealignError("needs a C++ compiler (stand-in)")
@@ -358,6 +362,17 @@ def test_a_recomputed_tail_keeps_less_for_its_backward():
     head_rows = batch * (finetuned.config.hidden_size + 2 * finetuned.config.vocab_size) * 4  # norm in, logits
     assert inputs_only <= light <= inputs_only + head_rows + 4096  # 4 KiB of slack for the head's small tensors
     assert plain > 4 * light
+
+
+def test_realign_with_probes_refuses_recompute_block_by_block_before_reading_them():
+    # review 83: the probes' checks hash the model's weights (seconds at 7B) before the engine would
+    # refuse; the probe folder here does not exist, so reading it first would fail otherwise
+    from qrealign import realign
+
+    finetuned, _, tok = _models()
+    with pytest.raises(QrealignError, match="the probes' loss runs none"):
+        realign(finetuned, tok, probes="/nowhere", calibration=CALIB, config=CalibConfig(recompute=True),
+                progress=False)
 
 
 def test_recompute_with_nothing_to_run_again_is_refused():

@@ -90,6 +90,11 @@ def realign(
     if config is not None and config.method == "rtn":
         raise QrealignError("realign trains a safety loss, and method='rtn' trains nothing (the run would be plain "
                             "RTN labelled Q-realign): use quantize(..., CalibConfig(method='rtn'))")
+    if teacher is None and config is not None and config.recompute and not config.joint_safety:
+        # said before the probes' checks hash the model (the engine would say it after)
+        raise QrealignError("recompute runs blocks again in the backward, and block by block the probes' loss runs "
+                            "none (it reads no output): leave recompute off, or train the safety blocks jointly "
+                            "(joint_safety)")
     check_unquantized(model)  # before the teacher pass, which would read a half-quantized model
     check_response_tokens(response_tokens)
     if out is not None:  # before the teacher pass or the probes' checks: a bad --out must waste nothing
@@ -270,6 +275,9 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
     cfg = config or CalibConfig()
     calibration = calibration if calibration is not None else build_calibration()
     # before the teacher pass, not at block 0 (or at the joint stage, or the first compiled step)
+    if cfg.recompute and not cfg.joint_safety and layers is not None and min(layers) >= num_layers - 1:
+        raise QrealignError("recompute runs the blocks after each safety block again in the backward, and the safety "
+                            "term is on the last block only, which has none after it: leave recompute off")
     if cfg.joint_safety and cfg.method != "rtn":
         check_joint_run(layers if layers is not None else range(num_layers), num_layers)
     if cfg.compile_quantizer and cfg.method != "rtn":
