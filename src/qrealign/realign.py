@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .calibrate.api import checkpoint_path, quantize
 from .calibrate.data import CalibrationSet, build_calibration
-from .calibrate.engine import CalibConfig, CalibResult, check_joint_run
+from .calibrate.engine import CalibConfig, CalibResult, check_joint_run, has_a_tail
 from .calibrate.safety import SafetyLoss
 from .calibrate.targets import KIND as TARGETS_KIND
 from .calibrate.targets import META_FILE as TARGETS_META
@@ -275,7 +275,7 @@ def _realign_first_token(model, tokenizer, teacher, calibration, scheme, config,
     cfg = config or CalibConfig()
     calibration = calibration if calibration is not None else build_calibration()
     # before the teacher pass, not at block 0 (or at the joint stage, or the first compiled step)
-    if cfg.recompute and not cfg.joint_safety and layers is not None and min(layers) >= num_layers - 1:
+    if cfg.recompute and not cfg.joint_safety and layers is not None and not has_a_tail(layers, num_layers):
         raise QrealignError("recompute runs the blocks after each safety block again in the backward, and the safety "
                             "term is on the last block only, which has none after it: leave recompute off")
     if cfg.joint_safety and cfg.method != "rtn":

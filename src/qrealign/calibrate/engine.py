@@ -475,7 +475,14 @@ def _finish_block(run: _Run, part: Learnable, q_in: list, log: dict) -> list:
 def _runs_a_tail(loss, num_layers: int) -> bool:
     """Whether a block-by-block step of `loss` runs blocks after the trained one: a term read at
     the output (`output_term`) on some block but the last."""
-    return hasattr(loss, "output_term") and any(_has_safety_term(loss, i) for i in range(num_layers - 1))
+    return hasattr(loss, "output_term") and has_a_tail(
+        [i for i in range(num_layers) if _has_safety_term(loss, i)], num_layers)
+
+
+def has_a_tail(active, num_layers: int) -> bool:
+    """Whether safety blocks `active` have blocks after them for the output term to run (what
+    `recompute` runs again block by block); realign checks this before its teacher pass too."""
+    return any(layer < num_layers - 1 for layer in active)
 
 
 def _joint_start(cfg: CalibConfig, loss, num_layers: int) -> int | None:
