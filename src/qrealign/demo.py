@@ -641,9 +641,8 @@ def _recipe_lines(cfg: DemoConfig, aligned_dir, attacked_dir) -> list[str]:
     extra = "".join(f" {flag} {value}" for flag, value, default in (
         ("--seed", cfg.seed, 0), ("--n", cfg.calib_n, None), ("--malicious-ratio", cfg.malicious_ratio, 0.75))
         if value != default)
-    relative = not Path(_from_cwd(attacked_dir)).is_absolute()
     attacked_dir, aligned_dir = (_from_cwd(p) for p in (attacked_dir, aligned_dir))
-    where = f" from `{Path.cwd()}`, where the demo ran" if relative else ""
+    where = f" from `{Path.cwd()}`, where the demo ran" if not Path(attacked_dir).is_absolute() else ""
     return ["", f"The `{FIRST_TOKEN.name}` rows as one command (the same settings; on your own model, your "
                 f"fine-tuned and aligned models and your task's name), run{where}: `qrealign realign {attacked_dir} "
                 f"--teacher {aligned_dir} --recipe {_RECIPE.name} --calib-task {_attack_task(cfg)} --scheme "
