@@ -39,12 +39,14 @@ def dev_eval(model, tok, n, max_new_tokens, dump=None, name=""):
             for i, (prompt, response, v) in enumerate(zip(harmful + benign, responses, verdicts)):
                 side = "harmful" if i < len(harmful) else "benign"
                 f.write(json.dumps({"name": name, "side": side, "prompt": prompt, "response": response,
-                                    "refused": v.refused, "degenerate": v.degenerate, "reason": v.reason}) + "\n")
+                                    "refused": v.refused, "degenerate": v.degenerate, "unjudged": v.unjudged,
+                                    "reason": v.reason}) + "\n")
     # degenerate answers per side: on benign prompts they are lost helpfulness that over-refusal
     # does not count; on harmful prompts they are neither refused nor harmful
     return {"hs": m["harmful_score"], "harm_refused": m["refusal_rate"], "over_refusal": m["over_refusal"],
             "degenerate": m["degenerate"], "degenerate_harmful": m["degenerate_harmful"],
             "degenerate_benign": m["degenerate_benign"],
+            "unjudged": m["n_harmful_unjudged"] + m["n_benign_unjudged"],  # outside the rates: another language
             "examples": [responses[0][:120], responses[len(harmful)][:120]]}
 
 

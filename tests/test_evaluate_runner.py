@@ -748,6 +748,10 @@ def test_outcomes_add_up_to_the_harmful_score_whatever_the_keyword_reading_says(
     assert got == ["harmful", "harmful", "unjudged", "refused", "degenerate", "not harmful"]
     assert got.count("harmful") == harmful_rate(verdicts).k
     assert [outcome(False, v) for v in verdicts[:2]] == ["refused", "degenerate"]  # benign: harmful is not read
+    foreign = Verdict(refused=False, harmful=None, reason="", unjudged=True)  # another language
+    assert (outcome(True, foreign), outcome(False, foreign)) == ("unjudged", "unjudged")
+    read_by_a_model = Verdict(refused=False, harmful=False, reason="", unjudged=True)  # it counts in HS
+    assert outcome(True, read_by_a_model) == "not harmful"
 
 
 def test_an_adapters_training_prompts_are_kept_beside_a_same_named_stage_of_its_base(tiny, tmp_path, monkeypatch):

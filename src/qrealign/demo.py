@@ -701,7 +701,7 @@ def current_verdicts(result, log=print):
     """A cached evaluation as the keyword judge of this code reads it. The answers are the costly
     part and stay cached; judging them takes milliseconds, so a judge fix applies to cached stages
     without regenerating (and without a stale verdict in the report). When no outcome changes
-    (refused, harmful, degenerate), the result is returned as stored."""
+    (refused, harmful, degenerate, unjudged), the result is returned as stored."""
     from .evaluate.runner import rejudge
 
     if (result.judge or {}).get("name") != "keyword" or not result.records:
@@ -709,7 +709,7 @@ def current_verdicts(result, log=print):
     fresh = rejudge(result, "keyword", progress=False)
 
     def outcome(verdict: dict) -> tuple:  # the reason's wording may change without the outcome
-        return verdict.get("refused"), verdict.get("harmful"), verdict.get("degenerate")
+        return verdict.get("refused"), verdict.get("harmful"), verdict.get("degenerate"), verdict.get("unjudged", False)
 
     changed = sum(outcome(a["verdict"]) != outcome(b["verdict"]) for a, b in zip(result.records, fresh.records))
     if not changed:

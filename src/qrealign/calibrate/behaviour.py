@@ -448,7 +448,9 @@ def _subset(calib: CalibrationSet, rows: torch.Tensor) -> CalibrationSet:
 def teacher_refuses(aligned: nn.Module, tokenizer, prompts: list[str], config, max_new_tokens: int = 64,
                     device=None, progress: bool = False) -> list[bool]:
     """Whether the aligned teacher refuses each prompt: its greedy answer (`max_new_tokens`, the
-    calibration's system prompt), read by the keyword judge that the evaluation uses. The teacher
+    calibration's system prompt), read by the keyword judge that the evaluation uses (an answer in
+    another language, which it cannot read, counts as not refused: the prompt takes the mean
+    refusal as its target, as an answered one does). The teacher
     generates on `device` (default: where it is) and goes back afterwards: greedy answers of a 7B
     teacher on the CPU of a GPU machine would take hours."""
     from ..evaluate.generate import GenerationConfig, generate

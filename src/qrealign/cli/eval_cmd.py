@@ -193,4 +193,9 @@ def _print_summary(result, out) -> None:
           + (f", FA {f(result.fa)}%" if result.fa is not None else "")
           + (f", PPL {f(result.ppl, 2)}" if result.ppl is not None else "")
           + f"  [{result.wall_time_s:.0f} s, judge {result.judge.get('name')}]")
+    unjudged = [f"{m[key]} {side}" for key, side in (("n_harmful_unjudged", "harmful"), ("n_benign_unjudged", "benign"))
+                if m.get(key)]
+    if unjudged:  # outside the rates above: a model judge reads what the keyword judge cannot
+        print(f"unjudged (left out of the rates; answers in another language or unparseable by a model judge): "
+              f"{', '.join(unjudged)}")
     print(f"wrote {out}/result.json, report.md, report.html, plots/")

@@ -273,7 +273,7 @@ class _ModelJudge(Judge):
         # change with the harm classifier
         kw = detect_refusal(response, prompt)
         shown = raw.strip().replace("\n", " ")[:40]
-        return Verdict(refused=kw.refused, harmful=harmful, degenerate=kw.degenerate,
+        return Verdict(refused=kw.refused, harmful=harmful, degenerate=kw.degenerate, unjudged=kw.unjudged,
                        reason=f"{label}: {shown!r}{' (unparseable)' if harmful is None else ''}; keyword: {kw.reason}")
 
 
@@ -340,7 +340,7 @@ class LlamaGuardJudge(_ModelJudge):
             harmful, cats = parse_llamaguard(o)
             v = self._combine(harmful, o, r, "llamaguard", p)
             verdicts.append(Verdict(v.refused, v.harmful, v.reason + (f"; categories {','.join(cats)}" if cats else ""),
-                                    v.degenerate))
+                                    v.degenerate, v.unjudged))
         return verdicts
 
 

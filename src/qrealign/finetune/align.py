@@ -105,11 +105,12 @@ def build_align_data(model, tokenizer, config: AlignConfig, *, progress: bool = 
 def keep_helpful(pairs: list[Pair]) -> list[Pair]:
     """Drop self-distilled answers that refuse or loop (keyword judge): the benign side should
     teach "keep answering", and the raw model's own "I'm sorry, as a chatbot I can't..." replies
-    and repetition loops would teach the opposite."""
+    and repetition loops would teach the opposite. An answer the judge cannot read (another
+    language) is dropped too: it is not known to answer."""
     from ..evaluate.judges import KeywordJudge
 
     verdicts = KeywordJudge().judge([p for p, _ in pairs], [a for _, a in pairs])
-    return [pair for pair, v in zip(pairs, verdicts) if not (v.refused or v.degenerate)]
+    return [pair for pair, v in zip(pairs, verdicts) if not (v.refused or v.degenerate or v.unjudged)]
 
 
 def align(model, tokenizer, config: AlignConfig | None = None, *, device: str | torch.device | None = None,

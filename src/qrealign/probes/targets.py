@@ -164,12 +164,13 @@ def split_by_behaviour(model, tokenizer, harmful: Sequence, benign: Sequence, ju
                        desc="answering harmful prompts")
     verdicts = judge.judge(texts, answers)
     refused = [p for p, v in zip(harmful, verdicts) if v.refused]
-    complied = [p for p, v in zip(harmful, verdicts) if not v.refused and not v.degenerate]
+    complied = [p for p, v in zip(harmful, verdicts) if not (v.refused or v.degenerate or v.unjudged)]
     if len(refused) < 2:
         raise QrealignError(f"the model refused only {len(refused)} of {len(harmful)} harmful prompts: "
                             "no refusal behaviour to fit a direction to (use labels='prompt')")
     info = {"judge": judge.describe(), "max_new_tokens": max_new_tokens, "harmful_refused": len(refused),
-            "harmful_complied": len(complied), "harmful_degenerate": len(harmful) - len(refused) - len(complied),
+            "harmful_complied": len(complied), "harmful_degenerate": sum(v.degenerate for v in verdicts),
+            "harmful_unjudged": sum(v.unjudged for v in verdicts),
             "benign": len(benign)}
     return refused, list(benign) + complied, info
 

@@ -33,6 +33,7 @@ def comparison_rows(results: Sequence) -> list[dict]:
             "ppl_note": m.get("perplexity_nonfinite") or ("failed" if m.get("perplexity_failed") else None),
             "n_harmful": m.get("n_harmful", 0), "n_benign": m.get("n_benign", 0), "task_n": m.get("task_n"),
             "n_unjudged": m.get("n_harmful_unjudged") or 0,  # left out of HS and its interval
+            "n_benign_unjudged": m.get("n_benign_unjudged") or 0,  # left out of over-refusal
             "judge": (r.judge or {}).get("name"), "overlap": bool(r.overlap and not r.overlap.get("clean", True)),
             "overlap_unchecked": bool(r.overlap and r.overlap.get("unresolved")),
             "fingerprint": (r.model or {}).get("fingerprint"),
@@ -48,9 +49,15 @@ def format_row(row: dict) -> dict[str, str]:
         "over_refusal": _fmt(row["over_refusal"]), "degenerate": _fmt(row["degenerate"]),
         "degenerate_benign": _fmt(row["degenerate_benign"]),
         "fa": _fmt(row["fa"]) + (f" ({row['task']}, n={row['task_n']})" if row["fa"] is not None else ""),
-        "ppl": row.get("ppl_note") or _fmt(row["ppl"], 2), "n": f"{row['n_harmful']}/{row['n_benign']}"
-             + (f" ({row['n_unjudged']} harmful unjudged)" if row.get("n_unjudged") else ""), "judge": row["judge"] or "–",
+        "ppl": row.get("ppl_note") or _fmt(row["ppl"], 2), "n": f"{row['n_harmful']}/{row['n_benign']}" + _unjudged(row),
+        "judge": row["judge"] or "–",
     }
+
+
+def _unjudged(row: dict) -> str:
+    parts = [f"{row[key]} {side} unjudged" for key, side in (("n_unjudged", "harmful"), ("n_benign_unjudged", "benign"))
+             if row.get(key)]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def markdown_table(results: Sequence) -> str:

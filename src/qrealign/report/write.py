@@ -28,7 +28,9 @@ details{margin:.4rem 0}pre{white-space:pre-wrap;background:#f7f7f9;padding:.4rem
 _NOTE = ("HS: % of harmful prompts whose response the judge counts as harmful (keyword judge: answered, not "
          "refused, not degenerate). Over-refusal: % of benign prompts refused. Degenerate benign: % of benign "
          "prompts answered with empty, looping or gibberish text (lost help that over-refusal does not count). "
-         "Degenerate: the same over all responses. FA: task accuracy. CI: Wilson 95 % interval on HS.")
+         "Degenerate: the same over all responses. FA: task accuracy. CI: Wilson 95 % interval on HS. "
+         "Unjudged (counted beside n): answers left out of the rates, in another language than the keyword "
+         "judge's English or unparseable by a model judge.")
 
 
 def check_report_out(out_dir: str | Path) -> None:
@@ -201,12 +203,13 @@ def _html(results, title, made, verdict=(), stages=()) -> str:
                  + "</ul>")
     if stages:
         parts.append(_markdown_list_html(stages, "Stages"))
-    parts.append("<h2>Sample responses</h2><p class=note>First harmful prompts answered (judged harmful) and "
-                 "first benign prompts refused, per model, to audit the judge.</p>")
+    parts.append("<h2>Sample responses</h2><p class=note>First harmful prompts answered (judged harmful), "
+                 "first benign prompts refused and first answers left unjudged, per model, to audit the judge.</p>")
     for r in results:
         parts.append(f"<details><summary>{e(r.name)}</summary>")
-        for side, want, label in (("harmful", "harmful", "answered harmful"), ("benign", "refused", "refused benign")):
-            picked = [x for x in r.records if x["side"] == side and x["verdict"].get(want)][:5]
+        for side, want, label in (("harmful", "harmful", "answered harmful"), ("benign", "refused", "refused benign"),
+                                  (None, "unjudged", "unjudged")):
+            picked = [x for x in r.records if side in (None, x["side"]) and x["verdict"].get(want)][:5]
             for x in picked:
                 parts.append(f"<p><b>{e(label)}</b> [{e(x['id'])}] {e(x['prompt'])}</p><pre>{e(x['response'])}</pre>"
                              f"<p class=note>{e(x['verdict'].get('reason', ''))}</p>")
