@@ -175,6 +175,12 @@ class CalibConfig:
             raise QrealignError(f"plain_epochs must be >= 0 (or None: `epochs`), got {self.plain_epochs}")
         if self.epoch_schedule not in ("constant", "paper"):
             raise QrealignError("epoch_schedule must be 'constant' or 'paper'")
+        if self.method == "rtn":  # as the CLI's --method rtn: a run must not record training it never did
+            trained = [name for name in ("learn_rounding", "joint_safety", "recompute", "compile_quantizer")
+                       if getattr(self, name)]
+            if trained:
+                raise QrealignError(f"method 'rtn' trains nothing, and {', '.join(trained)} set(s) training: turn "
+                                    f"{'it' if len(trained) == 1 else 'them'} off, or use method 'omniquant'")
         if self.joint_safety and (self.init_guard or self.epoch_schedule != "constant"):
             raise QrealignError("joint_safety trains its blocks together: per-block choices (init_guard, "
                                 "epoch_schedule 'paper') do not apply; turn them off")
