@@ -114,6 +114,26 @@ def _stop(i):
     raise KeyboardInterrupt
 
 
+def test_a_finished_run_names_the_checkpoints_still_set_aside_beside_it(calib_set, tmp_path, capsys):
+    """They hold another setting's blocks, kept for the run that made them, and take disk until
+    deleted: the finished run says so once more, where the user looks last."""
+    out = tmp_path / "run"
+    ckpt = tmp_path / ".run.checkpoint"
+    _interrupt_after_first_block(calib_set, CalibConfig(epochs=1), ckpt)  # settings A, stopped after block 0
+    model, tok = tiny_model("llama", seed=0, num_hidden_layers=3)
+    capsys.readouterr()
+    quantize(model, tok, calib_set, "W4A8", CalibConfig(epochs=1, lr_let=5e-3), out=out, progress=True)  # B
+    err = capsys.readouterr().err
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith(".run.checkpoint.stale-")]
+    assert len(aside) == 1 and not ckpt.exists()
+    assert "1 checkpoint of other settings is still set aside beside this run" in err and str(aside[0]) in err
+    model, tok = tiny_model("llama", seed=0, num_hidden_layers=3)
+    quantize(model, tok, calib_set, "W4A8", CalibConfig(epochs=1), out=tmp_path / "run", progress=True)  # A again
+    err = capsys.readouterr().err
+    assert "taken back" in err and "still set aside" not in err  # A resumed from its blocks; nothing left aside
+    assert not any(p.name.startswith(".run.checkpoint") for p in tmp_path.iterdir())
+
+
 def test_a_resumed_run_keeps_the_training_logs_of_its_resumed_blocks(calib_set, tmp_path):
     cfg = CalibConfig(epochs=2, batch_size=3, measure_init_loss=True)
     _, _, full = _run(calib_set, cfg)

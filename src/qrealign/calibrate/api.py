@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -11,7 +12,7 @@ from ..quant.scheme import Scheme, get_scheme
 from ..utils import FINGERPRINT_VERSION, check_out_dir, model_fingerprint
 from .artifact import META_FILE, save_quantized
 from .data import CalibrationSet
-from .checkpoints import checkpoint_lock, remove_checkpoint
+from .checkpoints import checkpoint_lock, remove_checkpoint, say_set_aside
 from .engine import CalibConfig, CalibResult, _calibrate
 from .losses import BlockLoss
 
@@ -103,6 +104,8 @@ def quantize(
             result.params = read_params(out)  # the checkpoint's block files go next
             if ckpt is not None:
                 remove_checkpoint(ckpt)
+                if progress:
+                    say_set_aside(ckpt, lambda msg: print(msg, file=sys.stderr))
     return result
 
 

@@ -133,7 +133,7 @@ def resume_point(ckpt: Path | None, fingerprint: str, code: str, num_layers: int
             if say:
                 made = "by other code (qrealign's calibration modules changed)" if other_code else \
                     "with other settings or inputs"
-                sizes = {d: _mib(d) for d in ckpt.parent.glob(f"{glob.escape(ckpt.name)}.stale-*")}  # this one too
+                sizes = {d: _mib(d) for d in set_aside(ckpt)}  # this one too
                 say(f"[calibrate] the checkpoint in {ckpt} was made {made} "
                     f"({state.get('completed_blocks', 0)} blocks, {sizes.get(stale, 0.0):.0f} MiB): set aside in "
                     f"{stale} (the run that made it takes it back when it is started again; {len(sizes)} set aside "
@@ -170,6 +170,23 @@ def _mib(folder: Path) -> float:
     except OSError:
         pass
     return total / 2 ** 20
+
+
+def set_aside(ckpt: Path) -> list[Path]:
+    """The checkpoints of other settings set aside beside `ckpt` (`stale_dir`), oldest name first."""
+    return sorted(d for d in ckpt.parent.glob(f"{glob.escape(ckpt.name)}.stale-*") if d.is_dir())
+
+
+def say_set_aside(ckpt: Path, say: Callable[[str], None]) -> None:
+    """At the end of a finished run: the blocks of other settings still beside it are kept for the
+    run that made them, and take disk until someone deletes them; say so once more."""
+    aside = set_aside(ckpt)
+    if aside:
+        mib = sum(_mib(d) for d in aside)
+        say(f"[calibrate] {len(aside)} checkpoint{'s' if len(aside) > 1 else ''} of other settings "
+            f"{'are' if len(aside) > 1 else 'is'} still set aside beside this run ({mib:.0f} MiB): "
+            f"{', '.join(str(d) for d in aside)}; a run with those settings resumes from them, otherwise delete "
+            f"{'them' if len(aside) > 1 else 'it'}")
 
 
 def stale_dir(ckpt: Path, fingerprint: str, code: str) -> Path:
