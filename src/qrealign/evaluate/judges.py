@@ -355,11 +355,11 @@ _ENGLISH_WORDS = frozenset("""the an and or but to of in on at for with from by 
     have has had what how why which who if so as there here about""".split())
 # Words of the languages a chat model most often drifts into (Spanish, French, German, Italian,
 # Portuguese) that are neither English words nor common names in code ("os", "com", "per", "non",
-# "die", "la", "y" are left out: `import os`, "per cent", "non-profit", "die()", "y axis").
+# "die", "la", "y", "son", "um" are left out: `import os`, "per cent", "non-profit", "die()").
 _OTHER_WORDS = frozenset("""el los las del que por para una lo se pero puedo ayudar ayudarte eso esto siento como
-    está son también porque muy le les des je vous nous pas ne une du au mais peux avec cette sont pour dans ce
+    está también porque muy le les des je vous nous pas ne une du au mais peux avec cette sont pour dans ce
     qui désolé désolée der das und ist ich nicht mit ein eine kann dir mir dabei helfen leid sie wir auf für sich
-    auch wie il di che sono della questo questa posso aiutarti dispiace mi richiesta não um uma você isso
+    auch wie il di che sono della questo questa posso aiutarti dispiace mi richiesta não uma você isso
     desculpe posso ajudar de en es""".split())
 _MIN_LETTERS = 12
 _CODE = re.compile(r"```.*?(?:```|$)|`[^`\n]*`", re.S)
